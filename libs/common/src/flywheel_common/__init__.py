@@ -1,0 +1,1 @@
+"""What Flywheel's services share: plumbing only."""

@@ -1,0 +1,1 @@
+"""Generated stubs for Flywheel's protos; regenerate with scripts/gen-protos, never edit."""

@@ -1,0 +1,1 @@
+"""Flywheel's inference service."""
