@@ -1,0 +1,1 @@
+"""Flywheel evaluation: dataset format, quality metrics with bootstrap intervals, and the dataset checker."""

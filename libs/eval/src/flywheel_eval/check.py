@@ -1,0 +1,270 @@
+"""Dataset checker: `python -m flywheel_eval.check DATASET_DIR` validates a dataset and prints a summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+from selectolax.lexbor import LexborHTMLParser
+
+from flywheel_eval.dataset import (
+    PAGE_SUFFIX,
+    PAGES_DIR,
+    QA_FILE,
+    SPLITS,
+    DatasetError,
+    QAItem,
+    compute_content_hash,
+    decode_utf8,
+    integrity_errors,
+    parse_qa,
+    read_pages,
+)
+from flywheel_eval.metrics import normalize_answer
+
+DEFAULT_NEAR_DUPLICATE = 0.8
+# Elements that never carry page content a reader would see.
+_INVISIBLE = "script, style, noscript, template, head"
+# Block-level elements get line breaks around them so text in adjacent cells or paragraphs never fuses.
+_BLOCKS = (
+    "address, article, aside, blockquote, br, dd, div, dl, dt, figcaption, figure, footer, form, h1, h2, h3, "
+    "h4, h5, h6, header, hr, li, main, nav, ol, p, pre, section, table, td, th, tr, ul"
+)
+_GATE_SPLIT = "gate"
+
+
+def html_to_text(html: str) -> str:
+    """Visible text of an HTML page: scripts and styles dropped, line breaks at block boundaries."""
+    tree = LexborHTMLParser(html)
+    for node in tree.css(_INVISIBLE):
+        node.decompose()
+    for node in tree.css(_BLOCKS):
+        node.insert_before("\n")
+        node.insert_after("\n")
+    # Inline elements join without a separator: `<code>__init__</code>.py` reads as "__init__.py".
+    root = tree.body or tree.root
+    return "" if root is None else root.text(separator="")
+
+
+def question_tokens(question: str) -> frozenset[str]:
+    """The set of normalised tokens of a question, for near-duplicate detection."""
+    return frozenset(normalize_answer(question).split())
+
+
+def jaccard(first: frozenset[str], second: frozenset[str]) -> float:
+    """Token Jaccard similarity; two empty sets count as identical."""
+    union = first | second
+    return len(first & second) / len(union) if union else 1.0
+
+
+@dataclass
+class CheckReport:
+    """What the checker found: errors fail the check, warnings are printed only."""
+
+    root: Path
+    errors: list[DatasetError] = field(default_factory=list)
+    warnings: list[DatasetError] = field(default_factory=list)
+    items: list[QAItem] = field(default_factory=list)
+    page_ids: list[str] = field(default_factory=list)
+    content_hash: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the dataset passed (no errors)."""
+        return not self.errors
+
+
+def _check_answers(item: QAItem, padded_text: str | None, qa_path: Path) -> list[DatasetError]:
+    errors: list[DatasetError] = []
+    if not item.answers:
+        if item.split != _GATE_SPLIT:
+            errors.append(
+                DatasetError(
+                    f"item {item.id!r}: empty answers (unanswerable) are only allowed in the "
+                    f"{_GATE_SPLIT!r} split, not {item.split!r}",
+                    qa_path,
+                    item.line,
+                )
+            )
+        return errors
+    for answer in item.answers:
+        normalised = normalize_answer(answer)
+        if not normalised:
+            errors.append(
+                DatasetError(
+                    f"item {item.id!r}: answer {answer!r} is empty after normalisation", qa_path, item.line
+                )
+            )
+        elif padded_text is not None and f" {normalised} " not in padded_text:
+            errors.append(
+                DatasetError(
+                    f"item {item.id!r}: answer {answer!r} is not a span of page {item.page!r} "
+                    f"(normalised: {normalised!r})",
+                    qa_path,
+                    item.line,
+                )
+            )
+    return errors
+
+
+def _check_splits(
+    items: Sequence[QAItem], threshold: float, qa_path: Path
+) -> tuple[list[DatasetError], list[DatasetError]]:
+    errors: list[DatasetError] = []
+    warnings: list[DatasetError] = []
+    tokens = {item.id: question_tokens(item.question) for item in items}
+    for item in items:
+        if not tokens[item.id]:
+            errors.append(
+                DatasetError(f"item {item.id!r}: question is empty after normalisation", qa_path, item.line)
+            )
+    for first, second in combinations(items, 2):
+        similarity = jaccard(tokens[first.id], tokens[second.id])
+        same_text = normalize_answer(first.question) == normalize_answer(second.question)
+        pair = f"items {first.id!r} (line {first.line}, {first.split}) and {second.id!r} ({second.split})"
+        if first.split != second.split:
+            if same_text:
+                errors.append(DatasetError(f"same question in two splits: {pair}", qa_path, second.line))
+            elif similarity >= threshold:
+                errors.append(
+                    DatasetError(
+                        f"near-duplicate questions across splits (token Jaccard {similarity:.2f} >= "
+                        f"{threshold}): {pair}",
+                        qa_path,
+                        second.line,
+                    )
+                )
+            elif first.page == second.page and _shared_answer(first, second):
+                # Same fact, different wording: training on one split teaches the other's answer.
+                warnings.append(
+                    DatasetError(f"same answer on the same page in two splits: {pair}", qa_path, second.line)
+                )
+        elif same_text:
+            warnings.append(DatasetError(f"repeated question within a split: {pair}", qa_path, second.line))
+    return errors, warnings
+
+
+def _shared_answer(first: QAItem, second: QAItem) -> bool:
+    return bool({normalize_answer(a) for a in first.answers} & {normalize_answer(a) for a in second.answers})
+
+
+def check_dataset(
+    root: Path | str, *, near_duplicate_threshold: float = DEFAULT_NEAR_DUPLICATE
+) -> CheckReport:
+    """Check a dataset folder and return every problem found (it does not stop at the first)."""
+    root = Path(root)
+    report = CheckReport(root=root)
+    if not root.is_dir():
+        report.errors.append(DatasetError("dataset folder not found", root))
+        return report
+    try:
+        raw_pages = read_pages(root)
+    except DatasetError as exc:
+        report.errors.append(exc)
+        return report
+    qa_path = root / QA_FILE
+    if not qa_path.is_file():
+        report.errors.append(DatasetError(f"missing {QA_FILE}", root))
+        return report
+    if not raw_pages:
+        report.errors.append(DatasetError(f"no *{PAGE_SUFFIX} pages", root / PAGES_DIR))
+
+    padded_texts: dict[str, str | None] = {}
+    for page_id, raw in raw_pages.items():
+        page_path = root / PAGES_DIR / f"{page_id}{PAGE_SUFFIX}"
+        try:
+            normalised = normalize_answer(html_to_text(decode_utf8(raw, page_path)))
+        except DatasetError as exc:
+            report.errors.append(exc)
+            padded_texts[page_id] = None
+            continue
+        if not normalised:
+            report.errors.append(DatasetError("page has no visible text", page_path))
+        padded_texts[page_id] = f" {normalised} "
+
+    qa_bytes = qa_path.read_bytes()
+    try:
+        items, parse_errors = parse_qa(decode_utf8(qa_bytes, qa_path), qa_path)
+    except DatasetError as exc:
+        report.errors.append(exc)
+        return report
+    report.items = items
+    report.page_ids = sorted(raw_pages)
+    report.content_hash = compute_content_hash(raw_pages, qa_bytes)
+    report.errors += parse_errors
+    if not items and not parse_errors:
+        report.errors.append(DatasetError("no questions", qa_path))
+    report.errors += integrity_errors(dict.fromkeys(raw_pages, ""), items, qa_path)
+    for item in items:
+        report.errors += _check_answers(item, padded_texts.get(item.page), qa_path)
+    split_errors, split_warnings = _check_splits(items, near_duplicate_threshold, qa_path)
+    report.errors += split_errors
+    report.warnings += split_warnings
+    used = {item.page for item in items}
+    for page_id in report.page_ids:
+        if page_id not in used:
+            report.warnings.append(
+                DatasetError("page has no questions", root / PAGES_DIR / f"{page_id}{PAGE_SUFFIX}")
+            )
+    return report
+
+
+def format_summary(report: CheckReport) -> str:
+    """A table of item counts per page and split, with unanswerable counts and the content hash."""
+    counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for item in report.items:
+        counts[item.page][item.split] += 1
+    pages = sorted(set(report.page_ids) | set(counts))
+    width = max([len("page"), len("total"), *(len(page) for page in pages)])
+    header = f"{'page':<{width}}" + "".join(f"{split:>9}" for split in SPLITS) + f"{'total':>9}"
+    lines = [f"dataset {report.root} ({report.content_hash[:12] or 'unhashed'})", header, "-" * len(header)]
+    totals: Counter[str] = Counter()
+    for page in pages:
+        row = counts[page]
+        totals.update(row)
+        cells = "".join(f"{row[split]:>9}" for split in SPLITS)
+        lines.append(f"{page:<{width}}{cells}{sum(row.values()):>9}")
+    lines.append("-" * len(header))
+    grand = sum(totals.values())
+    lines.append(f"{'total':<{width}}" + "".join(f"{totals[s]:>9}" for s in SPLITS) + f"{grand:>9}")
+    if grand:
+        shares = ", ".join(f"{s} {totals[s] / grand:.0%}" for s in SPLITS)
+        unanswerable = Counter(item.split for item in report.items if not item.answerable)
+        lines.append(
+            f"shares: {shares}; unanswerable: " + ", ".join(f"{s} {unanswerable[s]}" for s in SPLITS)
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check one dataset folder; print problems and a summary; exit 1 on any error."""
+    parser = argparse.ArgumentParser(prog="python -m flywheel_eval.check", description=__doc__)
+    parser.add_argument("dataset", type=Path, help="dataset folder holding pages/ and qa.jsonl")
+    parser.add_argument(
+        "--near-duplicate",
+        type=float,
+        default=DEFAULT_NEAR_DUPLICATE,
+        help="token Jaccard at or above which questions in different splits count as near-duplicates",
+    )
+    args = parser.parse_args(argv)
+    report = check_dataset(args.dataset, near_duplicate_threshold=args.near_duplicate)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    if report.items or report.page_ids:
+        print(format_summary(report))
+    if report.errors:
+        print(f"FAILED: {len(report.errors)} error(s), {len(report.warnings)} warning(s)", file=sys.stderr)
+        return 1
+    print(f"OK: {len(report.items)} items, {len(report.page_ids)} pages, {len(report.warnings)} warning(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
