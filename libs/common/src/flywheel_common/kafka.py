@@ -1,0 +1,558 @@
+"""Kafka clients built in one place: configs, topics, acknowledged and buffered producers, consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.producer.future import RecordMetadata
+from kafka.structs import TopicPartition
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+from prometheus_client import Counter, Gauge
+
+from flywheel_common.errors import Unavailable
+from flywheel_common.secrets import read_secret
+from flywheel_common.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+# Header naming the protobuf message type of the value, so generic tools (topic tail, dead-letter) can decode.
+EVENT_TYPE_HEADER = "flywheel-event-type"
+
+
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
+    """kafka-python options shared by producers, consumers and the admin client."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in settings.bootstrap_servers.split(",") if s.strip()],
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+        "request_timeout_ms": settings.request_timeout_ms,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(settings, key)
+            if value is not None:
+                config[key] = str(value)
+    if settings.security_protocol.startswith("SASL"):
+        config["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
+        config["sasl_plain_username"] = settings.sasl_username
+        if settings.sasl_password_file is not None:
+            config["sasl_plain_password"] = read_secret(
+                settings.sasl_password_file, name="kafka sasl password"
+            ).decode()
+    return config
+
+
+def all_topics(settings: KafkaSettings) -> list[str]:
+    """Every topic Flywheel uses, the dead-letter topic included."""
+    return list(settings.topics.model_dump().values())
+
+
+def ensure_topics(settings: KafkaSettings, topics: Iterable[str] | None = None) -> list[str]:
+    """Creates the topics that do not exist yet (configured partitions, replication, retention).
+
+    Idempotent; returns the names it created. Raises KafkaError when the broker cannot be reached.
+    """
+    names = list(topics) if topics is not None else all_topics(settings)
+    admin = KafkaAdminClient(**client_config(settings))
+    created = []
+    try:
+        existing = set(admin.list_topics())
+        for name in names:
+            if name in existing:
+                continue
+            topic = NewTopic(
+                name,
+                settings.partitions,
+                settings.replication_factor,
+                topic_configs={"retention.ms": str(settings.retention_ms)},
+            )
+            try:
+                admin.create_topics([topic], timeout_ms=settings.request_timeout_ms)
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # Another replica created it between list and create.
+    finally:
+        admin.close()
+    if created:
+        log.info("created Kafka topics %s", ", ".join(created))
+    return created
+
+
+def trace_headers(extra: Sequence[tuple[str, bytes]] = ()) -> list[tuple[str, bytes]]:
+    """Kafka headers carrying the current trace context (W3C traceparent), plus `extra`."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [*((k, v.encode()) for k, v in carrier.items()), *extra]
+
+
+def extract_trace_context(headers: Iterable[tuple[str, bytes | None]] | None) -> otel_context.Context:
+    """The trace context a producer put in a record's headers (empty context when there is none)."""
+    carrier = {k: v.decode(errors="replace") for k, v in headers or () if v is not None}
+    return propagate.extract(carrier)
+
+
+def event_headers(message: Message) -> list[tuple[str, bytes]]:
+    """Trace context and the event's protobuf type name."""
+    return trace_headers([(EVENT_TYPE_HEADER, message.DESCRIPTOR.full_name.encode())])
+
+
+def header(record: ConsumerRecord, name: str) -> bytes | None:
+    """The first value of a header of a consumed record."""
+    for key, value in record.headers or ():
+        if key == name:
+            return bytes(value) if value is not None else None
+    return None
+
+
+def decode(record: ConsumerRecord, message_type: type[M]) -> M:
+    """Parses a record's value as `message_type`; raises DecodeError when it is not one."""
+    message = message_type()
+    message.ParseFromString(record.value or b"")
+    return message
+
+
+class EventProducer:
+    """Produces protobuf events keyed by query id; `produce` returns once the broker acknowledged.
+
+    acks=all and an idempotent producer, so the client's own retries never duplicate a record.
+    Records produced within `linger_ms` of each other travel in one batch, which is what lets
+    many concurrent RPCs share one round trip to the broker.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        linger_ms: int = 2,
+        delivery_timeout_ms: int = 10_000,
+        max_block_ms: int = 200,
+        **overrides: Any,
+    ) -> None:
+        self._settings = settings
+        config = client_config(settings)
+        request_timeout = min(settings.request_timeout_ms, max(delivery_timeout_ms - linger_ms, 1))
+        config.update(
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            delivery_timeout_ms=delivery_timeout_ms,
+            request_timeout_ms=request_timeout,
+            max_block_ms=max_block_ms,
+            retry_backoff_ms=100,
+            reconnect_backoff_max_ms=1000,
+        )
+        config.update(overrides)
+        self._config = config
+        self._producer: KafkaProducer | None = None
+
+    def connect(self, topics: Iterable[str] = ()) -> None:
+        """Connects (raising KafkaError when the broker is unreachable) and loads the topics' metadata."""
+        if self._producer is None:
+            self._producer = KafkaProducer(**self._config)
+        for topic in topics:
+            # Metadata is cached from here on, so send() does not block while the broker is away.
+            if not self._producer.partitions_for(topic):
+                raise Unavailable(f"topic {topic} does not exist")
+
+    @property
+    def connected(self) -> bool:
+        """Whether connect() succeeded."""
+        return self._producer is not None
+
+    def send(
+        self, topic: str, key: str, message: Message, headers: Sequence[tuple[str, bytes]] | None = None
+    ) -> Any:
+        """Hands the event to the client; returns kafka-python's future (resolved on the broker's ack)."""
+        headers = list(headers if headers is not None else event_headers(message))
+        return self.send_raw(topic, key.encode(), message.SerializeToString(), headers)
+
+    def send_raw(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> Any:
+        """Hands already serialised bytes to the client; Unavailable when it refuses them."""
+        if self._producer is None:
+            raise Unavailable("Kafka producer is not connected")
+        try:
+            return self._producer.send(topic, key=key, value=value, headers=headers)
+        except KafkaError as exc:
+            raise Unavailable(f"Kafka is unavailable: {type(exc).__name__}") from exc
+
+    async def produce(
+        self, topic: str, key: str, message: Message, headers: Sequence[tuple[str, bytes]] | None = None
+    ) -> RecordMetadata:
+        """Produces one record and waits for the broker's acknowledgement; Unavailable when it fails."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[RecordMetadata] = loop.create_future()
+
+        def on_success(metadata: RecordMetadata) -> None:
+            loop.call_soon_threadsafe(_resolve, done, metadata, None)
+
+        def on_error(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(_resolve, done, None, exc)
+
+        future = self.send(topic, key, message, headers)
+        future.add_callback(on_success)
+        future.add_errback(on_error)
+        try:
+            return await done
+        except KafkaError as exc:
+            raise Unavailable(f"Kafka did not acknowledge the event: {type(exc).__name__}") from exc
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Waits until every record handed over was acknowledged or failed."""
+        if self._producer is not None:
+            self._producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flushes and closes the client."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.flush(timeout=timeout_s)
+            except KafkaError as exc:
+                log.warning("Kafka producer flush on close failed: %s", type(exc).__name__)
+            producer.close(timeout=timeout_s)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+@dataclass
+class _Pending:
+    topic: str
+    key: str
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    attempts: int = 0
+
+
+@dataclass
+class BufferStats:
+    """What a BufferedEventProducer did so far."""
+
+    delivered: int = 0
+    dropped: int = 0
+    retried: int = 0
+    buffered: int = 0
+    last_error: str = ""
+
+
+class BufferedEventProducer:
+    """Fire-and-forget events: `emit` never blocks, a thread delivers them, retrying while Kafka is away.
+
+    The buffer is bounded (`max_buffered` events, counting those awaiting an ack); an event that
+    does not fit is dropped, counted and logged, never silently lost. `close()` flushes.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        name: str = "events",
+        max_buffered: int = 10_000,
+        buffered_gauge: Gauge | None = None,
+        dropped_counter: Counter | None = None,
+        linger_ms: int = 20,
+        delivery_timeout_ms: int = 30_000,
+        retry_backoff_s: float = 1.0,
+        log_interval_s: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.max_buffered = max_buffered
+        self._producer = EventProducer(
+            settings,
+            linger_ms=linger_ms,
+            delivery_timeout_ms=delivery_timeout_ms,
+            max_block_ms=1000,
+            bootstrap_timeout_ms=5000,
+        )
+        self._gauge = buffered_gauge
+        self._dropped_counter = dropped_counter
+        self._retry_backoff_s = retry_backoff_s
+        self._log_interval_s = log_interval_s
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._in_flight = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._outage_since: float | None = None
+        self._last_drop_log = 0.0
+        self._drops_since_log = 0
+        self.stats = BufferStats()
+        self._thread = threading.Thread(target=self._run, name=f"kafka-buffer-{name}", daemon=True)
+
+    def start(self) -> BufferedEventProducer:
+        """Starts the delivery thread; the broker need not be reachable yet."""
+        self._thread.start()
+        return self
+
+    @property
+    def buffered(self) -> int:
+        """Events accepted but not yet acknowledged by the broker."""
+        return len(self._pending) + self._in_flight
+
+    def emit(self, topic: str, key: str, message: Message) -> bool:
+        """Queues an event (thread-safe, never blocks); False when the buffer was full and it was dropped."""
+        event = _Pending(topic, key, message.SerializeToString(), event_headers(message))
+        with self._cond:
+            if self._stopping or self.buffered >= self.max_buffered:
+                self._drop(1, "buffer full" if not self._stopping else "producer closed")
+                return False
+            self._pending.append(event)
+            self._update_gauge()
+            self._cond.notify()
+        return True
+
+    def _drop(self, count: int, why: str) -> None:
+        # Called with the lock held.
+        self.stats.dropped += count
+        self._drops_since_log += count
+        if self._dropped_counter is not None:
+            self._dropped_counter.inc(count)
+        now = time.monotonic()
+        if now - self._last_drop_log >= self._log_interval_s or why != "buffer full":
+            log.error(
+                "dropped %d %s event(s): %s (%d buffered, limit %d, %d dropped in all)",
+                self._drops_since_log,
+                self.name,
+                why,
+                self.buffered,
+                self.max_buffered,
+                self.stats.dropped,
+            )
+            self._last_drop_log = now
+            self._drops_since_log = 0
+
+    def _update_gauge(self) -> None:
+        self.stats.buffered = self.buffered
+        if self._gauge is not None:
+            self._gauge.set(self.stats.buffered)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return  # stopping and nothing left to hand over
+                if not self._producer.connected:
+                    event = None
+                else:
+                    event = self._pending.popleft()
+                    self._in_flight += 1
+            if event is None:
+                if not self._connect():
+                    self._wait_backoff()
+                continue
+            try:
+                future = self._producer.send_raw(event.topic, event.key.encode(), event.value, event.headers)
+            except Unavailable as exc:
+                self._failed(event, exc)
+                self._wait_backoff()
+                continue
+            future.add_callback(self._delivered)
+            future.add_errback(lambda exc, event=event: self._failed(event, exc))
+
+    def _connect(self) -> bool:
+        try:
+            self._producer.connect()
+        except KafkaError as exc:
+            self._note_outage(exc)
+            return False
+        return True
+
+    def _wait_backoff(self) -> None:
+        with self._cond:
+            if not self._stopping:
+                self._cond.wait(self._retry_backoff_s)
+
+    def _note_outage(self, exc: BaseException) -> None:
+        self.stats.last_error = type(exc).__name__
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning(
+                "Kafka unreachable (%s): buffering %s events (limit %d) and retrying",
+                type(exc).__name__,
+                self.name,
+                self.max_buffered,
+            )
+
+    def _delivered(self, _metadata: RecordMetadata) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self.stats.delivered += 1
+            if self._outage_since is not None:
+                log.warning(
+                    "Kafka reachable again after %.1f s: delivering %d buffered %s events",
+                    time.monotonic() - self._outage_since,
+                    self.buffered,
+                    self.name,
+                )
+                self._outage_since = None
+            self._update_gauge()
+            self._cond.notify_all()
+
+    def _failed(self, event: _Pending, exc: BaseException) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._note_outage(exc)
+            event.attempts += 1
+            self.stats.retried += 1
+            # Back to the front: it is retried once the broker answers again.
+            self._pending.appendleft(event)
+            self._update_gauge()
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Waits until every accepted event was acknowledged; False when some are still buffered."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.buffered and time.monotonic() < deadline:
+                self._cond.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
+            return not self.buffered
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flushes what it can within the timeout, then counts and logs what is left as dropped."""
+        flushed = self.flush(timeout_s)
+        with self._cond:
+            self._stopping = True
+            left = self.buffered
+            self._pending.clear()
+            if not flushed and left:
+                self._drop(left, f"not delivered within {timeout_s:.0f} s of shutdown")
+            self._cond.notify_all()
+        self._thread.join(timeout=1.0)
+        self._producer.close(timeout_s=1.0)
+        self._update_gauge()
+
+
+class EventConsumer(ABC):
+    """A Kafka consumer as an object: `run()` polls until `signal_shutdown()`, committing after each batch.
+
+    The poll loop stamps a heartbeat, so liveness is "the loop is turning", not "the process exists".
+    Events that cannot be processed go to the dead-letter topic with the reason in a header.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topics: Sequence[str],
+        group_id: str,
+        *,
+        poll_timeout_ms: int = 500,
+        max_records: int = 500,
+        auto_offset_reset: str = "earliest",
+    ) -> None:
+        self.settings = settings
+        self.topics = list(topics)
+        self.group_id = group_id
+        self._poll_timeout_ms = poll_timeout_ms
+        self._max_records = max_records
+        self._auto_offset_reset = auto_offset_reset
+        self._shutdown = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._assigned: set[TopicPartition] = set()
+        self._dead_letters: EventProducer | None = None
+
+    @abstractmethod
+    def handle(self, records: list[ConsumerRecord]) -> None:
+        """Processes one polled batch; offsets are committed after it returns."""
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:  # noqa: B027
+        """Called after a rebalance assigned partitions (hook for readiness)."""
+
+    @property
+    def assigned(self) -> bool:
+        """Whether the group gave this consumer any partition."""
+        return bool(self._assigned)
+
+    def heartbeat_age_s(self) -> float:
+        """Seconds since the poll loop last turned."""
+        return time.monotonic() - self._heartbeat
+
+    def alive(self, max_age_s: float = 30.0) -> bool:
+        """Liveness: the poll loop turned within `max_age_s`."""
+        return self.heartbeat_age_s() <= max_age_s
+
+    def signal_shutdown(self) -> None:
+        """Asks run() to stop after the current batch; safe from a signal handler or another thread."""
+        self._shutdown.set()
+
+    def _consumer(self) -> KafkaConsumer:
+        return KafkaConsumer(
+            **client_config(self.settings),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=self._auto_offset_reset,
+            max_poll_records=self._max_records,
+        )
+
+    def run(self) -> None:
+        """Polls, handles and commits until signal_shutdown(); closes the consumer (leaving the group)."""
+        consumer = self._consumer()
+        owner = self
+
+        class _Listener:
+            def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+                owner._assigned -= set(revoked)
+
+            def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+                owner._assigned |= set(assigned)
+                owner.on_assigned(set(assigned))
+
+        consumer.subscribe(self.topics, listener=_Listener())
+        try:
+            while not self._shutdown.is_set():
+                self._heartbeat = time.monotonic()
+                batches = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._max_records)
+                records = [record for batch in batches.values() for record in batch]
+                if not records:
+                    continue
+                self.handle(records)
+                consumer.commit()
+        finally:
+            consumer.close()
+            if self._dead_letters is not None:
+                self._dead_letters.close()
+
+    def dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        """Sends a record that cannot be processed to the dead-letter topic (blocking until acked)."""
+        if self._dead_letters is None:
+            self._dead_letters = EventProducer(self.settings, linger_ms=0, max_block_ms=5000)
+            self._dead_letters.connect()
+        headers = [
+            *(record.headers or ()),
+            ("flywheel-dlq-reason", reason.encode()),
+            ("flywheel-dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ]
+        self._dead_letters.send_raw(self.settings.topics.dead_letter, record.key, record.value, headers).get(
+            timeout=self.settings.request_timeout_ms / 1000
+        )
+        log.warning(
+            "sent %s/%d/%d to the dead-letter topic: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+        )

@@ -1,0 +1,71 @@
+"""Signed query ids: inference issues them, feedback verifies them without any lookup."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from flywheel_common.errors import InvalidArgument
+
+_PREFIX = "q1"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class QueryIdClaims:
+    """What a valid query id says about the answer it names."""
+
+    query_id: str
+    nonce: str
+    issued_at: int
+    model_version: str
+
+
+class QueryIdSigner:
+    """Issues and verifies `q1.<nonce>.<issued_at>.<version>.<signature>` ids (HMAC-SHA256)."""
+
+    def __init__(self, key: bytes, *, max_age_s: float = 30 * 24 * 3600) -> None:
+        if len(key) < 16:
+            raise ValueError("the query id key must be at least 16 bytes")
+        self._key = key
+        self._max_age_s = max_age_s
+
+    def _sign(self, body: str) -> str:
+        return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest()[:16])
+
+    def issue(self, model_version: str, *, now: float | None = None) -> str:
+        """A new unique query id bound to the model version that answered."""
+        issued = int(time.time() if now is None else now)
+        body = ".".join([_PREFIX, secrets.token_hex(12), str(issued), _b64(model_version.encode())])
+        return f"{body}.{self._sign(body)}"
+
+    def verify(self, query_id: str, *, now: float | None = None) -> QueryIdClaims:
+        """The claims of a query id this service family issued; InvalidArgument otherwise."""
+        parts = query_id.split(".")
+        if len(parts) != 5 or parts[0] != _PREFIX or len(query_id) > 512:
+            raise InvalidArgument("malformed query id")
+        body, signature = ".".join(parts[:4]), parts[4]
+        if not hmac.compare_digest(self._sign(body), signature):
+            raise InvalidArgument("query id was not issued by this service")
+        try:
+            issued = int(parts[2])
+            version = _unb64(parts[3]).decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument("malformed query id") from exc
+        age = (time.time() if now is None else now) - issued
+        if age > self._max_age_s:
+            raise InvalidArgument("query id has expired")
+        if age < -300:
+            raise InvalidArgument("query id was issued in the future")
+        return QueryIdClaims(query_id=query_id, nonce=parts[1], issued_at=issued, model_version=version)

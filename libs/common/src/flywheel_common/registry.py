@@ -1,0 +1,247 @@
+"""The model registry: immutable version folders and an atomically updated rollout state.
+
+Layout under the artifact root:
+    models/versions/<version>/      immutable: model/ (ONNX, tokenizer), manifest.json
+    models/rollout.json             production, canary, split, pin; replaced atomically
+    models/reports/<version>/       evaluation reports written next to the version
+    models/decisions.jsonl          every rollout decision, appended
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from flywheel_common.files import file_sha256
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class RolloutState:
+    """Which versions serve traffic; every replica converges on this."""
+
+    production: str | None = None
+    canary: str | None = None
+    canary_fraction: float = 0.0
+    pinned: bool = False
+    auto_rollout: bool = True
+    generation: int = 0
+    updated_at: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RolloutState:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered, immutable model version."""
+
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def hf_dir(self) -> Path:
+        return self.path / "hf"
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest.get("kind", "unknown"))
+
+
+class ModelRegistry:
+    """Registers versions and moves the rollout pointers; safe across processes sharing the folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.models = self.root / "models"
+        self.versions_dir = self.models / "versions"
+        self.reports_dir = self.models / "reports"
+        self.state_path = self.models / "rollout.json"
+        self.decisions_path = self.models / "decisions.jsonl"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.reports_dir.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with (self.models / ".lock").open("a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _write_atomic(self, path: Path, data: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    # Versions
+
+    def _next_version(self) -> str:
+        numbers = [int(p.name[1:]) for p in self.versions_dir.glob("v*") if p.name[1:].isdigit()]
+        return f"v{max(numbers, default=0) + 1}"
+
+    def register(
+        self,
+        model_dir: Path,
+        *,
+        kind: str,
+        hf_dir: Path | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Copies a prepared model folder (and its HF weights, for training) in as a new immutable
+        version, all or nothing."""
+        model_dir = Path(model_dir)
+        if not (model_dir / "model.onnx").is_file():
+            raise InvalidArgument(f"{model_dir} holds no model.onnx")
+        staging = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".staging-"))
+        try:
+            shutil.copytree(model_dir, staging / "model")
+            if hf_dir is not None:
+                shutil.copytree(hf_dir, staging / "hf")
+            files = {
+                str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
+            }
+            with self._lock():
+                version = self._next_version()
+                manifest = {
+                    "version": version,
+                    "kind": kind,
+                    "created_at": now_iso(),
+                    "files": files,
+                    **(metadata or {}),
+                }
+                (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                for p in staging.rglob("*"):
+                    if p.is_file():
+                        p.chmod(0o444)
+                os.rename(staging, self.versions_dir / version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("registered model version %s (%s)", version, kind)
+        return self.get(version)
+
+    def get(self, version: str) -> ModelVersion:
+        """A registered version, or NotFound."""
+        if not version or "/" in version or version.startswith("."):
+            raise InvalidArgument(f"bad version name {version!r}")
+        path = self.versions_dir / version
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise NotFound(f"no model version {version}")
+        return ModelVersion(version, path, json.loads(manifest_path.read_text()))
+
+    def list_versions(self) -> list[ModelVersion]:
+        """Every registered version, oldest first."""
+        names = [p.name for p in self.versions_dir.glob("v*") if (p / MANIFEST).is_file()]
+        return [self.get(n) for n in sorted(names, key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)]
+
+    def verify(self, version: str) -> None:
+        """Raises FailedPrecondition when a version's files do not match its manifest."""
+        mv = self.get(version)
+        for rel, digest in mv.manifest.get("files", {}).items():
+            if file_sha256(mv.path / rel) != digest:
+                raise FailedPrecondition(f"{version}: {rel} does not match its manifest")
+
+    # Rollout state
+
+    def state(self) -> RolloutState:
+        """The current rollout state (a fresh read)."""
+        try:
+            return RolloutState.from_json(json.loads(self.state_path.read_text()))
+        except FileNotFoundError:
+            return RolloutState()
+
+    def update_state(self, change: Callable[[RolloutState], str]) -> RolloutState:
+        """Applies `change` (which returns a note for the history) under the lock, atomically."""
+        with self._lock():
+            state = self.state()
+            note = change(state)
+            for name in (state.production, state.canary):
+                if name:
+                    self.get(name)
+            state.generation += 1
+            state.updated_at = now_iso()
+            state.history.append({"at": state.updated_at, "generation": state.generation, "note": note})
+            state.history = state.history[-200:]
+            self._write_atomic(self.state_path, json.dumps(asdict(state), indent=2))
+        log.info("rollout state %d: %s", state.generation, note)
+        return state
+
+    def set_production(self, version: str, *, reason: str = "") -> RolloutState:
+        """Makes `version` production for all traffic and ends any canary."""
+        self.get(version)
+
+        def change(state: RolloutState) -> str:
+            state.production, state.canary, state.canary_fraction = version, None, 0.0
+            return f"production -> {version}" + (f" ({reason})" if reason else "")
+
+        return self.update_state(change)
+
+    def set_canary(self, version: str | None, fraction: float = 0.0, *, reason: str = "") -> RolloutState:
+        """Routes `fraction` of sessions to `version`; None ends the canary."""
+        if version is not None:
+            self.get(version)
+        if not 0.0 <= fraction <= 1.0:
+            raise InvalidArgument("canary fraction must be within [0, 1]")
+
+        def change(state: RolloutState) -> str:
+            state.canary, state.canary_fraction = version, (fraction if version else 0.0)
+            note = f"canary -> {version} at {fraction:.0%}" if version else "canary ended"
+            return note + (f" ({reason})" if reason else "")
+
+        return self.update_state(change)
+
+    # Reports and decisions
+
+    def write_report(self, version: str, name: str, content: str) -> Path:
+        """Writes a report file next to a version (reports may be rewritten; versions may not)."""
+        self.get(version)
+        folder = self.reports_dir / version
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        self._write_atomic(path, content)
+        return path
+
+    def append_decision(self, decision: dict[str, Any]) -> None:
+        """Appends one decision record (a JSON line)."""
+        with self._lock(), self.decisions_path.open("a") as f:
+            f.write(json.dumps(decision, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Every recorded decision, oldest first."""
+        if not self.decisions_path.is_file():
+            return []
+        return [json.loads(line) for line in self.decisions_path.read_text().splitlines() if line.strip()]

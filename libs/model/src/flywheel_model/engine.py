@@ -1,0 +1,118 @@
+"""The question-answering engine: retrieval, prompt and batched generation for one model version.
+
+The inference service serves through it and the evaluator measures through it, so a version is
+evaluated on exactly the path that serves it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
+from flywheel_model.prompt import IncrementalDetokenizer, PromptEncoder, build_messages
+from flywheel_model.retrieval import Passage, Retriever
+from flywheel_model.runtime import Decoder, OrtSettings
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Limits of one engine."""
+
+    context_token_budget: int = 400
+    passage_max_words: int = 80
+    max_batch: int = 16
+    max_queue: int = 64
+
+
+@dataclass
+class PreparedPrompt:
+    """A question made ready for generation."""
+
+    passages: list[Passage]
+    token_ids: list[int]
+    page_text: str
+    retrieval_ms: float
+
+
+@dataclass
+class AnswerResult:
+    """A finished answer with its timings."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    passages: list[Passage]
+    time_to_first_token_ms: float
+    total_ms: float
+    token_ids: list[int] = field(default_factory=list)
+
+
+class AnswerEngine:
+    """Loads one model folder (ONNX + tokenizer) and answers questions about pages with it."""
+
+    def __init__(self, model_dir: Path, ort_settings: OrtSettings, settings: EngineSettings) -> None:
+        self.model_dir = Path(model_dir)
+        self.settings = settings
+        self.encoder = PromptEncoder(self.model_dir)
+        self.decoder = Decoder(self.model_dir, ort_settings)
+        self.retriever = Retriever(self.encoder.count_tokens, max_words=settings.passage_max_words)
+        self.generator = BatchGenerator(
+            self.decoder, max_batch=settings.max_batch, max_queue=settings.max_queue
+        )
+
+    @property
+    def provider(self) -> str:
+        return self.decoder.provider
+
+    def prepare(self, page_text: str, title: str, question: str) -> PreparedPrompt:
+        """Chooses passages and builds the prompt."""
+        started = time.perf_counter()
+        passages = self.retriever.select(page_text, question, token_budget=self.settings.context_token_budget)
+        ids = self.encoder.encode(build_messages(title, passages, question))
+        return PreparedPrompt(passages, ids, page_text, (time.perf_counter() - started) * 1000)
+
+    def answer(self, page_text: str, title: str, question: str, params: SamplingParams) -> AnswerResult:
+        """Answers synchronously (for evaluation and benchmarks); safe to call from many threads."""
+        prepared = self.prepare(page_text, title, question)
+        started = time.perf_counter()
+        first: list[float] = []
+        tokens: list[int] = []
+        done = threading.Event()
+        outcome: list[tuple[str, BaseException | None]] = []
+
+        def on_token(token: int) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            tokens.append(token)
+
+        def on_finish(reason: str, error: BaseException | None) -> None:
+            outcome.append((reason, error))
+            done.set()
+
+        self.generator.submit(Sequence(prepared.token_ids, params, on_token, on_finish))
+        done.wait()
+        reason, error = outcome[0]
+        if error is not None:
+            raise error
+        finished = time.perf_counter()
+        detok = IncrementalDetokenizer(self.encoder)
+        for t in tokens:
+            detok.push(t)
+        return AnswerResult(
+            text=detok.text().strip(),
+            finish_reason=reason,
+            prompt_tokens=len(prepared.token_ids),
+            completion_tokens=len(tokens),
+            passages=prepared.passages,
+            time_to_first_token_ms=((first[0] if first else finished) - started) * 1000,
+            total_ms=(finished - started) * 1000,
+            token_ids=tokens,
+        )
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finishes the work in hand and stops the generator thread."""
+        self.generator.close(timeout)

@@ -1,0 +1,201 @@
+"""Token generation on the ONNX decoder: sampling, and a scheduler that batches decode steps.
+
+One engine thread owns a decoder. New requests are prefilled one at a time (batch 1) and then join
+the running batch; every decode step advances all running sequences at once, so concurrent requests
+share each read of the weights instead of queueing behind each other.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flywheel_model.runtime import KV, Decoder, select_rows, stack_kv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding options, already validated and bounded by the caller."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Sampler:
+    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.params.temperature <= 0.0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / self.params.temperature
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if self.params.top_p < 1.0:
+            order = np.argsort(-probs)
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, self.params.top_p) + 1)]
+            kept = probs[keep] / probs[keep].sum()
+            return int(keep[self._rng.choice(len(keep), p=kept)])
+        return int(self._rng.choice(len(probs), p=probs))
+
+
+@dataclass
+class Sequence:
+    """One request in the engine; callbacks run on the engine thread and must not block."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_token: Callable[[int], None]
+    on_finish: Callable[[str, BaseException | None], None]
+    deadline: float | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    length: int = 0
+    sampler: Sampler | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+
+    def should_stop(self) -> str | None:
+        if self.cancelled.is_set():
+            return "cancelled"
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return "deadline"
+        return None
+
+
+class QueueFull(Exception):
+    """The engine's queue is full."""
+
+
+class BatchGenerator:
+    """Runs sequences on one decoder in its own thread, batching their decode steps."""
+
+    def __init__(self, decoder: Decoder, *, max_batch: int = 16, max_queue: int = 64) -> None:
+        self.decoder = decoder
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._pending: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._kv: KV | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="generator", daemon=True)
+        self._thread.start()
+
+    @property
+    def load(self) -> int:
+        """Sequences waiting or running."""
+        with self._cond:
+            return len(self._pending) + len(self._active)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queues a sequence; QueueFull when the queue is at its bound, RuntimeError when closed."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("generator is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull
+            self._pending.append(seq)
+            self._cond.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finishes queued and running sequences, then stops the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # Engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._pending and not self._active:
+                    return
+                admit = (
+                    self._pending.popleft() if self._pending and len(self._active) < self.max_batch else None
+                )
+            try:
+                if admit is not None:
+                    self._admit(admit)
+                if self._active and (
+                    admit is None or not self._pending or len(self._active) >= self.max_batch
+                ):
+                    self._step()
+            except Exception as exc:  # a broken step fails its sequences, never the thread
+                log.exception("generation step failed")
+                for seq in [*self._active, *([admit] if admit and admit not in self._active else [])]:
+                    seq.on_finish("error", exc)
+                self._active, self._kv = [], None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.on_finish(reason, None)
+
+    def _emit(self, seq: Sequence, token: int) -> str | None:
+        """Records a sampled token; returns the finish reason when the sequence is done."""
+        if token in self.decoder.spec.eos_token_ids:
+            return "eos"
+        seq.generated.append(token)
+        seq.on_token(token)
+        if len(seq.generated) >= seq.params.max_new_tokens:
+            return "max_tokens"
+        if seq.length + 1 >= self.decoder.spec.context_length:
+            return "context_length"
+        return None
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.admitted_at = time.monotonic()
+        reason = seq.should_stop()
+        if reason:
+            self._finish(seq, reason)
+            return
+        seq.sampler = Sampler(seq.params)
+        logits, kv = self.decoder.prefill(seq.prompt_ids)
+        seq.length = len(seq.prompt_ids)
+        reason = self._emit(seq, seq.sampler(logits))
+        if reason:
+            self._finish(seq, reason)
+            return
+        parts = [(kv, seq.length)]
+        if self._active and self._kv is not None:
+            parts.insert(0, (self._kv, max(s.length for s in self._active)))
+        self._kv = stack_kv(parts)
+        self._active.append(seq)
+
+    def _step(self) -> None:
+        assert self._kv is not None
+        tokens = np.asarray([s.generated[-1] for s in self._active], dtype=np.int64)
+        lengths = np.asarray([s.length for s in self._active], dtype=np.int64)
+        logits, kv = self.decoder.decode(tokens, lengths, self._kv)
+        keep: list[int] = []
+        for row, seq in enumerate(self._active):
+            seq.length += 1
+            reason = seq.should_stop()
+            if reason is None:
+                assert seq.sampler is not None
+                reason = self._emit(seq, seq.sampler(logits[row]))
+            if reason:
+                self._finish(seq, reason)
+            else:
+                keep.append(row)
+        if len(keep) == len(self._active):
+            self._kv = kv
+            return
+        self._active = [self._active[r] for r in keep]
+        self._kv = select_rows(kv, keep, max(s.length for s in self._active)) if keep else None

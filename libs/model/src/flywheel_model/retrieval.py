@@ -1,0 +1,153 @@
+"""Retrieval: a page is reduced to clean text, split into passages, and the passages most relevant
+to the question (BM25) are chosen to fit a token budget. Passages are cached by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import bm25s
+import numpy as np
+from selectolax.lexbor import LexborHTMLParser
+
+_DROP = "script, style, noscript, template, svg, nav, header, footer, aside, form, iframe, button"
+_BLOCKS = "p, div, li, dt, dd, h1, h2, h3, h4, h5, h6, pre, blockquote, tr, section, article, br, hr, table, ul, ol, dl"
+_SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def html_to_text(html: str) -> tuple[str, str]:
+    """Clean text of an HTML page (one block per line) and its title."""
+    tree = LexborHTMLParser(html)
+    title_node = tree.css_first("title")
+    title = title_node.text(strip=True) if title_node else ""
+    for node in tree.css(_DROP):
+        node.decompose()
+    for node in tree.css(_BLOCKS):
+        node.insert_after("\n")
+    root = tree.body or tree.root
+    raw = root.text(separator="") if root else ""
+    return normalise_text(raw), title
+
+
+def normalise_text(text: str) -> str:
+    """Collapses runs of spaces and drops empty lines."""
+    lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A contiguous piece of the page; `index` is its position in the page."""
+
+    index: int
+    text: str
+    score: float = 0.0
+
+
+def split_passages(text: str, *, max_words: int = 80) -> list[str]:
+    """Groups lines into passages of at most `max_words` words; long lines split on sentences."""
+    units: list[str] = []
+    for line in text.splitlines():
+        if len(line.split()) <= max_words:
+            units.append(line)
+            continue
+        words_so_far: list[str] = []
+        for sentence in _SENTENCE.split(line):
+            if words_so_far and len(" ".join([*words_so_far, sentence]).split()) > max_words:
+                units.append(" ".join(words_so_far))
+                words_so_far = []
+            words_so_far.append(sentence)
+        if words_so_far:
+            units.append(" ".join(words_so_far))
+    passages: list[str] = []
+    current: list[str] = []
+    count = 0
+    for unit in units:
+        n = len(unit.split())
+        if current and count + n > max_words:
+            passages.append("\n".join(current))
+            current, count = [], 0
+        current.append(unit)
+        count += n
+    if current:
+        passages.append("\n".join(current))
+    return passages
+
+
+class _Index:
+    def __init__(self, passages: list[str], count_tokens: Callable[[str], int]) -> None:
+        self.passages = passages
+        self.token_counts = [count_tokens(p) for p in passages]
+        self.bm25 = bm25s.BM25()
+        self.bm25.index(bm25s.tokenize(passages, show_progress=False), show_progress=False)
+
+    def scores(self, question: str) -> np.ndarray:
+        terms = _query_tokens(bm25s.tokenize([question], show_progress=False, allow_empty=True))
+        if not terms:
+            return np.zeros(len(self.passages))
+        return np.asarray(self.bm25.get_scores(terms), dtype=np.float64)
+
+
+def _query_tokens(tokenized: bm25s.tokenization.Tokenized) -> list[str]:
+    inverse = {i: t for t, i in tokenized.vocab.items()}
+    return [inverse[i] for i in tokenized.ids[0] if i in inverse and inverse[i] != ""]
+
+
+class Retriever:
+    """Chooses passages for a question within a token budget; thread-safe, with an LRU of pages."""
+
+    def __init__(
+        self, count_tokens: Callable[[str], int], *, max_words: int = 80, cache_size: int = 256
+    ) -> None:
+        self._count_tokens = count_tokens
+        self._max_words = max_words
+        self._cache: OrderedDict[str, _Index] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def _index(self, text: str) -> _Index:
+        key = content_hash(text)
+        with self._lock:
+            index = self._cache.get(key)
+            if index is not None:
+                self._cache.move_to_end(key)
+                return index
+        index = _Index(split_passages(text, max_words=self._max_words) or [""], self._count_tokens)
+        with self._lock:
+            self._cache[key] = index
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return index
+
+    def select(self, text: str, question: str, *, token_budget: int) -> list[Passage]:
+        """The best-scoring passages that fit the budget, in page order."""
+        index = self._index(text)
+        scores = index.scores(question)
+        # Passages that share no term with the question only distract a small model; when none
+        # does, the page's start is the best guess (ties keep page order).
+        order = sorted(range(len(index.passages)), key=lambda i: (-scores[i], i))
+        if scores.max(initial=0.0) > 0:
+            order = [i for i in order if scores[i] > 0]
+        chosen: list[int] = []
+        used = 0
+        for i in order:
+            cost = index.token_counts[i]
+            if used + cost > token_budget:
+                if not chosen and cost > token_budget:
+                    # A single passage over budget is cut rather than leaving the model blind.
+                    words = index.passages[i].split()
+                    keep = max(1, len(words) * token_budget // max(cost, 1))
+                    return [Passage(i, " ".join(words[:keep]), float(scores[i]))]
+                continue
+            chosen.append(i)
+            used += cost
+        return [Passage(i, index.passages[i], float(scores[i])) for i in sorted(chosen)]

@@ -1,0 +1,188 @@
+"""ONNX Runtime sessions built from settings: the CUDA provider with its arena limits, or the CPU."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+
+class OrtSettings(BaseModel):
+    """Execution provider and its options; `auto` uses CUDA only where a GPU really is present."""
+
+    provider: Literal["auto", "cuda", "cpu"] = "auto"
+    device_id: int = Field(default=0, ge=0)
+    # Bytes the CUDA memory arena may take; 0 means no limit.
+    gpu_mem_limit: int = Field(default=0, ge=0)
+    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kSameAsRequested"
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    do_copy_in_default_stream: bool = True
+    # 0 lets ONNX Runtime choose (one per physical core).
+    intra_op_threads: int = Field(default=0, ge=0)
+    inter_op_threads: int = Field(default=1, ge=0)
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver reports; 0 where there is no driver or no device."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def cuda_provider_options(settings: OrtSettings) -> dict[str, str]:
+    """The CUDA execution provider's options, as ONNX Runtime wants them (strings)."""
+    options = {
+        "device_id": str(settings.device_id),
+        "arena_extend_strategy": settings.arena_extend_strategy,
+        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+        "do_copy_in_default_stream": "1" if settings.do_copy_in_default_stream else "0",
+    }
+    if settings.gpu_mem_limit:
+        options["gpu_mem_limit"] = str(settings.gpu_mem_limit)
+    return options
+
+
+def choose_providers(settings: OrtSettings) -> list[Any]:
+    """The provider list: CUDA (with options) then CPU as fallback, or CPU alone."""
+    want_cuda = settings.provider == "cuda" or (settings.provider == "auto" and cuda_device_count() > 0)
+    if not want_cuda:
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        log.warning("CUDA requested but this onnxruntime build has no CUDA provider: serving on CPU")
+        return ["CPUExecutionProvider"]
+    if cuda_device_count() == 0:
+        log.warning("CUDA requested but no GPU is visible: serving on CPU")
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", cuda_provider_options(settings)), "CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Shapes and names of a decoder with KV cache, read from the exported genai_config.json."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    context_length: int
+    past_key: str = "past_key_values.%d.key"
+    past_value: str = "past_key_values.%d.value"
+    present_key: str = "present.%d.key"
+    present_value: str = "present.%d.value"
+
+    @classmethod
+    def load(cls, model_dir: Path) -> DecoderSpec:
+        config = json.loads((model_dir / "genai_config.json").read_text())["model"]
+        decoder = config["decoder"]
+        eos = config["eos_token_id"]
+        eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        generation_config = model_dir / "generation_config.json"
+        if generation_config.is_file():
+            extra = json.loads(generation_config.read_text()).get("eos_token_id")
+            if extra is not None:
+                eos_ids = tuple(dict.fromkeys([*eos_ids, *(extra if isinstance(extra, list) else [extra])]))
+        pad = config.get("pad_token_id", eos_ids[0])
+        return cls(
+            num_layers=decoder["num_hidden_layers"],
+            num_kv_heads=decoder["num_key_value_heads"],
+            head_size=decoder["head_size"],
+            eos_token_ids=eos_ids,
+            pad_token_id=pad[0] if isinstance(pad, list) else pad,
+            context_length=config.get("context_length", 2048),
+            past_key=decoder["inputs"]["past_key_names"],
+            past_value=decoder["inputs"]["past_value_names"],
+            present_key=decoder["outputs"]["present_key_names"],
+            present_value=decoder["outputs"]["present_value_names"],
+        )
+
+
+KV = dict[str, np.ndarray]
+
+
+class Decoder:
+    """One ONNX decoder session: prefill a prompt, or decode one token for a batch of sequences."""
+
+    def __init__(self, model_dir: Path, settings: OrtSettings) -> None:
+        self.model_dir = Path(model_dir)
+        self.spec = DecoderSpec.load(self.model_dir)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = settings.inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = choose_providers(settings)
+        self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if self.provider != wanted:
+            log.warning("%s could not be loaded: serving on %s", wanted, self.provider)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.kv_dtype = np.float16 if "float16" in inputs[self.spec.past_key % 0].type else np.float32
+        self._output_names = [o.name for o in self.session.get_outputs()]
+        self._past_names = [
+            (self.spec.past_key % i, self.spec.past_value % i) for i in range(self.spec.num_layers)
+        ]
+        self._present_to_past = {
+            self.spec.present_key % i: self.spec.past_key % i for i in range(self.spec.num_layers)
+        } | {self.spec.present_value % i: self.spec.past_value % i for i in range(self.spec.num_layers)}
+        log.info("decoder %s on %s (kv %s)", self.model_dir, self.provider, np.dtype(self.kv_dtype).name)
+
+    def empty_kv(self, batch: int = 1) -> KV:
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_size)
+        return {name: np.zeros(shape, self.kv_dtype) for pair in self._past_names for name in pair}
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
+        outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **kv})
+        logits = np.asarray(outputs[0], dtype=np.float32)[:, -1, :]
+        present = {
+            self._present_to_past[n]: v for n, v in zip(self._output_names[1:], outputs[1:], strict=True)
+        }
+        return logits, present
+
+    def prefill(self, token_ids: list[int]) -> tuple[np.ndarray, KV]:
+        """Runs a whole prompt; returns the last position's logits [vocab] and the KV cache."""
+        ids = np.asarray([token_ids], dtype=np.int64)
+        logits, kv = self._run(ids, np.ones_like(ids), self.empty_kv())
+        return logits[0], kv
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
+        """One step for a batch: `lengths[b]` tokens of row b are already in the right-padded cache."""
+        width = next(iter(kv.values())).shape[2] + 1
+        mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
+        return self._run(tokens.reshape(-1, 1).astype(np.int64), mask, kv)
+
+
+def stack_kv(parts: list[tuple[KV, int]]) -> KV:
+    """Stacks per-sequence caches (each with its valid length) into one right-padded batch cache."""
+    width = max(length for _, length in parts)
+    out: KV = {}
+    for name in parts[0][0]:
+        arrays = []
+        for kv, length in parts:
+            array = kv[name][:, :, :length]
+            if length < width:
+                pad = np.zeros((*array.shape[:2], width - length, array.shape[3]), array.dtype)
+                array = np.concatenate([array, pad], axis=2)
+            arrays.append(array)
+        out[name] = np.concatenate(arrays, axis=0)
+    return out
+
+
+def select_rows(kv: KV, rows: list[int], width: int) -> KV:
+    """Keeps the given batch rows of a cache, trimmed to `width` positions."""
+    index = np.asarray(rows)
+    return {name: np.ascontiguousarray(array[index, :, :width]) for name, array in kv.items()}
