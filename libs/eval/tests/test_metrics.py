@@ -33,12 +33,17 @@ from flywheel_eval.metrics import (
         ("An apple a day", "apple day"),
         # Articles only as whole words: "theory" and "another" keep their letters.
         ("the theory of another", "theory of another"),
-        # Punctuation is deleted, not turned into a space.
-        ("sys.path", "syspath"),
-        ("don't", "dont"),
-        ("__init__.py", "initpy"),
+        # Punctuation separates tokens, so code answers share tokens with their shorter forms.
+        ("sys.path", "sys path"),
+        ("os.remove(filename)", "os remove filename"),
+        ("__init__.py", "init py"),
         ("x += 1", "x 1"),
+        ("positional-only", "positional only"),
+        # ... except an apostrophe inside a word and a separator inside a number, which are deleted.
+        ("don't", "dont"),
         ("Python 3.11", "python 311"),
+        ("1,000 users", "1000 users"),
+        ("'quoted', he said", "quoted he said"),
         ("(parentheses) [brackets] {braces}", "parentheses brackets braces"),
         # Unicode punctuation (curly quotes, dashes, guillemets) goes too.
         ("don\u2019t \u201cquote\u201d \u2014 dash \u00abx\u00bb", "dont quote dash x"),
@@ -98,6 +103,11 @@ def test_f1_counts_repeated_tokens_once_each() -> None:
     assert f1("go go go", ["go"]) == pytest.approx(0.5)
 
 
+def test_f1_gives_partial_credit_for_shorter_code_answers() -> None:
+    # pred = [os, remove], gold = [os, remove, filename]: P = 1, R = 2/3, F1 = 0.8.
+    assert f1("os.remove()", ["os.remove(filename)"]) == pytest.approx(0.8)
+
+
 def test_f1_max_over_answers() -> None:
     # Against "red ball game" F1 = 2/3 (above); against "big red ball" F1 = 1.
     assert f1("big red ball", ["red ball game", "big red ball"]) == 1.0
@@ -141,7 +151,9 @@ def test_contains_is_order_sensitive() -> None:
 
 def test_is_token_span() -> None:
     assert is_token_span("sys.path", "Append the folder to sys.path, then import.")
-    assert not is_token_span("sys", "Append the folder to sys.path, then import.")
+    assert is_token_span("the folder", "Append the folder to sys.path, then import.")
+    assert not is_token_span("3", "Added in Python 3.11.")
+    assert not is_token_span("folder sys path import", "Append the folder to sys.path, then import.")
 
 
 # --- empty predictions and unanswerable items ------------------------------------------------------------

@@ -117,7 +117,10 @@ def _check_splits(
 ) -> tuple[list[DatasetError], list[DatasetError]]:
     errors: list[DatasetError] = []
     warnings: list[DatasetError] = []
+    # Normalise once per item; the pairwise loop below is quadratic in the number of items.
     tokens = {item.id: question_tokens(item.question) for item in items}
+    texts = {item.id: normalize_answer(item.question) for item in items}
+    answers = {item.id: {normalize_answer(answer) for answer in item.answers} for item in items}
     for item in items:
         if not tokens[item.id]:
             errors.append(
@@ -125,7 +128,7 @@ def _check_splits(
             )
     for first, second in combinations(items, 2):
         similarity = jaccard(tokens[first.id], tokens[second.id])
-        same_text = normalize_answer(first.question) == normalize_answer(second.question)
+        same_text = texts[first.id] == texts[second.id]
         pair = f"items {first.id!r} (line {first.line}, {first.split}) and {second.id!r} ({second.split})"
         if first.split != second.split:
             if same_text:
@@ -139,7 +142,7 @@ def _check_splits(
                         second.line,
                     )
                 )
-            elif first.page == second.page and _shared_answer(first, second):
+            elif first.page == second.page and answers[first.id] & answers[second.id]:
                 # Same fact, different wording: training on one split teaches the other's answer.
                 warnings.append(
                     DatasetError(f"same answer on the same page in two splits: {pair}", qa_path, second.line)
@@ -147,10 +150,6 @@ def _check_splits(
         elif same_text:
             warnings.append(DatasetError(f"repeated question within a split: {pair}", qa_path, second.line))
     return errors, warnings
-
-
-def _shared_answer(first: QAItem, second: QAItem) -> bool:
-    return bool({normalize_answer(a) for a in first.answers} & {normalize_answer(a) for a in second.answers})
 
 
 def check_dataset(
@@ -253,12 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     report = check_dataset(args.dataset, near_duplicate_threshold=args.near_duplicate)
+    if report.items or report.page_ids:
+        print(format_summary(report), flush=True)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for error in report.errors:
         print(f"error: {error}", file=sys.stderr)
-    if report.items or report.page_ids:
-        print(format_summary(report))
     if report.errors:
         print(f"FAILED: {len(report.errors)} error(s), {len(report.warnings)} warning(s)", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections import Counter
@@ -20,6 +21,10 @@ DEFAULT_SEED = 0
 Values = Iterable[float] | npt.NDArray[np.floating[Any]]
 
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+# An apostrophe inside a word ("don't", also curly) and a decimal point or thousands separator inside a
+# number ("3.11", "1,000") are deleted, so the word or number stays one token.
+_INNER_APOSTROPHE = re.compile(r"(?<=[^\W\d_])['\u2019\u02bc](?=[^\W\d_])")
+_NUMBER_SEPARATOR = re.compile(r"(?<=\d)[.,](?=\d)")
 # Bound the resample matrix so a large evaluation never needs gigabytes at once.
 _MAX_CHUNK_ELEMENTS = 1 << 22
 
@@ -27,6 +32,7 @@ _MAX_CHUNK_ELEMENTS = 1 << 22
 # --- normalisation ---------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_punctuation(char: str) -> bool:
     # SQuAD strips string.punctuation, which includes ASCII symbols such as + = < > $; Unicode categories
     # P* and S* are the same idea for curly quotes, dashes, guillemets and the like.
@@ -34,11 +40,15 @@ def _is_punctuation(char: str) -> bool:
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: NFKC, lower case, drop punctuation, drop a/an/the, collapse whitespace."""
+    """SQuAD-style normalisation: NFKC, lower case, punctuation out, a/an/the out, whitespace collapsed."""
     # NFKC first so that composed and decomposed accents, ligatures and no-break spaces compare equal.
     text = unicodedata.normalize("NFKC", text).lower()
-    # Punctuation is deleted, not replaced by a space, as in SQuAD: "sys.path" -> "syspath".
-    text = "".join(char for char in text if not _is_punctuation(char))
+    text = _INNER_APOSTROPHE.sub("", text)
+    text = _NUMBER_SEPARATOR.sub("", text)
+    # Unlike SQuAD, other punctuation becomes a space instead of vanishing: answers about code are full of
+    # it, and "os.remove(filename)" must share the tokens "os remove" with "os.remove()", not become one
+    # fused token that matches nothing.
+    text = "".join(" " if _is_punctuation(char) else char for char in text)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
