@@ -72,6 +72,16 @@ def test_answers_hidden_in_scripts_or_styles_do_not_count(
     assert len(messages(make_dataset(items=good_items))) == 2
 
 
+def test_answers_only_in_page_chrome_do_not_count(
+    make_dataset: DatasetFactory, good_items: list[dict[str, Any]]
+) -> None:
+    page = "<nav>Home</nav><p>a berry 25% air fruit.toml</p><footer>Copyright Fruit Inc.</footer>"
+    good_items[0]["answers"] = ["Fruit Inc."]
+    good_items[1]["answers"] = ["Home"]
+    found = messages(make_dataset(items=good_items, pages={"fruit": page, "veg": "<p>roots</p>"}))
+    assert len(found) == 2 and all("is not a span" in message for message in found)
+
+
 def test_answer_that_normalises_to_nothing(
     make_dataset: DatasetFactory, good_items: list[dict[str, Any]]
 ) -> None:

@@ -28,8 +28,9 @@ from flywheel_eval.dataset import (
 from flywheel_eval.metrics import normalize_answer
 
 DEFAULT_NEAR_DUPLICATE = 0.8
-# Elements that never carry page content a reader would see.
-_INVISIBLE = "script, style, noscript, template, head"
+# Elements whose text is not page content: invisible ones, and the page chrome that the model path
+# (flywheel_model.retrieval.html_to_text) also drops, so an answer found here is one the model can read.
+_INVISIBLE = "head, script, style, noscript, template, svg, nav, header, footer, aside, form, iframe, button"
 # Block-level elements get line breaks around them so text in adjacent cells or paragraphs never fuses.
 _BLOCKS = (
     "address, article, aside, blockquote, br, dd, div, dl, dt, figcaption, figure, footer, form, h1, h2, h3, "
@@ -39,7 +40,7 @@ _GATE_SPLIT = "gate"
 
 
 def html_to_text(html: str) -> str:
-    """Visible text of an HTML page: scripts and styles dropped, line breaks at block boundaries."""
+    """Readable text of an HTML page: scripts, styles and page chrome dropped, line breaks at blocks."""
     tree = LexborHTMLParser(html)
     for node in tree.css(_INVISIBLE):
         node.decompose()
