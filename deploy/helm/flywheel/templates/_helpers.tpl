@@ -119,7 +119,8 @@ Lists are passed as JSON, which pydantic parses.
 {{- define "flywheel.kafkaDir" -}}/etc/flywheel/kafka{{- end }}
 
 {{/*
-Environment shared by every service: listen addresses, logging, tracing, artifact root, Kafka.
+Environment shared by every service: listen addresses, logging, tracing, artifact root (unless
+"noArtifacts"), Kafka.
 */}}
 {{- define "flywheel.commonEnv" -}}
 {{- $root := .root }}
@@ -144,8 +145,10 @@ Environment shared by every service: listen addresses, logging, tracing, artifac
 - name: {{ $prefix }}TRACING__SAMPLE_RATIO
   value: {{ $root.Values.tracing.sampleRatio | quote }}
 {{- end }}
+{{- if not .noArtifacts }}
 - name: {{ $prefix }}ARTIFACT_ROOT
   value: {{ $root.Values.artifacts.mountPath | quote }}
+{{- end }}
 {{ include "flywheel.kafkaEnv" (dict "root" $root "prefix" $prefix "clientId" (include "flywheel.componentName" .)) | trim }}
 {{- end }}
 

@@ -2,7 +2,7 @@
 The pieces of a long-running Flywheel service, one define each, called from templates/<service>/.
 Every one takes (dict "root" $ "component" "<service>") plus, for the Deployment, optional
 "env", "volumes", "volumeMounts" (YAML lists as strings), "liveness" (a probe as a string),
-"serviceAccountName", "strategy" and "gpu".
+"serviceAccountName", "strategy", "gpu" and "noArtifacts" (the service does not use the artifact store).
 */}}
 
 {{- define "flywheel.deployment" -}}
@@ -107,8 +107,10 @@ spec:
             {{- end }}
           {{- end }}
           volumeMounts:
+            {{- if not .noArtifacts }}
             - name: artifacts
               mountPath: {{ $root.Values.artifacts.mountPath }}
+            {{- end }}
             - name: tmp
               mountPath: /tmp
             {{- with include "flywheel.kafkaVolumeMounts" . | trim }}{{ . | nindent 12 }}{{ end }}
@@ -116,9 +118,11 @@ spec:
             {{- . | nindent 12 }}
             {{- end }}
       volumes:
+        {{- if not .noArtifacts }}
         - name: artifacts
           persistentVolumeClaim:
             claimName: {{ include "flywheel.artifactsClaim" $root }}
+        {{- end }}
         - name: tmp
           emptyDir:
             sizeLimit: 1Gi
