@@ -1,0 +1,1 @@
+"""Flywheel feedback service: ratings and corrections, validated, redacted, acknowledged by Kafka."""

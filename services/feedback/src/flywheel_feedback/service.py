@@ -1,0 +1,258 @@
+"""The FeedbackService: authenticate, rate-limit, validate, redact, pseudonymise, await Kafka's ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+import grpc
+from flywheel_common.errors import (
+    FlywheelError,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from flywheel_common.kafka import EventProducer
+from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.query_ids import QueryIdClaims, QueryIdSigner
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter, Histogram
+
+from flywheel_feedback.auth import Authenticator, Principal, Role
+from flywheel_feedback.idempotency import IdempotencyCache, feedback_id
+from flywheel_feedback.ratelimit import RateLimiter
+from flywheel_feedback.redaction import Redactor
+from flywheel_feedback.settings import FeedbackSettings
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = Counter(
+    "flywheel_feedback_accepted", "Feedback stored on Kafka (acknowledged), by kind.", ["kind"]
+)
+REJECTED = Counter("flywheel_feedback_rejected", "Submissions refused, by reason.", ["reason"])
+DUPLICATES = Counter("flywheel_feedback_duplicates", "Retries answered from the idempotency cache.")
+PRODUCE_DURATION = Histogram(
+    "flywheel_feedback_produce_duration_seconds",
+    "Time from handing an event to Kafka until the broker acknowledged it.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PRODUCE_FAILURES = Counter("flywheel_feedback_produce_failures", "Events Kafka did not acknowledge in time.")
+REDACTED = Counter("flywheel_feedback_redacted", "Pieces of personal data redacted, by kind.", ["kind"])
+
+_REASONS: dict[type[FlywheelError], str] = {
+    Unauthenticated: "unauthenticated",
+    PermissionDenied: "permission_denied",
+    ResourceExhausted: "rate_limited",
+    Unavailable: "unavailable",
+    InvalidArgument: "invalid_argument",
+}
+
+_KIND_NAMES = {
+    events_pb2.FEEDBACK_KIND_RATING: "rating",
+    events_pb2.FEEDBACK_KIND_THUMBS: "thumbs",
+    events_pb2.FEEDBACK_KIND_COMMENT: "comment",
+    events_pb2.FEEDBACK_KIND_CORRECTION: "correction",
+    events_pb2.FEEDBACK_KIND_IGNORED: "ignored",
+}
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _printable(value: str) -> bool:
+    return all(33 <= ord(c) < 127 for c in value)
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+    """Answers OK only once the event is on Kafka; every refusal has its status and reason metric."""
+
+    def __init__(
+        self,
+        settings: FeedbackSettings,
+        *,
+        producer: EventProducer,
+        authenticator: Authenticator,
+        redactor: Redactor,
+        signer: QueryIdSigner,
+        pseudonym_key: bytes,
+    ) -> None:
+        self._settings = settings
+        self._limits = settings.validation
+        self._topic = settings.kafka.topics.feedback
+        self._producer = producer
+        self._auth = authenticator
+        self._redactor = redactor
+        self._signer = signer
+        self._pseudonym_key = pseudonym_key
+        self._limiter = RateLimiter(settings.rate_limit.per_second, settings.rate_limit.burst)
+        self._cache = IdempotencyCache(settings.idempotency_cache_size, settings.idempotency_ttl_s)
+        self._timeout_s = settings.produce_timeout_ms / 1000
+
+    async def SubmitFeedback(
+        self, request: feedback_pb2.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.SubmitFeedbackResponse:
+        """A visitor's rating, thumbs, comment or ignored signal."""
+        try:
+            principal = self._admit(_metadata(context))
+            claims = self._verify(request.query_id)
+            event = self._feedback_event(request, principal, claims)
+            return await self._store(event, principal, request.idempotency_key)
+        except FlywheelError as exc:
+            self._rejected(exc)
+            raise
+
+    async def SubmitCorrection(
+        self, request: feedback_pb2.SubmitCorrectionRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.SubmitFeedbackResponse:
+        """An expert reviewer's corrected answer and note."""
+        try:
+            principal = self._admit(_metadata(context), Role.EXPERT, Role.ADMIN)
+            claims = self._verify(request.query_id)
+            event = self._correction_event(request, principal, claims)
+            return await self._store(event, principal, request.idempotency_key)
+        except FlywheelError as exc:
+            self._rejected(exc)
+            raise
+
+    @staticmethod
+    def _rejected(exc: FlywheelError) -> None:
+        reason = getattr(exc, "reason", None) or _REASONS.get(type(exc), "other")
+        REJECTED.labels(reason).inc()
+
+    def _admit(self, metadata: Mapping[str, str], *roles: Role) -> Principal:
+        principal = self._auth.authenticate(metadata)
+        if roles:
+            principal.require(*roles)
+        self._limiter.check(principal.token_hash)
+        return principal
+
+    def _verify(self, query_id: str) -> QueryIdClaims:
+        if not query_id:
+            exc = InvalidArgument("query_id is required")
+        else:
+            try:
+                return self._signer.verify(query_id)
+            except InvalidArgument as error:
+                exc = error
+        exc.reason = "invalid_query_id"  # type: ignore[attr-defined]
+        raise exc
+
+    def _text(self, value: str, name: str, limit: int, *, required: bool) -> str:
+        stripped = value.strip()
+        if required and not stripped:
+            raise InvalidArgument(f"{name} must not be empty")
+        if len(value) > limit:
+            raise InvalidArgument(f"{name} is longer than {limit} characters")
+        if not stripped:
+            return ""
+        redacted = self._redactor.redact(stripped)
+        for kind, count in redacted.found.items():
+            REDACTED.labels(kind).inc(count)
+        return redacted.text
+
+    def _common(
+        self, principal: Principal, claims: QueryIdClaims, idempotency_key: str, session_id: str = ""
+    ) -> events_pb2.Feedback:
+        if len(idempotency_key) > self._limits.max_idempotency_key_chars or not _printable(idempotency_key):
+            raise InvalidArgument(
+                f"idempotency_key must be printable ASCII of at most "
+                f"{self._limits.max_idempotency_key_chars} characters"
+            )
+        if len(session_id) > self._limits.max_session_id_chars:
+            raise InvalidArgument(f"session_id is longer than {self._limits.max_session_id_chars} characters")
+        # A visitor's session pseudonym joins Interaction.session_pseudonym; otherwise the token's.
+        submitter = (
+            pseudonymise(self._pseudonym_key, session_id)
+            if session_id
+            else pseudonymise(self._pseudonym_key, principal.token_hash, domain="token")
+        )
+        created = Timestamp()
+        created.GetCurrentTime()
+        return events_pb2.Feedback(
+            query_id=claims.query_id,
+            reviewer_role=principal.role.reviewer_role,
+            submitter_pseudonym=submitter,
+            idempotency_key=idempotency_key,
+            created_at=created,
+            model_version=claims.model_version,
+        )
+
+    def _feedback_event(
+        self, request: feedback_pb2.SubmitFeedbackRequest, principal: Principal, claims: QueryIdClaims
+    ) -> events_pb2.Feedback:
+        event = self._common(principal, claims, request.idempotency_key, request.session_id)
+        signal = request.WhichOneof("signal")
+        if signal == "rating":
+            if not 1 <= request.rating <= 5:
+                raise InvalidArgument("rating must be between 1 and 5")
+            event.kind, event.value = events_pb2.FEEDBACK_KIND_RATING, request.rating
+        elif signal == "thumbs_up":
+            event.kind, event.value = events_pb2.FEEDBACK_KIND_THUMBS, 1 if request.thumbs_up else -1
+        elif signal == "comment":
+            event.kind = events_pb2.FEEDBACK_KIND_COMMENT
+            event.redacted_text = self._text(
+                request.comment, "comment", self._limits.max_comment_chars, required=True
+            )
+        elif signal == "ignored":
+            if not request.ignored:
+                raise InvalidArgument("ignored must be true when set")
+            event.kind = events_pb2.FEEDBACK_KIND_IGNORED
+        else:
+            raise InvalidArgument("one of rating, thumbs_up, comment or ignored is required")
+        return event
+
+    def _correction_event(
+        self, request: feedback_pb2.SubmitCorrectionRequest, principal: Principal, claims: QueryIdClaims
+    ) -> events_pb2.Feedback:
+        event = self._common(principal, claims, request.idempotency_key)
+        event.kind = events_pb2.FEEDBACK_KIND_CORRECTION
+        event.redacted_text = self._text(
+            request.corrected_answer, "corrected_answer", self._limits.max_correction_chars, required=True
+        )
+        event.redacted_note = self._text(request.note, "note", self._limits.max_note_chars, required=False)
+        return event
+
+    async def _store(
+        self, event: events_pb2.Feedback, principal: Principal, idempotency_key: str
+    ) -> feedback_pb2.SubmitFeedbackResponse:
+        # Retries are recognised per caller, answer and key; the id is derived from them, so a
+        # retry that reaches another replica (or this one after a restart) carries the same id
+        # and consumers drop it.
+        scope = f"{principal.token_hash}|{event.query_id}|{idempotency_key}" if idempotency_key else ""
+        event.feedback_id = feedback_id(self._pseudonym_key, scope)
+        if scope:
+            duplicate = await self._cache.once(scope, lambda: self._produce(event))
+        else:
+            await self._produce(event)
+            duplicate = False
+        kind = _KIND_NAMES.get(event.kind, "unknown")
+        if duplicate:
+            DUPLICATES.inc()
+        else:
+            ACCEPTED.labels(kind).inc()
+        log.debug(
+            "feedback %s",
+            "duplicate" if duplicate else "stored",
+            extra={"feedback_id": event.feedback_id, "kind": kind, "role": principal.role.value},
+        )
+        return feedback_pb2.SubmitFeedbackResponse(feedback_id=event.feedback_id, duplicate=duplicate)
+
+    async def _produce(self, event: events_pb2.Feedback) -> None:
+        started = time.perf_counter()
+        try:
+            # The producer's own delivery timeout matches; this bound only guards against a stuck client.
+            async with asyncio.timeout(self._timeout_s + 1.0):
+                await self._producer.produce(self._topic, event.query_id, event)
+        except (Unavailable, TimeoutError) as exc:
+            PRODUCE_FAILURES.inc()
+            raise Unavailable(
+                "feedback could not be stored (Kafka unavailable); retry with the same key"
+            ) from exc
+        PRODUCE_DURATION.observe(time.perf_counter() - started)

@@ -1,0 +1,77 @@
+"""Typed settings of the feedback service (env prefix FLYWHEEL_FEEDBACK_, nested with __)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flywheel_common.settings import (
+    GrpcSettings,
+    KafkaSettings,
+    LoggingSettings,
+    MetricsSettings,
+    TracingSettings,
+    env_config,
+)
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings
+
+
+class AuthSettings(BaseModel):
+    """Bearer tokens and their roles."""
+
+    # A JSON or YAML file mapping token -> role (user, expert, admin); the development file when unset.
+    tokens_file: Path | None = None
+
+
+class ValidationSettings(BaseModel):
+    """Bounds on what a submission may contain."""
+
+    query_id_max_age_s: float = Field(default=30 * 24 * 3600, gt=0)
+    max_comment_chars: int = Field(default=2000, ge=1)
+    max_correction_chars: int = Field(default=8000, ge=1)
+    max_note_chars: int = Field(default=2000, ge=1)
+    max_idempotency_key_chars: int = Field(default=128, ge=8)
+    max_session_id_chars: int = Field(default=256, ge=8)
+
+
+class RateLimitSettings(BaseModel):
+    """A token bucket per bearer token; 0 disables the limit."""
+
+    per_second: float = Field(default=20.0, ge=0)
+    burst: int = Field(default=40, ge=1)
+
+
+class PrivacySettings(BaseModel):
+    """Keys for query id signatures and pseudonyms, and the PII detectors to run."""
+
+    # Shared with the inference service, which signs the query ids it issues.
+    query_id_key_file: Path | None = None
+    pseudonym_key_file: Path | None = None
+    # Run Microsoft Presidio's pattern recognizers after the built-in ones.
+    presidio: bool = True
+    presidio_score_threshold: float = Field(default=0.3, ge=0, le=1)
+
+
+class FeedbackSettings(BaseSettings):
+    """Everything the feedback service reads from its environment."""
+
+    model_config = env_config("FLYWHEEL_FEEDBACK_")
+
+    grpc: GrpcSettings = GrpcSettings(port=50052)
+    metrics: MetricsSettings = MetricsSettings(port=9102)
+    tracing: TracingSettings = TracingSettings()
+    logging: LoggingSettings = LoggingSettings()
+    kafka: KafkaSettings = KafkaSettings(client_id="flywheel-feedback")
+    auth: AuthSettings = AuthSettings()
+    validation: ValidationSettings = ValidationSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    # An RPC waits at most this long for the broker's ack, then answers UNAVAILABLE.
+    produce_timeout_ms: int = Field(default=5000, ge=100)
+    # Records of concurrent RPCs produced within this window share one request to the broker.
+    linger_ms: int = Field(default=2, ge=0)
+    # Accepted idempotency keys remembered, and for how long (retries after that are dropped downstream).
+    idempotency_cache_size: int = Field(default=200_000, ge=1)
+    idempotency_ttl_s: float = Field(default=24 * 3600, gt=0)
+    # Create missing topics at start (turn off where the platform team owns topics).
+    create_topics: bool = True
