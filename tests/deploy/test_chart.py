@@ -1,0 +1,301 @@
+"""The Helm chart: lint, render every ci scenario, validate offline, and hold the house rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flywheel_deploy_checks as dc
+import pytest
+
+GPU = "gpu-values.yaml"
+CPU = "cpu-values.yaml"
+KAFKA = "external-kafka-values.yaml"
+
+
+def _latest_kube() -> str:
+    import kubernetes_validate
+
+    return kubernetes_validate.latest_version()
+
+
+@pytest.mark.parametrize("scenario", dc.SCENARIOS)
+def test_helm_lint_strict(helm: Path, scenario: str) -> None:
+    dc.run_helm(
+        helm,
+        "lint",
+        str(dc.CHART),
+        "--strict",
+        "--kube-version",
+        dc.MIN_KUBE_VERSION,
+        "-f",
+        str(dc.CHART / "ci" / scenario),
+    )
+
+
+def test_every_scenario_renders(renders: dict[str, dc.Render]) -> None:
+    assert set(renders) >= {GPU, CPU, KAFKA, "minimal-values.yaml"}
+    for name, r in renders.items():
+        assert r.of_kind("Deployment"), name
+
+
+@pytest.mark.parametrize("scenario", dc.SCENARIOS)
+@pytest.mark.parametrize("kube", ["oldest", "newest"])
+def test_objects_match_kubernetes_schema(
+    renders: dict[str, dc.Render], kubernetes_validate: object, scenario: str, kube: str
+) -> None:
+    version = dc.MIN_KUBE_VERSION if kube == "oldest" else _latest_kube()
+    assert dc.kubernetes_errors(renders[scenario].docs, version) == []
+
+
+@pytest.mark.parametrize("scenario", dc.SCENARIOS)
+def test_custom_resources_match_crd_schemas(
+    renders: dict[str, dc.Render], jsonschema: object, scenario: str
+) -> None:
+    docs = renders[scenario].docs
+    assert dc.unknown_kinds(docs) == []
+    assert dc.custom_resource_errors(docs) == []
+
+
+@pytest.mark.parametrize("scenario", dc.SCENARIOS)
+def test_workloads_are_hardened_and_probed(renders: dict[str, dc.Render], scenario: str) -> None:
+    assert dc.workload_errors(renders[scenario].docs) == []
+
+
+@pytest.mark.parametrize("scenario", dc.SCENARIOS)
+def test_standard_labels(renders: dict[str, dc.Render], scenario: str) -> None:
+    required = {
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/version",
+        "app.kubernetes.io/managed-by",
+        "app.kubernetes.io/part-of",
+        "helm.sh/chart",
+    }
+    for d in renders[scenario].docs:
+        labels = d["metadata"].get("labels", {})
+        assert required <= set(labels), f"{d['kind']}/{d['metadata']['name']} lacks {required - set(labels)}"
+        if d["kind"] in ("Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget", "ServiceMonitor"):
+            assert labels.get("app.kubernetes.io/component"), d["metadata"]["name"]
+
+
+@pytest.mark.parametrize("scenario", dc.SCENARIOS)
+def test_each_enabled_service_has_its_objects(
+    helm: Path, renders: dict[str, dc.Render], scenario: str
+) -> None:
+    import yaml
+
+    values = yaml.safe_load((dc.CHART / "values.yaml").read_text())
+    override = yaml.safe_load((dc.CHART / "ci" / scenario).read_text()) or {}
+    r = renders[scenario]
+    for svc in dc.SERVICES:
+        enabled = override.get(svc, {}).get("enabled", values[svc]["enabled"])
+        names = {(d["kind"], d["metadata"]["name"]) for d in r.docs}
+        have = {kind for kind, name in names if name == f"fw-flywheel-{svc}"}
+        if not enabled:
+            assert not have, f"{svc} is disabled but renders {have}"
+            continue
+        assert {"Deployment", "Service"} <= have, svc
+        np_on = override.get("networkPolicy", {}).get("enabled", True)
+        sm_on = override.get("metrics", {}).get("serviceMonitor", {}).get("enabled", True)
+        assert ("NetworkPolicy" in have) == np_on, svc
+        assert ("ServiceMonitor" in have) == sm_on, svc
+        if svc in ("inference", "feedback"):
+            hpa_on = override.get(svc, {}).get("autoscaling", {}).get("enabled", True)
+            assert ("HorizontalPodAutoscaler" in have) == hpa_on, svc
+
+
+def test_gpu_pool_scheduling_and_ort_limits(renders: dict[str, dc.Render]) -> None:
+    r = renders[GPU]
+    inference = r.named("Deployment", "-inference")
+    spec = inference["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = dc.env_of(inference)
+    assert env["FLYWHEEL_INFERENCE_ORT__PROVIDER"] == "cuda"
+    assert int(env["FLYWHEEL_INFERENCE_ORT__GPU_MEM_LIMIT"]) == 20480 * 1024 * 1024
+    assert env["FLYWHEEL_INFERENCE_ORT__ARENA_EXTEND_STRATEGY"] == "kSameAsRequested"
+    (job,) = dc.embedded_jobs(r.named("ConfigMap", "-trainer-job-template"))
+    job_spec = job["spec"]["template"]["spec"]
+    assert job_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert job_spec["nodeSelector"] == spec["nodeSelector"]
+
+
+def test_default_ort_limit_is_a_fraction_of_the_pool(helm: Path) -> None:
+    r = dc.render(helm, "--set", "gpuPool.memoryMiB=81920", "--set-json", "inference.ort.gpuMemFraction=0.5")
+    env = dc.env_of(r.named("Deployment", "-inference"))
+    assert int(env["FLYWHEEL_INFERENCE_ORT__GPU_MEM_LIMIT"]) == 40960 * 1024 * 1024
+
+
+def test_cpu_only_requests_no_gpu(renders: dict[str, dc.Render]) -> None:
+    r = renders[CPU]
+    text = json.dumps(r.docs)
+    assert "nvidia.com/gpu" not in text.replace('"key": "nvidia.com/gpu"', "")
+    env = dc.env_of(r.named("Deployment", "-inference"))
+    assert env["FLYWHEEL_INFERENCE_ORT__PROVIDER"] == "cpu"
+    assert "FLYWHEEL_INFERENCE_ORT__GPU_MEM_LIMIT" not in env
+    assert "tolerations" not in r.named("Deployment", "-inference")["spec"]["template"]["spec"]
+
+
+def test_trainer_role_allows_only_job_handling(renders: dict[str, dc.Render]) -> None:
+    role = renders[GPU].named("Role", "-trainer")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
+        (("",), ("pods",)): {"get", "list"},
+        (("",), ("pods/log",)): {"get"},
+    }
+    binding = renders[GPU].named("RoleBinding", "-trainer")
+    trainer = renders[GPU].named("Deployment", "-trainer")["spec"]["template"]["spec"]
+    assert binding["subjects"][0]["name"] == trainer["serviceAccountName"]
+    others = [d for d in renders[GPU].of_kind("Deployment") if not d["metadata"]["name"].endswith("-trainer")]
+    assert all(d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for d in others)
+
+
+def test_trainer_job_template(renders: dict[str, dc.Render]) -> None:
+    r = renders[GPU]
+    cm = r.named("ConfigMap", "-trainer-job-template")
+    (job,) = dc.embedded_jobs(cm)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"].startswith("flywheel-trainer-job:")
+    assert container["command"] == ["python", "-m", "flywheel_trainer.job"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 1 and job["spec"]["ttlSecondsAfterFinished"] == 86400
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/var/lib/flywheel/artifacts" in mounts
+    # The trainer reads the template from the mounted ConfigMap.
+    trainer = r.named("Deployment", "-trainer")
+    volumes = {v["name"]: v for v in trainer["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["job-template"]["configMap"]["name"] == cm["metadata"]["name"]
+    template_env = [v for k, v in dc.env_of(trainer).items() if k.endswith("TEMPLATE_FILE")]
+    assert template_env and template_env[0].startswith("/etc/flywheel/trainer/")
+
+
+def test_external_kafka_wiring(renders: dict[str, dc.Render]) -> None:
+    r = renders[KAFKA]
+    feedback = r.named("Deployment", "-feedback")
+    env = dc.env_of(feedback)
+    assert env["FLYWHEEL_FEEDBACK_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert env["FLYWHEEL_FEEDBACK_KAFKA__SASL_MECHANISM"] == "SCRAM-SHA-512"
+    mounts = {
+        m["mountPath"]: m["name"]
+        for m in feedback["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    for var in ("KAFKA__SASL_PASSWORD_FILE", "KAFKA__SSL_CAFILE", "GRPC__TLS_CERT_FILE"):
+        path = env[f"FLYWHEEL_FEEDBACK_{var}"]
+        assert any(path.startswith(m + "/") for m in mounts), f"{var}={path} is not under a mounted volume"
+    raw = next(
+        e
+        for e in feedback["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == "FLYWHEEL_FEEDBACK_KAFKA__SASL_USERNAME"
+    )
+    assert raw["valueFrom"]["secretKeyRef"]["name"] == "flywheel-kafka-credentials"
+    assert not r.of_kind("Secret"), "an existing Secret was given: the chart must not create one"
+
+
+@pytest.mark.parametrize("scenario", dc.SCENARIOS)
+@pytest.mark.parametrize("svc", dc.SERVICES)
+def test_env_names_match_service_settings(
+    renders: dict[str, dc.Render], scenario: str, svc: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not dc.service_exists(svc):
+        pytest.skip(f"pending: services/{svc} is not written yet")
+    cls = dc.settings_class(f"flywheel_{svc}.settings")
+    deployments = [
+        d for d in renders[scenario].of_kind("Deployment") if d["metadata"]["name"].endswith(f"-{svc}")
+    ]
+    if not deployments:
+        pytest.skip(f"{svc} is disabled in {scenario}")
+    containers = deployments[0]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", "from-a-secret") for e in containers[0]["env"]}
+    prefix = f"FLYWHEEL_{svc.upper()}_"
+    assert dc.settings_env_errors(env, cls, prefix) == []
+    # And the values parse: pydantic-settings reads them as the pod would.
+    for name in [k for k in __import__("os").environ if k.startswith("FLYWHEEL_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cls()
+
+
+# ---------------------------------------------------------------- each check fails on a broken input
+
+
+def test_wrong_value_type_is_rejected(helm: Path) -> None:
+    with pytest.raises(dc.RenderError, match="/inference/replicas"):
+        dc.render(helm, "--set", "inference.replicas=two")
+    with pytest.raises(dc.RenderError, match="replicaCount"):
+        dc.render(helm, "--set", "inference.replicaCount=2")
+    with pytest.raises(dc.RenderError, match="/kafka/securityProtocol"):
+        dc.render(helm, "--set", "kafka.securityProtocol=TLS")
+    with pytest.raises(dc.RenderError):
+        dc.run_helm(helm, "lint", str(dc.CHART), "--strict", "--set", "gpuPool.memoryMiB=lots")
+
+
+def test_missing_gpu_toleration_is_caught(helm: Path) -> None:
+    r = dc.render(helm, "-f", str(dc.CHART / "ci" / GPU), "--set-json", "gpuPool.tolerations=[]")
+    errors = dc.workload_errors(r.docs)
+    assert any("-inference" in e and "does not tolerate the GPU taint" in e for e in errors), errors
+    assert any("[job.yaml]" in e and "does not tolerate the GPU taint" in e for e in errors), errors
+
+
+def test_gpu_limit_over_pool_memory_is_refused(helm: Path) -> None:
+    with pytest.raises(dc.RenderError, match="exceeds the GPU pool's memory"):
+        dc.render(helm, "--set", "inference.ort.gpuMemLimitMiB=30000", "--set", "gpuPool.memoryMiB=24576")
+    with pytest.raises(dc.RenderError, match="no GPU would be scheduled"):
+        dc.render(helm, "--set", "inference.gpu.enabled=false", "--set", "inference.ort.provider=cuda")
+
+
+def test_kubernetes_schema_check_catches_a_bad_object(
+    renders: dict[str, dc.Render], kubernetes_validate: object
+) -> None:
+    import copy
+
+    deployment = copy.deepcopy(renders[GPU].named("Deployment", "-feedback"))
+    deployment["spec"]["replicas"] = "two"
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpcc"] = {"port": 1}
+    errors = dc.kubernetes_errors([deployment], dc.MIN_KUBE_VERSION)
+    assert len(errors) >= 1 and any("replicas" in e or "grpcc" in e for e in errors), errors
+
+
+def test_crd_schema_check_catches_bad_custom_resources(
+    renders: dict[str, dc.Render], jsonschema: object
+) -> None:
+    import copy
+
+    sm = copy.deepcopy(renders[GPU].named("ServiceMonitor", "-inference"))
+    sm["spec"]["endpoints"][0]["interval"] = "30 seconds"
+    sm["spec"]["endpoints"][0]["scrapeTimout"] = "10s"
+    rule = copy.deepcopy(renders[GPU].of_kind("PrometheusRule")[0])
+    rule["spec"]["groups"][0]["rules"][0]["for"] = 5
+    errors = dc.custom_resource_errors([sm, rule])
+    assert any("interval" in e for e in errors), errors
+    assert any("scrapeTimout" in e for e in errors), errors
+    assert any("/for" in e for e in errors), errors
+
+
+def test_settings_check_catches_unknown_env(svc: str = "inference") -> None:
+    if not dc.service_exists(svc):
+        pytest.skip(f"pending: services/{svc} is not written yet")
+    cls = dc.settings_class(f"flywheel_{svc}.settings")
+    errors = dc.settings_env_errors(
+        {"FLYWHEEL_INFERENCE_ORT__GPU_MEMORY_LIMIT": "1", "FLYWHEEL_INFERENCE_GRPC__PORT": "1"},
+        cls,
+        "FLYWHEEL_INFERENCE_",
+    )
+    assert errors == ["FLYWHEEL_INFERENCE_ORT__GPU_MEMORY_LIMIT: OrtSettings has no field 'gpu_memory_limit'"]
+
+
+def test_workload_check_catches_an_unhardened_pod(renders: dict[str, dc.Render]) -> None:
+    import copy
+
+    deployment = copy.deepcopy(renders[GPU].named("Deployment", "-feedback"))
+    spec = deployment["spec"]["template"]["spec"]
+    spec["terminationGracePeriodSeconds"] = 10
+    spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+    del spec["containers"][0]["readinessProbe"]
+    errors = dc.workload_errors([deployment])
+    assert any("terminationGracePeriodSeconds" in e for e in errors)
+    assert any("readOnlyRootFilesystem" in e for e in errors)
+    assert any("no readinessProbe" in e for e in errors)
