@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -513,7 +513,7 @@ class EventConsumer(ABC):
         consumer = self._consumer()
         owner = self
 
-        class _Listener:
+        class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
                 owner._assigned -= set(revoked)
 

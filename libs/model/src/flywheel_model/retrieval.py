@@ -15,7 +15,10 @@ import numpy as np
 from selectolax.lexbor import LexborHTMLParser
 
 _DROP = "script, style, noscript, template, svg, nav, header, footer, aside, form, iframe, button"
-_BLOCKS = "p, div, li, dt, dd, h1, h2, h3, h4, h5, h6, pre, blockquote, tr, section, article, br, hr, table, ul, ol, dl"
+_BLOCKS = (
+    "p, div, li, dt, dd, h1, h2, h3, h4, h5, h6, pre, blockquote, tr, section, article, br, hr, "
+    "table, ul, ol, dl"
+)
 _SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 

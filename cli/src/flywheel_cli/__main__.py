@@ -1,0 +1,26 @@
+"""The `flywheel` command: one entry point for preparing models, running and driving the system."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flywheel_cli import ask_cmd, kafka_cmd, model_cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in (model_cmd, ask_cmd, kafka_cmd):
+        module.register(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Retrieval: HTML to text, passages, and choosing passages within a budget."""
+
+from flywheel_model.retrieval import Retriever, html_to_text, split_passages
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def test_html_to_text_drops_scripts_navigation_and_keeps_blocks() -> None:
+    html = (
+        "<html><head><title>FAQ</title><style>p{}</style></head><body><nav>Home | About</nav>"
+        "<h1>General</h1><p>Python is a <b>programming</b> language.</p><script>var x;</script>"
+        "<ul><li>one</li><li>two</li></ul><footer>(c) 2026</footer></body></html>"
+    )
+    text, title = html_to_text(html)
+    assert title == "FAQ"
+    assert text.splitlines() == ["General", "Python is a programming language.", "one", "two"]
+
+
+def test_split_passages_respects_word_limit_and_splits_long_lines_on_sentences() -> None:
+    long_line = " ".join(f"Sentence {i} has five words." for i in range(10))
+    passages = split_passages("Title\n" + long_line, max_words=12)
+    assert all(words(p) <= 12 for p in passages)
+    assert " ".join(" ".join(passages).split()) == " ".join(("Title " + long_line).split())
+
+
+def test_select_prefers_matching_passages_and_keeps_page_order() -> None:
+    text = "\n".join(
+        ["Cats sleep a lot.", "Python was released in 1991.", "Dogs bark.", "Python 3 came out in 2008."]
+    )
+    retriever = Retriever(words, max_words=5)
+    chosen = retriever.select(text, "When was Python released?", token_budget=100)
+    assert [p.text for p in chosen] == ["Python was released in 1991.", "Python 3 came out in 2008."]
+    assert chosen[0].score > chosen[1].score > 0
+
+
+def test_select_fits_the_budget() -> None:
+    text = "\n".join(f"Python fact number {i} is here." for i in range(50))
+    chosen = Retriever(words, max_words=6).select(text, "python fact", token_budget=20)
+    assert sum(words(p.text) for p in chosen) <= 20
+    assert chosen
+
+
+def test_select_without_any_match_falls_back_to_the_start_of_the_page() -> None:
+    text = "First line here.\nSecond line here.\nThird line."
+    chosen = Retriever(words, max_words=3).select(text, "zebra?", token_budget=6)
+    assert [p.index for p in chosen] == [0, 1]
+
+
+def test_a_single_passage_over_budget_is_cut() -> None:
+    text = " ".join(["word"] * 100)
+    chosen = Retriever(words, max_words=200).select(text, "word", token_budget=10)
+    assert len(chosen) == 1 and words(chosen[0].text) <= 10

@@ -1,0 +1,165 @@
+"""Model versions in service: follows the registry's rollout state and hot-swaps engines.
+
+A new version is loaded beside the old one and swapped in atomically; the old engine finishes the
+requests it holds before it is closed, so a swap drops nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Gauge
+
+from flywheel_common.errors import Unavailable
+from flywheel_common.registry import ModelRegistry, RolloutState
+from flywheel_model.engine import AnswerEngine, EngineSettings
+from flywheel_model.runtime import OrtSettings
+
+log = logging.getLogger(__name__)
+
+MODEL_INFO = Gauge(
+    "flywheel_inference_model_info",
+    "Model versions loaded, by role (production/canary) and execution provider (1 = loaded).",
+    ["version", "role", "provider"],
+)
+LOCAL_VERSION = "local"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An engine and the version it serves."""
+
+    version: str
+    engine: AnswerEngine
+
+
+def in_canary(session_id: str, fraction: float) -> bool:
+    """Stable assignment of a session to the canary: the same session always lands on one side."""
+    if not session_id or fraction <= 0:
+        return False
+    bucket = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "big") / 2**64
+    return bucket < fraction
+
+
+class ModelRouter:
+    """Holds the production and canary engines and routes each request to one of them."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry | None,
+        ort_settings: OrtSettings,
+        engine_settings: EngineSettings,
+        *,
+        local_model_dir: Path | None = None,
+    ) -> None:
+        self._registry = registry
+        self._ort = ort_settings
+        self._engine_settings = engine_settings
+        self._local_model_dir = local_model_dir
+        self._engines: dict[str, Loaded] = {}
+        self._production: Loaded | None = None
+        self._canary: Loaded | None = None
+        self._fraction = 0.0
+        self._generation = -1
+        self._lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._production is not None
+
+    @property
+    def production_version(self) -> str | None:
+        return self._production.version if self._production else None
+
+    @property
+    def canary_version(self) -> str | None:
+        return self._canary.version if self._canary else None
+
+    def route(self, session_id: str) -> Loaded:
+        """The engine that serves this session."""
+        production, canary = self._production, self._canary
+        if production is None:
+            raise Unavailable("no model is loaded yet")
+        if canary is not None and in_canary(session_id, self._fraction):
+            return canary
+        return production
+
+    def in_flight(self) -> int:
+        return sum(loaded.engine.generator.load for loaded in self._engines.values())
+
+    async def _load(self, version: str, model_dir: Path) -> Loaded:
+        existing = self._engines.get(version)
+        if existing is not None:
+            return existing
+        log.info("loading model version %s from %s", version, model_dir)
+        engine = await asyncio.to_thread(AnswerEngine, model_dir, self._ort, self._engine_settings)
+        loaded = Loaded(version, engine)
+        self._engines[version] = loaded
+        return loaded
+
+    async def refresh(self) -> bool:
+        """Converges on the registry's rollout state; returns True when something changed."""
+        async with self._lock:
+            if self._local_model_dir is not None:
+                if self._production is None:
+                    self._production = await self._load(LOCAL_VERSION, self._local_model_dir)
+                    self._publish()
+                    return True
+                return False
+            assert self._registry is not None
+            state: RolloutState = await asyncio.to_thread(self._registry.state)
+            if state.generation == self._generation:
+                return False
+            production = canary = None
+            if state.production:
+                version = self._registry.get(state.production)
+                production = await self._load(version.version, version.model_dir)
+            if state.canary and state.canary_fraction > 0:
+                version = self._registry.get(state.canary)
+                canary = await self._load(version.version, version.model_dir)
+            self._production, self._canary = production, canary
+            self._fraction = state.canary_fraction if canary else 0.0
+            self._generation = state.generation
+            await self._retire()
+            self._publish()
+            log.info(
+                "serving production=%s canary=%s (%.0f%%)",
+                self.production_version,
+                self.canary_version,
+                self._fraction * 100,
+            )
+            return True
+
+    async def _retire(self) -> None:
+        keep = {loaded.version for loaded in (self._production, self._canary) if loaded}
+        for version in [v for v in self._engines if v not in keep]:
+            retired = self._engines.pop(version)
+            # Requests already on the old engine run to completion before it closes.
+            asyncio.get_running_loop().run_in_executor(None, retired.engine.close)
+            log.info("retiring model version %s", version)
+
+    def _publish(self) -> None:
+        MODEL_INFO.clear()
+        for role, loaded in (("production", self._production), ("canary", self._canary)):
+            if loaded is not None:
+                MODEL_INFO.labels(loaded.version, role, loaded.engine.provider).set(1)
+
+    async def watch(self, interval_s: float) -> None:
+        """Polls the registry until cancelled; a failed load is logged and retried."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("could not apply the registry's rollout state")
+            await asyncio.sleep(interval_s)
+
+    async def close(self) -> None:
+        for loaded in list(self._engines.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(loaded.engine.close, 30.0)
+        self._engines.clear()

@@ -1,0 +1,267 @@
+"""The InferenceService servicer: validation, routing to a model version, streaming, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from flywheel_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.query_ids import QueryIdSigner
+from flywheel_inference.router import ModelRouter
+from flywheel_inference.settings import LimitSettings
+from flywheel_model.generation import QueueFull, SamplingParams, Sequence
+from flywheel_model.prompt import IncrementalDetokenizer
+from flywheel_model.retrieval import html_to_text, normalise_text
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+TTFT = Histogram(
+    "flywheel_inference_time_to_first_token_seconds",
+    "Time from request to the first generated token, by model version.",
+    ["version"],
+    buckets=_LATENCY_BUCKETS,
+)
+DURATION = Histogram(
+    "flywheel_inference_request_duration_seconds",
+    "Time from request to the last token, by model version.",
+    ["version"],
+    buckets=_LATENCY_BUCKETS,
+)
+TOKENS = Counter("flywheel_inference_tokens_generated", "Tokens generated, by model version.", ["version"])
+QUEUE_DEPTH = Gauge("flywheel_inference_queue_depth", "Requests waiting or being generated.")
+ANSWERS = Counter(
+    "flywheel_inference_answers",
+    "Answers finished, by model version and finish reason.",
+    ["version", "reason"],
+)
+
+
+class InteractionSink(Protocol):
+    """Where each answered interaction goes (Kafka in service; never blocks the answer)."""
+
+    def publish(self, key: str, event: events_pb2.Interaction) -> None: ...
+
+
+@dataclass
+class _Request:
+    page_text: str
+    title: str
+    url: str
+    question: str
+    session_id: str
+    params: SamplingParams
+
+
+def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> _Request:
+    """Checks a request against the limits; InvalidArgument says what is wrong."""
+    question = request.question.strip()
+    if not question:
+        raise InvalidArgument("question is empty")
+    if len(question) > limits.max_question_chars:
+        raise InvalidArgument(f"question is longer than {limits.max_question_chars} characters")
+    page = request.page
+    if len(page.url) > limits.max_url_chars:
+        raise InvalidArgument(f"page url is longer than {limits.max_url_chars} characters")
+    kind = page.WhichOneof("content")
+    raw = page.html if kind == "html" else page.text
+    if kind is None or not raw.strip():
+        raise InvalidArgument("page has no content: set page.html or page.text")
+    if len(raw.encode()) > limits.max_page_bytes:
+        raise InvalidArgument(f"page is larger than {limits.max_page_bytes} bytes")
+    options = request.options
+    if options.max_new_tokens > limits.max_new_tokens:
+        raise InvalidArgument(f"options.max_new_tokens must be at most {limits.max_new_tokens}")
+    if not 0.0 <= options.temperature <= limits.max_temperature or options.temperature != options.temperature:
+        raise InvalidArgument(f"options.temperature must be within [0, {limits.max_temperature}]")
+    if not 0.0 <= options.top_p <= 1.0 or options.top_p != options.top_p:
+        raise InvalidArgument("options.top_p must be within [0, 1]")
+    if kind == "html":
+        text, html_title = html_to_text(raw)
+    else:
+        text, html_title = normalise_text(raw), ""
+    if not text:
+        raise InvalidArgument("page has no text once reduced to clean text")
+    params = SamplingParams(
+        max_new_tokens=options.max_new_tokens or limits.default_max_new_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p or 1.0,
+        seed=options.seed or None,
+    )
+    return _Request(text, page.title or html_title, page.url, question, request.session_id, params)
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Answers questions about pages with the model version the router picks for the session."""
+
+    def __init__(
+        self,
+        router: ModelRouter,
+        limits: LimitSettings,
+        signer: QueryIdSigner,
+        pseudonym_key: bytes,
+        sink: InteractionSink | None,
+    ) -> None:
+        self._router = router
+        self._limits = limits
+        self._signer = signer
+        self._pseudonym_key = pseudonym_key
+        self._sink = sink
+
+    async def _generate(
+        self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yields a header, then text deltas, then a footer; the shared core of both RPCs."""
+        received = time.perf_counter()
+        req = validate(request, self._limits)
+        if self._router.in_flight() >= self._limits.max_in_flight:
+            raise ResourceExhausted("the server is at its request limit; retry later")
+        loaded = self._router.route(req.session_id)
+        engine = loaded.engine
+        prepared = await asyncio.to_thread(engine.prepare, req.page_text, req.title, req.question)
+        remaining = context.time_remaining()
+        timeout = remaining if remaining is not None else self._limits.default_timeout_s
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def put(item: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        seq = Sequence(
+            prepared.token_ids,
+            req.params,
+            on_token=lambda token: put(("token", token)),
+            on_finish=lambda reason, error: put(("finish", (reason, error))),
+            deadline=time.monotonic() + timeout,
+        )
+        try:
+            engine.generator.submit(seq)
+        except QueueFull as exc:
+            raise ResourceExhausted("the model's queue is full; retry later") from exc
+        except RuntimeError as exc:
+            raise Unavailable("the model version is being replaced; retry") from exc
+        QUEUE_DEPTH.set(self._router.in_flight())
+        query_id = self._signer.issue(loaded.version)
+        yield {"header": (query_id, loaded.version, prepared.passages)}
+        detok = IncrementalDetokenizer(engine.encoder)
+        first_token_at: float | None = None
+        count = 0
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "token":
+                    count += 1
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    delta = detok.push(value)
+                    if delta:
+                        yield {"delta": delta}
+                    continue
+                reason, error = value
+                break
+        finally:
+            seq.cancelled.set()  # stops generation when the client went away
+            QUEUE_DEPTH.set(self._router.in_flight())
+        if error is not None:
+            raise error
+        if reason == "deadline":
+            raise DeadlineExceeded("the deadline passed before the answer was complete")
+        if reason == "cancelled":
+            raise asyncio.CancelledError
+        finished = time.perf_counter()
+        ttft_s = (first_token_at or finished) - received
+        TTFT.labels(loaded.version).observe(ttft_s)
+        DURATION.labels(loaded.version).observe(finished - received)
+        TOKENS.labels(loaded.version).inc(count)
+        ANSWERS.labels(loaded.version, reason).inc()
+        answer = detok.text().strip()
+        timing = inference_pb2.Timing(
+            time_to_first_token_ms=ttft_s * 1000,
+            total_ms=(finished - received) * 1000,
+            retrieval_ms=prepared.retrieval_ms,
+            queue_ms=((seq.admitted_at or seq.submitted_at) - seq.submitted_at) * 1000,
+        )
+        tokens = inference_pb2.TokenCounts(prompt_tokens=len(prepared.token_ids), completion_tokens=count)
+        self._log_interaction(
+            query_id, loaded.version, req, prepared.passages, answer, timing, tokens, reason
+        )
+        yield {"footer": (answer, timing, tokens, reason)}
+
+    def _log_interaction(
+        self,
+        query_id: str,
+        version: str,
+        req: _Request,
+        passages: list[Any],
+        answer: str,
+        timing: inference_pb2.Timing,
+        tokens: inference_pb2.TokenCounts,
+        reason: str,
+    ) -> None:
+        if self._sink is None:
+            return
+        event = events_pb2.Interaction(
+            query_id=query_id,
+            session_pseudonym=pseudonymise(self._pseudonym_key, req.session_id, domain="session"),
+            page_url=req.url,
+            page_content_hash=hashlib.sha256(req.page_text.encode()).hexdigest(),
+            page_title=req.title,
+            question=req.question,
+            answer=answer,
+            passages=[p.text for p in passages],
+            model_version=version,
+            time_to_first_token_ms=timing.time_to_first_token_ms,
+            total_ms=timing.total_ms,
+            prompt_tokens=tokens.prompt_tokens,
+            completion_tokens=tokens.completion_tokens,
+            finish_reason=reason,
+        )
+        event.created_at.GetCurrentTime()
+        self._sink.publish(query_id, event)
+
+    @staticmethod
+    def _passages(passages: list[Any]) -> list[inference_pb2.Passage]:
+        return [inference_pb2.Passage(index=p.index, text=p.text, score=p.score) for p in passages]
+
+    async def Answer(
+        self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.AnswerResponse:
+        response = inference_pb2.AnswerResponse()
+        async for item in self._generate(request, context):
+            if "header" in item:
+                query_id, version, passages = item["header"]
+                response.query_id, response.model_version = query_id, version
+                response.passages.extend(self._passages(passages))
+            elif "footer" in item:
+                answer, timing, tokens, reason = item["footer"]
+                response.answer = answer
+                response.timing.CopyFrom(timing)
+                response.tokens.CopyFrom(tokens)
+                response.finish_reason = reason
+        return response
+
+    async def StreamAnswer(
+        self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.AnswerChunk]:
+        async for item in self._generate(request, context):
+            if "header" in item:
+                query_id, version, passages = item["header"]
+                yield inference_pb2.AnswerChunk(
+                    query_id=query_id, model_version=version, passages=self._passages(passages)
+                )
+            elif "delta" in item:
+                yield inference_pb2.AnswerChunk(delta=item["delta"])
+            else:
+                _answer, timing, tokens, reason = item["footer"]
+                yield inference_pb2.AnswerChunk(timing=timing, tokens=tokens, finish_reason=reason)
