@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+
+from flywheel_common.auth import DEV_TOKENS_FILE, Authenticator, Role, load_tokens
 from flywheel_common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
-from flywheel_feedback.auth import DEV_TOKENS_FILE, Authenticator, Role, load_tokens
 from flywheel_feedback.ratelimit import RateLimiter
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from flywheel_feedback.redaction import Redactor, luhn_valid
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
+from flywheel_common.auth import Authenticator
 from flywheel_common.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -14,7 +16,6 @@ from flywheel_common.errors import (
 )
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
-from flywheel_feedback.auth import Authenticator
 from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.service import FeedbackServicer
 from flywheel_feedback.settings import FeedbackSettings

@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import logging
 
+from kafka.errors import KafkaError
+
+from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.grpc_server import GrpcServer, wait_for_shutdown_signal
 from flywheel_common.kafka import EventProducer, ensure_topics
 from flywheel_common.logging import configure_logging
@@ -13,13 +16,10 @@ from flywheel_common.metrics import start_metrics_server
 from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.secrets import read_secret
 from flywheel_common.tracing import configure_tracing
-from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc
-from kafka.errors import KafkaError
-
-from flywheel_feedback.auth import Authenticator, load_tokens
 from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.service import FeedbackServicer
 from flywheel_feedback.settings import FeedbackSettings
+from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc
 
 log = logging.getLogger("flywheel_feedback")
 

@@ -8,6 +8,10 @@ import time
 from collections.abc import Mapping
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter, Histogram
+
+from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import (
     FlywheelError,
     InvalidArgument,
@@ -19,16 +23,12 @@ from flywheel_common.errors import (
 from flywheel_common.kafka import EventProducer
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdClaims, QueryIdSigner
-from flywheel_proto.flywheel.events.v1 import events_pb2
-from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client import Counter, Histogram
-
-from flywheel_feedback.auth import Authenticator, Principal, Role
 from flywheel_feedback.idempotency import IdempotencyCache, feedback_id
 from flywheel_feedback.ratelimit import RateLimiter
 from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.settings import FeedbackSettings
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
 

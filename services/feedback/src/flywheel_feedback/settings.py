@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings
+
 from flywheel_common.settings import (
     GrpcSettings,
     KafkaSettings,
@@ -12,8 +15,6 @@ from flywheel_common.settings import (
     TracingSettings,
     env_config,
 )
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings
 
 
 class AuthSettings(BaseModel):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
 from flywheel_common.errors import PermissionDenied, Unauthenticated
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
