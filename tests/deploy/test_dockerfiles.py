@@ -9,16 +9,19 @@ from pathlib import Path
 import flywheel_deploy_checks as dc
 import pytest
 
-DOCKERFILES = sorted(dc.ROOT.glob("services/*/Dockerfile"))
+SERVICES = sorted({*dc.SERVICES, *(p.name for p in (dc.ROOT / "services").iterdir() if p.is_dir())})
+# Written ones, and those waiting in deploy/pending/ for their service.
+DOCKERFILES = [dc.dockerfile_of(svc) for svc in SERVICES if dc.dockerfile_of(svc).exists()]
 
 
 def ids(p: Path) -> str:
-    return p.parent.name
+    return p.parent.name if p.name == "Dockerfile" else p.name.split(".")[0]
 
 
 def test_every_service_has_a_dockerfile() -> None:
     folders = {p.name for p in (dc.ROOT / "services").iterdir() if (p / "pyproject.toml").exists()}
-    assert folders <= {p.parent.name for p in DOCKERFILES}
+    assert folders <= {p.parent.name for p in DOCKERFILES if p.name == "Dockerfile"}
+    assert {ids(p) for p in DOCKERFILES} >= set(dc.SERVICES)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=ids)
@@ -37,12 +40,12 @@ def test_hadolint(hadolint: Path, dockerfile: Path) -> None:
 def test_house_rules(dockerfile: Path) -> None:
     text = dockerfile.read_text()
     assert dc.dockerfile_errors(text) == []
-    assert f"--package flywheel-{dockerfile.parent.name}" in text
+    assert f"--package flywheel-{ids(dockerfile)}" in text
 
 
 def test_cuda_images_for_inference_and_training() -> None:
-    inference = (dc.ROOT / "services" / "inference" / "Dockerfile").read_text()
-    trainer = (dc.ROOT / "services" / "trainer" / "Dockerfile").read_text()
+    inference = dc.dockerfile_of("inference").read_text()
+    trainer = dc.dockerfile_of("trainer").read_text()
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-ubuntu", inference, re.M)
     assert re.search(r"^FROM \$\{CUDA_IMAGE\} AS job$", trainer, re.M)
     assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS service$", trainer, re.M)
