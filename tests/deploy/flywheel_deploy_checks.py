@@ -93,11 +93,13 @@ def render(
 
 
 def pod_specs(docs: Iterable[Doc]) -> Iterator[tuple[str, Doc]]:
-    """Every pod spec: Deployments', and the trainer's Job template embedded in its ConfigMap."""
+    """Every pod spec: Deployments', Pods' (the test hook), and the trainer's Job template (a ConfigMap)."""
     for d in docs:
         name = f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"
         if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             yield name, d["spec"]["template"]["spec"]
+        if d.get("kind") == "Pod":
+            yield name, d["spec"]
         for job in embedded_jobs(d):
             yield f"{name}[job.yaml]", job["spec"]["template"]["spec"]
 
@@ -195,6 +197,11 @@ def _tolerates(tolerations: list[Doc], key: str) -> bool:
     )
 
 
+def runs_to_completion(where: str) -> bool:
+    """Job and test pods: no probes, no serving grace."""
+    return "[job.yaml]" in where or where.startswith(("Pod/", "Job/"))
+
+
 def workload_errors(docs: Iterable[Doc], gpu_resource: str = GPU_TAINT_KEY) -> list[str]:
     """Hardened pods, native gRPC probes, graceful termination, and GPU pods that can reach the GPU pool."""
     errors = []
@@ -205,7 +212,7 @@ def workload_errors(docs: Iterable[Doc], gpu_resource: str = GPU_TAINT_KEY) -> l
         if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
             errors.append(f"{where}: pod seccompProfile is not RuntimeDefault")
         grace = spec.get("terminationGracePeriodSeconds", 30)
-        if "[job.yaml]" not in where and grace <= SERVICE_GRACE_S:
+        if not runs_to_completion(where) and grace <= SERVICE_GRACE_S:
             errors.append(f"{where}: terminationGracePeriodSeconds {grace} <= the {SERVICE_GRACE_S} s grace")
         wants_gpu = False
         for c in spec.get("containers", []):
@@ -223,7 +230,7 @@ def workload_errors(docs: Iterable[Doc], gpu_resource: str = GPU_TAINT_KEY) -> l
                 "@" not in c["image"] and ":" not in c["image"].rsplit("/", 1)[-1]
             ):
                 errors.append(f"{cname}: image {c['image']} is not pinned to a tag or digest")
-            if "[job.yaml]" not in where:
+            if not runs_to_completion(where):
                 for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                     if probe not in c:
                         errors.append(f"{cname}: no {probe}")

@@ -219,6 +219,26 @@ def test_env_names_match_service_settings(
     cls()
 
 
+@pytest.mark.parametrize("scenario", [GPU, KAFKA])
+def test_notes_print_the_next_commands(helm: Path, scenario: str) -> None:
+    notes = dc.run_helm(
+        helm,
+        "install",
+        "fw",
+        str(dc.CHART),
+        "--dry-run=client",
+        "--namespace",
+        "flywheel",
+        "-f",
+        str(dc.CHART / "ci" / scenario),
+    ).split("NOTES:", 1)[1]
+    assert "helm test fw -n flywheel" in notes
+    assert "kubectl -n flywheel port-forward svc/fw-flywheel-inference 50051:50051" in notes
+    assert "flywheel.inference.v1.InferenceService/Answer" in notes
+    assert 'in the folder "Flywheel"' in notes
+    assert ("-insecure" in notes) == (scenario == KAFKA)
+
+
 # ---------------------------------------------------------------- each check fails on a broken input
 
 
