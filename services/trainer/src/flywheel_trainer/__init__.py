@@ -1,0 +1,1 @@
+"""Flywheel trainer: feedback -> training examples -> datasets -> fine-tuning jobs -> candidate models."""
