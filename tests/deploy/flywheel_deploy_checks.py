@@ -352,7 +352,8 @@ def owning_service(metric: str) -> str | None:
 
 
 def service_exists(svc: str) -> bool:
-    return any((ROOT / "services" / svc / "src").glob("flywheel_*/*.py"))
+    """The service is written: `python -m flywheel_<svc>` has its entry point."""
+    return (ROOT / "services" / svc / "src" / f"flywheel_{svc}" / "__main__.py").is_file()
 
 
 def dockerfile_of(svc: str) -> Path:
@@ -615,3 +616,64 @@ def settings_env_errors(env: dict[str, str], cls: Any, prefix: str) -> list[str]
                     break
                 model = ann
     return errors
+
+
+# ---------------------------------------------------------------- replaying a Dockerfile's uv steps
+
+
+def uv_sync_steps(text: str) -> list[tuple[str, list[Instruction], str]]:
+    """(stage, the COPYs before it in that stage, the `uv sync ...` command) for each locked install."""
+    steps = []
+    stage, copies = "", list[Instruction]()
+    for ins in dockerfile_instructions(text):
+        if ins.cmd == "FROM":
+            stage, copies = ins.args.split()[-1], []
+        elif ins.cmd == "COPY" and "--from" not in ins.args:
+            copies.append(ins)
+        elif ins.cmd == "RUN":
+            for part in re.split(r"&&|;", ins.args):
+                part = re.sub(r"--mount=\S+", "", part).strip()
+                if part.startswith("uv sync"):
+                    steps.append((stage, list(copies), part))
+    return steps
+
+
+def replay_uv_sync(copies: list[Instruction], command: str, uv: str, python: str, workdir: Path) -> str:
+    """Lays out what the COPYs bring into `workdir` and runs the sync as a dry run; returns uv's error."""
+    import shutil
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "tests", ".venv")
+    for ins in copies:
+        *sources, dest = [w for w in shlex.split(ins.args) if not w.startswith("--")]
+        target = workdir / dest
+        for src in sources:
+            path = ROOT / src
+            if path.is_dir():
+                shutil.copytree(path, target, ignore=ignore, dirs_exist_ok=True)
+            elif path.is_file():
+                into = target if dest.endswith("/") else target.parent
+                into.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, into / path.name if dest.endswith("/") else target)
+            else:
+                return f"COPY {src}: not in the build context"
+    words = shlex.split(command)
+    if "--python" in words:
+        i = words.index("--python")
+        del words[i : i + 2]
+    env = {**__import__("os").environ, "UV_PROJECT_ENVIRONMENT": str(workdir / ".venv-dry-run")}
+    proc = subprocess.run(
+        [uv, *words[1:], "--dry-run", "--offline", "--python", python],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode != 0:
+        return proc.stderr.strip()
+    # A workspace member installed as a wheel needs its sources, not just its manifest.
+    for member in re.findall(r"^ \+ (\S+) @ file://(\S+)$", proc.stdout + proc.stderr, re.M):
+        name, path = member
+        if not any(Path(path).glob("src/*/__init__.py")):
+            return f"{name} is installed from {path} but its sources were not copied"
+    return ""

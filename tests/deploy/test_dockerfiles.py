@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import flywheel_deploy_checks as dc
@@ -99,3 +101,36 @@ def test_hadolint_catches_a_broken_dockerfile(hadolint: Path, tmp_path: Path) ->
     )
     assert proc.returncode != 0
     assert "DL3007" in proc.stdout  # FROM ...:latest
+
+
+def sync_cases() -> list[tuple[Path, int]]:
+    return [(p, i) for p in DOCKERFILES for i, _ in enumerate(dc.uv_sync_steps(p.read_text()))]
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "step"), sync_cases(), ids=lambda v: ids(v) if isinstance(v, Path) else str(v)
+)
+def test_locked_install_works_with_what_the_stage_copies(dockerfile: Path, step: int, tmp_path: Path) -> None:
+    """Each `uv sync --frozen` step, replayed on exactly the files its stage copied (a dry run, offline)."""
+    uv = shutil.which("uv")
+    if not uv:
+        pytest.skip("uv is not on PATH")
+    if not dc.service_exists(ids(dockerfile)) and not (dc.ROOT / "services" / ids(dockerfile)).is_dir():
+        pytest.skip(f"pending: services/{ids(dockerfile)} is not written yet")
+    stage, copies, command = dc.uv_sync_steps(dockerfile.read_text())[step]
+    error = dc.replay_uv_sync(copies, command, uv, sys.executable, tmp_path)
+    assert error == "", f"stage {stage}: {command}\n{error}"
+
+
+def test_replay_catches_a_missing_workspace_member(tmp_path: Path) -> None:
+    uv = shutil.which("uv")
+    if not uv:
+        pytest.skip("uv is not on PATH")
+    original = dc.dockerfile_of("inference").read_text()
+    no_sources = original.replace("COPY libs/model libs/model\n", "")
+    _, copies, command = dc.uv_sync_steps(no_sources)[1]
+    assert "--no-editable" in command
+    assert "sources were not copied" in dc.replay_uv_sync(copies, command, uv, sys.executable, tmp_path / "a")
+    no_manifest = no_sources.replace("COPY libs/model/pyproject.toml libs/model/\n", "")
+    _, copies, command = dc.uv_sync_steps(no_manifest)[1]
+    assert dc.replay_uv_sync(copies, command, uv, sys.executable, tmp_path / "b") != ""
