@@ -118,6 +118,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._signer = signer
         self._pseudonym_key = pseudonym_key
         self._sink = sink
+        # Requests admitted and not finished, counted from before retrieval so a burst cannot
+        # slip past the limit while its prompts are being prepared.
+        self._in_flight = 0
 
     async def _generate(
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
@@ -125,33 +128,48 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Yields a header, then text deltas, then a footer; the shared core of both RPCs."""
         received = time.perf_counter()
         req = validate(request, self._limits)
-        if self._router.in_flight() >= self._limits.max_in_flight:
+        if self._in_flight >= self._limits.max_in_flight:
             raise ResourceExhausted("the server is at its request limit; retry later")
-        loaded = self._router.route(req.session_id)
-        engine = loaded.engine
-        prepared = await asyncio.to_thread(engine.prepare, req.page_text, req.title, req.question)
+        self._in_flight += 1
+        QUEUE_DEPTH.set(self._in_flight)
+        try:
+            async for item in self._run(req, context, received):
+                yield item
+        finally:
+            self._in_flight -= 1
+            QUEUE_DEPTH.set(self._in_flight)
+
+    async def _run(
+        self, req: _Request, context: grpc.aio.ServicerContext, received: float
+    ) -> AsyncIterator[dict[str, Any]]:
         remaining = context.time_remaining()
-        timeout = remaining if remaining is not None else self._limits.default_timeout_s
+        deadline = time.monotonic() + (remaining if remaining is not None else self._limits.default_timeout_s)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def put(item: tuple[str, Any]) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        seq = Sequence(
-            prepared.token_ids,
-            req.params,
-            on_token=lambda token: put(("token", token)),
-            on_finish=lambda reason, error: put(("finish", (reason, error))),
-            deadline=time.monotonic() + timeout,
-        )
-        try:
-            engine.generator.submit(seq)
-        except QueueFull as exc:
-            raise ResourceExhausted("the model's queue is full; retry later") from exc
-        except RuntimeError as exc:
-            raise Unavailable("the model version is being replaced; retry") from exc
-        QUEUE_DEPTH.set(self._router.in_flight())
+        for attempt in range(2):
+            loaded = self._router.route(req.session_id)
+            engine = loaded.engine
+            prepared = await asyncio.to_thread(engine.prepare, req.page_text, req.title, req.question)
+            seq = Sequence(
+                prepared.token_ids,
+                req.params,
+                on_token=lambda token: put(("token", token)),
+                on_finish=lambda reason, error: put(("finish", (reason, error))),
+                deadline=deadline,
+            )
+            try:
+                engine.generator.submit(seq)
+                break
+            except QueueFull as exc:
+                raise ResourceExhausted("the model's queue is full; retry later") from exc
+            except RuntimeError as exc:
+                # The version was swapped out between routing and submitting: route again.
+                if attempt:
+                    raise Unavailable("the model version is being replaced; retry") from exc
         query_id = self._signer.issue(loaded.version)
         yield {"header": (query_id, loaded.version, prepared.passages)}
         detok = IncrementalDetokenizer(engine.encoder)
@@ -172,7 +190,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 break
         finally:
             seq.cancelled.set()  # stops generation when the client went away
-            QUEUE_DEPTH.set(self._router.in_flight())
         if error is not None:
             raise error
         if reason == "deadline":
