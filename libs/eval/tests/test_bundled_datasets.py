@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from flywheel_eval.check import check_dataset, main
 from flywheel_eval.dataset import SPLITS, load_dataset
 

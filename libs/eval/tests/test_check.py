@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from flywheel_eval.check import check_dataset, html_to_text, jaccard, main, question_tokens
 
 DatasetFactory = Callable[..., Path]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from flywheel_eval.dataset import DatasetError, QAItem, load_dataset, parse_item
 
 DatasetFactory = Callable[..., Path]
