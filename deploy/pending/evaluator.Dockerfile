@@ -37,6 +37,8 @@ FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 flywheel \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin flywheel
 COPY --from=build /opt/venv /opt/venv
+# The golden sets the gate scores candidates on (settings golden.dataset points here).
+COPY datasets /opt/flywheel/datasets
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -309,3 +309,36 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/*
+ONNX Runtime settings for a component that runs models, consistent with its GPU request and the
+pool's memory: (dict "root" $ "component" "inference" "prefix" "FLYWHEEL_INFERENCE_ORT__"
+"gpu" <gpu block> "ort" <ort block>). Returns a YAML list of EnvVars; fails on values that cannot work.
+*/}}
+{{- define "flywheel.ortEnv" -}}
+{{- $pool := .root.Values.gpuPool }}
+{{- $provider := .ort.provider }}
+{{- if eq $provider "auto" }}
+{{- $provider = ternary "cuda" "cpu" .gpu.enabled }}
+{{- end }}
+{{- if and (eq $provider "cuda") (not .gpu.enabled) }}
+{{- fail (printf "%s.ort.provider is cuda but %s.gpu.enabled is false: no GPU would be scheduled" .component .component) }}
+{{- end }}
+{{- $memMiB := int64 .ort.gpuMemLimitMiB }}
+{{- if eq $memMiB 0 }}
+{{- $memMiB = int64 (floor (mulf $pool.memoryMiB .ort.gpuMemFraction)) }}
+{{- end }}
+{{- if gt $memMiB (int64 $pool.memoryMiB) }}
+{{- fail (printf "%s.ort.gpuMemLimitMiB (%d) exceeds the GPU pool's memory (gpuPool.memoryMiB = %d)" .component $memMiB (int64 $pool.memoryMiB)) }}
+{{- end }}
+- name: {{ .prefix }}PROVIDER
+  value: {{ $provider | quote }}
+- name: {{ .prefix }}ARENA_EXTEND_STRATEGY
+  value: {{ .ort.arenaExtendStrategy | quote }}
+{{- if eq $provider "cuda" }}
+- name: {{ .prefix }}GPU_MEM_LIMIT
+  value: {{ mul $memMiB 1048576 | quote }}
+{{- end }}
+- name: {{ .prefix }}INTRA_OP_THREADS
+  value: {{ .ort.intraOpThreads | quote }}
+{{- end }}
