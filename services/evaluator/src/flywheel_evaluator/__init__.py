@@ -1,0 +1,1 @@
+"""Flywheel's evaluator: golden-set gate, canary rollout on live signals, promote and roll back."""

@@ -1,0 +1,137 @@
+"""The evaluator's Kafka consumers: model candidates (one at a time) and live signals per version."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from google.protobuf.message import DecodeError
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
+
+from flywheel_common.errors import NotFound
+from flywheel_common.kafka import EventConsumer, client_config, decode
+from flywheel_evaluator.live import ERROR_REASONS, LiveStore, Signal
+from flywheel_evaluator.metrics import SIGNALS
+from flywheel_evaluator.settings import EvaluatorSettings
+from flywheel_proto.flywheel.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+class CandidateConsumer(EventConsumer):
+    """Gates each ModelCandidate inside the poll loop; the offset is committed once it is decided.
+
+    One record per poll, and a long `max_poll_interval_ms`, because an evaluation takes minutes
+    while kafka-python's heartbeat thread keeps the membership alive.
+    """
+
+    def __init__(
+        self,
+        settings: EvaluatorSettings,
+        on_candidate: Callable[[events_pb2.ModelCandidate], None],
+        cancel: threading.Event,
+    ) -> None:
+        super().__init__(
+            settings.kafka, [settings.kafka.topics.candidates], settings.consumer_group, max_records=1
+        )
+        self._on_candidate = on_candidate
+        self._max_poll_interval_ms = settings.max_poll_interval_ms
+        self._cancel = cancel
+        # Called (on the consumer's thread) when the group assigns partitions: readiness.
+        self.on_ready: Callable[[], None] = lambda: None
+
+    def _consumer(self) -> KafkaConsumer:
+        return KafkaConsumer(
+            **client_config(self.settings),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=1,
+            max_poll_interval_ms=self._max_poll_interval_ms,
+        )
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self.on_ready()
+
+    def signal_shutdown(self) -> None:
+        """Also stops an evaluation in progress (its candidate is gated again after a restart)."""
+        self._cancel.set()
+        super().signal_shutdown()
+
+    def handle(self, records: list[ConsumerRecord]) -> None:
+        for record in records:
+            try:
+                candidate = decode(record, events_pb2.ModelCandidate)
+            except DecodeError:
+                self.dead_letter(record, "not a ModelCandidate")
+                continue
+            if not candidate.version:
+                self.dead_letter(record, "ModelCandidate without a version")
+                continue
+            try:
+                self._on_candidate(candidate)
+            except NotFound as exc:
+                self.dead_letter(record, f"candidate version is not in the registry: {exc}")
+
+
+_FEEDBACK_KINDS = {
+    events_pb2.FEEDBACK_KIND_RATING: "rating",
+    events_pb2.FEEDBACK_KIND_THUMBS: "thumbs",
+    events_pb2.FEEDBACK_KIND_IGNORED: "ignored",
+}
+
+
+def feedback_signal(event: events_pb2.Feedback, now: float) -> Signal | None:
+    """The live signal in a feedback event (None for comments, corrections and out-of-range values)."""
+    kind = _FEEDBACK_KINDS.get(event.kind)
+    if kind is None or not event.model_version:
+        return None
+    if kind == "rating" and not 1 <= event.value <= 5:
+        return None
+    if kind == "thumbs" and event.value not in (-1, 1):
+        return None
+    at = event.created_at.ToSeconds() if event.created_at.seconds else now
+    return Signal(event.model_version, float(at), kind, float(event.value))  # type: ignore[arg-type]
+
+
+def interaction_signal(event: events_pb2.Interaction, now: float) -> Signal | None:
+    """A served answer: its version, latency and whether it failed."""
+    if not event.model_version:
+        return None
+    at = event.created_at.ToSeconds() if event.created_at.seconds else now
+    failed = event.finish_reason in ERROR_REASONS
+    return Signal(event.model_version, float(at), "interaction", 0.0, event.total_ms, failed)
+
+
+class SignalConsumer(EventConsumer):
+    """Counts feedback (and served interactions) per version into the live store, then commits."""
+
+    def __init__(self, settings: EvaluatorSettings, store: LiveStore) -> None:
+        topics = [settings.kafka.topics.feedback]
+        if settings.live.consume_interactions:
+            topics.append(settings.kafka.topics.interactions)
+        super().__init__(settings.kafka, topics, f"{settings.consumer_group}-signals")
+        self.store = store
+        self._feedback_topic = settings.kafka.topics.feedback
+
+    def handle(self, records: list[ConsumerRecord]) -> None:
+        now = time.time()
+        signals: list[Signal] = []
+        for record in records:
+            try:
+                if record.topic == self._feedback_topic:
+                    signal = feedback_signal(decode(record, events_pb2.Feedback), now)
+                else:
+                    signal = interaction_signal(decode(record, events_pb2.Interaction), now)
+            except DecodeError:
+                self.dead_letter(record, f"not a {record.topic} event")
+                continue
+            if signal is not None:
+                signals.append(signal)
+        self.store.record(signals)
+        for signal in signals:
+            SIGNALS.labels(signal.kind).inc()

@@ -1,0 +1,360 @@
+"""Live signals per model version (ratings, thumbs, ignores, errors, latency) and the canary verdict.
+
+Signals are counted per version and per minute in SQLite under the evaluator's state folder, written
+before the consumer commits its offsets, so a restart neither loses nor needs to re-read them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from flywheel_evaluator.settings import CanarySettings
+
+# Upper bounds (ms) of the latency histogram kept per version and minute.
+LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10_000, 15_000, 20_000, 30_000,
+    60_000, 120_000, math.inf,
+)  # fmt: skip
+# Finish reasons of interactions that count as failed answers.
+ERROR_REASONS = frozenset({"error", "deadline"})
+
+
+@dataclass
+class Signal:
+    """One live observation of a version: a feedback event or a served interaction."""
+
+    version: str
+    at: float
+    kind: Literal["rating", "thumbs", "ignored", "interaction"]
+    value: float = 0.0
+    latency_ms: float | None = None
+    failed: bool = False
+
+
+@dataclass
+class VersionStats:
+    """A version's live signals over a time window."""
+
+    version: str
+    interactions: int = 0
+    errors: int = 0
+    ratings: int = 0
+    rating_sum: float = 0.0
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    ignored: int = 0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BOUNDS_MS))
+
+    def add(self, other: VersionStats) -> None:
+        self.interactions += other.interactions
+        self.errors += other.errors
+        self.ratings += other.ratings
+        self.rating_sum += other.rating_sum
+        self.thumbs_up += other.thumbs_up
+        self.thumbs_down += other.thumbs_down
+        self.ignored += other.ignored
+        self.latency_counts = [a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)]
+
+    @property
+    def thumbs(self) -> int:
+        return self.thumbs_up + self.thumbs_down
+
+    @property
+    def feedback(self) -> int:
+        """Feedback events: ratings, thumbs and ignores (the canary's sample size)."""
+        return self.ratings + self.thumbs + self.ignored
+
+    @property
+    def mean_rating(self) -> float | None:
+        return self.rating_sum / self.ratings if self.ratings else None
+
+    @property
+    def thumbs_down_rate(self) -> float | None:
+        return self.thumbs_down / self.thumbs if self.thumbs else None
+
+    @property
+    def answers_seen(self) -> int:
+        """Answers behind the ignore rate: served interactions when known, else answers with feedback."""
+        return max(self.interactions, self.feedback)
+
+    @property
+    def ignore_rate(self) -> float | None:
+        return self.ignored / self.answers_seen if self.answers_seen else None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.interactions if self.interactions else None
+
+    @property
+    def latency_samples(self) -> int:
+        return sum(self.latency_counts)
+
+    def latency_quantile_ms(self, q: float) -> float | None:
+        """Upper bound of the histogram bucket holding the q-quantile (None without samples)."""
+        total = self.latency_samples
+        if not total:
+            return None
+        running = 0
+        for bound, count in zip(LATENCY_BOUNDS_MS, self.latency_counts, strict=True):
+            running += count
+            if running >= q * total:
+                return bound
+        return LATENCY_BOUNDS_MS[-1]
+
+    def summary(self) -> dict[str, float]:
+        """The numbers a decision records (rates only where there are samples)."""
+        out: dict[str, float] = {"feedback": float(self.feedback), "interactions": float(self.interactions)}
+        for name in ("mean_rating", "thumbs_down_rate", "ignore_rate", "error_rate"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = float(value)
+        p95 = self.latency_quantile_ms(0.95)
+        if p95 is not None and math.isfinite(p95):
+            out["latency_p95_ms"] = p95
+        return out
+
+
+_COLUMNS = ("interactions", "errors", "ratings", "rating_sum", "thumbs_up", "thumbs_down", "ignored")
+
+
+class LiveStore:
+    """Per-version, per-minute signal counters and canary start times in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS signals (version TEXT NOT NULL, minute INTEGER NOT NULL, "
+            + ", ".join(f"{c} REAL NOT NULL DEFAULT 0" for c in _COLUMNS)
+            + ", latency TEXT NOT NULL DEFAULT '[]', PRIMARY KEY (version, minute))"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS canary (version TEXT PRIMARY KEY, started_at REAL NOT NULL)"
+        )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def record(self, signals: Iterable[Signal]) -> int:
+        """Adds signals durably (one transaction); returns how many were recorded."""
+        buckets: dict[tuple[str, int], VersionStats] = {}
+        count = 0
+        for s in signals:
+            if not s.version:
+                continue
+            stats = buckets.setdefault((s.version, int(s.at // 60)), VersionStats(s.version))
+            if s.kind == "rating":
+                stats.ratings += 1
+                stats.rating_sum += s.value
+            elif s.kind == "thumbs":
+                if s.value > 0:
+                    stats.thumbs_up += 1
+                else:
+                    stats.thumbs_down += 1
+            elif s.kind == "ignored":
+                stats.ignored += 1
+            else:
+                stats.interactions += 1
+                stats.errors += int(s.failed)
+                if s.latency_ms is not None and not s.failed:
+                    index = bisect.bisect_left(LATENCY_BOUNDS_MS, s.latency_ms)
+                    stats.latency_counts[min(index, len(LATENCY_BOUNDS_MS) - 1)] += 1
+            count += 1
+        if not buckets:
+            return 0
+        with self._transaction() as db:
+            for (version, minute), stats in buckets.items():
+                row = db.execute(
+                    "SELECT latency FROM signals WHERE version = ? AND minute = ?", (version, minute)
+                ).fetchone()
+                latency = stats.latency_counts
+                if row is not None:
+                    latency = [a + b for a, b in zip(json.loads(row[0]), latency, strict=True)]
+                values = [getattr(stats, c) for c in _COLUMNS]
+                db.execute(
+                    f"INSERT INTO signals (version, minute, {', '.join(_COLUMNS)}, latency) "
+                    f"VALUES (?, ?, {', '.join('?' for _ in _COLUMNS)}, ?) "
+                    f"ON CONFLICT (version, minute) DO UPDATE SET "
+                    + ", ".join(f"{c} = {c} + excluded.{c}" for c in _COLUMNS)
+                    + ", latency = excluded.latency",
+                    (version, minute, *values, json.dumps(latency)),
+                )
+        return count
+
+    def stats(self, version: str, since: float, until: float | None = None) -> VersionStats:
+        """A version's signals in the minutes from `since` (inclusive) to `until`."""
+        until_minute = int((until if until is not None else time.time()) // 60)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)}, latency FROM signals "
+                "WHERE version = ? AND minute >= ? AND minute <= ?",
+                (version, int(since // 60), until_minute),
+            ).fetchall()
+        total = VersionStats(version)
+        for row in rows:
+            part = VersionStats(version)
+            for name, value in zip(_COLUMNS, row[:-1], strict=True):
+                setattr(part, name, type(getattr(part, name))(value))
+            part.latency_counts = list(json.loads(row[-1]))
+            total.add(part)
+        return total
+
+    def prune(self, older_than: float) -> None:
+        """Forgets signals before `older_than` (seconds since the epoch)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM signals WHERE minute < ?", (int(older_than // 60),))
+
+    def canary_started(self, version: str, now: float | None = None) -> float:
+        """When the canary of `version` started (the first time it is asked, unless set before)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT started_at FROM canary WHERE version = ?", (version,)).fetchone()
+            if row is not None:
+                return float(row[0])
+            started = now if now is not None else time.time()
+            db.execute("INSERT INTO canary (version, started_at) VALUES (?, ?)", (version, started))
+            return started
+
+    def start_canary(self, version: str, at: float | None = None) -> None:
+        """Marks the start of `version`'s canary (a canary started again restarts its window)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO canary (version, started_at) VALUES (?, ?) "
+                "ON CONFLICT (version) DO UPDATE SET started_at = excluded.started_at",
+                (version, at if at is not None else time.time()),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+CanaryAction = Literal["promote", "rollback", "wait"]
+
+
+@dataclass
+class CanaryVerdict:
+    """What to do with a running canary now, and why."""
+
+    action: CanaryAction
+    reasons: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1%}" if pct else f"{value:.2f}"
+
+
+def judge_canary(
+    canary: VersionStats, production: VersionStats, elapsed_s: float, settings: CanarySettings
+) -> CanaryVerdict:
+    """Rollback when a signal is worse than production beyond its tolerance (once both sides have the
+    minimum sample); promote when nothing is worse after the minimum duration; else wait, and after the
+    maximum duration do what `undecided_action` says."""
+    metrics = {f"canary_{k}": v for k, v in canary.summary().items()}
+    metrics |= {f"production_{k}": v for k, v in production.summary().items()}
+    metrics["elapsed_s"] = round(elapsed_s, 1)
+    n = settings.min_signal_samples
+    sampled = canary.feedback >= settings.min_samples and production.feedback >= settings.min_samples
+    worse: list[str] = []
+    compared: list[str] = []
+
+    def compare(
+        name: str, c: float | None, p: float | None, enough: bool, worse_by: float, tol: float, pct: bool
+    ) -> None:
+        if c is None or p is None or not enough:
+            return
+        line = f"{name} {_fmt(c, pct)} vs production {_fmt(p, pct)} (tolerance {_fmt(tol, pct)})"
+        (worse if worse_by > tol + 1e-12 else compared).append(line)
+
+    compare(
+        "mean rating",
+        canary.mean_rating,
+        production.mean_rating,
+        canary.ratings >= n and production.ratings >= n,
+        (production.mean_rating or 0) - (canary.mean_rating or 0),
+        settings.rating_tolerance,
+        False,
+    )
+    compare(
+        "thumbs-down rate",
+        canary.thumbs_down_rate,
+        production.thumbs_down_rate,
+        canary.thumbs >= n and production.thumbs >= n,
+        (canary.thumbs_down_rate or 0) - (production.thumbs_down_rate or 0),
+        settings.thumbs_down_tolerance,
+        True,
+    )
+    compare(
+        "ignore rate",
+        canary.ignore_rate,
+        production.ignore_rate,
+        canary.answers_seen >= n and production.answers_seen >= n,
+        (canary.ignore_rate or 0) - (production.ignore_rate or 0),
+        settings.ignore_rate_tolerance,
+        True,
+    )
+    compare(
+        "error rate",
+        canary.error_rate,
+        production.error_rate,
+        canary.interactions >= n and production.interactions >= n,
+        (canary.error_rate or 0) - (production.error_rate or 0),
+        settings.error_rate_tolerance,
+        True,
+    )
+    c95, p95 = canary.latency_quantile_ms(0.95), production.latency_quantile_ms(0.95)
+    if c95 is not None and p95 is not None and math.isfinite(p95):
+        compare(
+            "latency p95 ms",
+            c95,
+            p95,
+            canary.latency_samples >= n and production.latency_samples >= n,
+            (c95 - p95) / p95 if p95 else 0.0,
+            settings.latency_p95_tolerance,
+            False,
+        )
+    samples = f"{canary.feedback} canary and {production.feedback} production feedback events"
+    undecided = elapsed_s >= settings.max_duration_s
+    if worse and (sampled or undecided):
+        return CanaryVerdict("rollback", [f"worse than production: {w}" for w in worse] + [samples], metrics)
+    if sampled and elapsed_s >= settings.min_duration_s:
+        if not compared:
+            compared = ["no signal had enough observations on both sides to compare"]
+        return CanaryVerdict("promote", [f"not worse: {c}" for c in compared] + [samples], metrics)
+    if undecided:
+        action = settings.undecided_action
+        why = (
+            f"undecided after {elapsed_s:.0f} s (limit {settings.max_duration_s:.0f} s): {samples}, "
+            f"{settings.min_samples} needed on each side; policy: {action}"
+        )
+        if action == "hold":
+            return CanaryVerdict("wait", [why], metrics)
+        return CanaryVerdict(action, [why], metrics)
+    waiting = f"waiting: {samples} ({settings.min_samples} needed each), {elapsed_s:.0f} s elapsed"
+    if elapsed_s < settings.min_duration_s:
+        waiting += f" ({settings.min_duration_s:.0f} s minimum)"
+    return CanaryVerdict("wait", [waiting], metrics)

@@ -1,0 +1,88 @@
+"""The evaluator's Prometheus metrics (the chart's dashboards and alerts query these names)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from flywheel_common.registry import RolloutState
+
+EVALUATIONS = Counter(
+    "flywheel_evaluator_evaluations",
+    "Golden-set evaluations run, by outcome (ok, error, cancelled).",
+    ["outcome"],
+)
+EVALUATION_DURATION = Histogram(
+    "flywheel_evaluator_evaluation_duration_seconds",
+    "Time to evaluate one version on the golden set, model load included.",
+    buckets=(10, 30, 60, 90, 120, 180, 300, 600, 1200, 1800),
+)
+GATE_DECISIONS = Counter(
+    "flywheel_evaluator_gate_decisions",
+    "Gate decisions on candidates, by outcome (passed, failed).",
+    ["outcome"],
+)
+ACCURACY = Gauge(
+    "flywheel_evaluator_accuracy",
+    "Golden-set accuracy of a version, by role (production, canary, candidate).",
+    ["version", "role"],
+)
+PRECISION = Gauge(
+    "flywheel_evaluator_precision",
+    "Golden-set token precision of a version, by role (production, canary, candidate).",
+    ["version", "role"],
+)
+F1 = Gauge(
+    "flywheel_evaluator_f1",
+    "Golden-set F1 of a version, by role (production, canary, candidate).",
+    ["version", "role"],
+)
+ROLLOUT_STATE = Gauge(
+    "flywheel_evaluator_rollout_state",
+    "Rollout state: 0 no production model, 1 stable, 2 canary running, "
+    "3 frozen (pinned or automatic rollout off).",
+)
+CANARY_FRACTION = Gauge("flywheel_evaluator_canary_fraction", "Share of sessions routed to the canary.")
+ROLLBACKS = Counter(
+    "flywheel_evaluator_rollbacks",
+    "Rollbacks, by trigger (auto: bad live signals; admin).",
+    ["trigger"],
+)
+PROMOTIONS = Counter(
+    "flywheel_evaluator_promotions",
+    "Versions made production, by trigger (gate, canary, admin).",
+    ["trigger"],
+)
+LIVE_MEAN_RATING = Gauge(
+    "flywheel_evaluator_live_mean_rating",
+    "Users' mean rating (1-5) of a serving version over the live window.",
+    ["version"],
+)
+LIVE_THUMBS_DOWN_RATE = Gauge(
+    "flywheel_evaluator_live_thumbs_down_rate",
+    "Share of thumbs-down among thumbs of a serving version over the live window.",
+    ["version"],
+)
+LIVE_IGNORE_RATE = Gauge(
+    "flywheel_evaluator_live_ignore_rate",
+    "Share of a serving version's answers that were ignored, over the live window.",
+    ["version"],
+)
+LIVE_FEEDBACK = Gauge(
+    "flywheel_evaluator_live_feedback_events",
+    "Feedback events (ratings, thumbs, ignores) on a serving version over the live window.",
+    ["version"],
+)
+SIGNALS = Counter(
+    "flywheel_evaluator_live_signals",
+    "Live signals consumed, by kind (rating, thumbs, ignored, interaction).",
+    ["kind"],
+)
+
+
+def rollout_state_value(state: RolloutState) -> int:
+    """The rollout state as one number (see the gauge's help)."""
+    if state.production is None:
+        return 0
+    if state.pinned or not state.auto_rollout:
+        return 3
+    return 2 if state.canary else 1

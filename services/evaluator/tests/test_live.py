@@ -1,0 +1,120 @@
+"""Live signals: counting per version and minute (durably), and the canary verdict on hand-made stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flywheel_evaluator.consumers import feedback_signal, interaction_signal
+from flywheel_evaluator.live import LiveStore, Signal, VersionStats, judge_canary
+from flywheel_evaluator.settings import CanarySettings
+from flywheel_proto.flywheel.events.v1 import events_pb2
+
+T0 = 1_800_000_000.0  # a minute boundary
+
+
+def stats(version: str, ratings: list[int], *, down: int = 0, up: int = 0, ignored: int = 0) -> VersionStats:
+    s = VersionStats(version, ratings=len(ratings), rating_sum=float(sum(ratings)))
+    s.thumbs_down, s.thumbs_up, s.ignored = down, up, ignored
+    return s
+
+
+SETTINGS = CanarySettings(min_samples=10, min_signal_samples=5, min_duration_s=30, max_duration_s=600)
+
+
+def test_bad_ratings_roll_back_once_sampled() -> None:
+    canary, production = stats("v2", [1, 2] * 6), stats("v1", [4, 5] * 6)
+    verdict = judge_canary(canary, production, 40, SETTINGS)
+    assert verdict.action == "rollback"
+    assert verdict.reasons[0] == "worse than production: mean rating 1.50 vs production 4.50 (tolerance 0.30)"
+    assert verdict.metrics["canary_mean_rating"] == 1.5
+    # Before the minimum sample the same ratings only wait.
+    early = judge_canary(stats("v2", [1, 2]), stats("v1", [4, 5] * 6), 40, SETTINGS)
+    assert early.action == "wait"
+
+
+def test_not_worse_is_promoted_after_the_minimum_duration() -> None:
+    canary, production = stats("v2", [4, 4, 5, 3] * 3), stats("v1", [4, 3, 4, 4] * 3)
+    assert judge_canary(canary, production, 10, SETTINGS).action == "wait"
+    verdict = judge_canary(canary, production, 31, SETTINGS)
+    assert verdict.action == "promote"
+    assert verdict.reasons[0].startswith("not worse: mean rating 4.00 vs production 3.75")
+
+
+def test_rates_are_compared_with_their_tolerances() -> None:
+    canary = stats("v2", [4] * 10, down=6, up=4, ignored=1)
+    production = stats("v1", [4] * 10, down=2, up=8, ignored=1)
+    verdict = judge_canary(canary, production, 60, SETTINGS)
+    assert verdict.action == "rollback"
+    assert "thumbs-down rate 60.0% vs production 20.0%" in verdict.reasons[0]
+
+
+def test_undecided_canary_follows_the_policy() -> None:
+    thin, production = stats("v2", [5, 5]), stats("v1", [4] * 20)
+    for action in ("promote", "rollback"):
+        settings = SETTINGS.model_copy(update={"undecided_action": action})
+        verdict = judge_canary(thin, production, 601, settings)
+        assert verdict.action == action
+        assert "undecided after 601 s" in verdict.reasons[0]
+    held = judge_canary(thin, production, 601, SETTINGS.model_copy(update={"undecided_action": "hold"}))
+    assert held.action == "wait"
+    # A canary that looks worse is never promoted just because time ran out.
+    worse = judge_canary(stats("v2", [1] * 6), stats("v1", [5] * 6), 601, SETTINGS)
+    assert worse.action == "rollback"
+
+
+def test_store_counts_per_version_and_window(tmp_path: Path) -> None:
+    store = LiveStore(tmp_path / "live.sqlite")
+    store.record(
+        [
+            Signal("v1", T0 + 1, "rating", 5),
+            Signal("v1", T0 + 2, "rating", 3),
+            Signal("v2", T0 + 3, "thumbs", -1),
+            Signal("v2", T0 + 4, "thumbs", 1),
+            Signal("v2", T0 + 5, "ignored"),
+            Signal("v2", T0 + 6, "interaction", latency_ms=800),
+            Signal("v2", T0 + 7, "interaction", latency_ms=2500),
+            Signal("v2", T0 + 8, "interaction", failed=True),
+            Signal("v1", T0 + 3600, "rating", 1),
+        ]
+    )
+    store.record([Signal("v1", T0 + 9, "rating", 4)])
+    v1 = store.stats("v1", T0, T0 + 60)
+    assert (v1.ratings, v1.mean_rating) == (3, 4.0)
+    assert store.stats("v1", T0, T0 + 7200).ratings == 4
+    assert store.stats("v1", T0 + 3600, T0 + 7200).mean_rating == 1.0
+    v2 = store.stats("v2", T0, T0 + 60)
+    assert (v2.thumbs_down_rate, v2.interactions, v2.errors) == (0.5, 3, 1)
+    assert v2.ignore_rate == 1 / 3
+    assert v2.latency_quantile_ms(0.5) == 1000 and v2.latency_quantile_ms(0.95) == 3000
+    store.close()
+    # Durable: a new store on the same file sees the same counts.
+    again = LiveStore(tmp_path / "live.sqlite")
+    assert again.stats("v1", T0, T0 + 60).ratings == 3
+    again.prune(T0 + 1800)
+    assert again.stats("v1", T0, T0 + 7200).ratings == 1
+
+
+def test_canary_start_is_remembered(tmp_path: Path) -> None:
+    store = LiveStore(tmp_path / "live.sqlite")
+    assert store.canary_started("v2", now=T0) == T0
+    assert store.canary_started("v2", now=T0 + 50) == T0
+    store.start_canary("v2", at=T0 + 100)
+    assert store.canary_started("v2") == T0 + 100
+
+
+def test_events_become_signals() -> None:
+    rating = events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_RATING, value=4, model_version="v2")
+    rating.created_at.FromSeconds(int(T0))
+    assert feedback_signal(rating, now=0) == Signal("v2", T0, "rating", 4.0)
+    thumbs = events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_THUMBS, value=-1, model_version="v2")
+    assert feedback_signal(thumbs, now=T0) == Signal("v2", T0, "thumbs", -1.0)
+    for ignored in (
+        events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_CORRECTION, model_version="v2"),
+        events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_RATING, value=9, model_version="v2"),
+        events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_RATING, value=3),
+    ):
+        assert feedback_signal(ignored, now=T0) is None
+    served = events_pb2.Interaction(model_version="v1", total_ms=1234.0, finish_reason="eos")
+    assert interaction_signal(served, now=T0) == Signal("v1", T0, "interaction", 0.0, 1234.0, False)
+    failed = events_pb2.Interaction(model_version="v1", finish_reason="deadline")
+    assert interaction_signal(failed, now=T0).failed  # type: ignore[union-attr]
