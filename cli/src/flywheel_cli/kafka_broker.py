@@ -169,8 +169,8 @@ class LocalBroker:
                 self._classpath(),
                 "kafka.tools.StorageTool",
                 "format",
-                "-t",
-                cluster,
+                # One argument: a base64 id may start with "-".
+                f"--cluster-id={cluster}",
                 "-c",
                 str(properties),
             ],

@@ -130,7 +130,10 @@ def decode(record: ConsumerRecord, message_type: type[M]) -> M:
 class EventProducer:
     """Produces protobuf events keyed by query id; `produce` returns once the broker acknowledged.
 
-    acks=all and an idempotent producer, so the client's own retries never duplicate a record.
+    acks=all; the client retries until `delivery_timeout_ms`. Broker-side idempotence is off by
+    default: kafka-python 3.0.12's idempotent producer wedges after a batch expires while the broker
+    is down (later sends never complete, even once the broker is back; see docs/feedback.md). A retry
+    can therefore write a record twice; both copies carry the same event id, which consumers dedupe on.
     Records produced within `linger_ms` of each other travel in one batch, which is what lets
     many concurrent RPCs share one round trip to the broker.
     """
@@ -142,6 +145,7 @@ class EventProducer:
         linger_ms: int = 2,
         delivery_timeout_ms: int = 10_000,
         max_block_ms: int = 200,
+        enable_idempotence: bool = False,
         **overrides: Any,
     ) -> None:
         self._settings = settings
@@ -149,7 +153,7 @@ class EventProducer:
         request_timeout = min(settings.request_timeout_ms, max(delivery_timeout_ms - linger_ms, 1))
         config.update(
             acks="all",
-            enable_idempotence=True,
+            enable_idempotence=enable_idempotence,
             linger_ms=linger_ms,
             delivery_timeout_ms=delivery_timeout_ms,
             request_timeout_ms=request_timeout,
@@ -227,7 +231,10 @@ class EventProducer:
                 producer.flush(timeout=timeout_s)
             except KafkaError as exc:
                 log.warning("Kafka producer flush on close failed: %s", type(exc).__name__)
-            producer.close(timeout=timeout_s)
+            try:
+                producer.close(timeout=timeout_s)
+            except KafkaError:
+                producer.close(timeout=0)
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

@@ -1,0 +1,162 @@
+"""flywheel_common.kafka on the real broker: acked produce, trace headers, outage buffering, consumers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from kafka.consumer.fetcher import ConsumerRecord
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from flywheel_cli.kafka_broker import LocalBroker
+from flywheel_common.errors import Unavailable
+from flywheel_common.kafka import (
+    EVENT_TYPE_HEADER,
+    BufferedEventProducer,
+    EventConsumer,
+    EventProducer,
+    decode,
+    ensure_topics,
+    extract_trace_context,
+    header,
+)
+from flywheel_common.settings import KafkaSettings
+from flywheel_proto.flywheel.events.v1 import events_pb2
+
+pytestmark = pytest.mark.integration
+
+
+def test_topics_are_created_idempotently(kafka_settings: KafkaSettings) -> None:
+    # The fixture created them; a second run creates nothing and does not fail.
+    assert ensure_topics(kafka_settings) == []
+
+
+async def test_produce_waits_for_the_ack_and_carries_trace_context(
+    kafka_settings: KafkaSettings, read_topic: Callable[..., list[ConsumerRecord]]
+) -> None:
+    tracer = TracerProvider().get_tracer("test")
+    producer = EventProducer(kafka_settings)
+    producer.connect([kafka_settings.topics.feedback])
+    try:
+        with tracer.start_as_current_span("submit") as span:
+            metadata = await producer.produce(
+                kafka_settings.topics.feedback, "q-1", events_pb2.Feedback(query_id="q-1", value=3)
+            )
+        assert metadata.offset == 0
+    finally:
+        producer.close()
+    [record] = read_topic(kafka_settings.topics.feedback, 1)
+    assert record.key == b"q-1"
+    assert decode(record, events_pb2.Feedback).value == 3
+    assert header(record, EVENT_TYPE_HEADER) == b"flywheel.events.v1.Feedback"
+    context = trace.get_current_span(extract_trace_context(record.headers)).get_span_context()
+    assert context.trace_id == span.get_span_context().trace_id
+
+
+async def test_produce_fails_with_unavailable_while_the_broker_is_down(
+    kafka_broker: LocalBroker, kafka_settings: KafkaSettings
+) -> None:
+    producer = EventProducer(kafka_settings, delivery_timeout_ms=1500)
+    producer.connect([kafka_settings.topics.feedback])
+    kafka_broker.stop(kill=True)
+    try:
+        with pytest.raises(Unavailable):
+            await producer.produce(kafka_settings.topics.feedback, "q", events_pb2.Feedback(query_id="q"))
+    finally:
+        kafka_broker.start()
+    await producer.produce(kafka_settings.topics.feedback, "q", events_pb2.Feedback(query_id="q"))
+    producer.close()
+
+
+def test_buffered_producer_accepts_while_the_broker_is_down_and_delivers_after(
+    kafka_broker: LocalBroker, kafka_settings: KafkaSettings, topic_count: Callable[[str], int]
+) -> None:
+    registry = CollectorRegistry()
+    gauge = Gauge("buffered", "", registry=registry)
+    dropped = Counter("dropped", "", registry=registry)
+    topic = kafka_settings.topics.interactions
+    buffer = BufferedEventProducer(
+        kafka_settings,
+        name="interactions",
+        max_buffered=300,
+        buffered_gauge=gauge,
+        dropped_counter=dropped,
+        delivery_timeout_ms=2000,
+        retry_backoff_s=0.2,
+    ).start()
+    try:
+        for i in range(50):
+            assert buffer.emit(topic, f"q{i}", events_pb2.Interaction(query_id=f"q{i}"))
+        assert buffer.flush(20)
+        kafka_broker.stop(kill=True)
+        try:
+            started = time.monotonic()
+            for i in range(50, 350):
+                assert buffer.emit(topic, f"q{i}", events_pb2.Interaction(query_id=f"q{i}"))
+            assert time.monotonic() - started < 1.0, "emit must not block while Kafka is down"
+            time.sleep(3)  # past the client's delivery timeout: events go back to the buffer
+            assert buffer.buffered == 300
+            assert registry.get_sample_value("buffered") == 300
+            # Full: the next one is dropped and counted, not silently lost.
+            assert not buffer.emit(topic, "over", events_pb2.Interaction(query_id="over"))
+            assert registry.get_sample_value("dropped_total") == 1
+        finally:
+            kafka_broker.start()
+        assert buffer.flush(30), f"{buffer.buffered} events still buffered"
+    finally:
+        buffer.close(timeout_s=5)
+    assert buffer.stats.delivered == 350
+    assert topic_count(topic) == 350
+    assert registry.get_sample_value("buffered") == 0
+
+
+def test_close_counts_what_it_could_not_deliver(kafka_settings: KafkaSettings) -> None:
+    settings = kafka_settings.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})
+    buffer = BufferedEventProducer(settings, name="test", retry_backoff_s=0.1).start()
+    for i in range(5):
+        buffer.emit("nowhere", f"k{i}", events_pb2.Interaction(query_id="x"))
+    buffer.close(timeout_s=0.5)
+    assert buffer.stats.dropped == 5
+    assert buffer.stats.delivered == 0
+
+
+class _Collector(EventConsumer):
+    def __init__(self, settings: KafkaSettings, expected: int) -> None:
+        super().__init__(settings, [settings.topics.feedback], group_id="test-collector", poll_timeout_ms=100)
+        self.values: list[int] = []
+        self._expected = expected
+
+    def handle(self, records: list[ConsumerRecord]) -> None:
+        for record in records:
+            if record.key == b"poison":
+                self.dead_letter(record, "not a Feedback")
+                continue
+            self.values.append(decode(record, events_pb2.Feedback).value)
+        if len(self.values) >= self._expected:
+            self.signal_shutdown()
+
+
+async def test_consumer_runs_until_shutdown_and_dead_letters(
+    kafka_settings: KafkaSettings, read_topic: Callable[..., list[ConsumerRecord]]
+) -> None:
+    producer = EventProducer(kafka_settings)
+    producer.connect([kafka_settings.topics.feedback])
+    for value in range(5):
+        await producer.produce(kafka_settings.topics.feedback, f"q{value}", events_pb2.Feedback(value=value))
+    producer.send_raw(kafka_settings.topics.feedback, b"poison", b"\xff\xff", []).get(10)
+    producer.close()
+
+    consumer = _Collector(kafka_settings, expected=5)
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert sorted(consumer.values) == [0, 1, 2, 3, 4]
+    assert consumer.heartbeat_age_s() < 5
+    [dead] = read_topic(kafka_settings.topics.dead_letter, 1)
+    assert dead.key == b"poison"
+    assert header(dead, "flywheel-dlq-reason") == b"not a Feedback"
