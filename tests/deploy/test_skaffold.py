@@ -21,7 +21,7 @@ def pending(errors: list[str]) -> list[str]:
     waiting = []
     for e in errors:
         m = re.search(r": services/(\w+)/Dockerfile does not exist$", e)
-        if m and not dc.service_exists(m.group(1)):
+        if m and dc.dockerfile_of(m.group(1)).parent.name == "pending":
             waiting.append(e)
     return waiting
 
