@@ -1,0 +1,196 @@
+"""`flywheel simulate`: drive the running system with simulated visitors and an expert, then report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from flywheel_cli import report as report_mod
+from flywheel_cli.simulate import (
+    DEFAULT_TEMPLATE,
+    Simulation,
+    SimulationConfig,
+    SimulationError,
+    Targets,
+    Tokens,
+)
+from flywheel_eval.dataset import DatasetError
+
+if TYPE_CHECKING:
+    from flywheel_cli.stack import LocalStack
+
+
+class RichProgress:
+    """Progress bars for the simulation's steps, and its log lines above them."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.bars = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+
+    def log(self, message: str) -> None:
+        self.bars.console.log(message)
+
+    def start(self, description: str, total: int | None) -> object:
+        return self.bars.add_task(description, total=total)
+
+    def advance(self, task: object, amount: int = 1) -> None:
+        self.bars.advance(task, amount)  # type: ignore[arg-type]
+
+    def update(self, task: object, description: str) -> None:
+        self.bars.update(task, description=description)  # type: ignore[arg-type]
+
+    def finish(self, task: object) -> None:
+        t = self.bars.tasks[self.bars.task_ids.index(task)]  # type: ignore[arg-type]
+        total = t.total if t.total is not None else max(t.completed, 1)
+        self.bars.update(task, total=total, completed=total)  # type: ignore[arg-type]
+
+
+def simulation_config(args: argparse.Namespace, dataset: Path, targets: Targets) -> SimulationConfig:
+    """The simulation's settings from the command's flags."""
+    return SimulationConfig(
+        dataset=dataset,
+        rounds=args.rounds,
+        seed=args.seed,
+        questions_per_round=args.questions,
+        exam_questions=args.exam_questions,
+        concurrency=args.concurrency,
+        correction_share=args.correction_share,
+        correction_template=args.correction_template,
+        rating_noise=args.rating_noise,
+        ignore_bad=args.ignore_bad,
+        ignore_good=args.ignore_good,
+        targets=targets,
+        tokens=Tokens(user=args.user_token, expert=args.expert_token, admin=args.admin_token),
+    )
+
+
+def run_simulation(args: argparse.Namespace, stack: LocalStack | None, console: Console) -> int:
+    """Runs a simulation (against `stack`, or the flags' targets); prints and writes the report."""
+    dataset = Path(getattr(args, "simulate", None) or args.dataset)
+    if stack is not None:
+        t = stack.targets
+        targets = Targets(t["inference"], t["feedback"], t.get("trainer", ""), t.get("evaluator", ""))
+        missing = [name for name in ("trainer", "evaluator") if name not in t]
+        if missing:
+            console.print(f"[red]cannot simulate: {', '.join(missing)} not running[/]")
+            return 1
+    else:
+        targets = Targets(args.inference, args.feedback, args.trainer, args.evaluator)
+    try:
+        config = simulation_config(args, dataset, targets)
+        progress = RichProgress(console)
+        with progress.bars:
+            result = asyncio.run(Simulation(config, progress).run())
+    except DatasetError as exc:
+        console.print(f"[red]bad dataset:[/] {exc}")
+        return 1
+    except SimulationError as exc:
+        console.print(f"[red]simulation stopped:[/] {exc}")
+        return 1
+    folder = report_mod.write(result, Path(args.reports_dir))
+    console.print(report_mod.rich_table(result))
+    for line in result.notes:
+        console.print(f"[dim]{line}[/]")
+    gain = report_mod.Report.gain_vs_base(result, result.rounds[-1]) if len(result.rounds) > 1 else None
+    if gain is not None:
+        console.print(
+            f"exam accuracy over the base model: {gain['mean_difference'] * 100:+.1f} points "
+            f"(95% CI {gain['low'] * 100:+.1f} to {gain['high'] * 100:+.1f})"
+        )
+    console.print(f"wall time {result.wall_time_s / 60:.1f} min")
+    console.print(f"[bold]report:[/] {folder}/report.md  (JSON: report.json, chart: chart.png)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.up:
+        from flywheel_cli.stack import LocalStack, StackError
+        from flywheel_cli.up_cmd import print_table, stack_config
+
+        try:
+            with LocalStack(stack_config(args), echo=console.print) as stack:
+                print_table(console, stack)
+                return run_simulation(args, stack, console)
+        except StackError as exc:
+            console.print(f"[red]could not start the stack:[/] {exc}")
+            return 1
+    return run_simulation(args, None, console)
+
+
+def add_simulation_args(
+    parser: argparse.ArgumentParser, *, dataset_flag: bool = True, default_rounds: int = 3
+) -> None:
+    """The simulation's flags (shared by `flywheel simulate` and `flywheel up --simulate`)."""
+    group = parser.add_argument_group("simulation")
+    if dataset_flag:
+        group.add_argument("--dataset", required=True, help="dataset folder (pages/*.html + qa.jsonl)")
+    group.add_argument("--rounds", type=int, default=default_rounds, help=f"default {default_rounds}")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument(
+        "--questions",
+        type=int,
+        help="traffic questions per round (default: the traffic split over the rounds)",
+    )
+    group.add_argument("--exam-questions", type=int, help="exam questions measured (default: all)")
+    group.add_argument("--concurrency", type=int, default=4, help="visitors at once (default 4)")
+    group.add_argument(
+        "--correction-share",
+        type=float,
+        default=0.8,
+        help="share of low-rated (<= 2) answers the expert corrects (default 0.8)",
+    )
+    group.add_argument(
+        "--correction-template",
+        default=DEFAULT_TEMPLATE,
+        help="how the expert phrases a correction; {answer} and {question} are filled in",
+    )
+    group.add_argument("--rating-noise", type=float, default=0.15, help="chance a rating moves a step")
+    group.add_argument("--ignore-bad", type=float, default=0.3, help="chance a bad answer is ignored")
+    group.add_argument("--ignore-good", type=float, default=0.05, help="chance a good answer is ignored")
+    group.add_argument("--reports-dir", default="var/reports", help="where reports go (default var/reports)")
+    group.add_argument("--user-token", default="dev-user-token")
+    group.add_argument("--expert-token", default="dev-expert-token")
+    group.add_argument("--admin-token", default="dev-admin-token")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Adds `simulate` to the flywheel command."""
+    from flywheel_cli.up_cmd import add_stack_args
+
+    sim = subparsers.add_parser(
+        "simulate",
+        help="simulated visitors and an expert drive the running system; writes a report",
+        description="Visitors ask the dataset's traffic questions, rate the answers and an expert corrects "
+        "some; after each round it waits for training, the gate and the rollout, then measures the exam "
+        "split. Needs a running stack (`flywheel up`), or --up to start one for the run.",
+    )
+    add_simulation_args(sim)
+    targets = sim.add_argument_group("targets (a stack started by `flywheel up`)")
+    targets.add_argument("--inference", default="127.0.0.1:50051")
+    targets.add_argument("--feedback", default="127.0.0.1:50052")
+    targets.add_argument("--trainer", default="127.0.0.1:50053")
+    targets.add_argument("--evaluator", default="127.0.0.1:50054")
+    sim.add_argument("--up", action="store_true", help="start a local stack for the run and stop it after")
+    add_stack_args(sim)
+    sim.set_defaults(func=_simulate)

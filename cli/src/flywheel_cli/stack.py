@@ -1,0 +1,420 @@
+"""The whole system on one machine: Kafka, topics, the base model and every service as a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flywheel_cli.kafka_broker import LocalBroker, free_port, repo_root
+from flywheel_common.kafka import ensure_topics
+from flywheel_common.settings import KafkaSettings, TopicSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATASET = Path("datasets/python-faq")
+# Where `flywheel kafka start` and `flywheel up` put a local broker when none is named.
+DEFAULT_KAFKA_PORT = 9092
+
+
+class StackError(RuntimeError):
+    """The stack could not start (a service exited, or did not become healthy in time)."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service of the stack: its module, ports, what it does, and the environment it is given."""
+
+    name: str
+    module: str
+    grpc_port: int
+    metrics_port: int
+    purpose: str
+    env: Mapping[str, str]
+
+    @property
+    def prefix(self) -> str:
+        return f"FLYWHEEL_{self.name.upper()}_"
+
+    @property
+    def available(self) -> bool:
+        """Whether the service can run here (its package, with its `__main__`, is installed)."""
+        try:
+            return importlib.util.find_spec(f"{self.module}.__main__") is not None
+        except ModuleNotFoundError:
+            return False
+
+
+@dataclass
+class StackConfig:
+    """What `LocalStack` starts and where; every default is the local, quick-round profile.
+
+    `service_env` adds or overrides environment variables per service, by their full name
+    (e.g. `{"trainer": {"FLYWHEEL_TRAINER_BATCH__MAX_EXAMPLES": "64"}}`).
+    """
+
+    var_dir: Path = Path("var")
+    host: str = "127.0.0.1"
+    # None: reuse a broker already listening on the default port, else start one under var/kafka.
+    kafka_bootstrap: str | None = None
+    kafka_port: int = DEFAULT_KAFKA_PORT
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    # The evaluator's golden set: this dataset's `gate` split.
+    dataset: Path = DEFAULT_DATASET
+    gate_split: str = "gate"
+    # Ports: inference, feedback, trainer, evaluator (gRPC); metrics ports are 9101..9104.
+    grpc_ports: tuple[int, int, int, int] = (50051, 50052, 50053, 50054)
+    metrics_ports: tuple[int, int, int, int] = (9101, 9102, 9103, 9104)
+    # Pick free ports (Kafka's too) instead: tests, or a second stack beside a running one.
+    free_ports: bool = False
+    services: tuple[str, ...] = ("inference", "feedback", "trainer", "evaluator")
+    prepare_model: bool = True
+    # Seconds each service gets to report SERVING, and to stop after SIGTERM.
+    health_timeout_s: float = 300.0
+    stop_timeout_s: float = 30.0
+    grpc_grace_s: float = 3.0
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.var_dir / "artifacts"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.var_dir / "logs"
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _topic_env(prefix: str, topics: TopicSettings) -> dict[str, str]:
+    if topics == TopicSettings():
+        return {}
+    return {f"{prefix}KAFKA__TOPICS__{name.upper()}": value for name, value in topics.model_dump().items()}
+
+
+def _trainer_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
+    """Local trainer: the shared artifact store, jobs as local subprocesses, batches cut within minutes.
+
+    The job runs as a child of the trainer and reads its own settings (FLYWHEEL_TRAINER_JOB_) from
+    the same environment.
+    """
+    p, job = "FLYWHEEL_TRAINER_", "FLYWHEEL_TRAINER_JOB_"
+    return {
+        f"{p}ARTIFACT_ROOT": str(var_dir / "artifacts"),
+        f"{p}DATA_DIR": str(var_dir / "trainer"),
+        f"{p}JOBS__LAUNCHER": "local",
+        # A batch of 64 examples, or whatever waited 10 minutes (8 at least).
+        f"{p}BATCH__MAX_EXAMPLES": "64",
+        f"{p}BATCH__MAX_WAIT_S": "600",
+        f"{p}BATCH__MIN_EXAMPLES": "8",
+        f"{job}ARTIFACT_ROOT": str(var_dir / "artifacts"),
+        f"{job}SCRATCH_DIR": str(var_dir / "trainer" / "scratch"),
+    }
+
+
+def _evaluator_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
+    """Local evaluator: the dataset's gate split as golden set, a canary decided within minutes."""
+    p = "FLYWHEEL_EVALUATOR_"
+    return {
+        f"{p}ARTIFACT_ROOT": str(var_dir / "artifacts"),
+        f"{p}STATE_DIR": str(var_dir / "evaluator"),
+        f"{p}GOLDEN__DATASET": str(config.dataset.resolve()),
+        f"{p}GOLDEN__SPLIT": config.gate_split,
+        # Half the sessions, 8 rated answers a side, at least 10 s, at most 5 minutes.
+        f"{p}CANARY__FRACTION": "0.5",
+        f"{p}CANARY__MIN_SAMPLES": "8",
+        f"{p}CANARY__MIN_SIGNAL_SAMPLES": "5",
+        f"{p}CANARY__MIN_DURATION_S": "10",
+        f"{p}CANARY__MAX_DURATION_S": "300",
+        # Two cores shared by four services and a training job: answer latency is not what a local
+        # run tests, so the SLO only catches a model that rambles far beyond the base model.
+        f"{p}GATE__LATENCY_P95_SLO_MS": "60000",
+    }
+
+
+def service_specs(config: StackConfig) -> list[ServiceSpec]:
+    """The services of the stack, their ports and their environment, in start order."""
+    var_dir = config.var_dir.resolve()
+    grpc_ports = list(config.grpc_ports)
+    metrics_ports = list(config.metrics_ports)
+    if config.free_ports:
+        grpc_ports = [free_port(config.host) for _ in grpc_ports]
+        metrics_ports = [free_port(config.host) for _ in metrics_ports]
+    rows: list[tuple[str, str, Callable[[StackConfig, Path], dict[str, str]] | None]] = [
+        ("inference", "answers questions about a page", None),
+        ("feedback", "takes ratings and corrections", None),
+        ("trainer", "feedback -> fine-tuning jobs", _trainer_env),
+        ("evaluator", "gate, canary, rollback", _evaluator_env),
+    ]
+    specs = []
+    for index, (name, purpose, extra) in enumerate(rows):
+        if name not in config.services:
+            continue
+        prefix = f"FLYWHEEL_{name.upper()}_"
+        env = {
+            f"{prefix}GRPC__HOST": config.host,
+            f"{prefix}GRPC__PORT": str(grpc_ports[index]),
+            f"{prefix}GRPC__GRACE_S": str(config.grpc_grace_s),
+            f"{prefix}METRICS__HOST": config.host,
+            f"{prefix}METRICS__PORT": str(metrics_ports[index]),
+            **_topic_env(prefix, config.topics),
+        }
+        if name == "inference":
+            env[f"{prefix}ARTIFACT_ROOT"] = str(var_dir / "artifacts")
+        if extra is not None:
+            env.update(extra(config, var_dir))
+        env.update(config.service_env.get(name, {}))
+        specs.append(
+            ServiceSpec(name, f"flywheel_{name}", grpc_ports[index], metrics_ports[index], purpose, env)
+        )
+    return specs
+
+
+@dataclass
+class RunningService:
+    """A started service process and where it logs."""
+
+    spec: ServiceSpec
+    process: subprocess.Popen[bytes]
+    log_file: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.spec.grpc_port}"
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _short(path: Path) -> str:
+    """The path relative to the current folder when it is inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def check_health(target: str, timeout_s: float = 2.0) -> bool:
+    """Whether the gRPC server at `target` reports SERVING (grpc.health.v1, whole server)."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class LocalStack:
+    """Starts Kafka (or uses a given broker), the topics, the base model and the services; stops them.
+
+    A context manager: `with LocalStack(StackConfig()) as stack: stack.targets["inference"]`.
+    Services are subprocesses (`python -m flywheel_<service>`) in their own process groups, so a
+    Ctrl-C in the terminal reaches the supervisor only, which stops them in reverse order.
+    """
+
+    def __init__(self, config: StackConfig | None = None, *, echo: Callable[[str], None] = print) -> None:
+        self.config = config or StackConfig()
+        self.echo = echo
+        self.broker: LocalBroker | None = None
+        self.bootstrap_servers = ""
+        self.base_version: str | None = None
+        self.specs = service_specs(self.config)
+        self.skipped = [s.name for s in self.specs if not s.available]
+        self.running: list[RunningService] = []
+        self.started_at = 0.0
+
+    # --- what the stack serves -------------------------------------------------------------------------
+
+    @property
+    def targets(self) -> dict[str, str]:
+        """gRPC `host:port` of every running service, by name."""
+        return {r.spec.name: r.target for r in self.running}
+
+    @property
+    def kafka_settings(self) -> KafkaSettings:
+        return KafkaSettings(bootstrap_servers=self.bootstrap_servers, topics=self.config.topics)
+
+    # --- start -----------------------------------------------------------------------------------------
+
+    def start(self) -> LocalStack:
+        """Brings everything up and waits until every service is SERVING; on failure stops what started."""
+        self.started_at = time.monotonic()
+        try:
+            self.config.logs_dir.mkdir(parents=True, exist_ok=True)
+            if self.config.prepare_model:
+                self._prepare_model()
+            self._start_kafka()
+            for spec in self.specs:
+                if spec.available:
+                    self._spawn(spec)
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _prepare_model(self) -> None:
+        from flywheel_cli.model_cmd import ensure_prepared, register_base
+        from flywheel_model.prepare import ExportOptions
+
+        model_dir = ensure_prepared(None, ExportOptions(), None, force=False)
+        self.base_version = register_base(model_dir, self.config.artifact_root.resolve())
+
+    def _start_kafka(self) -> None:
+        config = self.config
+        if config.kafka_bootstrap:
+            self.bootstrap_servers = config.kafka_bootstrap
+            self.echo(f"Kafka: using {self.bootstrap_servers}")
+        elif not config.free_ports and _listening(config.host, config.kafka_port):
+            self.bootstrap_servers = f"{config.host}:{config.kafka_port}"
+            self.echo(f"Kafka: a broker already listens on {self.bootstrap_servers}; using it")
+        else:
+            self.broker = LocalBroker(
+                data_dir=(config.var_dir / "kafka").resolve(),
+                host=config.host,
+                port=free_port(config.host) if config.free_ports else config.kafka_port,
+                controller_port=free_port(config.host),
+                log_file=(config.logs_dir / "kafka.log").resolve(),
+            )
+            self.echo(f"Kafka: starting a local broker on {self.broker.bootstrap_servers} ...")
+            self.broker.start()
+            self.bootstrap_servers = self.broker.bootstrap_servers
+        created = ensure_topics(self.kafka_settings)
+        if created:
+            self.echo(f"Kafka: created topics {', '.join(created)}")
+
+    def _spawn(self, spec: ServiceSpec) -> None:
+        log_file = (self.config.logs_dir / f"{spec.name}.log").resolve()
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            f"{spec.prefix}KAFKA__BOOTSTRAP_SERVERS": self.bootstrap_servers,
+            **spec.env,
+        }
+        with log_file.open("ab") as out:
+            out.write(f"--- {dt.datetime.now().isoformat(timespec='seconds')} flywheel up\n".encode())
+            out.flush()
+            process = subprocess.Popen(
+                [sys.executable, "-m", spec.module],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=Path.cwd(),
+                start_new_session=True,
+            )
+        self.running.append(RunningService(spec, process, log_file))
+        log.info("started %s (pid %d), log %s", spec.name, process.pid, log_file)
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.config.health_timeout_s
+        waiting = list(self.running)
+        while waiting:
+            for service in list(waiting):
+                code = service.process.poll()
+                if code is not None:
+                    raise StackError(
+                        f"{service.spec.name} exited with {code} while starting; "
+                        f"last lines of {service.log_file}:\n{_tail(service.log_file)}"
+                    )
+                if check_health(service.target, timeout_s=1.0):
+                    waiting.remove(service)
+                    took = time.monotonic() - self.started_at
+                    self.echo(f"{service.spec.name}: SERVING on {service.target} ({took:.0f} s)")
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(s.spec.name for s in waiting)
+                raise StackError(f"not SERVING after {self.config.health_timeout_s:.0f} s: {names}")
+            if waiting:
+                time.sleep(0.5)
+
+    # --- while running ---------------------------------------------------------------------------------
+
+    def exited(self) -> list[RunningService]:
+        """Services whose process has ended."""
+        return [s for s in self.running if s.process.poll() is not None]
+
+    def table_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(service, address, metrics port, log, what it does) for the port table."""
+        kafka_log = _short(self.broker.log_file) if self.broker else "(external broker)"
+        rows = [("kafka", self.bootstrap_servers, "", kafka_log, "topics: interactions, feedback, ...")]
+        for service in self.running:
+            spec = service.spec
+            rows.append(
+                (spec.name, service.target, str(spec.metrics_port), _short(service.log_file), spec.purpose)
+            )
+        return rows
+
+    # --- stop ------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """SIGTERM every service (last started first), wait, then kill what is left; then the broker.
+
+        A second Ctrl-C while waiting kills at once.
+        """
+        running, self.running = self.running, []
+        try:
+            for service in reversed(running):
+                if service.process.poll() is None:
+                    service.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.config.stop_timeout_s
+            for service in reversed(running):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    service.process.wait(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            self.echo("killing the services")
+        finally:
+            for service in running:
+                if service.process.poll() is None:
+                    self.echo(f"{service.spec.name} did not stop in time; killing it")
+                # Whatever the service started (a local training job) is in its process group.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(service.process.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    service.process.wait(5)
+            if self.broker is not None:
+                self.broker.stop()
+                self.broker = None
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+__all__ = [
+    "DEFAULT_DATASET",
+    "LocalStack",
+    "ServiceSpec",
+    "StackConfig",
+    "StackError",
+    "check_health",
+    "repo_root",
+    "service_specs",
+]
