@@ -1,0 +1,430 @@
+"""Inference benchmark: time to first token, decode speed, peak memory and answer quality of
+(a) transformers + PyTorch eager, (b) our ONNX Runtime path in fp32, (c) our path with int4
+weights, (d) llama.cpp on the original GGUF; then throughput of the running gRPC service at
+several concurrencies.
+
+    uv run python bench/inference.py [--questions 12] [--new-tokens 48] [--json bench/results/inference.json]
+
+Every variant runs in its own process (so peak memory is its own) on the same prompts: real page
+passages of about 400 tokens and a question from the bundled dataset's exam split, greedy, batch 1,
+after one warm-up answer. llama.cpp is measured when `--llama-python` names a Python that has
+llama-cpp-python (it compiles from source: see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("eager", "onnx-fp32", "onnx-int4", "llamacpp")
+
+
+# Prompts and scoring (parent process)
+
+
+def build_prompts(dataset: Path, n: int, onnx_dir: Path) -> list[dict[str, Any]]:
+    from flywheel_eval.dataset import load_dataset
+    from flywheel_model.prompt import PromptEncoder, build_messages
+    from flywheel_model.retrieval import Retriever, html_to_text
+
+    data = load_dataset(dataset)
+    encoder = PromptEncoder(onnx_dir)
+    retriever = Retriever(encoder.count_tokens)
+    items = [i for i in data.split("exam") if i.answers][:n]
+    prompts = []
+    for item in items:
+        text, title = html_to_text(data.pages[item.page])
+        passages = retriever.select(text, item.question, token_budget=400)
+        ids = encoder.encode(build_messages(title, passages, item.question))
+        prompts.append(
+            {
+                "id": item.id,
+                "ids": ids,
+                "answers": list(item.answers),
+                "page": text,
+                "title": title,
+                "question": item.question,
+            }
+        )
+    return prompts
+
+
+def run_variant(
+    variant: str, prompts_file: Path, args: argparse.Namespace, python: str
+) -> dict[str, Any] | None:
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        variant,
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(out),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--threads",
+        str(args.threads),
+        "--gguf",
+        args.gguf,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench")}
+    started = time.perf_counter()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(f"{variant}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    data = json.loads(out.read_text())
+    data["wall_s"] = time.perf_counter() - started
+    return dict(data)
+
+
+# Workers (one process per variant)
+
+
+def _timed_decode(step_first: Any, step_next: Any, new_tokens: int, eos: set[int]) -> dict[str, Any]:
+    started = time.perf_counter()
+    token = step_first()
+    first = time.perf_counter()
+    tokens = [token]
+    while len(tokens) < new_tokens and token not in eos:
+        token = step_next(token)
+        tokens.append(token)
+    done = time.perf_counter()
+    decoded = len(tokens) - 1
+    return {
+        "tokens": [t for t in tokens if t not in eos],
+        "ttft_s": first - started,
+        "decode_tok_s": decoded / (done - first) if decoded else 0.0,
+    }
+
+
+def worker_eager(prompts: list[dict[str, Any]], new_tokens: int, threads: int) -> list[dict[str, Any]]:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.set_num_threads(threads)
+    model_dir = ROOT / ".cache/models/smollm2-135m-fp32-cpu/hf"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = {int(model.config.eos_token_id)}
+    results = []
+    for prompt in [prompts[0], *prompts]:
+        cache = DynamicCache()
+
+        def first(ids: list[int] = prompt["ids"], cache: Any = cache) -> int:
+            with torch.no_grad():
+                out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return int(out.logits[0, -1].argmax())
+
+        def step(token: int, cache: Any = cache) -> int:
+            with torch.no_grad():
+                out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            return int(out.logits[0, -1].argmax())
+
+        results.append(_timed_decode(first, step, new_tokens, eos))
+    return results[1:]
+
+
+def worker_onnx(
+    prompts: list[dict[str, Any]], new_tokens: int, threads: int, precision: str
+) -> list[dict[str, Any]]:
+    import threading
+
+    from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
+    from flywheel_model.runtime import Decoder, OrtSettings
+
+    decoder = Decoder(
+        ROOT / f".cache/models/smollm2-135m-{precision}-cpu/onnx", OrtSettings(intra_op_threads=threads)
+    )
+    generator = BatchGenerator(decoder, max_batch=1)
+    results = []
+    for prompt in [prompts[0], *prompts]:
+        stamps: list[float] = []
+        tokens: list[int] = []
+        done = threading.Event()
+
+        def on_token(token: int, stamps: list[float] = stamps, tokens: list[int] = tokens) -> None:
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+
+        started = time.perf_counter()
+        generator.submit(
+            Sequence(
+                prompt["ids"],
+                SamplingParams(max_new_tokens=new_tokens),
+                on_token,
+                lambda reason, error, done=done: done.set(),
+            )
+        )
+        done.wait()
+        decoded = len(stamps) - 1
+        results.append(
+            {
+                "tokens": tokens,
+                "ttft_s": stamps[0] - started if stamps else 0.0,
+                "decode_tok_s": decoded / (stamps[-1] - stamps[0]) if decoded > 0 else 0.0,
+            }
+        )
+    generator.close()
+    return results[1:]
+
+
+def worker_llamacpp(
+    prompts: list[dict[str, Any]], new_tokens: int, threads: int, gguf: str
+) -> list[dict[str, Any]]:
+    from llama_cpp import Llama  # type: ignore[import-not-found]
+
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, logits_all=False)
+    eos = {llm.token_eos()}
+    results = []
+    for prompt in [prompts[0], *prompts]:
+        llm.reset()
+
+        def first(ids: list[int] = prompt["ids"]) -> int:
+            llm.eval(ids)
+            return int(llm.sample(temp=0.0))
+
+        def step(token: int) -> int:
+            llm.eval([token])
+            return int(llm.sample(temp=0.0))
+
+        results.append(_timed_decode(first, step, new_tokens, eos))
+    return results[1:]
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    prompts = json.loads(Path(args.prompts).read_text())
+    if args.worker == "eager":
+        results = worker_eager(prompts, args.new_tokens, args.threads)
+    elif args.worker == "llamacpp":
+        results = worker_llamacpp(prompts, args.new_tokens, args.threads, args.gguf)
+    else:
+        results = worker_onnx(prompts, args.new_tokens, args.threads, args.worker.split("-")[1])
+    # VmHWM rather than ru_maxrss: the latter carries the parent's peak across exec.
+    status = Path("/proc/self/status").read_text()
+    peak_mb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
+    Path(args.out).write_text(json.dumps({"results": results, "peak_rss_mb": peak_mb}))
+
+
+# Throughput against the running service
+
+
+def throughput(
+    onnx_dir: Path, prompts: list[dict[str, Any]], levels: list[int], new_tokens: int, requests_per_level: int
+) -> list[dict[str, Any]]:
+    """Starts the inference service on the fp32 model and measures it at each concurrency."""
+    from flywheel_cli.kafka_broker import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLYWHEEL_INFERENCE_MODEL_DIR": str(onnx_dir),
+        "FLYWHEEL_INFERENCE_KAFKA_ENABLED": "false",
+        "FLYWHEEL_INFERENCE_GRPC__PORT": str(port),
+        "FLYWHEEL_INFERENCE_METRICS__PORT": "0",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flywheel_inference"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        return asyncio.run(_measure(port, prompts, levels, new_tokens, requests_per_level))
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+async def _measure(
+    port: int, prompts: list[dict[str, Any]], levels: list[int], new_tokens: int, requests_per_level: int
+) -> list[dict[str, Any]]:
+    import grpc
+
+    from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
+
+    def make(i: int) -> inference_pb2.AnswerRequest:
+        p = prompts[i % len(prompts)]
+        return inference_pb2.AnswerRequest(
+            page=inference_pb2.Page(text=p["page"], title=p["title"]),
+            question=p["question"],
+            session_id=f"s{i}",
+            options=inference_pb2.GenerationOptions(max_new_tokens=new_tokens),
+        )
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for _ in range(600):  # until the model is loaded; this answer is also the warm-up
+            try:
+                await stub.Answer(make(0), timeout=60)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.5)
+
+        async def client(queue: list[int], latencies: list[float], tokens: list[int]) -> None:
+            while queue:
+                i = queue.pop()
+                t = time.perf_counter()
+                response = await stub.Answer(make(i), timeout=600)
+                latencies.append(time.perf_counter() - t)
+                tokens.append(response.tokens.completion_tokens)
+
+        rows = []
+        for level in levels:
+            queue = list(range(max(requests_per_level, level)))
+            latencies: list[float] = []
+            tokens: list[int] = []
+            started = time.perf_counter()
+            await asyncio.gather(*(client(queue, latencies, tokens) for _ in range(level)))
+            elapsed = time.perf_counter() - started
+            latencies.sort()
+            rows.append(
+                {
+                    "concurrency": level,
+                    "answers": len(latencies),
+                    "answers_per_s": len(latencies) / elapsed,
+                    "tokens_per_s": sum(tokens) / elapsed,
+                    "p50_s": statistics.median(latencies),
+                    "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+                }
+            )
+    return rows
+
+
+# Report
+
+
+def summarise(
+    variant: str, data: dict[str, Any], reference: list[list[int]] | None, prompts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    from flywheel_eval.metrics import contains
+    from flywheel_model.prompt import PromptEncoder
+
+    encoder = PromptEncoder(ROOT / ".cache/models/smollm2-135m-fp32-cpu/onnx")
+    results = data["results"]
+    texts = [encoder.decode(r["tokens"]).strip() for r in results]
+    equal = sum(r["tokens"] == ref for r, ref in zip(results, reference, strict=True)) if reference else None
+    return {
+        "variant": variant,
+        "ttft_s": statistics.median(r["ttft_s"] for r in results),
+        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in results),
+        "peak_rss_mb": data["peak_rss_mb"],
+        "tokens_equal_to_eager": equal,
+        "accuracy": sum(contains(t, p["answers"]) for t, p in zip(texts, prompts, strict=True))
+        / len(prompts),
+        "answers": texts,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--questions", type=int, default=12)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--dataset", default=str(ROOT / "datasets/python-faq"))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--llama-python", default=str(ROOT / ".cache/bench/llamacpp-venv/bin/python"))
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=16, help="answers per concurrency level")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+
+    from flywheel_cli.model_cmd import ensure_prepared
+    from flywheel_model.prepare import ExportOptions, smollm2_gguf
+
+    args.gguf = str(smollm2_gguf())
+    fp32_dir = ensure_prepared(None, ExportOptions(), None, force=False)
+    variants = args.variants.split(",")
+    if "onnx-int4" in variants:
+        ensure_prepared(None, ExportOptions(precision="int4"), None, force=False)
+    prompts = build_prompts(Path(args.dataset), args.questions, fp32_dir / "onnx")
+    prompts_file = Path(tempfile.mkstemp(suffix=".json")[1])
+    prompts_file.write_text(json.dumps(prompts))
+    sizes = [len(p["ids"]) for p in prompts]
+    print(f"{len(prompts)} prompts of {min(sizes)}-{max(sizes)} tokens, {args.new_tokens} new tokens")
+    rows: list[dict[str, Any]] = []
+    reference: list[list[int]] | None = None
+    for variant in variants:
+        python = sys.executable
+        if variant == "llamacpp":
+            if not Path(args.llama_python).exists():
+                print("llamacpp: skipped (no --llama-python with llama-cpp-python; see docs/benchmarks.md)")
+                continue
+            python = args.llama_python
+        data = run_variant(variant, prompts_file, args, python)
+        if data is None:
+            continue
+        if variant == "eager":
+            reference = [r["tokens"] for r in data["results"]]
+        rows.append(summarise(variant, data, reference, prompts))
+    base = {r["variant"]: r for r in rows}
+    print(
+        f"\n{'variant':12} {'TTFT s':>7} {'decode tok/s':>12} {'x eager':>8} {'x llama.cpp':>11} "
+        f"{'peak MB':>8} {'= eager':>8} {'accuracy':>8}"
+    )
+    for r in rows:
+        x_eager = r["decode_tok_s"] / base["eager"]["decode_tok_s"] if "eager" in base else float("nan")
+        x_llama = r["decode_tok_s"] / base["llamacpp"]["decode_tok_s"] if "llamacpp" in base else float("nan")
+        r["x_eager"], r["x_llamacpp"] = x_eager, x_llama
+        equal = (
+            f"{r['tokens_equal_to_eager']}/{len(prompts)}" if r["tokens_equal_to_eager"] is not None else "-"
+        )
+        print(
+            f"{r['variant']:12} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {x_eager:8.2f} {x_llama:11.2f} "
+            f"{r['peak_rss_mb']:8.0f} {equal:>8} {r['accuracy']:8.0%}"
+        )
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    service_rows = (
+        throughput(fp32_dir / "onnx", prompts, levels, args.new_tokens, args.requests) if levels else []
+    )
+    if service_rows:
+        header = (
+            f"{'concurrency':>11} {'answers':>8} {'answers/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7}"
+        )
+        print("\n" + header)
+        for row in service_rows:
+            print(
+                f"{row['concurrency']:11d} {row['answers']:8d} {row['answers_per_s']:10.2f} "
+                f"{row['tokens_per_s']:9.1f} {row['p50_s']:7.2f} {row['p95_s']:7.2f}"
+            )
+        ratio = service_rows[-1]["answers_per_s"] / service_rows[0]["answers_per_s"]
+        print(f"throughput at concurrency {levels[-1]} / at {levels[0]}: {ratio:.2f}x")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "variants": rows,
+                    "service": service_rows,
+                    "questions": len(prompts),
+                    "new_tokens": args.new_tokens,
+                    "threads": args.threads,
+                },
+                indent=2,
+            )
+        )
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
