@@ -577,8 +577,8 @@ def skaffold_errors(config: Doc, root: Path = ROOT) -> list[str]:
 # ---------------------------------------------------------------- settings
 
 
-def settings_class(module_name: str) -> Any:
-    """The pydantic-settings class a service's settings module defines."""
+def settings_class(module_name: str, prefix: str) -> Any:
+    """The pydantic-settings class of a settings module that reads the env prefix `prefix`."""
     import importlib
 
     from pydantic_settings import BaseSettings
@@ -587,10 +587,13 @@ def settings_class(module_name: str) -> Any:
     classes = [
         v
         for v in vars(module).values()
-        if isinstance(v, type) and issubclass(v, BaseSettings) and v.__module__ == module.__name__
+        if isinstance(v, type)
+        and issubclass(v, BaseSettings)
+        and v.__module__ == module.__name__
+        and v.model_config.get("env_prefix") == prefix
     ]
     if len(classes) != 1:
-        raise LookupError(f"{module_name} defines {len(classes)} settings classes")
+        raise LookupError(f"{module_name} defines {len(classes)} settings classes with prefix {prefix}")
     return classes[0]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import flywheel_deploy_checks as dc
@@ -201,7 +202,8 @@ def test_env_names_match_service_settings(
 ) -> None:
     if not dc.service_exists(svc):
         pytest.skip(f"pending: services/{svc} is not written yet")
-    cls = dc.settings_class(f"flywheel_{svc}.settings")
+    prefix = f"FLYWHEEL_{svc.upper()}_"
+    cls = dc.settings_class(f"flywheel_{svc}.settings", prefix)
     deployments = [
         d for d in renders[scenario].of_kind("Deployment") if d["metadata"]["name"].endswith(f"-{svc}")
     ]
@@ -209,10 +211,9 @@ def test_env_names_match_service_settings(
         pytest.skip(f"{svc} is disabled in {scenario}")
     containers = deployments[0]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value", "from-a-secret") for e in containers[0]["env"]}
-    prefix = f"FLYWHEEL_{svc.upper()}_"
     assert dc.settings_env_errors(env, cls, prefix) == []
     # And the values parse: pydantic-settings reads them as the pod would.
-    for name in [k for k in __import__("os").environ if k.startswith("FLYWHEEL_")]:
+    for name in [k for k in os.environ if k.startswith("FLYWHEEL_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -237,6 +238,45 @@ def test_notes_print_the_next_commands(helm: Path, scenario: str) -> None:
     assert "flywheel.inference.v1.InferenceService/Answer" in notes
     assert 'in the folder "Flywheel"' in notes
     assert ("-insecure" in notes) == (scenario == KAFKA)
+
+
+@pytest.mark.parametrize("scenario", dc.SCENARIOS)
+def test_training_job_env_matches_job_settings(
+    renders: dict[str, dc.Render], scenario: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not dc.service_exists("trainer"):
+        pytest.skip("pending: services/trainer is not written yet")
+    jobs = [j for d in renders[scenario].of_kind("ConfigMap") for j in dc.embedded_jobs(d)]
+    if not jobs:
+        pytest.skip(f"the trainer is disabled in {scenario}")
+    prefix = "FLYWHEEL_TRAINER_JOB_"
+    cls = dc.settings_class("flywheel_trainer.settings", prefix)
+    env = {e["name"]: e.get("value", "") for e in jobs[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert dc.settings_env_errors(env, cls, prefix) == []
+    for name in [k for k in os.environ if k.startswith("FLYWHEEL_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cls()
+
+
+def test_trainer_builds_a_valid_job_from_the_template(
+    renders: dict[str, dc.Render], kubernetes_validate: object
+) -> None:
+    """The trainer's own launcher turns the chart's template into a Job the API server accepts."""
+    launchers = pytest.importorskip("flywheel_trainer.launchers", reason="pending: services/trainer")
+    (template,) = dc.embedded_jobs(renders[GPU].named("ConfigMap", "-trainer-job-template"))
+    spec = launchers.JobSpec(job_id="J-20261127-0001", dataset_id="ds-0001", base_version="v3")
+    job = launchers.build_job(template, spec, "flywheel")
+    assert dc.kubernetes_errors([job], dc.MIN_KUBE_VERSION) == []
+    assert dc.workload_errors([job]) == []
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] + container["args"] == [
+        "python", "-m", "flywheel_trainer.job",
+        "--dataset", "ds-0001", "--base-version", "v3", "--job-id", "J-20261127-0001",
+    ]  # fmt: skip
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "trainer-job"  # what its NetworkPolicy selects
 
 
 # ---------------------------------------------------------------- each check fails on a broken input
@@ -298,7 +338,7 @@ def test_crd_schema_check_catches_bad_custom_resources(
 def test_settings_check_catches_unknown_env(svc: str = "inference") -> None:
     if not dc.service_exists(svc):
         pytest.skip(f"pending: services/{svc} is not written yet")
-    cls = dc.settings_class(f"flywheel_{svc}.settings")
+    cls = dc.settings_class(f"flywheel_{svc}.settings", "FLYWHEEL_INFERENCE_")
     errors = dc.settings_env_errors(
         {"FLYWHEEL_INFERENCE_ORT__GPU_MEMORY_LIMIT": "1", "FLYWHEEL_INFERENCE_GRPC__PORT": "1"},
         cls,
