@@ -1,0 +1,57 @@
+"""Signed query ids: issued by inference, verified by feedback without a lookup."""
+
+import pytest
+
+from flywheel_common.errors import InvalidArgument
+from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.query_ids import QueryIdSigner
+
+KEY = b"0123456789abcdef0123"
+
+
+def test_issued_ids_verify_and_carry_the_model_version() -> None:
+    signer = QueryIdSigner(KEY)
+    first, second = signer.issue("v7"), signer.issue("v7")
+    assert first != second
+    claims = signer.verify(first)
+    assert claims.model_version == "v7" and claims.query_id == first
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda q: q[:-2] + ("AA" if not q.endswith("AA") else "BB"),  # signature
+        lambda q: q.replace(".", ".x", 1),  # nonce
+        lambda q: "q2" + q[2:],  # prefix
+        lambda q: q + ".extra",
+        lambda q: "",
+        lambda q: "not-a-query-id",
+    ],
+)
+def test_tampered_or_malformed_ids_are_invalid(mutate: object) -> None:
+    signer = QueryIdSigner(KEY)
+    with pytest.raises(InvalidArgument):
+        signer.verify(mutate(signer.issue("v1")))  # type: ignore[operator]
+
+
+def test_another_key_rejects_and_old_ids_expire() -> None:
+    query_id = QueryIdSigner(KEY).issue("v1", now=1_000_000)
+    with pytest.raises(InvalidArgument, match="not issued"):
+        QueryIdSigner(b"another-key-of-16-bytes").verify(query_id, now=1_000_000)
+    signer = QueryIdSigner(KEY, max_age_s=60)
+    assert signer.verify(query_id, now=1_000_059).issued_at == 1_000_000
+    with pytest.raises(InvalidArgument, match="expired"):
+        signer.verify(query_id, now=1_000_061)
+
+
+def test_short_keys_are_refused() -> None:
+    with pytest.raises(ValueError):
+        QueryIdSigner(b"short")
+
+
+def test_pseudonyms_are_stable_keyed_and_not_the_id() -> None:
+    a = pseudonymise(KEY, "alice@example.org")
+    assert a == pseudonymise(KEY, "alice@example.org")
+    assert a != pseudonymise(b"other-key", "alice@example.org")
+    assert "alice" not in a and len(a) == 32
+    assert pseudonymise(KEY, "") == ""

@@ -1,0 +1,90 @@
+"""The model registry: immutable versions, atomic rollout state, decisions."""
+
+import json
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from flywheel_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from flywheel_common.registry import ModelRegistry
+
+
+def model_folder(tmp_path: Path, name: str = "m") -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"onnx-bytes")
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_register_makes_numbered_read_only_versions_with_hashes(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    v1 = registry.register(model_folder(tmp_path), kind="base", metadata={"note": "x"})
+    v2 = registry.register(model_folder(tmp_path, "n"), kind="candidate", hf_dir=model_folder(tmp_path, "hf"))
+    assert (v1.version, v2.version) == ("v1", "v2")
+    assert v1.kind == "base" and v1.manifest["note"] == "x"
+    assert set(v1.manifest["files"]) == {"model/model.onnx", "model/tokenizer.json"}
+    assert (v2.hf_dir / "model.onnx").is_file()
+    mode = (v1.model_dir / "model.onnx").stat().st_mode
+    assert not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    assert [v.version for v in registry.list_versions()] == ["v1", "v2"]
+    registry.verify("v1")
+
+
+def test_verify_detects_a_changed_file(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    version = registry.register(model_folder(tmp_path), kind="base")
+    path = version.model_dir / "model.onnx"
+    os.chmod(path, 0o644)
+    path.write_bytes(b"tampered")
+    with pytest.raises(FailedPrecondition):
+        registry.verify(version.version)
+
+
+def test_a_failed_registration_leaves_nothing(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    with pytest.raises(InvalidArgument):
+        registry.register(tmp_path, kind="base")  # no model.onnx
+    assert registry.list_versions() == []
+    assert not list(registry.versions_dir.iterdir())
+
+
+def test_rollout_state_moves_atomically_and_keeps_history(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    v1 = registry.register(model_folder(tmp_path), kind="base").version
+    v2 = registry.register(model_folder(tmp_path, "n"), kind="candidate").version
+    assert registry.state().production is None
+    registry.set_production(v1)
+    state = registry.set_canary(v2, 0.1, reason="gate passed")
+    assert (state.production, state.canary, state.canary_fraction) == (v1, v2, 0.1)
+    state = registry.set_production(v2)
+    assert (state.production, state.canary, state.canary_fraction) == (v2, None, 0.0)
+    assert [h["generation"] for h in state.history] == [1, 2, 3]
+    assert json.loads(registry.state_path.read_text())["production"] == v2
+    with pytest.raises(NotFound):
+        registry.set_production("v9")
+    with pytest.raises(InvalidArgument):
+        registry.set_canary(v1, 1.5)
+    with pytest.raises(InvalidArgument):
+        registry.get("../etc")
+
+
+def test_concurrent_registrations_get_distinct_versions(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    folders = [model_folder(tmp_path, f"m{i}") for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        versions = list(pool.map(lambda f: registry.register(f, kind="candidate").version, folders))
+    assert sorted(versions, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 7)]
+
+
+def test_reports_and_decisions(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    version = registry.register(model_folder(tmp_path), kind="base").version
+    path = registry.write_report(version, "report.json", '{"accuracy": 0.5}')
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    registry.append_decision({"version": version, "passed": True})
+    registry.append_decision({"version": version, "passed": False})
+    assert [d["passed"] for d in registry.decisions()] == [True, False]

@@ -1,0 +1,69 @@
+"""Request validation and canary routing, without a model."""
+
+import pytest
+
+from flywheel_common.errors import InvalidArgument
+from flywheel_inference.router import in_canary
+from flywheel_inference.service import validate
+from flywheel_inference.settings import InferenceSettings, LimitSettings
+from flywheel_proto.flywheel.inference.v1 import inference_pb2
+
+LIMITS = LimitSettings(
+    max_question_chars=50, max_page_bytes=1000, max_new_tokens=100, default_max_new_tokens=20
+)
+
+
+def req(**kwargs: object) -> inference_pb2.AnswerRequest:
+    page = kwargs.pop("page", inference_pb2.Page(title="T", html="<p>Some text.</p>"))
+    return inference_pb2.AnswerRequest(page=page, question=kwargs.pop("question", "What?"), **kwargs)  # type: ignore[arg-type]
+
+
+def test_defaults_are_applied_and_html_is_cleaned() -> None:
+    valid = validate(req(), LIMITS)
+    assert valid.page_text == "Some text."
+    assert valid.title == "T"
+    assert (valid.params.max_new_tokens, valid.params.temperature, valid.params.top_p) == (20, 0.0, 1.0)
+    assert valid.params.seed is None
+
+
+def test_plain_text_pages_and_html_titles() -> None:
+    assert validate(req(page=inference_pb2.Page(text="  a   b \n\n c ")), LIMITS).page_text == "a b\nc"
+    html = "<html><head><title>From HTML</title></head><body>x</body></html>"
+    assert validate(req(page=inference_pb2.Page(html=html)), LIMITS).title == "From HTML"
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (req(question=""), "question is empty"),
+        (req(question="x" * 51), "longer than 50"),
+        (req(page=inference_pb2.Page(text="")), "no content"),
+        (req(page=inference_pb2.Page(text="x" * 1001)), "larger than 1000"),
+        (req(page=inference_pb2.Page(url="u" * 5000, text="x")), "url"),
+        (req(options=inference_pb2.GenerationOptions(max_new_tokens=101)), "max_new_tokens"),
+        (req(options=inference_pb2.GenerationOptions(temperature=3)), "temperature"),
+        (req(options=inference_pb2.GenerationOptions(top_p=-0.1)), "top_p"),
+    ],
+)
+def test_invalid_requests_say_what_is_wrong(request_: inference_pb2.AnswerRequest, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        validate(request_, LIMITS)
+
+
+def test_canary_assignment_is_stable_and_close_to_the_fraction() -> None:
+    sessions = [f"session-{i}" for i in range(4000)]
+    share = sum(in_canary(s, 0.1) for s in sessions) / len(sessions)
+    assert 0.08 < share < 0.12
+    assert [in_canary(s, 0.1) for s in sessions[:50]] == [in_canary(s, 0.1) for s in sessions[:50]]
+    assert not in_canary("", 0.5) and not in_canary("x", 0.0)
+    assert all(in_canary(s, 1.0) for s in sessions[:20])
+
+
+def test_settings_read_nested_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_INFERENCE_GRPC__PORT", "6000")
+    monkeypatch.setenv("FLYWHEEL_INFERENCE_ORT__GPU_MEM_LIMIT", "2147483648")
+    monkeypatch.setenv("FLYWHEEL_INFERENCE_LIMITS__MAX_IN_FLIGHT", "7")
+    settings = InferenceSettings()
+    assert settings.grpc.port == 6000
+    assert settings.ort.gpu_mem_limit == 2 * 1024**3
+    assert settings.limits.max_in_flight == 7
