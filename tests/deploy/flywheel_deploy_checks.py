@@ -357,9 +357,7 @@ def service_exists(svc: str) -> bool:
 
 
 def dockerfile_of(svc: str) -> Path:
-    """services/<svc>/Dockerfile, or its copy in deploy/pending/ while the service is not written yet."""
-    final = ROOT / "services" / svc / "Dockerfile"
-    return final if final.exists() else ROOT / "deploy" / "pending" / f"{svc}.Dockerfile"
+    return ROOT / "services" / svc / "Dockerfile"
 
 
 def missing_metrics(used: Iterable[str], exposed: dict[str, Path]) -> list[str]:

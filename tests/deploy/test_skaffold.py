@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +15,9 @@ PROFILES = [p["name"] for p in CONFIG.get("profiles", [])]
 ARTIFACTS = CONFIG["build"]["artifacts"]
 
 
-def pending(errors: list[str]) -> list[str]:
-    """Errors about the Dockerfile of a service that is not written yet (it waits in deploy/pending/)."""
-    waiting = []
-    for e in errors:
-        m = re.search(r": services/(\w+)/Dockerfile does not exist$", e)
-        if m and dc.dockerfile_of(m.group(1)).parent.name == "pending":
-            waiting.append(e)
-    return waiting
-
-
 def test_skaffold_config_is_sound() -> None:
-    waiting = []
     for name in [None, *PROFILES]:
-        errors = dc.skaffold_errors(dc.skaffold_profile(CONFIG, name))
-        waiting += pending(errors)
-        assert [e for e in errors if e not in waiting] == [], name
-    if waiting:
-        pytest.skip(f"pending: {sorted(set(waiting))}")
+        assert dc.skaffold_errors(dc.skaffold_profile(CONFIG, name)) == [], name
 
 
 def test_profiles_cpu_gpu_dev() -> None:
