@@ -34,6 +34,28 @@ def test_helm_lint_strict(helm: Path, scenario: str) -> None:
     )
 
 
+def test_values_schema_is_a_valid_schema_and_closed(jsonschema: object) -> None:
+    import jsonschema as js
+
+    schema = json.loads((dc.CHART / "values.schema.json").read_text())
+    js.Draft7Validator.check_schema(schema)
+
+    def open_objects(node: dict, path: str) -> list[str]:
+        found = []
+        if (
+            node.get("type") == "object"
+            and "properties" in node
+            and node.get("additionalProperties") is not False
+        ):
+            found.append(path or "/")
+        for key, child in node.get("properties", {}).items():
+            found += open_objects(child, f"{path}/{key}")
+        return found
+
+    # Every block with known keys rejects unknown ones (free-form maps have no "properties").
+    assert open_objects(schema, "") == []
+
+
 def test_every_scenario_renders(renders: dict[str, dc.Render]) -> None:
     assert set(renders) >= {GPU, CPU, KAFKA, "minimal-values.yaml"}
     for name, r in renders.items():
