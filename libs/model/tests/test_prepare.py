@@ -1,0 +1,38 @@
+"""`prepare` takes any Hugging Face causal-LM folder and exports fp16 for CUDA, with a manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from flywheel_common.files import file_sha256
+from flywheel_model.prepare import ExportOptions, prepare, read_manifest
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_hf_folder_to_fp16_cuda_export(prepared_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fp16"
+    prepare(
+        out,
+        source=prepared_model / "hf",
+        options=ExportOptions(precision="fp16", provider="cuda"),
+        cache_dir=tmp_path / "cache",
+    )
+    manifest = read_manifest(out)
+    assert manifest["source"]["kind"] == "hf"
+    assert manifest["export"]["precision"] == "fp16" and manifest["export"]["io_dtype"] == "float16"
+    assert manifest["export"]["opset"] >= 17
+    for name, digest in manifest["onnx_files"].items():
+        assert file_sha256(out / "onnx" / name) == digest
+    graph = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert not (tmp_path / "fp16.partial").exists()
+
+
+def test_a_source_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="neither"):
+        prepare(tmp_path / "out", source=tmp_path, options=ExportOptions(), cache_dir=tmp_path / "c")
