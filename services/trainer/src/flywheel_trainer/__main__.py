@@ -1,0 +1,152 @@
+"""Entry point: `python -m flywheel_trainer` consumes feedback, batches it and launches training jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from kafka.errors import KafkaError
+
+from flywheel_common.auth import Authenticator, load_tokens
+from flywheel_common.grpc_server import GrpcServer, wait_for_shutdown_signal
+from flywheel_common.kafka import EventProducer, ensure_topics
+from flywheel_common.logging import configure_logging
+from flywheel_common.metrics import start_metrics_server
+from flywheel_common.registry import ModelRegistry
+from flywheel_common.tracing import configure_tracing
+from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
+from flywheel_trainer.consumer import TrainerConsumer, stamp_heartbeat
+from flywheel_trainer.launchers import JobLauncher, build_launcher
+from flywheel_trainer.policy import ExamplePolicy
+from flywheel_trainer.service import TrainerServicer
+from flywheel_trainer.settings import TrainerSettings
+from flywheel_trainer.store import JoinStore
+from flywheel_trainer.trainer import Trainer
+
+log = logging.getLogger("flywheel_trainer")
+
+_RETRY_S = 1.0
+_HEARTBEAT_EVERY_S = 5.0
+STORE_FILE = "trainer.sqlite3"
+
+
+class TrainerApp:
+    """The service's parts, wired once; `start` and `stop` are used by main() and by tests."""
+
+    def __init__(self, settings: TrainerSettings, *, launcher: JobLauncher | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JoinStore(settings.data_dir / STORE_FILE, ExamplePolicy(settings.policy))
+        self.registry = ModelRegistry(settings.artifact_root)
+        self.launcher = launcher or build_launcher(settings)
+        self.producer = EventProducer(settings.kafka, linger_ms=0, bootstrap_timeout_ms=5000)
+        self.trainer = Trainer(settings, self.store, self.launcher, self.registry, self.producer)
+        self.consumer = TrainerConsumer(settings, self.store)
+        self.server = GrpcServer(settings.grpc, "trainer")
+        servicer = TrainerServicer(self.trainer, Authenticator(load_tokens(settings.auth.tokens_file)))
+        self.server.add_service(
+            "flywheel.trainer.v1.TrainerService",
+            lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
+        )
+        self.ready = asyncio.Event()
+        self._stopping = threading.Event()
+        self._consumer_thread = threading.Thread(target=self._consume, name="trainer-consumer", daemon=True)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        """Serves gRPC at once; health turns SERVING when the consumer has its partitions."""
+        port = await self.server.start()
+        await self.trainer.recover()
+        self._tasks = [
+            asyncio.create_task(self._connect(), name="trainer-connect"),
+            asyncio.create_task(self.trainer.run(), name="trainer-loop"),
+            asyncio.create_task(self._heartbeat(), name="trainer-heartbeat"),
+        ]
+        return port
+
+    def _consume(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.consumer.run()
+            except Exception:  # the broker went away mid-poll: a fresh consumer rejoins the group
+                log.exception("consumer stopped; restarting in %.0f s", _RETRY_S)
+                self._stopping.wait(_RETRY_S)
+            else:
+                return
+
+    async def _connect(self) -> None:
+        warned = False
+        while True:
+            try:
+                if self.settings.create_topics:
+                    await asyncio.to_thread(ensure_topics, self.settings.kafka)
+                break
+            except KafkaError as exc:
+                if not warned:
+                    log.warning(
+                        "Kafka not reachable yet (%s); retrying every %.0f s", type(exc).__name__, _RETRY_S
+                    )
+                    warned = True
+                await asyncio.sleep(_RETRY_S)
+        loop = asyncio.get_running_loop()
+        assigned = asyncio.Event()
+        self.consumer.assigned_hook = lambda: loop.call_soon_threadsafe(assigned.set)
+        self._consumer_thread.start()
+        await assigned.wait()
+        await self.server.set_serving(True)
+        self.ready.set()
+        log.info(
+            "trainer ready: consuming %s as group %s",
+            ", ".join(self.consumer.topics),
+            self.settings.consumer.group_id,
+        )
+
+    async def _heartbeat(self) -> None:
+        # The file is stamped only while the poll loop turns: a stuck consumer fails liveness.
+        path = self.settings.consumer.heartbeat_file
+        if path is None:
+            return
+        while True:
+            max_age = self.settings.consumer.heartbeat_max_age_s
+            if self._consumer_thread.is_alive() and self.consumer.alive(max_age):
+                await asyncio.to_thread(stamp_heartbeat, path)
+            await asyncio.sleep(_HEARTBEAT_EVERY_S)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, calls drain, the consumer leaves its group (offsets committed), jobs
+        are stopped or left to be adopted, the producer is flushed."""
+        await self.server.stop(grace)
+        self._stopping.set()
+        self.consumer.signal_shutdown()
+        if self._consumer_thread.is_alive():
+            await asyncio.to_thread(self._consumer_thread.join, 30)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.trainer.shutdown()
+        with contextlib.suppress(KafkaError):
+            await asyncio.to_thread(self.producer.close)
+        self.store.close()
+
+
+async def serve(settings: TrainerSettings) -> None:
+    app = TrainerApp(settings)
+    await app.start()
+    await wait_for_shutdown_signal()
+    await app.stop()
+
+
+def main() -> None:
+    settings = TrainerSettings()
+    configure_logging(settings.logging, "trainer")
+    configure_tracing(settings.tracing, "trainer")
+    start_metrics_server(settings.metrics)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The trainer's Kafka consumer: interactions and feedback in, stored examples out, offsets after."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
+
+from flywheel_common.kafka import EventConsumer, decode
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_trainer import metrics
+from flywheel_trainer.settings import TrainerSettings
+from flywheel_trainer.store import JoinStore, signal_of
+
+log = logging.getLogger(__name__)
+
+
+class TrainerConsumer(EventConsumer):
+    """One consumer group over the interaction and feedback topics.
+
+    `handle` stores a polled batch in one SQLite transaction; the base class commits the offsets
+    only after it returned, so a crash in between redelivers events the store already drops.
+    """
+
+    def __init__(self, settings: TrainerSettings, store: JoinStore) -> None:
+        topics = settings.kafka.topics
+        super().__init__(
+            settings.kafka,
+            [topics.interactions, topics.feedback],
+            settings.consumer.group_id,
+            poll_timeout_ms=settings.consumer.poll_timeout_ms,
+            max_records=settings.consumer.max_records,
+        )
+        self.store = store
+        self._interactions_topic = topics.interactions
+        self._feedback_topic = topics.feedback
+        self._kafka: KafkaConsumer | None = None
+        self.records_handled = 0
+        # Called (on the consumer thread) when the group assigned partitions: readiness.
+        self.assigned_hook: Callable[[], object] | None = None
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        if self.assigned_hook is not None:
+            self.assigned_hook()
+
+    def _consumer(self) -> KafkaConsumer:
+        self._kafka = super()._consumer()
+        return self._kafka
+
+    def handle(self, records: list[ConsumerRecord]) -> None:
+        interactions: list[events_pb2.Interaction] = []
+        feedback = []
+        for record in records:
+            try:
+                if record.topic == self._interactions_topic:
+                    interactions.append(decode(record, events_pb2.Interaction))
+                elif record.topic == self._feedback_topic:
+                    feedback.append(signal_of(decode(record, events_pb2.Feedback)))
+            except DecodeError as exc:
+                self.dead_letter(record, f"not a {record.topic} event: {exc}")
+        result = self.store.ingest(interactions, feedback)
+        for source, n in result.examples.items():
+            metrics.EXAMPLES.labels(source).inc(n)
+        if result.duplicates:
+            metrics.FEEDBACK_DUPLICATES.inc(result.duplicates)
+        self.records_handled += len(records)
+        if result.examples or result.ignored:
+            log.info(
+                "stored %d records: examples %s, ignored %s, duplicates %d",
+                len(records),
+                dict(result.examples),
+                dict(result.ignored),
+                result.duplicates,
+                extra={"examples": dict(result.examples)},
+            )
+        self._update_lag()
+
+    def _update_lag(self) -> None:
+        # The high watermark comes with every fetch response: no extra request to the broker.
+        if self._kafka is None:
+            return
+        try:
+            for tp in self._kafka.assignment():
+                high = self._kafka.highwater(tp)
+                if high is not None:
+                    lag = max(high - self._kafka.position(tp), 0)
+                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+        except KafkaError as exc:
+            log.debug("consumer lag not updated: %s", exc)
+
+
+def stamp_heartbeat(path: Path) -> None:
+    """Touches the liveness file (creating its folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()

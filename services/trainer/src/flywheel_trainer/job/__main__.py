@@ -1,0 +1,53 @@
+"""Entry point of the training job (a local subprocess or a Kubernetes Job run the same command)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+import time
+
+from flywheel_common.logging import configure_logging
+from flywheel_trainer.job.run import JobArgs, emit_candidate, fail, run
+from flywheel_trainer.settings import JobSettings
+
+log = logging.getLogger("flywheel_trainer.job")
+
+
+def parse_args(argv: list[str] | None = None) -> JobArgs:
+    parser = argparse.ArgumentParser(
+        prog="python -m flywheel_trainer.job",
+        description="Fine-tune a registered model version on a dataset and register the result as a "
+        "candidate. Settings come from FLYWHEEL_TRAINER_JOB_* environment variables.",
+    )
+    parser.add_argument(
+        "--dataset", required=True, help="dataset id (under <artifact root>/datasets) or a dataset folder"
+    )
+    parser.add_argument("--base-version", required=True, help="registered version to start from, e.g. v1")
+    parser.add_argument("--job-id", help="the job's id (default: manual-<UTC time>)")
+    ns = parser.parse_args(argv)
+    job_id = ns.job_id or "manual-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return JobArgs(dataset=ns.dataset, base_version=ns.base_version, job_id=job_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = JobSettings()
+    configure_logging(settings.logging, "trainer-job")
+    started = time.perf_counter()
+    try:
+        result = run(settings, args)
+    except Exception as exc:
+        log.exception("job %s failed", args.job_id, extra={"job_id": args.job_id})
+        fail(settings, args, exc, started)
+        return 1
+    try:
+        emit_candidate(settings, result)
+    except Exception as exc:  # the trainer emits it instead (the result says it is not out yet)
+        log.warning("ModelCandidate not emitted by the job: %s", exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Training data for a job: examples as token ids (the serving prompt + the answer), and replay."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flywheel_model.prompt import PromptEncoder, build_messages
+from flywheel_model.retrieval import Passage
+from flywheel_trainer.datasets import Dataset
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One example: prompt ids then answer ids (ending with the stop token); loss on the answer only."""
+
+    example_id: str
+    input_ids: list[int]
+    prompt_len: int
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+def messages_of(example: dict[str, Any]) -> list[dict[str, str]]:
+    """The exact chat messages the model was asked (the interaction's passages, in order)."""
+    passages = [Passage(i, text) for i, text in enumerate(example.get("passages") or [])]
+    return build_messages(example.get("page_title", ""), passages, example["question"])
+
+
+def answer_ids(
+    encoder: PromptEncoder, messages: list[dict[str, str]], answer: str, eos_ids: Sequence[int]
+) -> list[int]:
+    """Token ids of the assistant's turn after the prompt, up to and including the stop token.
+
+    Taken from the chat template with the answer appended, so the model learns to end its turn
+    the way the template does; the stop token is added when the template has none.
+    """
+    prompt = encoder.prompt_text(messages)
+    full = str(
+        encoder.tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": answer.strip()}], tokenize=False
+        )
+    )
+    suffix = full[len(prompt) :] if full.startswith(prompt) else answer.strip()
+    ids = list(encoder.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: i + 1]
+    return [*ids, eos_ids[0]]
+
+
+def tokenize(
+    examples: Iterable[dict[str, Any]], encoder: PromptEncoder, eos_ids: Sequence[int], max_tokens: int
+) -> tuple[list[Tokenized], list[str]]:
+    """Tokenized examples, and the ids of those skipped as longer than `max_tokens` (never truncated:
+    a truncated prompt is not one the model is ever asked)."""
+    out: list[Tokenized] = []
+    skipped: list[str] = []
+    for example in examples:
+        messages = messages_of(example)
+        prompt = encoder.encode(messages)
+        answer = answer_ids(encoder, messages, example["answer"], eos_ids)
+        if len(prompt) + len(answer) > max_tokens:
+            skipped.append(example["id"])
+            continue
+        out.append(Tokenized(example["id"], [*prompt, *answer], len(prompt)))
+    return out, skipped
+
+
+def _key(example: dict[str, Any]) -> tuple[str, str]:
+    return (example.get("page_title", ""), " ".join(example["question"].lower().split()))
+
+
+def select_replay(
+    dataset: Dataset, earlier: Sequence[Dataset], *, fraction: float, max_examples: int, seed: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Earlier datasets' examples mixed into this batch: `fraction` of its size, at most `max_examples`.
+
+    Questions this batch answers again are left out (the newer answer wins); the draw is seeded.
+    Returns the examples and the ids of the datasets they come from.
+    """
+    want = min(round(fraction * len(dataset.examples)), max_examples)
+    if want <= 0:
+        return [], []
+    current_ids = {e["id"] for e in dataset.examples}
+    current_keys = {_key(e) for e in dataset.examples}
+    pool: dict[str, tuple[str, dict[str, Any]]] = {}
+    for d in earlier:
+        for e in d.examples:
+            if e["id"] not in current_ids and _key(e) not in current_keys:
+                pool[e["id"]] = (d.dataset_id, e)
+    ids = sorted(pool)
+    chosen = random.Random(seed).sample(ids, min(want, len(ids)))
+    picked = [pool[i] for i in sorted(chosen)]
+    return [e for _, e in picked], sorted({d for d, _ in picked})

@@ -1,0 +1,295 @@
+"""One training job, start to finish: dataset + base version -> adapter -> merged model -> ONNX ->
+checked -> registered candidate with lineage -> result file (-> ModelCandidate event).
+
+Nothing reaches the registry until every step before it succeeded, and registration itself is
+all or nothing, so a failed job leaves no half-registered version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from flywheel_common.files import file_sha256
+from flywheel_common.registry import ModelRegistry, ModelVersion, now_iso
+from flywheel_trainer import datasets
+from flywheel_trainer.results import write_result
+from flywheel_trainer.settings import JobSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobArgs:
+    """What to train: a dataset (id or folder), the version to start from, and the job's id."""
+
+    dataset: str
+    base_version: str
+    job_id: str
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def resolve_device(settings: JobSettings) -> tuple[str, str]:
+    """(device, quantization): auto picks CUDA + NF4 QLoRA where a GPU is, else CPU + fp32 LoRA."""
+    import torch
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda asked for, but CUDA is not available")
+    quantization = settings.quantization
+    if quantization == "auto":
+        quantization = "nf4" if device == "cuda" else "none"
+    return device, quantization
+
+
+def export_options_of(parent: ModelVersion) -> Any:
+    """The parent's ONNX export options, so every version in a lineage is served the same way."""
+    from flywheel_model.prepare import ExportOptions
+
+    export = parent.manifest.get("export") or parent.manifest.get("prepared", {}).get("export") or {}
+    return ExportOptions(
+        precision=export.get("precision", "fp32"),
+        provider=export.get("provider", "cpu"),
+    )
+
+
+def _dir_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            digest.update(f"{p.relative_to(path)}:{file_sha256(p)}\n".encode())
+    return digest.hexdigest()
+
+
+def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
+    """Trains, exports, checks and registers; returns the result (also written as result.json)."""
+    import torch
+
+    from flywheel_model.prepare import export_onnx
+    from flywheel_model.prompt import PromptEncoder
+    from flywheel_model.runtime import DecoderSpec
+    from flywheel_trainer.job import data, train, verify
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timings[name] = round(now - mark, 2)
+        mark = now
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    registry = ModelRegistry(settings.artifact_root)
+    parent = registry.get(args.base_version)
+    if not (parent.hf_dir / "config.json").is_file():
+        raise RuntimeError(f"base version {parent.version} has no Hugging Face weights to train from")
+    dataset = datasets.load(settings.artifact_root, args.dataset)
+    earlier = datasets.earlier(settings.artifact_root, dataset.dataset_id)
+    hyper = settings.hyper
+    replay, replay_from = data.select_replay(
+        dataset,
+        earlier,
+        fraction=hyper.replay_fraction,
+        max_examples=hyper.replay_max_examples,
+        seed=hyper.seed,
+    )
+    device, quantization = resolve_device(settings)
+    log.info(
+        "job %s: %d examples + %d replayed, base %s, %s/%s",
+        args.job_id, len(dataset.examples), len(replay), parent.version, device, quantization,
+    )  # fmt: skip
+
+    # The serving tokenizer and prompt (the base version's ONNX folder), and its stop tokens.
+    encoder = PromptEncoder(parent.model_dir)
+    eos_ids = DecoderSpec.load(parent.model_dir).eos_token_ids
+    examples, skipped = data.tokenize([*dataset.examples, *replay], encoder, eos_ids, hyper.max_seq_tokens)
+    if not examples:
+        raise RuntimeError(f"no example fits in {hyper.max_seq_tokens} tokens ({len(skipped)} skipped)")
+    pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else eos_ids[0]
+    lap("prepare_s")
+
+    scratch = settings.scratch_dir / args.job_id
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        model = train.load_for_training(parent.hf_dir, device, quantization, hyper)
+        lap("load_s")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            log.info("step %d/%d loss %.4f", step, total, loss, extra={"step": step, "loss": round(loss, 5)})
+
+        trained = train.train(model, examples, hyper, device=device, pad_id=pad_id, on_step=on_step)
+        lap("train_s")
+        adapter_dir = scratch / "adapter"
+        model.save_pretrained(adapter_dir)
+        adapter_sha = _dir_sha256(adapter_dir)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        merged_dir = train.merge(parent.hf_dir, adapter_dir, scratch / "hf")
+        lap("merge_s")
+
+        options = export_options_of(parent)
+        cache_dir = settings.export_cache_dir or settings.scratch_dir / "hf-export"
+        onnx_dir = export_onnx(merged_dir, scratch / "onnx", options, cache_dir=cache_dir)
+        lap("export_s")
+
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+        probe = dataset.examples[: settings.verify.prompts]
+        checked = verify.compare(
+            merged,
+            onnx_dir,
+            [data.messages_of(e) for e in probe],
+            max_new_tokens=settings.verify.max_new_tokens,
+            tie_tolerance=settings.verify.tie_tolerance,
+        )
+        del merged
+        if not checked.ok:
+            bad = next(c for c in checked.checks if not c.equal)
+            raise RuntimeError(
+                f"ONNX greedy differs from PyTorch greedy at token {bad.diverged_at} "
+                f"(logit gap {bad.gap_at_divergence:.4f}): the export is not faithful"
+            )
+        lap("verify_s")
+
+        training = {
+            "hyperparameters": hyper.model_dump(),
+            "loss_curve": trained.loss_curve,
+            "epoch_losses": trained.epoch_losses,
+            "steps": trained.steps,
+            "examples_seen": trained.examples_seen,
+            "answer_tokens": trained.answer_tokens,
+            "total_tokens": trained.total_tokens,
+            "seconds_per_step": round(trained.seconds_per_step, 3),
+            "device": device,
+            "device_name": (
+                torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
+            ),
+            "quantization": quantization,
+            "threads": torch.get_num_threads(),
+            "versions": _versions(),
+            "timings": timings,
+        }
+        lineage = {
+            "parent_version": parent.version,
+            "dataset_id": dataset.dataset_id,
+            "dataset_sha256": dataset.sha256,
+            "adapter_sha256": adapter_sha,
+            "job_id": args.job_id,
+            "examples": {
+                "batch": len(dataset.examples),
+                "counts": dataset.manifest.get("counts", {}),
+                "replayed": len(replay),
+                "replayed_from": replay_from,
+                "trained": len(examples),
+                "skipped_too_long": skipped,
+            },
+        }
+        duration = round(time.perf_counter() - started, 1)
+        lineage["duration_s"] = duration
+        candidate = registry.register(
+            onnx_dir,
+            kind="candidate",
+            hf_dir=merged_dir,
+            metadata={
+                "lineage": lineage,
+                "training": training,
+                "verify": checked.summary(),
+                "export": {"precision": options.precision, "provider": options.provider},
+            },
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = {
+        "status": "succeeded",
+        "job_id": args.job_id,
+        "dataset_id": dataset.dataset_id,
+        "base_version": parent.version,
+        "candidate_version": candidate.version,
+        "epoch_losses": trained.epoch_losses,
+        "loss_curve": trained.loss_curve,
+        "steps": trained.steps,
+        "seconds_per_step": round(trained.seconds_per_step, 3),
+        "duration_s": duration,
+        "device": device,
+        "quantization": quantization,
+        "timings": timings,
+        "finished_at": now_iso(),
+        "event_emitted": False,
+        "pid": os.getpid(),
+    }
+    write_result(settings.artifact_root, args.job_id, result)
+    log.info(
+        "job %s registered candidate %s in %.0f s (loss %s -> %s)",
+        args.job_id, candidate.version, duration,
+        trained.epoch_losses[0] if trained.epoch_losses else None,
+        trained.epoch_losses[-1] if trained.epoch_losses else None,
+    )  # fmt: skip
+    return result
+
+
+def fail(settings: JobSettings, args: JobArgs, exc: BaseException, started: float) -> dict[str, Any]:
+    """Writes a failed result (the trainer shows its reason)."""
+    result = {
+        "status": "failed",
+        "job_id": args.job_id,
+        "reason": f"{type(exc).__name__}: {exc}"[:2000],
+        "duration_s": round(time.perf_counter() - started, 1),
+        "finished_at": now_iso(),
+    }
+    write_result(settings.artifact_root, args.job_id, result)
+    return result
+
+
+def emit_candidate(settings: JobSettings, result: dict[str, Any]) -> bool:
+    """Emits the ModelCandidate event when the job has Kafka settings; True once acknowledged."""
+    if settings.kafka is None:
+        return False
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from flywheel_common.kafka import EventProducer
+    from flywheel_proto.flywheel.events.v1 import events_pb2
+
+    created = Timestamp()
+    created.GetCurrentTime()
+    event = events_pb2.ModelCandidate(
+        version=result["candidate_version"],
+        parent_version=result["base_version"],
+        dataset_id=result["dataset_id"],
+        job_id=result["job_id"],
+        created_at=created,
+    )
+    topic = settings.kafka.topics.candidates
+    producer = EventProducer(settings.kafka, linger_ms=0, max_block_ms=5000)
+    try:
+        producer.connect([topic])
+        producer.send(topic, event.version, event).get(timeout=settings.kafka.request_timeout_ms / 1000)
+    finally:
+        producer.close()
+    result["event_emitted"] = True
+    write_result(settings.artifact_root, result["job_id"], result)
+    return True

@@ -1,0 +1,220 @@
+"""LoRA fine-tuning: fp32 LoRA on CPU, QLoRA (bitsandbytes NF4, bf16 compute) on CUDA.
+
+The loss is cross-entropy on the answer tokens only, and the output projection is applied to
+those positions alone (a prompt of a few hundred tokens would otherwise cost a vocabulary-sized
+logits tensor per token for nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flywheel_trainer.job.data import Tokenized
+from flywheel_trainer.settings import HyperParameters
+
+log = logging.getLogger(__name__)
+
+# Files copied from the base model next to merged weights (tokenizer, chat template, generation).
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+@dataclass
+class TrainResult:
+    """What training did, for the candidate's lineage."""
+
+    loss_curve: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    micro_batches: int = 0
+    examples_seen: int = 0
+    answer_tokens: int = 0
+    total_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_for_training(hf_dir: Path, device: str, quantization: str, hyper: HyperParameters) -> Any:
+    """The base model with LoRA adapters on the target projections (QLoRA when quantization is nf4)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            hf_dir, quantization_config=quant, dtype=compute, device_map={"": device}
+        )
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=hyper.gradient_checkpointing
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        model = model.to(torch.device(device))  # type: ignore[arg-type]
+        if hyper.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    config = LoraConfig(
+        r=hyper.lora_r,
+        lora_alpha=hyper.lora_alpha,
+        lora_dropout=hyper.lora_dropout,
+        target_modules=list(hyper.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _parts(model: Any) -> tuple[Any, Any]:
+    """The decoder body and the output projection of a (peft-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def _micro_batches(items: Sequence[Tokenized], size: int, order: list[int]) -> list[list[Tokenized]]:
+    return [[items[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+
+
+def answer_loss_sum(
+    model: Any, batch: Sequence[Tokenized], pad_id: int, device: str
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the answer tokens of a micro-batch, and how many there were."""
+    body, head = _parts(model)
+    width = max(len(t.input_ids) for t in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for r, t in enumerate(batch):
+        n = len(t.input_ids)
+        ids[r, :n] = torch.tensor(t.input_ids)
+        mask[r, :n] = 1
+        # Position p predicts token p + 1: the answer's tokens are predicted from prompt_len - 1 on.
+        positions = range(t.prompt_len - 1, n - 1)
+        rows += [r] * len(positions)
+        cols += list(positions)
+        targets += t.input_ids[t.prompt_len :]
+    hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    logits = head(picked).float()
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device), reduction="sum")
+    return loss, len(targets)
+
+
+def train(
+    model: Any,
+    examples: Sequence[Tokenized],
+    hyper: HyperParameters,
+    *,
+    device: str,
+    pad_id: int,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Trains the adapter: AdamW, linear warmup and decay, gradient accumulation, clipped gradients.
+
+    Each optimizer step averages the loss over the answer tokens of its micro-batches.
+    """
+    if not examples:
+        raise ValueError("no examples to train on")
+    seed_everything(hyper.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
+    micro_per_epoch = math.ceil(len(examples) / hyper.micro_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / hyper.gradient_accumulation)
+    total_steps = steps_per_epoch * hyper.epochs
+    if hyper.max_steps:
+        total_steps = min(total_steps, hyper.max_steps)
+    warmup = int(total_steps * hyper.warmup_ratio)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = random.Random(hyper.seed)
+    result = TrainResult()
+    started = time.perf_counter()
+    model.train()
+    for _epoch in range(hyper.epochs):
+        if result.steps >= total_steps:
+            break
+        order = list(range(len(examples)))
+        generator.shuffle(order)
+        micro = _micro_batches(examples, hyper.micro_batch_size, order)
+        epoch_loss, epoch_tokens = 0.0, 0
+        for s in range(0, len(micro), hyper.gradient_accumulation):
+            if result.steps >= total_steps:
+                break
+            group = micro[s : s + hyper.gradient_accumulation]
+            tokens = sum(t.answer_tokens for mb in group for t in mb)
+            step_loss = 0.0
+            for mb in group:
+                loss_sum, _n = answer_loss_sum(model, mb, pad_id, device)
+                (loss_sum / tokens).backward()
+                step_loss += float(loss_sum.detach())
+                result.micro_batches += 1
+                result.examples_seen += len(mb)
+                result.total_tokens += sum(len(t.input_ids) for t in mb)
+            torch.nn.utils.clip_grad_norm_(params, hyper.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps += 1
+            result.answer_tokens += tokens
+            result.loss_curve.append(round(step_loss / tokens, 5))
+            epoch_loss += step_loss
+            epoch_tokens += tokens
+            if on_step is not None:
+                on_step(result.steps, total_steps, step_loss / tokens)
+        if epoch_tokens:
+            result.epoch_losses.append(round(epoch_loss / epoch_tokens, 5))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def merge(base_hf: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """Merges the adapter into fresh fp32 base weights (also after QLoRA) and saves a HF folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    for name in SIDE_FILES:
+        if (base_hf / name).is_file():
+            shutil.copyfile(base_hf / name, out_dir / name)
+    return out_dir

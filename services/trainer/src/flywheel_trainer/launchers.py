@@ -1,0 +1,324 @@
+"""Job launchers behind one interface: a local subprocess, or a Kubernetes Job from the chart's template.
+
+Both run the same entrypoint (`python -m flywheel_trainer.job --dataset ... --base-version ...
+--job-id ...`); the job writes its result file to the artifact store, which the trainer reads
+once the launcher reports the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flywheel_trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What one training job does."""
+
+    job_id: str
+    dataset_id: str
+    base_version: str
+
+    def args(self) -> list[str]:
+        return ["--dataset", self.dataset_id, "--base-version", self.base_version, "--job-id", self.job_id]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended as its launcher saw it; `succeeded` None when the launcher cannot tell
+    (an adopted process whose exit code is lost): the result file decides."""
+
+    succeeded: bool | None
+    reason: str = ""
+
+
+class JobLauncher(ABC):
+    """Starts training jobs, waits for them, stops them."""
+
+    name: str = ""
+
+    @abstractmethod
+    def launch(self, spec: JobSpec) -> str:
+        """Starts the job; returns a handle that `wait` and `stop` accept (also after a restart)."""
+
+    @abstractmethod
+    def wait(self, handle: str) -> Outcome:
+        """Blocks until the job ended (run it on a thread)."""
+
+    @abstractmethod
+    def stop(self, handle: str) -> None:
+        """Stops a running job (nothing happens when it already ended)."""
+
+
+# ---------------------------------------------------------------- local
+
+
+class LocalJobLauncher(JobLauncher):
+    """Runs each job as a subprocess in its own session, logging to `<data_dir>/jobs/<job_id>.log`.
+
+    Handles are process ids, so a restarted trainer can adopt a job that outlived it.
+    """
+
+    name = "local"
+
+    def __init__(self, settings: TrainerSettings, *, stop_grace_s: float = 10.0) -> None:
+        command = settings.jobs.local_command
+        self.command = [sys.executable if part == "{python}" else part for part in command]
+        self.logs_dir = settings.data_dir / "jobs"
+        self.env = {
+            "FLYWHEEL_TRAINER_JOB_ARTIFACT_ROOT": str(settings.artifact_root.resolve()),
+            "FLYWHEEL_TRAINER_JOB_SCRATCH_DIR": str((settings.data_dir / "scratch").resolve()),
+        }
+        self.stop_grace_s = stop_grace_s
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def log_path(self, job_id: str) -> Path:
+        return self.logs_dir / f"{job_id}.log"
+
+    def launch(self, spec: JobSpec) -> str:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        # Settings the trainer was given for its jobs (FLYWHEEL_TRAINER_JOB_*) pass through;
+        # where the artifacts and scratch space are is the trainer's to say, unless set there.
+        env = {**self.env, **os.environ}
+        env["FLYWHEEL_TRAINER_JOB_ARTIFACT_ROOT"] = self.env["FLYWHEEL_TRAINER_JOB_ARTIFACT_ROOT"]
+        with self.log_path(spec.job_id).open("ab") as log_file:
+            proc = subprocess.Popen(
+                [*self.command, *spec.args()],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        with self._lock:
+            self._procs[str(proc.pid)] = proc
+        log.info("launched job %s as process %d", spec.job_id, proc.pid, extra={"job_id": spec.job_id})
+        return str(proc.pid)
+
+    def wait(self, handle: str) -> Outcome:
+        with self._lock:
+            proc = self._procs.get(handle)
+        if proc is not None:
+            code = proc.wait()
+            with self._lock:
+                self._procs.pop(handle, None)
+            return _exit_outcome(code)
+        # Adopted from an earlier trainer: not our child, so only its disappearance can be seen.
+        while _alive(int(handle)):
+            time.sleep(1.0)
+        return Outcome(None, "process ended (adopted after a trainer restart: exit code unknown)")
+
+    def stop(self, handle: str) -> None:
+        pid = int(handle)
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + self.stop_grace_s
+        while time.monotonic() < deadline and _alive(pid):
+            with self._lock:
+                proc = self._procs.get(handle)
+            if proc is not None and proc.poll() is not None:
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _exit_outcome(code: int) -> Outcome:
+    if code == 0:
+        return Outcome(True)
+    if code < 0:
+        return Outcome(False, f"killed by {signal.Signals(-code).name}")
+    return Outcome(False, f"exit code {code}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (ended, not yet reaped by its parent) is not running.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+_DNS_LABEL = re.compile(r"[^a-z0-9-]+")
+JOB_ID_LABEL = "flywheel.io/job-id"
+DATASET_ID_LABEL = "flywheel.io/dataset-id"
+
+
+def load_template(path: Path) -> dict[str, Any]:
+    """The Job template (the chart renders it into the trainer's ConfigMap as job.yaml)."""
+    doc = yaml.safe_load(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("kind") != "Job":
+        raise ValueError(f"{path} is not a Kubernetes Job")
+    return doc
+
+
+def build_job(template: dict[str, Any], spec: JobSpec, namespace: str) -> dict[str, Any]:
+    """The Job for `spec`: the template with a name, labels and the job's arguments appended."""
+    job = copy.deepcopy(template)
+    meta = job.setdefault("metadata", {})
+    prefix = meta.pop("generateName", None) or "flywheel-train-"
+    name = _DNS_LABEL.sub("-", f"{prefix}{spec.job_id}".lower())[:63].strip("-")
+    meta["name"] = name
+    meta["namespace"] = namespace
+    labels = {JOB_ID_LABEL: spec.job_id, DATASET_ID_LABEL: spec.dataset_id}
+    meta.setdefault("labels", {}).update(labels)
+    pod = job["spec"]["template"]
+    pod.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+    containers = pod["spec"]["containers"]
+    container = next((c for c in containers if c.get("name") == "train"), containers[0])
+    container["args"] = [*(container.get("args") or []), *spec.args()]
+    return job
+
+
+def job_outcome(status: Any) -> Outcome | None:
+    """A finished Job's outcome from its status (a V1JobStatus or its dict); None while it runs."""
+    if status is None:
+        return None
+    as_dict = status if isinstance(status, dict) else status.to_dict()
+    for cond in as_dict.get("conditions") or []:
+        if str(cond.get("status")) != "True":
+            continue
+        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return Outcome(True)
+        if cond.get("type") in ("Failed", "FailureTarget"):
+            reason = cond.get("reason") or "Failed"
+            message = cond.get("message") or ""
+            return Outcome(False, f"{reason}: {message}".rstrip(": "))
+    return None
+
+
+def kube_api_client(kubeconfig: Path | None) -> Any:
+    """An ApiClient from the kubeconfig file when one is given, else in-cluster config when in a
+    pod, else the default kubeconfig."""
+    from kubernetes import client, config
+
+    if kubeconfig is not None:
+        return config.new_client_from_config(config_file=str(kubeconfig))
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+        return client.ApiClient()
+    return config.new_client_from_config()
+
+
+class KubernetesJobLauncher(JobLauncher):
+    """Creates a batch/v1 Job per training job from the chart's template and watches it to the end.
+
+    Handles are Job names; a Job that already exists (the trainer restarted after creating it)
+    is adopted, never created twice.
+    """
+
+    name = "kubernetes"
+
+    def __init__(self, settings: TrainerSettings, *, api: Any = None, watch_timeout_s: int = 60) -> None:
+        if settings.jobs.template_file is None:
+            raise ValueError("the kubernetes launcher needs jobs.template_file (the chart's job.yaml)")
+        self.template = load_template(settings.jobs.template_file)
+        self.namespace = settings.jobs.namespace
+        self._kubeconfig = settings.jobs.kubeconfig
+        self._api = api
+        self.watch_timeout_s = watch_timeout_s
+
+    @property
+    def api(self) -> Any:
+        """The BatchV1Api, connected on first use."""
+        if self._api is None:
+            from kubernetes import client
+
+            self._api = client.BatchV1Api(kube_api_client(self._kubeconfig))
+        return self._api
+
+    def build(self, spec: JobSpec) -> dict[str, Any]:
+        return build_job(self.template, spec, self.namespace)
+
+    def launch(self, spec: JobSpec) -> str:
+        from kubernetes.client.rest import ApiException
+
+        body = self.build(spec)
+        name = body["metadata"]["name"]
+        try:
+            self.api.create_namespaced_job(self.namespace, body)
+            log.info("created Job %s for %s", name, spec.job_id, extra={"job_id": spec.job_id})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            log.warning("Job %s already exists: adopting it", name, extra={"job_id": spec.job_id})
+        return str(name)
+
+    def wait(self, handle: str) -> Outcome:
+        from kubernetes import watch
+        from kubernetes.client.rest import ApiException
+
+        while True:
+            try:
+                job = self.api.read_namespaced_job_status(handle, self.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return Outcome(False, f"Job {handle} was deleted before it finished")
+                raise
+            outcome = job_outcome(job.status)
+            if outcome is not None:
+                return outcome
+            w = watch.Watch()
+            try:
+                for event in w.stream(
+                    self.api.list_namespaced_job,
+                    self.namespace,
+                    field_selector=f"metadata.name={handle}",
+                    timeout_seconds=self.watch_timeout_s,
+                ):
+                    if event.get("type") == "DELETED":
+                        return Outcome(False, f"Job {handle} was deleted before it finished")
+                    outcome = job_outcome(getattr(event.get("object"), "status", None))
+                    if outcome is not None:
+                        return outcome
+            except ApiException as exc:
+                if exc.status != 410:  # 410: resourceVersion too old; read and watch again
+                    raise
+            finally:
+                w.stop()
+
+    def stop(self, handle: str) -> None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            self.api.delete_namespaced_job(handle, self.namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def build_launcher(settings: TrainerSettings) -> JobLauncher:
+    """The launcher the settings name."""
+    if settings.jobs.launcher == "kubernetes":
+        return KubernetesJobLauncher(settings)
+    return LocalJobLauncher(settings)

@@ -1,0 +1,43 @@
+"""The trainer's Prometheus metrics (the chart's alerts and loop dashboard query these names)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+JOBS = Counter(
+    "flywheel_trainer_jobs",
+    "Training jobs by state reached: queued, launched, succeeded, failed.",
+    ["state"],
+)
+JOBS_CURRENT = Gauge("flywheel_trainer_jobs_current", "Training jobs now queued or running.", ["state"])
+JOB_DURATION = Histogram(
+    "flywheel_trainer_job_duration_seconds",
+    "Time from launch to the end of a training job, by outcome.",
+    ["outcome"],
+    buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800),
+)
+EXAMPLES = Counter(
+    "flywheel_trainer_examples",
+    "Examples kept from feedback, by source (correction, positive, negative).",
+    ["source"],
+)
+EXAMPLES_PENDING = Gauge("flywheel_trainer_examples_pending", "Training examples waiting for a batch.")
+FEEDBACK_DUPLICATES = Counter(
+    "flywheel_trainer_duplicates", "Events dropped as already stored (redeliveries, retried submissions)."
+)
+BATCH_EXAMPLES = Histogram(
+    "flywheel_trainer_batch_examples",
+    "Training examples per batch cut into a dataset.",
+    buckets=(1, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+TRAINING_LOSS = Gauge(
+    "flywheel_trainer_training_loss",
+    "Mean training loss (answer tokens) of the last finished job, in its first and last epoch.",
+    ["epoch"],
+)
+CONSUMER_LAG = Gauge(
+    "flywheel_trainer_consumer_lag",
+    "Records the consumer is behind the end of each partition.",
+    ["topic", "partition"],
+)
+CANDIDATES = Counter("flywheel_trainer_candidates", "ModelCandidate events emitted by the trainer.")

@@ -1,0 +1,463 @@
+"""The trainer's durable state in SQLite: interactions, feedback waiting for them, examples, datasets, jobs.
+
+Every polled batch of events is stored in one transaction (WAL, synchronous=FULL) before the
+consumer commits its offsets, and events are keyed (interaction by query id, feedback by its
+feedback id), so a redelivered event changes nothing: a crash never loses or doubles an example.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal, Source
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS interactions (
+    query_id TEXT PRIMARY KEY,
+    page_title TEXT NOT NULL,
+    question TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    passages TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    feedback_id TEXT PRIMARY KEY,
+    query_id TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    value INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    role INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    joined INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS feedback_waiting ON feedback (query_id) WHERE joined = 0;
+CREATE TABLE IF NOT EXISTS examples (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    example_id TEXT NOT NULL UNIQUE,
+    query_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    dataset_id TEXT
+);
+CREATE INDEX IF NOT EXISTS examples_pending ON examples (source, seq) WHERE dataset_id IS NULL;
+CREATE INDEX IF NOT EXISTS examples_query ON examples (query_id);
+CREATE INDEX IF NOT EXISTS examples_dataset ON examples (dataset_id, seq);
+CREATE TABLE IF NOT EXISTS datasets (
+    dataset_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    examples INTEGER NOT NULL,
+    negatives INTEGER NOT NULL,
+    written INTEGER NOT NULL DEFAULT 0,
+    sha256 TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    dataset_id TEXT NOT NULL UNIQUE REFERENCES datasets (dataset_id),
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    base_version TEXT NOT NULL DEFAULT '',
+    candidate_version TEXT NOT NULL DEFAULT '',
+    examples INTEGER NOT NULL,
+    launcher TEXT NOT NULL DEFAULT '',
+    handle TEXT NOT NULL DEFAULT '',
+    event_emitted INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+"""
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+TRAINING_SOURCES = (Source.CORRECTION.value, Source.POSITIVE.value)
+
+
+@dataclass
+class IngestResult:
+    """What storing one polled batch did."""
+
+    examples: collections.Counter[str] = field(default_factory=collections.Counter)
+    duplicates: int = 0
+    ignored: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Training examples waiting for a batch."""
+
+    examples: int
+    negatives: int
+    oldest_received_at: float | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A training job as stored."""
+
+    job_id: str
+    dataset_id: str
+    state: str
+    reason: str
+    base_version: str
+    candidate_version: str
+    examples: int
+    launcher: str
+    handle: str
+    event_emitted: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A batch just cut: its dataset and the job that will train on it."""
+
+    dataset_id: str
+    job_id: str
+    examples: int
+    negatives: int
+    reason: str
+
+
+def signal_of(event: events_pb2.Feedback) -> FeedbackSignal:
+    """The fields the trainer keeps from a Feedback event; its dedup key is the feedback id."""
+    key = event.feedback_id
+    if not key:
+        # No id (not made by the feedback service): the payload itself identifies a redelivery.
+        key = "sha256:" + hashlib.sha256(event.SerializeToString(deterministic=True)).hexdigest()
+    return FeedbackSignal(
+        feedback_id=key,
+        query_id=event.query_id,
+        kind=int(event.kind),
+        value=int(event.value),
+        text=event.redacted_text,
+        role=int(event.reviewer_role),
+    )
+
+
+def batch_ids(example_ids: Sequence[str], now: float) -> tuple[str, str]:
+    """Dataset and job ids: sortable by time, unique by content, valid Kubernetes names."""
+    stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y%m%d-%H%M%S")
+    digest = hashlib.sha256("\n".join(example_ids).encode()).hexdigest()[:8]
+    return f"ds-{stamp}-{digest}", f"job-{stamp}-{digest}"
+
+
+class JoinStore:
+    """SQLite store shared by the consumer thread and the service's event loop (one lock)."""
+
+    def __init__(self, path: Path, policy: ExamplePolicy, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.policy = policy
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transaction survives a power cut, which is what lets offsets be committed.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, tuple(args)))
+
+    # ------------------------------------------------------------ ingest
+
+    def ingest(
+        self, interactions: Sequence[events_pb2.Interaction], feedback: Sequence[FeedbackSignal]
+    ) -> IngestResult:
+        """Stores a polled batch and turns every feedback whose interaction is known into examples.
+
+        Interactions go first, so feedback in the same batch joins at once; feedback whose
+        interaction has not arrived waits in the store.
+        """
+        result = IngestResult()
+        now = self._clock()
+        with self._tx() as db:
+            for event in interactions:
+                if not event.query_id:
+                    result.ignored["interaction without query id"] += 1
+                    continue
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO interactions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.query_id,
+                        event.page_title,
+                        event.question,
+                        event.answer,
+                        json.dumps(list(event.passages)),
+                        event.model_version,
+                        now,
+                    ),
+                )
+                if cur.rowcount == 0:
+                    result.duplicates += 1
+                    continue
+                waiting = db.execute(
+                    "SELECT * FROM feedback WHERE query_id = ? AND joined = 0 ORDER BY received_at, rowid",
+                    (event.query_id,),
+                ).fetchall()
+                for row in waiting:
+                    self._join(db, _signal_from_row(row), now, result)
+            for signal in feedback:
+                if not signal.query_id:
+                    result.ignored["feedback without query id"] += 1
+                    continue
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                    (
+                        signal.feedback_id,
+                        signal.query_id,
+                        signal.kind,
+                        signal.value,
+                        signal.text,
+                        signal.role,
+                        now,
+                    ),
+                )
+                if cur.rowcount == 0:
+                    result.duplicates += 1
+                    continue
+                self._join(db, signal, now, result)
+        return result
+
+    def _join(self, db: sqlite3.Connection, signal: FeedbackSignal, now: float, result: IngestResult) -> None:
+        row = db.execute("SELECT * FROM interactions WHERE query_id = ?", (signal.query_id,)).fetchone()
+        if row is None:
+            return  # waits for its interaction
+        db.execute("UPDATE feedback SET joined = 1 WHERE feedback_id = ?", (signal.feedback_id,))
+        decision = self.policy.decide(signal, row["answer"])
+        if decision.source is None:
+            result.ignored[decision.why] += 1
+            return
+        source = decision.source
+        payload: dict[str, Any] = {
+            "query_id": row["query_id"],
+            "page_title": row["page_title"],
+            "passages": json.loads(row["passages"]),
+            "question": row["question"],
+            "model_answer": row["answer"],
+            "model_version": row["model_version"],
+            "feedback_id": signal.feedback_id,
+        }
+        if source is Source.CORRECTION:
+            payload["answer"] = signal.text.strip()
+            example_id = f"c-{signal.feedback_id}"
+            # The expert's answer supersedes a positive rating of the model's answer not yet batched.
+            db.execute(
+                "DELETE FROM examples WHERE query_id = ? AND source = ? AND dataset_id IS NULL",
+                (signal.query_id, Source.POSITIVE.value),
+            )
+        elif source is Source.POSITIVE:
+            corrected = db.execute(
+                "SELECT 1 FROM examples WHERE query_id = ? AND source = ?",
+                (signal.query_id, Source.CORRECTION.value),
+            ).fetchone()
+            if corrected:
+                result.ignored["positive rating of a corrected answer"] += 1
+                return
+            payload["answer"] = row["answer"].strip()
+            example_id = f"p-{signal.query_id}"
+        else:
+            payload["rating"] = signal.value
+            payload["feedback_kind"] = signal.kind
+            example_id = f"n-{signal.query_id}"
+        cur = db.execute(
+            "INSERT OR IGNORE INTO examples (example_id, query_id, source, payload, received_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (example_id, signal.query_id, source.value, json.dumps(payload, sort_keys=True), now),
+        )
+        if cur.rowcount:
+            result.examples[source.value] += 1
+        else:
+            result.ignored[f"{source.value} for this answer already kept"] += 1
+
+    # ------------------------------------------------------------ batches
+
+    def pending(self) -> Pending:
+        """Examples not yet in a dataset."""
+        rows = self._query(
+            "SELECT source, COUNT(*) AS n, MIN(received_at) AS oldest FROM examples "
+            "WHERE dataset_id IS NULL GROUP BY source"
+        )
+        by = {r["source"]: r for r in rows}
+        train = [by[s] for s in TRAINING_SOURCES if s in by]
+        negatives = by.get(Source.NEGATIVE.value)
+        return Pending(
+            examples=sum(r["n"] for r in train),
+            negatives=negatives["n"] if negatives else 0,
+            oldest_received_at=min((r["oldest"] for r in train), default=None),
+        )
+
+    def cut(self, *, max_examples: int, reason: str) -> Cut | None:
+        """Moves the oldest waiting training examples (and every waiting negative) into a new
+        dataset with its queued job, in one transaction; None when no training example waits."""
+        now = self._clock()
+        with self._tx() as db:
+            placeholders = ",".join("?" * len(TRAINING_SOURCES))
+            rows = db.execute(
+                f"SELECT seq, example_id FROM examples WHERE dataset_id IS NULL "
+                f"AND source IN ({placeholders}) ORDER BY seq LIMIT ?",
+                (*TRAINING_SOURCES, max_examples),
+            ).fetchall()
+            if not rows:
+                return None
+            dataset_id, job_id = batch_ids([r["example_id"] for r in rows], now)
+            db.execute(
+                "INSERT INTO datasets (dataset_id, created_at, reason, examples, negatives) "
+                "VALUES (?, ?, ?, ?, 0)",
+                (dataset_id, now, reason, len(rows)),
+            )
+            db.executemany(
+                "UPDATE examples SET dataset_id = ? WHERE seq = ?", [(dataset_id, r["seq"]) for r in rows]
+            )
+            negatives = db.execute(
+                "UPDATE examples SET dataset_id = ? WHERE dataset_id IS NULL AND source = ?",
+                (dataset_id, Source.NEGATIVE.value),
+            ).rowcount
+            db.execute("UPDATE datasets SET negatives = ? WHERE dataset_id = ?", (negatives, dataset_id))
+            db.execute(
+                "INSERT INTO jobs (job_id, dataset_id, state, examples, created_at) VALUES (?, ?, ?, ?, ?)",
+                (job_id, dataset_id, QUEUED, len(rows), now),
+            )
+        return Cut(dataset_id, job_id, len(rows), negatives, reason)
+
+    def dataset_rows(self, dataset_id: str) -> list[dict[str, Any]]:
+        """A dataset's examples in batch order: {id, source, **payload}."""
+        rows = self._query(
+            "SELECT example_id, source, payload FROM examples WHERE dataset_id = ? ORDER BY seq",
+            (dataset_id,),
+        )
+        return [{"id": r["example_id"], "source": r["source"], **json.loads(r["payload"])} for r in rows]
+
+    def dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM datasets WHERE dataset_id = ?", (dataset_id,))
+        return dict(rows[0]) if rows else None
+
+    def unwritten_datasets(self) -> list[str]:
+        """Datasets cut but not yet written to the artifact store (a crash came in between)."""
+        return [
+            r["dataset_id"]
+            for r in self._query("SELECT dataset_id FROM datasets WHERE written = 0 ORDER BY created_at")
+        ]
+
+    def mark_written(self, dataset_id: str, sha256: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE datasets SET written = 1, sha256 = ? WHERE dataset_id = ?", (sha256, dataset_id)
+            )
+
+    # ------------------------------------------------------------ jobs
+
+    def jobs(self, *, states: Sequence[str] = (), limit: int = 0) -> list[Job]:
+        """Jobs, newest first (optionally only in `states`, at most `limit`)."""
+        sql = "SELECT * FROM jobs"
+        args: list[Any] = []
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            args += list(states)
+        sql += " ORDER BY created_at DESC, job_id DESC"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [_job(r) for r in self._query(sql, args)]
+
+    def job(self, job_id: str) -> Job | None:
+        rows = self._query("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def update_job(self, job_id: str, **fields: Any) -> Job:
+        """Sets columns of a job; `state` must be one of JOB_STATES."""
+        if "state" in fields and fields["state"] not in JOB_STATES:
+            raise ValueError(f"unknown job state {fields['state']!r}")
+        allowed = set(Job.__dataclass_fields__) - {"job_id", "dataset_id", "created_at"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown job fields {sorted(unknown)}")
+        with self._tx() as db:
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            db.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", (*fields.values(), job_id))
+        job = self.job(job_id)
+        assert job is not None
+        return job
+
+    # ------------------------------------------------------------ housekeeping
+
+    def purge(self, retention_s: float) -> dict[str, int]:
+        """Forgets interactions, feedback and batched examples older than the retention window.
+
+        Waiting examples are kept whatever their age: they still have to reach a dataset.
+        """
+        cutoff = self._clock() - retention_s
+        with self._tx() as db:
+            return {
+                "interactions": db.execute(
+                    "DELETE FROM interactions WHERE received_at < ?", (cutoff,)
+                ).rowcount,
+                "feedback": db.execute("DELETE FROM feedback WHERE received_at < ?", (cutoff,)).rowcount,
+                "examples": db.execute(
+                    "DELETE FROM examples WHERE received_at < ? AND dataset_id IN "
+                    "(SELECT dataset_id FROM datasets WHERE written = 1)",
+                    (cutoff,),
+                ).rowcount,
+            }
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table, examples by source, and feedback still waiting for its interaction."""
+        out: dict[str, int] = {}
+        for table in ("interactions", "feedback", "examples", "datasets", "jobs"):
+            out[table] = self._query(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
+        for row in self._query("SELECT source, COUNT(*) AS n FROM examples GROUP BY source"):
+            out[f"examples.{row['source']}"] = row["n"]
+        out["feedback.waiting"] = self._query("SELECT COUNT(*) AS n FROM feedback WHERE joined = 0")[0]["n"]
+        return out
+
+
+def _signal_from_row(row: sqlite3.Row) -> FeedbackSignal:
+    return FeedbackSignal(
+        feedback_id=row["feedback_id"],
+        query_id=row["query_id"],
+        kind=row["kind"],
+        value=row["value"],
+        text=row["text"],
+        role=row["role"],
+    )
+
+
+def _job(row: sqlite3.Row) -> Job:
+    data = dict(row)
+    data["event_emitted"] = bool(data["event_emitted"])
+    return Job(**data)

@@ -1,0 +1,327 @@
+"""Batching and job scheduling: cut batches into datasets, launch at most K jobs, record outcomes,
+announce candidates. Runs on the service's event loop; the consumer fills the store meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from flywheel_common.errors import FlywheelError, NotFound, Unavailable
+from flywheel_common.kafka import EventProducer
+from flywheel_common.registry import ModelRegistry
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_trainer import datasets, metrics
+from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.results import read_result
+from flywheel_trainer.settings import TrainerSettings
+from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Cut, Job, JoinStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_PURGE_INTERVAL_S = 3600.0
+
+
+def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Runs `fn` on a daemon thread (not the default executor, which shutdown would wait for)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=target, daemon=True, name="trainer-job-wait").start()
+    return future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+class Trainer:
+    """Owns the decisions: when a batch is cut, which job runs when, what its outcome was."""
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        store: JoinStore,
+        launcher: JobLauncher,
+        registry: ModelRegistry,
+        producer: EventProducer | None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.launcher = launcher
+        self.registry = registry
+        self.producer = producer
+        self._clock = clock
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._last_purge = 0.0
+        self._waiting_note = ""
+        self.changed = asyncio.Event()
+
+    # ------------------------------------------------------------ batches
+
+    def due(self) -> str | None:
+        """Why a batch should be cut now ("size" or "time"), or None."""
+        batch = self.settings.batch
+        pending = self.store.pending()
+        metrics.EXAMPLES_PENDING.set(pending.examples)
+        if pending.examples >= batch.max_examples:
+            return "size"
+        if (
+            pending.examples >= batch.min_examples
+            and pending.oldest_received_at is not None
+            and self._clock() - pending.oldest_received_at >= batch.max_wait_s
+        ):
+            return "time"
+        return None
+
+    async def cut(self, reason: str) -> Cut | None:
+        """Cuts a batch of the oldest waiting examples and writes its dataset; None when none wait."""
+        cut = self.store.cut(max_examples=self.settings.batch.max_examples, reason=reason)
+        if cut is None:
+            return None
+        metrics.BATCH_EXAMPLES.observe(cut.examples)
+        metrics.JOBS.labels(QUEUED).inc()
+        log.info(
+            "cut batch %s (%s): %d examples, %d negatives; job %s queued",
+            cut.dataset_id,
+            reason,
+            cut.examples,
+            cut.negatives,
+            cut.job_id,
+            extra={"dataset_id": cut.dataset_id, "job_id": cut.job_id},
+        )
+        await self._write_dataset(cut.dataset_id)
+        self.changed.set()
+        return cut
+
+    async def _write_dataset(self, dataset_id: str) -> None:
+        row = self.store.dataset(dataset_id)
+        if row is None:
+            raise NotFound(f"no dataset {dataset_id}")
+        rows = self.store.dataset_rows(dataset_id)
+        files, manifest = datasets.build(dataset_id, rows, created_at=row["created_at"], reason=row["reason"])
+        await asyncio.to_thread(datasets.write, self.settings.artifact_root, dataset_id, files, manifest)
+        self.store.mark_written(dataset_id, manifest["sha256"])
+
+    # ------------------------------------------------------------ jobs
+
+    def _running(self) -> int:
+        return len(self.store.jobs(states=[RUNNING]))
+
+    def _base_version(self) -> str | None:
+        return self.settings.jobs.base_version or self.registry.state().production
+
+    async def launch_queued(self) -> None:
+        """Launches queued jobs, oldest first, while fewer than K run."""
+        queued = [
+            j
+            for j in reversed(self.store.jobs(states=[QUEUED]))
+            if (self.store.dataset(j.dataset_id) or {}).get("written")
+        ]
+        for job in queued:
+            if self._stopping or self._running() >= self.settings.jobs.max_concurrent:
+                return
+            base = self._base_version()
+            if base is None:
+                note = "waiting for a production model version to train from"
+                if self._waiting_note != note:
+                    log.warning("job %s %s", job.job_id, note)
+                    self._waiting_note = note
+                self.store.update_job(job.job_id, reason=note)
+                return
+            await self._launch(job, base)
+
+    async def _launch(self, job: Job, base: str) -> None:
+        spec = JobSpec(job.job_id, job.dataset_id, base)
+        try:
+            handle = await asyncio.to_thread(self.launcher.launch, spec)
+        except Exception as exc:  # the launcher could not start it: the job fails, the batch is not retried
+            log.exception("launching job %s failed", job.job_id)
+            self._finish(job, "", Outcome(False, f"launch failed: {type(exc).__name__}: {exc}"))
+            return
+        self.store.update_job(
+            job.job_id,
+            state=RUNNING,
+            reason="",
+            base_version=base,
+            launcher=self.launcher.name,
+            handle=handle,
+            started_at=self._clock(),
+        )
+        metrics.JOBS.labels("launched").inc()
+        self._watch(job.job_id, handle)
+
+    def _watch(self, job_id: str, handle: str) -> None:
+        async def watch() -> None:
+            try:
+                outcome = await _in_thread(lambda: self.launcher.wait(handle))
+            except Exception as exc:
+                log.exception("watching job %s failed", job_id)
+                outcome = Outcome(False, f"lost track of the job: {type(exc).__name__}: {exc}")
+            job = self.store.job(job_id)
+            if job is not None and job.state == RUNNING:
+                self._finish(job, handle, outcome)
+                await self.announce_candidates()
+            self._watchers.pop(job_id, None)
+            self.changed.set()
+
+        self._watchers[job_id] = asyncio.create_task(watch(), name=f"watch-{job_id}")
+
+    def _finish(self, job: Job, handle: str, outcome: Outcome) -> None:
+        """Records a job's end from the launcher's outcome and the job's own result file."""
+        result = read_result(self.settings.artifact_root, job.job_id) or {}
+        now = self._clock()
+        candidate = str(result.get("candidate_version") or "")
+        # A registered candidate is the job's success, even if the process died after registering.
+        ok = result.get("status") == SUCCEEDED and bool(candidate)
+        reason = ""
+        if ok:
+            try:
+                self.registry.get(candidate)
+            except FlywheelError:
+                ok, reason = False, f"the job reported {candidate}, which is not in the registry"
+        else:
+            reason = str(result.get("reason") or outcome.reason or "the job wrote no result")
+            if outcome.reason and outcome.reason not in reason:
+                reason = f"{reason} ({outcome.reason})"
+        state = SUCCEEDED if ok else FAILED
+        self.store.update_job(
+            job.job_id,
+            state=state,
+            reason=reason,
+            candidate_version=candidate if ok else "",
+            event_emitted=bool(ok and result.get("event_emitted")),
+            finished_at=now,
+            handle=handle or job.handle,
+        )
+        metrics.JOBS.labels(state).inc()
+        if job.started_at:
+            metrics.JOB_DURATION.labels(state).observe(now - job.started_at)
+        losses = result.get("epoch_losses") or []
+        if losses:
+            metrics.TRAINING_LOSS.labels("first").set(float(losses[0]))
+            metrics.TRAINING_LOSS.labels("last").set(float(losses[-1]))
+        log.log(
+            logging.INFO if ok else logging.WARNING,
+            "job %s %s%s",
+            job.job_id,
+            state,
+            f": candidate {candidate}" if ok else f": {reason}",
+            extra={"job_id": job.job_id, "dataset_id": job.dataset_id},
+        )
+
+    async def announce_candidates(self) -> None:
+        """Emits ModelCandidate for succeeded jobs whose event is not out yet (retried until acked)."""
+        if self.producer is None:
+            return
+        for job in self.store.jobs(states=[SUCCEEDED]):
+            if job.event_emitted:
+                continue
+            created = Timestamp()
+            created.FromSeconds(int(job.finished_at or self._clock()))
+            event = events_pb2.ModelCandidate(
+                version=job.candidate_version,
+                parent_version=job.base_version,
+                dataset_id=job.dataset_id,
+                job_id=job.job_id,
+                created_at=created,
+            )
+            try:
+                if not self.producer.connected:
+                    await asyncio.to_thread(self.producer.connect, [self.settings.kafka.topics.candidates])
+                await self.producer.produce(
+                    self.settings.kafka.topics.candidates, job.candidate_version, event
+                )
+            except Exception as exc:  # Kafka away: the next turn of the loop tries again
+                log.warning("ModelCandidate %s not emitted yet: %s", job.candidate_version, exc)
+                return
+            self.store.update_job(job.job_id, event_emitted=True)
+            metrics.CANDIDATES.inc()
+            log.info(
+                "announced candidate %s (parent %s, dataset %s)",
+                job.candidate_version,
+                job.base_version,
+                job.dataset_id,
+                extra={"job_id": job.job_id},
+            )
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def recover(self) -> None:
+        """After a restart: write datasets a crash left unwritten, adopt jobs that were running."""
+        for dataset_id in self.store.unwritten_datasets():
+            log.info("writing dataset %s left unwritten by a restart", dataset_id)
+            await self._write_dataset(dataset_id)
+        for job in self.store.jobs(states=[RUNNING]):
+            if job.launcher != self.launcher.name or not job.handle:
+                self._finish(job, job.handle, Outcome(False, f"launched by {job.launcher or 'nothing'}"))
+                continue
+            log.info("adopting running job %s (%s)", job.job_id, job.handle)
+            self._watch(job.job_id, job.handle)
+
+    async def tick(self) -> None:
+        """One turn: cut a batch when due, launch what may run, announce, purge, update gauges."""
+        reason = self.due()
+        if reason is not None:
+            await self.cut(reason)
+        await self.launch_queued()
+        await self.announce_candidates()
+        now = self._clock()
+        if now - self._last_purge >= _PURGE_INTERVAL_S:
+            self._last_purge = now
+            purged = self.store.purge(self.settings.retention_s)
+            if any(purged.values()):
+                log.info("retention purge: %s", purged)
+        for state in (QUEUED, RUNNING):
+            metrics.JOBS_CURRENT.labels(state).set(len(self.store.jobs(states=[state])))
+
+    async def run(self) -> None:
+        """Ticks until cancelled; a job ending or a manual cut wakes it early."""
+        interval = self.settings.batch.check_interval_s
+        while True:
+            try:
+                await self.tick()
+            except Unavailable as exc:
+                log.warning("trainer tick: %s", exc)
+            except Exception:
+                log.exception("trainer tick failed")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), interval)
+
+    async def shutdown(self) -> None:
+        """Stops watching; local jobs are stopped (and fail) when the settings say so."""
+        self._stopping = True
+        for task in list(self._watchers.values()):
+            task.cancel()
+        for task in list(self._watchers.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watchers.clear()
+        if self.launcher.name == "local" and self.settings.jobs.local_stop_on_shutdown:
+            for job in self.store.jobs(states=[RUNNING]):
+                await asyncio.to_thread(self.launcher.stop, job.handle)
+                self._finish(job, job.handle, Outcome(False, "stopped: the trainer shut down"))
