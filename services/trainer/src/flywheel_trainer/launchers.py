@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,13 +240,21 @@ class KubernetesJobLauncher(JobLauncher):
 
     name = "kubernetes"
 
-    def __init__(self, settings: TrainerSettings, *, api: Any = None, watch_timeout_s: int = 60) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        *,
+        api: Any = None,
+        watch_factory: Callable[[], Any] | None = None,
+        watch_timeout_s: int = 60,
+    ) -> None:
         if settings.jobs.template_file is None:
             raise ValueError("the kubernetes launcher needs jobs.template_file (the chart's job.yaml)")
         self.template = load_template(settings.jobs.template_file)
         self.namespace = settings.jobs.namespace
         self._kubeconfig = settings.jobs.kubeconfig
         self._api = api
+        self._watch_factory = watch_factory
         self.watch_timeout_s = watch_timeout_s
 
     @property
@@ -278,6 +287,7 @@ class KubernetesJobLauncher(JobLauncher):
         from kubernetes import watch
         from kubernetes.client.rest import ApiException
 
+        new_watch = self._watch_factory or watch.Watch
         while True:
             try:
                 job = self.api.read_namespaced_job_status(handle, self.namespace)
@@ -288,7 +298,7 @@ class KubernetesJobLauncher(JobLauncher):
             outcome = job_outcome(job.status)
             if outcome is not None:
                 return outcome
-            w = watch.Watch()
+            w = new_watch()
             try:
                 for event in w.stream(
                     self.api.list_namespaced_job,

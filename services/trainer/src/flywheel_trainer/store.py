@@ -153,7 +153,8 @@ def signal_of(event: events_pb2.Feedback) -> FeedbackSignal:
 
 def batch_ids(example_ids: Sequence[str], now: float) -> tuple[str, str]:
     """Dataset and job ids: sortable by time, unique by content, valid Kubernetes names."""
-    stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y%m%d-%H%M%S")
+    when = dt.datetime.fromtimestamp(now, dt.UTC)
+    stamp = when.strftime("%Y%m%d-%H%M%S") + f"{when.microsecond // 1000:03d}"
     digest = hashlib.sha256("\n".join(example_ids).encode()).hexdigest()[:8]
     return f"ds-{stamp}-{digest}", f"job-{stamp}-{digest}"
 
@@ -371,7 +372,7 @@ class JoinStore:
         """Datasets cut but not yet written to the artifact store (a crash came in between)."""
         return [
             r["dataset_id"]
-            for r in self._query("SELECT dataset_id FROM datasets WHERE written = 0 ORDER BY created_at")
+            for r in self._query("SELECT dataset_id FROM datasets WHERE written = 0 ORDER BY created_at, rowid")
         ]
 
     def mark_written(self, dataset_id: str, sha256: str) -> None:
@@ -389,7 +390,7 @@ class JoinStore:
         if states:
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
             args += list(states)
-        sql += " ORDER BY created_at DESC, job_id DESC"
+        sql += " ORDER BY created_at DESC, rowid DESC"
         if limit:
             sql += " LIMIT ?"
             args.append(limit)

@@ -1,0 +1,142 @@
+"""The join store: joins, waiting feedback, duplicates, the policy's bookkeeping, batches, retention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flywheel_trainer.store import FAILED, QUEUED, JoinStore
+
+
+def test_feedback_joins_its_interaction_in_either_order(store: JoinStore, ev: Any) -> None:
+    r1 = store.ingest([ev.interaction(1)], [ev.correction(1)])
+    assert r1.examples == {"correction": 1}
+    r2 = store.ingest([], [ev.correction(2)])
+    assert not r2.examples
+    assert store.counts()["feedback.waiting"] == 1
+    r3 = store.ingest([ev.interaction(2)], [])
+    assert r3.examples == {"correction": 1}
+    assert store.counts()["feedback.waiting"] == 0
+
+
+def test_redelivered_events_change_nothing(store: JoinStore, ev: Any) -> None:
+    batch = ([ev.interaction(1), ev.interaction(2)], [ev.correction(1), ev.rating(2, 5)])
+    first = store.ingest(*batch)
+    assert first.examples == {"correction": 1, "positive": 1}
+    again = store.ingest(*batch)
+    assert not again.examples
+    assert again.duplicates == 4
+    assert store.counts()["examples"] == 2
+
+
+def test_correction_supersedes_a_pending_positive_and_blocks_later_ones(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.rating(1, 5)])
+    assert store.counts()["examples.positive"] == 1
+    store.ingest([], [ev.correction(1)])
+    counts = store.counts()
+    assert counts["examples.correction"] == 1 and "examples.positive" not in counts
+    later = store.ingest([], [ev.rating(1, 4, fid="another")])
+    assert not later.examples
+
+
+def test_one_positive_and_one_negative_per_answer(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.rating(1, 5), ev.thumbs(1, True)])
+    store.ingest([ev.interaction(2)], [ev.rating(2, 1), ev.thumbs(2, False)])
+    counts = store.counts()
+    assert counts["examples.positive"] == 1
+    assert counts["examples.negative"] == 1
+
+
+def test_examples_carry_the_interaction_and_the_redacted_correction(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(7, answer="wrong")], [ev.correction(7, "Item 7 is [EMAIL].")])
+    cut = store.cut(max_examples=10, reason="manual")
+    assert cut is not None
+    (row,) = store.dataset_rows(cut.dataset_id)
+    assert row["answer"] == "Item 7 is [EMAIL]."
+    assert row["model_answer"] == "wrong"
+    assert row["passages"] == ["Item 7 is a thing.", "Other text."]
+    assert row["question"] == "What is item 7?"
+    assert row["page_title"] == "Page 7"
+    assert not any("pseudonym" in key for key in row)
+
+
+def test_cut_takes_the_oldest_n_and_every_negative_once(store: JoinStore, ev: Any) -> None:
+    for i in range(5):
+        store.ingest([ev.interaction(i)], [ev.correction(i)])
+    store.ingest([ev.interaction(9)], [ev.rating(9, 1)])
+    pending = store.pending()
+    assert (pending.examples, pending.negatives) == (5, 1)
+    first = store.cut(max_examples=3, reason="size")
+    assert first is not None and (first.examples, first.negatives) == (3, 1)
+    assert [r["query_id"] for r in store.dataset_rows(first.dataset_id) if r["source"] == "correction"] == [
+        "q0",
+        "q1",
+        "q2",
+    ]
+    second = store.cut(max_examples=3, reason="manual")
+    assert second is not None and (second.examples, second.negatives) == (2, 0)
+    assert store.cut(max_examples=3, reason="manual") is None
+    ids = [r["id"] for d in (first, second) for r in store.dataset_rows(d.dataset_id)]
+    assert len(ids) == len(set(ids)) == 6
+    jobs = store.jobs()
+    assert {j.dataset_id for j in jobs} == {first.dataset_id, second.dataset_id}
+    assert all(j.state == QUEUED for j in jobs)
+
+
+def test_negatives_alone_cut_no_batch(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.rating(1, 1)])
+    assert store.cut(max_examples=10, reason="manual") is None
+
+
+def test_a_dataset_has_exactly_one_job(store: JoinStore, ev: Any) -> None:
+    import sqlite3
+
+    store.ingest([ev.interaction(1)], [ev.correction(1)])
+    cut = store.cut(max_examples=10, reason="manual")
+    assert cut is not None
+    with pytest.raises(sqlite3.IntegrityError), store._tx() as db:
+        db.execute(
+            "INSERT INTO jobs (job_id, dataset_id, state, examples, created_at) VALUES ('x', ?, ?, 1, 0)",
+            (cut.dataset_id, QUEUED),
+        )
+
+
+def test_update_job_checks_states_and_fields(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.correction(1)])
+    cut = store.cut(max_examples=10, reason="manual")
+    assert cut is not None
+    job = store.update_job(cut.job_id, state=FAILED, reason="because")
+    assert (job.state, job.reason) == (FAILED, "because")
+    with pytest.raises(ValueError):
+        store.update_job(cut.job_id, state="exploded")
+    with pytest.raises(ValueError):
+        store.update_job(cut.job_id, dataset_id="other")
+
+
+def test_retention_forgets_old_rows_but_keeps_waiting_examples(store: JoinStore, ev: Any, clock: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.correction(1)])
+    store.ingest([ev.interaction(2)], [ev.correction(2)])
+    cut = store.cut(max_examples=1, reason="manual")
+    assert cut is not None
+    store.mark_written(cut.dataset_id, "abc")
+    store.ingest([], [ev.correction(3)])  # waits for an interaction that never comes
+    clock.now += 100
+    purged = store.purge(retention_s=50)
+    assert purged == {"interactions": 2, "feedback": 3, "examples": 1}
+    assert store.pending().examples == 1  # q2, not yet in a dataset
+
+
+def test_the_store_survives_a_reopen(tmp_path: Any, ev: Any) -> None:
+    from flywheel_trainer.policy import ExamplePolicy
+    from flywheel_trainer.settings import PolicySettings
+
+    path = tmp_path / "s.sqlite3"
+    s1 = JoinStore(path, ExamplePolicy(PolicySettings()))
+    s1.ingest([ev.interaction(1)], [ev.correction(1), ev.correction(2)])
+    s1.close()
+    s2 = JoinStore(path, ExamplePolicy(PolicySettings()))
+    assert s2.ingest([ev.interaction(2)], []).examples == {"correction": 1}
+    assert s2.ingest([ev.interaction(1)], [ev.correction(1)]).duplicates == 2
+    assert s2.counts()["examples"] == 2
+    s2.close()

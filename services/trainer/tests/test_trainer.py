@@ -1,0 +1,254 @@
+"""Batching and scheduling with a fake launcher: N/T/M, at most K jobs, one job per batch, outcomes,
+announcements, recovery after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flywheel_common.registry import ModelRegistry
+from flywheel_trainer import datasets
+from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.results import write_result
+from flywheel_trainer.settings import BatchSettings, JobsSettings, TrainerSettings
+from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JoinStore
+from flywheel_trainer.trainer import Trainer
+
+
+class FakeLauncher(JobLauncher):
+    """Jobs end when the test says so, writing the result a real job would."""
+
+    def __init__(self, registry: ModelRegistry, name: str = "fake") -> None:
+        self.name = name
+        self.registry = registry
+        self.launched: list[JobSpec] = []
+        self.waited: list[str] = []
+        self.stopped: list[str] = []
+        self._done: dict[str, threading.Event] = {}
+        self._outcome: dict[str, Outcome] = {}
+
+    def launch(self, spec: JobSpec) -> str:
+        self.launched.append(spec)
+        self._done.setdefault(spec.job_id, threading.Event())
+        return spec.job_id
+
+    def wait(self, handle: str) -> Outcome:
+        self.waited.append(handle)
+        self._done.setdefault(handle, threading.Event()).wait(30)
+        return self._outcome.get(handle, Outcome(True))
+
+    def stop(self, handle: str) -> None:
+        self.stopped.append(handle)
+        self.end(handle, ok=False, reason="stopped")
+
+    def end(self, job_id: str, *, ok: bool, reason: str = "") -> None:
+        root = self.registry.root
+        if ok:
+            model = root.parent / f"model-{job_id}"
+            model.mkdir(exist_ok=True)
+            (model / "model.onnx").write_bytes(b"x")
+            version = self.registry.register(model, kind="candidate").version
+            result = {"status": "succeeded", "candidate_version": version, "epoch_losses": [2.0, 1.0]}
+        else:
+            result = {"status": "failed", "reason": reason}
+        write_result(root, job_id, result)
+        self._outcome[job_id] = Outcome(ok, "" if ok else "exit code 1")
+        self._done.setdefault(job_id, threading.Event()).set()
+
+
+class FakeProducer:
+    """Records produced events; can be made to fail."""
+
+    def __init__(self) -> None:
+        self.connected = True
+        self.events: list[tuple[str, str, Any]] = []
+        self.fail = False
+
+    def connect(self, topics: Any = ()) -> None:
+        pass
+
+    async def produce(self, topic: str, key: str, message: Any) -> None:
+        if self.fail:
+            raise RuntimeError("kafka down")
+        self.events.append((topic, key, message))
+
+
+def make(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, **batch: Any
+) -> tuple[Trainer, FakeLauncher, FakeProducer]:
+    settings = TrainerSettings(
+        artifact_root=registry.root,
+        data_dir=tmp_path / "trainer",
+        batch=BatchSettings(**{"max_examples": 3, "min_examples": 2, "max_wait_s": 60, **batch}),
+        jobs=JobsSettings(max_concurrent=1),
+    )
+    launcher = FakeLauncher(registry)
+    producer = FakeProducer()
+    return Trainer(settings, store, launcher, registry, producer, clock=clock), launcher, producer  # type: ignore[arg-type]
+
+
+def feed(store: JoinStore, ev: Any, ids: range) -> None:
+    for i in ids:
+        store.ingest([ev.interaction(i)], [ev.correction(i)])
+
+
+async def settle(trainer: Trainer, predicate: Any) -> None:
+    async with asyncio.timeout(10):
+        while not predicate():
+            await trainer.tick()
+            await asyncio.sleep(0.02)
+
+
+async def test_batches_are_cut_at_n_or_after_t_with_m(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, _, _ = make(tmp_path, store, registry, clock)
+    feed(store, ev, range(1))
+    assert trainer.due() is None
+    clock.now += 120
+    assert trainer.due() is None  # waited long enough, but fewer than M
+    feed(store, ev, range(1, 2))
+    assert trainer.due() == "time"
+    feed(store, ev, range(2, 3))
+    assert trainer.due() == "size"
+    cut = await trainer.cut("size")
+    assert cut is not None and cut.examples == 3
+    loaded = datasets.load(registry.root, cut.dataset_id)
+    assert loaded.manifest["reason"] == "size"
+    assert loaded.manifest["example_ids"] == ["c-fc0", "c-fc1", "c-fc2"]
+    assert store.dataset(cut.dataset_id)["written"] == 1  # type: ignore[index]
+
+
+async def test_at_most_k_jobs_run_and_each_batch_is_trained_once(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, producer = make(tmp_path, store, registry, clock)
+    cuts = []
+    for start in (0, 3, 6):
+        feed(store, ev, range(start, start + 3))
+        cuts.append(await trainer.cut("size"))
+    await trainer.launch_queued()
+    assert [s.dataset_id for s in launcher.launched] == [cuts[0].dataset_id]
+    assert launcher.launched[0].base_version == "v1"
+    assert [j.state for j in reversed(store.jobs())] == [RUNNING, QUEUED, QUEUED]
+    for i in range(3):
+        launcher.end(cuts[i].job_id, ok=i != 1, reason="boom")
+        await settle(trainer, lambda i=i: store.job(cuts[i].job_id).state not in (QUEUED, RUNNING))
+    await settle(trainer, lambda: len(producer.events) == 2)
+    for _ in range(3):
+        await trainer.tick()
+    assert [s.dataset_id for s in launcher.launched] == [c.dataset_id for c in cuts]
+    states = {j.dataset_id: j for j in store.jobs()}
+    assert states[cuts[0].dataset_id].state == SUCCEEDED
+    assert states[cuts[0].dataset_id].candidate_version == "v2"
+    assert states[cuts[1].dataset_id].state == FAILED
+    assert "boom" in states[cuts[1].dataset_id].reason
+    assert states[cuts[2].dataset_id].candidate_version == "v3"
+    announced = [(m.version, m.parent_version, m.dataset_id, m.job_id) for _, _, m in producer.events]
+    assert announced == [
+        ("v2", "v1", cuts[0].dataset_id, cuts[0].job_id),
+        ("v3", "v1", cuts[2].dataset_id, cuts[2].job_id),
+    ]
+
+
+async def test_announcements_are_retried_until_kafka_takes_them(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, producer = make(tmp_path, store, registry, clock)
+    producer.fail = True
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await trainer.launch_queued()
+    launcher.end(cut.job_id, ok=True)
+    await settle(trainer, lambda: store.job(cut.job_id).state == SUCCEEDED)
+    assert not store.job(cut.job_id).event_emitted  # type: ignore[union-attr]
+    producer.fail = False
+    await trainer.tick()
+    await trainer.tick()
+    assert len(producer.events) == 1 and store.job(cut.job_id).event_emitted  # type: ignore[union-attr]
+
+
+async def test_a_job_claiming_an_unregistered_candidate_fails(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, _ = make(tmp_path, store, registry, clock)
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await trainer.launch_queued()
+    write_result(registry.root, cut.job_id, {"status": "succeeded", "candidate_version": "v99"})
+    launcher._done[cut.job_id].set()
+    await settle(trainer, lambda: store.job(cut.job_id).state == FAILED)
+    assert "v99" in store.job(cut.job_id).reason  # type: ignore[union-attr]
+
+
+async def test_jobs_wait_for_a_production_version(
+    tmp_path: Path, store: JoinStore, clock: Any, ev: Any
+) -> None:
+    registry = ModelRegistry(tmp_path / "empty-artifacts")
+    trainer, launcher, _ = make(tmp_path, store, registry, clock)
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await trainer.tick()
+    job = store.job(cut.job_id)
+    assert job is not None and job.state == QUEUED and "production" in job.reason
+    assert launcher.launched == []
+
+
+async def test_a_restarted_trainer_adopts_running_jobs_and_writes_pending_datasets(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, _ = make(tmp_path, store, registry, clock)
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await trainer.launch_queued()
+    await trainer.shutdown()  # the fake launcher is not "local": its job keeps running
+    assert store.job(cut.job_id).state == RUNNING  # type: ignore[union-attr]
+    # A crash between cutting a batch and writing its dataset:
+    feed(store, ev, range(3, 6))
+    crashed = store.cut(max_examples=3, reason="size")
+    assert crashed is not None and crashed.dataset_id not in {
+        p.name for p in datasets.datasets_dir(registry.root).iterdir()
+    }
+
+    again, relauncher, _ = make(tmp_path, store, registry, clock)
+    relauncher._done = launcher._done
+    await again.recover()
+    async with asyncio.timeout(5):
+        while not relauncher.waited:
+            await asyncio.sleep(0.01)
+    assert relauncher.waited == [cut.job_id] and relauncher.launched == []
+    datasets.load(registry.root, crashed.dataset_id)
+    relauncher.end(cut.job_id, ok=True)
+    await settle(again, lambda: store.job(cut.job_id).state == SUCCEEDED)
+    await settle(again, lambda: store.job(crashed.job_id).state == RUNNING)
+    assert [s.job_id for s in relauncher.launched] == [crashed.job_id]
+    relauncher.end(crashed.job_id, ok=True)
+    await settle(again, lambda: store.job(crashed.job_id).state == SUCCEEDED)
+
+
+async def test_shutdown_stops_local_jobs(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, _ = make(tmp_path, store, registry, clock)
+    launcher.name = "local"
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await trainer.launch_queued()
+    await trainer.shutdown()
+    job = store.job(cut.job_id)
+    assert launcher.stopped == [cut.job_id]
+    assert job is not None and job.state == FAILED and "shut down" in job.reason
+
+
+@pytest.fixture(autouse=True)
+def _quiet_metrics() -> None:
+    """Metrics are process-global; nothing to reset, the tests only look at the store."""
