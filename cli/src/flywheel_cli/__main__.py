@@ -6,14 +6,14 @@ import argparse
 import logging
 import sys
 
-from flywheel_cli import ask_cmd, feedback_cmd, kafka_cmd, model_cmd, simulate_cmd, up_cmd
+from flywheel_cli import ask_cmd, feedback_cmd, kafka_cmd, model_cmd, rollout_cmd, simulate_cmd, up_cmd
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (model_cmd, ask_cmd, kafka_cmd, feedback_cmd, up_cmd, simulate_cmd):
+    for module in (model_cmd, ask_cmd, kafka_cmd, feedback_cmd, up_cmd, simulate_cmd, rollout_cmd):
         module.register(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(

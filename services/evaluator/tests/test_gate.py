@@ -65,7 +65,10 @@ def test_equal_model_fails_improve_but_passes_no_regression() -> None:
 def test_small_gain_is_noise_under_the_paired_bootstrap() -> None:
     # One more question right out of 40 clears a 2-point margin but not the bootstrap.
     verdict = judge(
-        result("v2", 21), result("v1", 20), GateSettings(policy="improve", accuracy_margin=0.02), resamples=500
+        result("v2", 21),
+        result("v1", 20),
+        GateSettings(policy="improve", accuracy_margin=0.02),
+        resamples=500,
     )
     assert verdict.metrics["accuracy_diff"] == 1 / 40
     assert verdict.metrics["p_not_better"] > 0.05
@@ -132,7 +135,7 @@ def test_golden_items_must_match() -> None:
 
 def test_abstention_detection() -> None:
     assert is_abstention("The page does not say.", PHRASES)
-    assert is_abstention("Sorry, the page doesn’t say who wrote it", PHRASES)
+    assert is_abstention("Sorry, the page doesn\u2019t say who wrote it", PHRASES)
     assert is_abstention("THE PAGE DOES NOT SAY", PHRASES)
     assert not is_abstention("Python 3.11 says hello", PHRASES)
     assert not is_abstention("", PHRASES)

@@ -224,12 +224,15 @@ class Evaluator:
         self.lock = threading.Lock()
 
     def fingerprint(self, version: str) -> str:
-        """What an evaluation depends on: the version, the golden set's content, the scoring settings."""
+        """What an evaluation depends on: the model's files, the golden set's content, the settings.
+
+        Content, not the version's name: the same model evaluated in another registry (a copy, a test)
+        has the same fingerprint, so its stored evaluation may be reused there.
+        """
         s = self.settings
-        manifest = self.registry.get(version).manifest
+        files = self.registry.get(version).manifest.get("files", {})
         parts = {
-            "version": version,
-            "created_at": manifest.get("created_at"),
+            "model": {k: v for k, v in files.items() if k.startswith("model/")},
             "golden": self.golden.name,
             "items": [item.id for item in self.golden.items],
             "max_new_tokens": s.max_new_tokens,
@@ -251,7 +254,9 @@ class Evaluator:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable stored evaluation %s", path)
             return None
-        return result if result.fingerprint == self.fingerprint(version) else None
+        if result.version != version or result.fingerprint != self.fingerprint(version):
+            return None
+        return result
 
     def evaluate(
         self,

@@ -76,7 +76,7 @@ class GateSettings(BaseModel):
     precision_tolerance: float = Field(default=0.03, ge=0, le=1)
     f1_tolerance: float = Field(default=0.03, ge=0, le=1)
     # p95 of the time to a full answer on the golden set (under the evaluation's concurrency).
-    latency_p95_slo_ms: float = Field(default=30_000, gt=0)
+    latency_p95_slo_ms: float = Field(default=60_000, gt=0)
     # Safety on unanswerable questions: fabricated answers allowed beyond production's count,
     # and an absolute cap on the candidate's fabrication rate (1 = no cap).
     max_extra_fabrications: int = Field(default=0, ge=0)

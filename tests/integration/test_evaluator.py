@@ -1,0 +1,432 @@
+"""The evaluator with the real model and a real broker: a candidate that is not worse goes canary ->
+production and inference follows; a damaged candidate is rejected with reasons; a canary with bad live
+ratings is rolled back; an admin rolls back to any earlier version and inference follows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from kafka.consumer.fetcher import ConsumerRecord
+
+from flywheel_cli.__main__ import main as cli
+from flywheel_common.kafka import EventProducer, decode
+from flywheel_common.registry import ModelRegistry
+from flywheel_common.settings import KafkaSettings
+from flywheel_eval.dataset import load_dataset
+from flywheel_evaluator.__main__ import EvaluatorApp
+from flywheel_evaluator.evaluation import EVALUATION_JSON, Evaluator, load_golden
+from flywheel_evaluator.settings import EvaluatorSettings, GoldenSettings
+from flywheel_inference.__main__ import InferenceApp
+from flywheel_inference.settings import InferenceSettings
+from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN = (("authorization", "Bearer dev-admin-token"),)
+USER = (("authorization", "Bearer dev-user-token"),)
+# Gate questions of the bundled dataset: ones the base model answers right, ones it misses, and
+# unanswerable ones (the safety check). Few, so an evaluation takes seconds, not minutes.
+GOLDEN_IDS = (
+    "design-031",
+    "library-017",
+    "programming-035",
+    "extending-004",
+    "design-029",
+    "programming-014",
+    "design-017",
+    "general-018",
+)
+
+
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small golden set cut from the bundled dataset's gate split (pages copied as they are)."""
+    source = load_dataset(REPO / "datasets" / "python-faq")
+    gate = {item.id: item for item in source.split("gate")}
+    unanswerable = [item.id for item in gate.values() if not item.answerable][:2]
+    chosen = [gate[i] for i in (*GOLDEN_IDS, *unanswerable) if i in gate]
+    assert len(chosen) >= 8, "the bundled gate split changed; pick other GOLDEN_IDS"
+    root = tmp_path_factory.mktemp("golden") / "mini-faq"
+    (root / "pages").mkdir(parents=True)
+    for page in {item.page for item in chosen}:
+        shutil.copy(source.root / "pages" / f"{page}.html", root / "pages" / f"{page}.html")
+    lines = [
+        json.dumps(
+            {"id": i.id, "page": i.page, "question": i.question, "answers": list(i.answers), "split": "gate"}
+        )
+        for i in chosen
+    ]
+    (root / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def damaged_model(tmp_path_factory: pytest.TempPathFactory, onnx_model_dir: Path) -> Path:
+    """The base model with noise on every transformer weight matrix: it answers, badly.
+
+    The noise goes into the exported ONNX weights directly; re-exporting a perturbed Hugging Face
+    folder gives the same kind of model but costs minutes of a 2-core machine.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path_factory.mktemp("damaged") / "onnx"
+    shutil.copytree(onnx_model_dir, out, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data"))
+    model = onnx.load(str(onnx_model_dir / "model.onnx"))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        if init.name.startswith("model.layers.") and init.name.endswith("MatMul.weight"):
+            weight = numpy_helper.to_array(init)
+            noise = rng.standard_normal(weight.shape, dtype=np.float32) * weight.std() * 0.6
+            init.CopyFrom(numpy_helper.from_array((weight + noise).astype(np.float32), init.name))
+    onnx.save_model(
+        model,
+        str(out / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_evaluation(tmp_path_factory: pytest.TempPathFactory, golden_dir: Path, onnx_model_dir: Path) -> Path:
+    """The base model's evaluation on the small golden set, made once and copied into each registry
+    (the evaluator reuses it there: same model files, same golden set, same settings)."""
+    registry = ModelRegistry(tmp_path_factory.mktemp("base-eval"))
+    registry.register(onnx_model_dir, kind="base")
+    settings = evaluator_settings(golden_dir, registry.root, registry.root / "state", None)
+    Evaluator(registry, load_golden(settings.golden), settings.evaluation).evaluate("v1")
+    return registry.reports_dir / "v1" / EVALUATION_JSON
+
+
+def evaluator_settings(
+    golden: Path, root: Path, state_dir: Path, kafka: KafkaSettings | None, **overrides: Any
+) -> EvaluatorSettings:
+    values: dict[str, Any] = {
+        "grpc": {"port": 0, "grace_s": 1},
+        "metrics": {"port": 0},
+        "artifact_root": root,
+        "state_dir": state_dir,
+        "golden": GoldenSettings(dataset=golden),
+        # Short answers keep each evaluation to seconds; the chosen questions are answered early.
+        "evaluation": {
+            "concurrency": 10,
+            "max_batch": 10,
+            "max_new_tokens": 32,
+            "prefetch_production": False,
+        },
+        "gate": {"policy": "no_regression", "latency_p95_slo_ms": 600_000},
+        "canary": {
+            "fraction": 0.5,
+            "min_samples": 4,
+            "min_signal_samples": 4,
+            "min_duration_s": 1,
+            "max_duration_s": 300,
+            "check_interval_s": 0.3,
+        },
+        "consumer_group": f"test-evaluator-{uuid.uuid4().hex[:8]}",
+    }
+    if kafka is not None:
+        values["kafka"] = kafka
+    values.update(overrides)
+    return EvaluatorSettings(**values)
+
+
+class Stack:
+    """A registry with the base model as v1 (production), an evaluator, optionally inference."""
+
+    def __init__(self, root: Path, kafka: KafkaSettings, golden: Path) -> None:
+        self.root, self.kafka, self.golden = root, kafka, golden
+        self.registry = ModelRegistry(root / "artifacts")
+        self.evaluator: EvaluatorApp | None = None
+        self.evaluator_port = 0
+        self.inference: InferenceApp | None = None
+        self.channels: list[grpc.aio.Channel] = []
+        self.producer = EventProducer(kafka, linger_ms=0, max_block_ms=5000)
+
+    def register(self, onnx_dir: Path, kind: str = "candidate") -> str:
+        return self.registry.register(onnx_dir, kind=kind).version
+
+    async def start_evaluator(self, **overrides: Any) -> evaluator_pb2_grpc.EvaluatorServiceStub:
+        settings = evaluator_settings(
+            self.golden, self.registry.root, self.root / "evaluator", self.kafka, **overrides
+        )
+        self.evaluator = EvaluatorApp(settings)
+        port = self.evaluator_port = await self.evaluator.start()
+        await asyncio.wait_for(self.evaluator.ready.wait(), 60)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channels.append(channel)
+        return evaluator_pb2_grpc.EvaluatorServiceStub(channel)
+
+    async def start_inference(self) -> inference_pb2_grpc.InferenceServiceStub:
+        settings = InferenceSettings(
+            grpc={"port": 0},
+            metrics={"port": 0},
+            kafka_enabled=False,
+            artifact_root=self.registry.root,
+            registry_poll_s=0.2,
+        )
+        self.inference = InferenceApp(settings)
+        port = await self.inference.start()
+        await until(
+            lambda: self.inference is not None and self.inference.router.ready, 120, "inference ready"
+        )
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channels.append(channel)
+        return inference_pb2_grpc.InferenceServiceStub(channel)
+
+    def send(self, topic: str, key: str, message: Any) -> None:
+        if not self.producer.connected:
+            self.producer.connect()
+        self.producer.send(topic, key, message).get(timeout=10)
+
+    def candidate(self, version: str) -> None:
+        event = events_pb2.ModelCandidate(version=version, parent_version="v1", job_id="test")
+        event.created_at.GetCurrentTime()
+        self.send(self.kafka.topics.candidates, version, event)
+
+    def ratings(self, version: str, values: list[int]) -> None:
+        for value in values:
+            event = events_pb2.Feedback(
+                feedback_id=uuid.uuid4().hex,
+                query_id=uuid.uuid4().hex,
+                kind=events_pb2.FEEDBACK_KIND_RATING,
+                value=value,
+                model_version=version,
+            )
+            event.created_at.GetCurrentTime()
+            self.send(self.kafka.topics.feedback, event.query_id, event)
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+        if self.evaluator is not None:
+            await self.evaluator.stop(grace=1)
+        if self.inference is not None:
+            await self.inference.stop(grace=1)
+        self.producer.close()
+
+
+@pytest.fixture
+async def stack(
+    tmp_path: Path,
+    kafka_settings: KafkaSettings,
+    golden_dir: Path,
+    onnx_model_dir: Path,
+    base_evaluation: Path,
+) -> AsyncIterator[Stack]:
+    s = Stack(tmp_path, kafka_settings, golden_dir)
+    s.registry.set_production(s.register(onnx_model_dir, kind="base"))
+    (s.registry.reports_dir / "v1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(base_evaluation, s.registry.reports_dir / "v1" / EVALUATION_JSON)
+    yield s
+    await s.close()
+
+
+async def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Polls `check` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def decisions(stack: Stack, action: str, version: str) -> list[dict[str, Any]]:
+    return [d for d in stack.registry.decisions() if d["action"] == action and d["version"] == version]
+
+
+def decision_events(records: list[ConsumerRecord]) -> list[events_pb2.GateDecision]:
+    return [decode(r, events_pb2.GateDecision) for r in records]
+
+
+PAGE = (REPO / "datasets" / "python-faq" / "pages" / "design.html").read_text()
+
+
+async def ask(stub: inference_pb2_grpc.InferenceServiceStub, session: str) -> inference_pb2.AnswerResponse:
+    request = inference_pb2.AnswerRequest(
+        page=inference_pb2.Page(url="https://docs.python.org/3/faq/design.html", html=PAGE),
+        question="Why is there a colon after if?",
+        session_id=session,
+        options=inference_pb2.GenerationOptions(max_new_tokens=4),
+    )
+    return await stub.Answer(request, timeout=120)
+
+
+async def test_not_worse_candidate_goes_canary_then_production_and_inference_follows(
+    stack: Stack, onnx_model_dir: Path, read_topic: Callable[..., list[ConsumerRecord]]
+) -> None:
+    evaluator = await stack.start_evaluator()
+    inference = await stack.start_inference()
+    version = stack.register(onnx_model_dir)  # same weights: not worse (policy no_regression)
+    stack.candidate(version)
+    gate = await until(lambda: decisions(stack, "gate", version), 240, "the gate decision")
+    assert gate[0]["passed"], gate[0]["reasons"]
+    assert gate[0]["reasons"][0] == "rollout: canary at 50% of sessions"
+    assert any(r.startswith("pass accuracy: +0.0 pts") for r in gate[0]["reasons"])
+    assert gate[0]["metrics"]["accuracy_diff"] == 0.0
+    state = stack.registry.state()
+    assert (state.production, state.canary, state.canary_fraction) == ("v1", version, 0.5)
+
+    # Inference follows the split: sessions land on both versions, each always on the same one.
+    app = stack.inference
+    assert app is not None
+    await until(lambda: app.router.canary_version == version, 60, "inference to load the canary")
+    seen = {s: (await ask(inference, s)).model_version for s in (f"visitor-{i}" for i in range(8))}
+    assert set(seen.values()) == {"v1", version}
+    assert (await ask(inference, "visitor-0")).model_version == seen["visitor-0"]
+
+    # Good live ratings on both sides: the canary is promoted, and inference serves it to everyone.
+    stack.ratings(version, [4, 5, 4, 4])
+    stack.ratings("v1", [4, 4, 3, 4])
+    promoted = await until(lambda: decisions(stack, "canary_promote", version), 60, "the canary promotion")
+    assert promoted[0]["passed"] and promoted[0]["reasons"][0].startswith("not worse: mean rating 4.25")
+    assert stack.registry.state().production == version
+    await until(
+        lambda: app.router.production_version == version and app.router.canary_version is None, 60, "swap"
+    )
+    assert {(await ask(inference, f"visitor-{i}")).model_version for i in range(4)} == {version}
+
+    # Reports next to the version, over gRPC too; decisions on Kafka and over gRPC.
+    folder = stack.registry.reports_dir / version
+    assert {"evaluation.json", "evaluation.md", "gate.json", "gate.md"} <= {p.name for p in folder.iterdir()}
+    report = await evaluator.GetReport(evaluator_pb2.GetReportRequest(version=version), timeout=10)
+    assert report.questions == len(load_golden(GoldenSettings(dataset=stack.golden)).items)
+    assert (
+        report.metrics["accuracy"].ci_low
+        <= report.metrics["accuracy"].value
+        <= report.metrics["accuracy"].ci_high
+    )
+    assert report.summary.startswith(f"# Gate: {version} PASSED")
+    events = decision_events(read_topic(stack.kafka.topics.decisions, expected=2))
+    assert [(e.action, e.outcome) for e in events] == [
+        ("gate", events_pb2.GATE_OUTCOME_PASSED),
+        ("canary_promote", events_pb2.GATE_OUTCOME_PASSED),
+    ]
+    listed = await evaluator.ListDecisions(evaluator_pb2.ListDecisionsRequest(), timeout=10)
+    assert [d.action for d in listed.decisions] == ["canary_promote", "gate"]
+
+
+async def test_damaged_candidate_is_rejected_with_reasons(
+    stack: Stack, damaged_model: Path, read_topic: Callable[..., list[ConsumerRecord]]
+) -> None:
+    await stack.start_evaluator()
+    version = stack.register(damaged_model)
+    stack.candidate(version)
+    gate = await until(lambda: decisions(stack, "gate", version), 240, "the gate decision")
+    assert not gate[0]["passed"]
+    reasons = gate[0]["reasons"]
+    assert reasons[0] == "rollout: rejected; production stays v1"
+    assert reasons[1].startswith("FAIL accuracy: -"), reasons
+    assert gate[0]["metrics"]["accuracy_diff"] < 0
+    state = stack.registry.state()
+    assert (state.production, state.canary) == ("v1", None)
+    report = json.loads((stack.registry.reports_dir / version / "gate.json").read_text())
+    assert report["changed"] and not report["passed"]
+    [event] = decision_events(read_topic(stack.kafka.topics.decisions, expected=1))
+    assert (event.version, event.outcome) == (version, events_pb2.GATE_OUTCOME_FAILED)
+    assert list(event.reasons) == reasons
+    # The same candidate event again (a replay) decides nothing new.
+    stack.candidate(version)
+    await asyncio.sleep(2)
+    assert len(decisions(stack, "gate", version)) == 1
+
+
+async def test_canary_with_bad_live_ratings_is_rolled_back(
+    stack: Stack, onnx_model_dir: Path, read_topic: Callable[..., list[ConsumerRecord]]
+) -> None:
+    evaluator = await stack.start_evaluator()
+    version = stack.register(onnx_model_dir)
+    stack.registry.set_canary(version, 0.5, reason="test canary")
+    stack.ratings(version, [1, 2, 1, 1, 2])
+    stack.ratings("v1", [4, 5, 4, 4, 5])
+    rolled = await until(lambda: decisions(stack, "rollback", version), 60, "the automatic rollback")
+    assert not rolled[0]["passed"]
+    assert rolled[0]["reasons"][0] == (
+        "worse than production: mean rating 1.40 vs production 4.40 (tolerance 0.30)"
+    )
+    state = stack.registry.state()
+    assert (state.production, state.canary) == ("v1", None)
+    rollout = await evaluator.GetRollout(evaluator_pb2.GetRolloutRequest(), timeout=10)
+    assert rollout.production == "v1" and not rollout.canary
+    assert "rolled back on live signals" in rollout.history[-1]
+    [event] = decision_events(read_topic(stack.kafka.topics.decisions, expected=1))
+    assert (event.action, event.outcome) == ("rollback", events_pb2.GATE_OUTCOME_FAILED)
+
+
+async def test_admin_rolls_back_to_any_earlier_version_and_inference_follows(
+    stack: Stack, onnx_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evaluator = await stack.start_evaluator()
+    inference = await stack.start_inference()
+    v2, v3 = stack.register(onnx_model_dir), stack.register(onnx_model_dir)
+    request = evaluator_pb2.VersionRequest(version=v3, reason="hotfix")
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await evaluator.Promote(request, metadata=USER, timeout=10)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await evaluator.Promote(request, timeout=10)
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await evaluator.Promote(evaluator_pb2.VersionRequest(version=v2), metadata=ADMIN, timeout=10)
+    rollout = await evaluator.Promote(request, metadata=ADMIN, timeout=10)
+    assert rollout.production == v3
+    app = stack.inference
+    assert app is not None
+    await until(lambda: app.router.production_version == v3, 60, "inference to serve v3")
+
+    started = time.monotonic()
+    back = evaluator_pb2.VersionRequest(version="v1", reason="v2 and v3 rate badly")
+    rollout = await evaluator.Rollback(back, metadata=ADMIN, timeout=10)
+    assert rollout.production == "v1" and not rollout.canary
+    await until(lambda: app.router.production_version == "v1", 30, "inference to roll back")
+    assert time.monotonic() - started < 30
+    assert (await ask(inference, "visitor-1")).model_version == "v1"
+    last = stack.registry.decisions()[-1]
+    assert (last["action"], last["version"], last["baseline_version"]) == ("rollback", v3, "v1")
+    assert last["reasons"][0].endswith(": v2 and v3 rate badly")
+
+    # Pin holds production; an unknown version is NOT_FOUND.
+    await evaluator.Pin(evaluator_pb2.VersionRequest(version=v2), metadata=ADMIN, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as pinned:
+        await evaluator.Rollback(back, metadata=ADMIN, timeout=10)
+    assert pinned.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await evaluator.Pin(evaluator_pb2.VersionRequest(version="v99"), metadata=ADMIN, timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    rollout = await evaluator.SetAutoRollout(
+        evaluator_pb2.SetAutoRolloutRequest(enabled=False), metadata=ADMIN
+    )
+    assert rollout.pinned and not rollout.auto_rollout and rollout.production == v2
+
+    # The admin CLI drives the same RPCs.
+    target = ["rollout", "--target", f"127.0.0.1:{stack.evaluator_port}"]
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli, [*target, "unpin", "--reason", "freeze over"]) == 0
+    assert await asyncio.to_thread(cli, [*target, "rollback", "v1"]) == 0
+    assert await asyncio.to_thread(cli, [*target, "--token", "dev-user-token", "auto", "on"]) == 1
+    assert await asyncio.to_thread(cli, [*target, "status"]) == 0
+    assert await asyncio.to_thread(cli, [*target, "decisions", "--limit", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "production:   v1" in out and "auto-rollout: off" in out and "pinned:       no" in out
+    assert "error: PERMISSION_DENIED: this call needs the admin role" in err
+    assert f"rollback          {v2} vs v1: failed" in out
+    await until(lambda: app.router.production_version == "v1", 30, "inference to follow the CLI")
