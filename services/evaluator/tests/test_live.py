@@ -13,7 +13,12 @@ T0 = 1_800_000_000.0  # a minute boundary
 
 
 def stats(version: str, ratings: list[int], *, down: int = 0, up: int = 0, ignored: int = 0) -> VersionStats:
-    s = VersionStats(version, ratings=len(ratings), rating_sum=float(sum(ratings)))
+    s = VersionStats(
+        version,
+        ratings=len(ratings),
+        rating_sum=float(sum(ratings)),
+        rating_sq_sum=float(sum(r * r for r in ratings)),
+    )
     s.thumbs_down, s.thumbs_up, s.ignored = down, up, ignored
     return s
 
@@ -38,6 +43,22 @@ def test_not_worse_is_promoted_after_the_minimum_duration() -> None:
     verdict = judge_canary(canary, production, 31, SETTINGS)
     assert verdict.action == "promote"
     assert verdict.reasons[0].startswith("not worse: mean rating 4.00 vs production 3.75")
+
+
+def test_a_drop_within_noise_waits_instead_of_rolling_back() -> None:
+    # Mean 3.5 vs 4.0 is past the 0.3 tolerance, but with these spreads it is within 1.64 standard errors.
+    canary, production = stats("v2", [5, 2, 4, 3, 5, 2] * 2), stats("v1", [5, 3, 4, 4, 5, 3] * 2)
+    verdict = judge_canary(canary, production, 60, SETTINGS)
+    assert verdict.action == "wait"
+    assert "within noise (1.64 standard errors" in verdict.reasons[0]
+    # Ignoring noise (z = 0), the same numbers roll it back; past the maximum duration they do too.
+    strict = SETTINGS.model_copy(update={"confidence_z": 0.0})
+    assert judge_canary(canary, production, 60, strict).action == "rollback"
+    late = judge_canary(canary, production, 601, SETTINGS)
+    assert late.action == "rollback" and late.reasons[0].startswith("still worse than production after 601 s")
+    # Twenty times the sample makes the same drop significant.
+    big_c, big_p = stats("v2", [5, 2, 4, 3, 5, 2] * 40), stats("v1", [5, 3, 4, 4, 5, 3] * 40)
+    assert judge_canary(big_c, big_p, 60, SETTINGS).action == "rollback"
 
 
 def test_rates_are_compared_with_their_tolerances() -> None:
@@ -79,7 +100,7 @@ def test_store_counts_per_version_and_window(tmp_path: Path) -> None:
     )
     store.record([Signal("v1", T0 + 9, "rating", 4)])
     v1 = store.stats("v1", T0, T0 + 60)
-    assert (v1.ratings, v1.mean_rating) == (3, 4.0)
+    assert (v1.ratings, v1.mean_rating, v1.rating_variance) == (3, 4.0, 1.0)
     assert store.stats("v1", T0, T0 + 7200).ratings == 4
     assert store.stats("v1", T0 + 3600, T0 + 7200).mean_rating == 1.0
     v2 = store.stats("v2", T0, T0 + 60)

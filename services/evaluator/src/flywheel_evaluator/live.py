@@ -50,6 +50,7 @@ class VersionStats:
     errors: int = 0
     ratings: int = 0
     rating_sum: float = 0.0
+    rating_sq_sum: float = 0.0
     thumbs_up: int = 0
     thumbs_down: int = 0
     ignored: int = 0
@@ -60,6 +61,7 @@ class VersionStats:
         self.errors += other.errors
         self.ratings += other.ratings
         self.rating_sum += other.rating_sum
+        self.rating_sq_sum += other.rating_sq_sum
         self.thumbs_up += other.thumbs_up
         self.thumbs_down += other.thumbs_down
         self.ignored += other.ignored
@@ -77,6 +79,14 @@ class VersionStats:
     @property
     def mean_rating(self) -> float | None:
         return self.rating_sum / self.ratings if self.ratings else None
+
+    @property
+    def rating_variance(self) -> float | None:
+        """Sample variance of the ratings (None below two ratings)."""
+        if self.ratings < 2:
+            return None
+        mean = self.rating_sum / self.ratings
+        return max(self.rating_sq_sum - self.ratings * mean * mean, 0.0) / (self.ratings - 1)
 
     @property
     def thumbs_down_rate(self) -> float | None:
@@ -124,7 +134,16 @@ class VersionStats:
         return out
 
 
-_COLUMNS = ("interactions", "errors", "ratings", "rating_sum", "thumbs_up", "thumbs_down", "ignored")
+_COLUMNS = (
+    "interactions",
+    "errors",
+    "ratings",
+    "rating_sum",
+    "rating_sq_sum",
+    "thumbs_up",
+    "thumbs_down",
+    "ignored",
+)
 
 
 class LiveStore:
@@ -168,6 +187,7 @@ class LiveStore:
             if s.kind == "rating":
                 stats.ratings += 1
                 stats.rating_sum += s.value
+                stats.rating_sq_sum += s.value * s.value
             elif s.kind == "thumbs":
                 if s.value > 0:
                     stats.thumbs_up += 1
@@ -268,80 +288,91 @@ def _fmt(value: float | None, pct: bool = False) -> str:
     return f"{value:.1%}" if pct else f"{value:.2f}"
 
 
+def _rate_se(x: float, n: int, y: float, m: int) -> float:
+    """Standard error of the difference of two proportions."""
+    return math.sqrt(x * (1 - x) / n + y * (1 - y) / m)
+
+
 def judge_canary(
     canary: VersionStats, production: VersionStats, elapsed_s: float, settings: CanarySettings
 ) -> CanaryVerdict:
-    """Rollback when a signal is worse than production beyond its tolerance (once both sides have the
-    minimum sample); promote when nothing is worse after the minimum duration; else wait, and after the
-    maximum duration do what `undecided_action` says."""
+    """Rolls back when a signal is worse than production by more than its tolerance and by more than
+    noise (`confidence_z` standard errors), once both sides have the minimum sample; promotes when no
+    signal is worse than its tolerance after the minimum duration; otherwise waits. At the maximum
+    duration a canary that still looks worse is rolled back, and one without enough samples gets
+    `undecided_action`."""
     metrics = {f"canary_{k}": v for k, v in canary.summary().items()}
     metrics |= {f"production_{k}": v for k, v in production.summary().items()}
     metrics["elapsed_s"] = round(elapsed_s, 1)
-    n = settings.min_signal_samples
+    n, z = settings.min_signal_samples, settings.confidence_z
     sampled = canary.feedback >= settings.min_samples and production.feedback >= settings.min_samples
     worse: list[str] = []
+    unsure: list[str] = []
     compared: list[str] = []
 
     def compare(
-        name: str, c: float | None, p: float | None, enough: bool, worse_by: float, tol: float, pct: bool
+        name: str, c: float, p: float, worse_by: float, se: float, tol: float, pct: bool = False
     ) -> None:
-        if c is None or p is None or not enough:
-            return
         line = f"{name} {_fmt(c, pct)} vs production {_fmt(p, pct)} (tolerance {_fmt(tol, pct)})"
-        (worse if worse_by > tol + 1e-12 else compared).append(line)
+        if worse_by <= tol + 1e-12:
+            compared.append(line)
+        elif worse_by > z * se:
+            worse.append(line)
+        else:
+            unsure.append(f"{line}, within noise ({z:g} standard errors = {_fmt(z * se, pct)})")
 
-    compare(
-        "mean rating",
-        canary.mean_rating,
-        production.mean_rating,
-        canary.ratings >= n and production.ratings >= n,
-        (production.mean_rating or 0) - (canary.mean_rating or 0),
-        settings.rating_tolerance,
-        False,
-    )
-    compare(
-        "thumbs-down rate",
-        canary.thumbs_down_rate,
-        production.thumbs_down_rate,
-        canary.thumbs >= n and production.thumbs >= n,
-        (canary.thumbs_down_rate or 0) - (production.thumbs_down_rate or 0),
-        settings.thumbs_down_tolerance,
-        True,
-    )
-    compare(
-        "ignore rate",
-        canary.ignore_rate,
-        production.ignore_rate,
-        canary.answers_seen >= n and production.answers_seen >= n,
-        (canary.ignore_rate or 0) - (production.ignore_rate or 0),
-        settings.ignore_rate_tolerance,
-        True,
-    )
-    compare(
-        "error rate",
-        canary.error_rate,
-        production.error_rate,
-        canary.interactions >= n and production.interactions >= n,
-        (canary.error_rate or 0) - (production.error_rate or 0),
-        settings.error_rate_tolerance,
-        True,
-    )
+    c_mean, p_mean = canary.mean_rating, production.mean_rating
+    if c_mean is not None and p_mean is not None and canary.ratings >= n and production.ratings >= n:
+        var_c, var_p = canary.rating_variance or 0.0, production.rating_variance or 0.0
+        se = math.sqrt(var_c / canary.ratings + var_p / production.ratings)
+        compare("mean rating", c_mean, p_mean, p_mean - c_mean, se, settings.rating_tolerance)
+    for name, c_rate, p_rate, c_n, p_n, tol in (
+        (
+            "thumbs-down rate",
+            canary.thumbs_down_rate,
+            production.thumbs_down_rate,
+            canary.thumbs,
+            production.thumbs,
+            settings.thumbs_down_tolerance,
+        ),
+        (
+            "ignore rate",
+            canary.ignore_rate,
+            production.ignore_rate,
+            canary.answers_seen,
+            production.answers_seen,
+            settings.ignore_rate_tolerance,
+        ),
+        (
+            "error rate",
+            canary.error_rate,
+            production.error_rate,
+            canary.interactions,
+            production.interactions,
+            settings.error_rate_tolerance,
+        ),
+    ):
+        if c_rate is not None and p_rate is not None and c_n >= n and p_n >= n:
+            se = _rate_se(c_rate, c_n, p_rate, p_n)
+            compare(name, c_rate, p_rate, c_rate - p_rate, se, tol, pct=True)
     c95, p95 = canary.latency_quantile_ms(0.95), production.latency_quantile_ms(0.95)
-    if c95 is not None and p95 is not None and math.isfinite(p95):
-        compare(
-            "latency p95 ms",
-            c95,
-            p95,
-            canary.latency_samples >= n and production.latency_samples >= n,
-            (c95 - p95) / p95 if p95 else 0.0,
-            settings.latency_p95_tolerance,
-            False,
-        )
+    if (
+        c95 is not None
+        and p95 is not None
+        and math.isfinite(p95)
+        and canary.latency_samples >= n
+        and production.latency_samples >= n
+    ):
+        # Quantiles of a histogram have no standard error here: the relative tolerance is the margin.
+        compare("latency p95 ms", c95, p95, (c95 - p95) / p95, 0.0, settings.latency_p95_tolerance)
     samples = f"{canary.feedback} canary and {production.feedback} production feedback events"
     undecided = elapsed_s >= settings.max_duration_s
-    if worse and (sampled or undecided):
+    if worse and sampled:
         return CanaryVerdict("rollback", [f"worse than production: {w}" for w in worse] + [samples], metrics)
-    if sampled and elapsed_s >= settings.min_duration_s:
+    if undecided and (worse or unsure):
+        reasons = [f"still worse than production after {elapsed_s:.0f} s: {w}" for w in worse + unsure]
+        return CanaryVerdict("rollback", [*reasons, samples], metrics)
+    if sampled and elapsed_s >= settings.min_duration_s and not unsure:
         if not compared:
             compared = ["no signal had enough observations on both sides to compare"]
         return CanaryVerdict("promote", [f"not worse: {c}" for c in compared] + [samples], metrics)
@@ -351,10 +382,8 @@ def judge_canary(
             f"undecided after {elapsed_s:.0f} s (limit {settings.max_duration_s:.0f} s): {samples}, "
             f"{settings.min_samples} needed on each side; policy: {action}"
         )
-        if action == "hold":
-            return CanaryVerdict("wait", [why], metrics)
-        return CanaryVerdict(action, [why], metrics)
+        return CanaryVerdict("wait" if action == "hold" else action, [why], metrics)
     waiting = f"waiting: {samples} ({settings.min_samples} needed each), {elapsed_s:.0f} s elapsed"
     if elapsed_s < settings.min_duration_s:
         waiting += f" ({settings.min_duration_s:.0f} s minimum)"
-    return CanaryVerdict("wait", [waiting], metrics)
+    return CanaryVerdict("wait", [*unsure, waiting], metrics)

@@ -108,6 +108,9 @@ class CanarySettings(BaseModel):
     error_rate_tolerance: float = Field(default=0.02, ge=0, le=1)
     # Relative: canary p95 latency may exceed production's by this share.
     latency_p95_tolerance: float = Field(default=0.5, ge=0)
+    # A signal past its tolerance rolls back only when the drop is also this many standard errors
+    # (1.64: one-sided 95%), so a handful of unlucky ratings does not sink a good canary; 0 turns it off.
+    confidence_z: float = Field(default=1.64, ge=0)
 
 
 class LiveSettings(BaseModel):
