@@ -221,9 +221,7 @@ async def test_a_restarted_trainer_adopts_running_jobs_and_writes_pending_datase
     again, relauncher, _ = make(tmp_path, store, registry, clock)
     relauncher._done = launcher._done
     await again.recover()
-    async with asyncio.timeout(5):
-        while not relauncher.waited:
-            await asyncio.sleep(0.01)
+    await settle(again, lambda: relauncher.waited)
     assert relauncher.waited == [cut.job_id] and relauncher.launched == []
     datasets.load(registry.root, crashed.dataset_id)
     relauncher.end(cut.job_id, ok=True)

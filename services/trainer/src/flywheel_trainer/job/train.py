@@ -64,6 +64,7 @@ def load_for_training(hf_dir: Path, device: str, quantization: str, hyper: Hyper
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    seed_everything(hyper.seed)  # the adapters' initial weights are drawn here
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
 

@@ -1,0 +1,76 @@
+"""Training data: the serving prompt plus the answer's tokens up to the stop token; replay selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flywheel_model.prompt import PromptEncoder, build_messages
+from flywheel_model.retrieval import Passage
+from flywheel_model.runtime import DecoderSpec
+from flywheel_trainer import datasets
+from flywheel_trainer.job import data
+
+
+def example(i: int, question: str = "", answer: str = "") -> dict[str, Any]:
+    return {
+        "id": f"c-{i}",
+        "source": "correction",
+        "query_id": f"q{i}",
+        "page_title": "Widgets",
+        "passages": [f"Widget {i} is blue.", "Widgets are sold in shops."],
+        "question": question or f"What colour is widget {i}?",
+        "answer": answer or f"Widget {i} is blue.",
+        "model_answer": "",
+        "model_version": "v1",
+    }
+
+
+@pytest.fixture(scope="module")
+def encoder(onnx_model_dir: Path) -> PromptEncoder:
+    return PromptEncoder(onnx_model_dir)
+
+
+@pytest.fixture(scope="module")
+def eos_ids(onnx_model_dir: Path) -> tuple[int, ...]:
+    return DecoderSpec.load(onnx_model_dir).eos_token_ids
+
+
+def test_examples_are_the_serving_prompt_then_the_answer(encoder: PromptEncoder, eos_ids: Any) -> None:
+    ex = example(3)
+    (tok,), skipped = data.tokenize([ex], encoder, eos_ids, max_tokens=1024)
+    assert skipped == []
+    passages = [Passage(0, ex["passages"][0]), Passage(1, ex["passages"][1])]
+    prompt = encoder.encode(build_messages("Widgets", passages, ex["question"]))
+    assert tok.input_ids[: tok.prompt_len] == prompt
+    answer = tok.input_ids[tok.prompt_len :]
+    assert answer[-1] in eos_ids and not any(t in eos_ids for t in answer[:-1])
+    assert encoder.decode(answer) == "Widget 3 is blue."
+
+
+def test_too_long_examples_are_skipped_not_truncated(encoder: PromptEncoder, eos_ids: Any) -> None:
+    tokens, skipped = data.tokenize([example(1), example(2, answer="word " * 300)], encoder, eos_ids, 200)
+    assert [t.example_id for t in tokens] == ["c-1"]
+    assert skipped == ["c-2"]
+
+
+def write(root: Path, name: str, examples: list[dict[str, Any]]) -> datasets.Dataset:
+    files, manifest = datasets.build(name, examples, created_at=0, reason="size")
+    datasets.write(root, name, files, manifest)
+    return datasets.load(root, name)
+
+
+def test_replay_is_a_seeded_share_of_earlier_examples(tmp_path: Path) -> None:
+    old = write(tmp_path, "ds-1", [example(i) for i in range(10)])
+    # The new batch asks question 0 again: its newer answer wins, the old one is not replayed.
+    new = write(tmp_path, "ds-2", [example(100, question="What colour is widget 0?"), example(101)])
+    picked, sources = data.select_replay(new, [old], fraction=2.0, max_examples=3, seed=7)
+    again, _ = data.select_replay(new, [old], fraction=2.0, max_examples=3, seed=7)
+    assert picked == again and len(picked) == 3 and sources == ["ds-1"]
+    assert "c-0" not in {e["id"] for e in picked}
+    half, _ = data.select_replay(new, [old], fraction=0.5, max_examples=64, seed=7)
+    assert len(half) == 1
+    assert data.select_replay(new, [old], fraction=0.0, max_examples=64, seed=7) == ([], [])
+    assert data.select_replay(new, [], fraction=1.0, max_examples=64, seed=7) == ([], [])

@@ -1,0 +1,95 @@
+"""The training job's core on a tiny random Llama: answer-only loss, training, merging, greedy decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from flywheel_trainer.job import train  # noqa: E402
+from flywheel_trainer.job.data import Tokenized  # noqa: E402
+from flywheel_trainer.job.verify import torch_greedy  # noqa: E402
+from flywheel_trainer.settings import HyperParameters  # noqa: E402
+
+HYPER = HyperParameters(
+    lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=5e-3, epochs=4, gradient_accumulation=2
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with random weights, saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+EXAMPLES = [
+    Tokenized("a", [5, 6, 7, 8, 9, 10, 11, 2], prompt_len=5),
+    Tokenized("b", [12, 13, 14, 15, 16, 17, 2], prompt_len=4),
+    Tokenized("c", [20, 21, 22, 23, 24, 25, 26, 27, 2], prompt_len=6),
+]
+
+
+def test_answer_loss_is_the_masked_causal_lm_loss(tiny_hf: Path) -> None:
+    model = train.load_for_training(tiny_hf, "cpu", "none", HYPER)
+    model.eval()
+    loss_sum, n = train.answer_loss_sum(model, EXAMPLES[:2], pad_id=0, device="cpu")
+    expected = 0.0
+    for t in EXAMPLES[:2]:
+        ids = torch.tensor([t.input_ids])
+        labels = ids.clone()
+        labels[0, : t.prompt_len] = -100
+        expected += float(model(input_ids=ids, labels=labels).loss) * t.answer_tokens
+    assert n == sum(t.answer_tokens for t in EXAMPLES[:2])
+    assert float(loss_sum) == pytest.approx(expected, rel=1e-4)
+
+
+def test_training_lowers_the_loss_and_is_seeded(tiny_hf: Path) -> None:
+    runs = []
+    for _ in range(2):
+        model = train.load_for_training(tiny_hf, "cpu", "none", HYPER)
+        runs.append(train.train(model, EXAMPLES, HYPER, device="cpu", pad_id=0))
+    first = runs[0]
+    assert first.steps == 8  # 2 optimizer steps per epoch (3 examples, accumulation 2), 4 epochs
+    assert first.examples_seen == 12
+    assert first.epoch_losses[-1] < first.epoch_losses[0]
+    assert runs[1].loss_curve == first.loss_curve
+
+
+def test_max_steps_caps_training(tiny_hf: Path) -> None:
+    model = train.load_for_training(tiny_hf, "cpu", "none", HYPER)
+    capped = HYPER.model_copy(update={"max_steps": 3})
+    assert train.train(model, EXAMPLES, capped, device="cpu", pad_id=0).steps == 3
+
+
+def test_merged_model_answers_like_the_adapter(tiny_hf: Path, tmp_path: Path) -> None:
+    model = train.load_for_training(tiny_hf, "cpu", "none", HYPER)
+    train.train(model, EXAMPLES, HYPER, device="cpu", pad_id=0)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = train.merge(tiny_hf, tmp_path / "adapter", tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    model.eval()
+    ids = torch.tensor([EXAMPLES[0].input_ids])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-4)
+    tokens, gaps = torch_greedy(reloaded, EXAMPLES[0].input_ids[:5], max_new_tokens=6, eos_ids=(2,))
+    assert len(gaps) >= len(tokens) and all(g >= 0 for g in gaps)

@@ -1,0 +1,97 @@
+"""TrainerService over loopback gRPC: listing and getting jobs, TriggerBatch for admins only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from flywheel_common.auth import Authenticator, load_tokens
+from flywheel_common.grpc_server import GrpcServer
+from flywheel_common.registry import ModelRegistry
+from flywheel_common.settings import GrpcSettings
+from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.service import TrainerServicer
+from flywheel_trainer.settings import TrainerSettings
+from flywheel_trainer.store import JoinStore
+from flywheel_trainer.trainer import Trainer
+
+ADMIN = (("authorization", "Bearer dev-admin-token"),)
+EXPERT = (("authorization", "Bearer dev-expert-token"),)
+
+
+class IdleLauncher(JobLauncher):
+    name = "idle"
+
+    def launch(self, spec: JobSpec) -> str:
+        return spec.job_id
+
+    def wait(self, handle: str) -> Outcome:
+        return Outcome(False, "never")
+
+    def stop(self, handle: str) -> None:
+        pass
+
+
+@pytest.fixture
+async def stub(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry
+) -> AsyncIterator[trainer_pb2_grpc.TrainerServiceStub]:
+    settings = TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer")
+    trainer = Trainer(settings, store, IdleLauncher(), registry, None)
+    server = GrpcServer(GrpcSettings(port=0), "trainer")
+    servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)))
+    server.add_service(
+        "flywheel.trainer.v1.TrainerService",
+        lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
+    )
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield trainer_pb2_grpc.TrainerServiceStub(channel)
+    await server.stop(0)
+
+
+async def test_trigger_batch_needs_the_admin_role(stub: Any, store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.correction(1)])
+    with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+        await stub.TriggerBatch(trainer_pb2.TriggerBatchRequest())
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await stub.TriggerBatch(trainer_pb2.TriggerBatchRequest(), metadata=EXPERT)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert store.pending().examples == 1
+
+
+async def test_trigger_batch_cuts_what_waits_then_nothing(stub: Any, store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1), ev.interaction(2)], [ev.correction(1), ev.correction(2)])
+    cut = await stub.TriggerBatch(trainer_pb2.TriggerBatchRequest(), metadata=ADMIN)
+    assert cut.dataset_id.startswith("ds-") and cut.job_id.startswith("job-")
+    empty = await stub.TriggerBatch(trainer_pb2.TriggerBatchRequest(), metadata=ADMIN)
+    assert (empty.dataset_id, empty.job_id) == ("", "")
+    job = await stub.GetJob(trainer_pb2.GetJobRequest(job_id=cut.job_id))
+    assert job.state == trainer_pb2.JOB_STATE_QUEUED
+    assert (job.dataset_id, job.examples) == (cut.dataset_id, 2)
+    assert job.created_at.seconds > 0 and not job.HasField("started_at")
+
+
+async def test_list_and_get_jobs(stub: Any, store: JoinStore, ev: Any) -> None:
+    ids = []
+    for i in range(3):
+        store.ingest([ev.interaction(i)], [ev.correction(i)])
+        cut = store.cut(max_examples=10, reason="manual")
+        assert cut is not None
+        ids.append(cut.job_id)
+    listed = await stub.ListJobs(trainer_pb2.ListJobsRequest())
+    assert [j.job_id for j in listed.jobs] == ids[::-1]
+    two = await stub.ListJobs(trainer_pb2.ListJobsRequest(limit=2))
+    assert len(two.jobs) == 2
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetJob(trainer_pb2.GetJobRequest(job_id="job-nope"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await stub.GetJob(trainer_pb2.GetJobRequest())
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
