@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    # The retriever's BM25 library logs every index it builds at DEBUG, whatever the root level.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     machine = platform.processor() or platform.machine()
     print(f"{machine}, {os.cpu_count()} CPUs, {args.dataset.name}:{args.split}")
     rows = run(args)

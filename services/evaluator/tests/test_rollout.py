@@ -4,6 +4,7 @@ rollback, pin, auto-rollout, and the decisions each leaves."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ def registry(tmp_path: Path) -> ModelRegistry:
 
 
 class Setup:
-    def __init__(self, registry: ModelRegistry, tmp_path: Path, **canary: object) -> None:
+    def __init__(self, registry: ModelRegistry, tmp_path: Path, **canary: Any) -> None:
         self.events: list[events_pb2.GateDecision] = []
         self.registry = registry
         self.store = LiveStore(tmp_path / "live.sqlite")

@@ -114,28 +114,15 @@ class EvaluatorApp:
             log.info("candidate %s is already production; nothing to gate", version)
             return
         log.info("gating candidate %s (parent %s) against %s", version, candidate.parent_version, baseline)
-        cand: EvaluationResult | None = None
-        base: EvaluationResult | None = None
-        verdict: GateVerdict
-        try:
-            cand = self._evaluate(version, reuse=True)
-        except EvaluationCancelled:
-            raise
-        except Exception as exc:
-            log.exception("candidate %s could not be evaluated", version)
-            verdict = failed_verdict(version, baseline, f"candidate could not be evaluated: {exc}")
-        else:
-            try:
-                base = self._evaluate(baseline, reuse=True) if baseline else None
-            except EvaluationCancelled:
-                raise
-            except Exception as exc:
-                log.exception("production %s could not be evaluated", baseline)
-                why = f"production {baseline} could not be evaluated: {exc}"
-                verdict = failed_verdict(version, baseline, why)
-            else:
-                e = self.settings.evaluation
-                verdict = judge(cand, base, self.settings.gate, resamples=e.bootstrap_resamples, seed=e.seed)
+        for _ in range(3):
+            verdict, cand, base = self._gate(version, baseline)
+            current = self.registry.state().production
+            if current in (baseline, version):
+                break
+            # Production moved while the candidate was evaluated (a canary was promoted, an admin
+            # rolled back): judge against what serves now; stored evaluations make this quick.
+            log.info("production moved from %s to %s during the gate; judging again", baseline, current)
+            baseline = current
         decision_id = uuid.uuid4().hex
         action = self.rollout.after_gate(verdict)
         report = gate_json(
@@ -158,6 +145,29 @@ class EvaluatorApp:
         if cand is not None:
             self._last_candidate = (version, cand)
         self.refresh_gauges()
+
+    def _gate(
+        self, version: str, baseline: str | None
+    ) -> tuple[GateVerdict, EvaluationResult | None, EvaluationResult | None]:
+        """Evaluates the candidate and the baseline and judges; a failed evaluation fails the gate."""
+        try:
+            cand = self._evaluate(version, reuse=True)
+        except EvaluationCancelled:
+            raise
+        except Exception as exc:
+            log.exception("candidate %s could not be evaluated", version)
+            return failed_verdict(version, baseline, f"candidate could not be evaluated: {exc}"), None, None
+        try:
+            base = self._evaluate(baseline, reuse=True) if baseline else None
+        except EvaluationCancelled:
+            raise
+        except Exception as exc:
+            log.exception("production %s could not be evaluated", baseline)
+            why = f"production {baseline} could not be evaluated: {exc}"
+            return failed_verdict(version, baseline, why), cand, None
+        e = self.settings.evaluation
+        verdict = judge(cand, base, self.settings.gate, resamples=e.bootstrap_resamples, seed=e.seed)
+        return verdict, cand, base
 
     # Gauges, canary checks, prefetch
 

@@ -158,6 +158,8 @@ class RolloutController:
         superseded: list[str] = []
 
         def change(state: RolloutState) -> str:
+            if state.production == version:
+                raise _Unchanged(f"{version} is already production")
             if state.pinned:
                 raise _Unchanged(f"held: production is pinned to {state.production}")
             if not state.auto_rollout:
