@@ -306,7 +306,11 @@ async def test_not_worse_candidate_goes_canary_then_production_and_inference_fol
     )
     assert {(await ask(inference, f"visitor-{i}")).model_version for i in range(4)} == {version}
 
-    # Reports next to the version, over gRPC too; decisions on Kafka and over gRPC.
+    # The golden set is registered in the artifact store; reports next to the version, over gRPC
+    # too; decisions on Kafka and over gRPC.
+    assert [p.name for p in (stack.registry.root / "golden").iterdir()] == [
+        load_dataset(stack.golden).version
+    ]
     folder = stack.registry.reports_dir / version
     assert {"evaluation.json", "evaluation.md", "gate.json", "gate.md"} <= {p.name for p in folder.iterdir()}
     report = await evaluator.GetReport(evaluator_pb2.GetReportRequest(version=version), timeout=10)

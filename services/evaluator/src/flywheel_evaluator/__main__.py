@@ -60,7 +60,7 @@ class EvaluatorApp:
     def __init__(self, settings: EvaluatorSettings, *, golden: GoldenSet | None = None) -> None:
         self.settings = settings
         self.registry = ModelRegistry(settings.artifact_root)
-        self.golden = golden or load_golden(settings.golden)
+        self.golden = golden or load_golden(settings.golden, register_in=settings.artifact_root)
         self.evaluator = Evaluator(self.registry, self.golden, settings.evaluation)
         self.store = LiveStore(settings.state_dir / "live.sqlite")
         self.producer = EventProducer(settings.kafka, linger_ms=0, max_block_ms=5000)

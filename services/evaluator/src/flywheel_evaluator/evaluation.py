@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +18,7 @@ from typing import Any
 
 from flywheel_common.errors import FailedPrecondition
 from flywheel_common.registry import ModelRegistry, now_iso
-from flywheel_eval.dataset import load_dataset
+from flywheel_eval.dataset import QA_FILE, Dataset, load_dataset
 from flywheel_eval.metrics import Estimate, ItemScores, bootstrap, is_token_span, score_item, summarize
 from flywheel_evaluator.metrics import EVALUATION_DURATION, EVALUATIONS
 from flywheel_evaluator.reports import evaluation_markdown
@@ -62,13 +65,43 @@ class GoldenSet:
         return sum(item.answerable for item in self.items)
 
 
-def load_golden(settings: GoldenSettings) -> GoldenSet:
-    """Loads the golden set(s); item ids are prefixed by the set's name when there is more than one."""
+GOLDEN_DIR = "golden"
+
+
+def register_golden(dataset: Dataset, artifact_root: Path) -> Path:
+    """Copies a golden set into the artifact store once, named by its content version
+    (`golden/<name>@<hash>/`), so every report's golden set can be found and re-run later."""
+    folder = Path(artifact_root) / GOLDEN_DIR
+    target = folder / dataset.version
+    if (target / QA_FILE).is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+    try:
+        shutil.copytree(dataset.root, staging / "set", ignore=shutil.ignore_patterns(".*", "__pycache__"))
+        if load_dataset(staging / "set").content_hash != dataset.content_hash:
+            raise ValueError(f"{dataset.root} changed while it was copied")
+        try:
+            os.rename(staging / "set", target)
+        except OSError:
+            if not (target / QA_FILE).is_file():  # not merely another replica's copy of the same set
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("registered golden set %s in %s", dataset.version, target)
+    return target
+
+
+def load_golden(settings: GoldenSettings, *, register_in: Path | None = None) -> GoldenSet:
+    """Loads the golden set(s) (registering each in the artifact store under `register_in`); item ids
+    are prefixed by the set's name when there is more than one."""
     roots = [settings.dataset, *settings.extra_datasets]
     items: list[GoldenItem] = []
     names = []
     for root in roots:
         dataset = load_dataset(root)
+        if register_in is not None:
+            register_golden(dataset, register_in)
         split = dataset.split(settings.split)
         if settings.limit:
             split = split[: settings.limit]

@@ -1,0 +1,42 @@
+"""Golden sets: loaded from the project's dataset format, registered once in the artifact store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flywheel_eval.dataset import load_dataset
+from flywheel_evaluator.evaluation import load_golden, register_golden
+from flywheel_evaluator.settings import GoldenSettings
+
+
+def make_set(root: Path, name: str) -> Path:
+    folder = root / name
+    (folder / "pages").mkdir(parents=True)
+    (folder / "pages" / "p.html").write_text(
+        "<html><head><title>T</title></head><body><p>The sky is blue.</p></body></html>"
+    )
+    rows = [
+        {"id": "a", "page": "p", "question": "what colour is the sky", "answers": ["blue"], "split": "gate"},
+        {"id": "b", "page": "p", "question": "who painted it", "answers": [], "split": "gate"},
+        {"id": "c", "page": "p", "question": "is it blue", "answers": ["yes"], "split": "exam"},
+    ]
+    (folder / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_golden_sets_load_and_register(tmp_path: Path) -> None:
+    first, second = make_set(tmp_path, "one"), make_set(tmp_path, "two")
+    artifacts = tmp_path / "artifacts"
+    golden = load_golden(GoldenSettings(dataset=first, extra_datasets=[second]), register_in=artifacts)
+    assert [i.id for i in golden.items] == ["one/a", "one/b", "two/a", "two/b"]
+    assert golden.items[0].page_text == "The sky is blue." and golden.items[0].title == "T"
+    assert golden.answerable == 2
+    version = load_dataset(first).version
+    assert golden.name.startswith(f"{version}:gate+two@")
+    copy = artifacts / "golden" / version
+    assert load_dataset(copy).content_hash == load_dataset(first).content_hash
+    # Registering again is a no-op; a limit shows in the name.
+    assert register_golden(load_dataset(first), artifacts) == copy
+    limited = load_golden(GoldenSettings(dataset=first, limit=1))
+    assert [i.id for i in limited.items] == ["a"] and limited.name.endswith(":gate[:1]")
