@@ -120,7 +120,9 @@ async def test_feedback_is_on_the_topic_redacted_and_pseudonymous(
     assert event.kind == events_pb2.FEEDBACK_KIND_COMMENT
     assert event.redacted_text == "Wrong. Mail me at [EMAIL] or call [PHONE], card [CARD]."
     assert event.model_version == "base-v1"
-    assert event.submitter_pseudonym == pseudonymise(DEV_PSEUDONYM_KEY, "visitor-session-42")
+    assert event.submitter_pseudonym == pseudonymise(
+        DEV_PSEUDONYM_KEY, "visitor-session-42", domain="session"
+    )
     raw = record.value + b"".join(v or b"" for _, v in record.headers)
     for secret in (b"jane.doe", b"415-555", b"4111", b"visitor-session-42", b"dev-user-token"):
         assert secret not in raw

@@ -89,7 +89,7 @@ async def test_rating_is_stored_with_pseudonymous_ids(
     assert event.kind == events_pb2.FEEDBACK_KIND_RATING and event.value == 4
     assert event.model_version == "v7"
     assert event.reviewer_role == events_pb2.REVIEWER_ROLE_USER
-    assert event.submitter_pseudonym == pseudonymise(PSEUDONYM_KEY, "sess-1")
+    assert event.submitter_pseudonym == pseudonymise(PSEUDONYM_KEY, "sess-1", domain="session")
     assert "sess-1" not in event.SerializeToString().decode(errors="replace")
 
 

@@ -169,7 +169,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             raise InvalidArgument(f"session_id is longer than {self._limits.max_session_id_chars} characters")
         # A visitor's session pseudonym joins Interaction.session_pseudonym; otherwise the token's.
         submitter = (
-            pseudonymise(self._pseudonym_key, session_id)
+            pseudonymise(self._pseudonym_key, session_id, domain="session")
             if session_id
             else pseudonymise(self._pseudonym_key, principal.token_hash, domain="token")
         )

@@ -1,0 +1,100 @@
+"""Inference logs every answer to Kafka, and keeps answering while the broker is down."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from kafka.consumer.fetcher import ConsumerRecord
+
+from flywheel_cli.kafka_broker import LocalBroker
+from flywheel_common.kafka import decode
+from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.registry import ModelRegistry
+from flywheel_common.settings import KafkaSettings
+from flywheel_inference.__main__ import DEV_PSEUDONYM_KEY, InferenceApp
+from flywheel_inference.settings import InferenceSettings
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+PAGE = inference_pb2.Page(
+    url="https://example.org/kafka",
+    title="About Kafka",
+    text="Apache Kafka is a distributed event store. It was originally developed at LinkedIn.",
+)
+
+
+def ask(question: str) -> inference_pb2.AnswerRequest:
+    return inference_pb2.AnswerRequest(
+        page=PAGE,
+        question=question,
+        session_id="visitor-7",
+        options=inference_pb2.GenerationOptions(max_new_tokens=8),
+    )
+
+
+@pytest.fixture(scope="module")
+def artifact_root(tmp_path_factory: pytest.TempPathFactory, onnx_model_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("artifacts")
+    registry = ModelRegistry(root)
+    registry.set_production(registry.register(onnx_model_dir, kind="base").version)
+    return root
+
+
+@pytest.fixture
+async def inference(
+    artifact_root: Path, kafka_settings: KafkaSettings
+) -> AsyncIterator[tuple[InferenceApp, inference_pb2_grpc.InferenceServiceStub]]:
+    settings = InferenceSettings(
+        grpc={"port": 0}, metrics={"port": 0}, artifact_root=artifact_root, kafka=kafka_settings
+    )
+    app = InferenceApp(settings)
+    port = await app.start()
+    for _ in range(600):
+        if app.router.ready:
+            break
+        await asyncio.sleep(0.1)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield app, inference_pb2_grpc.InferenceServiceStub(channel)
+    await channel.close()
+    await app.stop(grace=5)
+
+
+async def test_answers_are_on_the_topic_and_survive_a_broker_outage(
+    inference: tuple[InferenceApp, inference_pb2_grpc.InferenceServiceStub],
+    kafka_broker: LocalBroker,
+    kafka_settings: KafkaSettings,
+    read_topic: Callable[..., list[ConsumerRecord]],
+) -> None:
+    app, stub = inference
+    topic = kafka_settings.topics.interactions
+    first = await stub.Answer(ask("Where was Kafka developed?"), timeout=120)
+    [record] = read_topic(topic, 1)
+    event = decode(record, events_pb2.Interaction)
+    assert record.key == first.query_id.encode()
+    assert (event.query_id, event.answer, event.model_version) == (first.query_id, first.answer, "v1")
+    assert event.question == "Where was Kafka developed?"
+    assert event.session_pseudonym == pseudonymise(DEV_PSEUDONYM_KEY, "visitor-7", domain="session")
+    assert b"visitor-7" not in record.value
+    assert event.passages and event.page_content_hash
+
+    kafka_broker.stop(kill=True)
+    try:
+        # Answers keep coming while Kafka is away; their interactions wait in the buffer.
+        during = [await stub.Answer(ask(f"Question {i}?"), timeout=120) for i in range(3)]
+        assert all(r.answer for r in during)
+        assert app.sink is not None and app.sink.producer.buffered == 3
+    finally:
+        kafka_broker.start()
+    assert await asyncio.to_thread(app.sink.producer.flush, 60)
+    records = read_topic(topic, 4)
+    assert {decode(r, events_pb2.Interaction).query_id for r in records} == {
+        first.query_id,
+        *(r.query_id for r in during),
+    }
+    assert app.sink.producer.stats.dropped == 0
