@@ -69,7 +69,8 @@ class FeedbackSettings(BaseSettings):
     privacy: PrivacySettings = PrivacySettings()
     # An RPC waits at most this long for the broker's ack, then answers UNAVAILABLE.
     produce_timeout_ms: int = Field(default=5000, ge=100)
-    # Records of concurrent RPCs produced within this window share one request to the broker.
+    # Concurrent RPCs' events share a produce request: an event waits while earlier ones await their
+    # ack, at most this long (an idle service sends at once).
     linger_ms: int = Field(default=2, ge=0)
     # Accepted idempotency keys remembered, and for how long (retries after that are dropped downstream).
     idempotency_cache_size: int = Field(default=200_000, ge=1)
