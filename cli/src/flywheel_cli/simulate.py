@@ -95,6 +95,9 @@ class SimulationConfig:
     correction_share: float = 0.8
     correction_template: str = DEFAULT_TEMPLATE
     max_new_tokens: int = 0
+    # After the last round, visitors ask its questions again (ratings only) so the final model has
+    # visitors' ratings in the report too.
+    closing_visitors: bool = True
     request_timeout_s: float = 180.0
     # Seconds to wait for the trainer to cut a batch by itself before asking for one.
     trigger_after_s: float = 10.0
@@ -285,14 +288,14 @@ class Simulation:
             self.progress.log(f"round 0 ({production}): exam accuracy {result.accuracy}")
             for number in range(1, config.rounds + 1):
                 report.rounds.append(await self._round(number, slices[number - 1], exam, report))
-            # The last model's visitors: its rating comes from the same kind of traffic as the others'.
-            closing = await self._visitors(
-                config.rounds + 1, slices[-1], report, phase="closing", expert=False
-            )
-            report.notes.append(
-                f"After the last round {len(closing)} visitors asked the last round's questions again "
-                "(ratings only), so the final model has visitors' ratings too."
-            )
+            if config.closing_visitors:
+                closing = await self._visitors(
+                    config.rounds + 1, slices[-1], report, phase="closing", expert=False
+                )
+                report.notes.append(
+                    f"After the last round {len(closing)} visitors asked its questions again (ratings "
+                    "only), so the final model has visitors' ratings too."
+                )
         finally:
             report.wall_time_s = time.monotonic() - started
             for channel in self._channels:

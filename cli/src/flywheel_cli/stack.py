@@ -113,10 +113,10 @@ def _topic_env(prefix: str, topics: TopicSettings) -> dict[str, str]:
 def _trainer_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
     """Local trainer: the shared artifact store, jobs as local subprocesses, batches cut within minutes.
 
-    The job runs as a child of the trainer and reads its own settings (FLYWHEEL_TRAINER_JOB_) from
-    the same environment.
+    A job (a subprocess of the trainer, logging to var/trainer/jobs/) reads its own settings
+    (FLYWHEEL_TRAINER_JOB_*) from the trainer's environment.
     """
-    p, job = "FLYWHEEL_TRAINER_", "FLYWHEEL_TRAINER_JOB_"
+    p = "FLYWHEEL_TRAINER_"
     return {
         f"{p}ARTIFACT_ROOT": str(var_dir / "artifacts"),
         f"{p}DATA_DIR": str(var_dir / "trainer"),
@@ -125,8 +125,6 @@ def _trainer_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
         f"{p}BATCH__MAX_EXAMPLES": "64",
         f"{p}BATCH__MAX_WAIT_S": "600",
         f"{p}BATCH__MIN_EXAMPLES": "8",
-        f"{job}ARTIFACT_ROOT": str(var_dir / "artifacts"),
-        f"{job}SCRATCH_DIR": str(var_dir / "trainer" / "scratch"),
     }
 
 
@@ -246,6 +244,7 @@ class LocalStack:
         self.skipped = [s.name for s in self.specs if not s.available]
         self.running: list[RunningService] = []
         self.started_at = 0.0
+        self.startup_s = 0.0
 
     # --- what the stack serves -------------------------------------------------------------------------
 
@@ -272,6 +271,7 @@ class LocalStack:
                 if spec.available:
                     self._spawn(spec)
             self._wait_healthy()
+            self.startup_s = time.monotonic() - self.started_at
         except BaseException:
             self.stop()
             raise
