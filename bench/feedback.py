@@ -190,7 +190,7 @@ def main() -> int:
         pids: dict[str, int | None] = {"client": None}
         try:
             if target is None:
-                broker = LocalBroker(data_dir=Path(tmp) / "kafka").start()
+                broker = LocalBroker(data_dir=Path(tmp) / "kafka", stop_with_parent=True).start()
                 port = free_port()
                 service = _start_service(broker.bootstrap_servers, port, Path(tmp) / "service.log")
                 target = f"127.0.0.1:{port}"

@@ -23,7 +23,7 @@ from flywheel_common.settings import KafkaSettings, TopicSettings
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A single-node KRaft broker on loopback (jars fetched by Maven on first use)."""
     home: Path = tmp_path_factory.mktemp("kafka")
-    with LocalBroker(data_dir=home, log_file=home / "broker.log") as broker:
+    with LocalBroker(data_dir=home, log_file=home / "broker.log", stop_with_parent=True) as broker:
         yield broker
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -76,6 +77,12 @@ def _java() -> str:
     return java
 
 
+def _die_with_parent() -> None:
+    # prctl(PR_SET_PDEATHSIG, SIGTERM), run in the child between fork and exec.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class LocalBroker:
     """Formats and runs `kafka.Kafka` on loopback; a context manager that stops it on exit.
 
@@ -93,6 +100,7 @@ class LocalBroker:
         libs_dir: Path | None = None,
         log_file: Path | None = None,
         startup_timeout_s: float = 90.0,
+        stop_with_parent: bool = False,
     ) -> None:
         self._tmp: Path | None = None
         if data_dir is None:
@@ -105,6 +113,9 @@ class LocalBroker:
         self.libs_dir = libs_dir
         self.log_file = log_file or self.home / "broker.log"
         self.startup_timeout_s = startup_timeout_s
+        # Tests and benchmarks: the broker dies with the thread that started it, even when that
+        # process is killed, so a timed-out run leaves no broker behind (Linux only).
+        self.stop_with_parent = stop_with_parent
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -197,6 +208,7 @@ class LocalBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.stop_with_parent else None,
             )
         self._wait_ready(offset)
         log.info("Kafka broker on %s (pid %d, log %s)", self.bootstrap_servers, self.pid, self.log_file)
