@@ -328,7 +328,8 @@ class KubernetesJobLauncher(JobLauncher):
 
 
 def build_launcher(settings: TrainerSettings) -> JobLauncher:
-    """The launcher the settings name."""
-    if settings.jobs.launcher == "kubernetes":
+    """The launcher the settings name (auto: Kubernetes when a Job template is configured)."""
+    kind = settings.jobs.launcher
+    if kind == "kubernetes" or (kind == "auto" and settings.jobs.template_file is not None):
         return KubernetesJobLauncher(settings)
     return LocalJobLauncher(settings)

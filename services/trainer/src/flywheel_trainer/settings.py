@@ -69,7 +69,8 @@ class BatchSettings(BaseModel):
 class JobsSettings(BaseModel):
     """How training jobs are launched."""
 
-    launcher: Literal["local", "kubernetes"] = "local"
+    # auto: kubernetes when a Job template is configured (as the chart does), else local.
+    launcher: Literal["auto", "local", "kubernetes"] = "auto"
     # At most this many jobs run at once (K); the rest queue.
     max_concurrent: int = Field(default=1, ge=1)
     # Local launcher: the command run for a job (arguments --dataset, --base-version, --job-id follow).

@@ -370,10 +370,8 @@ class JoinStore:
 
     def unwritten_datasets(self) -> list[str]:
         """Datasets cut but not yet written to the artifact store (a crash came in between)."""
-        return [
-            r["dataset_id"]
-            for r in self._query("SELECT dataset_id FROM datasets WHERE written = 0 ORDER BY created_at, rowid")
-        ]
+        sql = "SELECT dataset_id FROM datasets WHERE written = 0 ORDER BY created_at, rowid"
+        return [r["dataset_id"] for r in self._query(sql)]
 
     def mark_written(self, dataset_id: str, sha256: str) -> None:
         with self._tx() as db:

@@ -36,11 +36,12 @@ def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
     def target() -> None:
         try:
-            result = fn()
+            result, error = fn(), None
         except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            result, error = None, exc
+        # The loop may be gone by now (the service stopped while the job ran): nobody waits.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
     threading.Thread(target=target, daemon=True, name="trainer-job-wait").start()
     return future

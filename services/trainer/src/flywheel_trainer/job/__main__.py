@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import sys
 import time
 
@@ -32,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> JobArgs:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while they wait are ruinous where other processes share the cores
+    # (40 s instead of 2 s per step measured on 2 busy cores): they sleep instead. Set before torch
+    # loads, and inherited by the exporter's subprocess.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     settings = JobSettings()
     configure_logging(settings.logging, "trainer-job")
