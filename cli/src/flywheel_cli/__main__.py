@@ -6,7 +6,16 @@ import argparse
 import logging
 import sys
 
-from flywheel_cli import ask_cmd, feedback_cmd, kafka_cmd, model_cmd, rollout_cmd, simulate_cmd, up_cmd
+from flywheel_cli import (
+    ask_cmd,
+    feedback_cmd,
+    kafka_cmd,
+    model_cmd,
+    rollout_cmd,
+    simulate_cmd,
+    trainer_cmd,
+    up_cmd,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in (model_cmd, ask_cmd, kafka_cmd, feedback_cmd, up_cmd, simulate_cmd, rollout_cmd):
         module.register(subparsers)
+    trainer_cmd.register(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
