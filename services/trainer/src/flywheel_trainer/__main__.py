@@ -54,6 +54,7 @@ class TrainerApp:
         self._stopping = threading.Event()
         self._consumer_thread = threading.Thread(target=self._consume, name="trainer-consumer", daemon=True)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
 
     async def start(self) -> int:
         """Serves gRPC at once; health turns SERVING when the consumer has its partitions."""
@@ -116,7 +117,10 @@ class TrainerApp:
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, calls drain, the consumer leaves its group (offsets committed), jobs
-        are stopped or left to be adopted, the producer is flushed."""
+        are stopped or left to be adopted, the producer is flushed. Stopping twice does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.server.stop(grace)
         self._stopping.set()
         self.consumer.signal_shutdown()
