@@ -93,3 +93,11 @@ def test_merged_model_answers_like_the_adapter(tiny_hf: Path, tmp_path: Path) ->
         assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-4)
     tokens, gaps = torch_greedy(reloaded, EXAMPLES[0].input_ids[:5], max_new_tokens=6, eos_ids=(2,))
     assert len(gaps) >= len(tokens) and all(g >= 0 for g in gaps)
+
+
+def test_lora_layers_adapts_only_the_top_layers(tiny_hf: Path) -> None:
+    model = train.load_for_training(tiny_hf, "cpu", "none", HYPER.model_copy(update={"lora_layers": 1}))
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"1"}
+    result = train.train(model, EXAMPLES, HYPER, device="cpu", pad_id=0)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]

@@ -119,6 +119,9 @@ class HyperParameters(BaseModel):
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     # Attention and MLP projections of Llama-style models.
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # Adapt only the top N decoder layers (0: all). Backpropagation then stops at the lowest adapted
+    # layer: with half the layers a step costs about a third less.
+    lora_layers: int = Field(default=0, ge=0)
     learning_rate: float = Field(default=5e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)

@@ -88,11 +88,14 @@ def load_for_training(hf_dir: Path, device: str, quantization: str, hyper: Hyper
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     model.config.use_cache = False
+    layers = model.config.num_hidden_layers
+    top = min(hyper.lora_layers, layers) if hyper.lora_layers else layers
     config = LoraConfig(
         r=hyper.lora_r,
         lora_alpha=hyper.lora_alpha,
         lora_dropout=hyper.lora_dropout,
         target_modules=list(hyper.target_modules),
+        layers_to_transform=None if top == layers else list(range(layers - top, layers)),
         bias="none",
         task_type="CAUSAL_LM",
     )
