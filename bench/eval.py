@@ -7,7 +7,8 @@ decoding, scoring with bootstrap intervals) on the bundled dataset's gate split 
 base model, once per combination of `--concurrency` and `--max-new-tokens` (comma-separated lists).
 The base model rarely stops before the token limit, so `--max-new-tokens 16` approximates a
 fine-tuned candidate that answers in one short sentence. The load average is printed with the
-numbers, since every core counts on a 2-core machine.
+numbers, since every core counts on a 2-core machine, and so is the CPU time the evaluation used
+(on an otherwise idle machine the wall time approaches CPU time / cores).
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ import json
 import logging
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _ints(text: str) -> list[int]:
@@ -46,9 +53,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 )
                 evaluator = Evaluator(registry, golden, settings)
                 load_before = os.getloadavg()[0]
+                cpu_before = _cpu_seconds()
                 started = time.perf_counter()
                 result = evaluator.evaluate(version, reuse=False)
                 seconds = time.perf_counter() - started
+                cpu = _cpu_seconds() - cpu_before
                 tokens = [item.completion_tokens for item in result.items]
                 rows.append(
                     {
@@ -56,6 +65,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "concurrency": concurrency,
                         "max_new_tokens": max_new_tokens,
                         "seconds": round(seconds, 1),
+                        # CPU time of this process: the cost whatever else shares the cores.
+                        "cpu_seconds": round(cpu, 1),
                         "model_load_s": result.settings["model_load_s"],
                         "questions_per_s": round(len(result.items) / seconds, 3),
                         "mean_answer_tokens": round(sum(tokens) / len(tokens), 1),
@@ -75,6 +86,7 @@ COLUMNS = (
     ("max_new_tokens", "max tok", "{}"),
     ("mean_answer_tokens", "ans tok", "{}"),
     ("seconds", "seconds", "{:.1f}"),
+    ("cpu_seconds", "cpu s", "{:.1f}"),
     ("model_load_s", "load s", "{:.1f}"),
     ("questions_per_s", "q/s", "{:.3f}"),
     ("latency_p50_ms", "p50 ms", "{}"),
