@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -280,3 +281,27 @@ async def test_broker_stopped_during_a_burst_loses_no_acknowledged_feedback(
     stored = {decode(r, events_pb2.Feedback).feedback_id for r in records}
     missing = set(ok) - stored
     assert not missing, f"{len(missing)} acknowledged feedback events are not on the topic"
+
+
+async def test_not_serving_until_kafka_is_reachable(redactor: Redactor, tmp_path: Path) -> None:
+    broker = LocalBroker(data_dir=tmp_path / "kafka", stop_with_parent=True)  # not started yet
+    settings = FeedbackSettings(
+        grpc=GrpcSettings(port=0, grace_s=1),
+        metrics=MetricsSettings(port=0),
+        kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers, request_timeout_ms=2000),
+    )
+    app = FeedbackApp(settings, redactor=redactor)
+    port = await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await asyncio.sleep(1)
+            status = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await asyncio.to_thread(broker.start)
+            await asyncio.wait_for(app.ready.wait(), 30)
+            status = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await app.stop(1)
+        await asyncio.to_thread(broker.close)

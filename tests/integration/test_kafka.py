@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -68,7 +69,16 @@ async def test_produce_fails_with_unavailable_while_the_broker_is_down(
             await producer.produce(kafka_settings.topics.feedback, "q", events_pb2.Feedback(query_id="q"))
     finally:
         kafka_broker.start()
-    await producer.produce(kafka_settings.topics.feedback, "q", events_pb2.Feedback(query_id="q"))
+    # Back within seconds: the first sends may still find no metadata (Unavailable), then they go.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await producer.produce(kafka_settings.topics.feedback, "q", events_pb2.Feedback(query_id="q"))
+            break
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
     producer.close()
 
 

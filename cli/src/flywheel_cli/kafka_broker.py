@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -77,10 +76,14 @@ def _java() -> str:
     return java
 
 
-def _die_with_parent() -> None:
-    # prctl(PR_SET_PDEATHSIG, SIGTERM), run in the child between fork and exec.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    # util-linux's setpriv sets PR_SET_PDEATHSIG and execs the command: no Python code runs
+    # between fork and exec (unsafe next to gRPC's and Kafka's threads).
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv not found: the Kafka broker will outlive a killed parent")
+        return command
+    return [setpriv, "--pdeathsig", "TERM", *command]
 
 
 class LocalBroker:
@@ -113,8 +116,8 @@ class LocalBroker:
         self.libs_dir = libs_dir
         self.log_file = log_file or self.home / "broker.log"
         self.startup_timeout_s = startup_timeout_s
-        # Tests and benchmarks: the broker dies with the thread that started it, even when that
-        # process is killed, so a timed-out run leaves no broker behind (Linux only).
+        # Tests and benchmarks: the broker gets SIGTERM when the thread that started it ends, even
+        # when its process is killed, so a timed-out run leaves no broker behind (Linux).
         self.stop_with_parent = stop_with_parent
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -201,14 +204,16 @@ class LocalBroker:
         self._format(properties)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        command = [_java(), *_JVM_OPTIONS, "-cp", self._classpath(), "kafka.Kafka", str(properties)]
+        if self.stop_with_parent:
+            command = _with_parent_death_signal(command)
         with self.log_file.open("ab") as out:
             self._process = subprocess.Popen(
-                [_java(), *_JVM_OPTIONS, "-cp", self._classpath(), "kafka.Kafka", str(properties)],
+                command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.stop_with_parent else None,
             )
         self._wait_ready(offset)
         log.info("Kafka broker on %s (pid %d, log %s)", self.bootstrap_servers, self.pid, self.log_file)

@@ -42,6 +42,10 @@ def client_config(settings: KafkaSettings) -> dict[str, Any]:
         "client_id": settings.client_id,
         "security_protocol": settings.security_protocol,
         "request_timeout_ms": settings.request_timeout_ms,
+        # Give up on an unreachable broker after the request timeout, and notice within a second
+        # that it is back (kafka-python backs off up to 30 s by default).
+        "bootstrap_timeout_ms": settings.request_timeout_ms,
+        "reconnect_backoff_max_ms": 1000,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
