@@ -81,7 +81,7 @@ async def test_errors_map_to_status_codes(
 async def test_success_echoes_the_request_id(channel: grpc.aio.Channel) -> None:
     rpc = channel.unary_unary(METHOD)(b"hi", timeout=5, metadata=((REQUEST_ID_KEY, "req-42"),))
     assert await rpc == b"HI"
-    assert dict(await rpc.initial_metadata())[REQUEST_ID_KEY] == "req-42"
+    assert dict(await rpc.trailing_metadata())[REQUEST_ID_KEY] == "req-42"
 
 
 async def test_stream_errors_after_items_keep_the_items(channel: grpc.aio.Channel) -> None:

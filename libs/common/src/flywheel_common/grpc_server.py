@@ -71,7 +71,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         with self._tracer.start_as_current_span(span_name, context=propagate.extract(metadata)) as span:
             span.set_attribute("flywheel.request_id", request_id)
             try:
-                await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
                 yield
                 status = context.code()
                 code = status.name if isinstance(status, grpc.StatusCode) else "OK"
