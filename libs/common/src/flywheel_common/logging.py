@@ -52,6 +52,6 @@ def configure_logging(settings: LoggingSettings, service: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
-    # Client libraries are chatty at INFO about every reconnect.
-    for noisy in ("kafka", "httpx", "urllib3"):
+    # Client libraries are chatty: kafka at INFO about every reconnect, bm25s at DEBUG per query.
+    for noisy in ("kafka", "httpx", "urllib3", "bm25s"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -327,8 +327,6 @@ async def serve(settings: EvaluatorSettings) -> None:
 def main() -> None:
     settings = EvaluatorSettings()
     configure_logging(settings.logging, "evaluator")
-    # The retriever's BM25 library logs every index it builds at DEBUG: one line per golden question.
-    logging.getLogger("bm25s").setLevel(logging.WARNING)
     configure_tracing(settings.tracing, "evaluator")
     start_metrics_server(settings.metrics)
     asyncio.run(serve(settings))

@@ -190,18 +190,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 break
         finally:
             seq.cancelled.set()  # stops generation when the client went away
-        if error is not None:
-            raise error
-        if reason == "deadline":
-            raise DeadlineExceeded("the deadline passed before the answer was complete")
         if reason == "cancelled":
             raise asyncio.CancelledError
         finished = time.perf_counter()
         ttft_s = (first_token_at or finished) - received
-        TTFT.labels(loaded.version).observe(ttft_s)
-        DURATION.labels(loaded.version).observe(finished - received)
-        TOKENS.labels(loaded.version).inc(count)
-        ANSWERS.labels(loaded.version, reason).inc()
         answer = detok.text().strip()
         timing = inference_pb2.Timing(
             time_to_first_token_ms=ttft_s * 1000,
@@ -210,9 +202,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             queue_ms=((seq.admitted_at or seq.submitted_at) - seq.submitted_at) * 1000,
         )
         tokens = inference_pb2.TokenCounts(prompt_tokens=len(prepared.token_ids), completion_tokens=count)
+        ANSWERS.labels(loaded.version, reason).inc()
+        # Failed answers are interactions too: the evaluator's live error rate counts them.
         self._log_interaction(
             query_id, loaded.version, req, prepared.passages, answer, timing, tokens, reason
         )
+        if error is not None:
+            raise error
+        if reason == "deadline":
+            raise DeadlineExceeded("the deadline passed before the answer was complete")
+        TTFT.labels(loaded.version).observe(ttft_s)
+        DURATION.labels(loaded.version).observe(finished - received)
+        TOKENS.labels(loaded.version).inc(count)
         yield {"footer": (answer, timing, tokens, reason)}
 
     def _log_interaction(
