@@ -214,3 +214,13 @@ def test_kubernetes_job_that_exists_is_adopted_not_created_twice(tmp_path: Path)
 def test_kubernetes_launcher_needs_a_template() -> None:
     with pytest.raises(ValueError):
         KubernetesJobLauncher(TrainerSettings(jobs=JobsSettings(launcher="kubernetes")))
+
+
+def test_adoption_is_not_fooled_by_a_reused_pid(tmp_path: Path) -> None:
+    import os
+
+    # This test's own pid is alive, but it runs no job called job-elsewhere.
+    started = time.monotonic()
+    assert local(tmp_path).wait(f"{os.getpid()}/job-elsewhere").succeeded is None
+    assert time.monotonic() - started < 1
+    local(tmp_path).stop(f"{os.getpid()}/job-elsewhere")  # and stopping it kills nothing

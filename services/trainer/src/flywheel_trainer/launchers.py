@@ -75,7 +75,8 @@ class JobLauncher(ABC):
 class LocalJobLauncher(JobLauncher):
     """Runs each job as a subprocess in its own session, logging to `<data_dir>/jobs/<job_id>.log`.
 
-    Handles are process ids, so a restarted trainer can adopt a job that outlived it.
+    Handles are `<pid>/<job id>`, so a restarted trainer can adopt a job that outlived it (and does
+    not mistake another process that got the same pid for it).
     """
 
     name = "local"
@@ -110,10 +111,11 @@ class LocalJobLauncher(JobLauncher):
                 env=env,
                 start_new_session=True,
             )
+        handle = f"{proc.pid}/{spec.job_id}"
         with self._lock:
-            self._procs[str(proc.pid)] = proc
+            self._procs[handle] = proc
         log.info("launched job %s as process %d", spec.job_id, proc.pid, extra={"job_id": spec.job_id})
-        return str(proc.pid)
+        return handle
 
     def wait(self, handle: str) -> Outcome:
         with self._lock:
@@ -124,18 +126,21 @@ class LocalJobLauncher(JobLauncher):
                 self._procs.pop(handle, None)
             return _exit_outcome(code)
         # Adopted from an earlier trainer: not our child, so only its disappearance can be seen.
-        while _alive(int(handle)):
+        pid, job_id = _parse(handle)
+        while _alive(pid, job_id):
             time.sleep(1.0)
         return Outcome(None, "process ended (adopted after a trainer restart: exit code unknown)")
 
     def stop(self, handle: str) -> None:
-        pid = int(handle)
+        pid, job_id = _parse(handle)
+        if not _alive(pid, job_id):
+            return
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + self.stop_grace_s
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and _alive(pid, job_id):
             with self._lock:
                 proc = self._procs.get(handle)
             if proc is not None and proc.poll() is not None:
@@ -153,19 +158,26 @@ def _exit_outcome(code: int) -> Outcome:
     return Outcome(False, f"exit code {code}")
 
 
-def _alive(pid: int) -> bool:
+def _parse(handle: str) -> tuple[int, str]:
+    pid, _, job_id = handle.partition("/")
+    return int(pid), job_id
+
+
+def _alive(pid: int, job_id: str) -> bool:
+    """Whether the job's process still runs: the pid exists, is no zombie and runs this job."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie (ended, not yet reaped by its parent) is not running.
+    proc = Path(f"/proc/{pid}")
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
     except (OSError, IndexError):
-        return True
-    return state != "Z"
+        return True  # no /proc to ask: trust the pid
+    return state != "Z" and (not job_id or job_id in cmdline)
 
 
 # ---------------------------------------------------------------- Kubernetes
