@@ -72,6 +72,7 @@ class FakeProducer:
         pass
 
     async def produce(self, topic: str, key: str, message: Any) -> None:
+        await asyncio.sleep(0.01)  # the broker's round trip: other coroutines run meanwhile
         if self.fail:
             raise RuntimeError("kafka down")
         self.events.append((topic, key, message))
@@ -171,6 +172,22 @@ async def test_announcements_are_retried_until_kafka_takes_them(
     await trainer.tick()
     await trainer.tick()
     assert len(producer.events) == 1 and store.job(cut.job_id).event_emitted  # type: ignore[union-attr]
+
+
+async def test_concurrent_announcements_emit_once(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, producer = make(tmp_path, store, registry, clock)
+    producer.fail = True
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await trainer.launch_queued()
+    launcher.end(cut.job_id, ok=True)
+    await settle(trainer, lambda: store.job(cut.job_id).state == SUCCEEDED)
+    producer.fail = False
+    await asyncio.gather(*(trainer.announce_candidates() for _ in range(3)))
+    assert len(producer.events) == 1
 
 
 async def test_a_job_claiming_an_unregistered_candidate_fails(

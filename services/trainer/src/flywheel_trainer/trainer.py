@@ -80,6 +80,8 @@ class Trainer:
         self._last_purge = 0.0
         self._waiting_note = ""
         self.changed = asyncio.Event()
+        # One announcer at a time: a job's watcher and the loop's tick both announce.
+        self._announcing = asyncio.Lock()
 
     # ------------------------------------------------------------ batches
 
@@ -238,6 +240,11 @@ class Trainer:
         """Emits ModelCandidate for succeeded jobs whose event is not out yet (retried until acked)."""
         if self.producer is None:
             return
+        async with self._announcing:
+            await self._announce()
+
+    async def _announce(self) -> None:
+        assert self.producer is not None
         for job in self.store.jobs(states=[SUCCEEDED]):
             if job.event_emitted:
                 continue
