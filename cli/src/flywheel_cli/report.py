@@ -214,7 +214,8 @@ COLUMNS = (
 )
 
 
-def _pct(e: Estimate) -> str:
+def pct(e: Estimate) -> str:
+    """An estimate as a percentage with its interval: `42.0% [28.0%, 56.0%]`."""
     return f"{e.value:.1%} [{e.low:.1%}, {e.high:.1%}]"
 
 
@@ -236,9 +237,9 @@ def table_rows(report: Report) -> list[list[str]]:
             [
                 str(r.round),
                 r.model_version,
-                _pct(r.exam.accuracy),
-                _pct(r.exam.precision),
-                _pct(r.exam.f1),
+                pct(r.exam.accuracy),
+                pct(r.exam.precision),
+                pct(r.exam.f1),
                 mean,
                 ignore,
                 f"{r.exam.latency_p50_ms.value:.0f}",

@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from flywheel_cli.report import ExamItem, ExamResult, Report, RoundResult
+from flywheel_cli.report import ExamItem, ExamResult, Report, RoundResult, pct
 from flywheel_eval.dataset import Dataset, QAItem, load_dataset
 from flywheel_eval.metrics import score_item, summarize
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
@@ -171,6 +171,10 @@ def ignores(f1: float, rng: random.Random, config: SimulationConfig) -> bool:
 def correction_text(item: QAItem, template: str = DEFAULT_TEMPLATE) -> str:
     """The expert's correction: the first acceptable answer, in a sentence made by a generic template."""
     answer = item.answers[0].strip().rstrip(".") if item.answers else "not on this page"
+    first, _, rest = answer.partition(" ")
+    if first in ("The", "A", "An") and rest:
+        # Mid-sentence, an answer's leading article is lower case ("The answer is the gc module.").
+        answer = f"{first.lower()} {rest}"
     return template.format(answer=answer, question=item.question.strip())
 
 
@@ -285,7 +289,7 @@ class Simulation:
                     timings_s={"exam": time.monotonic() - t0},
                 )
             )
-            self.progress.log(f"round 0 ({production}): exam accuracy {result.accuracy}")
+            self.progress.log(f"round 0 ({production}): exam accuracy {pct(result.accuracy)}")
             for number in range(1, config.rounds + 1):
                 report.rounds.append(await self._round(number, slices[number - 1], exam, report))
             if config.closing_visitors:
@@ -356,7 +360,7 @@ class Simulation:
         )
         self.progress.log(
             f"round {number} done in {round_result.duration_s / 60:.1f} min: {round_result.gate}; "
-            f"serving {production}, exam accuracy {result.accuracy}"
+            f"serving {production}, exam accuracy {pct(result.accuracy)}"
         )
         return round_result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,7 @@ class RichProgress:
         )
 
     def log(self, message: str) -> None:
-        self.bars.console.log(message)
+        self.bars.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}", highlight=False)
 
     def start(self, description: str, total: int | None) -> object:
         return self.bars.add_task(description, total=total)
