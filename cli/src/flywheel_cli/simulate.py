@@ -334,8 +334,9 @@ class Simulation:
         rollout = rollout_outcome(candidates, decisions, await self._production())
 
         t4 = time.monotonic()
-        result = await self._exam(number, exam)
         production = await self._production()
+        await self._await_serving(production, exam[0])
+        result = await self._exam(number, exam)
         timings["exam"] = time.monotonic() - t4
 
         rated = [v.rating for v in visits if v.rating is not None]
@@ -542,6 +543,21 @@ class Simulation:
 
     async def _production(self) -> str:
         return (await self._rollout()).production
+
+    async def _await_serving(self, version: str, item: QAItem) -> None:
+        """Inference follows the registry by polling it: waits until it answers with `version`."""
+        deadline = time.monotonic() + self.config.rollout_timeout_s
+        probe = self._request(item, f"sim-{self.run_id}-probe")
+        probe.options.max_new_tokens = 1
+        while True:
+            response = await _retry(
+                lambda: self.inference.Answer(probe, timeout=self.config.request_timeout_s)
+            )
+            if response.model_version == version:
+                return
+            if time.monotonic() > deadline:
+                raise SimulationError(f"inference still serves {response.model_version}, not {version}")
+            await asyncio.sleep(self.config.poll_s)
 
     async def _wait_for_jobs(self, number: int, known: set[str]) -> list[trainer_pb2.Job]:
         """The round's training jobs, once all of them finished (asking for a batch if none was cut)."""
