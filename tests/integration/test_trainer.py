@@ -206,7 +206,7 @@ async def test_corrections_become_a_candidate_and_replays_train_nothing(
     assert (candidate.hf_dir / "config.json").is_file()
 
     # Announced once, with its lineage.
-    records = read_topic(kafka_settings.topics.candidates, 1)
+    records = await wait_for(lambda: read_topic(kafka_settings.topics.candidates, 1, 5), 60, "ModelCandidate")
     (event,) = [decode(r, events_pb2.ModelCandidate) for r in records]
     assert (event.version, event.parent_version, event.dataset_id, event.job_id) == (
         "v2", "v1", dataset.dataset_id, job.job_id,
@@ -242,7 +242,8 @@ async def test_corrections_become_a_candidate_and_replays_train_nothing(
     jobs = await again_stub.ListJobs(trainer_pb2.ListJobsRequest())
     assert [j.job_id for j in jobs.jobs] == [job.job_id]
     assert jobs.jobs[0].state == trainer_pb2.JOB_STATE_SUCCEEDED
-    assert len(read_topic(kafka_settings.topics.candidates, 1)) == 1
+    announced = await wait_for(lambda: read_topic(kafka_settings.topics.candidates, 2, 5), 60, "the topic")
+    assert len(announced) == 1
 
 
 def free_port() -> int:
