@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import sys
+from typing import Literal
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -21,7 +22,7 @@ _STATES = {
 }
 
 
-def _when(job: trainer_pb2.Job, field: str) -> str:
+def _when(job: trainer_pb2.Job, field: Literal["created_at", "started_at", "finished_at"]) -> str:
     if not job.HasField(field):
         return "-"
     stamp = getattr(job, field).ToDatetime(tzinfo=dt.UTC)

@@ -194,7 +194,7 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
             "versions": _versions(),
             "timings": timings,
         }
-        lineage = {
+        lineage: dict[str, Any] = {
             "parent_version": parent.version,
             "dataset_id": dataset.dataset_id,
             "dataset_sha256": dataset.sha256,
