@@ -151,17 +151,32 @@ class Report:
             "prob_not_better": diff.prob_not_better,
         }
 
-    def regressions(self) -> list[str]:
-        """Rounds that put a model in production whose exam accuracy is below the one before it."""
+    def promotions(self) -> list[dict[str, Any]]:
+        """Each round that changed the serving model: exam accuracy before and after, paired bootstrap.
+
+        `worse` is true when the new model is worse with 95% confidence (the interval of the
+        difference lies below zero); a lower point estimate alone is reported, not flagged.
+        """
         found = []
         for before, after in zip(self.rounds, self.rounds[1:], strict=False):
-            changed = after.model_version != before.model_version
-            if changed and after.exam.accuracy.value < before.exam.accuracy.value:
-                found.append(
-                    f"round {after.round}: {after.model_version} accuracy "
-                    f"{after.exam.accuracy.value:.1%} < {before.model_version} "
-                    f"{before.exam.accuracy.value:.1%}"
-                )
+            if after.model_version == before.model_version:
+                continue
+            old = {i.id: i.contains for i in before.exam.items}
+            pairs = [(i.contains, old[i.id]) for i in after.exam.items if i.id in old]
+            diff = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs])
+            found.append(
+                {
+                    "round": after.round,
+                    "from": before.model_version,
+                    "to": after.model_version,
+                    "accuracy_before": before.exam.accuracy.value,
+                    "accuracy_after": after.exam.accuracy.value,
+                    "difference": diff.mean_difference,
+                    "low": diff.low,
+                    "high": diff.high,
+                    "worse": diff.high < 0,
+                }
+            )
         return found
 
     def to_json(self) -> dict[str, Any]:
@@ -193,7 +208,7 @@ class Report:
             "settings": self.settings,
             "rounds": rounds,
             "ratings_by_version": {v: s.to_json() for v, s in self.ratings_by_version.items()},
-            "regressions": self.regressions(),
+            "promotions": self.promotions(),
             "notes": self.notes,
         }
 
@@ -302,12 +317,21 @@ def markdown(report: Report, chart_name: str | None = "chart.png") -> str:
             "|---:|---|---:|---:|---:|",
             *gains,
         ]
-    regressions = report.regressions()
-    lines += [
-        "",
-        "Rounds that promoted a model with lower exam accuracy than the one it replaced: "
-        + ("; ".join(regressions) if regressions else "none."),
-    ]
+    promotions = report.promotions()
+    if promotions:
+        lines += [
+            "",
+            "## Each promotion against the model it replaced (exam accuracy, paired bootstrap, points)",
+            "",
+            "| round | from → to | before | after | Δ [95% CI] | worse with 95% confidence |",
+            "|---:|---|---:|---:|---:|---|",
+        ]
+        lines += [
+            f"| {p['round']} | {p['from']} → {p['to']} | {p['accuracy_before']:.1%} | "
+            f"{p['accuracy_after']:.1%} | {p['difference'] * 100:+.1f} [{p['low'] * 100:+.1f}, "
+            f"{p['high'] * 100:+.1f}] | {'yes' if p['worse'] else 'no'} |"
+            for p in promotions
+        ]
     if chart_name:
         lines += ["", f"![accuracy, precision and mean rating over rounds]({chart_name})"]
     lines += ["", "## Rounds", ""]
@@ -404,7 +428,7 @@ def chart(report: Report, path: Path) -> Path:
     left.legend(handles, names, loc="upper left", fontsize=8)
     for r in report.rounds[1:]:
         if r.gate and "failed" in r.gate:
-            left.annotate("gate failed", (r.round, 4), ha="center", fontsize=8, color="tab:red")
+            left.annotate("candidate\nrejected", (r.round, 88), ha="center", fontsize=8, color="tab:red")
     left.set_title(f"Flywheel on {report.dataset}: exam score and visitors' rating by round")
     fig.tight_layout()
     fig.savefig(path)

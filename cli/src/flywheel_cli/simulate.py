@@ -331,6 +331,7 @@ class Simulation:
         canary_visits = await self._settle_rollout(number, traffic, report)
         timings["rollout"] = time.monotonic() - t3
         decisions = [d for d in await self._decisions() if d.decision_id not in known_decisions]
+        decisions.sort(key=lambda d: (d.created_at.seconds, d.created_at.nanos))
         rollout = rollout_outcome(candidates, decisions, await self._production())
 
         t4 = time.monotonic()
