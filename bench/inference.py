@@ -1,9 +1,12 @@
 """Inference benchmark: time to first token, decode speed, peak memory and answer quality of
 (a) transformers + PyTorch eager, (b) our ONNX Runtime path in fp32, (c) our path with int4
 weights, (d) llama.cpp on the original GGUF; then throughput of the running gRPC service at
-several concurrencies.
+several concurrencies. On a GPU machine (onnxruntime-gpu) the variants `onnx-fp32-cuda` and
+`onnx-fp16-cuda` run our path on the CUDA execution provider, and `--service-variant` picks the
+model the service is measured with.
 
     uv run python bench/inference.py [--questions 12] [--new-tokens 48] [--json bench/results/inference.json]
+    python bench/inference.py --variants onnx-fp32-cuda,onnx-fp16-cuda --service-variant onnx-fp16-cuda
 
 Every variant runs in its own process (so peak memory is its own) on the same prompts: real page
 passages of about 400 tokens and a question from the bundled dataset's exam split, greedy, batch 1,
@@ -79,7 +82,10 @@ def run_variant(
         "--gguf",
         args.gguf,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")])),
+    }
     started = time.perf_counter()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -136,17 +142,27 @@ def worker_eager(prompts: list[dict[str, Any]], new_tokens: int, threads: int) -
     return results[1:]
 
 
+def onnx_variant(variant: str) -> tuple[str, str]:
+    """`onnx-<precision>[-<provider>]` -> (precision, provider)."""
+    parts = variant.split("-")
+    return parts[1], parts[2] if len(parts) > 2 else "cpu"
+
+
 def worker_onnx(
-    prompts: list[dict[str, Any]], new_tokens: int, threads: int, precision: str
+    prompts: list[dict[str, Any]], new_tokens: int, threads: int, variant: str
 ) -> list[dict[str, Any]]:
     import threading
 
     from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
     from flywheel_model.runtime import Decoder, OrtSettings
 
+    precision, provider = onnx_variant(variant)
     decoder = Decoder(
-        ROOT / f".cache/models/smollm2-135m-{precision}-cpu/onnx", OrtSettings(intra_op_threads=threads)
+        ROOT / f".cache/models/smollm2-135m-{precision}-{provider}/onnx",
+        OrtSettings(provider=provider, intra_op_threads=threads),
     )
+    if decoder.provider != {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]:
+        raise RuntimeError(f"{variant}: the session runs on {decoder.provider}")
     generator = BatchGenerator(decoder, max_batch=1)
     results = []
     for prompt in [prompts[0], *prompts]:
@@ -210,7 +226,7 @@ def worker_main(args: argparse.Namespace) -> None:
     elif args.worker == "llamacpp":
         results = worker_llamacpp(prompts, args.new_tokens, args.threads, args.gguf)
     else:
-        results = worker_onnx(prompts, args.new_tokens, args.threads, args.worker.split("-")[1])
+        results = worker_onnx(prompts, args.new_tokens, args.threads, args.worker)
     # VmHWM rather than ru_maxrss: the latter carries the parent's peak across exec.
     status = Path("/proc/self/status").read_text()
     peak_mb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
@@ -221,30 +237,39 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 def throughput(
-    onnx_dir: Path, prompts: list[dict[str, Any]], levels: list[int], new_tokens: int, requests_per_level: int
+    onnx_dir: Path,
+    provider: str,
+    prompts: list[dict[str, Any]],
+    levels: list[int],
+    new_tokens: int,
+    requests_per_level: int,
 ) -> list[dict[str, Any]]:
-    """Starts the inference service on the fp32 model and measures it at each concurrency."""
+    """Starts the inference service on a model and measures it at each concurrency."""
     from flywheel_cli.kafka_broker import free_port
 
     port = free_port()
     env = {
         **os.environ,
         "FLYWHEEL_INFERENCE_MODEL_DIR": str(onnx_dir),
+        "FLYWHEEL_INFERENCE_ORT__PROVIDER": provider,
         "FLYWHEEL_INFERENCE_KAFKA_ENABLED": "false",
         "FLYWHEEL_INFERENCE_GRPC__PORT": str(port),
         "FLYWHEEL_INFERENCE_METRICS__PORT": "0",
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flywheel_inference"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        return asyncio.run(_measure(port, prompts, levels, new_tokens, requests_per_level))
-    finally:
-        server.terminate()
-        server.wait(30)
+    with tempfile.NamedTemporaryFile(prefix="bench-inference-service-", suffix=".log") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "flywheel_inference"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            return asyncio.run(_measure(port, prompts, levels, new_tokens, requests_per_level))
+        except Exception:
+            text = Path(log.name).read_text()
+            first = max(0, text.find("Traceback") - 1000)
+            print(f"the service failed; its log from the first error:\n{text[first : first + 6000]}")
+            raise
+        finally:
+            server.terminate()
+            server.wait(30)
 
 
 async def _measure(
@@ -338,6 +363,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--llama-python", default=str(ROOT / ".cache/bench/llamacpp-venv/bin/python"))
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--service-variant", default="onnx-fp32", help="the model the service serves")
     parser.add_argument("--requests", type=int, default=16, help="answers per concurrency level")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -355,8 +381,11 @@ def main() -> None:
     args.gguf = str(smollm2_gguf())
     fp32_dir = ensure_prepared(None, ExportOptions(), None, force=False)
     variants = args.variants.split(",")
-    if "onnx-int4" in variants:
-        ensure_prepared(None, ExportOptions(precision="int4"), None, force=False)
+    model_dirs = {
+        variant: ensure_prepared(None, ExportOptions(*onnx_variant(variant)), None, force=False)
+        for variant in {*variants, args.service_variant}
+        if variant.startswith("onnx-")
+    }
     prompts = build_prompts(Path(args.dataset), args.questions, fp32_dir / "onnx")
     prompts_file = Path(tempfile.mkstemp(suffix=".json")[1])
     prompts_file.write_text(json.dumps(prompts))
@@ -379,7 +408,7 @@ def main() -> None:
         rows.append(summarise(variant, data, reference, prompts))
     base = {r["variant"]: r for r in rows}
     print(
-        f"\n{'variant':12} {'TTFT s':>7} {'decode tok/s':>12} {'x eager':>8} {'x llama.cpp':>11} "
+        f"\n{'variant':15} {'TTFT s':>7} {'decode tok/s':>12} {'x eager':>8} {'x llama.cpp':>11} "
         f"{'peak MB':>8} {'= eager':>8} {'accuracy':>8}"
     )
     for r in rows:
@@ -390,12 +419,21 @@ def main() -> None:
             f"{r['tokens_equal_to_eager']}/{len(prompts)}" if r["tokens_equal_to_eager"] is not None else "-"
         )
         print(
-            f"{r['variant']:12} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {x_eager:8.2f} {x_llama:11.2f} "
+            f"{r['variant']:15} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {x_eager:8.2f} {x_llama:11.2f} "
             f"{r['peak_rss_mb']:8.0f} {equal:>8} {r['accuracy']:8.0%}"
         )
     levels = [int(c) for c in args.concurrency.split(",") if c]
     service_rows = (
-        throughput(fp32_dir / "onnx", prompts, levels, args.new_tokens, args.requests) if levels else []
+        throughput(
+            model_dirs[args.service_variant] / "onnx",
+            onnx_variant(args.service_variant)[1],
+            prompts,
+            levels,
+            args.new_tokens,
+            args.requests,
+        )
+        if levels
+        else []
     )
     if service_rows:
         header = (
@@ -419,6 +457,7 @@ def main() -> None:
                     "questions": len(prompts),
                     "new_tokens": args.new_tokens,
                     "threads": args.threads,
+                    "service_variant": args.service_variant,
                 },
                 indent=2,
             )

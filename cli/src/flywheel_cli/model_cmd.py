@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from flywheel_cli.kafka_broker import repo_root
@@ -69,7 +70,11 @@ def register_base(model_dir: Path, artifact_root: Path) -> str:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    options = ExportOptions(precision=args.precision, provider=args.provider)
+    try:
+        options = ExportOptions(precision=args.precision, provider=args.provider)
+    except ValueError as error:
+        print(f"flywheel model prepare: {error}", file=sys.stderr)
+        return 2
     source = Path(args.source) if args.source else None
     out = ensure_prepared(source, options, Path(args.out) if args.out else None, force=args.force)
     if not args.no_register:

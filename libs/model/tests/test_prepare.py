@@ -36,3 +36,9 @@ def test_hf_folder_to_fp16_cuda_export(prepared_model: Path, tmp_path: Path) -> 
 def test_a_source_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither"):
         prepare(tmp_path / "out", source=tmp_path, options=ExportOptions(), cache_dir=tmp_path / "c")
+
+
+def test_fp32_for_cuda_is_refused_before_an_invalid_model_is_built() -> None:
+    with pytest.raises(ValueError, match="fp16"):
+        ExportOptions(precision="fp32", provider="cuda")
+    assert ExportOptions(precision="fp16", provider="cuda").builder_args()[:4] == ["-p", "fp16", "-e", "cuda"]

@@ -81,6 +81,14 @@ class ExportOptions:
     int4_accuracy_level: int = 1
     int4_block_size: int = 32
 
+    def __post_init__(self) -> None:
+        if (self.precision, self.provider) == ("fp32", "cuda"):
+            # onnxruntime-genai 0.18's builder writes a graph without its present.* outputs then.
+            raise ValueError(
+                "fp32 export for CUDA makes an invalid model: use --precision fp16 for CUDA "
+                "(the fp32 CPU export also runs on the CUDA provider)"
+            )
+
     def builder_args(self) -> list[str]:
         extra = ["prune_lm_head=true"]
         if self.precision == "int4":

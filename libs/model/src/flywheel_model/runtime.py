@@ -67,6 +67,9 @@ def choose_providers(settings: OrtSettings) -> list[Any]:
     if cuda_device_count() == 0:
         log.warning("CUDA requested but no GPU is visible: serving on CPU")
         return ["CPUExecutionProvider"]
+    # CUDA and cuDNN installed as pip packages (nvidia-*) are not on the loader's path: load them
+    # first, or the session silently falls back to the CPU provider.
+    ort.preload_dlls(msvc=False)
     return [("CUDAExecutionProvider", cuda_provider_options(settings)), "CPUExecutionProvider"]
 
 
