@@ -1,4 +1,5 @@
-"""Training data: the serving prompt plus the answer's tokens up to the stop token; replay selection."""
+"""Training data: the serving prompt plus the answer's tokens up to the stop token; carry-over of
+batches the base has not learned; replay selection."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from flywheel_common.registry import ModelRegistry
 from flywheel_model.prompt import PromptEncoder, build_messages
 from flywheel_model.retrieval import Passage
 from flywheel_model.runtime import DecoderSpec
@@ -66,11 +68,46 @@ def test_replay_is_a_seeded_share_of_earlier_examples(tmp_path: Path) -> None:
     old = write(tmp_path, "ds-1", [example(i) for i in range(10)])
     # The new batch asks question 0 again: its newer answer wins, the old one is not replayed.
     new = write(tmp_path, "ds-2", [example(100, question="What colour is widget 0?"), example(101)])
-    picked, sources = data.select_replay(new, [old], fraction=2.0, max_examples=3, seed=7)
-    again, _ = data.select_replay(new, [old], fraction=2.0, max_examples=3, seed=7)
+    picked, sources = data.select_replay(new.examples, [old], fraction=2.0, max_examples=3, seed=7)
+    again, _ = data.select_replay(new.examples, [old], fraction=2.0, max_examples=3, seed=7)
     assert picked == again and len(picked) == 3 and sources == ["ds-1"]
     assert "c-0" not in {e["id"] for e in picked}
-    half, _ = data.select_replay(new, [old], fraction=0.5, max_examples=64, seed=7)
+    half, _ = data.select_replay(new.examples, [old], fraction=0.5, max_examples=64, seed=7)
     assert len(half) == 1
-    assert data.select_replay(new, [old], fraction=0.0, max_examples=64, seed=7) == ([], [])
-    assert data.select_replay(new, [], fraction=1.0, max_examples=64, seed=7) == ([], [])
+    assert data.select_replay(new.examples, [old], fraction=0.0, max_examples=64, seed=7) == ([], [])
+    assert data.select_replay(new.examples, [], fraction=1.0, max_examples=64, seed=7) == ([], [])
+
+
+def test_unlearned_batches_are_carried_over_whole_newest_first(tmp_path: Path) -> None:
+    first = write(tmp_path, "ds-1", [example(i) for i in range(4)])
+    second = write(tmp_path, "ds-2", [example(10), example(11, question="What colour is widget 0?")])
+    third = write(tmp_path, "ds-3", [example(20, question="What colour is widget 10?")])
+    examples, sources = data.carry_over(third, [first, second], max_examples=100)
+    assert sources == ["ds-3", "ds-2", "ds-1"]
+    # Each question once, with its newest answer: widget 10's from ds-3, widget 0's from ds-2.
+    assert [e["id"] for e in examples] == ["c-20", "c-11", "c-1", "c-2", "c-3"]
+    # Only whole batches that fit: ds-2 adds one new question, ds-1 would add three more.
+    examples, sources = data.carry_over(third, [first, second], max_examples=2)
+    assert sources == ["ds-3", "ds-2"] and len(examples) == 2
+    assert data.carry_over(third, [first, second], max_examples=0) == (list(third.examples), ["ds-3"])
+
+
+def test_learned_datasets_follow_the_lineage_back_to_the_base(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"onnx")
+    registry = ModelRegistry(tmp_path / "artifacts")
+    base = registry.register(model, kind="base")
+    v2 = registry.register(
+        model,
+        kind="candidate",
+        metadata={"lineage": {"parent_version": base.version, "datasets": ["ds-2", "ds-1"]}},
+    )
+    # A candidate registered before `datasets` was recorded names only its own batch.
+    v3 = registry.register(
+        model, kind="candidate", metadata={"lineage": {"parent_version": v2.version, "dataset_id": "ds-3"}}
+    )
+    assert data.learned_datasets(registry, v3.version) == {"ds-1", "ds-2", "ds-3"}
+    assert data.learned_datasets(registry, v2.version) == {"ds-1", "ds-2"}
+    assert data.learned_datasets(registry, base.version) == set()
+    assert data.learned_datasets(registry, "v99") == set()

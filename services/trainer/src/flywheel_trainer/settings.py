@@ -133,7 +133,11 @@ class HyperParameters(BaseModel):
     max_steps: int = Field(default=0, ge=0)
     # Examples longer than this (prompt + answer tokens) are skipped, never truncated.
     max_seq_tokens: int = Field(default=1024, ge=16)
-    # Earlier datasets' examples mixed in, as a share of this batch's examples (so nothing is forgotten).
+    # Earlier batches the base model has not learned (their candidate was rejected, or never made)
+    # are trained on again, whole batches newest first, up to this many examples (0: only this batch).
+    carry_over_max_examples: int = Field(default=512, ge=0)
+    # Examples of batches the base has learned are mixed in, as a share of the examples above (so
+    # nothing is forgotten).
     replay_fraction: float = Field(default=0.5, ge=0)
     replay_max_examples: int = Field(default=64, ge=0)
     seed: int = 1234

@@ -1,4 +1,4 @@
-"""Training data for a job: examples as token ids (the serving prompt + the answer), and replay."""
+"""Training data for a job: the batch, earlier batches the base has not learned, replay; as token ids."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flywheel_common.errors import NotFound
+from flywheel_common.registry import ModelRegistry
 from flywheel_model.prompt import PromptEncoder, build_messages
 from flywheel_model.retrieval import Passage
 from flywheel_trainer.datasets import Dataset
@@ -75,19 +77,61 @@ def _key(example: dict[str, Any]) -> tuple[str, str]:
     return (example.get("page_title", ""), " ".join(example["question"].lower().split()))
 
 
-def select_replay(
-    dataset: Dataset, earlier: Sequence[Dataset], *, fraction: float, max_examples: int, seed: int
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Earlier datasets' examples mixed into this batch: `fraction` of its size, at most `max_examples`.
+def learned_datasets(registry: ModelRegistry, version: str) -> set[str]:
+    """The datasets `version` was trained on: those of every candidate in its lineage, back to the base."""
+    learned: set[str] = set()
+    seen: set[str] = set()
+    while version and version not in seen:
+        seen.add(version)
+        try:
+            lineage = registry.get(version).manifest.get("lineage") or {}
+        except NotFound:
+            break
+        learned.update(lineage.get("datasets") or [lineage.get("dataset_id", "")])
+        version = lineage.get("parent_version", "")
+    learned.discard("")
+    return learned
 
-    Questions this batch answers again are left out (the newer answer wins); the draw is seeded.
+
+def carry_over(
+    dataset: Dataset, unlearned: Sequence[Dataset], *, max_examples: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """This batch's examples, then whole earlier batches the base has not learned, newest first.
+
+    Batches are taken while their examples fit in `max_examples`; a question asked again keeps its
+    newest answer. Returns the examples and the ids of the datasets they come from (this one first).
+    """
+    examples = list(dataset.examples)
+    keys = {_key(e) for e in examples}
+    sources = [dataset.dataset_id]
+    for d in reversed(unlearned):
+        new = {_key(e): e for e in d.examples if _key(e) not in keys}
+        if len(examples) - len(dataset.examples) + len(new) > max_examples:
+            break
+        examples.extend(new.values())
+        keys.update(new)
+        sources.append(d.dataset_id)
+    return examples, sources
+
+
+def select_replay(
+    current: Sequence[dict[str, Any]],
+    earlier: Sequence[Dataset],
+    *,
+    fraction: float,
+    max_examples: int,
+    seed: int,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Earlier datasets' examples mixed into `current`: `fraction` of its size, at most `max_examples`.
+
+    Questions `current` answers again are left out (the newer answer wins); the draw is seeded.
     Returns the examples and the ids of the datasets they come from.
     """
-    want = min(round(fraction * len(dataset.examples)), max_examples)
+    want = min(round(fraction * len(current)), max_examples)
     if want <= 0:
         return [], []
-    current_ids = {e["id"] for e in dataset.examples}
-    current_keys = {_key(e) for e in dataset.examples}
+    current_ids = {e["id"] for e in current}
+    current_keys = {_key(e) for e in current}
     pool: dict[str, tuple[str, dict[str, Any]]] = {}
     for d in earlier:
         for e in d.examples:

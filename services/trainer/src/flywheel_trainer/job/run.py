@@ -108,23 +108,30 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
     dataset = datasets.load(settings.artifact_root, args.dataset)
     earlier = datasets.earlier(settings.artifact_root, dataset.dataset_id)
     hyper = settings.hyper
-    replay, replay_from = data.select_replay(
+    learned = data.learned_datasets(registry, parent.version)
+    current, trained_on = data.carry_over(
         dataset,
-        earlier,
+        [d for d in earlier if d.dataset_id not in learned],
+        max_examples=hyper.carry_over_max_examples,
+    )
+    replay, replay_from = data.select_replay(
+        current,
+        [d for d in earlier if d.dataset_id not in trained_on],
         fraction=hyper.replay_fraction,
         max_examples=hyper.replay_max_examples,
         seed=hyper.seed,
     )
     device, quantization = resolve_device(settings)
     log.info(
-        "job %s: %d examples + %d replayed, base %s, %s/%s",
-        args.job_id, len(dataset.examples), len(replay), parent.version, device, quantization,
+        "job %s: %d examples (%d carried over from %d earlier batches) + %d replayed, base %s, %s/%s",
+        args.job_id, len(current), len(current) - len(dataset.examples), len(trained_on) - 1,
+        len(replay), parent.version, device, quantization,
     )  # fmt: skip
 
     # The serving tokenizer and prompt (the base version's ONNX folder), and its stop tokens.
     encoder = PromptEncoder(parent.model_dir)
     eos_ids = DecoderSpec.load(parent.model_dir).eos_token_ids
-    examples, skipped = data.tokenize([*dataset.examples, *replay], encoder, eos_ids, hyper.max_seq_tokens)
+    examples, skipped = data.tokenize([*current, *replay], encoder, eos_ids, hyper.max_seq_tokens)
     if not examples:
         raise RuntimeError(f"no example fits in {hyper.max_seq_tokens} tokens ({len(skipped)} skipped)")
     pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else eos_ids[0]
@@ -198,10 +205,13 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
             "parent_version": parent.version,
             "dataset_id": dataset.dataset_id,
             "dataset_sha256": dataset.sha256,
+            # Every batch this candidate learned in full: this one and those carried over.
+            "datasets": trained_on,
             "adapter_sha256": adapter_sha,
             "job_id": args.job_id,
             "examples": {
                 "batch": len(dataset.examples),
+                "carried_over": len(current) - len(dataset.examples),
                 "counts": dataset.manifest.get("counts", {}),
                 "replayed": len(replay),
                 "replayed_from": replay_from,
