@@ -124,7 +124,9 @@ def run_simulation(args: argparse.Namespace, stack: LocalStack | None, console: 
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    console = Console()
+    from flywheel_cli.up_cmd import make_console
+
+    console = make_console()
     if args.up:
         from flywheel_cli.stack import LocalStack, StackError
         from flywheel_cli.up_cmd import print_table, stack_config

@@ -51,8 +51,14 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _up(args: argparse.Namespace) -> int:
+def make_console() -> Console:
+    """Rich's console; into a file or a pipe, wide enough that the report's table does not wrap."""
     console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 160))
+
+
+def _up(args: argparse.Namespace) -> int:
+    console = make_console()
     _interrupt_on_sigterm()
     config = stack_config(args)
     stack = LocalStack(config, echo=console.print)
