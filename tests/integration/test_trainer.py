@@ -195,6 +195,7 @@ async def test_corrections_become_a_candidate_and_replays_train_nothing(
     lineage, training = candidate.manifest["lineage"], candidate.manifest["training"]
     assert lineage["parent_version"] == "v1"
     assert (lineage["dataset_id"], lineage["dataset_sha256"]) == (dataset.dataset_id, dataset.sha256)
+    assert lineage["datasets"] == [dataset.dataset_id]
     assert len(lineage["adapter_sha256"]) == 64 and lineage["job_id"] == job.job_id
     assert lineage["duration_s"] > 0 and lineage["examples"]["trained"] == n
     assert training["hyperparameters"]["lora_r"] == 16 and training["hyperparameters"]["epochs"] == 2
