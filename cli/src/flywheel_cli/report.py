@@ -348,7 +348,8 @@ def markdown(report: Report, chart_name: str | None = "chart.png") -> str:
             )
         for job in r.jobs:
             lines.append(
-                f"- Training job `{job['job_id']}`: {job['state'].lower()}, {job['examples']} examples, "
+                f"- Training job `{job['job_id']}`: {job['state'].lower()}, {job['examples']} new examples "
+                "(and earlier batches the serving model has not learned), "
                 f"candidate {job.get('candidate_version') or '—'}"
                 + (f" ({job['reason']})" if job.get("reason") else "")
             )

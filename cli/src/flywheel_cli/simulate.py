@@ -575,11 +575,11 @@ class Simulation:
                 if states.get(job.job_id) != job.state:
                     states[job.job_id] = job.state
                     self.progress.log(
-                        f"round {number}: job {job.job_id} ({job.examples} examples) "
+                        f"round {number}: job {job.job_id} ({job.examples} new examples) "
                         f"{trainer_pb2.JobState.Name(job.state).removeprefix('JOB_STATE_').lower()}"
                         + (f": {job.reason}" if job.reason else "")
                     )
-                    self.progress.update(task, f"round {number}: training ({job.examples} examples)")
+                    self.progress.update(task, f"round {number}: training ({job.examples} new examples)")
             if jobs and all(j.state in _FINISHED_JOB for j in jobs):
                 self.progress.finish(task)
                 return jobs
