@@ -153,12 +153,14 @@ def worker_onnx(
 ) -> list[dict[str, Any]]:
     import threading
 
+    from flywheel_cli.model_cmd import default_model_dir
     from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
+    from flywheel_model.prepare import ExportOptions
     from flywheel_model.runtime import Decoder, OrtSettings
 
     precision, provider = onnx_variant(variant)
     decoder = Decoder(
-        ROOT / f".cache/models/smollm2-135m-{precision}-{provider}/onnx",
+        default_model_dir(None, ExportOptions(precision, provider)) / "onnx",
         OrtSettings(provider=provider, intra_op_threads=threads),
     )
     if decoder.provider != {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]:
@@ -379,13 +381,13 @@ def main() -> None:
     from flywheel_model.prepare import ExportOptions, smollm2_gguf
 
     args.gguf = str(smollm2_gguf())
-    fp32_dir = ensure_prepared(None, ExportOptions(), None, force=False)
     variants = args.variants.split(",")
-    model_dirs = {
-        variant: ensure_prepared(None, ExportOptions(*onnx_variant(variant)), None, force=False)
-        for variant in {*variants, args.service_variant}
-        if variant.startswith("onnx-")
+    # The fp32 CPU model always (prompts, eager's weights), and each ONNX variant's; each made once.
+    exports = {("fp32", "cpu")} | {
+        onnx_variant(v) for v in {*variants, args.service_variant} if v.startswith("onnx-")
     }
+    model_dirs = {key: ensure_prepared(None, ExportOptions(*key), None, force=False) for key in exports}
+    fp32_dir = model_dirs[("fp32", "cpu")]
     prompts = build_prompts(Path(args.dataset), args.questions, fp32_dir / "onnx")
     prompts_file = Path(tempfile.mkstemp(suffix=".json")[1])
     prompts_file.write_text(json.dumps(prompts))
@@ -425,7 +427,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",") if c]
     service_rows = (
         throughput(
-            model_dirs[args.service_variant] / "onnx",
+            model_dirs[onnx_variant(args.service_variant)] / "onnx",
             onnx_variant(args.service_variant)[1],
             prompts,
             levels,

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from flywheel_eval.metrics import Estimate, paired_bootstrap
+from flywheel_eval.metrics import Estimate, PairedDifference, paired_bootstrap
 
 
 @dataclass
@@ -139,11 +139,9 @@ class Report:
         """Paired bootstrap of a round's exam scores minus round 0's (same questions)."""
         if not self.rounds or round_result is self.rounds[0]:
             return None
-        base = {i.id: getattr(i, metric) for i in self.rounds[0].exam.items}
-        pairs = [(getattr(i, metric), base[i.id]) for i in round_result.exam.items if i.id in base]
-        if not pairs:
+        diff = _paired(self.rounds[0], round_result, metric)
+        if diff is None:
             return None
-        diff = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs])
         return {
             "mean_difference": diff.mean_difference,
             "low": diff.low,
@@ -161,9 +159,9 @@ class Report:
         for before, after in zip(self.rounds, self.rounds[1:], strict=False):
             if after.model_version == before.model_version:
                 continue
-            old = {i.id: i.contains for i in before.exam.items}
-            pairs = [(i.contains, old[i.id]) for i in after.exam.items if i.id in old]
-            diff = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs])
+            diff = _paired(before, after, "contains")
+            if diff is None:
+                continue
             found.append(
                 {
                     "round": after.round,
@@ -211,6 +209,15 @@ class Report:
             "promotions": self.promotions(),
             "notes": self.notes,
         }
+
+
+def _paired(before: RoundResult, after: RoundResult, metric: str) -> PairedDifference | None:
+    """Paired bootstrap of `after`'s exam scores minus `before`'s, on the questions both asked."""
+    old = {i.id: getattr(i, metric) for i in before.exam.items}
+    pairs = [(getattr(i, metric), old[i.id]) for i in after.exam.items if i.id in old]
+    if not pairs:
+        return None
+    return paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs])
 
 
 # --- rendering -------------------------------------------------------------------------------------------

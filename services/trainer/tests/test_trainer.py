@@ -156,9 +156,10 @@ async def test_at_most_k_jobs_run_and_each_batch_is_trained_once(
     ]
 
 
-async def test_announcements_are_retried_until_kafka_takes_them(
+async def succeeded_while_kafka_is_down(
     tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
-) -> None:
+) -> tuple[Trainer, FakeProducer, str]:
+    """A job that succeeded while every announcement failed; Kafka takes them again afterwards."""
     trainer, launcher, producer = make(tmp_path, store, registry, clock)
     producer.fail = True
     feed(store, ev, range(3))
@@ -169,23 +170,22 @@ async def test_announcements_are_retried_until_kafka_takes_them(
     await settle(trainer, lambda: store.job(cut.job_id).state == SUCCEEDED)
     assert not store.job(cut.job_id).event_emitted  # type: ignore[union-attr]
     producer.fail = False
+    return trainer, producer, cut.job_id
+
+
+async def test_announcements_are_retried_until_kafka_takes_them(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, producer, job_id = await succeeded_while_kafka_is_down(tmp_path, store, registry, clock, ev)
     await trainer.tick()
     await trainer.tick()
-    assert len(producer.events) == 1 and store.job(cut.job_id).event_emitted  # type: ignore[union-attr]
+    assert len(producer.events) == 1 and store.job(job_id).event_emitted  # type: ignore[union-attr]
 
 
 async def test_concurrent_announcements_emit_once(
     tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
 ) -> None:
-    trainer, launcher, producer = make(tmp_path, store, registry, clock)
-    producer.fail = True
-    feed(store, ev, range(3))
-    cut = await trainer.cut("size")
-    assert cut is not None
-    await trainer.launch_queued()
-    launcher.end(cut.job_id, ok=True)
-    await settle(trainer, lambda: store.job(cut.job_id).state == SUCCEEDED)
-    producer.fail = False
+    trainer, producer, _ = await succeeded_while_kafka_is_down(tmp_path, store, registry, clock, ev)
     await asyncio.gather(*(trainer.announce_candidates() for _ in range(3)))
     assert len(producer.events) == 1
 

@@ -6,7 +6,6 @@ evaluated on exactly the path that serves it.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
 from flywheel_model.prompt import IncrementalDetokenizer, PromptEncoder, build_messages
 from flywheel_model.retrieval import Passage, Retriever
 from flywheel_model.runtime import Decoder, OrtSettings
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,13 +60,9 @@ class AnswerEngine:
         self.encoder = PromptEncoder(self.model_dir)
         self.decoder = Decoder(self.model_dir, ort_settings)
         self.retriever = Retriever(self.encoder.count_tokens, max_words=settings.passage_max_words)
-        max_batch = settings.max_batch
-        if self.decoder.provider == "CUDAExecutionProvider" and max_batch > 1:
-            # Decoding several sequences of different lengths at once fails on the CUDA provider
-            # (GroupQueryAttention runs out of its arena, onnxruntime-gpu 1.31, H200): one at a time.
-            log.warning("batched decoding is not supported on CUDA yet: max_batch %d -> 1", max_batch)
-            max_batch = 1
-        self.generator = BatchGenerator(self.decoder, max_batch=max_batch, max_queue=settings.max_queue)
+        self.generator = BatchGenerator(
+            self.decoder, max_batch=settings.max_batch, max_queue=settings.max_queue
+        )
 
     @property
     def provider(self) -> str:

@@ -104,9 +104,11 @@ def carry_over(
     examples = list(dataset.examples)
     keys = {_key(e) for e in examples}
     sources = [dataset.dataset_id]
+    carried = 0
     for d in reversed(unlearned):
         new = {_key(e): e for e in d.examples if _key(e) not in keys}
-        if len(examples) - len(dataset.examples) + len(new) > max_examples:
+        carried += len(new)
+        if carried > max_examples:
             break
         examples.extend(new.values())
         keys.update(new)

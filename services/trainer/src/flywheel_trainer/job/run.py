@@ -121,10 +121,11 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
         max_examples=hyper.replay_max_examples,
         seed=hyper.seed,
     )
+    carried = len(current) - len(dataset.examples)
     device, quantization = resolve_device(settings)
     log.info(
         "job %s: %d examples (%d carried over from %d earlier batches) + %d replayed, base %s, %s/%s",
-        args.job_id, len(current), len(current) - len(dataset.examples), len(trained_on) - 1,
+        args.job_id, len(current), carried, len(trained_on) - 1,
         len(replay), parent.version, device, quantization,
     )  # fmt: skip
 
@@ -211,7 +212,7 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
             "job_id": args.job_id,
             "examples": {
                 "batch": len(dataset.examples),
-                "carried_over": len(current) - len(dataset.examples),
+                "carried_over": carried,
                 "counts": dataset.manifest.get("counts", {}),
                 "replayed": len(replay),
                 "replayed_from": replay_from,
