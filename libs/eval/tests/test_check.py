@@ -141,7 +141,7 @@ def test_near_duplicate_questions_across_splits(
 
 def test_page_sentences_split_at_blocks_and_sentence_ends() -> None:
     html = (
-        "<h1>Fruit</h1><p>Use it, e.g. with tea. (It keeps.) pH is 2.5! Sour?</p>"
+        "<h1>Fruit</h1><p>Use it, e.g. with tea. (It keeps.) pH is 2.5! Sour?</p><pre>then . ~/.rc</pre>"
         "<table><tr><th>fruit</th><th>colour</th></tr><tr><td>lemon</td><td>yellow</td></tr></table>"
         "<footer>Copyright</footer>"
     )
@@ -151,6 +151,8 @@ def test_page_sentences_split_at_blocks_and_sentence_ends() -> None:
         "it keeps",
         "ph is 25",
         "sour",
+        # Code is not prose: "then . ~" starts no sentence.
+        "then rc",
         # A table row is one statement, its cells joined.
         "fruit colour",
         "lemon yellow",

@@ -41,10 +41,11 @@ _BLOCKS = (
 _CELLS = "td, th"
 _GATE_SPLIT = "gate"
 # Sentences end at a block boundary (a table row counts as one), or at . ! ? (perhaps closed by a bracket
-# or quote) followed by space, except after "e.g." and the like; "3.11" stays whole. The block mark is a
-# paragraph separator, which page text never needs.
+# or quote) followed by space and a word, number, quote or bracket, except after "e.g." and the like;
+# "3.11" and shell code such as "then . ~/.bashrc" stay whole. The block mark is a paragraph separator,
+# which page text never needs.
 _BLOCK_MARK = "\u2029"
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][)\]\"'\u201d])\s+")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][)\]\"'\u2019\u201d]))\s+(?=[\w\"'(\[\u2018\u201c])")
 _ABBREVIATION = re.compile(r"(?:^|\W)(?:e\.g|i\.e|cf|vs|etc)\.$", re.IGNORECASE)
 # Words that say nothing about which sentence a question paraphrases.
 _FUNCTION_WORDS = frozenset(
