@@ -140,6 +140,13 @@ class HyperParameters(BaseModel):
     # nothing is forgotten).
     replay_fraction: float = Field(default=0.5, ge=0)
     replay_max_examples: int = Field(default=64, ge=0)
+    # What an answer is taught as: the span of the passages it quotes (see job/targets.py), or the
+    # text as written; and whether answers the passages do not ground are kept or dropped.
+    target: Literal["as_written", "grounded_span"] = "grounded_span"
+    ungrounded: Literal["keep", "drop"] = "keep"
+    # Weight of the odds-ratio preference loss (ORPO) that pushes a corrected example's target above
+    # the model answer it corrected (0: supervised loss only).
+    preference_weight: float = Field(default=0.0, ge=0)
     seed: int = 1234
     gradient_checkpointing: bool = False
     max_grad_norm: float = Field(default=1.0, gt=0)

@@ -87,7 +87,7 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
     from flywheel_model.prepare import export_onnx
     from flywheel_model.prompt import PromptEncoder
     from flywheel_model.runtime import DecoderSpec
-    from flywheel_trainer.job import data, train, verify
+    from flywheel_trainer.job import data, targets, train, verify
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -132,7 +132,10 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
     # The serving tokenizer and prompt (the base version's ONNX folder), and its stop tokens.
     encoder = PromptEncoder(parent.model_dir)
     eos_ids = DecoderSpec.load(parent.model_dir).eos_token_ids
-    examples, skipped = data.tokenize([*current, *replay], encoder, eos_ids, hyper.max_seq_tokens)
+    shaped, target_stats = targets.shape_targets([*current, *replay], hyper.target, hyper.ungrounded)
+    examples, skipped = data.tokenize(
+        shaped, encoder, eos_ids, hyper.max_seq_tokens, preferences=hyper.preference_weight > 0
+    )
     if not examples:
         raise RuntimeError(f"no example fits in {hyper.max_seq_tokens} tokens ({len(skipped)} skipped)")
     pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else eos_ids[0]
@@ -193,6 +196,8 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
             "answer_tokens": trained.answer_tokens,
             "total_tokens": trained.total_tokens,
             "seconds_per_step": round(trained.seconds_per_step, 3),
+            "targets": target_stats.as_dict(),
+            "preference_pairs": trained.preference_pairs,
             "device": device,
             "device_name": (
                 torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
