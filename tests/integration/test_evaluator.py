@@ -22,10 +22,10 @@ from flywheel_common.kafka import EventProducer, decode
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
 from flywheel_eval.dataset import load_dataset
-from flywheel_evaluator.__main__ import EvaluatorApp
+from flywheel_evaluator.app import EvaluatorApp
 from flywheel_evaluator.evaluation import EVALUATION_JSON, Evaluator, load_golden
 from flywheel_evaluator.settings import EvaluatorSettings, GoldenSettings
-from flywheel_inference.__main__ import InferenceApp
+from flywheel_inference.app import InferenceApp
 from flywheel_inference.settings import InferenceSettings
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from flywheel_proto.flywheel.events.v1 import events_pb2

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flywheel_common.registry import ModelRegistry
-from flywheel_evaluator.__main__ import EvaluatorApp
+from flywheel_evaluator.app import EvaluatorApp
 from flywheel_evaluator.evaluation import EvaluationResult, GoldenItem, GoldenSet, ItemResult, compute_metrics
 from flywheel_evaluator.settings import EvaluatorSettings, GateSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
