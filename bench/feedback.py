@@ -30,10 +30,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flywheel_cli.kafka_broker import LocalBroker, free_port
+from flywheel_common.dev_secrets import DEV_QUERY_ID_KEY
 from flywheel_common.query_ids import QueryIdSigner
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 
-DEV_QUERY_ID_KEY = b"flywheel-dev-query-id-key"
 COMMENTS = [
     "The answer missed the second paragraph of the page.",
     "Wrong price; the page says 49 euros. Mail me at someone@example.com",

@@ -8,6 +8,7 @@ import grpc
 
 from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import InvalidArgument, NotFound
+from flywheel_common.grpc_server import request_metadata
 from flywheel_common.registry import RolloutState
 from flywheel_evaluator.evaluation import EvaluationResult
 from flywheel_evaluator.gatekeeper import Gatekeeper
@@ -51,8 +52,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         self._auth = authenticator
 
     def _admin(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        principal: Principal = self._auth.authenticate(metadata)
+        principal: Principal = self._auth.authenticate(request_metadata(context))
         principal.require(Role.ADMIN)
         return f"admin:{principal.token_hash[:8]}"
 

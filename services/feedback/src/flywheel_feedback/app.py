@@ -1,32 +1,26 @@
-"""Entry point: `python -m flywheel_feedback` takes feedback over gRPC and stores it on Kafka."""
+"""The feedback service's parts wired once: producer, redactor, gRPC server and their lifecycle."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 
 from kafka.errors import KafkaError
 
 from flywheel_common.auth import Authenticator, load_tokens
-from flywheel_common.grpc_server import GrpcServer, wait_for_shutdown_signal
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
+from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.kafka import EventProducer, ensure_topics
-from flywheel_common.logging import configure_logging
-from flywheel_common.metrics import start_metrics_server
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.runtime import connect_with_retry
 from flywheel_common.secrets import read_secret
-from flywheel_common.tracing import configure_tracing
 from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.service import FeedbackServicer
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc
 
 log = logging.getLogger("flywheel_feedback")
-
-DEV_QUERY_ID_KEY = b"flywheel-dev-query-id-key"
-DEV_PSEUDONYM_KEY = b"flywheel-dev-pseudonym-key"
-_RETRY_S = 1.0
 
 
 class FeedbackApp:
@@ -73,25 +67,17 @@ class FeedbackApp:
         self._connect_task = asyncio.create_task(self._connect())
         return port
 
+    def _connect_kafka(self) -> None:
+        if self.settings.create_topics:
+            ensure_topics(self.settings.kafka)
+        self.producer.connect([self.settings.kafka.topics.feedback])
+
     async def _connect(self) -> None:
-        topic = self.settings.kafka.topics.feedback
-        warned = False
-        while True:
-            try:
-                if self.settings.create_topics:
-                    await asyncio.to_thread(ensure_topics, self.settings.kafka)
-                await asyncio.to_thread(self.producer.connect, [topic])
-                break
-            except Exception as exc:  # KafkaError or a missing topic: keep trying, say so once
-                if not warned:
-                    log.warning(
-                        "Kafka not reachable yet (%s); retrying every %.0f s", type(exc).__name__, _RETRY_S
-                    )
-                    warned = True
-                await asyncio.sleep(_RETRY_S)
+        await connect_with_retry(self._connect_kafka)
         await self.server.set_serving(True)
         self.ready.set()
-        log.info("feedback ready: producing to %s on %s", topic, self.settings.kafka.bootstrap_servers)
+        topic, servers = self.settings.kafka.topics.feedback, self.settings.kafka.bootstrap_servers
+        log.info("feedback ready: producing to %s on %s", topic, servers)
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, in-flight calls finish within the grace, then the producer is flushed."""
@@ -102,26 +88,3 @@ class FeedbackApp:
                 await self._connect_task
         with contextlib.suppress(KafkaError):
             await asyncio.to_thread(self.producer.close)
-
-
-async def serve(settings: FeedbackSettings) -> None:
-    app = FeedbackApp(settings)
-    # The PII libraries leave a large heap of long-lived objects; keeping them out of the cyclic
-    # GC's scans makes collections under load cheap.
-    gc.collect()
-    gc.freeze()
-    await app.start()
-    await wait_for_shutdown_signal()
-    await app.stop()
-
-
-def main() -> None:
-    settings = FeedbackSettings()
-    configure_logging(settings.logging, "feedback")
-    configure_tracing(settings.tracing, "feedback")
-    start_metrics_server(settings.metrics)
-    asyncio.run(serve(settings))
-
-
-if __name__ == "__main__":
-    main()

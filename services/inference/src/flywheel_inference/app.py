@@ -1,4 +1,4 @@
-"""Entry point: `python -m flywheel_inference` serves the registry's production model over gRPC."""
+"""The inference service's parts wired once: the model router, the interaction sink, the gRPC server."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import asyncio
 import contextlib
 import logging
 
-from flywheel_common.grpc_server import GrpcServer, wait_for_shutdown_signal
-from flywheel_common.logging import configure_logging
-from flywheel_common.metrics import start_metrics_server
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
+from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.secrets import read_secret
-from flywheel_common.tracing import configure_tracing
 from flywheel_inference.interactions import build_sink
 from flywheel_inference.router import ModelRouter
 from flywheel_inference.service import InferenceServicer
@@ -21,9 +19,6 @@ from flywheel_model.engine import EngineSettings
 from flywheel_proto.flywheel.inference.v1 import inference_pb2_grpc
 
 log = logging.getLogger("flywheel_inference")
-
-DEV_QUERY_ID_KEY = b"flywheel-dev-query-id-key"
-DEV_PSEUDONYM_KEY = b"flywheel-dev-pseudonym-key"
 
 
 class InferenceApp:
@@ -84,22 +79,3 @@ class InferenceApp:
         await self.router.close()
         if self.sink is not None:
             await asyncio.to_thread(self.sink.close)
-
-
-async def serve(settings: InferenceSettings) -> None:
-    app = InferenceApp(settings)
-    await app.start()
-    await wait_for_shutdown_signal()
-    await app.stop()
-
-
-def main() -> None:
-    settings = InferenceSettings()
-    configure_logging(settings.logging, "inference")
-    configure_tracing(settings.tracing, "inference")
-    start_metrics_server(settings.metrics)
-    asyncio.run(serve(settings))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,23 +1,20 @@
-"""Entry point: `python -m flywheel_trainer` consumes feedback, batches it and launches training jobs."""
+"""The trainer's parts wired once: the consumer, the trainer, the gRPC server and their lifecycle."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import threading
 
 from kafka.errors import KafkaError
 
 from flywheel_common.auth import Authenticator, load_tokens
-from flywheel_common.grpc_server import GrpcServer, wait_for_shutdown_signal
+from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.kafka import EventProducer, ensure_topics
-from flywheel_common.logging import configure_logging
-from flywheel_common.metrics import start_metrics_server
 from flywheel_common.registry import ModelRegistry
-from flywheel_common.tracing import configure_tracing
+from flywheel_common.runtime import ConsumerThread, connect_with_retry
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
-from flywheel_trainer.consumer import TrainerConsumer, stamp_heartbeat
+from flywheel_trainer.consumer import TrainerConsumer
 from flywheel_trainer.launchers import JobLauncher, build_launcher
 from flywheel_trainer.policy import ExamplePolicy
 from flywheel_trainer.service import TrainerServicer
@@ -27,8 +24,6 @@ from flywheel_trainer.trainer import Trainer
 
 log = logging.getLogger("flywheel_trainer")
 
-_RETRY_S = 1.0
-_HEARTBEAT_EVERY_S = 5.0
 STORE_FILE = "trainer.sqlite3"
 
 
@@ -44,6 +39,7 @@ class TrainerApp:
         self.producer = EventProducer(settings.kafka, linger_ms=0, bootstrap_timeout_ms=5000)
         self.trainer = Trainer(settings, self.store, self.launcher, self.registry, self.producer)
         self.consumer = TrainerConsumer(settings, self.store)
+        self._consuming = ConsumerThread(self.consumer)
         self.server = GrpcServer(settings.grpc, "trainer")
         servicer = TrainerServicer(self.trainer, Authenticator(load_tokens(settings.auth.tokens_file)))
         self.server.add_service(
@@ -51,8 +47,6 @@ class TrainerApp:
             lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
         )
         self.ready = asyncio.Event()
-        self._stopping = threading.Event()
-        self._consumer_thread = threading.Thread(target=self._consume, name="trainer-consumer", daemon=True)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
@@ -67,34 +61,16 @@ class TrainerApp:
         ]
         return port
 
-    def _consume(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.consumer.run()
-            except Exception:  # the broker went away mid-poll: a fresh consumer rejoins the group
-                log.exception("consumer stopped; restarting in %.0f s", _RETRY_S)
-                self._stopping.wait(_RETRY_S)
-            else:
-                return
+    def _connect_kafka(self) -> None:
+        if self.settings.create_topics:
+            ensure_topics(self.settings.kafka)
 
     async def _connect(self) -> None:
-        warned = False
-        while True:
-            try:
-                if self.settings.create_topics:
-                    await asyncio.to_thread(ensure_topics, self.settings.kafka)
-                break
-            except KafkaError as exc:
-                if not warned:
-                    log.warning(
-                        "Kafka not reachable yet (%s); retrying every %.0f s", type(exc).__name__, _RETRY_S
-                    )
-                    warned = True
-                await asyncio.sleep(_RETRY_S)
+        await connect_with_retry(self._connect_kafka)
         loop = asyncio.get_running_loop()
         assigned = asyncio.Event()
-        self.consumer.assigned_hook = lambda: loop.call_soon_threadsafe(assigned.set)
-        self._consumer_thread.start()
+        self.consumer.on_assigned = lambda: loop.call_soon_threadsafe(assigned.set)
+        self._consuming.start()
         await assigned.wait()
         await self.server.set_serving(True)
         self.ready.set()
@@ -107,13 +83,8 @@ class TrainerApp:
     async def _heartbeat(self) -> None:
         # The file is stamped only while the poll loop turns: a stuck consumer fails liveness.
         path = self.settings.consumer.heartbeat_file
-        if path is None:
-            return
-        while True:
-            max_age = self.settings.consumer.heartbeat_max_age_s
-            if self._consumer_thread.is_alive() and self.consumer.alive(max_age):
-                await asyncio.to_thread(stamp_heartbeat, path)
-            await asyncio.sleep(_HEARTBEAT_EVERY_S)
+        if path is not None:
+            await self._consuming.stamp_heartbeat(path, self.settings.consumer.heartbeat_max_age_s)
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, calls drain, the consumer leaves its group (offsets committed), jobs
@@ -122,10 +93,7 @@ class TrainerApp:
             return
         self._stopped = True
         await self.server.stop(grace)
-        self._stopping.set()
-        self.consumer.signal_shutdown()
-        if self._consumer_thread.is_alive():
-            await asyncio.to_thread(self._consumer_thread.join, 30)
+        await self._consuming.stop(30)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -135,22 +103,3 @@ class TrainerApp:
         with contextlib.suppress(KafkaError):
             await asyncio.to_thread(self.producer.close)
         self.store.close()
-
-
-async def serve(settings: TrainerSettings) -> None:
-    app = TrainerApp(settings)
-    await app.start()
-    await wait_for_shutdown_signal()
-    await app.stop()
-
-
-def main() -> None:
-    settings = TrainerSettings()
-    configure_logging(settings.logging, "trainer")
-    configure_tracing(settings.tracing, "trainer")
-    start_metrics_server(settings.metrics)
-    asyncio.run(serve(settings))
-
-
-if __name__ == "__main__":
-    main()

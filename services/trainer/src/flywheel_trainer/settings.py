@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 
 from flywheel_common.settings import (
+    AuthSettings,
     GrpcSettings,
     KafkaSettings,
     LoggingSettings,
@@ -17,13 +18,6 @@ from flywheel_common.settings import (
     TracingSettings,
     env_config,
 )
-
-
-class AuthSettings(BaseModel):
-    """Bearer tokens and their roles (TriggerBatch needs admin)."""
-
-    # A JSON or YAML file mapping token -> role; the development file when unset.
-    tokens_file: Path | None = None
 
 
 class ConsumerSettings(BaseModel):

@@ -1,0 +1,16 @@
+"""Entry point: `python -m flywheel_feedback` takes feedback over gRPC and stores it on Kafka."""
+
+from __future__ import annotations
+
+from flywheel_common.runtime import run_service
+from flywheel_feedback.app import FeedbackApp
+from flywheel_feedback.settings import FeedbackSettings
+
+
+def main() -> None:
+    # The PII libraries leave a large heap of long-lived objects: frozen out of the GC's scans.
+    run_service(FeedbackApp, FeedbackSettings, "feedback", freeze_gc=True)
+
+
+if __name__ == "__main__":
+    main()
