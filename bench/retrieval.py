@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def coverage(dataset: Path, splits: list[str], words: list[int], budgets: list[int]) -> list[dict[str, Any]]:
-    from flywheel_cli.model_cmd import ensure_prepared
+    from flywheel_cli.commands.model_cmd import ensure_prepared
     from flywheel_eval.dataset import load_dataset
     from flywheel_eval.metrics import is_token_span
     from flywheel_model.prepare import ExportOptions

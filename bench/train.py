@@ -197,7 +197,7 @@ def main() -> int:
         os.environ["FLYWHEEL_TRAINER_JOB_THREADS"] = str(args.threads)
 
     sys.path.insert(0, str(ROOT / "cli" / "src"))
-    from flywheel_cli.model_cmd import ensure_prepared
+    from flywheel_cli.commands.model_cmd import ensure_prepared
     from flywheel_model.prepare import ExportOptions
 
     prepared = ensure_prepared(None, ExportOptions(), None, force=False)

@@ -16,7 +16,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from flywheel_cli.kafka_broker import LocalBroker
+from flywheel_cli.local.kafka_broker import LocalBroker
 from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.kafka import EVENT_TYPE_HEADER, decode, header
 from flywheel_common.pseudonym import pseudonymise

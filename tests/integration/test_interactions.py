@@ -10,7 +10,7 @@ import grpc
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
-from flywheel_cli.kafka_broker import LocalBroker
+from flywheel_cli.local.kafka_broker import LocalBroker
 from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
 from flywheel_common.kafka import decode
 from flywheel_common.pseudonym import pseudonymise

@@ -20,7 +20,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flywheel_cli.kafka_broker import LocalBroker, free_port, repo_root
+from flywheel_cli.local.kafka_broker import LocalBroker, free_port, repo_root
 from flywheel_common.kafka import ensure_topics
 from flywheel_common.settings import KafkaSettings, TopicSettings
 
@@ -297,7 +297,7 @@ class LocalStack:
         return self
 
     def _prepare_model(self) -> None:
-        from flywheel_cli.model_cmd import ensure_prepared, register_base
+        from flywheel_cli.commands.model_cmd import ensure_prepared, register_base
         from flywheel_model.prepare import ExportOptions
 
         model_dir = ensure_prepared(None, ExportOptions(), None, force=False)

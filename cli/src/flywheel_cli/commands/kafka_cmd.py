@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from flywheel_cli.kafka_broker import LocalBroker, repo_root
+from flywheel_cli.local.kafka_broker import LocalBroker, repo_root
 
 
 def _home(args: argparse.Namespace) -> Path:

@@ -11,7 +11,7 @@ from types import FrameType
 from rich.console import Console
 from rich.table import Table
 
-from flywheel_cli.stack import DEFAULT_DATASET, LocalStack, StackConfig, StackError
+from flywheel_cli.local.stack import DEFAULT_DATASET, LocalStack, StackConfig, StackError
 
 
 def stack_config(args: argparse.Namespace) -> StackConfig:
@@ -66,7 +66,7 @@ def _up(args: argparse.Namespace) -> int:
         with stack:
             print_table(console, stack)
             if args.simulate:
-                from flywheel_cli.simulate_cmd import run_simulation
+                from flywheel_cli.simulation.simulate_cmd import run_simulation
 
                 return run_simulation(args, stack, console)
             console.print("[bold]All services SERVING.[/] Press Ctrl-C to stop.")
@@ -117,7 +117,7 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Adds `up` to the flywheel command."""
-    from flywheel_cli.simulate_cmd import add_simulation_args
+    from flywheel_cli.simulation.simulate_cmd import add_simulation_args
 
     up = subparsers.add_parser(
         "up",

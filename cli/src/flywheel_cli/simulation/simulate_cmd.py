@@ -18,8 +18,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from flywheel_cli import report as report_mod
-from flywheel_cli.simulate import (
+from flywheel_cli.simulation import report as report_mod
+from flywheel_cli.simulation.simulate import (
     DEFAULT_TEMPLATE,
     Simulation,
     SimulationConfig,
@@ -30,7 +30,7 @@ from flywheel_cli.simulate import (
 from flywheel_eval.dataset import DatasetError
 
 if TYPE_CHECKING:
-    from flywheel_cli.stack import LocalStack
+    from flywheel_cli.local.stack import LocalStack
 
 
 class RichProgress:
@@ -124,12 +124,12 @@ def run_simulation(args: argparse.Namespace, stack: LocalStack | None, console: 
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from flywheel_cli.up_cmd import make_console
+    from flywheel_cli.commands.up_cmd import make_console
 
     console = make_console()
     if args.up:
-        from flywheel_cli.stack import LocalStack, StackError
-        from flywheel_cli.up_cmd import print_table, stack_config
+        from flywheel_cli.commands.up_cmd import print_table, stack_config
+        from flywheel_cli.local.stack import LocalStack, StackError
 
         try:
             with LocalStack(stack_config(args), echo=console.print) as stack:
@@ -179,7 +179,7 @@ def add_simulation_args(
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Adds `simulate` to the flywheel command."""
-    from flywheel_cli.up_cmd import add_stack_args
+    from flywheel_cli.commands.up_cmd import add_stack_args
 
     sim = subparsers.add_parser(
         "simulate",

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from flywheel_cli.kafka_broker import repo_root
+from flywheel_cli.local.kafka_broker import repo_root
 from flywheel_common.files import file_sha256
 from flywheel_common.registry import ModelRegistry
 from flywheel_model.prepare import ExportOptions, prepare, read_manifest, smollm2_gguf

@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from flywheel_cli.report import ExamItem, ExamResult, Report, RoundResult, pct
+from flywheel_cli.simulation.report import ExamItem, ExamResult, Report, RoundResult, pct
 from flywheel_eval.dataset import Dataset, QAItem, load_dataset
 from flywheel_eval.metrics import score_item, summarize
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc

@@ -34,7 +34,7 @@ _JVM_OPTIONS = (
 
 def repo_root() -> Path:
     """The checkout this module lives in (the workspace installs it editable)."""
-    return Path(__file__).resolve().parents[3]
+    return Path(__file__).resolve().parents[4]
 
 
 def default_libs_dir() -> Path:
