@@ -167,6 +167,3 @@ class JobSettings(BaseSettings):
     threads: int = Field(default=0, ge=0)
     hyper: HyperParameters = HyperParameters()
     verify: VerifySettings = VerifySettings()
-    # When set, the job emits the ModelCandidate event itself; otherwise the trainer does once the
-    # job succeeded (in Kubernetes training pods reach nothing but the artifact volume).
-    kafka: KafkaSettings | None = None
