@@ -17,6 +17,7 @@ from flywheel_cli.simulation.simulate import (
 from flywheel_eval.dataset import Dataset, QAItem
 from flywheel_eval.metrics import Estimate
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2
+from flywheel_proto.flywheel.events.v1 import events_pb2
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,8 @@ def test_questions_per_round_wrap_around_the_traffic() -> None:
 
 
 def _decision(version: str, action: str) -> evaluator_pb2.Decision:
-    return evaluator_pb2.Decision(version=version, action=action, passed=True)
+    value = events_pb2.DecisionAction.Value(f"DECISION_ACTION_{action.upper()}")
+    return evaluator_pb2.Decision(version=version, action=value, passed=True)
 
 
 def test_rollout_outcome_names_the_last_move_on_a_candidate() -> None:

@@ -323,11 +323,14 @@ async def test_not_worse_candidate_goes_canary_then_production_and_inference_fol
     assert report.summary.startswith(f"# Gate: {version} PASSED")
     events = decision_events(read_topic(stack.kafka.topics.decisions, expected=2))
     assert [(e.action, e.outcome) for e in events] == [
-        ("gate", events_pb2.GATE_OUTCOME_PASSED),
-        ("canary_promote", events_pb2.GATE_OUTCOME_PASSED),
+        (events_pb2.DECISION_ACTION_GATE, events_pb2.GATE_OUTCOME_PASSED),
+        (events_pb2.DECISION_ACTION_CANARY_PROMOTE, events_pb2.GATE_OUTCOME_PASSED),
     ]
     listed = await evaluator.ListDecisions(evaluator_pb2.ListDecisionsRequest(), timeout=10)
-    assert [d.action for d in listed.decisions] == ["canary_promote", "gate"]
+    assert [d.action for d in listed.decisions] == [
+        events_pb2.DECISION_ACTION_CANARY_PROMOTE,
+        events_pb2.DECISION_ACTION_GATE,
+    ]
 
 
 async def test_damaged_candidate_is_rejected_with_reasons(
@@ -376,7 +379,10 @@ async def test_canary_with_bad_live_ratings_is_rolled_back(
     assert rollout.production == "v1" and not rollout.canary
     assert "rolled back on live signals" in rollout.history[-1]
     [event] = decision_events(read_topic(stack.kafka.topics.decisions, expected=1))
-    assert (event.action, event.outcome) == ("rollback", events_pb2.GATE_OUTCOME_FAILED)
+    assert (event.action, event.outcome) == (
+        events_pb2.DECISION_ACTION_ROLLBACK,
+        events_pb2.GATE_OUTCOME_FAILED,
+    )
 
 
 async def test_admin_rolls_back_to_any_earlier_version_and_inference_follows(

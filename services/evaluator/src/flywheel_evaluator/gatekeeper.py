@@ -170,14 +170,14 @@ class Gatekeeper:
         """The registry's rollout state."""
         return self.registry.state()
 
-    def promote(self, version: str, *, reason: str, actor: str) -> RolloutState:
-        """An admin makes a version production."""
-        self.rollout.promote(version, reason=reason, actor=actor)
+    def promote(self, version: str, *, reason: str, actor: str, request_id: str = "") -> RolloutState:
+        """An admin makes a version production (once per request id)."""
+        self.rollout.promote(version, reason=reason, actor=actor, request_id=request_id)
         return self._after_move()
 
-    def rollback(self, version: str, *, reason: str, actor: str) -> RolloutState:
-        """An admin rolls back (to `version`, or to the previous production when empty)."""
-        self.rollout.rollback(version, reason=reason, actor=actor)
+    def rollback(self, version: str, *, reason: str, actor: str, request_id: str = "") -> RolloutState:
+        """An admin rolls back (to `version`, else the previous production); once per request id."""
+        self.rollout.rollback(version, reason=reason, actor=actor, request_id=request_id)
         return self._after_move()
 
     def pin(self, version: str, *, reason: str, actor: str) -> RolloutState:

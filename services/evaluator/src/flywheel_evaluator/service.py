@@ -91,18 +91,20 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
         move = self._gatekeeper.promote
-        return rollout_message(
-            await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
+        state = await asyncio.to_thread(
+            move, request.version, reason=request.reason, actor=actor, request_id=request.request_id
         )
+        return rollout_message(state)
 
     async def Rollback(
         self, request: evaluator_pb2.VersionRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
         move = self._gatekeeper.rollback
-        return rollout_message(
-            await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
+        state = await asyncio.to_thread(
+            move, request.version, reason=request.reason, actor=actor, request_id=request.request_id
         )
+        return rollout_message(state)
 
     async def Pin(
         self, request: evaluator_pb2.VersionRequest, context: grpc.aio.ServicerContext
