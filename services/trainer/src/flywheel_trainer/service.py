@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from flywheel_common.auth import Authenticator, Role
 from flywheel_common.errors import InvalidArgument, NotFound
+from flywheel_common.grpc_server import request_metadata
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from flywheel_trainer.trainer import Trainer
@@ -73,8 +74,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.TriggerBatchRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.TriggerBatchResponse:
         """Cuts a batch of whatever waits now (admin only); empty when nothing waits."""
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        self._auth.authenticate(metadata).require(Role.ADMIN)
+        self._auth.authenticate(request_metadata(context)).require(Role.ADMIN)
         cut = await self._trainer.cut("manual")
         if cut is None:
             return trainer_pb2.TriggerBatchResponse()

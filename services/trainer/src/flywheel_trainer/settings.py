@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 
 from flywheel_common.settings import (
+    AuthSettings,
     GrpcSettings,
     KafkaSettings,
     LoggingSettings,
@@ -17,13 +18,6 @@ from flywheel_common.settings import (
     TracingSettings,
     env_config,
 )
-
-
-class AuthSettings(BaseModel):
-    """Bearer tokens and their roles (TriggerBatch needs admin)."""
-
-    # A JSON or YAML file mapping token -> role; the development file when unset.
-    tokens_file: Path | None = None
 
 
 class ConsumerSettings(BaseModel):
@@ -180,6 +174,3 @@ class JobSettings(BaseSettings):
     threads: int = Field(default=0, ge=0)
     hyper: HyperParameters = HyperParameters()
     verify: VerifySettings = VerifySettings()
-    # When set, the job emits the ModelCandidate event itself; otherwise the trainer does once the
-    # job succeeded (in Kubernetes training pods reach nothing but the artifact volume).
-    kafka: KafkaSettings | None = None

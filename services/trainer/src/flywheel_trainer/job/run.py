@@ -1,5 +1,5 @@
 """One training job, start to finish: dataset + base version -> adapter -> merged model -> ONNX ->
-checked -> registered candidate with lineage -> result file (-> ModelCandidate event).
+checked -> registered candidate with lineage -> result file (the trainer announces the candidate).
 
 Nothing reaches the registry until every step before it succeeded, and registration itself is
 all or nothing, so a failed job leaves no half-registered version.
@@ -255,7 +255,6 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
         "quantization": quantization,
         "timings": timings,
         "finished_at": now_iso(),
-        "event_emitted": False,
         "pid": os.getpid(),
     }
     write_result(settings.artifact_root, args.job_id, result)
@@ -279,33 +278,3 @@ def fail(settings: JobSettings, args: JobArgs, exc: BaseException, started: floa
     }
     write_result(settings.artifact_root, args.job_id, result)
     return result
-
-
-def emit_candidate(settings: JobSettings, result: dict[str, Any]) -> bool:
-    """Emits the ModelCandidate event when the job has Kafka settings; True once acknowledged."""
-    if settings.kafka is None:
-        return False
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    from flywheel_common.kafka import EventProducer
-    from flywheel_proto.flywheel.events.v1 import events_pb2
-
-    created = Timestamp()
-    created.GetCurrentTime()
-    event = events_pb2.ModelCandidate(
-        version=result["candidate_version"],
-        parent_version=result["base_version"],
-        dataset_id=result["dataset_id"],
-        job_id=result["job_id"],
-        created_at=created,
-    )
-    topic = settings.kafka.topics.candidates
-    producer = EventProducer(settings.kafka, linger_ms=0, max_block_ms=5000)
-    try:
-        producer.connect([topic])
-        producer.send(topic, event.version, event).get(timeout=settings.kafka.request_timeout_ms / 1000)
-    finally:
-        producer.close()
-    result["event_emitted"] = True
-    write_result(settings.artifact_root, result["job_id"], result)
-    return True
