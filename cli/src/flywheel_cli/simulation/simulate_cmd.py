@@ -18,6 +18,7 @@ from rich.progress import (
 )
 
 from flywheel_cli.console import make_console
+from flywheel_cli.errors import UserError
 from flywheel_cli.local.options import add_stack_args, print_table, stack_config
 from flywheel_cli.local.stack import LocalStack, StackError
 from flywheel_cli.simulation import report as report_mod
@@ -29,7 +30,6 @@ from flywheel_cli.simulation.simulate import (
     Targets,
     Tokens,
 )
-from flywheel_eval.dataset import DatasetError
 
 
 class RichProgress:
@@ -102,12 +102,8 @@ def run_simulation(
         progress = RichProgress(console)
         with progress.bars:
             result = asyncio.run(Simulation(config, progress).run())
-    except DatasetError as exc:
-        console.print(f"[red]bad dataset:[/] {exc}")
-        return 1
     except SimulationError as exc:
-        console.print(f"[red]simulation stopped:[/] {exc}")
-        return 1
+        raise UserError(f"simulation stopped: {exc}") from exc
     folder = report_mod.write(result, Path(args.reports_dir))
     console.print(report_mod.rich_table(result))
     for line in result.notes:
