@@ -52,10 +52,12 @@ def run_service(
     configure_logging(loaded.logging, name)
     configure_tracing(loaded.tracing, name)
     start_metrics_server(loaded.metrics)
-    asyncio.run(_serve(app(loaded), freeze_gc=freeze_gc))
+    asyncio.run(_serve(app, loaded, freeze_gc=freeze_gc))
 
 
-async def _serve(app: App, *, freeze_gc: bool) -> None:
+async def _serve(make_app: Callable[[S], App], settings: S, *, freeze_gc: bool) -> None:
+    # Built inside the running loop: gRPC's aio server and asyncio events bind to it.
+    app = make_app(settings)
     if freeze_gc:
         # Libraries that leave a large heap of long-lived objects (the PII models) make every cyclic
         # collection scan it; frozen, collections under load stay cheap.
