@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from flywheel_common.grpc_server import wait_for_shutdown_signal
 from flywheel_common.kafka import EventConsumer
 from flywheel_common.logging import configure_logging
 from flywheel_common.metrics import start_metrics_server
@@ -63,8 +63,17 @@ async def _serve(make_app: Callable[[S], App], settings: S, *, freeze_gc: bool) 
         # collection scan it; frozen, collections under load stay cheap.
         gc.collect()
         gc.freeze()
+    # The handlers only set an event, and are in place before the app starts, so a SIGTERM during
+    # start-up also ends in an orderly stop.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await app.start()
-    await wait_for_shutdown_signal()
+    await stop.wait()
+    log.info("shutdown signal received")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
     await app.stop()
 
 
