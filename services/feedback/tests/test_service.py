@@ -149,6 +149,17 @@ def _forged() -> str:
     [
         (lambda s: Req(rating=3), InvalidArgument, "query_id is required"),
         (lambda s: Req(query_id="abc", rating=3), InvalidArgument, "malformed"),
+        (lambda s: Req(query_id="q" * 257, rating=3), InvalidArgument, "query_id is longer than 256"),
+        (
+            lambda s: Req(query_id=s.issue("v"), rating=2, session_id="s" * 257),
+            InvalidArgument,
+            "session_id is longer than 256",
+        ),
+        (
+            lambda s: Req(query_id=s.issue("v"), rating=2, idempotency_key="k" * 129),
+            InvalidArgument,
+            "idempotency_key",
+        ),
         (
             lambda s: Req(query_id=_forged(), rating=3),
             InvalidArgument,

@@ -9,7 +9,12 @@ from flywheel_inference.settings import InferenceSettings, LimitSettings
 from flywheel_proto.flywheel.inference.v1 import inference_pb2
 
 LIMITS = LimitSettings(
-    max_question_chars=50, max_page_bytes=1000, max_new_tokens=100, default_max_new_tokens=20
+    max_question_chars=50,
+    max_page_bytes=1000,
+    max_new_tokens=100,
+    default_max_new_tokens=20,
+    max_title_chars=40,
+    max_session_id_chars=30,
 )
 
 
@@ -39,7 +44,9 @@ def test_plain_text_pages_and_html_titles() -> None:
         (req(question="x" * 51), "longer than 50"),
         (req(page=inference_pb2.Page(text="")), "no content"),
         (req(page=inference_pb2.Page(text="x" * 1001)), "larger than 1000"),
-        (req(page=inference_pb2.Page(url="u" * 5000, text="x")), "url"),
+        (req(page=inference_pb2.Page(url="u" * 5000, text="x")), "page.url is longer than 4096"),
+        (req(page=inference_pb2.Page(title="t" * 41, text="x")), "page.title is longer than 40"),
+        (req(session_id="s" * 31), "session_id is longer than 30"),
         (req(options=inference_pb2.GenerationOptions(max_new_tokens=101)), "max_new_tokens"),
         (req(options=inference_pb2.GenerationOptions(temperature=3)), "temperature"),
         (req(options=inference_pb2.GenerationOptions(top_p=-0.1)), "top_p"),
@@ -48,6 +55,13 @@ def test_plain_text_pages_and_html_titles() -> None:
 def test_invalid_requests_say_what_is_wrong(request_: inference_pb2.AnswerRequest, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         validate(request_, LIMITS)
+
+
+def test_limits_are_inclusive_and_an_html_title_is_cut_not_refused() -> None:
+    at_limit = req(page=inference_pb2.Page(title="t" * 40, url="u" * 4096, text="x"), session_id="s" * 30)
+    assert validate(at_limit, LIMITS).title == "t" * 40
+    html = f"<html><head><title>{'h' * 100}</title></head><body>x</body></html>"
+    assert validate(req(page=inference_pb2.Page(html=html)), LIMITS).title == "h" * 40
 
 
 def test_canary_assignment_is_stable_and_close_to_the_fraction() -> None:

@@ -136,6 +136,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def _verify(self, query_id: str) -> QueryIdClaims:
         if not query_id:
             exc = InvalidArgument("query_id is required")
+        elif len(query_id) > self._limits.max_query_id_chars:
+            exc = InvalidArgument(f"query_id is longer than {self._limits.max_query_id_chars} characters")
         else:
             try:
                 return self._signer.verify(query_id)

@@ -14,6 +14,10 @@ BUFFERED = Gauge(
 DROPPED = Counter(
     "flywheel_inference_interactions_dropped", "Interactions dropped because the buffer was full."
 )
+REJECTED = Counter(
+    "flywheel_inference_interactions_rejected",
+    "Interactions Kafka can never take (too large, malformed): dropped at once, never retried.",
+)
 
 
 class KafkaInteractionSink:
@@ -27,6 +31,7 @@ class KafkaInteractionSink:
             max_buffered=settings.interaction_buffer,
             buffered_gauge=BUFFERED,
             dropped_counter=DROPPED,
+            rejected_counter=REJECTED,
         ).start()
 
     def publish(self, key: str, event: events_pb2.Interaction) -> None:

@@ -73,7 +73,11 @@ def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> _Re
         raise InvalidArgument(f"question is longer than {limits.max_question_chars} characters")
     page = request.page
     if len(page.url) > limits.max_url_chars:
-        raise InvalidArgument(f"page url is longer than {limits.max_url_chars} characters")
+        raise InvalidArgument(f"page.url is longer than {limits.max_url_chars} characters")
+    if len(page.title) > limits.max_title_chars:
+        raise InvalidArgument(f"page.title is longer than {limits.max_title_chars} characters")
+    if len(request.session_id) > limits.max_session_id_chars:
+        raise InvalidArgument(f"session_id is longer than {limits.max_session_id_chars} characters")
     kind = page.WhichOneof("content")
     raw = page.html if kind == "html" else page.text
     if kind is None or not raw.strip():
@@ -99,7 +103,8 @@ def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> _Re
         top_p=options.top_p or 1.0,
         seed=options.seed or None,
     )
-    return _Request(text, page.title or html_title, page.url, question, request.session_id, params)
+    title = page.title or html_title[: limits.max_title_chars]
+    return _Request(text, title, page.url, question, request.session_id, params)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):

@@ -24,6 +24,9 @@ class LimitSettings(BaseModel):
     max_question_chars: int = Field(default=1000, ge=1)
     max_page_bytes: int = Field(default=2 * 1024 * 1024, ge=1)
     max_url_chars: int = Field(default=4096, ge=1)
+    # A longer page.title is refused; a longer <title> in the HTML is cut (it is page content).
+    max_title_chars: int = Field(default=512, ge=1)
+    max_session_id_chars: int = Field(default=256, ge=1)
     default_max_new_tokens: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
     max_temperature: float = Field(default=2.0, gt=0)
