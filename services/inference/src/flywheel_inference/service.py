@@ -19,7 +19,7 @@ from flywheel_common.query_ids import QueryIdSigner
 from flywheel_inference.router import ModelRouter
 from flywheel_inference.settings import LimitSettings
 from flywheel_model.generation import QueueFull, SamplingParams, Sequence
-from flywheel_model.prompt import IncrementalDetokenizer
+from flywheel_model.prompt import IncrementalDetokenizer, PromptTooLong
 from flywheel_model.retrieval import html_to_text, normalise_text
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -158,7 +158,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         for attempt in range(2):
             loaded = self._router.route(req.session_id)
             engine = loaded.engine
-            prepared = await asyncio.to_thread(engine.prepare, req.page_text, req.title, req.question)
+            try:
+                prepared = await asyncio.to_thread(
+                    engine.prepare, req.page_text, req.title, req.question, req.params.max_new_tokens
+                )
+            except PromptTooLong as exc:
+                raise InvalidArgument(str(exc)) from exc
             seq = Sequence(
                 prepared.token_ids,
                 req.params,
