@@ -123,6 +123,23 @@ async def test_comment_is_redacted(
     assert producer.events[0][2].redacted_text == "Wrong! Write to [EMAIL] or call [PHONE]."
 
 
+async def test_control_escape_and_bidi_characters_never_reach_kafka(
+    servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
+) -> None:
+    comment = "Wr\x00ong \x1b[31manswer\x1b[0m\u202e, see\r\nthe page"
+    request = feedback_pb2.SubmitFeedbackRequest(query_id=signer.issue("v1"), comment=comment)
+    await servicer.SubmitFeedback(request, FakeContext(USER))  # type: ignore[arg-type]
+    assert producer.events[0][2].redacted_text == "Wrong answer, see\nthe page"
+    only_controls = feedback_pb2.SubmitFeedbackRequest(query_id=signer.issue("v1"), comment="\x00\x1b[0m")
+    with pytest.raises(InvalidArgument, match="comment must not be empty"):
+        await servicer.SubmitFeedback(only_controls, FakeContext(USER))  # type: ignore[arg-type]
+    bad_session = feedback_pb2.SubmitFeedbackRequest(
+        query_id=signer.issue("v1"), rating=3, session_id="a\x00"
+    )
+    with pytest.raises(InvalidArgument, match="session_id must not contain control"):
+        await servicer.SubmitFeedback(bad_session, FakeContext(USER))  # type: ignore[arg-type]
+
+
 async def test_correction_needs_an_expert(
     servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
 ) -> None:

@@ -47,6 +47,10 @@ def test_plain_text_pages_and_html_titles() -> None:
         (req(page=inference_pb2.Page(url="u" * 5000, text="x")), "page.url is longer than 4096"),
         (req(page=inference_pb2.Page(title="t" * 41, text="x")), "page.title is longer than 40"),
         (req(session_id="s" * 31), "session_id is longer than 30"),
+        (req(question="\x00\x1b[0m\u202e "), "question is empty"),
+        (req(page=inference_pb2.Page(url="https://a.example/\x00", text="x")), "page.url must not"),
+        (req(page=inference_pb2.Page(url="https://a.example/ x", text="x")), "page.url must not"),
+        (req(session_id="s\x1b1"), "session_id must not contain control"),
         (req(options=inference_pb2.GenerationOptions(max_new_tokens=101)), "max_new_tokens"),
         (req(options=inference_pb2.GenerationOptions(temperature=3)), "temperature"),
         (req(options=inference_pb2.GenerationOptions(top_p=-0.1)), "top_p"),
@@ -62,6 +66,15 @@ def test_limits_are_inclusive_and_an_html_title_is_cut_not_refused() -> None:
     assert validate(at_limit, LIMITS).title == "t" * 40
     html = f"<html><head><title>{'h' * 100}</title></head><body>x</body></html>"
     assert validate(req(page=inference_pb2.Page(html=html)), LIMITS).title == "h" * 40
+
+
+def test_control_escape_and_bidi_characters_are_stripped_from_free_text() -> None:
+    hostile = req(
+        question="Wh\x00at \x1b[2Jis\u202e it?",
+        page=inference_pb2.Page(title="Ti\x07tle\u2066", text="Pa\x00ge \x1b[31mtext\u202e."),
+    )
+    valid = validate(hostile, LIMITS)
+    assert (valid.question, valid.title, valid.page_text) == ("What is it?", "Title", "Page text.")
 
 
 def test_canary_assignment_is_stable_and_close_to_the_fraction() -> None:

@@ -14,6 +14,8 @@ import bm25s
 import numpy as np
 from selectolax.lexbor import LexborHTMLParser
 
+from flywheel_common.text import clean_text
+
 _DROP = "script, style, noscript, template, svg, nav, header, footer, aside, form, iframe, button"
 _BLOCKS = (
     "p, div, li, dt, dd, h1, h2, h3, h4, h5, h6, pre, blockquote, tr, section, article, br, hr, "
@@ -38,8 +40,8 @@ def html_to_text(html: str) -> tuple[str, str]:
 
 
 def normalise_text(text: str) -> str:
-    """Collapses runs of spaces and drops empty lines."""
-    lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
+    """Drops control, escape and bidi characters, collapses runs of spaces and drops empty lines."""
+    lines = (_SPACES.sub(" ", line).strip() for line in clean_text(text).split("\n"))
     return "\n".join(line for line in lines if line)
 
 

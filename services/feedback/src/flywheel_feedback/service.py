@@ -23,6 +23,7 @@ from flywheel_common.errors import (
 from flywheel_common.kafka import EventProducer
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdClaims, QueryIdSigner
+from flywheel_common.text import clean_text, has_unsafe
 from flywheel_feedback.idempotency import IdempotencyCache, feedback_id
 from flywheel_feedback.ratelimit import RateLimiter
 from flywheel_feedback.redaction import Redactor
@@ -147,11 +148,12 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         raise exc
 
     def _text(self, value: str, name: str, limit: int, *, required: bool) -> str:
-        stripped = value.strip()
-        if required and not stripped:
-            raise InvalidArgument(f"{name} must not be empty")
         if len(value) > limit:
             raise InvalidArgument(f"{name} is longer than {limit} characters")
+        # Control, escape and bidi characters never reach logs, Kafka or training data.
+        stripped = clean_text(value).strip()
+        if required and not stripped:
+            raise InvalidArgument(f"{name} must not be empty")
         if not stripped:
             return ""
         redacted = self._redactor.redact(stripped)
@@ -169,6 +171,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             )
         if len(session_id) > self._limits.max_session_id_chars:
             raise InvalidArgument(f"session_id is longer than {self._limits.max_session_id_chars} characters")
+        if has_unsafe(session_id):
+            raise InvalidArgument("session_id must not contain control characters")
         # A visitor's session pseudonym joins Interaction.session_pseudonym; otherwise the token's.
         submitter = (
             pseudonymise(self._pseudonym_key, session_id, domain="session")

@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from flywheel_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.text import clean_text, has_unsafe
 from flywheel_inference.router import ModelRouter
 from flywheel_inference.settings import LimitSettings
 from flywheel_model.generation import QueueFull, SamplingParams, Sequence
@@ -66,18 +67,23 @@ class _Request:
 
 def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> _Request:
     """Checks a request against the limits; InvalidArgument says what is wrong."""
-    question = request.question.strip()
+    if len(request.question) > limits.max_question_chars:
+        raise InvalidArgument(f"question is longer than {limits.max_question_chars} characters")
+    # Control, escape and bidi characters never reach the prompt, logs, Kafka or training data.
+    question = clean_text(request.question).strip()
     if not question:
         raise InvalidArgument("question is empty")
-    if len(question) > limits.max_question_chars:
-        raise InvalidArgument(f"question is longer than {limits.max_question_chars} characters")
     page = request.page
     if len(page.url) > limits.max_url_chars:
         raise InvalidArgument(f"page.url is longer than {limits.max_url_chars} characters")
+    if has_unsafe(page.url) or any(c.isspace() for c in page.url):
+        raise InvalidArgument("page.url must not contain spaces or control characters")
     if len(page.title) > limits.max_title_chars:
         raise InvalidArgument(f"page.title is longer than {limits.max_title_chars} characters")
     if len(request.session_id) > limits.max_session_id_chars:
         raise InvalidArgument(f"session_id is longer than {limits.max_session_id_chars} characters")
+    if has_unsafe(request.session_id):
+        raise InvalidArgument("session_id must not contain control characters")
     kind = page.WhichOneof("content")
     raw = page.html if kind == "html" else page.text
     if kind is None or not raw.strip():
@@ -103,7 +109,7 @@ def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> _Re
         top_p=options.top_p or 1.0,
         seed=options.seed or None,
     )
-    title = page.title or html_title[: limits.max_title_chars]
+    title = clean_text(page.title).strip() or html_title[: limits.max_title_chars]
     return _Request(text, title, page.url, question, request.session_id, params)
 
 
