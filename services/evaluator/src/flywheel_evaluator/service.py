@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from flywheel_evaluator.__main__ import EvaluatorApp
 
 GATE_MD = "gate.md"
+# ListDecisions answers at most this many decisions; a limit of 0 means this many.
+MAX_LIST = 100
 
 
 def report_message(result: EvaluationResult, summary: str) -> evaluator_pb2.Report:
@@ -93,9 +95,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         self, request: evaluator_pb2.ListDecisionsRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.ListDecisionsResponse:
         decisions = await asyncio.to_thread(self._app.decisions.all)
-        newest = list(reversed(decisions))
-        if request.limit:
-            newest = newest[: request.limit]
+        newest = list(reversed(decisions))[: min(request.limit or MAX_LIST, MAX_LIST)]
         return evaluator_pb2.ListDecisionsResponse(decisions=[d.to_proto() for d in newest])
 
     async def GetRollout(
