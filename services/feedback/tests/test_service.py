@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -289,3 +290,26 @@ async def test_rate_limit(producer: FakeProducer, signer: QueryIdSigner) -> None
         await servicer.SubmitFeedback(request, FakeContext(USER))  # type: ignore[arg-type]
     await servicer.SubmitFeedback(request, FakeContext(EXPERT))  # type: ignore[arg-type]
     assert len(producer.events) == 3
+
+
+async def test_redaction_runs_off_the_event_loop(
+    servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
+) -> None:
+    threads: list[threading.Thread] = []
+    redactor = servicer._redactor
+    real = redactor.redact
+
+    def spy(text: str) -> Any:
+        threads.append(threading.current_thread())
+        return real(text)
+
+    redactor.redact = spy  # type: ignore[method-assign]
+    request = feedback_pb2.SubmitCorrectionRequest(
+        query_id=signer.issue("v1"), corrected_answer="Mail jane@example.com", note="from 10.0.0.1"
+    )
+    await servicer.SubmitCorrection(request, FakeContext(EXPERT))  # type: ignore[arg-type]
+    assert len(threads) == 2 and threading.main_thread() not in threads
+    assert (producer.events[0][2].redacted_text, producer.events[0][2].redacted_note) == (
+        "Mail [EMAIL]",
+        "from [IP]",
+    )
