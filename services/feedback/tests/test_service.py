@@ -17,7 +17,7 @@ from flywheel_common.errors import (
 )
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
-from flywheel_feedback.redaction import Redactor
+from flywheel_common.redaction import Redactor
 from flywheel_feedback.service import FeedbackServicer
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2

@@ -15,9 +15,9 @@ from flywheel_common.kafka import EventProducer, ensure_topics
 from flywheel_common.logging import configure_logging
 from flywheel_common.metrics import start_metrics_server
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.redaction import Redactor
 from flywheel_common.secrets import read_secret
 from flywheel_common.tracing import configure_tracing
-from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.service import FeedbackServicer
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc

@@ -23,10 +23,10 @@ from flywheel_common.errors import (
 from flywheel_common.kafka import EventProducer
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdClaims, QueryIdSigner
+from flywheel_common.redaction import Redactor
 from flywheel_common.text import clean_text, has_unsafe
 from flywheel_feedback.idempotency import IdempotencyCache, feedback_id
 from flywheel_feedback.ratelimit import RateLimiter
-from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel_feedback.redaction import Redactor, luhn_valid
+from flywheel_common.redaction import Redactor, luhn_valid
 
 
 @pytest.fixture(scope="module")
