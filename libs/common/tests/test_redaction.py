@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from flywheel_common.redaction import Redactor, luhn_valid
+from flywheel_common.redaction import KINDS, Redactor, iban_valid, luhn_valid
+
+# Each case: the text, the kind it holds (NONE: nothing to redact) and the values that must not
+# survive. bench/redaction.py prints the recall per kind over the same corpus.
+CORPUS = [
+    json.loads(line)
+    for line in (Path(__file__).parent / "data" / "pii_corpus.jsonl").read_text().splitlines()
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +35,69 @@ def test_luhn() -> None:
     assert not luhn_valid("4111111111111112")
 
 
+def test_iban_check_digits() -> None:
+    assert iban_valid("GB82 WEST 1234 5698 7654 32")
+    assert iban_valid("DE89370400440532013000")
+    assert not iban_valid("GB82 WEST 1234 5698 7654 33")
+    assert not iban_valid("GB82WEST")
+
+
+def test_the_corpus_covers_every_kind_the_issue_names() -> None:
+    kinds = {case["kind"] for case in CORPUS}
+    assert len([c for c in CORPUS if c["kind"] != "NONE"]) >= 40
+    assert kinds >= {
+        "EMAIL",
+        "PHONE",
+        "CARD",
+        "IBAN",
+        "SSN",
+        "NINO",
+        "DOB",
+        "ADDRESS",
+        "IP",
+        "SECRET",
+        "NAME",
+    }
+    assert kinds - {"NONE"} <= set(KINDS)
+
+
+@pytest.mark.parametrize("with_presidio", [False, True], ids=["built-in", "with-presidio"])
+@pytest.mark.parametrize("case", CORPUS, ids=lambda c: f"{c['kind']}:{c['text'][:30]}")
+def test_corpus(case: dict[str, Any], with_presidio: bool, redactor: Redactor, presidio: Redactor) -> None:
+    result = (presidio if with_presidio else redactor).redact(case["text"])
+    if case["kind"] == "NONE":
+        assert result.text == case["text"]
+        assert not result.found
+        return
+    assert f"[{case['kind']}]" in result.text, result.text
+    assert result.found[case["kind"]] >= 1
+    for value in case["values"]:
+        assert value not in result.text, f"{value!r} survived: {result.text}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a at " * 1600,
+        "a dot " * 1400,
+        "a (at) b " * 900,
+        "My name is " + "Aa " * 2600,
+        "12 " + "Abc " * 2000,
+        "1-" * 4000,
+        ":" * 8000,
+        "a." * 4000 + "@",
+        "eyJ" + "a" * 7990,
+        "password: " + "x" * 7990,
+        "born on " + "1/" * 3900,
+    ],
+    ids=lambda t: repr(t[:12]),
+)
+def test_no_pattern_backtracks_on_hostile_input(redactor: Redactor, text: str) -> None:
+    started = time.perf_counter()
+    redactor.redact(text[:8000])
+    assert time.perf_counter() - started < 3.0  # a backtracking pattern takes minutes
+
+
 @pytest.mark.parametrize(
     ("text", "expected", "kind"),
     [
@@ -31,6 +106,9 @@ def test_luhn() -> None:
         ("card 4111-1111-1111-1111.", "card [CARD].", "CARD"),
         ("amex 378282246310005", "amex [CARD]", "CARD"),
         ("from 192.168.1.20 today", "from [IP] today", "IP"),
+        ("at 192.168.1.20:8080 today", "at [IP] today", "IP"),
+        ("SSN 536-22-8726 please", "SSN [SSN] please", "SSN"),
+        ("iban GB82 WEST 1234 5698 7654 32.", "iban [IBAN].", "IBAN"),
         ("v6 2001:db8::8a2e:370:7334 here", "v6 [IP] here", "IP"),
         ("call +1 415-555-0132 now", "call [PHONE] now", "PHONE"),
         ("call (212) 555-0199 now", "call [PHONE] now", "PHONE"),
