@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from flywheel_common.redaction import KINDS, Redactor, iban_valid, luhn_valid
+from flywheel_common.redaction import KINDS, Redactor, iban_valid, luhn_valid, redact_interaction, redact_url
+from flywheel_proto.flywheel.events.v1 import events_pb2
 
 # Each case: the text, the kind it holds (NONE: nothing to redact) and the values that must not
 # survive. bench/redaction.py prints the recall per kind over the same corpus.
@@ -157,3 +158,53 @@ def test_presidio_adds_what_it_detects(presidio: Redactor) -> None:
     assert result.found["CRYPTO"] == 1
     # And it keeps the built-in rules.
     assert presidio.redact("jane@example.com 4111111111111111").text == "[EMAIL] [CARD]"
+
+
+@pytest.mark.parametrize(
+    ("url", "keep_query", "expected"),
+    [
+        ("https://example.org/a/b?token=abc&x=1#frag", False, "https://example.org/a/b"),
+        ("https://user:pw@example.org:8443/p", False, "https://example.org:8443/p"),
+        ("https://example.org/users/jane@example.com/", False, "https://example.org/users/[EMAIL]/"),
+        (
+            "https://example.org/a?email=jane%40example.com&page=2",
+            True,
+            "https://example.org/a?email=[EMAIL]&page=2",
+        ),
+        ("http://[2001:db8::1]:80/x?q", False, "http://[2001:db8::1]:80/x"),
+        ("http://example.org:99999/bad-port", False, ""),
+    ],
+)
+def test_urls_lose_credentials_query_and_fragment(
+    redactor: Redactor, url: str, keep_query: bool, expected: str
+) -> None:
+    assert redact_url(url, redactor, keep_query=keep_query)[0] == expected
+
+
+def test_an_interaction_is_redacted_field_by_field_and_cued_values_everywhere(redactor: Redactor) -> None:
+    event = events_pb2.Interaction(
+        query_id="q1",
+        page_url="https://example.org/p?session=abc",
+        page_title="Notes by Dr. Ada Byron",
+        question="My name is John Smith, my password: hunter2; born on 1/2/1980. What is my name?",
+        answer="Your name is John Smith; Smith was born 1/2/1980, password hunter2",
+        passages=["Write to ada@example.org.", "Ada Byron lives at 12 Oak Lane, Oxford OX1 2JD."],
+        model_version="v1",
+    )
+    found = redact_interaction(event, redactor)
+    raw = event.SerializeToString().decode(errors="replace")
+    for value in (
+        "John",
+        "Smith",
+        "hunter2",
+        "1/2/1980",
+        "session=abc",
+        "ada@example.org",
+        "Byron",
+        "Oak Lane",
+        "OX1",
+    ):
+        assert value not in raw, value
+    assert event.answer == "Your name is [NAME]; [NAME] was born [DOB], password [SECRET]"
+    assert (event.query_id, event.model_version) == ("q1", "v1")
+    assert found["NAME"] >= 4 and found["EMAIL"] == 1 and found["ADDRESS"] == 1

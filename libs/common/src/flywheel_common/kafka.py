@@ -413,10 +413,13 @@ class BufferedEventProducer:
         """Events accepted but not yet acknowledged by the broker."""
         return len(self._pending) + self._in_flight
 
-    def emit(self, topic: str, key: str, message: Message) -> bool:
-        """Queues an event (thread-safe, never blocks); False when it was dropped or rejected."""
+    def emit(self, topic: str, key: str, message: Message, headers: Sequence[tuple[str, bytes]] = ()) -> bool:
+        """Queues an event (thread-safe, never blocks); False when it was dropped or rejected.
+
+        `headers` go beside the trace context and the event type.
+        """
         try:
-            event = _Pending(topic, key, message.SerializeToString(), event_headers(message))
+            event = _Pending(topic, key, message.SerializeToString(), [*event_headers(message), *headers])
         except Exception as exc:  # an event that cannot be serialised is rejected, never raised to the caller
             with self._cond:
                 self._reject(exc)

@@ -6,12 +6,15 @@ import ipaddress
 import logging
 import re
 import sys
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import phonenumbers
+
+from flywheel_proto.flywheel.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ _SECRET_TOKENS = re.compile(
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)\b(pass(?:word|wd|phrase)?|pwd|secret(?:[ _-]?key)?|api[ _-]?key|access[ _-]?key|"
     r"(?:access|auth|bearer|refresh)[ _-]?token|client[ _-]?secret)"
-    r"(\s*[:=]\s*|\s+is\s+)([\"']?)([^\s\"']{4,200})\3"
+    r"(\s*[:=]\s*|\s+is\s+)([\"']?)([^\s\"',;]{3,199}[^\s\"',;.!?:)\]])\3"
 )
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}\b")
 # "john dot smith at gmail dot com", "jane(at)example(dot)com", "bob [at] example [dot] org".
@@ -78,13 +81,15 @@ _STREET_TYPES = (
 _UK_POSTCODE = r"[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}"
 _US_ZIP = r"(?:[A-Z]{2} )?\d{5}(?:-\d{4})?"
 _CAPWORD = r"[A-ZÀ-Þ][\wÀ-ÿ'\u2019.-]{0,30}"
+# A word of a town's name (capitalised, no digits), so a postcode after it is left to the postcode rule.
+_TOWNWORD = r"[A-ZÀ-Þ][a-zß-ÿ'\u2019.-]{1,30}"
 # A street address: house number, up to four capitalised words, a street type; then optionally a
 # flat, up to three ", Town" parts and a postcode or ZIP.
 _ADDRESS = re.compile(
     rf"\b\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,5}})?,?\s{{1,3}}(?:{_CAPWORD}\s{{1,3}}){{0,4}}"
     rf"(?i:{_STREET_TYPES})\b\.?"
     rf"(?:,?\s{{1,3}}(?i:apt|apartment|suite|unit|flat)\.?\s{{0,3}}[\w-]{{1,8}})?"
-    rf"(?:,\s{{0,3}}{_CAPWORD}(?:\s{{1,3}}{_CAPWORD}){{0,2}}){{0,3}}"
+    rf"(?:,\s{{0,3}}{_TOWNWORD}(?:\s{{1,3}}{_TOWNWORD}){{0,2}}){{0,3}}"
     rf"(?:,?\s{{1,3}}(?:{_UK_POSTCODE}|{_US_ZIP}))?"
     # Streets named first, number after ("Hauptstraße 5, 10115 Berlin").
     rf"|\b[A-ZÄÖÜ][\wäöüß-]{{0,30}}(?:straße|strasse|str\.|weg|platz|gasse|allee|gracht|laan|"
@@ -140,6 +145,9 @@ _SHORT = {
     "US_ITIN": "ITIN",
     "MAC_ADDRESS": "MAC",
 }
+
+# Kafka header a producer sets on an Interaction it redacted; consumers redact events without it.
+REDACTED_HEADER = "flywheel-redacted"
 
 KINDS = (
     "SECRET",
@@ -377,3 +385,78 @@ def _replace_spans(text: str, spans: list[tuple[int, int]], kind: str, found: Co
         found[kind] += 1
         last = end
     return "".join([*out, text[last:]])
+
+
+def redact_url(url: str, redactor: Redactor, *, keep_query: bool = False) -> tuple[str, Counter[str]]:
+    """The URL without credentials, and without its query and fragment unless `keep_query`
+    (`?token=`, `#access_token=` and `?email=` live there); personal data in the path is redacted."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "", Counter({"URL": 1})  # not a URL: nothing of it is kept
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    found: Counter[str] = Counter()
+    if parts.username or parts.password:
+        found["SECRET"] += 1
+    query, fragment = (parts.query, parts.fragment) if keep_query else ("", "")
+    path = redactor.redact(urllib.parse.unquote(parts.path))
+    found.update(path.found)
+    rest = redactor.redact(urllib.parse.unquote(query)) if query else Redacted("")
+    found.update(rest.found)
+    kept = urllib.parse.urlunsplit((parts.scheme, netloc, path.text, rest.text, fragment))
+    return kept, found
+
+
+def cued_values(text: str) -> list[tuple[str, str]]:
+    """(kind, value) of what only a cue identifies ("my name is X", "born on D", "password: P"):
+    the same value elsewhere (the model's answer repeating the name) has no cue of its own."""
+    values: list[tuple[str, str]] = []
+    for match in _PERSON.finditer(text):
+        name = match.group(1) or match.group(2)
+        values.append(("NAME", name))
+        # A name's parts alone ("Smith") identify too; short particles do not.
+        values += [
+            ("NAME", part) for part in re.split(r"[\s-]+", name) if len(part) >= 3 and part[0].isupper()
+        ]
+    values += [("DOB", match.group(2)) for match in _DOB.finditer(text)]
+    values += [("SECRET", match.group(4)) for match in _SECRET_ASSIGNMENT.finditer(text)]
+    return values
+
+
+def _replace_known(text: str, known: list[tuple[str, str]], found: Counter[str]) -> str:
+    for kind, value in known:  # longest first, so "John Smith" goes before "Smith"
+        pattern = re.compile(rf"(?<!\w){re.escape(value)}(?!\w)")
+        text, count = pattern.subn(f"[{kind}]", text)
+        found[kind] += count
+    return text
+
+
+def redact_interaction(
+    event: events_pb2.Interaction, redactor: Redactor, *, keep_url_query: bool = False
+) -> Counter[str]:
+    """Redacts an Interaction in place (question, answer, title, URL, passages); returns the kinds found.
+
+    A value found through a cue in one field (a name after "my name is" in the question) is also
+    removed where it appears without one (the answer that repeats it).
+    """
+    found: Counter[str] = Counter()
+    fields = ("question", "answer", "page_title")
+    known = sorted(
+        {kv for name in fields for kv in cued_values(getattr(event, name))}, key=lambda kv: -len(kv[1])
+    )
+    for name in fields:
+        redacted = redactor.redact(getattr(event, name))
+        setattr(event, name, _replace_known(redacted.text, known, found))
+        found.update(redacted.found)
+    passages = []
+    for passage in event.passages:
+        redacted = redactor.redact(passage)
+        passages.append(_replace_known(redacted.text, known, found))
+        found.update(redacted.found)
+    del event.passages[:]
+    event.passages.extend(passages)
+    event.page_url, url_found = redact_url(event.page_url, redactor, keep_query=keep_url_query)
+    found.update(url_found)
+    return found

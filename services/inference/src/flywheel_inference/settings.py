@@ -41,6 +41,17 @@ class LimitSettings(BaseModel):
     default_timeout_s: float = Field(default=120.0, gt=0)
 
 
+class RedactionSettings(BaseModel):
+    """Personal data is redacted from every interaction before it leaves the service."""
+
+    # Off only for a deployment that must keep raw text (and says so in its privacy notice).
+    enabled: bool = True
+    # Run Presidio's pattern recognizers after the built-in ones.
+    presidio: bool = True
+    # Keep page URLs' query strings and fragments (where `?token=` and `?email=` live).
+    keep_url_query: bool = False
+
+
 class InferenceSettings(BaseSettings):
     """Everything the inference service reads from its environment."""
 
@@ -55,6 +66,7 @@ class InferenceSettings(BaseSettings):
     kafka_enabled: bool = True
     # Interactions held while the broker is unreachable; beyond that they are counted as dropped.
     interaction_buffer: int = Field(default=10_000, ge=1)
+    redaction: RedactionSettings = RedactionSettings()
     ort: OrtSettings = OrtSettings()
     limits: LimitSettings = LimitSettings()
     artifact_root: Path = Path("var/artifacts")

@@ -12,7 +12,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from flywheel_common.kafka import EventConsumer, decode
+from flywheel_common.kafka import EventConsumer, decode, header
+from flywheel_common.redaction import REDACTED_HEADER, Redactor, redact_interaction
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer import metrics
 from flywheel_trainer.settings import TrainerSettings
@@ -42,6 +43,9 @@ class TrainerConsumer(EventConsumer):
         self._feedback_topic = topics.feedback
         self._kafka: KafkaConsumer | None = None
         self.records_handled = 0
+        # For interactions a producer did not redact (an older inference, or one with redaction off):
+        # the store and the datasets only ever hold redacted text.
+        self._redactor: Redactor | None = None
         # Called (on the consumer thread) when the group assigned partitions: readiness.
         self.assigned_hook: Callable[[], object] | None = None
 
@@ -59,7 +63,11 @@ class TrainerConsumer(EventConsumer):
         for record in records:
             try:
                 if record.topic == self._interactions_topic:
-                    interactions.append(decode(record, events_pb2.Interaction))
+                    interaction = decode(record, events_pb2.Interaction)
+                    if header(record, REDACTED_HEADER) is None:
+                        self._redactor = self._redactor or Redactor(presidio=False)
+                        redact_interaction(interaction, self._redactor)
+                    interactions.append(interaction)
                 elif record.topic == self._feedback_topic:
                     feedback.append(signal_of(decode(record, events_pb2.Feedback)))
             except DecodeError as exc:
