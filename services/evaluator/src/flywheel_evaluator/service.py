@@ -9,7 +9,8 @@ import grpc
 
 from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import InvalidArgument, NotFound
-from flywheel_common.registry import RolloutState
+from flywheel_common.registry import RolloutState, check_version_name
+from flywheel_common.text import clean_text
 from flywheel_evaluator.evaluation import EVALUATION_MD, EvaluationResult, read_stored
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 
@@ -19,6 +20,17 @@ if TYPE_CHECKING:
 GATE_MD = "gate.md"
 # ListDecisions answers at most this many decisions; a limit of 0 means this many.
 MAX_LIST = 100
+# An admin's reason goes into the rollout history and the decision log.
+MAX_REASON_CHARS = 1000
+
+
+def _reason(request: evaluator_pb2.VersionRequest) -> str:
+    """The request's reason, bounded and cleaned; its version, when given, checked first."""
+    if request.version:
+        check_version_name(request.version)
+    if len(request.reason) > MAX_REASON_CHARS:
+        raise InvalidArgument(f"reason is longer than {MAX_REASON_CHARS} characters")
+    return clean_text(request.reason).strip()
 
 
 def report_message(result: EvaluationResult, summary: str) -> evaluator_pb2.Report:
@@ -108,7 +120,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
         move = self._app.rollout.promote
-        await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
+        await asyncio.to_thread(move, request.version, reason=_reason(request), actor=actor)
         return await self._after_move()
 
     async def Rollback(
@@ -116,7 +128,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
         move = self._app.rollout.rollback
-        await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
+        await asyncio.to_thread(move, request.version, reason=_reason(request), actor=actor)
         return await self._after_move()
 
     async def Pin(
@@ -124,7 +136,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
         move = self._app.rollout.pin
-        await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
+        await asyncio.to_thread(move, request.version, reason=_reason(request), actor=actor)
         return await self._after_move()
 
     async def SetAutoRollout(
