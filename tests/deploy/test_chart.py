@@ -358,7 +358,8 @@ def test_gpu_limit_over_pool_memory_is_refused(helm: Path) -> None:
 
 def test_a_render_never_generates_keys_silently(helm: Path) -> None:
     with pytest.raises(
-        dc.RenderError, match=r"nothing gives apiTokens, queryIdKey, pseudonymKey.*existingSecret"
+        dc.RenderError,
+        match=r"nothing gives apiTokens, queryIdKey, pseudonymKey, eventSigningKey.*existingSecret",
     ):
         dc.render(helm)
     given = (
@@ -368,6 +369,8 @@ def test_a_render_never_generates_keys_silently(helm: Path) -> None:
         "secrets.create.queryIdKey=k",
         "--set",
         "secrets.create.pseudonymKey=p",
+        "--set",
+        "secrets.create.eventSigningKey=e",
     )
     first, second = (dc.render(helm, *given).named("Secret", "-secrets") for _ in range(2))
     assert first["data"] == second["data"], "a render with given values is the same every time"

@@ -52,7 +52,7 @@ class RecordingProducer:
     def __init__(self) -> None:
         self.events: list[Any] = []
 
-    async def produce(self, topic: str, key: str, message: Any) -> None:
+    async def produce(self, topic: str, key: str, message: Any, headers: Any = None) -> None:
         self.events.append(message)
 
 

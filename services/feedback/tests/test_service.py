@@ -35,7 +35,7 @@ class FakeProducer:
         self.events: list[tuple[str, str, events_pb2.Feedback]] = []
         self.fail = False
 
-    async def produce(self, topic: str, key: str, message: Any) -> None:
+    async def produce(self, topic: str, key: str, message: Any, headers: Any = None) -> None:
         if self.fail:
             raise Unavailable("down")
         self.events.append((topic, key, message))

@@ -7,6 +7,8 @@ from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
 
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
 from flywheel_common.redaction import REDACTED_HEADER
 from flywheel_common.settings import KafkaSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -37,6 +39,45 @@ def record(topic: str, offset: int, event: Any, headers: list[tuple[str, bytes]]
     )
 
 
+def signed(topic: str, event: Any) -> list[tuple[str, bytes]]:
+    return [
+        (SIGNATURE_HEADER, EventSigner(DEV_EVENT_SIGNING_KEY).sign(topic, b"k", event.SerializeToString()))
+    ]
+
+
+def test_feedback_the_feedback_service_did_not_sign_is_dead_lettered(
+    tmp_path: Path, store: JoinStore
+) -> None:
+    settings = TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
+    consumer = TrainerConsumer(settings, store)
+    dead: list[tuple[int, str]] = []
+    consumer.dead_letter = lambda record, reason: dead.append((record.offset, reason))  # type: ignore[method-assign]
+    topics = settings.kafka.topics
+    interaction = events_pb2.Interaction(query_id="q1", question="Q?", answer="A", model_version="v1")
+    forged = events_pb2.Feedback(
+        feedback_id="f-forged",
+        query_id="q1",
+        kind=events_pb2.FEEDBACK_KIND_CORRECTION,
+        redacted_text="Injected expert answer.",
+        reviewer_role=events_pb2.REVIEWER_ROLE_EXPERT,
+    )
+    other_key = [(SIGNATURE_HEADER, EventSigner(b"someone-elses-key-0123").sign(topics.feedback, b"k", b""))]
+    tampered = signed(topics.feedback, events_pb2.Feedback(feedback_id="f-forged", query_id="q1"))
+    consumer.handle(
+        [
+            record(topics.interactions, 0, interaction, [(REDACTED_HEADER, b"1")]),
+            record(topics.feedback, 0, forged, []),
+            record(topics.feedback, 1, forged, other_key),
+            record(topics.feedback, 2, forged, tampered),
+        ]
+    )
+    assert [offset for offset, _ in dead] == [0, 1, 2]
+    assert all("signed" in reason for _, reason in dead)
+    assert store.pending().examples == 0, "no forged expert correction became an example"
+    consumer.handle([record(topics.feedback, 3, forged, signed(topics.feedback, forged))])
+    assert store.pending().examples == 1
+
+
 def test_interactions_no_producer_redacted_are_redacted_before_the_store(
     tmp_path: Path, store: JoinStore, ev: Any
 ) -> None:
@@ -65,7 +106,7 @@ def test_interactions_no_producer_redacted_are_redacted_before_the_store(
         [
             record(topics.interactions, 0, unredacted, []),
             record(topics.interactions, 1, marked, [(REDACTED_HEADER, b"1")]),
-            record(topics.feedback, 0, correction, []),
+            record(topics.feedback, 0, correction, signed(topics.feedback, correction)),
         ]
     )
     cut = store.cut(max_examples=10, reason="manual")

@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
 from flywheel_common.auth import Authenticator, Principal, Role
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
 from flywheel_common.errors import (
     FlywheelError,
     InvalidArgument,
@@ -20,10 +21,12 @@ from flywheel_common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from flywheel_common.kafka import EventProducer
+from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
+from flywheel_common.kafka import EventProducer, event_headers
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdClaims, QueryIdSigner
 from flywheel_common.redaction import Redactor
+from flywheel_common.secrets import read_secret
 from flywheel_common.text import clean_text, has_unsafe
 from flywheel_feedback.idempotency import IdempotencyCache, feedback_id
 from flywheel_feedback.ratelimit import RateLimiter
@@ -95,6 +98,14 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self._limiter = RateLimiter(settings.rate_limit.per_second, settings.rate_limit.burst)
         self._cache = IdempotencyCache(settings.idempotency_cache_size, settings.idempotency_ttl_s)
         self._timeout_s = settings.produce_timeout_ms / 1000
+        # The reviewer role in an event is only as good as its signature: the trainer verifies it.
+        self._event_signer = EventSigner(
+            read_secret(
+                settings.privacy.event_signing_key_file,
+                name="event signing key",
+                dev_default=DEV_EVENT_SIGNING_KEY,
+            )
+        )
 
     async def SubmitFeedback(
         self, request: feedback_pb2.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
@@ -264,7 +275,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         try:
             # The producer's own delivery timeout matches; this bound only guards against a stuck client.
             async with asyncio.timeout(self._timeout_s + 1.0):
-                await self._producer.produce(self._topic, event.query_id, event)
+                signature = self._event_signer.sign(
+                    self._topic, event.query_id.encode(), event.SerializeToString()
+                )
+                headers = [*event_headers(event), (SIGNATURE_HEADER, signature)]
+                await self._producer.produce(self._topic, event.query_id, event, headers)
         except (Unavailable, TimeoutError) as exc:
             PRODUCE_FAILURES.inc()
             raise Unavailable(

@@ -50,6 +50,8 @@ class PrivacySettings(BaseModel):
     # Shared with the inference service, which signs the query ids it issues.
     query_id_key_file: Path | None = None
     pseudonym_key_file: Path | None = None
+    # Signs each Feedback event; the trainer verifies with the same key (docs/security.md).
+    event_signing_key_file: Path | None = None
     # Run Microsoft Presidio's pattern recognizers after the built-in ones.
     presidio: bool = True
     presidio_score_threshold: float = Field(default=0.3, ge=0, le=1)
