@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -145,8 +147,19 @@ def test_gpu_pool_scheduling_and_ort_limits(renders: dict[str, dc.Render]) -> No
     assert job_spec["nodeSelector"] == spec["nodeSelector"]
 
 
+# The recommended path: a Secret made beforehand (docs/deploy.md, "Secrets").
+EXISTING_SECRET = ("--set", "secrets.existingSecret=flywheel-secrets")
+
+
 def test_default_ort_limit_is_a_fraction_of_the_pool(helm: Path) -> None:
-    r = dc.render(helm, "--set", "gpuPool.memoryMiB=81920", "--set-json", "inference.ort.gpuMemFraction=0.5")
+    r = dc.render(
+        helm,
+        *EXISTING_SECRET,
+        "--set",
+        "gpuPool.memoryMiB=81920",
+        "--set-json",
+        "inference.ort.gpuMemFraction=0.5",
+    )
     env = dc.env_of(r.named("Deployment", "-inference"))
     assert int(env["FLYWHEEL_INFERENCE_ORT__GPU_MEM_LIMIT"]) == 40960 * 1024 * 1024
 
@@ -324,9 +337,54 @@ def test_missing_gpu_toleration_is_caught(helm: Path) -> None:
 
 def test_gpu_limit_over_pool_memory_is_refused(helm: Path) -> None:
     with pytest.raises(dc.RenderError, match="exceeds the GPU pool's memory"):
-        dc.render(helm, "--set", "inference.ort.gpuMemLimitMiB=30000", "--set", "gpuPool.memoryMiB=24576")
+        dc.render(
+            helm,
+            *EXISTING_SECRET,
+            "--set",
+            "inference.ort.gpuMemLimitMiB=30000",
+            "--set",
+            "gpuPool.memoryMiB=24576",
+        )
     with pytest.raises(dc.RenderError, match="no GPU would be scheduled"):
-        dc.render(helm, "--set", "inference.gpu.enabled=false", "--set", "inference.ort.provider=cuda")
+        dc.render(
+            helm,
+            *EXISTING_SECRET,
+            "--set",
+            "inference.gpu.enabled=false",
+            "--set",
+            "inference.ort.provider=cuda",
+        )
+
+
+def test_a_render_never_generates_keys_silently(helm: Path) -> None:
+    with pytest.raises(
+        dc.RenderError,
+        match=r"nothing gives apiTokens, queryIdKey, pseudonymKey, eventSigningKey.*existingSecret",
+    ):
+        dc.render(helm)
+    given = (
+        "--set-json",
+        'secrets.create.apiTokens={"a-user-token-0123": "user"}',
+        "--set",
+        "secrets.create.queryIdKey=k",
+        "--set",
+        "secrets.create.pseudonymKey=p",
+        "--set",
+        "secrets.create.eventSigningKey=e",
+    )
+    first, second = (dc.render(helm, *given).named("Secret", "-secrets") for _ in range(2))
+    assert first["data"] == second["data"], "a render with given values is the same every time"
+    hashes = base64.b64decode(first["data"]["api-token-hashes.yaml"]).decode()
+    assert hashes.strip() == f"sha256:{hashlib.sha256(b'a-user-token-0123').hexdigest()}: user"
+
+
+def test_services_run_in_production_mode_and_mount_token_hashes_only(renders: dict[str, dc.Render]) -> None:
+    for deployment in renders[CPU].of_kind("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert dc.env_of(deployment)["FLYWHEEL_MODE"] == "production"
+        for volume in pod.get("volumes", []):
+            keys = [item["key"] for item in volume.get("secret", {}).get("items", [])]
+            assert "api-tokens.yaml" not in keys, f"{deployment['metadata']['name']} mounts plaintext tokens"
 
 
 def test_kubernetes_schema_check_catches_a_bad_object(

@@ -21,9 +21,9 @@ from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.kafka import EVENT_TYPE_HEADER, decode, header
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.redaction import Redactor
 from flywheel_common.settings import GrpcSettings, KafkaSettings, MetricsSettings
 from flywheel_feedback.app import FeedbackApp
-from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc

@@ -12,8 +12,9 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_cli.local.kafka_broker import LocalBroker
 from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
-from flywheel_common.kafka import decode
+from flywheel_common.kafka import decode, header
 from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.redaction import REDACTED_HEADER
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
 from flywheel_inference.app import InferenceApp
@@ -89,7 +90,10 @@ async def test_answers_are_on_the_topic_and_survive_a_broker_outage(
         # Answers keep coming while Kafka is away; their interactions wait in the buffer.
         during = [await stub.Answer(ask(f"Question {i}?"), timeout=120) for i in range(3)]
         assert all(r.answer for r in during)
-        assert app.sink is not None and app.sink.producer.buffered == 3
+        assert app.sink is not None
+        # Redacted (on the sink's thread), then held in the producer's buffer.
+        await asyncio.to_thread(app.sink.flush, 1.0)
+        assert app.sink.producer.buffered == 3
     finally:
         kafka_broker.start()
     assert await asyncio.to_thread(app.sink.producer.flush, 60)
@@ -99,3 +103,51 @@ async def test_answers_are_on_the_topic_and_survive_a_broker_outage(
         *(r.query_id for r in during),
     }
     assert app.sink.producer.stats.dropped == 0
+
+
+async def test_interactions_reach_kafka_redacted(
+    inference: tuple[InferenceApp, inference_pb2_grpc.InferenceServiceStub],
+    kafka_settings: KafkaSettings,
+    read_topic: Callable[..., list[ConsumerRecord]],
+) -> None:
+    app, stub = inference
+    page = inference_pb2.Page(
+        url="https://user:hunter2@example.org/account/jane.doe@example.com?token=s3cr3t-t0ken#session=abc",
+        title="Profile of Dr. Alice Liddell",
+        text="Contact Alice Liddell at alice.liddell@example.org or +44 20 7946 0958. She lives at 12 Oak "
+        "Lane, Oxford OX1 2JD.",
+    )
+    question = (
+        "My name is John Smith, email john.smith@example.com, phone +1 415-555-0132: what is her email?"
+    )
+    request = inference_pb2.AnswerRequest(
+        page=page,
+        question=question,
+        session_id="visitor-8",
+        options=inference_pb2.GenerationOptions(max_new_tokens=24),
+    )
+    response = await stub.Answer(request, timeout=120)
+    assert app.sink is not None and await asyncio.to_thread(app.sink.flush, 30)
+    [record] = read_topic(kafka_settings.topics.interactions, 1)
+    raw = record.value.decode(errors="replace")
+    for value in (
+        "hunter2",
+        "s3cr3t-t0ken",
+        "session=abc",
+        "jane.doe@example.com",
+        "John Smith",
+        "john.smith@example.com",
+        "415-555-0132",
+        "alice.liddell@example.org",
+        "7946 0958",
+        "12 Oak Lane",
+        "OX1 2JD",
+        "Liddell",
+    ):
+        assert value not in raw, f"{value!r} reached Kafka"
+    event = decode(record, events_pb2.Interaction)
+    assert event.page_url == "https://example.org/account/[EMAIL]"
+    assert event.question.startswith("My name is [NAME], email [EMAIL], phone [PHONE]")
+    assert event.page_title == "Profile of Dr. [NAME]"
+    assert header(record, REDACTED_HEADER) == b"1"
+    assert event.query_id == response.query_id

@@ -124,6 +124,31 @@ def test_buffered_producer_accepts_while_the_broker_is_down_and_delivers_after(
     assert registry.get_sample_value("buffered") == 0
 
 
+def test_an_event_kafka_can_never_take_does_not_hold_up_the_ones_behind_it(
+    kafka_settings: KafkaSettings, topic_count: Callable[[str], int]
+) -> None:
+    registry = CollectorRegistry()
+    dropped = Counter("dropped", "", registry=registry)
+    rejected = Counter("rejected", "", registry=registry)
+    topic = kafka_settings.topics.interactions
+    buffer = BufferedEventProducer(
+        kafka_settings, name="interactions", dropped_counter=dropped, rejected_counter=rejected
+    ).start()
+    try:
+        # Over the producer's max_request_size (1 MiB): no broker state makes it fit.
+        huge = events_pb2.Interaction(query_id="huge", page_title="x" * (2 * 1024 * 1024))
+        assert buffer.emit(topic, "huge", huge)
+        for i in range(20):
+            assert buffer.emit(topic, f"q{i}", events_pb2.Interaction(query_id=f"q{i}"))
+        assert buffer.flush(20), f"{buffer.buffered} events still buffered behind the oversized one"
+    finally:
+        buffer.close(timeout_s=5)
+    assert topic_count(topic) == 20
+    assert (buffer.stats.delivered, buffer.stats.rejected, buffer.stats.dropped) == (20, 1, 0)
+    assert registry.get_sample_value("rejected_total") == 1
+    assert registry.get_sample_value("dropped_total") == 0
+
+
 def test_close_counts_what_it_could_not_deliver(kafka_settings: KafkaSettings) -> None:
     settings = kafka_settings.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})
     buffer = BufferedEventProducer(settings, name="test", retry_backoff_s=0.1).start()

@@ -20,7 +20,9 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
-from flywheel_common.kafka import EventProducer, decode
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
+from flywheel_common.kafka import EventProducer, decode, event_headers
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import GrpcSettings, KafkaSettings, MetricsSettings
 from flywheel_model.prepare import read_manifest
@@ -67,12 +69,20 @@ def correction(i: int) -> events_pb2.Feedback:
     )
 
 
+def signed(topic: str, event: Message) -> list[tuple[str, bytes]]:
+    """The headers the feedback service gives an event: its type, trace and signature."""
+    signature = EventSigner(DEV_EVENT_SIGNING_KEY).sign(
+        topic, event.query_id.encode(), event.SerializeToString()
+    )
+    return [*event_headers(event), (SIGNATURE_HEADER, signature)]
+
+
 def produce_all(settings: KafkaSettings, events: list[tuple[str, Message]]) -> None:
     """Produces (topic, event) pairs keyed by query id and waits for every ack."""
     producer = EventProducer(settings, linger_ms=5, max_block_ms=5000)
     producer.connect()
     try:
-        futures = [producer.send(topic, e.query_id, e) for topic, e in events]
+        futures = [producer.send(topic, e.query_id, e, signed(topic, e)) for topic, e in events]
         for f in futures:
             f.get(timeout=20)
     finally:

@@ -26,6 +26,9 @@ def test_issued_ids_verify_and_carry_the_model_version() -> None:
         lambda q: q + ".extra",
         lambda q: "",
         lambda q: "not-a-query-id",
+        lambda q: q[:-1] + "é",  # a non-ASCII signature (compare_digest raised TypeError on it)
+        lambda q: q.replace(".", ".ü", 1),  # non-ASCII elsewhere
+        lambda q: q[:-1] + "\x00",
     ],
 )
 def test_tampered_or_malformed_ids_are_invalid(mutate: object) -> None:

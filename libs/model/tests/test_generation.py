@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.generation import BatchGenerator, Sampler, SamplingParams, Sequence
+from flywheel_model.prompt import PromptTooLong
 from flywheel_model.runtime import Decoder, OrtSettings, select_rows, stack_kv
 
 
@@ -66,3 +69,56 @@ def test_batched_decoding_equals_one_at_a_time(onnx_model_dir: Path) -> None:
     batched_generator.close()
     assert batched == sequential
     assert all(len(tokens) == 12 for tokens in batched)
+
+
+@pytest.mark.integration
+def test_a_poisoned_request_ends_alone_and_the_healthy_one_beside_it_answers(onnx_model_dir: Path) -> None:
+    generator = BatchGenerator(Decoder(onnx_model_dir, OrtSettings()), max_batch=4)
+    events: list[tuple[str, object]] = []
+    outcomes: dict[str, tuple[str, BaseException | None]] = {}
+    first_token, done = threading.Event(), threading.Semaphore(0)
+
+    def finish(name: str) -> Callable[[str, BaseException | None], None]:
+        def on_finish(reason: str, error: BaseException | None) -> None:
+            outcomes[name] = (reason, error)
+            events.append((name, "finish"))
+            done.release()
+
+        return on_finish
+
+    def on_healthy_token(token: int) -> None:
+        events.append(("healthy", token))
+        first_token.set()
+
+    prompt = list(np.random.default_rng(1).integers(100, 40000, 20))
+    try:
+        generator.submit(
+            Sequence(prompt, SamplingParams(max_new_tokens=48), on_healthy_token, finish("healthy"))
+        )
+        assert first_token.wait(60)
+        # A token id far outside the vocabulary: the decoder's prefill fails on it.
+        generator.submit(Sequence([10**9], SamplingParams(), lambda t: None, finish("poisoned")))
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+    finally:
+        generator.close()
+    reason, error = outcomes["poisoned"]
+    assert reason == "error" and error is not None
+    assert outcomes["healthy"] in (("max_tokens", None), ("eos", None))
+    poisoned_at = events.index(("poisoned", "finish"))
+    assert any(name == "healthy" for name, _ in events[poisoned_at:]), "the healthy one kept decoding"
+
+
+@pytest.mark.integration
+def test_the_prompt_fits_the_context_whatever_the_title_and_page(onnx_model_dir: Path) -> None:
+    engine = AnswerEngine(onnx_model_dir, OrtSettings(), EngineSettings(context_token_budget=10**6))
+    try:
+        context = engine.decoder.spec.context_length
+        page = "\n".join(f"Paragraph {i} says the lamp is number {i} and it is blue." for i in range(3000))
+        prepared = engine.prepare(page, "Title " * 100_000, "What colour is the lamp?", 256)
+        assert len(prepared.token_ids) + 256 <= context
+        assert prepared.passages, "the passages were cut to fit, not all dropped"
+        assert engine.encoder.count_tokens(engine.encoder.decode(prepared.token_ids)) > context // 2
+        with pytest.raises(PromptTooLong, match="question takes"):
+            engine.prepare(page, "", "why " * context, 256)
+    finally:
+        engine.close()

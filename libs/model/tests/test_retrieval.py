@@ -52,3 +52,16 @@ def test_a_single_passage_over_budget_is_cut() -> None:
     text = " ".join(["word"] * 100)
     chosen = Retriever(words, max_words=200).select(text, "word", token_budget=10)
     assert len(chosen) == 1 and words(chosen[0].text) <= 10
+
+
+def test_the_page_cache_is_bounded_by_bytes_not_only_by_pages() -> None:
+    retriever = Retriever(words, max_words=50, cache_size=256, cache_bytes=2 * 1024 * 1024)
+    pages = [
+        f"Page {n}.\n" + "\n".join(f"Line {i} of page {n} is here." for i in range(4000)) for n in range(8)
+    ]
+    for page in pages:
+        assert retriever.select(page, "line", token_budget=20)
+        assert 0 < retriever.cached_bytes <= 2 * 1024 * 1024
+    # A page larger than the whole cache is answered, and not kept.
+    small = Retriever(words, max_words=50, cache_bytes=1024)
+    assert small.select(pages[0], "line", token_budget=20) and small.cached_bytes == 0

@@ -8,10 +8,14 @@ from typing import Any
 
 import pytest
 
+from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.registry import ModelRegistry
 from flywheel_evaluator.app import EvaluatorApp
 from flywheel_evaluator.evaluation import EvaluationResult, GoldenItem, GoldenSet, ItemResult, compute_metrics
+from flywheel_evaluator.rollout import Decision
+from flywheel_evaluator.service import MAX_LIST, EvaluatorServicer
 from flywheel_evaluator.settings import EvaluatorSettings, GateSettings
+from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
 GOLDEN = GoldenSet("stub@0:gate", "gate", tuple(GoldenItem(f"q{i}", "?", ("a",), "a", "") for i in range(20)))
@@ -117,3 +121,21 @@ def test_registry_is_the_only_state(app: EvaluatorApp, tmp_path: Path) -> None:
     app.gatekeeper.process_candidate(candidate("v2"))
     again = ModelRegistry(tmp_path / "artifacts")
     assert again.state().canary == "v2" and len(again.decisions()) == 1
+
+
+async def test_list_decisions_is_capped_whatever_the_limit(app: EvaluatorApp) -> None:
+    for i in range(MAX_LIST + 20):
+        app.gatekeeper.decisions.record(Decision(f"v{i}", "v1", True, "gate", [f"reason {i}"]))
+    servicer = EvaluatorServicer(app.gatekeeper, Authenticator(load_tokens(None)))
+
+    class Context:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+    context: Any = Context()
+    for limit in (0, MAX_LIST + 1, 2**32 - 1):
+        reply = await servicer.ListDecisions(evaluator_pb2.ListDecisionsRequest(limit=limit), context)
+        assert len(reply.decisions) == MAX_LIST
+        assert reply.decisions[0].version == f"v{MAX_LIST + 19}"  # newest first
+    two = await servicer.ListDecisions(evaluator_pb2.ListDecisionsRequest(limit=2), context)
+    assert [d.version for d in two.decisions] == [f"v{MAX_LIST + 19}", f"v{MAX_LIST + 18}"]

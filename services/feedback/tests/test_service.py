@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from flywheel_common.errors import (
 )
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
-from flywheel_feedback.redaction import Redactor
+from flywheel_common.redaction import Redactor
 from flywheel_feedback.service import FeedbackServicer
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -34,7 +35,7 @@ class FakeProducer:
         self.events: list[tuple[str, str, events_pb2.Feedback]] = []
         self.fail = False
 
-    async def produce(self, topic: str, key: str, message: Any) -> None:
+    async def produce(self, topic: str, key: str, message: Any, headers: Any = None) -> None:
         if self.fail:
             raise Unavailable("down")
         self.events.append((topic, key, message))
@@ -123,6 +124,23 @@ async def test_comment_is_redacted(
     assert producer.events[0][2].redacted_text == "Wrong! Write to [EMAIL] or call [PHONE]."
 
 
+async def test_control_escape_and_bidi_characters_never_reach_kafka(
+    servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
+) -> None:
+    comment = "Wr\x00ong \x1b[31manswer\x1b[0m\u202e, see\r\nthe page"
+    request = feedback_pb2.SubmitFeedbackRequest(query_id=signer.issue("v1"), comment=comment)
+    await servicer.SubmitFeedback(request, FakeContext(USER))  # type: ignore[arg-type]
+    assert producer.events[0][2].redacted_text == "Wrong answer, see\nthe page"
+    only_controls = feedback_pb2.SubmitFeedbackRequest(query_id=signer.issue("v1"), comment="\x00\x1b[0m")
+    with pytest.raises(InvalidArgument, match="comment must not be empty"):
+        await servicer.SubmitFeedback(only_controls, FakeContext(USER))  # type: ignore[arg-type]
+    bad_session = feedback_pb2.SubmitFeedbackRequest(
+        query_id=signer.issue("v1"), rating=3, session_id="a\x00"
+    )
+    with pytest.raises(InvalidArgument, match="session_id must not contain control"):
+        await servicer.SubmitFeedback(bad_session, FakeContext(USER))  # type: ignore[arg-type]
+
+
 async def test_correction_needs_an_expert(
     servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
 ) -> None:
@@ -149,6 +167,17 @@ def _forged() -> str:
     [
         (lambda s: Req(rating=3), InvalidArgument, "query_id is required"),
         (lambda s: Req(query_id="abc", rating=3), InvalidArgument, "malformed"),
+        (lambda s: Req(query_id="q" * 257, rating=3), InvalidArgument, "query_id is longer than 256"),
+        (
+            lambda s: Req(query_id=s.issue("v"), rating=2, session_id="s" * 257),
+            InvalidArgument,
+            "session_id is longer than 256",
+        ),
+        (
+            lambda s: Req(query_id=s.issue("v"), rating=2, idempotency_key="k" * 129),
+            InvalidArgument,
+            "idempotency_key",
+        ),
         (
             lambda s: Req(query_id=_forged(), rating=3),
             InvalidArgument,
@@ -261,3 +290,26 @@ async def test_rate_limit(producer: FakeProducer, signer: QueryIdSigner) -> None
         await servicer.SubmitFeedback(request, FakeContext(USER))  # type: ignore[arg-type]
     await servicer.SubmitFeedback(request, FakeContext(EXPERT))  # type: ignore[arg-type]
     assert len(producer.events) == 3
+
+
+async def test_redaction_runs_off_the_event_loop(
+    servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
+) -> None:
+    threads: list[threading.Thread] = []
+    redactor = servicer._redactor
+    real = redactor.redact
+
+    def spy(text: str) -> Any:
+        threads.append(threading.current_thread())
+        return real(text)
+
+    redactor.redact = spy  # type: ignore[method-assign]
+    request = feedback_pb2.SubmitCorrectionRequest(
+        query_id=signer.issue("v1"), corrected_answer="Mail jane@example.com", note="from 10.0.0.1"
+    )
+    await servicer.SubmitCorrection(request, FakeContext(EXPERT))  # type: ignore[arg-type]
+    assert len(threads) == 2 and threading.main_thread() not in threads
+    assert (producer.events[0][2].redacted_text, producer.events[0][2].redacted_note) == (
+        "Mail [EMAIL]",
+        "from [IP]",
+    )

@@ -1,16 +1,36 @@
 """Request validation and canary routing, without a model."""
 
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 
-from flywheel_common.errors import InvalidArgument
-from flywheel_inference.router import in_canary
-from flywheel_inference.service import validate
+from flywheel_common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from flywheel_common.query_ids import QueryIdSigner
+from flywheel_inference import service
+from flywheel_inference.router import ModelRouter, in_canary
+from flywheel_inference.service import ValidRequest, read_page, validate
 from flywheel_inference.settings import InferenceSettings, LimitSettings
+from flywheel_model.engine import EngineSettings
+from flywheel_model.retrieval import html_to_text
+from flywheel_model.runtime import OrtSettings
 from flywheel_proto.flywheel.inference.v1 import inference_pb2
 
 LIMITS = LimitSettings(
-    max_question_chars=50, max_page_bytes=1000, max_new_tokens=100, default_max_new_tokens=20
+    max_question_chars=50,
+    max_page_bytes=1000,
+    max_new_tokens=100,
+    default_max_new_tokens=20,
+    max_title_chars=40,
+    max_session_id_chars=30,
 )
+
+
+def check(request: inference_pb2.AnswerRequest, limits: LimitSettings = LIMITS) -> ValidRequest:
+    """Both steps of the service's checks: the cheap one before admission, the page after."""
+    return read_page(validate(request, limits), limits)
 
 
 def req(**kwargs: object) -> inference_pb2.AnswerRequest:
@@ -19,7 +39,7 @@ def req(**kwargs: object) -> inference_pb2.AnswerRequest:
 
 
 def test_defaults_are_applied_and_html_is_cleaned() -> None:
-    valid = validate(req(), LIMITS)
+    valid = check(req())
     assert valid.page_text == "Some text."
     assert valid.title == "T"
     assert (valid.params.max_new_tokens, valid.params.temperature, valid.params.top_p) == (20, 0.0, 1.0)
@@ -27,9 +47,9 @@ def test_defaults_are_applied_and_html_is_cleaned() -> None:
 
 
 def test_plain_text_pages_and_html_titles() -> None:
-    assert validate(req(page=inference_pb2.Page(text="  a   b \n\n c ")), LIMITS).page_text == "a b\nc"
+    assert check(req(page=inference_pb2.Page(text="  a   b \n\n c "))).page_text == "a b\nc"
     html = "<html><head><title>From HTML</title></head><body>x</body></html>"
-    assert validate(req(page=inference_pb2.Page(html=html)), LIMITS).title == "From HTML"
+    assert check(req(page=inference_pb2.Page(html=html))).title == "From HTML"
 
 
 @pytest.mark.parametrize(
@@ -39,7 +59,13 @@ def test_plain_text_pages_and_html_titles() -> None:
         (req(question="x" * 51), "longer than 50"),
         (req(page=inference_pb2.Page(text="")), "no content"),
         (req(page=inference_pb2.Page(text="x" * 1001)), "larger than 1000"),
-        (req(page=inference_pb2.Page(url="u" * 5000, text="x")), "url"),
+        (req(page=inference_pb2.Page(url="u" * 5000, text="x")), "page.url is longer than 4096"),
+        (req(page=inference_pb2.Page(title="t" * 41, text="x")), "page.title is longer than 40"),
+        (req(session_id="s" * 31), "session_id is longer than 30"),
+        (req(question="\x00\x1b[0m\u202e "), "question is empty"),
+        (req(page=inference_pb2.Page(url="https://a.example/\x00", text="x")), "page.url must not"),
+        (req(page=inference_pb2.Page(url="https://a.example/ x", text="x")), "page.url must not"),
+        (req(session_id="s\x1b1"), "session_id must not contain control"),
         (req(options=inference_pb2.GenerationOptions(max_new_tokens=101)), "max_new_tokens"),
         (req(options=inference_pb2.GenerationOptions(temperature=3)), "temperature"),
         (req(options=inference_pb2.GenerationOptions(top_p=-0.1)), "top_p"),
@@ -47,7 +73,23 @@ def test_plain_text_pages_and_html_titles() -> None:
 )
 def test_invalid_requests_say_what_is_wrong(request_: inference_pb2.AnswerRequest, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        validate(request_, LIMITS)
+        check(request_)
+
+
+def test_limits_are_inclusive_and_an_html_title_is_cut_not_refused() -> None:
+    at_limit = req(page=inference_pb2.Page(title="t" * 40, url="u" * 4096, text="x"), session_id="s" * 30)
+    assert check(at_limit).title == "t" * 40
+    html = f"<html><head><title>{'h' * 100}</title></head><body>x</body></html>"
+    assert check(req(page=inference_pb2.Page(html=html))).title == "h" * 40
+
+
+def test_control_escape_and_bidi_characters_are_stripped_from_free_text() -> None:
+    hostile = req(
+        question="Wh\x00at \x1b[2Jis\u202e it?",
+        page=inference_pb2.Page(title="Ti\x07tle\u2066", text="Pa\x00ge \x1b[31mtext\u202e."),
+    )
+    valid = check(hostile, LIMITS)
+    assert (valid.question, valid.title, valid.page_text) == ("What is it?", "Title", "Page text.")
 
 
 def test_canary_assignment_is_stable_and_close_to_the_fraction() -> None:
@@ -67,3 +109,27 @@ def test_settings_read_nested_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert settings.grpc.port == 6000
     assert settings.ort.gpu_mem_limit == 2 * 1024**3
     assert settings.limits.max_in_flight == 7
+
+
+async def test_pages_are_parsed_after_admission_and_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed_on: list[threading.Thread] = []
+
+    def spy(html: str) -> tuple[str, str]:
+        parsed_on.append(threading.current_thread())
+        return html_to_text(html)
+
+    monkeypatch.setattr(service, "html_to_text", spy)
+    router = ModelRouter(None, OrtSettings(), EngineSettings(), local_model_dir=Path("unused"))
+    servicer = service.InferenceServicer(
+        router, LimitSettings(max_in_flight=1), QueryIdSigner(b"k" * 16), b"p" * 16, None
+    )
+    context: Any = SimpleNamespace(time_remaining=lambda: None)
+    with pytest.raises(Unavailable, match="no model"):  # parsed, then no model is loaded yet
+        await servicer.Answer(req(), context)
+    assert parsed_on and parsed_on[0] is not threading.main_thread()
+    servicer._in_flight = 1  # at its limit: refused before the page is parsed
+    with pytest.raises(ResourceExhausted):
+        await servicer.Answer(req(), context)
+    assert len(parsed_on) == 1

@@ -15,9 +15,9 @@ from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import GrpcSettings
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
-from flywheel_trainer.service import TrainerServicer
+from flywheel_trainer.service import FAILED_REASON, MAX_LIST, TrainerServicer
 from flywheel_trainer.settings import TrainerSettings
-from flywheel_trainer.store import JoinStore
+from flywheel_trainer.store import FAILED, JoinStore
 from flywheel_trainer.trainer import Trainer
 
 ADMIN = (("authorization", "Bearer dev-admin-token"),)
@@ -87,6 +87,8 @@ async def test_list_and_get_jobs(stub: Any, store: JoinStore, ev: Any) -> None:
         ids.append(cut.job_id)
     listed = await stub.ListJobs(trainer_pb2.ListJobsRequest())
     assert [j.job_id for j in listed.jobs] == ids[::-1]
+    too_many = await stub.ListJobs(trainer_pb2.ListJobsRequest(limit=2**32 - 1))
+    assert len(too_many.jobs) == 3
     two = await stub.ListJobs(trainer_pb2.ListJobsRequest(limit=2))
     assert len(two.jobs) == 2
     with pytest.raises(grpc.aio.AioRpcError) as missing:
@@ -95,3 +97,29 @@ async def test_list_and_get_jobs(stub: Any, store: JoinStore, ev: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as empty:
         await stub.GetJob(trainer_pb2.GetJobRequest())
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_list_jobs_with_limit_zero_is_capped(stub: Any, store: JoinStore, ev: Any) -> None:
+    for i in range(MAX_LIST + 5):
+        store.ingest([ev.interaction(i)], [ev.correction(i)])
+        assert store.cut(max_examples=10, reason="manual") is not None
+    for limit in (0, MAX_LIST + 1):
+        listed = await stub.ListJobs(trainer_pb2.ListJobsRequest(limit=limit))
+        assert len(listed.jobs) == MAX_LIST
+
+
+async def test_a_failed_jobs_detail_is_for_admins_only(stub: Any, store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.correction(1)])
+    cut = store.cut(max_examples=10, reason="manual")
+    assert cut is not None
+    detail = "OSError: [Errno 28] No space left on device: '/srv/secret-host/artifacts/x'"
+    store.update_job(cut.job_id, state=FAILED, reason=detail)
+    for metadata in ((), EXPERT, (("authorization", "Bearer not-a-known-token"),)):
+        listed = await stub.ListJobs(trainer_pb2.ListJobsRequest(), metadata=metadata)
+        got = await stub.GetJob(trainer_pb2.GetJobRequest(job_id=cut.job_id), metadata=metadata)
+        assert listed.jobs[0].reason == got.reason == FAILED_REASON
+    admin = await stub.GetJob(trainer_pb2.GetJobRequest(job_id=cut.job_id), metadata=ADMIN)
+    assert admin.reason == detail
+    with pytest.raises(grpc.aio.AioRpcError) as long_id:
+        await stub.GetJob(trainer_pb2.GetJobRequest(job_id="j" * 129))
+    assert long_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT

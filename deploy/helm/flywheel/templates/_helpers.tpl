@@ -127,6 +127,8 @@ Environment shared by every service: listen addresses, logging, tracing, artifac
 {{- $prefix := include "flywheel.envPrefix" . }}
 {{- $values := index $root.Values .component }}
 {{- $kafka := $root.Values.kafka }}
+- name: FLYWHEEL_MODE
+  value: {{ $root.Values.mode | quote }}
 - name: {{ $prefix }}GRPC__HOST
   value: "0.0.0.0"
 - name: {{ $prefix }}GRPC__PORT

@@ -1,4 +1,4 @@
-"""Bearer tokens from a secret file mapped to roles; the development file when none is configured."""
+"""Bearer tokens (or their SHA-256 hashes) from a secret file mapped to roles; dev tokens in development."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import enum
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from flywheel_common.errors import PermissionDenied, Unauthenticated
+from flywheel_common.secrets import require_development
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,17 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# A tokens file may name a token by its hash instead (`sha256:<64 hex digits>: role`), so a
+# service that only verifies tokens never holds them.
+HASH_PREFIX = "sha256:"
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 def load_tokens(path: Path | None) -> dict[str, str]:
-    """Reads `{token: role}` from a JSON or YAML file (the development file without a path)."""
+    """Reads `{token or sha256:<hash>: role}` from a JSON or YAML file (in development mode, the
+    development file when no path is given; in production mode that is MissingSecret)."""
     if path is None:
+        require_development("tokens file", "auth.tokens_file")
         log.warning("no tokens file configured: using the development tokens in %s", DEV_TOKENS_FILE)
         path = DEV_TOKENS_FILE
     text = Path(path).read_text()
@@ -73,10 +83,16 @@ class Authenticator:
     def __init__(self, tokens: Mapping[str, str]) -> None:
         self._roles: dict[str, Role] = {}
         for token, role in tokens.items():
-            if len(token) < 8:
+            if token.startswith(HASH_PREFIX):
+                if not _HASH.fullmatch(token):
+                    raise ValueError("a token hash must be sha256: and 64 lower-case hex digits")
+                token_hash = token.removeprefix(HASH_PREFIX)
+            elif len(token) < 8:
                 raise ValueError("tokens must be at least 8 characters")
+            else:
+                token_hash = _hash(token)
             try:
-                self._roles[_hash(token)] = Role(role.lower())
+                self._roles[token_hash] = Role(role.lower())
             except ValueError as exc:
                 raise ValueError(f"unknown role {role!r}; use user, expert or admin") from exc
 

@@ -1,4 +1,5 @@
-"""The development HMAC keys, one copy for every service and tool that signs or checks with them."""
+"""Development secrets: public, in the source, used only in development mode (FLYWHEEL_MODE), one copy
+for every service and tool that signs or checks with them."""
 
 from __future__ import annotations
 
@@ -6,3 +7,5 @@ from __future__ import annotations
 # ids and pseudonymises sessions with these, feedback checks and pseudonymises with the same ones.
 DEV_QUERY_ID_KEY = b"flywheel-dev-query-id-key"
 DEV_PSEUDONYM_KEY = b"flywheel-dev-pseudonym-key"
+# Signs Feedback events (feedback) and verifies them (trainer) when no key file is configured.
+DEV_EVENT_SIGNING_KEY = b"flywheel-dev-event-signing-key"

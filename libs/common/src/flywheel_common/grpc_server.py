@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
 
-from flywheel_common.errors import FlywheelError
+from flywheel_common.errors import FlywheelError, InvalidArgument
 from flywheel_common.logging import request_id_var
 from flywheel_common.metrics import GRPC_DURATION, GRPC_REQUESTS
 from flywheel_common.settings import GrpcSettings
@@ -28,6 +28,35 @@ REQUEST_ID_KEY = "x-request-id"
 def request_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """A call's text metadata as a dict (binary `-bin` values left out)."""
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class _Malformed:
+    """A request body that did not parse (corrupt wire format, a string field that is not UTF-8)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, returning _Malformed instead of raising: grpc would answer UNKNOWN with
+    the parser's message, counted as a server error, for what is the caller's bad input."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Malformed(exc)
+
+    return parse
+
+
+def _reject_malformed(request: Any) -> None:
+    if isinstance(request, _Malformed):
+        raise InvalidArgument(
+            "the request is not a valid message (corrupt, or a string field that is not UTF-8)"
+        )
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -49,13 +78,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -99,6 +128,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     ) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(context, method):
+                _reject_malformed(request)
                 return await behavior(request, context)
 
         return wrapper
@@ -108,6 +138,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._call(context, method):
+                _reject_malformed(request)
                 async for item in behavior(request, context):
                     yield item
 

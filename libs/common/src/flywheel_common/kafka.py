@@ -16,7 +16,15 @@ from google.protobuf.message import Message
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 from kafka.producer.future import RecordMetadata
 from kafka.structs import TopicPartition
 from opentelemetry import context as otel_context
@@ -109,6 +117,27 @@ def extract_trace_context(headers: Iterable[tuple[str, bytes | None]] | None) ->
     """The trace context a producer put in a record's headers (empty context when there is none)."""
     carrier = {k: v.decode(errors="replace") for k, v in headers or () if v is not None}
     return propagate.extract(carrier)
+
+
+# Errors about the record itself: sending it again fails the same way, whatever the broker's state.
+_POISON_ERRORS = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTimestampError,
+    TypeError,
+    ValueError,
+)
+
+
+def is_poison(exc: BaseException | None) -> bool:
+    """Whether a failed send can never succeed (record too large, malformed), so retrying is pointless."""
+    while exc is not None:
+        if isinstance(exc, _POISON_ERRORS):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def event_headers(message: Message) -> list[tuple[str, bytes]]:
@@ -211,8 +240,9 @@ class EventProducer:
             raise Unavailable("Kafka producer is not connected")
         try:
             return self._producer.send(topic, key=key, value=value, headers=headers)
-        except KafkaError as exc:
-            raise Unavailable(f"Kafka is unavailable: {type(exc).__name__}") from exc
+        except (KafkaError, TypeError, ValueError) as exc:
+            # is_poison(exc) tells a record Kafka can never take from a broker that is away.
+            raise Unavailable(f"Kafka refused the record: {type(exc).__name__}") from exc
 
     async def produce(
         self, topic: str, key: str, message: Message, headers: Sequence[tuple[str, bytes]] | None = None
@@ -319,6 +349,7 @@ class BufferStats:
 
     delivered: int = 0
     dropped: int = 0
+    rejected: int = 0
     retried: int = 0
     buffered: int = 0
     last_error: str = ""
@@ -328,7 +359,9 @@ class BufferedEventProducer:
     """Fire-and-forget events: `emit` never blocks, a thread delivers them, retrying while Kafka is away.
 
     The buffer is bounded (`max_buffered` events, counting those awaiting an ack); an event that
-    does not fit is dropped, counted and logged, never silently lost. `close()` flushes.
+    does not fit is dropped, counted and logged, never silently lost. An event Kafka can never take
+    (too large, malformed: `is_poison`) is rejected at once, counted and logged, and the events
+    behind it go on: one bad event must not hold the queue. `close()` flushes.
     """
 
     def __init__(
@@ -339,6 +372,7 @@ class BufferedEventProducer:
         max_buffered: int = 10_000,
         buffered_gauge: Gauge | None = None,
         dropped_counter: Counter | None = None,
+        rejected_counter: Counter | None = None,
         linger_ms: int = 20,
         delivery_timeout_ms: int = 30_000,
         retry_backoff_s: float = 1.0,
@@ -356,6 +390,7 @@ class BufferedEventProducer:
         )
         self._gauge = buffered_gauge
         self._dropped_counter = dropped_counter
+        self._rejected_counter = rejected_counter
         self._retry_backoff_s = retry_backoff_s
         self._log_interval_s = log_interval_s
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -378,9 +413,17 @@ class BufferedEventProducer:
         """Events accepted but not yet acknowledged by the broker."""
         return len(self._pending) + self._in_flight
 
-    def emit(self, topic: str, key: str, message: Message) -> bool:
-        """Queues an event (thread-safe, never blocks); False when the buffer was full and it was dropped."""
-        event = _Pending(topic, key, message.SerializeToString(), event_headers(message))
+    def emit(self, topic: str, key: str, message: Message, headers: Sequence[tuple[str, bytes]] = ()) -> bool:
+        """Queues an event (thread-safe, never blocks); False when it was dropped or rejected.
+
+        `headers` go beside the trace context and the event type.
+        """
+        try:
+            event = _Pending(topic, key, message.SerializeToString(), [*event_headers(message), *headers])
+        except Exception as exc:  # an event that cannot be serialised is rejected, never raised to the caller
+            with self._cond:
+                self._reject(exc)
+            return False
         with self._cond:
             if self._stopping or self.buffered >= self.max_buffered:
                 self._drop(1, "buffer full" if not self._stopping else "producer closed")
@@ -410,6 +453,19 @@ class BufferedEventProducer:
             self._last_drop_log = now
             self._drops_since_log = 0
 
+    def _reject(self, exc: BaseException) -> None:
+        # Called with the lock held. The event is gone for good; say why, never what it held.
+        self.stats.rejected += 1
+        if self._rejected_counter is not None:
+            self._rejected_counter.inc()
+        cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ is not None else exc
+        log.error(
+            "rejected a %s event Kafka can never take (%s); %d rejected in all",
+            self.name,
+            type(cause).__name__,
+            self.stats.rejected,
+        )
+
     def _update_gauge(self) -> None:
         self.stats.buffered = self.buffered
         if self._gauge is not None:
@@ -435,7 +491,8 @@ class BufferedEventProducer:
                 future = self._producer.send_raw(event.topic, event.key.encode(), event.value, event.headers)
             except Unavailable as exc:
                 self._failed(event, exc)
-                self._wait_backoff()
+                if not is_poison(exc):
+                    self._wait_backoff()
                 continue
             future.add_callback(self._delivered)
             future.add_errback(lambda exc, event=event: self._failed(event, exc))
@@ -482,6 +539,11 @@ class BufferedEventProducer:
     def _failed(self, event: _Pending, exc: BaseException) -> None:
         with self._cond:
             self._in_flight -= 1
+            if is_poison(exc):
+                self._reject(exc)
+                self._update_gauge()
+                self._cond.notify_all()
+                return
             self._note_outage(exc)
             event.attempts += 1
             self.stats.retried += 1

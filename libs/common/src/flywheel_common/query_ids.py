@@ -53,10 +53,11 @@ class QueryIdSigner:
     def verify(self, query_id: str, *, now: float | None = None) -> QueryIdClaims:
         """The claims of a query id this service family issued; InvalidArgument otherwise."""
         parts = query_id.split(".")
-        if len(parts) != 5 or parts[0] != _PREFIX or len(query_id) > 512:
+        # Issued ids are ASCII; compare_digest raises TypeError on non-ASCII str, so check first.
+        if len(parts) != 5 or parts[0] != _PREFIX or len(query_id) > 512 or not query_id.isascii():
             raise InvalidArgument("malformed query id")
         body, signature = ".".join(parts[:4]), parts[4]
-        if not hmac.compare_digest(self._sign(body), signature):
+        if not hmac.compare_digest(self._sign(body).encode(), signature.encode()):
             raise InvalidArgument("query id was not issued by this service")
         try:
             issued = int(parts[2])

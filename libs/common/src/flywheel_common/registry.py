@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,6 +27,18 @@ from flywheel_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from flywheel_common.files import file_sha256
 
 log = logging.getLogger(__name__)
+
+_VERSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_version_name(version: str) -> None:
+    """InvalidArgument unless `version` can name a version (which also keeps NUL bytes and over-long
+    names away from the file system, where they raise ValueError and OSError)."""
+    if not _VERSION_NAME.fullmatch(version):
+        raise InvalidArgument(
+            "bad version name: 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
+        )
+
 
 MANIFEST = "manifest.json"
 
@@ -162,8 +175,7 @@ class ModelRegistry:
 
     def get(self, version: str) -> ModelVersion:
         """A registered version, or NotFound."""
-        if not version or "/" in version or version.startswith("."):
-            raise InvalidArgument(f"bad version name {version!r}")
+        check_version_name(version)
         path = self.versions_dir / version
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
-from flywheel_model.prompt import IncrementalDetokenizer, PromptEncoder, build_messages
+from flywheel_model.prompt import IncrementalDetokenizer, PromptEncoder, PromptTooLong, build_messages
 from flywheel_model.retrieval import Passage, Retriever
 from flywheel_model.runtime import Decoder, OrtSettings
 
@@ -68,16 +68,33 @@ class AnswerEngine:
     def provider(self) -> str:
         return self.decoder.provider
 
-    def prepare(self, page_text: str, title: str, question: str) -> PreparedPrompt:
-        """Chooses passages and builds the prompt."""
+    def prepare(self, page_text: str, title: str, question: str, max_new_tokens: int = 0) -> PreparedPrompt:
+        """Chooses passages and builds a prompt that leaves `max_new_tokens` of the model's context.
+
+        What can be cut is cut (the title by build_messages, then passages, least relevant first);
+        PromptTooLong when the question alone leaves no room.
+        """
         started = time.perf_counter()
-        passages = self.retriever.select(page_text, question, token_budget=self.settings.context_token_budget)
+        room = self.decoder.spec.context_length - max_new_tokens
+        fixed = len(self.encoder.encode(build_messages(title, [], question)))
+        if fixed > room:
+            raise PromptTooLong(
+                f"the question takes {fixed} tokens; the model's context of "
+                f"{self.decoder.spec.context_length} tokens leaves {room} once the answer's room is kept"
+            )
+        budget = min(self.settings.context_token_budget, room - fixed)
+        passages = self.retriever.select(page_text, question, token_budget=max(budget, 0))
         ids = self.encoder.encode(build_messages(title, passages, question))
+        # Passage separators and token merges at their edges are not in the budget: drop the least
+        # relevant passage until the prompt fits.
+        while len(ids) > room and passages:
+            passages.remove(min(passages, key=lambda p: p.score))
+            ids = self.encoder.encode(build_messages(title, passages, question))
         return PreparedPrompt(passages, ids, page_text, (time.perf_counter() - started) * 1000)
 
     def answer(self, page_text: str, title: str, question: str, params: SamplingParams) -> AnswerResult:
         """Answers synchronously (for evaluation and benchmarks); safe to call from many threads."""
-        prepared = self.prepare(page_text, title, question)
+        prepared = self.prepare(page_text, title, question, params.max_new_tokens)
         started = time.perf_counter()
         first: list[float] = []
         tokens: list[int] = []

@@ -136,28 +136,40 @@ class BatchGenerator:
                 admit = (
                     self._pending.popleft() if self._pending and len(self._active) < self.max_batch else None
                 )
-            try:
-                if admit is not None:
+            if admit is not None:
+                try:
                     self._admit(admit)
-                if self._active and (
-                    admit is None or not self._pending or len(self._active) >= self.max_batch
-                ):
-                    self._step()
-            except Exception as exc:  # a broken step fails its sequences, never the thread
+                except Exception as exc:  # one request's bad prompt ends that request alone
+                    log.exception("admitting a sequence failed")
+                    self._finish(admit, "error", exc)
+            if not self._active or not (
+                admit is None or not self._pending or len(self._active) >= self.max_batch
+            ):
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a broken batch step fails its sequences, never the thread
                 log.exception("generation step failed")
-                for seq in [*self._active, *([admit] if admit and admit not in self._active else [])]:
-                    seq.on_finish("error", exc)
+                for seq in self._active:
+                    self._finish(seq, "error", exc)
                 self._active, self._kv = [], None
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.on_finish(reason, None)
+    def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
+        try:
+            seq.on_finish(reason, error)
+        except Exception:  # the caller's callback must not take the batch down with it
+            log.exception("a sequence's on_finish callback failed")
 
     def _emit(self, seq: Sequence, token: int) -> str | None:
         """Records a sampled token; returns the finish reason when the sequence is done."""
         if token in self.decoder.spec.eos_token_ids:
             return "eos"
         seq.generated.append(token)
-        seq.on_token(token)
+        try:
+            seq.on_token(token)
+        except Exception:  # the caller's callback failed: end its sequence, not the batch
+            log.exception("a sequence's on_token callback failed")
+            return "error"
         if len(seq.generated) >= seq.params.max_new_tokens:
             return "max_tokens"
         if seq.length + 1 >= self.decoder.spec.context_length:
@@ -170,6 +182,11 @@ class BatchGenerator:
         if reason:
             self._finish(seq, reason)
             return
+        if not 0 < len(seq.prompt_ids) < self.decoder.spec.context_length:
+            raise ValueError(
+                f"a prompt of {len(seq.prompt_ids)} tokens does not fit the context of "
+                f"{self.decoder.spec.context_length}"
+            )
         seq.sampler = Sampler(seq.params)
         logits, kv = self.decoder.prefill(seq.prompt_ids)
         seq.length = len(seq.prompt_ids)
@@ -194,7 +211,12 @@ class BatchGenerator:
             reason = seq.should_stop()
             if reason is None:
                 assert seq.sampler is not None
-                reason = self._emit(seq, seq.sampler(logits[row]))
+                try:
+                    reason = self._emit(seq, seq.sampler(logits[row]))
+                except Exception as exc:  # sampling this row failed: this sequence ends alone
+                    log.exception("sampling a sequence failed")
+                    self._finish(seq, "error", exc)
+                    continue
             if reason:
                 self._finish(seq, reason)
             else:

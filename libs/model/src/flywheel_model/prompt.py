@@ -18,11 +18,27 @@ SYSTEM_PROMPT = (
     '"The page does not say."'
 )
 NO_ANSWER = "The page does not say."
+# A title only names the page; past this it would take room from the passages that answer.
+TITLE_MAX_CHARS = 200
+
+
+class PromptTooLong(ValueError):
+    """The parts of a prompt that cannot be cut (instructions, question) leave no room to answer."""
+
+
+def short_title(title: str) -> str:
+    """The title cut to TITLE_MAX_CHARS at a word boundary (the same in serving, evaluation, training)."""
+    title = title.strip()
+    if len(title) <= TITLE_MAX_CHARS:
+        return title
+    cut = title[:TITLE_MAX_CHARS]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "…"
 
 
 def build_messages(title: str, passages: Sequence[Passage], question: str) -> list[dict[str, str]]:
     """Chat messages for one question about one page."""
     context = "\n\n".join(p.text for p in passages)
+    title = short_title(title)
     header = f"Page title: {title}\n\n" if title else ""
     return [
         {"role": "system", "content": SYSTEM_PROMPT},

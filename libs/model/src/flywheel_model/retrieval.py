@@ -14,6 +14,8 @@ import bm25s
 import numpy as np
 from selectolax.lexbor import LexborHTMLParser
 
+from flywheel_common.text import clean_text
+
 _DROP = "script, style, noscript, template, svg, nav, header, footer, aside, form, iframe, button"
 _BLOCKS = (
     "p, div, li, dt, dd, h1, h2, h3, h4, h5, h6, pre, blockquote, tr, section, article, br, hr, "
@@ -38,8 +40,8 @@ def html_to_text(html: str) -> tuple[str, str]:
 
 
 def normalise_text(text: str) -> str:
-    """Collapses runs of spaces and drops empty lines."""
-    lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
+    """Drops control, escape and bidi characters, collapses runs of spaces and drops empty lines."""
+    lines = (_SPACES.sub(" ", line).strip() for line in clean_text(text).split("\n"))
     return "\n".join(line for line in lines if line)
 
 
@@ -92,6 +94,11 @@ class _Index:
         self.token_counts = [count_tokens(p) for p in passages]
         self.bm25 = bm25s.BM25()
         self.bm25.index(bm25s.tokenize(passages, show_progress=False), show_progress=False)
+        # What the cache holds for this page: the passages (UTF-8 size plus str overhead), the
+        # token counts, the BM25 matrix and vocabulary; close enough to bound memory by.
+        arrays = sum(v.nbytes for v in self.bm25.scores.values() if isinstance(v, np.ndarray))
+        vocab = sum(len(term) + 80 for term in self.bm25.vocab_dict)
+        self.nbytes = sum(len(p.encode()) + 50 for p in passages) + 28 * len(passages) + arrays + vocab
 
     def scores(self, question: str) -> np.ndarray:
         terms = _query_tokens(bm25s.tokenize([question], show_progress=False, allow_empty=True))
@@ -106,16 +113,31 @@ def _query_tokens(tokenized: bm25s.tokenization.Tokenized) -> list[str]:
 
 
 class Retriever:
-    """Chooses passages for a question within a token budget; thread-safe, with an LRU of pages."""
+    """Chooses passages for a question within a token budget; thread-safe, with an LRU of pages.
+
+    The LRU is bounded by pages and by bytes: 256 pages of 2 MB each would otherwise hold ~2 GB.
+    """
 
     def __init__(
-        self, count_tokens: Callable[[str], int], *, max_words: int = 80, cache_size: int = 256
+        self,
+        count_tokens: Callable[[str], int],
+        *,
+        max_words: int = 80,
+        cache_size: int = 256,
+        cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._count_tokens = count_tokens
         self._max_words = max_words
         self._cache: OrderedDict[str, _Index] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def cached_bytes(self) -> int:
+        """The estimated size of the pages' indexes in the cache."""
+        return self._cached_bytes
 
     def _index(self, text: str) -> _Index:
         key = content_hash(text)
@@ -125,10 +147,17 @@ class Retriever:
                 self._cache.move_to_end(key)
                 return index
         index = _Index(split_passages(text, max_words=self._max_words) or [""], self._count_tokens)
+        if index.nbytes > self._cache_bytes:
+            return index  # a page larger than the whole cache is used once, not kept
         with self._lock:
+            previous = self._cache.pop(key, None)  # another thread indexed the same page meanwhile
+            if previous is not None:
+                self._cached_bytes -= previous.nbytes
             self._cache[key] = index
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._cached_bytes += index.nbytes
+            while len(self._cache) > self._cache_size or self._cached_bytes > self._cache_bytes:
+                _, evicted = self._cache.popitem(last=False)
+                self._cached_bytes -= evicted.nbytes
         return index
 
     def select(self, text: str, question: str, *, token_budget: int) -> list[Passage]:

@@ -9,10 +9,25 @@ import grpc
 from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import InvalidArgument, NotFound
 from flywheel_common.grpc_server import request_metadata
-from flywheel_common.registry import RolloutState
+from flywheel_common.registry import RolloutState, check_version_name
+from flywheel_common.text import clean_text
 from flywheel_evaluator.evaluation import EvaluationResult
 from flywheel_evaluator.gatekeeper import Gatekeeper
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+
+# ListDecisions answers at most this many decisions; a limit of 0 means this many.
+MAX_LIST = 100
+# An admin's reason goes into the rollout history and the decision log.
+MAX_REASON_CHARS = 1000
+
+
+def _reason(request: evaluator_pb2.VersionRequest) -> str:
+    """The request's reason, bounded and cleaned; its version, when given, checked first."""
+    if request.version:
+        check_version_name(request.version)
+    if len(request.reason) > MAX_REASON_CHARS:
+        raise InvalidArgument(f"reason is longer than {MAX_REASON_CHARS} characters")
+    return clean_text(request.reason).strip()
 
 
 def report_message(result: EvaluationResult, summary: str) -> evaluator_pb2.Report:
@@ -78,7 +93,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     async def ListDecisions(
         self, request: evaluator_pb2.ListDecisionsRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.ListDecisionsResponse:
-        newest = await asyncio.to_thread(self._gatekeeper.decisions_newest_first, request.limit)
+        newest = await asyncio.to_thread(
+            self._gatekeeper.decisions_newest_first, min(request.limit or MAX_LIST, MAX_LIST)
+        )
         return evaluator_pb2.ListDecisionsResponse(decisions=[d.to_proto() for d in newest])
 
     async def GetRollout(
@@ -92,7 +109,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         actor = self._admin(context)
         move = self._gatekeeper.promote
         state = await asyncio.to_thread(
-            move, request.version, reason=request.reason, actor=actor, request_id=request.request_id
+            move, request.version, reason=_reason(request), actor=actor, request_id=request.request_id
         )
         return rollout_message(state)
 
@@ -102,7 +119,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         actor = self._admin(context)
         move = self._gatekeeper.rollback
         state = await asyncio.to_thread(
-            move, request.version, reason=request.reason, actor=actor, request_id=request.request_id
+            move, request.version, reason=_reason(request), actor=actor, request_id=request.request_id
         )
         return rollout_message(state)
 
@@ -112,7 +129,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         actor = self._admin(context)
         move = self._gatekeeper.pin
         return rollout_message(
-            await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
+            await asyncio.to_thread(move, request.version, reason=_reason(request), actor=actor)
         )
 
     async def SetAutoRollout(

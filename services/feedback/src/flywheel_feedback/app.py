@@ -13,9 +13,9 @@ from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.kafka import EventProducer, ensure_topics
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.redaction import Redactor
 from flywheel_common.runtime import connect_with_retry
 from flywheel_common.secrets import read_secret
-from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.service import FeedbackServicer
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc

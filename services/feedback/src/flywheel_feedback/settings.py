@@ -22,6 +22,8 @@ class ValidationSettings(BaseModel):
     """Bounds on what a submission may contain."""
 
     query_id_max_age_s: float = Field(default=30 * 24 * 3600, gt=0)
+    # Issued ids are about 100 characters; the signer refuses more than 512 in any case.
+    max_query_id_chars: int = Field(default=256, ge=100, le=512)
     max_comment_chars: int = Field(default=2000, ge=1)
     max_correction_chars: int = Field(default=8000, ge=1)
     max_note_chars: int = Field(default=2000, ge=1)
@@ -42,6 +44,8 @@ class PrivacySettings(BaseModel):
     # Shared with the inference service, which signs the query ids it issues.
     query_id_key_file: Path | None = None
     pseudonym_key_file: Path | None = None
+    # Signs each Feedback event; the trainer verifies with the same key (docs/security.md).
+    event_signing_key_file: Path | None = None
     # Run Microsoft Presidio's pattern recognizers after the built-in ones.
     presidio: bool = True
     presidio_score_threshold: float = Field(default=0.3, ge=0, le=1)

@@ -1,15 +1,33 @@
-"""Every answer is logged to Kafka after it is sent, through a bounded buffer that survives outages."""
+"""Answers are logged to Kafka once sent: redacted, through a bounded buffer that survives outages."""
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
+
 from flywheel_common.kafka import BufferedEventProducer
-from flywheel_inference.metrics import INTERACTIONS_BUFFERED, INTERACTIONS_DROPPED
+from flywheel_common.redaction import REDACTED_HEADER, Redactor, redact_interaction
+from flywheel_inference.metrics import (
+    INTERACTIONS_BUFFERED,
+    INTERACTIONS_DROPPED,
+    INTERACTIONS_REDACTED,
+    INTERACTIONS_REJECTED,
+)
 from flywheel_inference.settings import InferenceSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
+log = logging.getLogger(__name__)
+
 
 class KafkaInteractionSink:
-    """Publishes Interaction events keyed by query id; never blocks or fails an answer."""
+    """Publishes Interaction events keyed by query id; never blocks or fails an answer.
+
+    Personal data is redacted first (question, answer, title, URL, passages), on a thread of its
+    own: raw text never reaches Kafka, and the answer never waits for the redactor. What waits for
+    redaction counts against the same bound as the producer's buffer.
+    """
 
     def __init__(self, settings: InferenceSettings) -> None:
         self.topic = settings.kafka.topics.interactions
@@ -19,12 +37,58 @@ class KafkaInteractionSink:
             max_buffered=settings.interaction_buffer,
             buffered_gauge=INTERACTIONS_BUFFERED,
             dropped_counter=INTERACTIONS_DROPPED,
+            rejected_counter=INTERACTIONS_REJECTED,
         ).start()
+        self._redaction = settings.redaction
+        self._redactor = (
+            Redactor(presidio=settings.redaction.presidio) if settings.redaction.enabled else None
+        )
+        self._queue: queue.Queue[tuple[str, events_pb2.Interaction] | None] = queue.Queue(
+            maxsize=settings.interaction_buffer
+        )
+        self._thread = threading.Thread(target=self._run, name="redact-interactions", daemon=True)
+        self._thread.start()
 
     def publish(self, key: str, event: events_pb2.Interaction) -> None:
-        self.producer.emit(self.topic, key, event)
+        try:
+            self._queue.put_nowait((key, event))
+        except queue.Full:
+            INTERACTIONS_DROPPED.inc()
+            log.error("dropped an interaction: %d wait for redaction", self._queue.qsize())
+
+    def flush(self, timeout_s: float) -> bool:
+        """Waits until every published interaction was redacted and acknowledged by Kafka."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks and self.producer.flush(max(deadline - time.monotonic(), 0))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._redact_and_emit(*item)
+            finally:
+                self._queue.task_done()
+
+    def _redact_and_emit(self, key: str, event: events_pb2.Interaction) -> None:
+        headers: list[tuple[str, bytes]] = []
+        if self._redactor is not None:
+            try:
+                found = redact_interaction(
+                    event, self._redactor, keep_url_query=self._redaction.keep_url_query
+                )
+            except Exception:  # never publish what could not be redacted
+                log.exception("redacting an interaction failed; it is dropped")
+                INTERACTIONS_REJECTED.inc()
+                return
+            for kind, count in found.items():
+                INTERACTIONS_REDACTED.labels(kind).inc(count)
+            headers = [(REDACTED_HEADER, b"1")]
+        self.producer.emit(self.topic, key, event, headers=headers)
 
     def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
         self.producer.close()
 
 

@@ -35,3 +35,10 @@ INTERACTIONS_BUFFERED = Gauge(
 INTERACTIONS_DROPPED = Counter(
     "flywheel_inference_interactions_dropped", "Interactions dropped because the buffer was full."
 )
+INTERACTIONS_REDACTED = Counter(
+    "flywheel_inference_redacted", "Pieces of personal data redacted from interactions, by kind.", ["kind"]
+)
+INTERACTIONS_REJECTED = Counter(
+    "flywheel_inference_interactions_rejected",
+    "Interactions Kafka can never take (too large, malformed): dropped at once, never retried.",
+)

@@ -15,11 +15,12 @@ import grpc
 from flywheel_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.text import clean_text, has_unsafe
 from flywheel_inference.metrics import ANSWERS, DURATION, QUEUE_DEPTH, TOKENS, TTFT
 from flywheel_inference.router import ModelRouter
 from flywheel_inference.settings import LimitSettings
 from flywheel_model.generation import QueueFull, SamplingParams, Sequence
-from flywheel_model.prompt import IncrementalDetokenizer
+from flywheel_model.prompt import IncrementalDetokenizer, PromptTooLong
 from flywheel_model.retrieval import Passage, html_to_text, normalise_text
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -34,25 +35,39 @@ class InteractionSink(Protocol):
 
 
 @dataclass
-class _Request:
-    page_text: str
+class ValidRequest:
+    """A request that passed the cheap checks; `page_text` is set once the page is read."""
+
+    page_raw: str
+    page_is_html: bool
     title: str
     url: str
     question: str
     session_id: str
     params: SamplingParams
+    # Set by read_page, after admission and off the event loop.
+    page_text: str = ""
 
 
-def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> _Request:
-    """Checks a request against the limits; InvalidArgument says what is wrong."""
-    question = request.question.strip()
+def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> ValidRequest:
+    """Checks a request against the limits, cheaply (no parsing); InvalidArgument says what is wrong."""
+    if len(request.question) > limits.max_question_chars:
+        raise InvalidArgument(f"question is longer than {limits.max_question_chars} characters")
+    # Control, escape and bidi characters never reach the prompt, logs, Kafka or training data.
+    question = clean_text(request.question).strip()
     if not question:
         raise InvalidArgument("question is empty")
-    if len(question) > limits.max_question_chars:
-        raise InvalidArgument(f"question is longer than {limits.max_question_chars} characters")
     page = request.page
     if len(page.url) > limits.max_url_chars:
-        raise InvalidArgument(f"page url is longer than {limits.max_url_chars} characters")
+        raise InvalidArgument(f"page.url is longer than {limits.max_url_chars} characters")
+    if has_unsafe(page.url) or any(c.isspace() for c in page.url):
+        raise InvalidArgument("page.url must not contain spaces or control characters")
+    if len(page.title) > limits.max_title_chars:
+        raise InvalidArgument(f"page.title is longer than {limits.max_title_chars} characters")
+    if len(request.session_id) > limits.max_session_id_chars:
+        raise InvalidArgument(f"session_id is longer than {limits.max_session_id_chars} characters")
+    if has_unsafe(request.session_id):
+        raise InvalidArgument("session_id must not contain control characters")
     kind = page.WhichOneof("content")
     raw = page.html if kind == "html" else page.text
     if kind is None or not raw.strip():
@@ -66,19 +81,27 @@ def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> _Re
         raise InvalidArgument(f"options.temperature must be within [0, {limits.max_temperature}]")
     if not 0.0 <= options.top_p <= 1.0 or options.top_p != options.top_p:
         raise InvalidArgument("options.top_p must be within [0, 1]")
-    if kind == "html":
-        text, html_title = html_to_text(raw)
-    else:
-        text, html_title = normalise_text(raw), ""
-    if not text:
-        raise InvalidArgument("page has no text once reduced to clean text")
     params = SamplingParams(
         max_new_tokens=options.max_new_tokens or limits.default_max_new_tokens,
         temperature=options.temperature,
         top_p=options.top_p or 1.0,
         seed=options.seed or None,
     )
-    return _Request(text, page.title or html_title, page.url, question, request.session_id, params)
+    title = clean_text(page.title).strip()
+    return ValidRequest(raw, kind == "html", title, page.url, question, request.session_id, params)
+
+
+def read_page(req: ValidRequest, limits: LimitSettings) -> ValidRequest:
+    """Reduces the page to clean text (and takes the HTML's title when none was sent): CPU work."""
+    if req.page_is_html:
+        text, html_title = html_to_text(req.page_raw)
+        req.title = req.title or html_title[: limits.max_title_chars]
+    else:
+        text = normalise_text(req.page_raw)
+    if not text:
+        raise InvalidArgument("page has no text once reduced to clean text")
+    req.page_text, req.page_raw = text, ""
+    return req
 
 
 @dataclass(frozen=True)
@@ -136,11 +159,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Yields a header, then text deltas, then a footer; the shared core of both RPCs."""
         received = time.perf_counter()
         req = validate(request, self._limits)
+        # Admitted before any CPU work, so a burst of large pages is refused, not parsed.
         if self._in_flight >= self._limits.max_in_flight:
             raise ResourceExhausted("the server is at its request limit; retry later")
         self._in_flight += 1
         QUEUE_DEPTH.set(self._in_flight)
         try:
+            # HTML parsing takes ~80 ms for 2 MB: off the event loop, which serves every other call.
+            req = await asyncio.to_thread(read_page, req, self._limits)
             async for item in self._run(req, context, received):
                 yield item
         finally:
@@ -148,7 +174,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             QUEUE_DEPTH.set(self._in_flight)
 
     async def _run(
-        self, req: _Request, context: grpc.aio.ServicerContext, received: float
+        self, req: ValidRequest, context: grpc.aio.ServicerContext, received: float
     ) -> AsyncIterator[_Part]:
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else self._limits.default_timeout_s)
@@ -161,7 +187,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         for attempt in range(2):
             loaded = self._router.route(req.session_id)
             engine = loaded.engine
-            prepared = await asyncio.to_thread(engine.prepare, req.page_text, req.title, req.question)
+            try:
+                prepared = await asyncio.to_thread(
+                    engine.prepare, req.page_text, req.title, req.question, req.params.max_new_tokens
+                )
+            except PromptTooLong as exc:
+                raise InvalidArgument(str(exc)) from exc
             seq = Sequence(
                 prepared.token_ids,
                 req.params,
@@ -228,7 +259,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self,
         query_id: str,
         version: str,
-        req: _Request,
+        req: ValidRequest,
         passages: list[Passage],
         answer: str,
         timing: inference_pb2.Timing,

@@ -24,6 +24,9 @@ class LimitSettings(BaseModel):
     max_question_chars: int = Field(default=1000, ge=1)
     max_page_bytes: int = Field(default=2 * 1024 * 1024, ge=1)
     max_url_chars: int = Field(default=4096, ge=1)
+    # A longer page.title is refused; a longer <title> in the HTML is cut (it is page content).
+    max_title_chars: int = Field(default=512, ge=1)
+    max_session_id_chars: int = Field(default=256, ge=1)
     default_max_new_tokens: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
     max_temperature: float = Field(default=2.0, gt=0)
@@ -36,6 +39,17 @@ class LimitSettings(BaseModel):
     passage_max_words: int = Field(default=80, ge=8)
     # Used when the client sets no deadline.
     default_timeout_s: float = Field(default=120.0, gt=0)
+
+
+class RedactionSettings(BaseModel):
+    """Personal data is redacted from every interaction before it leaves the service."""
+
+    # Off only for a deployment that must keep raw text (and says so in its privacy notice).
+    enabled: bool = True
+    # Run Presidio's pattern recognizers after the built-in ones.
+    presidio: bool = True
+    # Keep page URLs' query strings and fragments (where `?token=` and `?email=` live).
+    keep_url_query: bool = False
 
 
 class InferenceSettings(BaseSettings):
@@ -52,6 +66,7 @@ class InferenceSettings(BaseSettings):
     kafka_enabled: bool = True
     # Interactions held while the broker is unreachable; beyond that they are counted as dropped.
     interaction_buffer: int = Field(default=10_000, ge=1)
+    redaction: RedactionSettings = RedactionSettings()
     ort: OrtSettings = OrtSettings()
     limits: LimitSettings = LimitSettings()
     artifact_root: Path = Path("var/artifacts")

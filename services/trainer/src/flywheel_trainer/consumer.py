@@ -8,7 +8,11 @@ from google.protobuf.message import DecodeError
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
-from flywheel_common.kafka import EventConsumer, decode
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
+from flywheel_common.kafka import EventConsumer, decode, header
+from flywheel_common.redaction import REDACTED_HEADER, Redactor, redact_interaction
+from flywheel_common.secrets import read_secret
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer import metrics
 from flywheel_trainer.settings import TrainerSettings
@@ -37,6 +41,15 @@ class TrainerConsumer(EventConsumer):
         self._interactions_topic = topics.interactions
         self._feedback_topic = topics.feedback
         self.records_handled = 0
+        # For interactions a producer did not redact (an older inference, or one with redaction off):
+        # the store and the datasets only ever hold redacted text.
+        self._redactor: Redactor | None = None
+        # Feedback carries the reviewer's role: only what the feedback service signed is trusted.
+        self._signer = EventSigner(
+            read_secret(
+                settings.event_signing_key_file, name="event signing key", dev_default=DEV_EVENT_SIGNING_KEY
+            )
+        )
 
     def handle(self, records: list[ConsumerRecord]) -> None:
         interactions: list[events_pb2.Interaction] = []
@@ -44,8 +57,17 @@ class TrainerConsumer(EventConsumer):
         for record in records:
             try:
                 if record.topic == self._interactions_topic:
-                    interactions.append(decode(record, events_pb2.Interaction))
+                    interaction = decode(record, events_pb2.Interaction)
+                    if header(record, REDACTED_HEADER) is None:
+                        self._redactor = self._redactor or Redactor(presidio=False)
+                        redact_interaction(interaction, self._redactor)
+                    interactions.append(interaction)
                 elif record.topic == self._feedback_topic:
+                    signature = header(record, SIGNATURE_HEADER)
+                    if not self._signer.verify(record.topic, record.key, record.value, signature):
+                        metrics.FEEDBACK_UNSIGNED.inc()
+                        self.dead_letter(record, "feedback event unsigned or badly signed")
+                        continue
                     feedback.append(signal_of(decode(record, events_pb2.Feedback)))
             except DecodeError as exc:
                 self.dead_letter(record, f"not a {record.topic} event: {exc}")

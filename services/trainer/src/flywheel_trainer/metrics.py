@@ -41,3 +41,7 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
 )
 CANDIDATES = Counter("flywheel_trainer_candidates", "ModelCandidate events emitted by the trainer.")
+FEEDBACK_UNSIGNED = Counter(
+    "flywheel_trainer_feedback_unsigned",
+    "Feedback events without a valid signature of the feedback service, sent to the dead-letter topic.",
+)

@@ -6,11 +6,18 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from flywheel_common.auth import Authenticator, Role
-from flywheel_common.errors import InvalidArgument, NotFound
+from flywheel_common.errors import FlywheelError, InvalidArgument, NotFound
 from flywheel_common.grpc_server import request_metadata
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
-from flywheel_trainer.trainer import Trainer
+from flywheel_trainer.trainer import WAITING_FOR_BASE, Trainer
+
+# ListJobs answers at most this many jobs; a limit of 0 means this many.
+MAX_LIST = 100
+MAX_JOB_ID_CHARS = 128
+# What a caller without the admin role reads instead of a failed job's reason (exception text can
+# name paths, hosts and internals); the trainer's log has the detail under the job id.
+FAILED_REASON = "the job failed; the trainer's log has the details under this job id"
 
 _STATES = {
     QUEUED: trainer_pb2.JOB_STATE_QUEUED,
@@ -28,14 +35,21 @@ def _ts(seconds: float | None) -> Timestamp | None:
     return ts
 
 
-def job_message(job: Job) -> trainer_pb2.Job:
-    """A stored job as the API shows it."""
+def public_reason(job: Job) -> str:
+    """The job's reason as any caller may read it: fixed texts only, never exception detail."""
+    if job.state == FAILED:
+        return FAILED_REASON
+    return job.reason if job.reason == WAITING_FOR_BASE else ""
+
+
+def job_message(job: Job, *, detail: bool = False) -> trainer_pb2.Job:
+    """A stored job as the API shows it; `detail` (admin callers) shows the stored reason itself."""
     return trainer_pb2.Job(
         job_id=job.job_id,
         dataset_id=job.dataset_id,
         base_version=job.base_version,
         state=_STATES[job.state],
-        reason=job.reason,
+        reason=job.reason if detail else public_reason(job),
         candidate_version=job.candidate_version,
         examples=job.examples,
         created_at=_ts(job.created_at),
@@ -52,12 +66,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._trainer = trainer
         self._auth = authenticator
 
+    def _is_admin(self, context: grpc.aio.ServicerContext) -> bool:
+        metadata = request_metadata(context)
+        if "authorization" not in metadata:
+            return False
+        try:
+            return self._auth.authenticate(metadata).role == Role.ADMIN
+        except FlywheelError:
+            return False  # reads are open: a bad token only means no detail
+
     async def ListJobs(
         self, request: trainer_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.ListJobsResponse:
-        """Jobs, newest first."""
-        jobs = self._trainer.store.jobs(limit=request.limit)
-        return trainer_pb2.ListJobsResponse(jobs=[job_message(j) for j in jobs])
+        """Jobs, newest first, at most MAX_LIST."""
+        jobs = self._trainer.store.jobs(limit=min(request.limit or MAX_LIST, MAX_LIST))
+        detail = self._is_admin(context)
+        return trainer_pb2.ListJobsResponse(jobs=[job_message(j, detail=detail) for j in jobs])
 
     async def GetJob(
         self, request: trainer_pb2.GetJobRequest, context: grpc.aio.ServicerContext
@@ -65,10 +89,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         """One job by id."""
         if not request.job_id:
             raise InvalidArgument("job_id is required")
+        if len(request.job_id) > MAX_JOB_ID_CHARS:
+            raise InvalidArgument(f"job_id is longer than {MAX_JOB_ID_CHARS} characters")
         job = self._trainer.store.job(request.job_id)
         if job is None:
-            raise NotFound(f"no job {request.job_id}")
-        return job_message(job)
+            raise NotFound("no such job")
+        return job_message(job, detail=self._is_admin(context))
 
     async def TriggerBatch(
         self, request: trainer_pb2.TriggerBatchRequest, context: grpc.aio.ServicerContext

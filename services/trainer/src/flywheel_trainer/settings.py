@@ -91,6 +91,8 @@ class TrainerSettings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     kafka: KafkaSettings = KafkaSettings(client_id="flywheel-trainer")
     auth: AuthSettings = AuthSettings()
+    # Verifies the feedback service's signature on each Feedback event (docs/security.md).
+    event_signing_key_file: Path | None = None
     consumer: ConsumerSettings = ConsumerSettings()
     policy: PolicySettings = PolicySettings()
     batch: BatchSettings = BatchSettings()

@@ -25,6 +25,9 @@ from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Cut, Job,
 
 log = logging.getLogger(__name__)
 
+# A queued job's reason while there is no production version; the API shows it to every caller.
+WAITING_FOR_BASE = "waiting for a production model version to train from"
+
 T = TypeVar("T")
 _PURGE_INTERVAL_S = 3600.0
 
@@ -149,7 +152,7 @@ class Trainer:
                 return
             base = self._base_version()
             if base is None:
-                note = "waiting for a production model version to train from"
+                note = WAITING_FOR_BASE
                 if self._waiting_note != note:
                     log.warning("job %s %s", job.job_id, note)
                     self._waiting_note = note

@@ -210,6 +210,7 @@ class ListDecisionsRequest(_message.Message):
 
     LIMIT_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
+    """Newest first; 0 means the server's maximum (100), and more is capped at it."""
     def __init__(
         self,
         *,

@@ -61,6 +61,9 @@ class Job(_message.Message):
     base_version: _builtins.str
     state: Global___JobState.ValueType
     reason: _builtins.str
+    """Why the job is in its state. Callers without the admin role read a fixed text
+    (a failed job's detail is in the trainer's log under its job id).
+    """
     candidate_version: _builtins.str
     """The candidate version the job registered, once it succeeded."""
     examples: _builtins.int
@@ -100,7 +103,7 @@ class ListJobsRequest(_message.Message):
 
     LIMIT_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
-    """0 means all."""
+    """Newest first; 0 means the server's maximum (100), and more is capped at it."""
     def __init__(
         self,
         *,

@@ -1,0 +1,125 @@
+"""The consumer stores only redacted text, whoever produced the interaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
+from flywheel_common.redaction import REDACTED_HEADER
+from flywheel_common.settings import KafkaSettings
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_trainer import datasets
+from flywheel_trainer.consumer import TrainerConsumer
+from flywheel_trainer.settings import TrainerSettings
+from flywheel_trainer.store import JoinStore
+
+RAW = ("jane.doe@example.com", "+1 415-555-0132", "John Smith", "hunter2")
+
+
+def record(topic: str, offset: int, event: Any, headers: list[tuple[str, bytes]]) -> ConsumerRecord:
+    value = event.SerializeToString()
+    return ConsumerRecord(
+        topic=topic,
+        partition=0,
+        leader_epoch=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"k",
+        value=value,
+        headers=headers,
+        checksum=None,
+        serialized_key_size=1,
+        serialized_value_size=len(value),
+        serialized_header_size=-1,
+    )
+
+
+def signed(topic: str, event: Any) -> list[tuple[str, bytes]]:
+    return [
+        (SIGNATURE_HEADER, EventSigner(DEV_EVENT_SIGNING_KEY).sign(topic, b"k", event.SerializeToString()))
+    ]
+
+
+def test_feedback_the_feedback_service_did_not_sign_is_dead_lettered(
+    tmp_path: Path, store: JoinStore
+) -> None:
+    settings = TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
+    consumer = TrainerConsumer(settings, store)
+    dead: list[tuple[int, str]] = []
+    consumer.dead_letter = lambda record, reason: dead.append((record.offset, reason))  # type: ignore[method-assign]
+    topics = settings.kafka.topics
+    interaction = events_pb2.Interaction(query_id="q1", question="Q?", answer="A", model_version="v1")
+    forged = events_pb2.Feedback(
+        feedback_id="f-forged",
+        query_id="q1",
+        kind=events_pb2.FEEDBACK_KIND_CORRECTION,
+        redacted_text="Injected expert answer.",
+        reviewer_role=events_pb2.REVIEWER_ROLE_EXPERT,
+    )
+    other_key = [(SIGNATURE_HEADER, EventSigner(b"someone-elses-key-0123").sign(topics.feedback, b"k", b""))]
+    tampered = signed(topics.feedback, events_pb2.Feedback(feedback_id="f-forged", query_id="q1"))
+    consumer.handle(
+        [
+            record(topics.interactions, 0, interaction, [(REDACTED_HEADER, b"1")]),
+            record(topics.feedback, 0, forged, []),
+            record(topics.feedback, 1, forged, other_key),
+            record(topics.feedback, 2, forged, tampered),
+        ]
+    )
+    assert [offset for offset, _ in dead] == [0, 1, 2]
+    assert all("signed" in reason for _, reason in dead)
+    assert store.pending().examples == 0, "no forged expert correction became an example"
+    consumer.handle([record(topics.feedback, 3, forged, signed(topics.feedback, forged))])
+    assert store.pending().examples == 1
+
+
+def test_interactions_no_producer_redacted_are_redacted_before_the_store(
+    tmp_path: Path, store: JoinStore, ev: Any
+) -> None:
+    settings = TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
+    consumer = TrainerConsumer(settings, store)
+    topics = settings.kafka.topics
+    unredacted = events_pb2.Interaction(
+        query_id="q1",
+        page_title="Page of John Smith",
+        question="My name is John Smith, mail jane.doe@example.com, password: hunter2. Why?",
+        answer="John Smith, call +1 415-555-0132.",
+        passages=["Reach jane.doe@example.com."],
+        model_version="v1",
+    )
+    marked = events_pb2.Interaction(
+        query_id="q2", question="What is [EMAIL]?", answer="A", model_version="v1"
+    )
+    correction = events_pb2.Feedback(
+        feedback_id="f1",
+        query_id="q1",
+        kind=events_pb2.FEEDBACK_KIND_CORRECTION,
+        redacted_text="The answer.",
+        reviewer_role=events_pb2.REVIEWER_ROLE_EXPERT,
+    )
+    consumer.handle(
+        [
+            record(topics.interactions, 0, unredacted, []),
+            record(topics.interactions, 1, marked, [(REDACTED_HEADER, b"1")]),
+            record(topics.feedback, 0, correction, signed(topics.feedback, correction)),
+        ]
+    )
+    cut = store.cut(max_examples=10, reason="manual")
+    assert cut is not None
+    row = store.dataset(cut.dataset_id)
+    assert row is not None
+    files, manifest = datasets.build(
+        cut.dataset_id, store.dataset_rows(cut.dataset_id), created_at=row["created_at"], reason=row["reason"]
+    )
+    folder = datasets.write(tmp_path / "artifacts", cut.dataset_id, files, manifest)
+    assert manifest["example_ids"], "the correction became an example"
+    store.close()
+    on_disk = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    for value in RAW:
+        assert value.encode() not in on_disk, f"{value!r} is on disk"
+    assert b"[NAME]" in b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
