@@ -42,7 +42,7 @@
   form.append(label, input, send);
   sources.append(summary, list);
   rate.append(el("span", { class: "prompt" }, "Helpful?"));
-  [["thumbs_up", true, "\ud83d\udc4d", "Helpful"], ["thumbs_up", false, "\ud83d\udc4e", "Not helpful"]].forEach(function (t) {
+  [["thumbs_up", true, "Yes", "Helpful"], ["thumbs_up", false, "No", "Not helpful"]].forEach(function (t) {
     var b = el("button", { type: "button", "aria-label": t[3] }, t[2]);
     b.addEventListener("click", function () { react(t[0], t[1]); });
     rate.append(b);
