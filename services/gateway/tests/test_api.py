@@ -319,3 +319,11 @@ def test_sites_must_be_origins() -> None:
     with pytest.raises(ValueError, match="not an origin"):
         GatewaySettings(sites=["https://example.com/path"])
     assert GatewaySettings(sites=["HTTPS://Example.com"]).sites == ["https://example.com"]
+
+
+def test_one_field_of_a_limit_from_the_environment_keeps_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_GATEWAY_RATE_LIMIT__SESSION_ASKS__PER_SECOND", "0.5")
+    monkeypatch.setenv("FLYWHEEL_GATEWAY_SITES", '["https://docs.example.com"]')
+    settings = GatewaySettings()
+    assert (settings.rate_limit.session_asks.per_second, settings.rate_limit.session_asks.burst) == (0.5, 5)
+    assert settings.sites == ["https://docs.example.com"]

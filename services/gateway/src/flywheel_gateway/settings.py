@@ -64,19 +64,43 @@ class AuthSettings(BaseModel):
 class Bucket(BaseModel):
     """A token bucket: `per_second` sustained, `burst` at once; per_second 0 disables it."""
 
-    per_second: float = Field(ge=0)
-    burst: int = Field(ge=1)
+    per_second: float = Field(default=1.0, ge=0)
+    burst: int = Field(default=20, ge=1)
+
+
+# One class per bucket, so that setting one field from the environment keeps the other's default.
+class SessionAsks(Bucket):
+    """Questions are what costs: one every 5 s per visitor session, 5 at once."""
+
+    per_second: float = Field(default=0.2, ge=0)
+    burst: int = Field(default=5, ge=1)
+
+
+class SessionFeedback(Bucket):
+    """Ratings, thumbs, comments per visitor session."""
+
+
+class AddressRequests(Bucket):
+    """Every API request from one client address (a NAT may hide many visitors behind it)."""
+
+    per_second: float = Field(default=5.0, ge=0)
+    burst: int = Field(default=100, ge=1)
+
+
+class ConsoleRequests(Bucket):
+    """Review calls per expert session."""
+
+    per_second: float = Field(default=5.0, ge=0)
+    burst: int = Field(default=50, ge=1)
 
 
 class RateLimitSettings(BaseModel):
     """Limits per visitor session, per client address and per expert session."""
 
-    # Questions are what costs: one every 5 s per session, 5 at once.
-    session_asks: Bucket = Bucket(per_second=0.2, burst=5)
-    session_feedback: Bucket = Bucket(per_second=1.0, burst=20)
-    # Every API request from one address (a NAT may hide many visitors behind it).
-    address: Bucket = Bucket(per_second=5.0, burst=100)
-    console: Bucket = Bucket(per_second=5.0, burst=50)
+    session_asks: SessionAsks = SessionAsks()
+    session_feedback: SessionFeedback = SessionFeedback()
+    address: AddressRequests = AddressRequests()
+    console: ConsoleRequests = ConsoleRequests()
     max_keys: int = Field(default=100_000, ge=1)
 
 
