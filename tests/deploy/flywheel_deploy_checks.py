@@ -205,7 +205,7 @@ def runs_to_completion(where: str) -> bool:
 
 
 def workload_errors(docs: Iterable[Doc], gpu_resource: str = GPU_TAINT_KEY) -> list[str]:
-    """Hardened pods, native gRPC (HTTP for the gateway) probes, graceful termination, and GPU pods that can reach the GPU pool."""
+    """Hardened pods, native probes (gRPC; HTTP for the gateway), graceful stops, GPU pods on the pool."""
     errors = []
     for where, spec in pod_specs(docs):
         psc = spec.get("securityContext", {})

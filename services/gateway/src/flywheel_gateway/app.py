@@ -66,8 +66,11 @@ class GatewayApp:
     def url(self) -> str:
         return f"http://{self.settings.http.host}:{self.port}"
 
-    async def stop(self) -> None:
-        """Stops accepting, lets open requests finish within the grace, closes the gRPC channels."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting, lets open requests finish within the grace (the settings' by default),
+        closes the gRPC channels."""
+        if grace is not None:
+            self.server.config.timeout_graceful_shutdown = int(grace) or None
         self.server.should_exit = True
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
