@@ -282,8 +282,8 @@ async def test_not_worse_candidate_goes_canary_then_production_and_inference_fol
     gate = await until(lambda: decisions(stack, "gate", version), 240, "the gate decision")
     assert gate[0]["passed"], gate[0]["reasons"]
     assert gate[0]["reasons"][0] == "rollout: canary at 50% of sessions"
-    assert any(r.startswith("pass accuracy: +0.0 pts") for r in gate[0]["reasons"])
-    assert gate[0]["metrics"]["accuracy_diff"] == 0.0
+    assert any(r.startswith("pass f1: +0.0 pts") for r in gate[0]["reasons"])
+    assert gate[0]["metrics"]["f1_diff"] == 0.0
     state = stack.registry.state()
     assert (state.production, state.canary, state.canary_fraction) == ("v1", version, 0.5)
 
@@ -340,8 +340,8 @@ async def test_damaged_candidate_is_rejected_with_reasons(
     assert not gate[0]["passed"]
     reasons = gate[0]["reasons"]
     assert reasons[0] == "rollout: rejected; production stays v1"
-    assert reasons[1].startswith("FAIL accuracy: -"), reasons
-    assert gate[0]["metrics"]["accuracy_diff"] < 0
+    assert reasons[1].startswith("FAIL f1: -"), reasons
+    assert gate[0]["metrics"]["f1_diff"] < 0
     state = stack.registry.state()
     assert (state.production, state.canary) == ("v1", None)
     report = json.loads((stack.registry.reports_dir / version / "gate.json").read_text())

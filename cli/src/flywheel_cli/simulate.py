@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import random
 import time
 import uuid
@@ -39,6 +40,7 @@ import grpc
 from flywheel_cli.report import ExamItem, ExamResult, Report, RoundResult, pct
 from flywheel_eval.dataset import Dataset, QAItem, load_dataset
 from flywheel_eval.metrics import score_item, summarize
+from flywheel_model.retrieval import html_to_text
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -204,6 +206,27 @@ def exam_items(dataset: Dataset, config: SimulationConfig) -> list[QAItem]:
 
 
 # --- talking to the system -------------------------------------------------------------------------------
+
+
+def visitor_request(
+    dataset: Dataset, item: QAItem, session_id: str, max_new_tokens: int = 0
+) -> inference_pb2.AnswerRequest:
+    """The `Answer` request a visitor's browser sends: the page's HTML, its URL and its own title
+    (as `document.title` gives it), so the service builds the prompt the gate and the trainer see."""
+    page_file = (dataset.root / "pages" / f"{item.page}.html").resolve()
+    html = dataset.pages[item.page]
+    return inference_pb2.AnswerRequest(
+        page=inference_pb2.Page(url=page_file.as_uri(), title=page_title(html), html=html),
+        question=item.question,
+        session_id=session_id,
+        options=inference_pb2.GenerationOptions(max_new_tokens=max_new_tokens),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def page_title(html: str) -> str:
+    """The page's `<title>`, as the model path reads it."""
+    return html_to_text(html)[1]
 
 
 def _bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -458,15 +481,7 @@ class Simulation:
         return visits
 
     def _request(self, item: QAItem, session: str) -> inference_pb2.AnswerRequest:
-        page_file = (self.dataset.root / "pages" / f"{item.page}.html").resolve()
-        return inference_pb2.AnswerRequest(
-            page=inference_pb2.Page(
-                url=page_file.as_uri(), title=item.page, html=self.dataset.pages[item.page]
-            ),
-            question=item.question,
-            session_id=session,
-            options=inference_pb2.GenerationOptions(max_new_tokens=self.config.max_new_tokens),
-        )
+        return visitor_request(self.dataset, item, session, self.config.max_new_tokens)
 
     # --- the exam --------------------------------------------------------------------------------------
 

@@ -11,7 +11,16 @@ from typing import Any
 
 import pytest
 
-from flywheel_eval.check import check_dataset, html_to_text, jaccard, main, question_tokens
+from flywheel_eval.check import (
+    answer_sentence,
+    check_dataset,
+    html_to_text,
+    jaccard,
+    main,
+    page_sentences,
+    question_tokens,
+)
+from flywheel_eval.dataset import QAItem
 
 DatasetFactory = Callable[..., Path]
 
@@ -130,6 +139,92 @@ def test_near_duplicate_questions_across_splits(
     assert any("same answer on the same page in two splits" in str(warning) for warning in report.warnings)
 
 
+def test_page_sentences_split_at_blocks_and_sentence_ends() -> None:
+    html = (
+        "<h1>Fruit</h1><p>Use it, e.g. with tea. (It keeps.) pH is 2.5! Sour?</p><pre>then . ~/.rc</pre>"
+        "<table><tr><th>fruit</th><th>colour</th></tr><tr><td>lemon</td><td>yellow</td></tr></table>"
+        "<footer>Copyright</footer>"
+    )
+    assert page_sentences(html) == [
+        "fruit",
+        "use it e g with tea",
+        "it keeps",
+        "ph is 25",
+        "sour",
+        # Code is not prose: "then . ~" starts no sentence.
+        "then rc",
+        # A table row is one statement, its cells joined.
+        "fruit colour",
+        "lemon yellow",
+    ]
+
+
+def _item(answers: list[str], question: str = "what about it") -> QAItem:
+    return QAItem(id="q", page="p", question=question, answers=tuple(answers), split="exam")
+
+
+def test_answer_sentence_holds_the_first_answer() -> None:
+    sentences = ["lemons are sour", "limes are green", "limes are sour too"]
+    assert answer_sentence(_item(["green"]), sentences) == 1
+    # Only the first answer decides; an unanswerable item or an answer spanning sentences has none.
+    assert answer_sentence(_item(["lemons", "green"]), sentences) == 0
+    assert answer_sentence(_item([]), sentences) is None
+    assert answer_sentence(_item(["sour limes"]), sentences) is None
+
+
+def test_ambiguous_answer_sentence_is_the_one_closest_to_the_question() -> None:
+    sentences = ["lemons are sour", "limes are green", "limes are sour too"]
+    assert answer_sentence(_item(["sour"], "how do limes taste?"), sentences) == 2
+    assert answer_sentence(_item(["sour"], "how do lemons taste?"), sentences) == 0
+    # Function words do not count; with no content word in common the earliest sentence is taken.
+    assert answer_sentence(_item(["sour"], "what is it and how is it"), sentences) == 0
+
+
+def test_answer_sentence_shared_across_splits(
+    make_dataset: DatasetFactory, good_items: list[dict[str, Any]]
+) -> None:
+    # q1 (traffic) asks what the banana is; this gate question is answered by the same sentence.
+    same_sentence = {
+        "id": "q6",
+        "page": "fruit",
+        "question": "In what sense is it a berry?",
+        "answers": ["botanically speaking"],
+        "split": "gate",
+    }
+    root = make_dataset(items=[*good_items, same_sentence])
+    expected = (
+        "answer sentence shared across splits on page 'fruit' ('banana is berry botanically speaking'...): "
+        "'q1' (traffic), 'q6' (gate)"
+    )
+    report = check_dataset(root)
+    assert report.ok, report.errors
+    assert [str(warning).split("qa.jsonl:6: ")[1] for warning in report.warnings] == [expected]
+    assert report.shared_sentences == report.warnings
+    strict = check_dataset(root, strict_sentences=True)
+    assert [str(error).split("qa.jsonl:6: ")[1] for error in strict.errors] == [expected]
+    assert not strict.warnings
+    # The same sentence within one split is fine.
+    same_split = check_dataset(make_dataset(items=[*good_items, {**same_sentence, "split": "traffic"}]))
+    assert not same_split.shared_sentences
+
+
+def test_main_strict_sentences_flag(
+    make_dataset: DatasetFactory, good_items: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = {
+        **good_items[0],
+        "id": "q6",
+        "question": "is it botanical?",
+        "answers": ["botanically"],
+        "split": "exam",
+    }
+    root = make_dataset(items=[*good_items, shared])
+    assert main([str(root)]) == 0
+    assert "warning: " in capsys.readouterr().err
+    assert main(["--strict-sentences", str(root)]) == 1
+    assert "error: " in capsys.readouterr().err
+
+
 def test_duplicate_ids_and_missing_pages(
     make_dataset: DatasetFactory, good_items: list[dict[str, Any]]
 ) -> None:
@@ -183,7 +278,11 @@ def test_broken_layouts(tmp_path: Path, make_dataset: DatasetFactory, setup: str
 
 def test_unused_page_is_a_warning(make_dataset: DatasetFactory) -> None:
     root = make_dataset(
-        pages={"fruit": "<p>a berry 25% air fruit.toml</p>", "veg": "<p>roots</p>", "x": "<p>x</p>"}
+        pages={
+            "fruit": "<p>a berry</p><p>25% air</p><p>fruit.toml</p>",
+            "veg": "<p>roots</p>",
+            "x": "<p>x</p>",
+        }
     )
     report = check_dataset(root)
     assert report.ok, report.errors

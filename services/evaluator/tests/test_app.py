@@ -19,7 +19,7 @@ GOLDEN = GoldenSet("stub@0:gate", "gate", tuple(GoldenItem(f"q{i}", "?", ("a",),
 
 def result(version: str, right: int) -> EvaluationResult:
     items = [
-        ItemResult(f"q{i}", True, "a", False, float(i < right), 1.0, 1.0, 1.0, 1, 100.0, 50.0)
+        ItemResult(f"q{i}", True, "a", False, float(i < right), 1.0, float(i < right), 1.0, 1, 100.0, 50.0)
         for i in range(20)
     ]
     return EvaluationResult(version, GOLDEN.name, "fp", items, compute_metrics(items, resamples=200))

@@ -1,4 +1,4 @@
-"""The gate's checks on hand-made evaluations: margins, bootstrap, tolerances, SLO, safety, errors."""
+"""The gate's checks on hand-made evaluations: the primary metric, non-inferiority, SLO, safety, errors."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def item(
     abstained: bool = False,
     latency_ms: float = 1000.0,
     precision: float | None = None,
+    f1: float | None = None,
     error: str = "",
 ) -> ItemResult:
     score = 1.0 if right else 0.0
@@ -27,7 +28,7 @@ def item(
         abstained=abstained,
         contains=score,
         precision=score if precision is None else precision,
-        f1=score,
+        f1=score if f1 is None else f1,
         exact_match=score,
         length=2,
         latency_ms=latency_ms,
@@ -50,7 +51,7 @@ def unanswerable(n: int, fabricated: int) -> list[ItemResult]:
 def test_clear_improvement_passes_the_improve_policy() -> None:
     verdict = judge(result("v2", 30), result("v1", 15), GateSettings(policy="improve"), resamples=500)
     assert verdict.passed, verdict.reasons()
-    assert verdict.metrics["accuracy_diff"] == 15 / 40
+    assert verdict.metrics["f1_diff"] == 15 / 40
     assert verdict.metrics["p_not_better"] < 0.05
     assert all(reason.startswith("pass ") for reason in verdict.reasons())
 
@@ -58,36 +59,52 @@ def test_clear_improvement_passes_the_improve_policy() -> None:
 def test_equal_model_fails_improve_but_passes_no_regression() -> None:
     same = judge(result("v2", 20), result("v1", 20), GateSettings(policy="improve"), resamples=500)
     assert not same.passed
-    assert same.reasons()[0].startswith("FAIL accuracy: +0.0 pts")
+    assert same.reasons()[0].startswith("FAIL f1: +0.0 pts")
     assert judge(result("v2", 20), result("v1", 20), GateSettings(policy="no_regression")).passed
 
 
 def test_small_gain_is_noise_under_the_paired_bootstrap() -> None:
     # One more question right out of 40 clears a 2-point margin but not the bootstrap.
     verdict = judge(
-        result("v2", 21),
-        result("v1", 20),
-        GateSettings(policy="improve", accuracy_margin=0.02),
-        resamples=500,
+        result("v2", 21), result("v1", 20), GateSettings(policy="improve", margin=0.02), resamples=500
     )
-    assert verdict.metrics["accuracy_diff"] == 1 / 40
+    assert verdict.metrics["f1_diff"] == 1 / 40
     assert verdict.metrics["p_not_better"] > 0.05
     assert not verdict.passed
     assert "P(not better)" in verdict.failures[0].detail
 
 
 def test_regression_beyond_tolerance_fails_no_regression() -> None:
-    settings = GateSettings(policy="no_regression", accuracy_tolerance=0.05)
+    settings = GateSettings(policy="no_regression", regression_tolerance=0.05)
     assert judge(result("v2", 19), result("v1", 20), settings).passed  # -2.5 pts
     verdict = judge(result("v2", 17), result("v1", 20), settings)  # -7.5 pts
-    assert [c.name for c in verdict.failures] == ["accuracy", "precision", "f1"]
+    assert [c.name for c in verdict.failures] == ["f1", "accuracy", "precision"]
 
 
-def test_precision_regression_fails_even_when_accuracy_improves() -> None:
+def test_concise_answers_pass_where_accuracy_first_saw_no_gain() -> None:
+    # As right as production, but to the point: F1 rises on every right answer.
+    concise = result("v2", 16, f1=0.9)
+    verbose = result("v1", 16, f1=0.3)
+    assert judge(concise, verbose, GateSettings(), resamples=500).passed
+    old_rule = GateSettings(primary_metric="accuracy", max_p_not_better=0.2)
+    assert [c.name for c in judge(concise, verbose, old_rule, resamples=500).failures] == ["accuracy"]
+
+
+def test_shorter_but_less_often_right_fails_accuracy_non_inferiority() -> None:
+    terse = result("v2", 10, f1=0.9)  # 10 right out of 40, F1 9.0 / 40
+    verbose = result("v1", 16, f1=0.3)  # 16 right, F1 4.8 / 40
+    verdict = judge(terse, verbose, GateSettings(accuracy_tolerance=0.05), resamples=500)
+    failed = {c.name: c for c in verdict.failures}
+    assert "f1" not in failed and "accuracy" in failed
+    assert "P(worse by > 5.0 pts)" in failed["accuracy"].detail
+    assert verdict.metrics["p_accuracy_inferior"] > 0.5
+
+
+def test_precision_regression_fails_even_when_the_primary_metric_improves() -> None:
     wordy = result("v2", 30, precision=0.3)
     verdict = judge(wordy, result("v1", 15), GateSettings(policy="improve", precision_tolerance=0.05))
     assert [c.name for c in verdict.failures] == ["precision"]
-    assert "may drop at most 5.0 pts" in verdict.failures[0].detail
+    assert "P(worse by > 5.0 pts)" in verdict.failures[0].detail
 
 
 def test_latency_slo() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -34,22 +35,76 @@ _INVISIBLE = "head, script, style, noscript, template, svg, nav, header, footer,
 # Block-level elements get line breaks around them so text in adjacent cells or paragraphs never fuses.
 _BLOCKS = (
     "address, article, aside, blockquote, br, dd, div, dl, dt, figcaption, figure, footer, form, h1, h2, h3, "
-    "h4, h5, h6, header, hr, li, main, nav, ol, p, pre, section, table, td, th, tr, ul"
+    "h4, h5, h6, header, hr, li, main, nav, ol, p, pre, section, table, tr, ul"
 )
+# Table cells are blocks too, but for sentences a row is one statement ("columns per index | 32").
+_CELLS = "td, th"
 _GATE_SPLIT = "gate"
+# Sentences end at a block boundary (a table row counts as one), or at . ! ? (perhaps closed by a bracket
+# or quote) followed by space and a word, number, quote or bracket, except after "e.g." and the like;
+# "3.11" and shell code such as "then . ~/.bashrc" stay whole. The block mark is a paragraph separator,
+# which page text never needs.
+_BLOCK_MARK = "\u2029"
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][)\]\"'\u2019\u201d]))\s+(?=[\w\"'(\[\u2018\u201c])")
+_ABBREVIATION = re.compile(r"(?:^|\W)(?:e\.g|i\.e|cf|vs|etc)\.$", re.IGNORECASE)
+# Words that say nothing about which sentence a question paraphrases.
+_FUNCTION_WORDS = frozenset(
+    {
+        "about", "am", "and", "are", "as", "at", "be", "been", "being", "by", "can", "could", "did", "do",
+        "does", "for", "from", "had", "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "me",
+        "my", "of", "on", "or", "s", "so", "should", "than", "that", "there", "these", "this", "those", "to",
+        "was", "we", "were", "what", "whats", "when", "where", "which", "who", "why", "will", "with", "would",
+        "you", "your",
+    }
+)  # fmt: skip
+
+
+def _visible_text(html: str, block_mark: str, cell_mark: str) -> str:
+    tree = LexborHTMLParser(html)
+    for node in tree.css(_INVISIBLE):
+        node.decompose()
+    for selector, mark in ((_BLOCKS, block_mark), (_CELLS, cell_mark)):
+        for node in tree.css(selector):
+            node.insert_before(mark)
+            node.insert_after(mark)
+    # Inline elements join without a separator: `<code>__init__</code>.py` reads as "__init__.py".
+    root = tree.body or tree.root
+    return "" if root is None else root.text(separator="")
 
 
 def html_to_text(html: str) -> str:
     """Readable text of an HTML page: scripts, styles and page chrome dropped, line breaks at blocks."""
-    tree = LexborHTMLParser(html)
-    for node in tree.css(_INVISIBLE):
-        node.decompose()
-    for node in tree.css(_BLOCKS):
-        node.insert_before("\n")
-        node.insert_after("\n")
-    # Inline elements join without a separator: `<code>__init__</code>.py` reads as "__init__.py".
-    root = tree.body or tree.root
-    return "" if root is None else root.text(separator="")
+    return _visible_text(html, "\n", "\n")
+
+
+def page_sentences(html: str) -> list[str]:
+    """The normalised sentences of a page's visible text, in page order; a table row or list item is one."""
+    sentences: list[str] = []
+    for block in _visible_text(html, _BLOCK_MARK, " ").split(_BLOCK_MARK):
+        pieces: list[str] = []
+        for piece in _SENTENCE_END.split(block):
+            if pieces and _ABBREVIATION.search(pieces[-1]):
+                pieces[-1] += " " + piece
+            else:
+                pieces.append(piece)
+        sentences += [normalised for piece in pieces if (normalised := normalize_answer(piece))]
+    return sentences
+
+
+def answer_sentence(item: QAItem, sentences: Sequence[str]) -> int | None:
+    """Index of the sentence that answers an item: the one holding its first answer, None if none does.
+
+    When the first answer occurs in several sentences, the one sharing the most words with the question
+    (function words aside) is taken, as a question paraphrases its sentence; the earliest on a tie.
+    """
+    if not item.answers:
+        return None
+    answer = f" {normalize_answer(item.answers[0])} "
+    holding = [index for index, sentence in enumerate(sentences) if answer in f" {sentence} "]
+    if not holding:
+        return None
+    asked = question_tokens(item.question) - _FUNCTION_WORDS
+    return max(holding, key=lambda index: (len(asked & set(sentences[index].split())), -index))
 
 
 def question_tokens(question: str) -> frozenset[str]:
@@ -70,6 +125,8 @@ class CheckReport:
     root: Path
     errors: list[DatasetError] = field(default_factory=list)
     warnings: list[DatasetError] = field(default_factory=list)
+    # Answer sentences shared across splits; also in `errors`, or in `warnings` when not strict.
+    shared_sentences: list[DatasetError] = field(default_factory=list)
     items: list[QAItem] = field(default_factory=list)
     page_ids: list[str] = field(default_factory=list)
     content_hash: str = ""
@@ -153,10 +210,41 @@ def _check_splits(
     return errors, warnings
 
 
+def _check_sentences(
+    items: Sequence[QAItem], sentences: dict[str, list[str]], qa_path: Path
+) -> list[DatasetError]:
+    # Two questions answered by one sentence ask about one fact: training on one split teaches the other.
+    by_sentence: defaultdict[tuple[str, int], list[QAItem]] = defaultdict(list)
+    for item in items:
+        index = answer_sentence(item, sentences.get(item.page, []))
+        if index is not None:
+            by_sentence[(item.page, index)].append(item)
+    problems: list[DatasetError] = []
+    for (page, index), group in by_sentence.items():
+        if len({item.split for item in group}) > 1:
+            excerpt = " ".join(sentences[page][index].split()[:12])
+            listed = ", ".join(f"{item.id!r} ({item.split})" for item in group)
+            problems.append(
+                DatasetError(
+                    f"answer sentence shared across splits on page {page!r} ({excerpt!r}...): {listed}",
+                    qa_path,
+                    group[-1].line,
+                )
+            )
+    return problems
+
+
 def check_dataset(
-    root: Path | str, *, near_duplicate_threshold: float = DEFAULT_NEAR_DUPLICATE
+    root: Path | str,
+    *,
+    near_duplicate_threshold: float = DEFAULT_NEAR_DUPLICATE,
+    strict_sentences: bool = False,
 ) -> CheckReport:
-    """Check a dataset folder and return every problem found (it does not stop at the first)."""
+    """Check a dataset folder and return every problem found (it does not stop at the first).
+
+    Answer sentences shared across splits are warnings, or errors with `strict_sentences`: the bundled
+    python-faq predates the rule and shares a few.
+    """
     root = Path(root)
     report = CheckReport(root=root)
     if not root.is_dir():
@@ -175,14 +263,17 @@ def check_dataset(
         report.errors.append(DatasetError(f"no *{PAGE_SUFFIX} pages", root / PAGES_DIR))
 
     padded_texts: dict[str, str | None] = {}
+    sentences: dict[str, list[str]] = {}
     for page_id, raw in raw_pages.items():
         page_path = root / PAGES_DIR / f"{page_id}{PAGE_SUFFIX}"
         try:
-            normalised = normalize_answer(html_to_text(decode_utf8(raw, page_path)))
+            page_html = decode_utf8(raw, page_path)
         except DatasetError as exc:
             report.errors.append(exc)
             padded_texts[page_id] = None
             continue
+        normalised = normalize_answer(html_to_text(page_html))
+        sentences[page_id] = page_sentences(page_html)
         if not normalised:
             report.errors.append(DatasetError("page has no visible text", page_path))
         padded_texts[page_id] = f" {normalised} "
@@ -205,6 +296,11 @@ def check_dataset(
     split_errors, split_warnings = _check_splits(items, near_duplicate_threshold, qa_path)
     report.errors += split_errors
     report.warnings += split_warnings
+    report.shared_sentences = _check_sentences(items, sentences, qa_path)
+    if strict_sentences:
+        report.errors += report.shared_sentences
+    else:
+        report.warnings += report.shared_sentences
     used = {item.page for item in items}
     for page_id in report.page_ids:
         if page_id not in used:
@@ -251,8 +347,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_NEAR_DUPLICATE,
         help="token Jaccard at or above which questions in different splits count as near-duplicates",
     )
+    parser.add_argument(
+        "--strict-sentences",
+        action="store_true",
+        help="fail, instead of warning, when questions in different splits share an answer sentence",
+    )
     args = parser.parse_args(argv)
-    report = check_dataset(args.dataset, near_duplicate_threshold=args.near_duplicate)
+    report = check_dataset(
+        args.dataset, near_duplicate_threshold=args.near_duplicate, strict_sentences=args.strict_sentences
+    )
     if report.items or report.page_ids:
         print(format_summary(report), flush=True)
     for warning in report.warnings:

@@ -48,8 +48,15 @@ def _pts(value: float) -> str:
     return f"{value * 100:+.1f} pts"
 
 
-def _aligned(candidate: EvaluationResult, baseline: EvaluationResult) -> list[tuple[float, float]]:
-    """Per-question accuracy pairs on the answerable items both evaluated."""
+QUALITY_METRICS = ("accuracy", "precision", "f1")
+# Per-item field of each quality metric (accuracy is "the answer contains an acceptable answer").
+_ITEM_FIELD = {"accuracy": "contains", "precision": "precision", "f1": "f1"}
+
+
+def _paired(
+    candidate: EvaluationResult, baseline: EvaluationResult, metric: str
+) -> tuple[list[float], list[float]]:
+    """Per-question scores of one metric on the answerable items both evaluated, in the same order."""
     base = {item.id: item for item in baseline.answerable}
     cand = {item.id: item for item in candidate.answerable}
     if set(base) != set(cand):
@@ -57,7 +64,72 @@ def _aligned(candidate: EvaluationResult, baseline: EvaluationResult) -> list[tu
             f"{candidate.version} and {baseline.version} were evaluated on different golden items "
             f"({candidate.golden_set} vs {baseline.golden_set})"
         )
-    return [(cand[key].contains, base[key].contains) for key in sorted(cand)]
+    name = _ITEM_FIELD[metric]
+    keys = sorted(cand)
+    return [getattr(cand[k], name) for k in keys], [getattr(base[k], name) for k in keys]
+
+
+def _primary_check(
+    candidate: EvaluationResult,
+    baseline: EvaluationResult,
+    settings: GateSettings,
+    metrics: dict[str, float],
+    resamples: int,
+    seed: int,
+) -> Check:
+    """The primary metric must improve (policy `improve`) or not regress (`no_regression`)."""
+    name = settings.primary_metric
+    cand, base = _paired(candidate, baseline, name)
+    diff = paired_bootstrap(cand, base, resamples=resamples, seed=seed)
+    metrics[f"{name}_diff"] = diff.mean_difference
+    metrics[f"{name}_diff_ci_low"] = diff.low
+    metrics[f"{name}_diff_ci_high"] = diff.high
+    metrics["p_not_better"] = diff.prob_not_better
+    change = (
+        f"{_pts(diff.mean_difference)} ({baseline.value(name):.3f} -> {candidate.value(name):.3f}, "
+        f"95% CI {_pts(diff.low)} to {_pts(diff.high)})"
+    )
+    if settings.policy == "improve":
+        enough = diff.mean_difference >= settings.margin - 1e-12
+        sure = diff.prob_not_better <= settings.max_p_not_better
+        return Check(
+            name,
+            enough and sure,
+            f"{change}, P(not better) = {diff.prob_not_better:.3f}; needs >= {_pts(settings.margin)} "
+            f"and P <= {settings.max_p_not_better:g}",
+        )
+    return Check(
+        name,
+        diff.mean_difference >= -settings.regression_tolerance - 1e-12,
+        f"{change}; may drop at most {settings.regression_tolerance * 100:.1f} pts",
+    )
+
+
+def _non_inferiority_check(
+    candidate: EvaluationResult,
+    baseline: EvaluationResult,
+    name: str,
+    tolerance: float,
+    settings: GateSettings,
+    metrics: dict[str, float],
+    resamples: int,
+    seed: int,
+) -> Check:
+    """A secondary metric may not be worse than production by more than its tolerance: the share of
+    paired-bootstrap resamples in which it is must stay at or below `max_p_inferior`."""
+    cand, base = _paired(candidate, baseline, name)
+    # P(candidate - baseline <= -tolerance) is P(not better) of the candidate shifted up by the tolerance.
+    shifted = paired_bootstrap([c + tolerance for c in cand], base, resamples=resamples, seed=seed)
+    p_inferior = shifted.prob_not_better
+    metrics[f"{name}_diff"] = shifted.mean_difference - tolerance
+    metrics[f"p_{name}_inferior"] = p_inferior
+    before, after = baseline.value(name), candidate.value(name)
+    return Check(
+        name,
+        p_inferior <= settings.max_p_inferior,
+        f"{before:.3f} -> {after:.3f} ({_pts(after - before)}), P(worse by > {tolerance * 100:.1f} pts) = "
+        f"{p_inferior:.3f}; at most {settings.max_p_inferior:g}",
+    )
 
 
 def judge(
@@ -68,10 +140,14 @@ def judge(
     resamples: int = 1000,
     seed: int = 0,
 ) -> GateVerdict:
-    """Runs every check; without a baseline only the absolute ones (SLO, safety caps, errors) apply."""
+    """Runs every check; without a baseline only the absolute ones (SLO, safety caps, errors) apply.
+
+    The primary metric (`gate.primary_metric`, F1 by default) must improve with confidence; the other
+    quality metrics must be non-inferior within their tolerances (see docs/evaluator.md).
+    """
     checks: list[Check] = []
     metrics: dict[str, float] = {"questions": float(len(candidate.items))}
-    for name in ("accuracy", "precision", "f1", "latency_p95_ms"):
+    for name in (*QUALITY_METRICS, "latency_p95_ms"):
         metrics[f"candidate_{name}"] = candidate.value(name)
         if baseline is not None:
             metrics[f"baseline_{name}"] = baseline.value(name)
@@ -80,47 +156,21 @@ def judge(
     metrics["candidate_errors"] = float(candidate.errors)
 
     if baseline is not None and candidate.answerable:
-        pairs = _aligned(candidate, baseline)
-        diff = paired_bootstrap([c for c, _ in pairs], [b for _, b in pairs], resamples=resamples, seed=seed)
-        metrics["accuracy_diff"] = diff.mean_difference
-        metrics["accuracy_diff_ci_low"] = diff.low
-        metrics["accuracy_diff_ci_high"] = diff.high
-        metrics["p_not_better"] = diff.prob_not_better
-        change = (
-            f"{_pts(diff.mean_difference)} ({baseline.value('accuracy'):.3f} -> "
-            f"{candidate.value('accuracy'):.3f}, 95% CI {_pts(diff.low)} to {_pts(diff.high)})"
-        )
-        if settings.policy == "improve":
-            enough = diff.mean_difference >= settings.accuracy_margin - 1e-12
-            sure = diff.prob_not_better <= settings.max_p_not_better
-            checks.append(
-                Check(
-                    "accuracy",
-                    enough and sure,
-                    f"{change}, P(not better) = {diff.prob_not_better:.3f}; needs >= "
-                    f"{_pts(settings.accuracy_margin)} and P <= {settings.max_p_not_better:g}",
+        checks.append(_primary_check(candidate, baseline, settings, metrics, resamples, seed))
+        tolerances = {
+            "accuracy": settings.accuracy_tolerance,
+            "precision": settings.precision_tolerance,
+            "f1": settings.f1_tolerance,
+        }
+        for name in QUALITY_METRICS:
+            if name != settings.primary_metric:
+                checks.append(
+                    _non_inferiority_check(
+                        candidate, baseline, name, tolerances[name], settings, metrics, resamples, seed
+                    )
                 )
-            )
-        else:
-            checks.append(
-                Check(
-                    "accuracy",
-                    diff.mean_difference >= -settings.accuracy_tolerance - 1e-12,
-                    f"{change}; may drop at most {settings.accuracy_tolerance * 100:.1f} pts",
-                )
-            )
-        for name, tolerance in (("precision", settings.precision_tolerance), ("f1", settings.f1_tolerance)):
-            before, after = baseline.value(name), candidate.value(name)
-            checks.append(
-                Check(
-                    name,
-                    after >= before - tolerance - 1e-12,
-                    f"{before:.3f} -> {after:.3f} ({_pts(after - before)}); "
-                    f"may drop at most {tolerance * 100:.1f} pts",
-                )
-            )
     elif not candidate.answerable:
-        checks.append(Check("accuracy", False, "the golden set has no answerable question"))
+        checks.append(Check(settings.primary_metric, False, "the golden set has no answerable question"))
 
     p95 = candidate.value("latency_p95_ms")
     checks.append(

@@ -66,15 +66,24 @@ class EvaluationSettings(BaseModel):
 class GateSettings(BaseModel):
     """When a candidate may replace production; every check is recorded with its numbers."""
 
-    # improve: accuracy must rise by `accuracy_margin`, and the paired bootstrap must make "no
-    # improvement" unlikely; no_regression: accuracy may not drop by more than `accuracy_tolerance`.
+    # The metric a candidate must improve (per-question token F1 by default: it rewards answers that
+    # are right and to the point, and on 18-50 questions it tells models apart more reliably than
+    # the all-or-nothing accuracy; bench/gate.py measures each rule's error rates).
+    primary_metric: Literal["f1", "accuracy", "precision"] = "f1"
+    # improve: the primary metric must rise by `margin`, and the paired bootstrap must make "no
+    # improvement" unlikely; no_regression: it may not drop by more than `regression_tolerance`.
     policy: Literal["improve", "no_regression"] = "improve"
-    accuracy_margin: float = Field(default=0.02, ge=0, le=1)
+    margin: float = Field(default=0.02, ge=0, le=1)
     # Largest share of paired-bootstrap resamples in which the candidate is not better.
     max_p_not_better: float = Field(default=0.05, gt=0, le=1)
-    accuracy_tolerance: float = Field(default=0.02, ge=0, le=1)
+    regression_tolerance: float = Field(default=0.02, ge=0, le=1)
+    # Non-inferiority of the other quality metrics: each may be worse than production by at most its
+    # tolerance, judged by the share of paired-bootstrap resamples in which it is worse by more
+    # (at most `max_p_inferior`; 0.5 is "more likely within the bound than not").
+    accuracy_tolerance: float = Field(default=0.05, ge=0, le=1)
     precision_tolerance: float = Field(default=0.03, ge=0, le=1)
     f1_tolerance: float = Field(default=0.03, ge=0, le=1)
+    max_p_inferior: float = Field(default=0.5, gt=0, le=1)
     # p95 of the time to a full answer on the golden set (under the evaluation's concurrency).
     latency_p95_slo_ms: float = Field(default=60_000, gt=0)
     # Safety on unanswerable questions: fabricated answers allowed beyond production's count,
