@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     joined INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS feedback_waiting ON feedback (query_id) WHERE joined = 0;
+CREATE INDEX IF NOT EXISTS feedback_query ON feedback (query_id);
+CREATE INDEX IF NOT EXISTS feedback_kind ON feedback (kind, value);
 CREATE TABLE IF NOT EXISTS examples (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     example_id TEXT NOT NULL UNIQUE,
@@ -92,6 +94,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 TRAINING_SOURCES = (Source.CORRECTION.value, Source.POSITIVE.value)
+# The canary's newest answers the review queue considers (a canary may give many thousands; an
+# expert reviews a few, and scoring every one would make each listing slow).
+CANARY_REVIEW_LIMIT = 1000
 
 
 @dataclass
@@ -216,6 +221,13 @@ class JoinStore:
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(interactions)")}
         if "page_url" not in columns:  # a store made before the review queue kept page URLs
             self._db.execute("ALTER TABLE interactions ADD COLUMN page_url TEXT NOT NULL DEFAULT ''")
+        # The review queue counts how often a question was asked and lists the canary's answers.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS interactions_question ON interactions (lower(trim(question)))"
+        )
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS interactions_version ON interactions (model_version, received_at)"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -471,8 +483,9 @@ class JoinStore:
         """Answers that need an expert and that no expert (or admin) has reviewed yet.
 
         An answer needs one when a visitor rated it low, gave it a thumbs down or commented on it,
-        or when the canary version gave it. Items another caller holds a live claim on are left
-        out; `order` is "newest" (latest feedback first) or "impact" (severity x times asked).
+        or when the canary version gave it (its newest CANARY_REVIEW_LIMIT answers). Items another
+        caller holds a live claim on are left out; `order` is "newest" (latest feedback first) or
+        "impact" (severity x times asked).
         """
         if order not in ("newest", "impact"):
             raise ValueError(f"unknown order {order!r}")
@@ -489,6 +502,7 @@ class JoinStore:
             "caller": caller,
             "now": now,
             "limit": limit,
+            "canary_limit": CANARY_REVIEW_LIMIT,
         }
         if query_id is not None:
             where = "AND i.query_id = :query_id"
@@ -496,16 +510,25 @@ class JoinStore:
         sort = "impact DESC, last_at DESC" if order == "impact" else "last_at DESC"
         rows = self._query(
             f"""
-            WITH signals AS (
-                SELECT query_id,
-                       MIN(CASE WHEN kind = :rating AND value > 0 THEN value END) AS lowest_rating,
-                       SUM(kind = :thumbs AND value < 0) AS thumbs_down,
-                       SUM(kind = :comment AND text != '') AS comments,
-                       MAX(received_at) AS last_feedback_at
-                FROM feedback WHERE role NOT IN (:expert, :admin) GROUP BY query_id
+            WITH candidates AS (
+                SELECT query_id FROM feedback
+                WHERE ((kind = :rating AND value BETWEEN 1 AND :low) OR (kind = :thumbs AND value < 0)
+                       OR (kind = :comment AND text != ''))
+                  AND role NOT IN (:expert, :admin)
+                UNION
+                SELECT query_id FROM (
+                    SELECT query_id FROM interactions WHERE model_version = :canary
+                    ORDER BY received_at DESC LIMIT :canary_limit
+                )
             ),
-            asked AS (
-                SELECT lower(trim(question)) AS q, COUNT(*) AS n FROM interactions GROUP BY q
+            signals AS (
+                SELECT f.query_id,
+                       MIN(CASE WHEN f.kind = :rating AND f.value > 0 THEN f.value END) AS lowest_rating,
+                       SUM(f.kind = :thumbs AND f.value < 0) AS thumbs_down,
+                       SUM(f.kind = :comment AND f.text != '') AS comments,
+                       MAX(f.received_at) AS last_feedback_at
+                FROM candidates c JOIN feedback f ON f.query_id = c.query_id
+                WHERE f.role NOT IN (:expert, :admin) GROUP BY f.query_id
             ),
             scored AS (
                 SELECT i.*, s.last_feedback_at,
@@ -513,11 +536,12 @@ class JoinStore:
                        COALESCE(s.thumbs_down, 0) AS thumbs_down,
                        COALESCE(s.comments, 0) AS comments,
                        i.model_version = :canary AS canary,
-                       a.n AS times_asked,
+                       (SELECT COUNT(*) FROM interactions a
+                        WHERE lower(trim(a.question)) = lower(trim(i.question))) AS times_asked,
                        c.claimer, c.until,
                        COALESCE(s.last_feedback_at, i.received_at) AS last_at
-                FROM interactions i
-                JOIN asked a ON a.q = lower(trim(i.question))
+                FROM candidates k
+                JOIN interactions i ON i.query_id = k.query_id
                 LEFT JOIN signals s ON s.query_id = i.query_id
                 LEFT JOIN review_claims c ON c.query_id = i.query_id AND c.until > :now
                 WHERE NOT EXISTS (
