@@ -10,8 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def prepared_model() -> Path:
     """The prepared SmolLM2 folder (`hf/`, `onnx/`, manifest), prepared on first use."""
-    from flywheel_cli.model_cmd import ensure_prepared
-    from flywheel_model.prepare import ExportOptions
+    from flywheel_model.prepare import ExportOptions, ensure_prepared
 
     return ensure_prepared(None, ExportOptions(), None, force=False)
 

@@ -3,7 +3,7 @@
     uv run python bench/feedback.py [--concurrency 1,16,64] [--duration 10] [--json PATH]
     uv run python bench/feedback.py --target 127.0.0.1:50052 --token TOKEN   # a running service
 
-Without --target it starts a real Kafka broker (flywheel_cli.kafka_broker.LocalBroker) and the
+Without --target it starts a real Kafka broker (flywheel_cli.local.kafka_broker.LocalBroker) and the
 feedback service as its own process (`python -m flywheel_feedback`, rate limit off, dev keys),
 then drives SubmitFeedback from this process with that many concurrent RPCs on one channel.
 Every RPC counted as acknowledged returned OK, i.e. the broker acknowledged its event (acks=all).
@@ -29,11 +29,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flywheel_cli.kafka_broker import LocalBroker, free_port
+from flywheel_cli.local.kafka_broker import LocalBroker, free_port
+from flywheel_common.dev_secrets import DEV_QUERY_ID_KEY
 from flywheel_common.query_ids import QueryIdSigner
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 
-DEV_QUERY_ID_KEY = b"flywheel-dev-query-id-key"
 COMMENTS = [
     "The answer missed the second paragraph of the page.",
     "Wrong price; the page says 49 euros. Mail me at someone@example.com",

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import httpx
 
-from flywheel_cli.kafka_broker import free_port
+from flywheel_cli.local.kafka_broker import free_port
 from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.settings import GrpcSettings
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -175,10 +175,16 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     ("gateway", lambda: _http_answer(client)),
                 ):
                     cpu = _cpu_s(gateway.pid)
-                    row = await _level(call, concurrency, args.answers)
-                    row.update(path=path, concurrency=concurrency)
-                    row["gateway_cpu_ms_per_answer"] = 1000 * (_cpu_s(gateway.pid) - cpu) / args.answers
-                    rows.append(row)
+                    measured = await _level(call, concurrency, args.answers)
+                    cpu_ms = 1000 * (_cpu_s(gateway.pid) - cpu) / args.answers
+                    rows.append(
+                        {
+                            "path": path,
+                            "concurrency": concurrency,
+                            **measured,
+                            "gateway_cpu_ms_per_answer": cpu_ms,
+                        }
+                    )
     finally:
         for process in (gateway, stand_in):
             process.terminate()

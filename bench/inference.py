@@ -153,9 +153,8 @@ def worker_onnx(
 ) -> list[dict[str, Any]]:
     import threading
 
-    from flywheel_cli.model_cmd import default_model_dir
     from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
-    from flywheel_model.prepare import ExportOptions
+    from flywheel_model.prepare import ExportOptions, default_model_dir
     from flywheel_model.runtime import Decoder, OrtSettings
 
     precision, provider = onnx_variant(variant)
@@ -247,7 +246,7 @@ def throughput(
     requests_per_level: int,
 ) -> list[dict[str, Any]]:
     """Starts the inference service on a model and measures it at each concurrency."""
-    from flywheel_cli.kafka_broker import free_port
+    from flywheel_cli.local.kafka_broker import free_port
 
     port = free_port()
     env = {
@@ -377,8 +376,7 @@ def main() -> None:
         worker_main(args)
         return
 
-    from flywheel_cli.model_cmd import ensure_prepared
-    from flywheel_model.prepare import ExportOptions, smollm2_gguf
+    from flywheel_model.prepare import ExportOptions, ensure_prepared, smollm2_gguf
 
     args.gguf = str(smollm2_gguf())
     variants = args.variants.split(",")

@@ -21,10 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def coverage(dataset: Path, splits: list[str], words: list[int], budgets: list[int]) -> list[dict[str, Any]]:
-    from flywheel_cli.model_cmd import ensure_prepared
     from flywheel_eval.dataset import load_dataset
     from flywheel_eval.metrics import is_token_span
-    from flywheel_model.prepare import ExportOptions
+    from flywheel_model.prepare import ExportOptions, ensure_prepared
     from flywheel_model.prompt import PromptEncoder
     from flywheel_model.retrieval import Retriever, html_to_text
 

@@ -197,8 +197,7 @@ def main() -> int:
         os.environ["FLYWHEEL_TRAINER_JOB_THREADS"] = str(args.threads)
 
     sys.path.insert(0, str(ROOT / "cli" / "src"))
-    from flywheel_cli.model_cmd import ensure_prepared
-    from flywheel_model.prepare import ExportOptions
+    from flywheel_model.prepare import ExportOptions, ensure_prepared
 
     prepared = ensure_prepared(None, ExportOptions(), None, force=False)
     examples = realistic_examples(Path(args.dataset), prepared / "onnx", args.examples)

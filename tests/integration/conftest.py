@@ -14,7 +14,7 @@ from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
-from flywheel_cli.kafka_broker import LocalBroker
+from flywheel_cli.local.kafka_broker import LocalBroker
 from flywheel_common.kafka import client_config, ensure_topics
 from flywheel_common.settings import KafkaSettings, TopicSettings
 

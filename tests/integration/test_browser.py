@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel_cli.kafka_broker import LocalBroker, free_port, repo_root
-from flywheel_cli.stack import LocalStack, StackConfig
+from flywheel_cli.local.kafka_broker import LocalBroker, free_port
+from flywheel_cli.local.stack import LocalStack, StackConfig
+from flywheel_common.files import repo_root
 from flywheel_common.settings import TopicSettings
 from flywheel_gateway.app import GatewayApp
 from flywheel_gateway.settings import GatewaySettings

@@ -22,10 +22,10 @@ from flywheel_common.kafka import EventProducer, decode
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
 from flywheel_eval.dataset import load_dataset
-from flywheel_evaluator.__main__ import EvaluatorApp
+from flywheel_evaluator.app import EvaluatorApp
 from flywheel_evaluator.evaluation import EVALUATION_JSON, Evaluator, load_golden
 from flywheel_evaluator.settings import EvaluatorSettings, GoldenSettings
-from flywheel_inference.__main__ import InferenceApp
+from flywheel_inference.app import InferenceApp
 from flywheel_inference.settings import InferenceSettings
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -323,11 +323,14 @@ async def test_not_worse_candidate_goes_canary_then_production_and_inference_fol
     assert report.summary.startswith(f"# Gate: {version} PASSED")
     events = decision_events(read_topic(stack.kafka.topics.decisions, expected=2))
     assert [(e.action, e.outcome) for e in events] == [
-        ("gate", events_pb2.GATE_OUTCOME_PASSED),
-        ("canary_promote", events_pb2.GATE_OUTCOME_PASSED),
+        (events_pb2.DECISION_ACTION_GATE, events_pb2.GATE_OUTCOME_PASSED),
+        (events_pb2.DECISION_ACTION_CANARY_PROMOTE, events_pb2.GATE_OUTCOME_PASSED),
     ]
     listed = await evaluator.ListDecisions(evaluator_pb2.ListDecisionsRequest(), timeout=10)
-    assert [d.action for d in listed.decisions] == ["canary_promote", "gate"]
+    assert [d.action for d in listed.decisions] == [
+        events_pb2.DECISION_ACTION_CANARY_PROMOTE,
+        events_pb2.DECISION_ACTION_GATE,
+    ]
 
 
 async def test_damaged_candidate_is_rejected_with_reasons(
@@ -376,7 +379,10 @@ async def test_canary_with_bad_live_ratings_is_rolled_back(
     assert rollout.production == "v1" and not rollout.canary
     assert "rolled back on live signals" in rollout.history[-1]
     [event] = decision_events(read_topic(stack.kafka.topics.decisions, expected=1))
-    assert (event.action, event.outcome) == ("rollback", events_pb2.GATE_OUTCOME_FAILED)
+    assert (event.action, event.outcome) == (
+        events_pb2.DECISION_ACTION_ROLLBACK,
+        events_pb2.GATE_OUTCOME_FAILED,
+    )
 
 
 async def test_admin_rolls_back_to_any_earlier_version_and_inference_follows(

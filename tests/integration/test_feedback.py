@@ -16,12 +16,13 @@ from kafka.consumer.fetcher import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from flywheel_cli.kafka_broker import LocalBroker
+from flywheel_cli.local.kafka_broker import LocalBroker
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.kafka import EVENT_TYPE_HEADER, decode, header
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.settings import GrpcSettings, KafkaSettings, MetricsSettings
-from flywheel_feedback.__main__ import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY, FeedbackApp
+from flywheel_feedback.app import FeedbackApp
 from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2

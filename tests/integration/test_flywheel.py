@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from flywheel_cli import report
-from flywheel_cli.kafka_broker import LocalBroker, repo_root
-from flywheel_cli.simulate import Simulation, SimulationConfig, Targets
-from flywheel_cli.stack import LocalStack, StackConfig, check_health
+from flywheel_cli.local.kafka_broker import LocalBroker
+from flywheel_cli.local.stack import LocalStack, StackConfig, check_health
+from flywheel_cli.simulation import report
+from flywheel_cli.simulation.simulate import Simulation, SimulationConfig, Targets
+from flywheel_common.files import repo_root
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
 

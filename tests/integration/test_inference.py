@@ -15,9 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from flywheel_common.dev_secrets import DEV_QUERY_ID_KEY
 from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.registry import ModelRegistry
-from flywheel_inference.__main__ import DEV_QUERY_ID_KEY, InferenceApp
+from flywheel_inference.app import InferenceApp
 from flywheel_inference.settings import InferenceSettings, LimitSettings
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 

@@ -10,12 +10,13 @@ import grpc
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
-from flywheel_cli.kafka_broker import LocalBroker
+from flywheel_cli.local.kafka_broker import LocalBroker
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
 from flywheel_common.kafka import decode
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
-from flywheel_inference.__main__ import DEV_PSEUDONYM_KEY, InferenceApp
+from flywheel_inference.app import InferenceApp
 from flywheel_inference.settings import InferenceSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc

@@ -13,7 +13,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from flywheel_cli.kafka_broker import LocalBroker
+from flywheel_cli.local.kafka_broker import LocalBroker
 from flywheel_common.errors import Unavailable
 from flywheel_common.kafka import (
     EVENT_TYPE_HEADER,

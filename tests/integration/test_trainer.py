@@ -27,7 +27,7 @@ from flywheel_model.prepare import read_manifest
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from flywheel_trainer import datasets
-from flywheel_trainer.__main__ import STORE_FILE, TrainerApp
+from flywheel_trainer.app import STORE_FILE, TrainerApp
 from flywheel_trainer.settings import BatchSettings, ConsumerSettings, TrainerSettings
 
 pytestmark = pytest.mark.integration

@@ -6,16 +6,16 @@ import argparse
 import logging
 import sys
 
-from flywheel_cli import (
+from flywheel_cli.commands import (
     ask_cmd,
     feedback_cmd,
     kafka_cmd,
     model_cmd,
     rollout_cmd,
-    simulate_cmd,
     trainer_cmd,
     up_cmd,
 )
+from flywheel_cli.simulation import simulate_cmd
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flywheel_common.registry import ModelRegistry
-from flywheel_evaluator.__main__ import EvaluatorApp
+from flywheel_evaluator.app import EvaluatorApp
 from flywheel_evaluator.evaluation import EvaluationResult, GoldenItem, GoldenSet, ItemResult, compute_metrics
 from flywheel_evaluator.settings import EvaluatorSettings, GateSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -39,7 +39,7 @@ def app(tmp_path: Path) -> EvaluatorApp:
     for _ in range(4):
         app.registry.register(model, kind="test")
     app.registry.set_production("v1")
-    app.decisions._emit = None  # no broker here
+    app.gatekeeper.decisions._emit = None  # no broker here
     return app
 
 
@@ -50,7 +50,7 @@ class StubEvaluations:
         self.right = right
         self.calls: list[str] = []
         self.on_evaluate: Any = None
-        app.evaluator.evaluate = self  # type: ignore[method-assign]
+        app.gatekeeper.evaluator.evaluate = self  # type: ignore[method-assign]
 
     def __call__(self, version: str, **_: Any) -> EvaluationResult:
         self.calls.append(version)
@@ -68,12 +68,12 @@ def candidate(version: str) -> events_pb2.ModelCandidate:
 
 def test_better_candidate_goes_canary_and_is_decided_once(app: EvaluatorApp) -> None:
     stub = StubEvaluations(app, {"v1": 5, "v2": 15})
-    app.process_candidate(candidate("v2"))
+    app.gatekeeper.process_candidate(candidate("v2"))
     [decision] = app.registry.decisions()
     assert decision["passed"] and decision["reasons"][0] == "rollout: canary at 25% of sessions"
     assert app.registry.state().canary == "v2"
     assert (app.registry.reports_dir / "v2" / "gate.md").is_file()
-    app.process_candidate(candidate("v2"))  # a replay
+    app.gatekeeper.process_candidate(candidate("v2"))  # a replay
     assert len(app.registry.decisions()) == 1 and stub.calls == ["v2", "v1"]
 
 
@@ -87,7 +87,7 @@ def test_candidate_is_judged_against_the_production_that_serves_when_the_gate_en
             app.registry.set_production("v2", reason="a canary finished meanwhile")
 
     stub.on_evaluate = promote_v2_meanwhile
-    app.process_candidate(candidate("v3"))
+    app.gatekeeper.process_candidate(candidate("v3"))
     [decision] = app.registry.decisions()
     assert decision["baseline_version"] == "v2" and not decision["passed"]
     assert stub.calls == ["v3", "v1", "v3", "v2"]
@@ -95,7 +95,7 @@ def test_candidate_is_judged_against_the_production_that_serves_when_the_gate_en
 
 def test_broken_candidate_fails_the_gate_with_the_reason(app: EvaluatorApp) -> None:
     StubEvaluations(app, {"v1": 5, "v4": None})
-    app.process_candidate(candidate("v4"))
+    app.gatekeeper.process_candidate(candidate("v4"))
     [decision] = app.registry.decisions()
     assert not decision["passed"]
     assert decision["reasons"] == [
@@ -108,12 +108,12 @@ def test_unknown_version_is_not_found(app: EvaluatorApp) -> None:
     from flywheel_common.errors import NotFound
 
     with pytest.raises(NotFound):
-        app.process_candidate(candidate("v9"))
+        app.gatekeeper.process_candidate(candidate("v9"))
 
 
 def test_registry_is_the_only_state(app: EvaluatorApp, tmp_path: Path) -> None:
     # A second app on the same folders sees the same rollout and decisions.
     StubEvaluations(app, {"v1": 5, "v2": 15})
-    app.process_candidate(candidate("v2"))
+    app.gatekeeper.process_candidate(candidate("v2"))
     again = ModelRegistry(tmp_path / "artifacts")
     assert again.state().canary == "v2" and len(again.decisions()) == 1

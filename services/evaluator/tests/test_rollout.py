@@ -12,7 +12,7 @@ from flywheel_common.errors import FailedPrecondition, NotFound
 from flywheel_common.registry import ModelRegistry
 from flywheel_evaluator.gate import Check, GateVerdict
 from flywheel_evaluator.live import LiveStore, Signal
-from flywheel_evaluator.rollout import DecisionLog, RolloutController, previous_production
+from flywheel_evaluator.rollout import DecisionLog, RolloutController
 from flywheel_evaluator.settings import CanarySettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
@@ -59,7 +59,7 @@ def test_passed_candidate_becomes_canary_and_is_promoted(registry: ModelRegistry
     state = registry.state()
     assert (state.production, state.canary) == ("v2", None)
     assert s.events[-1].outcome == events_pb2.GATE_OUTCOME_PASSED
-    assert previous_production(state) == "v1"
+    assert state.previous_production == "v1"
 
 
 def test_bad_canary_is_rolled_back(registry: ModelRegistry, tmp_path: Path) -> None:
@@ -138,3 +138,38 @@ def test_newer_candidate_supersedes_the_canary(registry: ModelRegistry, tmp_path
     s.rollout.after_gate(passed("v3"))
     assert registry.state().canary == "v3"
     assert [(d["version"], d["action"]) for d in registry.decisions()] == [("v2", "canary_superseded")]
+
+
+def test_a_rollback_retried_after_a_failed_emit_moves_once(registry: ModelRegistry, tmp_path: Path) -> None:
+    # Kafka refuses the first decision event: the call fails after the state moved; the caller retries.
+    s = Setup(registry, tmp_path)
+    s.rollout.promote("v2")
+    s.rollout.promote("v3")
+    sent: list[events_pb2.GateDecision] = []
+    refuse = [True]
+
+    def emit(event: events_pb2.GateDecision) -> None:
+        if refuse.pop() if refuse else False:
+            raise ConnectionError("broker unavailable")
+        sent.append(event)
+
+    s.rollout.decisions = DecisionLog(registry, emit)
+    with pytest.raises(ConnectionError):
+        s.rollout.rollback("", request_id="req-1")
+    assert registry.state().production == "v2"
+    retried = s.rollout.rollback("", request_id="req-1")
+    state = registry.state()
+    assert state.production == "v2" and state.previous_production == "v3"  # not back to v3 again
+    assert [e.action for e in sent] == [events_pb2.DECISION_ACTION_ROLLBACK]
+    assert retried.decision_id == sent[0].decision_id
+    assert [d["action"] for d in registry.decisions()].count("rollback") == 1
+    s.rollout.rollback("", request_id="req-2")  # a new request moves again
+    assert registry.state().production == "v3"
+
+
+def test_a_retried_promote_is_applied_once(registry: ModelRegistry, tmp_path: Path) -> None:
+    s = Setup(registry, tmp_path)
+    first = s.rollout.promote("v2", request_id="req-9")
+    s.rollout.promote("v3")
+    again = s.rollout.promote("v2", request_id="req-9")
+    assert registry.state().production == "v3" and again.decision_id == first.decision_id

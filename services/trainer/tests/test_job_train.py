@@ -101,3 +101,36 @@ def test_lora_layers_adapts_only_the_top_layers(tiny_hf: Path) -> None:
     assert adapted == {"1"}
     result = train.train(model, EXAMPLES, HYPER, device="cpu", pad_id=0)
     assert result.epoch_losses[-1] < result.epoch_losses[0]
+
+
+def test_odds_ratio_loss_is_log_two_for_equal_answers_and_falls_as_chosen_wins() -> None:
+    same = train.odds_ratio_loss(torch.tensor([-1.0]), torch.tensor([-1.0]))
+    assert float(same) == pytest.approx(float(torch.log(torch.tensor(2.0))))
+    better = train.odds_ratio_loss(torch.tensor([-0.2]), torch.tensor([-3.0]))
+    worse = train.odds_ratio_loss(torch.tensor([-3.0]), torch.tensor([-0.2]))
+    assert float(better) < float(same) < float(worse)
+
+
+def _margin(model: object, examples: list[Tokenized]) -> float:
+    """Mean answer log-probability of the chosen answers minus that of the rejected ones."""
+    chosen, n = train.answer_loss_sum(model, examples, pad_id=0, device="cpu")
+    rejected = [Tokenized(t.example_id, t.rejected_ids, t.prompt_len) for t in examples]
+    rejected_sum, m = train.answer_loss_sum(model, rejected, pad_id=0, device="cpu")
+    return float(rejected_sum) / m - float(chosen) / n
+
+
+def test_preference_weight_pushes_the_chosen_answer_above_the_rejected_one(tiny_hf: Path) -> None:
+    pairs = [
+        Tokenized("a", [5, 6, 7, 8, 9, 10, 11, 2], 5, rejected_ids=[5, 6, 7, 8, 9, 30, 31, 2]),
+        Tokenized("b", [12, 13, 14, 15, 16, 17, 2], 4, rejected_ids=[12, 13, 14, 15, 40, 41, 2]),
+    ]
+    margins = {}
+    for weight in (0.0, 2.0):
+        hyper = HYPER.model_copy(update={"preference_weight": weight})
+        model = train.load_for_training(tiny_hf, "cpu", "none", hyper)
+        result = train.train(model, pairs, hyper, device="cpu", pad_id=0)
+        assert result.preference_pairs == (8 if weight else 0)  # both pairs in each of 4 epochs
+        model.eval()
+        with torch.no_grad():
+            margins[weight] = _margin(model, pairs)
+    assert margins[2.0] > margins[0.0]

@@ -1,4 +1,4 @@
-"""Small file helpers: hashing and atomic JSON writes."""
+"""Small file helpers: hashing, atomic JSON writes, and where the checkout and its caches are."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ def write_json(path: Path, data: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def repo_root() -> Path:
+    """The checkout the workspace is installed from (uv installs its members editable)."""
+    return Path(__file__).resolve().parents[4]
+
+
+def cache_root() -> Path:
+    """The checkout's `.cache`: prepared models, export caches, Kafka's jars (git-ignored)."""
+    return repo_root() / ".cache"

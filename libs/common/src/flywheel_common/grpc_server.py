@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+def request_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """A call's text metadata as a dict (binary `-bin` values left out)."""
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
@@ -63,7 +64,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     @contextlib.asynccontextmanager
     async def _call(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
         started = time.perf_counter()
-        metadata = _metadata(context)
+        metadata = request_metadata(context)
         request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
         request_id_var.set(request_id)
         code = "OK"

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -529,6 +529,8 @@ class EventConsumer(ABC):
         poll_timeout_ms: int = 500,
         max_records: int = 500,
         auto_offset_reset: str = "earliest",
+        consumer_options: Mapping[str, Any] | None = None,
+        on_assigned: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = list(topics)
@@ -536,17 +538,20 @@ class EventConsumer(ABC):
         self._poll_timeout_ms = poll_timeout_ms
         self._max_records = max_records
         self._auto_offset_reset = auto_offset_reset
+        self._consumer_options = dict(consumer_options or {})
+        # Called on the consumer's thread when the group assigned partitions (readiness); apps set it
+        # once they have an event loop to hand the news to.
+        self.on_assigned = on_assigned
         self._shutdown = threading.Event()
         self._heartbeat = time.monotonic()
         self._assigned: set[TopicPartition] = set()
         self._dead_letters: EventProducer | None = None
+        # The running client, for subclasses that read positions (lag) after a batch.
+        self.kafka: KafkaConsumer | None = None
 
     @abstractmethod
     def handle(self, records: list[ConsumerRecord]) -> None:
         """Processes one polled batch; offsets are committed after it returns."""
-
-    def on_assigned(self, partitions: set[TopicPartition]) -> None:  # noqa: B027
-        """Called after a rebalance assigned partitions (hook for readiness)."""
 
     @property
     def assigned(self) -> bool:
@@ -565,18 +570,27 @@ class EventConsumer(ABC):
         """Asks run() to stop after the current batch; safe from a signal handler or another thread."""
         self._shutdown.set()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether signal_shutdown() was called."""
+        return self._shutdown.is_set()
+
+    def wait_stopping(self, timeout_s: float) -> bool:
+        """Waits up to `timeout_s` for signal_shutdown(); True when it came."""
+        return self._shutdown.wait(timeout_s)
+
     def _consumer(self) -> KafkaConsumer:
-        return KafkaConsumer(
-            **client_config(self.settings),
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=self._auto_offset_reset,
-            max_poll_records=self._max_records,
-        )
+        options: dict[str, Any] = {
+            "group_id": self.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": self._auto_offset_reset,
+            "max_poll_records": self._max_records,
+        }
+        return KafkaConsumer(**client_config(self.settings), **(options | self._consumer_options))
 
     def run(self) -> None:
         """Polls, handles and commits until signal_shutdown(); closes the consumer (leaving the group)."""
-        consumer = self._consumer()
+        consumer = self.kafka = self._consumer()
         owner = self
 
         class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -585,7 +599,8 @@ class EventConsumer(ABC):
 
             def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
                 owner._assigned |= set(assigned)
-                owner.on_assigned(set(assigned))
+                if owner.on_assigned is not None:
+                    owner.on_assigned()
 
         consumer.subscribe(self.topics, listener=_Listener())
         try:
@@ -599,6 +614,7 @@ class EventConsumer(ABC):
                 consumer.commit()
         finally:
             consumer.close()
+            self.kafka = None
             if self._dead_letters is not None:
                 self._dead_letters.close()
 

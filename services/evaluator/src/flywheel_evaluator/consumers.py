@@ -8,12 +8,10 @@ import time
 from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
-from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import TopicPartition
 
 from flywheel_common.errors import NotFound
-from flywheel_common.kafka import EventConsumer, client_config, decode
+from flywheel_common.kafka import EventConsumer, decode
 from flywheel_evaluator.live import ERROR_REASONS, LiveStore, Signal
 from flywheel_evaluator.metrics import SIGNALS
 from flywheel_evaluator.settings import EvaluatorSettings
@@ -36,31 +34,20 @@ class CandidateConsumer(EventConsumer):
         cancel: threading.Event,
     ) -> None:
         super().__init__(
-            settings.kafka, [settings.kafka.topics.candidates], settings.consumer_group, max_records=1
+            settings.kafka,
+            [settings.kafka.topics.candidates],
+            settings.consumer_group,
+            max_records=1,
+            consumer_options={"max_poll_interval_ms": settings.max_poll_interval_ms},
         )
         self._on_candidate = on_candidate
-        self._max_poll_interval_ms = settings.max_poll_interval_ms
         self._cancel = cancel
-        # Called (on the consumer's thread) when the group assigns partitions: readiness.
-        self.on_ready: Callable[[], None] = lambda: None
-
-    def _consumer(self) -> KafkaConsumer:
-        return KafkaConsumer(
-            **client_config(self.settings),
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=1,
-            max_poll_interval_ms=self._max_poll_interval_ms,
-        )
-
-    def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        self.on_ready()
 
     def signal_shutdown(self) -> None:
         """Also stops an evaluation in progress (its candidate is gated again after a restart)."""
-        self._cancel.set()
+        # Shutdown first: the cancelled evaluation's error then finds the consumer stopping.
         super().signal_shutdown()
+        self._cancel.set()
 
     def handle(self, records: list[ConsumerRecord]) -> None:
         for record in records:

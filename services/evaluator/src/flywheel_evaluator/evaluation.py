@@ -21,7 +21,6 @@ from flywheel_common.registry import ModelRegistry, now_iso
 from flywheel_eval.dataset import QA_FILE, Dataset, load_dataset
 from flywheel_eval.metrics import Estimate, ItemScores, bootstrap, is_token_span, score_item, summarize
 from flywheel_evaluator.metrics import EVALUATION_DURATION, EVALUATIONS
-from flywheel_evaluator.reports import evaluation_markdown
 from flywheel_evaluator.settings import EvaluationSettings, GoldenSettings
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.generation import SamplingParams
@@ -30,7 +29,6 @@ from flywheel_model.retrieval import html_to_text
 log = logging.getLogger(__name__)
 
 EVALUATION_JSON = "evaluation.json"
-EVALUATION_MD = "evaluation.md"
 
 
 class EvaluationCancelled(Exception):
@@ -317,7 +315,6 @@ class Evaluator:
             EVALUATIONS.labels("ok").inc()
             EVALUATION_DURATION.observe(result.duration_s)
             self.registry.write_report(version, EVALUATION_JSON, json.dumps(result.to_json(), indent=1))
-            self.registry.write_report(version, EVALUATION_MD, evaluation_markdown(result))
             return result
 
     def _run(

@@ -1,13 +1,20 @@
-"""Markdown summaries of evaluations and gate decisions, written next to the version in the registry."""
+"""The reports written next to a version in the registry (an evaluation's, a gate's) and their file names."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import TYPE_CHECKING, Any
+
+from flywheel_common.registry import ModelRegistry
 
 if TYPE_CHECKING:
     from flywheel_evaluator.evaluation import EvaluationResult
     from flywheel_evaluator.gate import GateVerdict
+
+EVALUATION_MD = "evaluation.md"
+GATE_JSON = "gate.json"
+GATE_MD = "gate.md"
 
 # Metric, label, and whether it is a share (shown in %) or milliseconds.
 _ROWS: tuple[tuple[str, str, str], ...] = (
@@ -153,3 +160,23 @@ def gate_markdown(report: dict[str, Any]) -> str:
                 f"(production: {_quote(row['production'])})"
             )
     return "\n".join(lines) + "\n"
+
+
+def write_evaluation(registry: ModelRegistry, result: EvaluationResult) -> None:
+    """Writes an evaluation's Markdown summary next to its version."""
+    registry.write_report(result.version, EVALUATION_MD, evaluation_markdown(result))
+
+
+def write_gate(registry: ModelRegistry, version: str, report: dict[str, Any]) -> None:
+    """Writes the gate report (JSON for tools, Markdown for people) next to the candidate."""
+    registry.write_report(version, GATE_JSON, json.dumps(report, indent=1))
+    registry.write_report(version, GATE_MD, gate_markdown(report))
+
+
+def summary(registry: ModelRegistry, version: str) -> str:
+    """A version's summary for people: its gate report when it was gated, else its evaluation's."""
+    folder = registry.reports_dir / version
+    for name in (GATE_MD, EVALUATION_MD):
+        if (folder / name).is_file():
+            return (folder / name).read_text()
+    return ""

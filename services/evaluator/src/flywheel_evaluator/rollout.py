@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from flywheel_common.errors import FailedPrecondition, InvalidArgument
@@ -21,7 +21,24 @@ from flywheel_proto.flywheel.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
-GATE = "gate"
+
+class Action(StrEnum):
+    """What a decision did; stored by this name in the registry, sent as `DecisionAction` on the wire."""
+
+    GATE = "gate"
+    CANARY_PROMOTE = "canary_promote"
+    CANARY_SUPERSEDED = "canary_superseded"
+    ROLLBACK = "rollback"
+    MANUAL_PROMOTE = "manual_promote"
+    PIN = "pin"
+    UNPIN = "unpin"
+    AUTO_ROLLOUT_ON = "auto_rollout_on"
+    AUTO_ROLLOUT_OFF = "auto_rollout_off"
+
+    @property
+    def proto(self) -> events_pb2.DecisionAction.ValueType:
+        """The action as the proto enum."""
+        return events_pb2.DecisionAction.Value(f"DECISION_ACTION_{self.name}")
 
 
 @dataclass
@@ -31,7 +48,7 @@ class Decision:
     version: str
     baseline_version: str
     passed: bool
-    action: str
+    action: Action
     reasons: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
     actor: str = "evaluator"
@@ -41,7 +58,8 @@ class Decision:
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> Decision:
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        return cls(**{**fields, "action": Action(fields["action"])})
 
     def _timestamp(self, message: Any) -> None:
         try:
@@ -55,7 +73,7 @@ class Decision:
             version=self.version,
             baseline_version=self.baseline_version,
             passed=self.passed,
-            action=self.action,
+            action=self.action.proto,
             reasons=self.reasons,
             metrics=self.metrics,
         )
@@ -68,7 +86,7 @@ class Decision:
             version=self.version,
             baseline_version=self.baseline_version,
             outcome=events_pb2.GATE_OUTCOME_PASSED if self.passed else events_pb2.GATE_OUTCOME_FAILED,
-            action=self.action,
+            action=self.action.proto,
             reasons=self.reasons,
             metrics=self.metrics,
         )
@@ -108,23 +126,21 @@ class DecisionLog:
 
     def gate_decision(self, version: str) -> Decision | None:
         """The gate's decision on a version, if it was gated."""
-        return next((d for d in reversed(self.all()) if d.version == version and d.action == GATE), None)
+        return next(
+            (d for d in reversed(self.all()) if d.version == version and d.action == Action.GATE), None
+        )
+
+    def find(self, decision_id: str) -> Decision | None:
+        """A recorded decision by its id."""
+        return next((d for d in reversed(self.all()) if d.decision_id == decision_id), None)
 
 
 class _Unchanged(Exception):
     """Raised inside a registry state change to leave the state as it was."""
 
 
-_PRODUCTION_NOTE = re.compile(r"^production -> (\S+)")
-
-
-def previous_production(state: RolloutState) -> str | None:
-    """The version that was production before the current one (from the state's history)."""
-    for entry in reversed(state.history):
-        match = _PRODUCTION_NOTE.match(str(entry.get("note", "")))
-        if match and match.group(1) != state.production:
-            return match.group(1)
-    return None
+class _Applied(Exception):
+    """Raised inside a registry state change when its request id was applied before."""
 
 
 class RolloutController:
@@ -189,7 +205,7 @@ class RolloutController:
                     version=old,
                     baseline_version=verdict.baseline or "",
                     passed=False,
-                    action="canary_superseded",
+                    action=Action.CANARY_SUPERSEDED,
                     reasons=[f"a newer candidate {version} passed the gate and replaced this canary"],
                 )
             )
@@ -204,7 +220,7 @@ class RolloutController:
                 version=verdict.version,
                 baseline_version=verdict.baseline or "",
                 passed=verdict.passed,
-                action=GATE,
+                action=Action.GATE,
                 reasons=[f"rollout: {rollout}", *verdict.reasons()],
                 metrics=verdict.metrics,
             )
@@ -258,7 +274,7 @@ class RolloutController:
                 version=canary,
                 baseline_version=production,
                 passed=promote,
-                action="canary_promote" if promote else "rollback",
+                action=Action.CANARY_PROMOTE if promote else Action.ROLLBACK,
                 reasons=verdict.reasons,
                 metrics=verdict.metrics,
             )
@@ -269,14 +285,77 @@ class RolloutController:
     def _admin(self, actor: str, reason: str, default: str) -> str:
         return f"{actor}: {reason.strip() or default}"
 
-    def promote(self, version: str, *, reason: str = "", actor: str = "admin") -> Decision:
+    def _replay(self, request_id: str, action: Action, actor: str) -> Decision | None:
+        """The decision of a request applied before (its event sent again), or None when it is new."""
+        if not request_id:
+            return None
+        state = self.registry.state()
+        decision_id = state.requests.get(request_id)
+        if decision_id is None:
+            return None
+        log.info("request %s was applied before (decision %s); not moving again", request_id, decision_id)
+        decision = self.decisions.find(decision_id)
+        if decision is None:
+            # The state moved but the process stopped before the decision was written: write it now.
+            return self.decisions.record(
+                Decision(
+                    version=state.production or "",
+                    baseline_version=state.previous_production or "",
+                    passed=action != Action.ROLLBACK,
+                    action=action,
+                    reasons=[f"{actor}: applied by an earlier attempt of this request"],
+                    actor=actor,
+                    decision_id=decision_id,
+                )
+            )
+        self.decisions.emit(decision)
+        return decision
+
+    def _admin_move(
+        self,
+        request_id: str,
+        decision: Decision,
+        move: Callable[[RolloutState], str],
+        count: Callable[[], None],
+    ) -> Decision:
+        """Applies an admin move and records its decision once per request id.
+
+        The request id is committed with the state change, so a call retried after the decision's
+        event failed (or after a crash) finds it and only sends the event again.
+        """
+        replayed = self._replay(request_id, decision.action, decision.actor)
+        if replayed is not None:
+            return replayed
+
+        def change(state: RolloutState) -> str:
+            if request_id and request_id in state.requests:
+                raise _Applied
+            note = move(state)
+            if request_id:
+                state.requests[request_id] = decision.decision_id
+            return note
+
+        try:
+            self.registry.update_state(change)
+        except _Applied:  # a concurrent attempt of the same request won
+            replayed = self._replay(request_id, decision.action, decision.actor)
+            assert replayed is not None
+            return replayed
+        count()
+        return self.decisions.record(decision)
+
+    def promote(
+        self, version: str, *, reason: str = "", actor: str = "admin", request_id: str = ""
+    ) -> Decision:
         """Makes `version` (default: the canary) production now and ends any canary."""
+        replayed = self._replay(request_id, Action.MANUAL_PROMOTE, actor)
+        if replayed is not None:
+            return replayed
         state = self.registry.state()
         version = version or state.canary or ""
         if not version:
             raise InvalidArgument("no version given and no canary running")
         self.registry.get(version)
-        old = state.production or ""
 
         def change(state: RolloutState) -> str:
             if state.pinned:
@@ -284,22 +363,24 @@ class RolloutController:
             state.production, state.canary, state.canary_fraction = version, None, 0.0
             return f"production -> {version} (promoted by {actor})"
 
-        self.registry.update_state(change)
-        PROMOTIONS.labels("admin").inc()
-        return self.decisions.record(
-            Decision(
-                version=version,
-                baseline_version=old,
-                passed=True,
-                action="manual_promote",
-                reasons=[self._admin(actor, reason, "promoted by an admin")],
-                actor=actor,
-            )
+        decision = Decision(
+            version=version,
+            baseline_version=state.production or "",
+            passed=True,
+            action=Action.MANUAL_PROMOTE,
+            reasons=[self._admin(actor, reason, "promoted by an admin")],
+            actor=actor,
         )
+        return self._admin_move(request_id, decision, change, PROMOTIONS.labels("admin").inc)
 
-    def rollback(self, version: str, *, reason: str = "", actor: str = "admin") -> Decision:
+    def rollback(
+        self, version: str, *, reason: str = "", actor: str = "admin", request_id: str = ""
+    ) -> Decision:
         """Serves `version` (an earlier one) as production now; without a version, ends a running canary,
         or else goes back to the previous production version."""
+        replayed = self._replay(request_id, Action.ROLLBACK, actor)
+        if replayed is not None:
+            return replayed
         state = self.registry.state()
         if state.pinned:
             raise FailedPrecondition(f"production is pinned to {state.production}; unpin first")
@@ -307,7 +388,7 @@ class RolloutController:
         if not version and state.canary:
             version, removed = state.production or "", state.canary
         else:
-            version = version or previous_production(state) or ""
+            version = version or state.previous_production or ""
             if not version:
                 raise FailedPrecondition("no earlier production version to roll back to")
             removed = state.canary or state.production or ""
@@ -319,18 +400,15 @@ class RolloutController:
             current.production, current.canary, current.canary_fraction = version, None, 0.0
             return f"production -> {version} (rolled back by {actor}; {removed} out of service)"
 
-        self.registry.update_state(change)
-        ROLLBACKS.labels("admin").inc()
-        return self.decisions.record(
-            Decision(
-                version=removed,
-                baseline_version=version,
-                passed=False,
-                action="rollback",
-                reasons=[self._admin(actor, reason, f"rolled back to {version} by an admin")],
-                actor=actor,
-            )
+        decision = Decision(
+            version=removed,
+            baseline_version=version,
+            passed=False,
+            action=Action.ROLLBACK,
+            reasons=[self._admin(actor, reason, f"rolled back to {version} by an admin")],
+            actor=actor,
         )
+        return self._admin_move(request_id, decision, change, ROLLBACKS.labels("admin").inc)
 
     def pin(self, version: str, *, reason: str = "", actor: str = "admin") -> Decision:
         """Pins production to `version` (automatic rollout stops); an empty version unpins."""
@@ -346,7 +424,7 @@ class RolloutController:
                     version=state.production or "",
                     baseline_version="",
                     passed=True,
-                    action="unpin",
+                    action=Action.UNPIN,
                     reasons=[self._admin(actor, reason, "unpinned")],
                     actor=actor,
                 )
@@ -364,7 +442,7 @@ class RolloutController:
                 version=version,
                 baseline_version=old,
                 passed=True,
-                action="pin",
+                action=Action.PIN,
                 reasons=[self._admin(actor, reason, f"pinned to {version}")],
                 actor=actor,
             )
@@ -386,7 +464,7 @@ class RolloutController:
                 version=state.production or "",
                 baseline_version="",
                 passed=True,
-                action="auto_rollout_on" if enabled else "auto_rollout_off",
+                action=Action.AUTO_ROLLOUT_ON if enabled else Action.AUTO_ROLLOUT_OFF,
                 reasons=[f"{actor}: automatic rollout {'resumed' if enabled else 'stopped'}"],
                 actor=actor,
             )

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import grpc
 
 from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import InvalidArgument, NotFound
+from flywheel_common.grpc_server import request_metadata
 from flywheel_common.registry import RolloutState
-from flywheel_evaluator.evaluation import EVALUATION_MD, EvaluationResult, read_stored
+from flywheel_evaluator.evaluation import EvaluationResult
+from flywheel_evaluator.gatekeeper import Gatekeeper
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-
-if TYPE_CHECKING:
-    from flywheel_evaluator.__main__ import EvaluatorApp
-
-GATE_MD = "gate.md"
 
 
 def report_message(result: EvaluationResult, summary: str) -> evaluator_pb2.Report:
@@ -51,13 +47,12 @@ def rollout_message(state: RolloutState, history: int = 20) -> evaluator_pb2.Rol
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     """Reads are open to any caller on the network; evaluation and rollout moves need the admin role."""
 
-    def __init__(self, app: EvaluatorApp, authenticator: Authenticator) -> None:
-        self._app = app
+    def __init__(self, gatekeeper: Gatekeeper, authenticator: Authenticator) -> None:
+        self._gatekeeper = gatekeeper
         self._auth = authenticator
 
     def _admin(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        principal: Principal = self._auth.authenticate(metadata)
+        principal: Principal = self._auth.authenticate(request_metadata(context))
         principal.require(Role.ADMIN)
         return f"admin:{principal.token_hash[:8]}"
 
@@ -67,73 +62,62 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         self._admin(context)
         if not request.version:
             raise InvalidArgument("version is required")
-        self._app.registry.get(request.version)
-        result = await asyncio.to_thread(self._app.evaluate_now, request.version)
-        return report_message(result, self._summary(request.version))
-
-    def _summary(self, version: str) -> str:
-        folder = self._app.registry.reports_dir / version
-        for name in (GATE_MD, EVALUATION_MD):
-            if (folder / name).is_file():
-                return (folder / name).read_text()
-        return ""
+        result = await asyncio.to_thread(self._gatekeeper.evaluate_now, request.version)
+        return report_message(result, await asyncio.to_thread(self._gatekeeper.summary, request.version))
 
     async def GetReport(
         self, request: evaluator_pb2.GetReportRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.Report:
         if not request.version:
             raise InvalidArgument("version is required")
-        self._app.registry.get(request.version)
-        result = await asyncio.to_thread(read_stored, self._app.registry, request.version)
+        result, summary = await asyncio.to_thread(self._gatekeeper.report, request.version)
         if result is None:
             raise NotFound(f"{request.version} has not been evaluated")
-        return report_message(result, await asyncio.to_thread(self._summary, request.version))
+        return report_message(result, summary)
 
     async def ListDecisions(
         self, request: evaluator_pb2.ListDecisionsRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.ListDecisionsResponse:
-        decisions = await asyncio.to_thread(self._app.decisions.all)
-        newest = list(reversed(decisions))
-        if request.limit:
-            newest = newest[: request.limit]
+        newest = await asyncio.to_thread(self._gatekeeper.decisions_newest_first, request.limit)
         return evaluator_pb2.ListDecisionsResponse(decisions=[d.to_proto() for d in newest])
 
     async def GetRollout(
         self, request: evaluator_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.Rollout:
-        return rollout_message(await asyncio.to_thread(self._app.registry.state))
+        return rollout_message(await asyncio.to_thread(self._gatekeeper.state))
 
     async def Promote(
         self, request: evaluator_pb2.VersionRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
-        move = self._app.rollout.promote
-        await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
-        return await self._after_move()
+        move = self._gatekeeper.promote
+        state = await asyncio.to_thread(
+            move, request.version, reason=request.reason, actor=actor, request_id=request.request_id
+        )
+        return rollout_message(state)
 
     async def Rollback(
         self, request: evaluator_pb2.VersionRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
-        move = self._app.rollout.rollback
-        await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
-        return await self._after_move()
+        move = self._gatekeeper.rollback
+        state = await asyncio.to_thread(
+            move, request.version, reason=request.reason, actor=actor, request_id=request.request_id
+        )
+        return rollout_message(state)
 
     async def Pin(
         self, request: evaluator_pb2.VersionRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
-        move = self._app.rollout.pin
-        await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
-        return await self._after_move()
+        move = self._gatekeeper.pin
+        return rollout_message(
+            await asyncio.to_thread(move, request.version, reason=request.reason, actor=actor)
+        )
 
     async def SetAutoRollout(
         self, request: evaluator_pb2.SetAutoRolloutRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.Rollout:
         actor = self._admin(context)
-        await asyncio.to_thread(self._app.rollout.set_auto_rollout, request.enabled, actor=actor)
-        return await self._after_move()
-
-    async def _after_move(self) -> evaluator_pb2.Rollout:
-        await asyncio.to_thread(self._app.refresh_gauges)
-        return rollout_message(await asyncio.to_thread(self._app.registry.state))
+        move = self._gatekeeper.set_auto_rollout
+        return rollout_message(await asyncio.to_thread(move, request.enabled, actor=actor))

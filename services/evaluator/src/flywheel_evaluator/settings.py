@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 
 from flywheel_common.settings import (
+    AuthSettings,
     GrpcSettings,
     KafkaSettings,
     LoggingSettings,
@@ -130,12 +131,6 @@ class LiveSettings(BaseModel):
     gauge_window_s: float = Field(default=3600, gt=0)
     # Interactions carry latency and the finish reason (errors); off: feedback only.
     consume_interactions: bool = True
-
-
-class AuthSettings(BaseModel):
-    """Bearer tokens and their roles; admin calls need the admin role."""
-
-    tokens_file: Path | None = None
 
 
 class EvaluatorSettings(BaseSettings):

@@ -20,6 +20,7 @@ from flywheel_common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from flywheel_common.grpc_server import request_metadata
 from flywheel_common.kafka import EventProducer
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdClaims, QueryIdSigner
@@ -62,10 +63,6 @@ _KIND_NAMES = {
 }
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-
-
 def _printable(value: str) -> bool:
     return all(33 <= ord(c) < 127 for c in value)
 
@@ -100,7 +97,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     ) -> feedback_pb2.SubmitFeedbackResponse:
         """A visitor's rating, thumbs, comment or ignored signal."""
         try:
-            principal = self._admit(_metadata(context))
+            principal = self._admit(request_metadata(context))
             claims = self._verify(request.query_id)
             event = self._feedback_event(request, principal, claims)
             return await self._store(event, principal, request.idempotency_key)
@@ -113,7 +110,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     ) -> feedback_pb2.SubmitFeedbackResponse:
         """An expert reviewer's corrected answer and note."""
         try:
-            principal = self._admit(_metadata(context), Role.EXPERT, Role.ADMIN)
+            principal = self._admit(request_metadata(context), Role.EXPERT, Role.ADMIN)
             claims = self._verify(request.query_id)
             event = self._correction_event(request, principal, claims)
             return await self._store(event, principal, request.idempotency_key)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 
 from flywheel_common.settings import (
+    AuthSettings,
     GrpcSettings,
     KafkaSettings,
     LoggingSettings,
@@ -15,13 +16,6 @@ from flywheel_common.settings import (
     TracingSettings,
     env_config,
 )
-
-
-class AuthSettings(BaseModel):
-    """Bearer tokens and their roles."""
-
-    # A JSON or YAML file mapping token -> role (user, expert, admin); the development file when unset.
-    tokens_file: Path | None = None
 
 
 class ValidationSettings(BaseModel):

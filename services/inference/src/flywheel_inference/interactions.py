@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
-
 from flywheel_common.kafka import BufferedEventProducer
+from flywheel_inference.metrics import INTERACTIONS_BUFFERED, INTERACTIONS_DROPPED
 from flywheel_inference.settings import InferenceSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
-
-BUFFERED = Gauge(
-    "flywheel_inference_interactions_buffered", "Interactions accepted but not yet acknowledged by Kafka."
-)
-DROPPED = Counter(
-    "flywheel_inference_interactions_dropped", "Interactions dropped because the buffer was full."
-)
 
 
 class KafkaInteractionSink:
@@ -25,8 +17,8 @@ class KafkaInteractionSink:
             settings.kafka,
             name="interactions",
             max_buffered=settings.interaction_buffer,
-            buffered_gauge=BUFFERED,
-            dropped_counter=DROPPED,
+            buffered_gauge=INTERACTIONS_BUFFERED,
+            dropped_counter=INTERACTIONS_DROPPED,
         ).start()
 
     def publish(self, key: str, event: events_pb2.Interaction) -> None:

@@ -13,20 +13,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import Gauge
-
 from flywheel_common.errors import Unavailable
 from flywheel_common.registry import ModelRegistry, RolloutState
+from flywheel_inference.metrics import MODEL_INFO
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.runtime import OrtSettings
 
 log = logging.getLogger(__name__)
 
-MODEL_INFO = Gauge(
-    "flywheel_inference_model_info",
-    "Model versions loaded, by role (production/canary) and execution provider (1 = loaded).",
-    ["version", "role", "provider"],
-)
 LOCAL_VERSION = "local"
 
 

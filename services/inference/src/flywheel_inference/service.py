@@ -11,41 +11,20 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-from prometheus_client import Counter, Gauge, Histogram
 
 from flywheel_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_inference.metrics import ANSWERS, DURATION, QUEUE_DEPTH, TOKENS, TTFT
 from flywheel_inference.router import ModelRouter
 from flywheel_inference.settings import LimitSettings
 from flywheel_model.generation import QueueFull, SamplingParams, Sequence
 from flywheel_model.prompt import IncrementalDetokenizer
-from flywheel_model.retrieval import html_to_text, normalise_text
+from flywheel_model.retrieval import Passage, html_to_text, normalise_text
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
-TTFT = Histogram(
-    "flywheel_inference_time_to_first_token_seconds",
-    "Time from request to the first generated token, by model version.",
-    ["version"],
-    buckets=_LATENCY_BUCKETS,
-)
-DURATION = Histogram(
-    "flywheel_inference_request_duration_seconds",
-    "Time from request to the last token, by model version.",
-    ["version"],
-    buckets=_LATENCY_BUCKETS,
-)
-TOKENS = Counter("flywheel_inference_tokens_generated", "Tokens generated, by model version.", ["version"])
-QUEUE_DEPTH = Gauge("flywheel_inference_queue_depth", "Requests waiting or being generated.")
-ANSWERS = Counter(
-    "flywheel_inference_answers",
-    "Answers finished, by model version and finish reason.",
-    ["version", "reason"],
-)
 
 
 class InteractionSink(Protocol):
@@ -102,6 +81,35 @@ def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> _Re
     return _Request(text, page.title or html_title, page.url, question, request.session_id, params)
 
 
+@dataclass(frozen=True)
+class _Header:
+    """What is known before the first token: the signed query id, the version, the passages used."""
+
+    query_id: str
+    version: str
+    passages: list[Passage]
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """Text decoded since the last part."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class _Footer:
+    """The finished answer with its timing and token counts."""
+
+    answer: str
+    timing: inference_pb2.Timing
+    tokens: inference_pb2.TokenCounts
+    reason: str
+
+
+_Part = _Header | _Delta | _Footer
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Answers questions about pages with the model version the router picks for the session."""
 
@@ -124,7 +132,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def _generate(
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[_Part]:
         """Yields a header, then text deltas, then a footer; the shared core of both RPCs."""
         received = time.perf_counter()
         req = validate(request, self._limits)
@@ -141,7 +149,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def _run(
         self, req: _Request, context: grpc.aio.ServicerContext, received: float
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[_Part]:
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else self._limits.default_timeout_s)
         loop = asyncio.get_running_loop()
@@ -171,7 +179,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if attempt:
                     raise Unavailable("the model version is being replaced; retry") from exc
         query_id = self._signer.issue(loaded.version)
-        yield {"header": (query_id, loaded.version, prepared.passages)}
+        yield _Header(query_id, loaded.version, prepared.passages)
         detok = IncrementalDetokenizer(engine.encoder)
         first_token_at: float | None = None
         count = 0
@@ -184,7 +192,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         first_token_at = time.perf_counter()
                     delta = detok.push(value)
                     if delta:
-                        yield {"delta": delta}
+                        yield _Delta(delta)
                     continue
                 reason, error = value
                 break
@@ -214,14 +222,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         TTFT.labels(loaded.version).observe(ttft_s)
         DURATION.labels(loaded.version).observe(finished - received)
         TOKENS.labels(loaded.version).inc(count)
-        yield {"footer": (answer, timing, tokens, reason)}
+        yield _Footer(answer, timing, tokens, reason)
 
     def _log_interaction(
         self,
         query_id: str,
         version: str,
         req: _Request,
-        passages: list[Any],
+        passages: list[Passage],
         answer: str,
         timing: inference_pb2.Timing,
         tokens: inference_pb2.TokenCounts,
@@ -249,37 +257,35 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._sink.publish(query_id, event)
 
     @staticmethod
-    def _passages(passages: list[Any]) -> list[inference_pb2.Passage]:
+    def _passages(passages: list[Passage]) -> list[inference_pb2.Passage]:
         return [inference_pb2.Passage(index=p.index, text=p.text, score=p.score) for p in passages]
 
     async def Answer(
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.AnswerResponse:
         response = inference_pb2.AnswerResponse()
-        async for item in self._generate(request, context):
-            if "header" in item:
-                query_id, version, passages = item["header"]
-                response.query_id, response.model_version = query_id, version
-                response.passages.extend(self._passages(passages))
-            elif "footer" in item:
-                answer, timing, tokens, reason = item["footer"]
-                response.answer = answer
-                response.timing.CopyFrom(timing)
-                response.tokens.CopyFrom(tokens)
-                response.finish_reason = reason
+        async for part in self._generate(request, context):
+            if isinstance(part, _Header):
+                response.query_id, response.model_version = part.query_id, part.version
+                response.passages.extend(self._passages(part.passages))
+            elif isinstance(part, _Footer):
+                response.answer = part.answer
+                response.timing.CopyFrom(part.timing)
+                response.tokens.CopyFrom(part.tokens)
+                response.finish_reason = part.reason
         return response
 
     async def StreamAnswer(
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.AnswerChunk]:
-        async for item in self._generate(request, context):
-            if "header" in item:
-                query_id, version, passages = item["header"]
+        async for part in self._generate(request, context):
+            if isinstance(part, _Header):
                 yield inference_pb2.AnswerChunk(
-                    query_id=query_id, model_version=version, passages=self._passages(passages)
+                    query_id=part.query_id, model_version=part.version, passages=self._passages(part.passages)
                 )
-            elif "delta" in item:
-                yield inference_pb2.AnswerChunk(delta=item["delta"])
+            elif isinstance(part, _Delta):
+                yield inference_pb2.AnswerChunk(delta=part.text)
             else:
-                _answer, timing, tokens, reason = item["footer"]
-                yield inference_pb2.AnswerChunk(timing=timing, tokens=tokens, finish_reason=reason)
+                yield inference_pb2.AnswerChunk(
+                    timing=part.timing, tokens=part.tokens, finish_reason=part.reason
+                )

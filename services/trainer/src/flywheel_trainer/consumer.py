@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 from google.protobuf.message import DecodeError
-from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
-from kafka.structs import TopicPartition
 
 from flywheel_common.kafka import EventConsumer, decode
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -40,18 +36,7 @@ class TrainerConsumer(EventConsumer):
         self.store = store
         self._interactions_topic = topics.interactions
         self._feedback_topic = topics.feedback
-        self._kafka: KafkaConsumer | None = None
         self.records_handled = 0
-        # Called (on the consumer thread) when the group assigned partitions: readiness.
-        self.assigned_hook: Callable[[], object] | None = None
-
-    def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        if self.assigned_hook is not None:
-            self.assigned_hook()
-
-    def _consumer(self) -> KafkaConsumer:
-        self._kafka = super()._consumer()
-        return self._kafka
 
     def handle(self, records: list[ConsumerRecord]) -> None:
         interactions: list[events_pb2.Interaction] = []
@@ -83,19 +68,14 @@ class TrainerConsumer(EventConsumer):
 
     def _update_lag(self) -> None:
         # The high watermark comes with every fetch response: no extra request to the broker.
-        if self._kafka is None:
+        kafka = self.kafka
+        if kafka is None:
             return
         try:
-            for tp in self._kafka.assignment():
-                high = self._kafka.highwater(tp)
+            for tp in kafka.assignment():
+                high = kafka.highwater(tp)
                 if high is not None:
-                    lag = max(high - self._kafka.position(tp), 0)
+                    lag = max(high - kafka.position(tp), 0)
                     metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
         except KafkaError as exc:
             log.debug("consumer lag not updated: %s", exc)
-
-
-def stamp_heartbeat(path: Path) -> None:
-    """Touches the liveness file (creating its folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()

@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from flywheel_common.grpc_server import request_metadata
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, ReviewItem, ReviewReason
 from flywheel_trainer.trainer import Trainer
@@ -105,16 +106,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.TriggerBatchRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.TriggerBatchResponse:
         """Cuts a batch of whatever waits now (admin only); empty when nothing waits."""
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        self._auth.authenticate(metadata).require(Role.ADMIN)
+        self._auth.authenticate(request_metadata(context)).require(Role.ADMIN)
         cut = await self._trainer.cut("manual")
         if cut is None:
             return trainer_pb2.TriggerBatchResponse()
         return trainer_pb2.TriggerBatchResponse(dataset_id=cut.dataset_id, job_id=cut.job_id)
 
     def _reviewer(self, context: grpc.aio.ServicerContext) -> Principal:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        principal = self._auth.authenticate(metadata)
+        principal = self._auth.authenticate(request_metadata(context))
         principal.require(Role.EXPERT, Role.ADMIN)
         return principal
 

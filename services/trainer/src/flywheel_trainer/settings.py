@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 
 from flywheel_common.settings import (
+    AuthSettings,
     GrpcSettings,
     KafkaSettings,
     LoggingSettings,
@@ -17,13 +18,6 @@ from flywheel_common.settings import (
     TracingSettings,
     env_config,
 )
-
-
-class AuthSettings(BaseModel):
-    """Bearer tokens and their roles (TriggerBatch needs admin)."""
-
-    # A JSON or YAML file mapping token -> role; the development file when unset.
-    tokens_file: Path | None = None
 
 
 class ConsumerSettings(BaseModel):
@@ -150,6 +144,13 @@ class HyperParameters(BaseModel):
     # nothing is forgotten).
     replay_fraction: float = Field(default=0.5, ge=0)
     replay_max_examples: int = Field(default=64, ge=0)
+    # What an answer is taught as: the span of the passages it quotes (see job/targets.py), or the
+    # text as written; and whether answers the passages do not ground are kept or dropped.
+    target: Literal["as_written", "grounded_span"] = "grounded_span"
+    ungrounded: Literal["keep", "drop"] = "keep"
+    # Weight of the odds-ratio preference loss (ORPO) that pushes a corrected example's target above
+    # the model answer it corrected (0: supervised loss only).
+    preference_weight: float = Field(default=0.0, ge=0)
     seed: int = 1234
     gradient_checkpointing: bool = False
     max_grad_norm: float = Field(default=1.0, gt=0)
@@ -183,6 +184,3 @@ class JobSettings(BaseSettings):
     threads: int = Field(default=0, ge=0)
     hyper: HyperParameters = HyperParameters()
     verify: VerifySettings = VerifySettings()
-    # When set, the job emits the ModelCandidate event itself; otherwise the trainer does once the
-    # job succeeded (in Kubernetes training pods reach nothing but the artifact volume).
-    kafka: KafkaSettings | None = None

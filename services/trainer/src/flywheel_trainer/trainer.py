@@ -216,7 +216,6 @@ class Trainer:
             state=state,
             reason=reason,
             candidate_version=candidate if ok else "",
-            event_emitted=bool(ok and result.get("event_emitted")),
             finished_at=now,
             handle=handle or job.handle,
         )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel_common.errors import NotFound
 from flywheel_common.registry import ModelRegistry
+from flywheel_eval.metrics import contains
 from flywheel_model.prompt import PromptEncoder, build_messages
 from flywheel_model.retrieval import Passage
 from flywheel_trainer.datasets import Dataset
@@ -21,6 +22,8 @@ class Tokenized:
     example_id: str
     input_ids: list[int]
     prompt_len: int
+    # The same prompt with an answer to prefer less (the model answer a correction replaced), or empty.
+    rejected_ids: list[int] = field(default_factory=list)
 
     @property
     def answer_tokens(self) -> int:
@@ -55,11 +58,28 @@ def answer_ids(
     return [*ids, eos_ids[0]]
 
 
+def preference_pair(example: dict[str, Any]) -> str | None:
+    """The model answer an expert's correction replaced, when it is a real alternative to prefer less:
+    present, and not already holding the corrected answer."""
+    if example.get("source") != "correction":
+        return None
+    rejected = (example.get("model_answer") or "").strip()
+    if not rejected or contains(rejected, [example["answer"]]):
+        return None
+    return rejected
+
+
 def tokenize(
-    examples: Iterable[dict[str, Any]], encoder: PromptEncoder, eos_ids: Sequence[int], max_tokens: int
+    examples: Iterable[dict[str, Any]],
+    encoder: PromptEncoder,
+    eos_ids: Sequence[int],
+    max_tokens: int,
+    *,
+    preferences: bool = False,
 ) -> tuple[list[Tokenized], list[str]]:
     """Tokenized examples, and the ids of those skipped as longer than `max_tokens` (never truncated:
-    a truncated prompt is not one the model is ever asked)."""
+    a truncated prompt is not one the model is ever asked). With `preferences`, corrections carry the
+    answer they replaced as the rejected one."""
     out: list[Tokenized] = []
     skipped: list[str] = []
     for example in examples:
@@ -69,7 +89,13 @@ def tokenize(
         if len(prompt) + len(answer) > max_tokens:
             skipped.append(example["id"])
             continue
-        out.append(Tokenized(example["id"], [*prompt, *answer], len(prompt)))
+        rejected_text = preference_pair(example) if preferences else None
+        rejected: list[int] = []
+        if rejected_text is not None:
+            rejected_answer = answer_ids(encoder, messages, rejected_text, eos_ids)
+            if len(prompt) + len(rejected_answer) <= max_tokens:
+                rejected = [*prompt, *rejected_answer]
+        out.append(Tokenized(example["id"], [*prompt, *answer], len(prompt), rejected))
     return out, skipped
 
 

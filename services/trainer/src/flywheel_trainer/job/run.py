@@ -1,5 +1,5 @@
 """One training job, start to finish: dataset + base version -> adapter -> merged model -> ONNX ->
-checked -> registered candidate with lineage -> result file (-> ModelCandidate event).
+checked -> registered candidate with lineage -> result file (the trainer announces the candidate).
 
 Nothing reaches the registry until every step before it succeeded, and registration itself is
 all or nothing, so a failed job leaves no half-registered version.
@@ -87,7 +87,7 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
     from flywheel_model.prepare import export_onnx
     from flywheel_model.prompt import PromptEncoder
     from flywheel_model.runtime import DecoderSpec
-    from flywheel_trainer.job import data, train, verify
+    from flywheel_trainer.job import data, targets, train, verify
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -132,7 +132,10 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
     # The serving tokenizer and prompt (the base version's ONNX folder), and its stop tokens.
     encoder = PromptEncoder(parent.model_dir)
     eos_ids = DecoderSpec.load(parent.model_dir).eos_token_ids
-    examples, skipped = data.tokenize([*current, *replay], encoder, eos_ids, hyper.max_seq_tokens)
+    shaped, target_stats = targets.shape_targets([*current, *replay], hyper.target, hyper.ungrounded)
+    examples, skipped = data.tokenize(
+        shaped, encoder, eos_ids, hyper.max_seq_tokens, preferences=hyper.preference_weight > 0
+    )
     if not examples:
         raise RuntimeError(f"no example fits in {hyper.max_seq_tokens} tokens ({len(skipped)} skipped)")
     pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else eos_ids[0]
@@ -193,6 +196,8 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
             "answer_tokens": trained.answer_tokens,
             "total_tokens": trained.total_tokens,
             "seconds_per_step": round(trained.seconds_per_step, 3),
+            "targets": target_stats.as_dict(),
+            "preference_pairs": trained.preference_pairs,
             "device": device,
             "device_name": (
                 torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
@@ -250,7 +255,6 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
         "quantization": quantization,
         "timings": timings,
         "finished_at": now_iso(),
-        "event_emitted": False,
         "pid": os.getpid(),
     }
     write_result(settings.artifact_root, args.job_id, result)
@@ -274,33 +278,3 @@ def fail(settings: JobSettings, args: JobArgs, exc: BaseException, started: floa
     }
     write_result(settings.artifact_root, args.job_id, result)
     return result
-
-
-def emit_candidate(settings: JobSettings, result: dict[str, Any]) -> bool:
-    """Emits the ModelCandidate event when the job has Kafka settings; True once acknowledged."""
-    if settings.kafka is None:
-        return False
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    from flywheel_common.kafka import EventProducer
-    from flywheel_proto.flywheel.events.v1 import events_pb2
-
-    created = Timestamp()
-    created.GetCurrentTime()
-    event = events_pb2.ModelCandidate(
-        version=result["candidate_version"],
-        parent_version=result["base_version"],
-        dataset_id=result["dataset_id"],
-        job_id=result["job_id"],
-        created_at=created,
-    )
-    topic = settings.kafka.topics.candidates
-    producer = EventProducer(settings.kafka, linger_ms=0, max_block_ms=5000)
-    try:
-        producer.connect([topic])
-        producer.send(topic, event.version, event).get(timeout=settings.kafka.request_timeout_ms / 1000)
-    finally:
-        producer.close()
-    result["event_emitted"] = True
-    write_result(settings.artifact_root, result["job_id"], result)
-    return True

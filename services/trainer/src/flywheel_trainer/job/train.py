@@ -47,6 +47,9 @@ class TrainResult:
     answer_tokens: int = 0
     total_tokens: int = 0
     seconds: float = 0.0
+    # Summed odds-ratio loss and the preference pairs it was computed on (ORPO; 0 when off).
+    preference_loss: float = 0.0
+    preference_pairs: int = 0
 
     @property
     def seconds_per_step(self) -> float:
@@ -112,29 +115,69 @@ def _micro_batches(items: Sequence[Tokenized], size: int, order: list[int]) -> l
     return [[items[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
 
 
+def _answer_token_losses(
+    model: Any, sequences: Sequence[tuple[list[int], int]], pad_id: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each answer token of right-padded sequences (token ids, prompt length), and
+    the row each token belongs to."""
+    body, head = _parts(model)
+    width = max(len(ids) for ids, _ in sequences)
+    batch = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for r, (input_ids, prompt_len) in enumerate(sequences):
+        n = len(input_ids)
+        batch[r, :n] = torch.tensor(input_ids)
+        mask[r, :n] = 1
+        # Position p predicts token p + 1: the answer's tokens are predicted from prompt_len - 1 on.
+        positions = range(prompt_len - 1, n - 1)
+        rows += [r] * len(positions)
+        cols += list(positions)
+        targets += input_ids[prompt_len:]
+    hidden = body(input_ids=batch.to(device), attention_mask=mask.to(device)).last_hidden_state
+    row_index = torch.tensor(rows, device=device)
+    picked = hidden[row_index, torch.tensor(cols, device=device)]
+    logits = head(picked).float()
+    losses = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
+    return losses, row_index
+
+
+def _mean_per_row(values: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
+    sums = torch.zeros(count, device=values.device).index_add(0, rows, values)
+    sizes = torch.zeros(count, device=values.device).index_add(0, rows, torch.ones_like(values))
+    return sums / sizes
+
+
 def answer_loss_sum(
     model: Any, batch: Sequence[Tokenized], pad_id: int, device: str
 ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the answer tokens of a micro-batch, and how many there were."""
-    body, head = _parts(model)
-    width = max(len(t.input_ids) for t in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    rows, cols, targets = [], [], []
-    for r, t in enumerate(batch):
-        n = len(t.input_ids)
-        ids[r, :n] = torch.tensor(t.input_ids)
-        mask[r, :n] = 1
-        # Position p predicts token p + 1: the answer's tokens are predicted from prompt_len - 1 on.
-        positions = range(t.prompt_len - 1, n - 1)
-        rows += [r] * len(positions)
-        cols += list(positions)
-        targets += t.input_ids[t.prompt_len :]
-    hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-    logits = head(picked).float()
-    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device), reduction="sum")
-    return loss, len(targets)
+    losses, _rows = _answer_token_losses(model, [(t.input_ids, t.prompt_len) for t in batch], pad_id, device)
+    return losses.sum(), int(losses.numel())
+
+
+def odds_ratio_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor) -> torch.Tensor:
+    """ORPO's preference term per pair: -log sigmoid(log odds(chosen) - log odds(rejected)), where a
+    sequence's odds come from its mean answer-token log-probability (Hong et al., 2024)."""
+
+    def log_odds(logp: torch.Tensor) -> torch.Tensor:
+        logp = logp.clamp(max=-1e-6)
+        return logp - torch.log1p(-torch.exp(logp))
+
+    return -torch.nn.functional.logsigmoid(log_odds(chosen_logp) - log_odds(rejected_logp))
+
+
+def preference_loss_sum(
+    model: Any, batch: Sequence[Tokenized], pad_id: int, device: str
+) -> tuple[torch.Tensor, int]:
+    """Summed odds-ratio loss over the examples of a micro-batch that have a rejected answer."""
+    pairs = [t for t in batch if t.rejected_ids]
+    if not pairs:
+        return torch.zeros((), device=device), 0
+    sequences = [(t.input_ids, t.prompt_len) for t in pairs] + [(t.rejected_ids, t.prompt_len) for t in pairs]
+    losses, rows = _answer_token_losses(model, sequences, pad_id, device)
+    logp = -_mean_per_row(losses, rows, len(sequences))
+    return odds_ratio_loss(logp[: len(pairs)], logp[len(pairs) :]).sum(), len(pairs)
 
 
 def train(
@@ -184,10 +227,17 @@ def train(
                 break
             group = micro[s : s + hyper.gradient_accumulation]
             tokens = sum(t.answer_tokens for mb in group for t in mb)
+            pairs = sum(bool(t.rejected_ids) for mb in group for t in mb) if hyper.preference_weight else 0
             step_loss = 0.0
             for mb in group:
                 loss_sum, _n = answer_loss_sum(model, mb, pad_id, device)
-                (loss_sum / tokens).backward()
+                loss = loss_sum / tokens
+                if pairs:
+                    odds_sum, _pairs = preference_loss_sum(model, mb, pad_id, device)
+                    loss = loss + hyper.preference_weight * odds_sum / pairs
+                    result.preference_loss += float(odds_sum.detach())
+                    result.preference_pairs += _pairs
+                loss.backward()
                 step_loss += float(loss_sum.detach())
                 result.micro_batches += 1
                 result.examples_seen += len(mb)

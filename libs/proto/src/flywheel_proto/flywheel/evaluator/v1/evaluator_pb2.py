@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from flywheel_proto.flywheel.events.v1 import events_pb2 as flywheel_dot_events_dot_v1_dot_events__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%flywheel/evaluator/v1/evaluator.proto\x12\x15\x66lywheel.evaluator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"=\n\x0bMetricValue\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x02 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x03 \x01(\x01\"\x92\x02\n\x06Report\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\ngolden_set\x18\x02 \x01(\t\x12\x11\n\tquestions\x18\x03 \x01(\r\x12;\n\x07metrics\x18\x04 \x03(\x0b\x32*.flywheel.evaluator.v1.Report.MetricsEntry\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aR\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".flywheel.evaluator.v1.MetricValue:\x02\x38\x01\"\"\n\x0f\x45valuateRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"#\n\x10GetReportRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x9a\x02\n\x08\x44\x65\x63ision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61seline_version\x18\x03 \x01(\t\x12\x0e\n\x06passed\x18\x04 \x01(\x08\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12=\n\x07metrics\x18\x07 \x03(\x0b\x32,.flywheel.evaluator.v1.Decision.MetricsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"%\n\x14ListDecisionsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"K\n\x15ListDecisionsResponse\x12\x32\n\tdecisions\x18\x01 \x03(\x0b\x32\x1f.flywheel.evaluator.v1.Decision\"\x13\n\x11GetRolloutRequest\"}\n\x07Rollout\x12\x12\n\nproduction\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61nary\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61nary_fraction\x18\x03 \x01(\x01\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x14\n\x0c\x61uto_rollout\x18\x05 \x01(\x08\x12\x0f\n\x07history\x18\x06 \x03(\t\"1\n\x0eVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"(\n\x15SetAutoRolloutRequest\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x32\xd1\x05\n\x10\x45valuatorService\x12Q\n\x08\x45valuate\x12&.flywheel.evaluator.v1.EvaluateRequest\x1a\x1d.flywheel.evaluator.v1.Report\x12S\n\tGetReport\x12\'.flywheel.evaluator.v1.GetReportRequest\x1a\x1d.flywheel.evaluator.v1.Report\x12j\n\rListDecisions\x12+.flywheel.evaluator.v1.ListDecisionsRequest\x1a,.flywheel.evaluator.v1.ListDecisionsResponse\x12V\n\nGetRollout\x12(.flywheel.evaluator.v1.GetRolloutRequest\x1a\x1e.flywheel.evaluator.v1.Rollout\x12P\n\x07Promote\x12%.flywheel.evaluator.v1.VersionRequest\x1a\x1e.flywheel.evaluator.v1.Rollout\x12Q\n\x08Rollback\x12%.flywheel.evaluator.v1.VersionRequest\x1a\x1e.flywheel.evaluator.v1.Rollout\x12L\n\x03Pin\x12%.flywheel.evaluator.v1.VersionRequest\x1a\x1e.flywheel.evaluator.v1.Rollout\x12^\n\x0eSetAutoRollout\x12,.flywheel.evaluator.v1.SetAutoRolloutRequest\x1a\x1e.flywheel.evaluator.v1.Rolloutb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%flywheel/evaluator/v1/evaluator.proto\x12\x15\x66lywheel.evaluator.v1\x1a\x1f\x66lywheel/events/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"=\n\x0bMetricValue\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x02 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x03 \x01(\x01\"\x92\x02\n\x06Report\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\ngolden_set\x18\x02 \x01(\t\x12\x11\n\tquestions\x18\x03 \x01(\r\x12;\n\x07metrics\x18\x04 \x03(\x0b\x32*.flywheel.evaluator.v1.Report.MetricsEntry\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1aR\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".flywheel.evaluator.v1.MetricValue:\x02\x38\x01\"\"\n\x0f\x45valuateRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"#\n\x10GetReportRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xc4\x02\n\x08\x44\x65\x63ision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61seline_version\x18\x03 \x01(\t\x12\x0e\n\x06passed\x18\x04 \x01(\x08\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12=\n\x07metrics\x18\x07 \x03(\x0b\x32,.flywheel.evaluator.v1.Decision.MetricsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06\x61\x63tion\x18\t \x01(\x0e\x32\".flywheel.events.v1.DecisionAction\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x05\x10\x06\"%\n\x14ListDecisionsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"K\n\x15ListDecisionsResponse\x12\x32\n\tdecisions\x18\x01 \x03(\x0b\x32\x1f.flywheel.evaluator.v1.Decision\"\x13\n\x11GetRolloutRequest\"}\n\x07Rollout\x12\x12\n\nproduction\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61nary\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61nary_fraction\x18\x03 \x01(\x01\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x14\n\x0c\x61uto_rollout\x18\x05 \x01(\x08\x12\x0f\n\x07history\x18\x06 \x03(\t\"E\n\x0eVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"(\n\x15SetAutoRolloutRequest\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x32\xd1\x05\n\x10\x45valuatorService\x12Q\n\x08\x45valuate\x12&.flywheel.evaluator.v1.EvaluateRequest\x1a\x1d.flywheel.evaluator.v1.Report\x12S\n\tGetReport\x12\'.flywheel.evaluator.v1.GetReportRequest\x1a\x1d.flywheel.evaluator.v1.Report\x12j\n\rListDecisions\x12+.flywheel.evaluator.v1.ListDecisionsRequest\x1a,.flywheel.evaluator.v1.ListDecisionsResponse\x12V\n\nGetRollout\x12(.flywheel.evaluator.v1.GetRolloutRequest\x1a\x1e.flywheel.evaluator.v1.Rollout\x12P\n\x07Promote\x12%.flywheel.evaluator.v1.VersionRequest\x1a\x1e.flywheel.evaluator.v1.Rollout\x12Q\n\x08Rollback\x12%.flywheel.evaluator.v1.VersionRequest\x1a\x1e.flywheel.evaluator.v1.Rollout\x12L\n\x03Pin\x12%.flywheel.evaluator.v1.VersionRequest\x1a\x1e.flywheel.evaluator.v1.Rollout\x12^\n\x0eSetAutoRollout\x12,.flywheel.evaluator.v1.SetAutoRolloutRequest\x1a\x1e.flywheel.evaluator.v1.Rolloutb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +37,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_DECISION_METRICSENTRY']._loaded_options = None
   _globals['_DECISION_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_METRICVALUE']._serialized_start=97
-  _globals['_METRICVALUE']._serialized_end=158
-  _globals['_REPORT']._serialized_start=161
-  _globals['_REPORT']._serialized_end=435
-  _globals['_REPORT_METRICSENTRY']._serialized_start=353
-  _globals['_REPORT_METRICSENTRY']._serialized_end=435
-  _globals['_EVALUATEREQUEST']._serialized_start=437
-  _globals['_EVALUATEREQUEST']._serialized_end=471
-  _globals['_GETREPORTREQUEST']._serialized_start=473
-  _globals['_GETREPORTREQUEST']._serialized_end=508
-  _globals['_DECISION']._serialized_start=511
-  _globals['_DECISION']._serialized_end=793
-  _globals['_DECISION_METRICSENTRY']._serialized_start=747
-  _globals['_DECISION_METRICSENTRY']._serialized_end=793
-  _globals['_LISTDECISIONSREQUEST']._serialized_start=795
-  _globals['_LISTDECISIONSREQUEST']._serialized_end=832
-  _globals['_LISTDECISIONSRESPONSE']._serialized_start=834
-  _globals['_LISTDECISIONSRESPONSE']._serialized_end=909
-  _globals['_GETROLLOUTREQUEST']._serialized_start=911
-  _globals['_GETROLLOUTREQUEST']._serialized_end=930
-  _globals['_ROLLOUT']._serialized_start=932
-  _globals['_ROLLOUT']._serialized_end=1057
-  _globals['_VERSIONREQUEST']._serialized_start=1059
-  _globals['_VERSIONREQUEST']._serialized_end=1108
-  _globals['_SETAUTOROLLOUTREQUEST']._serialized_start=1110
-  _globals['_SETAUTOROLLOUTREQUEST']._serialized_end=1150
-  _globals['_EVALUATORSERVICE']._serialized_start=1153
-  _globals['_EVALUATORSERVICE']._serialized_end=1874
+  _globals['_METRICVALUE']._serialized_start=130
+  _globals['_METRICVALUE']._serialized_end=191
+  _globals['_REPORT']._serialized_start=194
+  _globals['_REPORT']._serialized_end=468
+  _globals['_REPORT_METRICSENTRY']._serialized_start=386
+  _globals['_REPORT_METRICSENTRY']._serialized_end=468
+  _globals['_EVALUATEREQUEST']._serialized_start=470
+  _globals['_EVALUATEREQUEST']._serialized_end=504
+  _globals['_GETREPORTREQUEST']._serialized_start=506
+  _globals['_GETREPORTREQUEST']._serialized_end=541
+  _globals['_DECISION']._serialized_start=544
+  _globals['_DECISION']._serialized_end=868
+  _globals['_DECISION_METRICSENTRY']._serialized_start=816
+  _globals['_DECISION_METRICSENTRY']._serialized_end=862
+  _globals['_LISTDECISIONSREQUEST']._serialized_start=870
+  _globals['_LISTDECISIONSREQUEST']._serialized_end=907
+  _globals['_LISTDECISIONSRESPONSE']._serialized_start=909
+  _globals['_LISTDECISIONSRESPONSE']._serialized_end=984
+  _globals['_GETROLLOUTREQUEST']._serialized_start=986
+  _globals['_GETROLLOUTREQUEST']._serialized_end=1005
+  _globals['_ROLLOUT']._serialized_start=1007
+  _globals['_ROLLOUT']._serialized_end=1132
+  _globals['_VERSIONREQUEST']._serialized_start=1134
+  _globals['_VERSIONREQUEST']._serialized_end=1203
+  _globals['_SETAUTOROLLOUTREQUEST']._serialized_start=1205
+  _globals['_SETAUTOROLLOUTREQUEST']._serialized_end=1245
+  _globals['_EVALUATORSERVICE']._serialized_start=1248
+  _globals['_EVALUATORSERVICE']._serialized_end=1969
 # @@protoc_insertion_point(module_scope)

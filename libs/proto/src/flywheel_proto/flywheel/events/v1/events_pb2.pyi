@@ -79,6 +79,42 @@ GATE_OUTCOME_PASSED: GateOutcome.ValueType  # 1
 GATE_OUTCOME_FAILED: GateOutcome.ValueType  # 2
 Global___GateOutcome: _TypeAlias = GateOutcome  # noqa: Y015
 
+class _DecisionAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DecisionActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecisionAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECISION_ACTION_UNSPECIFIED: _DecisionAction.ValueType  # 0
+    DECISION_ACTION_GATE: _DecisionAction.ValueType  # 1
+    """The gate judged a candidate (passed: a canary started or it was promoted)."""
+    DECISION_ACTION_CANARY_PROMOTE: _DecisionAction.ValueType  # 2
+    DECISION_ACTION_CANARY_SUPERSEDED: _DecisionAction.ValueType  # 3
+    """A newer candidate replaced the running canary."""
+    DECISION_ACTION_ROLLBACK: _DecisionAction.ValueType  # 4
+    DECISION_ACTION_MANUAL_PROMOTE: _DecisionAction.ValueType  # 5
+    DECISION_ACTION_PIN: _DecisionAction.ValueType  # 6
+    DECISION_ACTION_UNPIN: _DecisionAction.ValueType  # 7
+    DECISION_ACTION_AUTO_ROLLOUT_ON: _DecisionAction.ValueType  # 8
+    DECISION_ACTION_AUTO_ROLLOUT_OFF: _DecisionAction.ValueType  # 9
+
+class DecisionAction(_DecisionAction, metaclass=_DecisionActionEnumTypeWrapper):
+    """What a decision did to the rollout."""
+
+DECISION_ACTION_UNSPECIFIED: DecisionAction.ValueType  # 0
+DECISION_ACTION_GATE: DecisionAction.ValueType  # 1
+"""The gate judged a candidate (passed: a canary started or it was promoted)."""
+DECISION_ACTION_CANARY_PROMOTE: DecisionAction.ValueType  # 2
+DECISION_ACTION_CANARY_SUPERSEDED: DecisionAction.ValueType  # 3
+"""A newer candidate replaced the running canary."""
+DECISION_ACTION_ROLLBACK: DecisionAction.ValueType  # 4
+DECISION_ACTION_MANUAL_PROMOTE: DecisionAction.ValueType  # 5
+DECISION_ACTION_PIN: DecisionAction.ValueType  # 6
+DECISION_ACTION_UNPIN: DecisionAction.ValueType  # 7
+DECISION_ACTION_AUTO_ROLLOUT_ON: DecisionAction.ValueType  # 8
+DECISION_ACTION_AUTO_ROLLOUT_OFF: DecisionAction.ValueType  # 9
+Global___DecisionAction: _TypeAlias = DecisionAction  # noqa: Y015
+
 @_typing.final
 class Interaction(_message.Message):
     """One answer the inference service gave; keyed by query id."""
@@ -268,16 +304,15 @@ class GateDecision(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     BASELINE_VERSION_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
-    ACTION_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     version: _builtins.str
     baseline_version: _builtins.str
     outcome: Global___GateOutcome.ValueType
-    action: _builtins.str
-    """"gate", "canary_promote", "rollback", "pin", "manual_promote"."""
+    action: Global___DecisionAction.ValueType
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -291,10 +326,10 @@ class GateDecision(_message.Message):
         version: _builtins.str = ...,
         baseline_version: _builtins.str = ...,
         outcome: Global___GateOutcome.ValueType = ...,
-        action: _builtins.str = ...,
         reasons: _abc.Iterable[_builtins.str] | None = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        action: Global___DecisionAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -9,11 +9,12 @@ import socket
 import time
 from pathlib import Path
 
-from flywheel_cli.kafka_broker import LocalBroker, repo_root
+from flywheel_cli.local.kafka_broker import LocalBroker
+from flywheel_common.files import cache_root
 
 
 def _home(args: argparse.Namespace) -> Path:
-    return Path(args.data_dir) if args.data_dir else repo_root() / ".cache" / "kafka" / "local"
+    return Path(args.data_dir) if args.data_dir else cache_root() / "kafka" / "local"
 
 
 def _pid_file(home: Path) -> Path:

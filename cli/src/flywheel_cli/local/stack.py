@@ -20,7 +20,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flywheel_cli.kafka_broker import LocalBroker, free_port, repo_root
+from flywheel_cli.local.kafka_broker import LocalBroker, free_port
 from flywheel_common.kafka import ensure_topics
 from flywheel_common.settings import KafkaSettings, TopicSettings
 
@@ -297,11 +297,10 @@ class LocalStack:
         return self
 
     def _prepare_model(self) -> None:
-        from flywheel_cli.model_cmd import ensure_prepared, register_base
-        from flywheel_model.prepare import ExportOptions
+        from flywheel_model.prepare import ExportOptions, ensure_prepared, register_base
 
-        model_dir = ensure_prepared(None, ExportOptions(), None, force=False)
-        self.base_version = register_base(model_dir, self.config.artifact_root.resolve())
+        model_dir = ensure_prepared(None, ExportOptions(), None, force=False, echo=self.echo)
+        self.base_version = register_base(model_dir, self.config.artifact_root.resolve(), echo=self.echo)
 
     def _start_kafka(self) -> None:
         config = self.config
@@ -434,6 +433,5 @@ __all__ = [
     "StackConfig",
     "StackError",
     "check_health",
-    "repo_root",
     "service_specs",
 ]

@@ -37,11 +37,13 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from flywheel_cli.report import ExamItem, ExamResult, Report, RoundResult, pct
+from flywheel_cli.decisions import action_name, decision_json, timestamp
+from flywheel_cli.simulation.report import ExamItem, ExamResult, Report, RoundResult, pct
 from flywheel_eval.dataset import Dataset, QAItem, load_dataset
 from flywheel_eval.metrics import score_item, summarize
 from flywheel_model.retrieval import html_to_text
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
@@ -379,7 +381,7 @@ class Simulation:
                 "canary_visits": canary_visits,
             },
             jobs=[_job_json(j) for j in jobs],
-            decisions=[_decision_json(d) for d in decisions],
+            decisions=[decision_json(d) for d in decisions],
             rollout=rollout,
             timings_s=timings,
         )
@@ -633,7 +635,7 @@ class Simulation:
                     verdict = "passed" if d.passed else "failed"
                     self.progress.log(
                         f"round {number}: gate {verdict} for {d.version} "
-                        f"({d.action or 'no action'}): {'; '.join(d.reasons)}"
+                        f"({action_name(d.action)}): {'; '.join(d.reasons)}"
                     )
                 self.progress.finish(task)
                 return decisions
@@ -685,17 +687,16 @@ def rollout_outcome(
     """How the round's rollout ended, in a few words, from the decisions recorded during it."""
     if not candidates:
         return ""
-    words = {"canary_promote": "promoted after canary", "rollback": "canary rolled back"}
+    words = {
+        events_pb2.DECISION_ACTION_CANARY_PROMOTE: "promoted after canary",
+        events_pb2.DECISION_ACTION_ROLLBACK: "canary rolled back",
+    }
     for decision in reversed(decisions):
         if decision.version in candidates and decision.action in words:
             return f"{words[decision.action]}; {production} serves"
     if production in candidates:
         return f"promoted; {production} serves"
     return f"{production} still serves"
-
-
-def _timestamp(ts: Any) -> str | None:
-    return ts.ToDatetime(tzinfo=dt.UTC).isoformat(timespec="seconds") if ts.seconds else None
 
 
 def _job_json(job: trainer_pb2.Job) -> dict[str, Any]:
@@ -708,24 +709,11 @@ def _job_json(job: trainer_pb2.Job) -> dict[str, Any]:
         "reason": job.reason,
         "candidate_version": job.candidate_version,
         "examples": job.examples,
-        "created_at": _timestamp(job.created_at),
-        "started_at": _timestamp(started),
-        "finished_at": _timestamp(finished),
+        "created_at": timestamp(job.created_at),
+        "started_at": timestamp(started),
+        "finished_at": timestamp(finished),
         "run_s": (finished.ToSeconds() - started.ToSeconds())
         if started.seconds and finished.seconds
         else None,
         "launcher": job.launcher,
-    }
-
-
-def _decision_json(decision: evaluator_pb2.Decision) -> dict[str, Any]:
-    return {
-        "decision_id": decision.decision_id,
-        "version": decision.version,
-        "baseline_version": decision.baseline_version,
-        "passed": decision.passed,
-        "action": decision.action,
-        "reasons": list(decision.reasons),
-        "metrics": dict(decision.metrics),
-        "created_at": _timestamp(decision.created_at),
     }

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -18,8 +17,11 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from flywheel_cli import report as report_mod
-from flywheel_cli.simulate import (
+from flywheel_cli.console import make_console
+from flywheel_cli.local.options import add_stack_args, print_table, stack_config
+from flywheel_cli.local.stack import LocalStack, StackError
+from flywheel_cli.simulation import report as report_mod
+from flywheel_cli.simulation.simulate import (
     DEFAULT_TEMPLATE,
     Simulation,
     SimulationConfig,
@@ -28,9 +30,6 @@ from flywheel_cli.simulate import (
     Tokens,
 )
 from flywheel_eval.dataset import DatasetError
-
-if TYPE_CHECKING:
-    from flywheel_cli.stack import LocalStack
 
 
 class RichProgress:
@@ -85,9 +84,10 @@ def simulation_config(args: argparse.Namespace, dataset: Path, targets: Targets)
     )
 
 
-def run_simulation(args: argparse.Namespace, stack: LocalStack | None, console: Console) -> int:
-    """Runs a simulation (against `stack`, or the flags' targets); prints and writes the report."""
-    dataset = Path(getattr(args, "simulate", None) or args.dataset)
+def run_simulation(
+    args: argparse.Namespace, stack: LocalStack | None, console: Console, dataset: Path
+) -> int:
+    """Runs a simulation on `dataset` (against `stack` or the flags' targets); prints, writes the report."""
     if stack is not None:
         t = stack.targets
         targets = Targets(t["inference"], t["feedback"], t.get("trainer", ""), t.get("evaluator", ""))
@@ -124,21 +124,17 @@ def run_simulation(args: argparse.Namespace, stack: LocalStack | None, console: 
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from flywheel_cli.up_cmd import make_console
-
     console = make_console()
+    dataset = Path(args.dataset)
     if args.up:
-        from flywheel_cli.stack import LocalStack, StackError
-        from flywheel_cli.up_cmd import print_table, stack_config
-
         try:
-            with LocalStack(stack_config(args), echo=console.print) as stack:
+            with LocalStack(stack_config(args, dataset), echo=console.print) as stack:
                 print_table(console, stack)
-                return run_simulation(args, stack, console)
+                return run_simulation(args, stack, console, dataset)
         except StackError as exc:
             console.print(f"[red]could not start the stack:[/] {exc}")
             return 1
-    return run_simulation(args, None, console)
+    return run_simulation(args, None, console, dataset)
 
 
 def add_simulation_args(
@@ -179,8 +175,6 @@ def add_simulation_args(
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Adds `simulate` to the flywheel command."""
-    from flywheel_cli.up_cmd import add_stack_args
-
     sim = subparsers.add_parser(
         "simulate",
         help="simulated visitors and an expert drive the running system; writes a report",

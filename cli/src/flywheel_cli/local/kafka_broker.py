@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from flywheel_common.files import cache_root, repo_root
+
 log = logging.getLogger(__name__)
 
 # Printed by kafka.Kafka once the broker accepts client requests.
@@ -32,14 +34,9 @@ _JVM_OPTIONS = (
 )
 
 
-def repo_root() -> Path:
-    """The checkout this module lives in (the workspace installs it editable)."""
-    return Path(__file__).resolve().parents[3]
-
-
 def default_libs_dir() -> Path:
     """Where Maven copies the broker's jars (git-ignored)."""
-    return repo_root() / ".cache" / "kafka" / "libs"
+    return cache_root() / "kafka" / "libs"
 
 
 def ensure_jars(libs_dir: Path | None = None) -> Path:

@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from typing import Any
 
 import grpc
 
+from flywheel_cli.decisions import action_name, decision_json
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
@@ -31,7 +33,7 @@ def _print_decision(d: evaluator_pb2.Decision, verbose: bool) -> None:
     when = d.created_at.ToDatetime().isoformat(timespec="seconds") if d.created_at.seconds else ""
     outcome = "passed" if d.passed else "failed"
     against = f" vs {d.baseline_version}" if d.baseline_version else ""
-    print(f"{when}  {d.action:17} {d.version}{against}: {outcome}")
+    print(f"{when}  {action_name(d.action):17} {d.version}{against}: {outcome}")
     for reason in d.reasons if verbose else d.reasons[:2]:
         print(f"    {reason}")
 
@@ -39,12 +41,15 @@ def _print_decision(d: evaluator_pb2.Decision, verbose: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FLYWHEEL_ADMIN_TOKEN") or DEV_ADMIN_TOKEN
     metadata = (("authorization", f"Bearer {token}"),)
+    args.request_id = getattr(args, "request_id", "") or uuid.uuid4().hex
     with grpc.insecure_channel(args.target) as channel:
         stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
         try:
             return int(_call(stub, args, metadata))
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            if args.rollout_command in ("promote", "rollback"):
+                print(f"to retry without moving twice, add --request-id {args.request_id}", file=sys.stderr)
             return 1
 
 
@@ -56,7 +61,7 @@ def _call(stub: evaluator_pb2_grpc.EvaluatorServiceStub, args: argparse.Namespac
     elif command == "decisions":
         reply = stub.ListDecisions(evaluator_pb2.ListDecisionsRequest(limit=args.limit), timeout=timeout)
         if args.json:
-            print(json.dumps([_decision_json(d) for d in reply.decisions], indent=2))
+            print(json.dumps([decision_json(d) for d in reply.decisions], indent=2))
         for d in [] if args.json else reply.decisions:
             _print_decision(d, args.verbose)
     elif command in ("report", "evaluate"):
@@ -80,7 +85,9 @@ def _call(stub: evaluator_pb2_grpc.EvaluatorServiceStub, args: argparse.Namespac
         else:
             print(report.summary)
     else:
-        request = evaluator_pb2.VersionRequest(version=getattr(args, "version", "") or "", reason=args.reason)
+        request = evaluator_pb2.VersionRequest(
+            version=getattr(args, "version", "") or "", reason=args.reason, request_id=args.request_id
+        )
         if command == "promote":
             rollout = stub.Promote(request, metadata=metadata, timeout=timeout)
         elif command == "rollback":
@@ -97,19 +104,6 @@ def _call(stub: evaluator_pb2_grpc.EvaluatorServiceStub, args: argparse.Namespac
             )
         _print_rollout(rollout, 0)
     return 0
-
-
-def _decision_json(d: evaluator_pb2.Decision) -> dict[str, Any]:
-    return {
-        "decision_id": d.decision_id,
-        "version": d.version,
-        "baseline_version": d.baseline_version,
-        "passed": d.passed,
-        "action": d.action,
-        "reasons": list(d.reasons),
-        "metrics": dict(d.metrics),
-        "created_at": d.created_at.ToJsonString() if d.created_at.seconds else None,
-    }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -151,4 +145,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     auto.add_argument("state", choices=["on", "off"])
     for cmd in (promote, back, pin, commands.choices["unpin"]):
         cmd.add_argument("--reason", default="", help="recorded with the decision")
+    for cmd in (promote, back):
+        cmd.add_argument(
+            "--request-id",
+            default="",
+            help="repeat a call that failed with the id it printed: the move is applied once (default: new)",
+        )
     auto.set_defaults(reason="")

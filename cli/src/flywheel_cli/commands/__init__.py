@@ -1,0 +1,1 @@
+"""The `flywheel` subcommands: each module adds one with `register(subparsers)`."""

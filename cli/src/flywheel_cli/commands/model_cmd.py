@@ -1,0 +1,61 @@
+"""`flywheel model prepare|list`: make the ONNX model reproducibly and register it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flywheel_common.registry import ModelRegistry
+from flywheel_model.prepare import ExportOptions, ensure_prepared, register_base
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    try:
+        options = ExportOptions(precision=args.precision, provider=args.provider)
+    except ValueError as error:
+        print(f"flywheel model prepare: {error}", file=sys.stderr)
+        return 2
+    source = Path(args.source) if args.source else None
+    out = ensure_prepared(source, options, Path(args.out) if args.out else None, force=args.force, echo=print)
+    if not args.no_register:
+        register_base(out, Path(args.artifact_root), echo=print)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    registry = ModelRegistry(Path(args.artifact_root))
+    state = registry.state()
+    for version in registry.list_versions():
+        role = "production" if version.version == state.production else ""
+        role = "canary" if version.version == state.canary else role
+        print(f"{version.version:6} {version.kind:10} {version.manifest.get('created_at', ''):26} {role}")
+    print(
+        json.dumps({"production": state.production, "canary": state.canary, "split": state.canary_fraction})
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Adds `model prepare|list` to the flywheel command."""
+    model = subparsers.add_parser("model", help="prepare, export and list model versions")
+    commands = model.add_subparsers(dest="model_command", required=True)
+    prep = commands.add_parser(
+        "prepare", help="GGUF or Hugging Face folder -> fp32 HF folder -> ONNX (cached), then register it"
+    )
+    prep.add_argument(
+        "--source", help="a .gguf file or a Hugging Face causal-LM folder (default: SmolLM2-135M)"
+    )
+    prep.add_argument("--precision", choices=["fp32", "fp16", "int4"], default="fp32")
+    prep.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    prep.add_argument("--out", help="output folder (default .cache/models/<name>-<precision>-<provider>)")
+    prep.add_argument("--force", action="store_true", help="prepare again even if the cache matches")
+    prep.add_argument(
+        "--artifact-root", default="var/artifacts", help="registry root (default var/artifacts)"
+    )
+    prep.add_argument("--no-register", action="store_true", help="only prepare, do not register")
+    prep.set_defaults(func=_prepare)
+    lst = commands.add_parser("list", help="list registered versions and the rollout state")
+    lst.add_argument("--artifact-root", default="var/artifacts")
+    lst.set_defaults(func=_list)

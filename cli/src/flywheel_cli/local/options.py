@@ -1,0 +1,54 @@
+"""The flags that place a local stack, its configuration from them, and the table of what it runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from flywheel_cli.local.stack import DEFAULT_DATASET, LocalStack, StackConfig
+
+
+def add_stack_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that say where the local stack lives and which broker it uses."""
+    parser.add_argument(
+        "--var", default="var", help="state folder: artifacts, logs, broker data (default var)"
+    )
+    parser.add_argument(
+        "--kafka",
+        metavar="HOST:PORT",
+        help="use this Kafka broker (default: the one on 127.0.0.1:9092, started if none listens)",
+    )
+    parser.add_argument(
+        "--golden",
+        metavar="DIR",
+        help="dataset whose `gate` split the evaluator gates on (default: the simulated one)",
+    )
+    parser.add_argument(
+        "--free-ports", action="store_true", help="pick free ports instead of 50051-50054 / 9101-9104"
+    )
+
+
+def stack_config(args: argparse.Namespace, dataset: Path | str | None) -> StackConfig:
+    """The stack's configuration from the stack flags; the evaluator gates on `--golden`, else `dataset`."""
+    return StackConfig(
+        var_dir=Path(args.var),
+        kafka_bootstrap=args.kafka,
+        dataset=Path(args.golden or dataset or DEFAULT_DATASET),
+        free_ports=args.free_ports,
+    )
+
+
+def print_table(console: Console, stack: LocalStack) -> None:
+    """Which port serves what, and where each service logs."""
+    table = Table(title="Flywheel is running", title_justify="left")
+    for column in ("service", "address", "/metrics", "log", "what it does"):
+        table.add_column(column, no_wrap=column != "what it does")
+    for row in stack.table_rows():
+        table.add_row(*row)
+    console.print(table)
+    if stack.skipped:
+        console.print(f"[yellow]not installed here, not started:[/] {', '.join(stack.skipped)}")
+    console.print("gRPC services answer health checks (grpc.health.v1); /metrics is Prometheus over HTTP.")

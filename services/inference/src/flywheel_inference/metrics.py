@@ -1,0 +1,37 @@
+"""The inference service's Prometheus metrics (the chart's alerts and serving dashboard query these names)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+TTFT = Histogram(
+    "flywheel_inference_time_to_first_token_seconds",
+    "Time from request to the first generated token, by model version.",
+    ["version"],
+    buckets=_LATENCY_BUCKETS,
+)
+DURATION = Histogram(
+    "flywheel_inference_request_duration_seconds",
+    "Time from request to the last token, by model version.",
+    ["version"],
+    buckets=_LATENCY_BUCKETS,
+)
+TOKENS = Counter("flywheel_inference_tokens_generated", "Tokens generated, by model version.", ["version"])
+QUEUE_DEPTH = Gauge("flywheel_inference_queue_depth", "Requests waiting or being generated.")
+ANSWERS = Counter(
+    "flywheel_inference_answers",
+    "Answers finished, by model version and finish reason.",
+    ["version", "reason"],
+)
+MODEL_INFO = Gauge(
+    "flywheel_inference_model_info",
+    "Model versions loaded, by role (production/canary) and execution provider (1 = loaded).",
+    ["version", "role", "provider"],
+)
+INTERACTIONS_BUFFERED = Gauge(
+    "flywheel_inference_interactions_buffered", "Interactions accepted but not yet acknowledged by Kafka."
+)
+INTERACTIONS_DROPPED = Counter(
+    "flywheel_inference_interactions_dropped", "Interactions dropped because the buffer was full."
+)

@@ -1,0 +1,143 @@
+"""Training targets: an answer is taught as the span of the page it quotes, and little else.
+
+A correction is written by a person ("It was Guido van Rossum, at CWI."), and an answer that visitors
+rated high is the model's own sentence. What a reader of the page should learn to say is the part of
+it that the page itself says: the longest run of the answer's words found in the passages the model
+was given, trimmed of function words and of words the question already has. An answer whose content
+the passages do not hold (retrieval missed it) is *ungrounded*: training on it teaches the model to
+answer from memory, which does not carry over to other questions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bm25s.stopwords import STOPWORDS_EN
+
+from flywheel_eval.metrics import normalize_answer
+
+_STOP = frozenset(STOPWORDS_EN) | {
+    "",
+    "i",
+    "you",
+    "we",
+    "they",
+    "he",
+    "she",
+    "its",
+    "so",
+    "do",
+    "does",
+    "did",
+}
+_TRAILING = ".,;:!?\"'\u201d\u2019)"
+_LEADING = "\"'\u201c\u2018("
+# Share of the answer's content words (not function words, not the question's words) that the span
+# must hold for the answer to count as grounded.
+MIN_COVERAGE = 0.5
+
+TargetMode = Literal["as_written", "grounded_span"]
+UngroundedMode = Literal["keep", "drop"]
+
+
+@dataclass(frozen=True)
+class _Word:
+    norm: str
+    start: int
+    end: int
+
+
+def _words(text: str) -> list[_Word]:
+    out = []
+    position = 0
+    for raw in text.split():
+        start = text.index(raw, position)
+        position = start + len(raw)
+        out.append(_Word(normalize_answer(raw), start, position))
+    return [w for w in out if w.norm]
+
+
+def grounded_span(answer: str, passages: Sequence[str], question: str = "") -> str | None:
+    """The passage text that grounds `answer` (quoted as the passage has it), or None when the passages
+    do not hold most of its content."""
+    asked = {token for token in normalize_answer(question).split()}
+    said = _words(answer)
+    content = [w.norm not in _STOP and not set(w.norm.split()) <= asked for w in said]
+    needed = sum(content)
+    if not needed:
+        return None
+    prefix = [0]
+    for flag in content:
+        prefix.append(prefix[-1] + flag)
+    best: tuple[int, int, str, int, int] | None = None  # (score, -length, passage, first, last word)
+    for index, passage in enumerate(passages):
+        words = _words(passage)
+        previous = [0] * (len(said) + 1)
+        for j, word in enumerate(words):
+            current = [0] * (len(said) + 1)
+            for i, spoken in enumerate(said):
+                if spoken.norm == word.norm:
+                    run = previous[i] + 1
+                    current[i + 1] = run
+                    score = prefix[i + 1] - prefix[i + 1 - run]
+                    key = (score, -run, str(index), j - run + 1, j)
+                    if best is None or key[:2] > best[:2]:
+                        best = key
+            previous = current
+    if best is None or best[0] < max(1, math.ceil(MIN_COVERAGE * needed)):
+        return None
+    words = _words(passages[int(best[2])])
+    first, last = best[3], best[4]
+    # Function words and the question's own words at either end are not part of the answer.
+    while first < last and (words[first].norm in _STOP or set(words[first].norm.split()) <= asked):
+        first += 1
+    while last > first and (words[last].norm in _STOP or set(words[last].norm.split()) <= asked):
+        last -= 1
+    text = passages[int(best[2])][words[first].start : words[last].end]
+    return text.rstrip(_TRAILING).lstrip(_LEADING) or None
+
+
+@dataclass
+class TargetStats:
+    """How the examples' targets were shaped, for the candidate's lineage."""
+
+    grounded: int = 0
+    ungrounded: int = 0
+    dropped: int = 0
+    shortened: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "grounded": self.grounded,
+            "ungrounded": self.ungrounded,
+            "dropped": self.dropped,
+            "shortened": self.shortened,
+        }
+
+
+def shape_targets(
+    examples: Iterable[dict[str, Any]], target: TargetMode, ungrounded: UngroundedMode
+) -> tuple[list[dict[str, Any]], TargetStats]:
+    """The examples with their answers as spans of their passages (`grounded_span`) or as written;
+    ungrounded ones kept or dropped."""
+    out: list[dict[str, Any]] = []
+    stats = TargetStats()
+    for example in examples:
+        span = grounded_span(example["answer"], example.get("passages") or [], example["question"])
+        if span is None:
+            stats.ungrounded += 1
+            if ungrounded == "drop":
+                stats.dropped += 1
+                continue
+            out.append(example)
+            continue
+        stats.grounded += 1
+        if target == "grounded_span" and span != example["answer"].strip():
+            stats.shortened += 1
+            out.append({**example, "answer": span, "written_answer": example["answer"]})
+        else:
+            out.append(example)
+    return out, stats
