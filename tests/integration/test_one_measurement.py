@@ -10,12 +10,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flywheel_cli.simulate import visitor_request
+from flywheel_cli.simulation.simulate import visitor_request
 from flywheel_common.registry import ModelRegistry
 from flywheel_eval.dataset import load_dataset
 from flywheel_evaluator.evaluation import Evaluator, load_golden
 from flywheel_evaluator.settings import EvaluationSettings, GoldenSettings
-from flywheel_inference.__main__ import InferenceApp
+from flywheel_inference.app import InferenceApp
 from flywheel_inference.settings import InferenceSettings, LimitSettings
 from flywheel_proto.flywheel.inference.v1 import inference_pb2_grpc
 

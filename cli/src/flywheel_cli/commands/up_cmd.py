@@ -26,7 +26,7 @@ def _interrupt_on_sigterm() -> None:
 def _up(args: argparse.Namespace) -> int:
     console = make_console()
     _interrupt_on_sigterm()
-    config = stack_config(args, args.simulate)
+    config = stack_config(args, args.simulate, simulating=bool(args.simulate))
     stack = LocalStack(config, echo=console.print)
     try:
         with stack:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -29,15 +30,30 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--free-ports", action="store_true", help="pick free ports instead of 50051-50054 / 9101-9104"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with a simulation: go on from the state in --var (registry, trainer store, broker) instead "
+        "of a clean state in VAR/runs/<time>/, so the base row is the model that serves now",
+    )
 
 
-def stack_config(args: argparse.Namespace, dataset: Path | str | None) -> StackConfig:
-    """The stack's configuration from the stack flags; the evaluator gates on `--golden`, else `dataset`."""
+def stack_config(
+    args: argparse.Namespace, dataset: Path | str | None, *, simulating: bool = False
+) -> StackConfig:
+    """The stack's configuration from the stack flags; the evaluator gates on `--golden`, else `dataset`.
+
+    A simulation starts from a clean state of its own (a new folder under VAR/runs/ and a broker of its
+    own), so two runs of the same command are comparable, unless `--resume` or `--kafka` says otherwise.
+    """
+    fresh = simulating and not args.resume and not args.kafka
+    var_dir = Path(args.var) / "runs" / time.strftime("%Y%m%d-%H%M%S") if fresh else Path(args.var)
     return StackConfig(
-        var_dir=Path(args.var),
+        var_dir=var_dir,
         kafka_bootstrap=args.kafka,
         dataset=Path(args.golden or dataset or DEFAULT_DATASET),
         free_ports=args.free_ports,
+        own_broker=fresh,
     )
 
 

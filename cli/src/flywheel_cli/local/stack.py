@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flywheel_cli.local.kafka_broker import LocalBroker, free_port
 from flywheel_common.kafka import ensure_topics
+from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings, TopicSettings
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class StackConfig:
     metrics_ports: tuple[int, int, int, int] = (9101, 9102, 9103, 9104)
     # Pick free ports (Kafka's too) instead: tests, or a second stack beside a running one.
     free_ports: bool = False
+    # Start a broker of its own under var/kafka (on `kafka_port` when free, else any free port) instead
+    # of reusing one that listens: a clean start, no other run's topics or consumer offsets.
+    own_broker: bool = False
     services: tuple[str, ...] = ("inference", "feedback", "trainer", "evaluator")
     prepare_model: bool = True
     # Seconds each service gets to report SERVING, and to stop after SIGTERM.
@@ -233,6 +237,22 @@ def _short(path: Path) -> str:
         return str(path)
 
 
+def describe_state(config: StackConfig) -> str:
+    """What a run starts from: a clean state, or the registry and trainer store another run left."""
+    artifacts = config.artifact_root
+    registered = (artifacts / "models" / "versions").is_dir()
+    registry = ModelRegistry(artifacts) if registered else None
+    versions = registry.list_versions() if registry else []
+    trained = sorted((artifacts / "datasets").glob("[!.]*")) if (artifacts / "datasets").is_dir() else []
+    if len(versions) <= 1 and not trained:
+        return f"a clean state in {config.var_dir} (the base model only, no feedback, no training data)"
+    production = (registry.state().production if registry else None) or "none"
+    return (
+        f"the state in {config.var_dir}: {len(versions)} model versions (production {production}), "
+        f"{len(trained)} training datasets, the trainer's stored feedback and the broker's offsets"
+    )
+
+
 def check_health(target: str, timeout_s: float = 2.0) -> bool:
     """Whether the gRPC server at `target` reports SERVING (grpc.health.v1, whole server)."""
     with grpc.insecure_channel(target) as channel:
@@ -264,6 +284,7 @@ class LocalStack:
         self.running: list[RunningService] = []
         self.started_at = 0.0
         self.startup_s = 0.0
+        self.initial_state = ""
 
     # --- what the stack serves -------------------------------------------------------------------------
 
@@ -281,6 +302,8 @@ class LocalStack:
     def start(self) -> LocalStack:
         """Brings everything up and waits until every service is SERVING; on failure stops what started."""
         self.started_at = time.monotonic()
+        self.initial_state = describe_state(self.config)
+        self.echo(f"state: {self.initial_state}")
         try:
             self.config.logs_dir.mkdir(parents=True, exist_ok=True)
             if self.config.prepare_model:
@@ -307,14 +330,14 @@ class LocalStack:
         if config.kafka_bootstrap:
             self.bootstrap_servers = config.kafka_bootstrap
             self.echo(f"Kafka: using {self.bootstrap_servers}")
-        elif not config.free_ports and _listening(config.host, config.kafka_port):
+        elif not config.free_ports and not config.own_broker and _listening(config.host, config.kafka_port):
             self.bootstrap_servers = f"{config.host}:{config.kafka_port}"
             self.echo(f"Kafka: a broker already listens on {self.bootstrap_servers}; using it")
         else:
             self.broker = LocalBroker(
                 data_dir=(config.var_dir / "kafka").resolve(),
                 host=config.host,
-                port=free_port(config.host) if config.free_ports else config.kafka_port,
+                port=self._kafka_port(),
                 controller_port=free_port(config.host),
                 log_file=(config.logs_dir / "kafka.log").resolve(),
             )
@@ -324,6 +347,11 @@ class LocalStack:
         created = ensure_topics(self.kafka_settings)
         if created:
             self.echo(f"Kafka: created topics {', '.join(created)}")
+
+    def _kafka_port(self) -> int:
+        config = self.config
+        taken = config.own_broker and _listening(config.host, config.kafka_port)
+        return free_port(config.host) if config.free_ports or taken else config.kafka_port
 
     def _spawn(self, spec: ServiceSpec) -> None:
         log_file = (self.config.logs_dir / f"{spec.name}.log").resolve()

@@ -108,6 +108,9 @@ def run_simulation(
     except SimulationError as exc:
         console.print(f"[red]simulation stopped:[/] {exc}")
         return 1
+    if stack is not None:
+        result.settings["state_at_start"] = stack.initial_state
+        result.notes.insert(0, f"started from {stack.initial_state}")
     folder = report_mod.write(result, Path(args.reports_dir))
     console.print(report_mod.rich_table(result))
     for line in result.notes:
@@ -128,7 +131,7 @@ def _simulate(args: argparse.Namespace) -> int:
     dataset = Path(args.dataset)
     if args.up:
         try:
-            with LocalStack(stack_config(args, dataset), echo=console.print) as stack:
+            with LocalStack(stack_config(args, dataset, simulating=True), echo=console.print) as stack:
                 print_table(console, stack)
                 return run_simulation(args, stack, console, dataset)
         except StackError as exc:

@@ -1,0 +1,206 @@
+"""Learning benchmark: what one round of feedback teaches the model, one training setting at a time.
+
+    uv run python bench/learning.py [--dataset datasets/python-faq] [--variants as_written,span,...]
+                                    [--split gate] [--json PATH]
+
+The ablation behind docs/quality.md, without the services in between: the base model answers the
+dataset's `traffic` questions on the serving path (the local profile's retrieval), simulated visitors
+rate the answers from their F1 and the simulated expert corrects the low-rated ones, exactly as
+`flywheel simulate` does; the feedback becomes one training dataset in the trainer's format. Then the
+real training job (`python -m flywheel_trainer.job`) runs once per variant, and the evaluator's own
+`Evaluator` scores the base and each candidate on `--split` (default `gate`: settings are chosen on
+gate and traffic, never on exam). Variants set the job's hyperparameters:
+
+| variant | target | ungrounded | preference weight |
+|---|---|---|---|
+| `as_written` | as written | keep | 0 |
+| `span` | grounded span | keep | 0 |
+| `span_drop` | grounded span | drop | 0 |
+| `span_orpo` | grounded span | keep | 0.5 |
+
+Each line of the table: the split's accuracy, precision and F1, the paired-bootstrap difference to
+the base with its 95 % interval, the examples trained on and the job's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS: dict[str, dict[str, str]] = {
+    "as_written": {"TARGET": "as_written", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0"},
+    "span": {"TARGET": "grounded_span", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0"},
+    "span_drop": {"TARGET": "grounded_span", "UNGROUNDED": "drop", "PREFERENCE_WEIGHT": "0"},
+    "span_orpo": {"TARGET": "grounded_span", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0.5"},
+}
+# The local profile (docs/local.md): retrieval, and the training schedule.
+BUDGET, WORDS = 200, 40
+LOCAL_HYPER = {"EPOCHS": "3", "GRADIENT_ACCUMULATION": "4"}
+
+
+def feedback_rows(dataset: Any, engine: Any, seed: int, noise: float, share: float) -> list[dict[str, Any]]:
+    """The base model's answers to the traffic questions, rated and corrected as the simulation does."""
+    from flywheel_cli.simulation.simulate import correction_text, page_title, rating_from_f1
+    from flywheel_eval.metrics import f1
+    from flywheel_model.generation import SamplingParams
+    from flywheel_model.retrieval import html_to_text
+
+    items = dataset.split("traffic")
+    texts = {page: html_to_text(html)[0] for page, html in dataset.pages.items()}
+    params = SamplingParams(max_new_tokens=64)
+
+    def answer(item: Any) -> Any:
+        return engine.answer(texts[item.page], page_title(dataset.pages[item.page]), item.question, params)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(answer, items))
+    rng = random.Random(seed)
+    rows = []
+    for index, (item, result) in enumerate(zip(items, answers, strict=True)):
+        rating = rating_from_f1(f1(result.text, item.answers), rng, noise)
+        base = {
+            "query_id": f"q{index}",
+            "page_title": page_title(dataset.pages[item.page]),
+            "passages": [p.text for p in result.passages],
+            "question": item.question,
+            "model_answer": result.text,
+            "model_version": "v1",
+            "rating": rating,
+        }
+        if rating >= 4:
+            rows.append({"id": f"p{index}", "source": "positive", "answer": result.text, **base})
+        elif rating <= 2:
+            rows.append({"id": f"n{index}", "source": "negative", "answer": "", **base})
+            if rng.random() < share:
+                rows.append(
+                    {"id": f"c{index}", "source": "correction", "answer": correction_text(item), **base}
+                )
+    return rows
+
+
+def train_variant(root: Path, dataset_id: str, name: str) -> tuple[str, float]:
+    """Runs the training job with the variant's settings; returns the candidate version and seconds."""
+    env = dict(os.environ)
+    env["FLYWHEEL_TRAINER_JOB_ARTIFACT_ROOT"] = str(root)
+    env["FLYWHEEL_TRAINER_JOB_SCRATCH_DIR"] = str(root / "scratch")
+    for key, value in {**LOCAL_HYPER, **VARIANTS[name]}.items():
+        env[f"FLYWHEEL_TRAINER_JOB_HYPER__{key}"] = value
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "flywheel_trainer.job", "--dataset", dataset_id]
+    command += ["--base-version", "v1", "--job-id", f"bench-{name}"]
+    log = root / f"{name}.log"
+    with log.open("w") as out:
+        subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    from flywheel_trainer.results import read_result
+
+    result = read_result(root, f"bench-{name}") or {}
+    if result.get("status") != "succeeded":
+        raise SystemExit(f"{name}: the job failed ({result.get('reason', 'no result')}); see {log}")
+    return str(result["candidate_version"]), time.perf_counter() - started
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from flywheel_common.registry import ModelRegistry
+    from flywheel_eval.dataset import load_dataset
+    from flywheel_eval.metrics import paired_bootstrap
+    from flywheel_evaluator.evaluation import Evaluator, load_golden
+    from flywheel_evaluator.settings import EvaluationSettings, GoldenSettings
+    from flywheel_model.engine import AnswerEngine, EngineSettings
+    from flywheel_model.prepare import ExportOptions, default_model_dir, register_base
+    from flywheel_model.runtime import OrtSettings
+    from flywheel_trainer import datasets
+
+    dataset = load_dataset(args.dataset)
+    root = Path(tempfile.mkdtemp(prefix="bench-learning-"))
+    model_dir = default_model_dir(None, ExportOptions())
+    register_base(model_dir, root)
+    registry = ModelRegistry(root)
+    engine = AnswerEngine(
+        registry.get("v1").model_dir,
+        OrtSettings(),
+        EngineSettings(context_token_budget=BUDGET, passage_max_words=WORDS, max_batch=4, max_queue=16),
+    )
+    try:
+        rows = feedback_rows(dataset, engine, args.seed, args.rating_noise, args.correction_share)
+    finally:
+        engine.close(30.0)
+    dataset_id = f"bench-{dataset.name}"
+    files, manifest = datasets.build(dataset_id, rows, created_at=time.time(), reason="bench")
+    datasets.write(root, dataset_id, files, manifest)
+    counts = manifest["counts"]
+    print(f"{dataset.version}: {len(rows)} feedback rows {counts}; artifacts in {root}", flush=True)
+
+    golden = load_golden(GoldenSettings(dataset=args.dataset, split=args.split))
+    settings = EvaluationSettings(
+        context_token_budget=BUDGET, passage_max_words=WORDS, concurrency=4, max_batch=4
+    )
+    evaluator = Evaluator(registry, golden, settings)
+    base = evaluator.evaluate("v1", reuse=False)
+    lines = [{"variant": "base", "version": "v1", **_scores(base)}]
+    print(_line(lines[0]), flush=True)
+    for name in args.variants:
+        version, seconds = train_variant(root, dataset_id, name)
+        result = evaluator.evaluate(version, reuse=False)
+        line: dict[str, Any] = {"variant": name, "version": version, **_scores(result), "train_s": seconds}
+        lineage = registry.get(version).manifest.get("lineage") or {}
+        line["training"] = {k: lineage.get("training", {}).get(k) for k in ("targets", "preference_pairs")}
+        for metric, field in (("accuracy", "contains"), ("f1", "f1")):
+            diff = paired_bootstrap(
+                [getattr(i, field) for i in result.answerable], [getattr(i, field) for i in base.answerable]
+            )
+            line[f"{metric}_diff"] = [diff.mean_difference, diff.low, diff.high]
+        lines.append(line)
+        print(_line(line), flush=True)
+    return {"dataset": dataset.version, "split": args.split, "feedback": counts, "lines": lines}
+
+
+def _scores(result: Any) -> dict[str, float]:
+    return {name: result.value(name) for name in ("accuracy", "precision", "f1")}
+
+
+def _line(line: dict[str, Any]) -> str:
+    text = f"{line['variant']:<12} acc {line['accuracy']:6.1%}  prec {line['precision']:6.1%}"
+    text += f"  F1 {line['f1']:6.1%}"
+    for metric in ("accuracy", "f1"):
+        if f"{metric}_diff" in line:
+            d, lo, hi = line[f"{metric}_diff"]
+            text += f"  {metric} {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+    if "train_s" in line:
+        text += f"  job {line['train_s']:.0f} s  {line['training']}"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", type=Path, default=ROOT / "datasets" / "python-faq")
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    parser.add_argument("--split", default="gate", choices=("traffic", "gate"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rating-noise", type=float, default=0.15)
+    parser.add_argument("--correction-share", type=float, default=0.8)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    results = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

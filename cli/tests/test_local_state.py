@@ -1,0 +1,42 @@
+"""A simulation starts from a clean state of its own unless told to resume; the report says which."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flywheel_cli.local.options import add_stack_args, stack_config
+from flywheel_cli.local.stack import StackConfig, describe_state
+from flywheel_common.registry import ModelRegistry
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_stack_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_a_simulation_gets_a_fresh_state_folder_and_broker(tmp_path: Path) -> None:
+    config = stack_config(parse("--var", str(tmp_path)), "datasets/python-faq", simulating=True)
+    assert config.var_dir.parent == tmp_path / "runs" and config.own_broker
+    resumed = stack_config(parse("--var", str(tmp_path), "--resume"), None, simulating=True)
+    assert resumed.var_dir == tmp_path and not resumed.own_broker
+    running = stack_config(parse("--var", str(tmp_path)), None)  # `flywheel up` keeps its state
+    assert running.var_dir == tmp_path and not running.own_broker
+    external = stack_config(parse("--var", str(tmp_path), "--kafka", "h:1"), None, simulating=True)
+    assert external.var_dir == tmp_path  # an external broker holds the other runs' offsets anyway
+
+
+def test_the_state_at_start_is_described(tmp_path: Path) -> None:
+    config = StackConfig(var_dir=tmp_path)
+    assert describe_state(config).startswith("a clean state in ")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"stub")
+    registry = ModelRegistry(config.artifact_root)
+    for _ in range(3):
+        registry.register(model, kind="test")
+    registry.set_production("v3")
+    (config.artifact_root / "datasets" / "ds-1").mkdir(parents=True)
+    described = describe_state(config)
+    assert described.startswith(f"the state in {tmp_path}: 3 model versions (production v3), 1 training")
