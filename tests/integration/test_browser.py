@@ -255,3 +255,31 @@ async def test_the_gateway_refuses_what_a_browser_must_not_do(site: Site) -> Non
             "/console/login", json={"token": "dev-user-token"}, headers={"origin": site.gateway}
         )
         assert login.status_code == 403
+
+
+async def test_simulated_visitors_through_the_gateway(site: Site, stack: LocalStack) -> None:
+    """The simulation's `--via-gateway` visitor: asks and rates over HTTP; the overhead is measured."""
+    import grpc
+
+    from flywheel_cli.simulation.via_gateway import GatewayVisitor, measure_overhead
+    from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
+
+    visitor = GatewayVisitor(site.gateway, timeout_s=120)
+    page = inference_pb2.Page(
+        url=f"{site.pages}/general.html", title="FAQ", text="Guido van Rossum created Python."
+    )
+    try:
+        # Two answers, two sessions: neither is held back by the other's question limit.
+        first, second = [await visitor.ask(page, "Who created Python?") for _ in range(2)]
+        assert first.answer and first.query_id and first.model_version == "v1"
+        assert first.cookie != second.cookie
+        await visitor.rate(first, rating=2, key="sim-test-rating")
+        await visitor.rate(second, rating=None, key="sim-test-ignored")
+        async with grpc.aio.insecure_channel(stack.targets["inference"]) as channel:
+            request = inference_pb2.AnswerRequest(page=page, question="Who created Python?")
+            measured = await measure_overhead(
+                visitor, inference_pb2_grpc.InferenceServiceStub(channel), [request], timeout_s=120
+            )
+    finally:
+        await visitor.close()
+    assert measured["answers"] == 1 and measured["grpc_median_ms"] > 0 and measured["gateway_median_ms"] > 0
