@@ -33,6 +33,7 @@ def _tiny_round_env(group: str) -> dict[str, dict[str, str]]:
             "FLYWHEEL_TRAINER_JOB_HYPER__EPOCHS": "1",
             "FLYWHEEL_TRAINER_JOB_HYPER__GRADIENT_ACCUMULATION": "1",
             "FLYWHEEL_TRAINER_JOB_HYPER__REPLAY_FRACTION": "0",
+            "FLYWHEEL_TRAINER_JOB_HYPER__PREFERENCE_WEIGHT": "0.5",
             "FLYWHEEL_TRAINER_JOB_VERIFY__PROMPTS": "1",
             "FLYWHEEL_TRAINER_JOB_VERIFY__MAX_NEW_TOKENS": "8",
         },
@@ -85,6 +86,10 @@ def test_one_round_trains_gates_and_reports(
     assert job["state"] == "SUCCEEDED", job
     candidate = job["candidate_version"]
     assert registry.get(candidate).manifest["kind"] == "candidate"
+    # Its targets were shaped into passage spans, and corrections paired with the answers they replaced.
+    training = registry.get(candidate).manifest["lineage"]["training"]
+    assert training["targets"]["grounded"] + training["targets"]["ungrounded"] >= first.traffic["corrections"]
+    assert training["hyperparameters"]["target"] == "grounded_span" and "preference_pairs" in training
     # ... evaluated on the golden set and decided on, and the decision reached the report.
     gate = [d for d in first.decisions if d["version"] == candidate and d["action"] == "gate"]
     assert len(gate) == 1 and gate[0]["reasons"]

@@ -15,6 +15,7 @@ from flywheel_cli.commands import (
     trainer_cmd,
     up_cmd,
 )
+from flywheel_cli.errors import explain
 from flywheel_cli.simulation import simulate_cmd
 
 
@@ -29,7 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    return int(args.func(args))
+    if not args.verbose:
+        # kafka-python logs each refused connection; the CLI says once what to do about it.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    try:
+        return int(args.func(args))
+    except Exception as exc:
+        message = explain(exc, args)
+        if message is None:
+            raise
+        print(f"flywheel {args.command}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

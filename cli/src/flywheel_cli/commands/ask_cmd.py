@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import grpc
 
+from flywheel_cli.errors import UserError
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 
 
 def build_request(args: argparse.Namespace) -> inference_pb2.AnswerRequest:
-    content = Path(args.page).read_text(encoding="utf-8")
+    """The AnswerRequest for the page file and question in the flags."""
+    path = Path(args.page)
+    if not path.is_file():
+        raise UserError(f"no page file {args.page}: --page takes an .html or .txt file")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{args.page} is not UTF-8 text: give an .html or .txt file") from exc
     is_html = args.page.endswith((".html", ".htm")) or content.lstrip().startswith("<")
     page = inference_pb2.Page(url=args.url or Path(args.page).resolve().as_uri(), title=args.title or "")
     if is_html:
@@ -33,35 +40,31 @@ def _ask(args: argparse.Namespace) -> int:
     request = build_request(args)
     with grpc.insecure_channel(args.target) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        try:
-            if args.stream:
-                for chunk in stub.StreamAnswer(request, timeout=args.timeout):
-                    if chunk.query_id:
-                        header = f"[{chunk.model_version}] "
-                        print(header, end="", flush=True)
-                        query_id = chunk.query_id
-                    print(chunk.delta, end="", flush=True)
-                    if chunk.finish_reason:
-                        print(
-                            f"\n\nquery id: {query_id}\n"
-                            f"first token {chunk.timing.time_to_first_token_ms:.0f} ms, "
-                            f"total {chunk.timing.total_ms:.0f} ms, {chunk.tokens.completion_tokens} tokens"
-                        )
-            else:
-                response = stub.Answer(request, timeout=args.timeout)
-                print(response.answer)
-                print(
-                    f"\nmodel {response.model_version} | query id {response.query_id}\n"
-                    f"first token {response.timing.time_to_first_token_ms:.0f} ms, "
-                    f"total {response.timing.total_ms:.0f} ms, {response.tokens.completion_tokens} tokens, "
-                    f"{len(response.passages)} passages"
-                )
-                if args.show_passages:
-                    for p in response.passages:
-                        print(f"--- passage {p.index} (score {p.score:.2f})\n{p.text}")
-        except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
+        if args.stream:
+            for chunk in stub.StreamAnswer(request, timeout=args.timeout):
+                if chunk.query_id:
+                    header = f"[{chunk.model_version}] "
+                    print(header, end="", flush=True)
+                    query_id = chunk.query_id
+                print(chunk.delta, end="", flush=True)
+                if chunk.finish_reason:
+                    print(
+                        f"\n\nquery id: {query_id}\n"
+                        f"first token {chunk.timing.time_to_first_token_ms:.0f} ms, "
+                        f"total {chunk.timing.total_ms:.0f} ms, {chunk.tokens.completion_tokens} tokens"
+                    )
+        else:
+            response = stub.Answer(request, timeout=args.timeout)
+            print(response.answer)
+            print(
+                f"\nmodel {response.model_version} | query id {response.query_id}\n"
+                f"first token {response.timing.time_to_first_token_ms:.0f} ms, "
+                f"total {response.timing.total_ms:.0f} ms, {response.tokens.completion_tokens} tokens, "
+                f"{len(response.passages)} passages"
+            )
+            if args.show_passages:
+                for p in response.passages:
+                    print(f"--- passage {p.index} (score {p.score:.2f})\n{p.text}")
     return 0
 
 

@@ -17,6 +17,7 @@ from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
+from flywheel_cli.errors import UserError
 from flywheel_common.kafka import EVENT_TYPE_HEADER, client_config, header
 from flywheel_common.settings import KafkaSettings, TopicSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -41,39 +42,34 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 def _send(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FLYWHEEL_TOKEN", "")
     if not token:
-        print("a bearer token is needed: --token or FLYWHEEL_TOKEN", file=sys.stderr)
-        return 2
+        raise UserError("a bearer token is needed: --token or FLYWHEEL_TOKEN (dev-user-token locally)")
     metadata = (("authorization", f"Bearer {token}"),)
     with _channel(args) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
-        try:
-            if args.correction is not None:
-                response = stub.SubmitCorrection(
-                    feedback_pb2.SubmitCorrectionRequest(
-                        query_id=args.query_id,
-                        corrected_answer=args.correction,
-                        note=args.note or "",
-                        idempotency_key=args.key or "",
-                    ),
-                    metadata=metadata,
-                    timeout=args.timeout,
-                )
+        if args.correction is not None:
+            response = stub.SubmitCorrection(
+                feedback_pb2.SubmitCorrectionRequest(
+                    query_id=args.query_id,
+                    corrected_answer=args.correction,
+                    note=args.note or "",
+                    idempotency_key=args.key or "",
+                ),
+                metadata=metadata,
+                timeout=args.timeout,
+            )
+        else:
+            request = feedback_pb2.SubmitFeedbackRequest(
+                query_id=args.query_id, idempotency_key=args.key or "", session_id=args.session or ""
+            )
+            if args.rating is not None:
+                request.rating = args.rating
+            elif args.thumbs is not None:
+                request.thumbs_up = args.thumbs == "up"
+            elif args.comment is not None:
+                request.comment = args.comment
             else:
-                request = feedback_pb2.SubmitFeedbackRequest(
-                    query_id=args.query_id, idempotency_key=args.key or "", session_id=args.session or ""
-                )
-                if args.rating is not None:
-                    request.rating = args.rating
-                elif args.thumbs is not None:
-                    request.thumbs_up = args.thumbs == "up"
-                elif args.comment is not None:
-                    request.comment = args.comment
-                else:
-                    request.ignored = True
-                response = stub.SubmitFeedback(request, metadata=metadata, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+                request.ignored = True
+            response = stub.SubmitFeedback(request, metadata=metadata, timeout=args.timeout)
     state = "already stored (duplicate)" if response.duplicate else "stored"
     print(f"feedback {response.feedback_id} {state}")
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from flywheel_cli.errors import UserError
 from flywheel_common.registry import ModelRegistry
 from flywheel_model.prepare import ExportOptions, ensure_prepared, register_base
 
@@ -15,9 +15,10 @@ def _prepare(args: argparse.Namespace) -> int:
     try:
         options = ExportOptions(precision=args.precision, provider=args.provider)
     except ValueError as error:
-        print(f"flywheel model prepare: {error}", file=sys.stderr)
-        return 2
+        raise UserError(str(error)) from error
     source = Path(args.source) if args.source else None
+    if source is not None and not source.exists():
+        raise UserError(f"no model at {source}: --source takes a .gguf file or a Hugging Face model folder")
     out = ensure_prepared(source, options, Path(args.out) if args.out else None, force=args.force, echo=print)
     if not args.no_register:
         register_base(out, Path(args.artifact_root), echo=print)

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from flywheel_cli.decisions import action_name, decision_json
+from flywheel_cli.errors import UserError, explain
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
@@ -47,10 +48,11 @@ def _run(args: argparse.Namespace) -> int:
         try:
             return int(_call(stub, args, metadata))
         except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            if args.rollout_command in ("promote", "rollback"):
-                print(f"to retry without moving twice, add --request-id {args.request_id}", file=sys.stderr)
-            return 1
+            if args.rollout_command not in ("promote", "rollback"):
+                raise
+            # The move may have been applied before the call failed: the same id makes a retry safe.
+            retry = f"retry with --request-id {args.request_id} to apply the move at most once"
+            raise UserError(f"{explain(err, args)}; {retry}") from err
 
 
 def _call(stub: evaluator_pb2_grpc.EvaluatorServiceStub, args: argparse.Namespace, metadata: Any) -> int:

@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import sys
 from typing import Literal
 
 import grpc
@@ -85,17 +84,6 @@ def _trigger(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(func: object) -> object:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(func(args))  # type: ignore[operator]
-        except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
-
-    return run
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Adds `trainer jobs|job|trigger` to the flywheel command."""
     trainer = subparsers.add_parser("trainer", help="the trainer's jobs; cut a batch now")
@@ -105,12 +93,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     jobs = commands.add_parser("jobs", help="list training jobs, newest first")
     jobs.add_argument("--limit", type=int, default=20, help="at most this many (0: all)")
     jobs.add_argument("--json", action="store_true")
-    jobs.set_defaults(func=_guarded(_jobs))
+    jobs.set_defaults(func=_jobs)
     job = commands.add_parser("job", help="one job, as JSON")
     job.add_argument("job_id")
-    job.set_defaults(func=_guarded(_job))
+    job.set_defaults(func=_job)
     trigger = commands.add_parser("trigger", help="cut a batch of the waiting examples now (admin)")
     trigger.add_argument(
         "--token", help="admin bearer token (default: $FLYWHEEL_ADMIN_TOKEN, else the development token)"
     )
-    trigger.set_defaults(func=_guarded(_trigger))
+    trigger.set_defaults(func=_trigger)

@@ -297,9 +297,8 @@ def _gain_line(report: Report, r: RoundResult) -> str:
     )
 
 
-def markdown(report: Report, chart_name: str | None = "chart.png") -> str:
-    """The report as Markdown: settings, the table, gains over the base model, and each round's story."""
-    lines = [
+def _intro(report: Report) -> list[str]:
+    return [
         f"# Flywheel simulation: {report.dataset}",
         "",
         f"Dataset `{report.dataset_version}`, started {report.started_at}, wall time "
@@ -312,66 +311,84 @@ def markdown(report: Report, chart_name: str | None = "chart.png") -> str:
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if c in ("model", "gate decision") else "---:" for c in COLUMNS) + "|",
+        *["| " + " | ".join(row) + " |" for row in table_rows(report)],
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+
+
+def _gains(report: Report) -> list[str]:
     gains = [g for g in (_gain_line(report, r) for r in report.rounds[1:]) if g]
-    if gains:
-        lines += [
-            "",
-            "## Over the base model (paired bootstrap on the exam questions, points)",
-            "",
-            "| round | model | Δ accuracy [95% CI] | P(not better) | Δ precision [95% CI] |",
-            "|---:|---|---:|---:|---:|",
-            *gains,
-        ]
+    if not gains:
+        return []
+    return [
+        "",
+        "## Over the base model (paired bootstrap on the exam questions, points)",
+        "",
+        "| round | model | Δ accuracy [95% CI] | P(not better) | Δ precision [95% CI] |",
+        "|---:|---|---:|---:|---:|",
+        *gains,
+    ]
+
+
+def _promotions(report: Report) -> list[str]:
     promotions = report.promotions()
-    if promotions:
-        lines += [
-            "",
-            "## Each promotion against the model it replaced (exam accuracy, paired bootstrap, points)",
-            "",
-            "| round | from → to | before | after | Δ [95% CI] | worse with 95% confidence |",
-            "|---:|---|---:|---:|---:|---|",
-        ]
-        lines += [
+    if not promotions:
+        return []
+    return [
+        "",
+        "## Each promotion against the model it replaced (exam accuracy, paired bootstrap, points)",
+        "",
+        "| round | from → to | before | after | Δ [95% CI] | worse with 95% confidence |",
+        "|---:|---|---:|---:|---:|---|",
+        *(
             f"| {p['round']} | {p['from']} → {p['to']} | {p['accuracy_before']:.1%} | "
             f"{p['accuracy_after']:.1%} | {p['difference'] * 100:+.1f} [{p['low'] * 100:+.1f}, "
             f"{p['high'] * 100:+.1f}] | {'yes' if p['worse'] else 'no'} |"
             for p in promotions
-        ]
+        ),
+    ]
+
+
+def _round_story(r: RoundResult) -> list[str]:
+    """One round: visitors, training jobs, decisions, rollout and time."""
+    lines = [f"### Round {r.round}: {r.model_version} ({r.duration_s / 60:.1f} min)", ""]
+    if r.traffic:
+        t = r.traffic
+        lines.append(
+            f"- Visitors: {t.get('asked', 0)} questions, {t.get('rated', 0)} rated "
+            f"(mean {t.get('mean_rating') or 0:.2f}), {t.get('ignored', 0)} ignored, "
+            f"{t.get('corrections', 0)} corrected by the expert; "
+            f"{t.get('canary_visits', 0)} more visits while a canary ran."
+        )
+    for job in r.jobs:
+        lines.append(
+            f"- Training job `{job['job_id']}`: {job['state'].lower()}, {job['examples']} new examples "
+            "(and earlier batches the serving model has not learned), "
+            f"candidate {job.get('candidate_version') or '—'}"
+            + (f" ({job['reason']})" if job.get("reason") else "")
+        )
+    for d in r.decisions:
+        verdict = "passed" if d["passed"] else "failed"
+        reasons = "; ".join(d.get("reasons", [])) or "—"
+        lines.append(
+            f"- Decision on {d['version']} vs {d['baseline_version']}: {verdict}, "
+            f"action {d['action'] or '—'}: {reasons}"
+        )
+    if r.rollout:
+        lines.append(f"- Rollout: {r.rollout}")
+    if r.timings_s:
+        lines.append("- Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.timings_s.items()))
+    lines.append("")
+    return lines
+
+
+def markdown(report: Report, chart_name: str | None = "chart.png") -> str:
+    """The report as Markdown: settings, the table, gains over the base model, and each round's story."""
+    lines = [*_intro(report), *_gains(report), *_promotions(report)]
     if chart_name:
         lines += ["", f"![accuracy, precision and mean rating over rounds]({chart_name})"]
     lines += ["", "## Rounds", ""]
     for r in report.rounds:
-        lines.append(f"### Round {r.round}: {r.model_version} ({r.duration_s / 60:.1f} min)")
-        lines.append("")
-        if r.traffic:
-            t = r.traffic
-            lines.append(
-                f"- Visitors: {t.get('asked', 0)} questions, {t.get('rated', 0)} rated "
-                f"(mean {t.get('mean_rating') or 0:.2f}), {t.get('ignored', 0)} ignored, "
-                f"{t.get('corrections', 0)} corrected by the expert; "
-                f"{t.get('canary_visits', 0)} more visits while a canary ran."
-            )
-        for job in r.jobs:
-            lines.append(
-                f"- Training job `{job['job_id']}`: {job['state'].lower()}, {job['examples']} new examples "
-                "(and earlier batches the serving model has not learned), "
-                f"candidate {job.get('candidate_version') or '—'}"
-                + (f" ({job['reason']})" if job.get("reason") else "")
-            )
-        for d in r.decisions:
-            verdict = "passed" if d["passed"] else "failed"
-            reasons = "; ".join(d.get("reasons", [])) or "—"
-            lines.append(
-                f"- Decision on {d['version']} vs {d['baseline_version']}: {verdict}, "
-                f"action {d['action'] or '—'}: {reasons}"
-            )
-        if r.rollout:
-            lines.append(f"- Rollout: {r.rollout}")
-        if r.timings_s:
-            lines.append("- Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.timings_s.items()))
-        lines.append("")
+        lines += _round_story(r)
     if report.notes:
         lines += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
     lines += ["## Settings", "", "```json", json.dumps(report.settings, indent=2, sort_keys=True), "```", ""]

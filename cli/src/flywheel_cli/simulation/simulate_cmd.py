@@ -18,6 +18,7 @@ from rich.progress import (
 )
 
 from flywheel_cli.console import make_console
+from flywheel_cli.errors import UserError
 from flywheel_cli.local.options import add_stack_args, print_table, stack_config
 from flywheel_cli.local.stack import LocalStack, StackError
 from flywheel_cli.simulation import report as report_mod
@@ -29,7 +30,6 @@ from flywheel_cli.simulation.simulate import (
     Targets,
     Tokens,
 )
-from flywheel_eval.dataset import DatasetError
 
 
 class RichProgress:
@@ -110,12 +110,8 @@ def run_simulation(
         progress = RichProgress(console)
         with progress.bars:
             result = asyncio.run(Simulation(config, progress).run())
-    except DatasetError as exc:
-        console.print(f"[red]bad dataset:[/] {exc}")
-        return 1
     except SimulationError as exc:
-        console.print(f"[red]simulation stopped:[/] {exc}")
-        return 1
+        raise UserError(f"simulation stopped: {exc}") from exc
     if stack is not None:
         result.settings["state_at_start"] = stack.initial_state
         result.notes.insert(0, f"started from {stack.initial_state}")

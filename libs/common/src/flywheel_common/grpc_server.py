@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -175,15 +174,3 @@ class GrpcServer:
         """Turns health to NOT_SERVING, then lets in-flight calls finish within the grace."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_s if grace is None else grace)
-
-
-async def wait_for_shutdown_signal() -> None:
-    """Returns on SIGTERM or SIGINT; the handlers only set an event."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutdown signal received")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)

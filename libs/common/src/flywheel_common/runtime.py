@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from flywheel_common.grpc_server import wait_for_shutdown_signal
 from flywheel_common.kafka import EventConsumer
 from flywheel_common.logging import configure_logging
 from flywheel_common.metrics import start_metrics_server
@@ -52,17 +52,28 @@ def run_service(
     configure_logging(loaded.logging, name)
     configure_tracing(loaded.tracing, name)
     start_metrics_server(loaded.metrics)
-    asyncio.run(_serve(app(loaded), freeze_gc=freeze_gc))
+    asyncio.run(_serve(app, loaded, freeze_gc=freeze_gc))
 
 
-async def _serve(app: App, *, freeze_gc: bool) -> None:
+async def _serve(make_app: Callable[[S], App], settings: S, *, freeze_gc: bool) -> None:
+    # Built inside the running loop: gRPC's aio server and asyncio events bind to it.
+    app = make_app(settings)
     if freeze_gc:
         # Libraries that leave a large heap of long-lived objects (the PII models) make every cyclic
         # collection scan it; frozen, collections under load stay cheap.
         gc.collect()
         gc.freeze()
+    # The handlers only set an event, and are in place before the app starts, so a SIGTERM during
+    # start-up also ends in an orderly stop.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await app.start()
-    await wait_for_shutdown_signal()
+    await stop.wait()
+    log.info("shutdown signal received")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
     await app.stop()
 
 

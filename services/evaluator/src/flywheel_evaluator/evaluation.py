@@ -317,18 +317,13 @@ class Evaluator:
             self.registry.write_report(version, EVALUATION_JSON, json.dumps(result.to_json(), indent=1))
             return result
 
-    def _run(
-        self,
-        version: str,
-        stop: threading.Event | None,
-        progress: Callable[[int, int], None] | None,
-    ) -> EvaluationResult:
+    def _engine(self, version: str) -> AnswerEngine:
+        """The serving engine over a version's ONNX model, sized for the evaluation's concurrency."""
         s = self.settings
         model = self.registry.get(version)
         if not (model.model_dir / "model.onnx").is_file():
             raise FailedPrecondition(f"{version} has no ONNX model")
-        started = time.perf_counter()
-        engine = AnswerEngine(
+        return AnswerEngine(
             model.model_dir,
             s.ort,
             EngineSettings(
@@ -338,6 +333,47 @@ class Evaluator:
                 max_queue=max(s.concurrency, s.max_batch) * 2,
             ),
         )
+
+    def _score(
+        self, version: str, engine: AnswerEngine, item: GoldenItem, params: SamplingParams
+    ) -> ItemResult:
+        """One golden question answered and scored; a failed answer is scored as a failure."""
+        try:
+            result = engine.answer(item.page_text, item.title, item.question, params)
+            text, error = result.text, ""
+            latency, ttft = result.total_ms, result.time_to_first_token_ms
+            tokens, reason = result.completion_tokens, result.finish_reason
+        except Exception as exc:  # one failed answer is scored as a failure, not a failed run
+            log.warning("%s failed on %s: %s", version, item.id, exc)
+            text, latency, ttft, tokens, reason = "", 0.0, 0.0, 0, "error"
+            error = f"{type(exc).__name__}: {exc}"
+        scores = score_item(text, item.answers)
+        return ItemResult(
+            id=item.id,
+            answerable=item.answerable,
+            prediction=text,
+            abstained=is_abstention(text, self.settings.abstention_phrases),
+            contains=scores.contains,
+            precision=scores.precision,
+            f1=scores.f1,
+            exact_match=scores.exact_match,
+            length=scores.length,
+            latency_ms=latency,
+            ttft_ms=ttft,
+            completion_tokens=tokens,
+            finish_reason=reason,
+            error=error,
+        )
+
+    def _run(
+        self,
+        version: str,
+        stop: threading.Event | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> EvaluationResult:
+        s = self.settings
+        started = time.perf_counter()
+        engine = self._engine(version)
         loaded = time.perf_counter()
         params = SamplingParams(max_new_tokens=s.max_new_tokens)
         done = 0
@@ -348,36 +384,12 @@ class Evaluator:
             nonlocal done
             if stop is not None and stop.is_set():
                 raise EvaluationCancelled(f"evaluation of {version} stopped")
-            try:
-                result = engine.answer(item.page_text, item.title, item.question, params)
-                text, error = result.text, ""
-                latency, ttft = result.total_ms, result.time_to_first_token_ms
-                tokens, reason = result.completion_tokens, result.finish_reason
-            except Exception as exc:  # one failed answer is scored as a failure, not a failed run
-                log.warning("%s failed on %s: %s", version, item.id, exc)
-                text, latency, ttft, tokens, reason = "", 0.0, 0.0, 0, "error"
-                error = f"{type(exc).__name__}: {exc}"
-            scores = score_item(text, item.answers)
+            scored = self._score(version, engine, item, params)
             with done_lock:
                 done += 1
                 if progress is not None:
                     progress(done, total)
-            return ItemResult(
-                id=item.id,
-                answerable=item.answerable,
-                prediction=text,
-                abstained=is_abstention(text, s.abstention_phrases),
-                contains=scores.contains,
-                precision=scores.precision,
-                f1=scores.f1,
-                exact_match=scores.exact_match,
-                length=scores.length,
-                latency_ms=latency,
-                ttft_ms=ttft,
-                completion_tokens=tokens,
-                finish_reason=reason,
-                error=error,
-            )
+            return scored
 
         try:
             with ThreadPoolExecutor(s.concurrency, thread_name_prefix=f"eval-{version}") as pool:

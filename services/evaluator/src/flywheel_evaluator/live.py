@@ -293,39 +293,38 @@ def _rate_se(x: float, n: int, y: float, m: int) -> float:
     return math.sqrt(x * (1 - x) / n + y * (1 - y) / m)
 
 
-def judge_canary(
-    canary: VersionStats, production: VersionStats, elapsed_s: float, settings: CanarySettings
-) -> CanaryVerdict:
-    """Rolls back when a signal is worse than production by more than its tolerance and by more than
-    noise (`confidence_z` standard errors), once both sides have the minimum sample; promotes when no
-    signal is worse than its tolerance after the minimum duration; otherwise waits. At the maximum
-    duration a canary that still looks worse is rolled back, and one without enough samples gets
-    `undecided_action`."""
-    metrics = {f"canary_{k}": v for k, v in canary.summary().items()}
-    metrics |= {f"production_{k}": v for k, v in production.summary().items()}
-    metrics["elapsed_s"] = round(elapsed_s, 1)
-    n, z = settings.min_signal_samples, settings.confidence_z
-    sampled = canary.feedback >= settings.min_samples and production.feedback >= settings.min_samples
-    worse: list[str] = []
-    unsure: list[str] = []
-    compared: list[str] = []
+@dataclass
+class _Comparison:
+    """Each signal compared: not worse than its tolerance, worse beyond noise, or worse within noise."""
 
-    def compare(
-        name: str, c: float, p: float, worse_by: float, se: float, tol: float, pct: bool = False
+    z: float
+    compared: list[str] = field(default_factory=list)
+    worse: list[str] = field(default_factory=list)
+    unsure: list[str] = field(default_factory=list)
+
+    def add(
+        self, name: str, c: float, p: float, worse_by: float, se: float, tol: float, pct: bool = False
     ) -> None:
         line = f"{name} {_fmt(c, pct)} vs production {_fmt(p, pct)} (tolerance {_fmt(tol, pct)})"
         if worse_by <= tol + 1e-12:
-            compared.append(line)
-        elif worse_by > z * se:
-            worse.append(line)
+            self.compared.append(line)
+        elif worse_by > self.z * se:
+            self.worse.append(line)
         else:
-            unsure.append(f"{line}, within noise ({z:g} standard errors = {_fmt(z * se, pct)})")
+            self.unsure.append(
+                f"{line}, within noise ({self.z:g} standard errors = {_fmt(self.z * se, pct)})"
+            )
 
+
+def _compare_signals(canary: VersionStats, production: VersionStats, settings: CanarySettings) -> _Comparison:
+    """Compares every signal that has `min_signal_samples` observations on both sides."""
+    n = settings.min_signal_samples
+    result = _Comparison(settings.confidence_z)
     c_mean, p_mean = canary.mean_rating, production.mean_rating
     if c_mean is not None and p_mean is not None and canary.ratings >= n and production.ratings >= n:
         var_c, var_p = canary.rating_variance or 0.0, production.rating_variance or 0.0
         se = math.sqrt(var_c / canary.ratings + var_p / production.ratings)
-        compare("mean rating", c_mean, p_mean, p_mean - c_mean, se, settings.rating_tolerance)
+        result.add("mean rating", c_mean, p_mean, p_mean - c_mean, se, settings.rating_tolerance)
     for name, c_rate, p_rate, c_n, p_n, tol in (
         (
             "thumbs-down rate",
@@ -354,7 +353,7 @@ def judge_canary(
     ):
         if c_rate is not None and p_rate is not None and c_n >= n and p_n >= n:
             se = _rate_se(c_rate, c_n, p_rate, p_n)
-            compare(name, c_rate, p_rate, c_rate - p_rate, se, tol, pct=True)
+            result.add(name, c_rate, p_rate, c_rate - p_rate, se, tol, pct=True)
     c95, p95 = canary.latency_quantile_ms(0.95), production.latency_quantile_ms(0.95)
     if (
         c95 is not None
@@ -364,7 +363,24 @@ def judge_canary(
         and production.latency_samples >= n
     ):
         # Quantiles of a histogram have no standard error here: the relative tolerance is the margin.
-        compare("latency p95 ms", c95, p95, (c95 - p95) / p95, 0.0, settings.latency_p95_tolerance)
+        result.add("latency p95 ms", c95, p95, (c95 - p95) / p95, 0.0, settings.latency_p95_tolerance)
+    return result
+
+
+def judge_canary(
+    canary: VersionStats, production: VersionStats, elapsed_s: float, settings: CanarySettings
+) -> CanaryVerdict:
+    """Rolls back when a signal is worse than production by more than its tolerance and by more than
+    noise (`confidence_z` standard errors), once both sides have the minimum sample; promotes when no
+    signal is worse than its tolerance after the minimum duration; otherwise waits. At the maximum
+    duration a canary that still looks worse is rolled back, and one without enough samples gets
+    `undecided_action`."""
+    metrics = {f"canary_{k}": v for k, v in canary.summary().items()}
+    metrics |= {f"production_{k}": v for k, v in production.summary().items()}
+    metrics["elapsed_s"] = round(elapsed_s, 1)
+    sampled = canary.feedback >= settings.min_samples and production.feedback >= settings.min_samples
+    signals = _compare_signals(canary, production, settings)
+    worse, unsure, compared = signals.worse, signals.unsure, signals.compared
     samples = f"{canary.feedback} canary and {production.feedback} production feedback events"
     undecided = elapsed_s >= settings.max_duration_s
     if worse and sampled:

@@ -80,28 +80,51 @@ def _dir_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
-    """Trains, exports, checks and registers; returns the result (also written as result.json)."""
-    import torch
+class _Laps:
+    """Seconds spent in each named step, for the result and the registry."""
 
-    from flywheel_model.prepare import export_onnx
+    def __init__(self) -> None:
+        self.started = self._mark = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._mark, 2)
+        self._mark = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+
+@dataclass
+class _Inputs:
+    """What one job trains on, with where each part came from."""
+
+    parent: ModelVersion
+    dataset: datasets.Dataset
+    current: list[Any]
+    replay: list[Any]
+    replay_from: list[str]
+    trained_on: list[str]
+    examples: list[Any]
+    skipped: list[str]
+    pad_id: int
+    device: str
+    quantization: str
+    # How the examples' targets were shaped (job/targets.py).
+    targets: dict[str, int]
+
+    @property
+    def carried(self) -> int:
+        return len(self.current) - len(self.dataset.examples)
+
+
+def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _Inputs:
+    """The parent version, this batch with the earlier ones carried over and replayed, tokenized."""
     from flywheel_model.prompt import PromptEncoder
     from flywheel_model.runtime import DecoderSpec
-    from flywheel_trainer.job import data, targets, train, verify
+    from flywheel_trainer.job import data, targets
 
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    mark = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        timings[name] = round(now - mark, 2)
-        mark = now
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    registry = ModelRegistry(settings.artifact_root)
     parent = registry.get(args.base_version)
     if not (parent.hf_dir / "config.json").is_file():
         raise RuntimeError(f"base version {parent.version} has no Hugging Face weights to train from")
@@ -121,11 +144,10 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
         max_examples=hyper.replay_max_examples,
         seed=hyper.seed,
     )
-    carried = len(current) - len(dataset.examples)
     device, quantization = resolve_device(settings)
     log.info(
         "job %s: %d examples (%d carried over from %d earlier batches) + %d replayed, base %s, %s/%s",
-        args.job_id, len(current), carried, len(trained_on) - 1,
+        args.job_id, len(current), len(current) - len(dataset.examples), len(trained_on) - 1,
         len(replay), parent.version, device, quantization,
     )  # fmt: skip
 
@@ -139,100 +161,160 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
     if not examples:
         raise RuntimeError(f"no example fits in {hyper.max_seq_tokens} tokens ({len(skipped)} skipped)")
     pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else eos_ids[0]
-    lap("prepare_s")
+    return _Inputs(
+        parent,
+        dataset,
+        current,
+        replay,
+        replay_from,
+        trained_on,
+        examples,
+        skipped,
+        pad_id,
+        device,
+        quantization,
+        target_stats.as_dict(),
+    )
+
+
+def _train_and_merge(
+    settings: JobSettings, inputs: _Inputs, scratch: Path, laps: _Laps
+) -> tuple[Any, str, Path]:
+    """Trains a LoRA adapter and merges it into the parent's weights: (training, adapter hash, merged)."""
+    import torch
+
+    from flywheel_trainer.job import train
+
+    model = train.load_for_training(inputs.parent.hf_dir, inputs.device, inputs.quantization, settings.hyper)
+    laps.lap("load_s")
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        log.info("step %d/%d loss %.4f", step, total, loss, extra={"step": step, "loss": round(loss, 5)})
+
+    trained = train.train(
+        model, inputs.examples, settings.hyper, device=inputs.device, pad_id=inputs.pad_id, on_step=on_step
+    )
+    laps.lap("train_s")
+    adapter_dir = scratch / "adapter"
+    model.save_pretrained(adapter_dir)
+    adapter_sha = _dir_sha256(adapter_dir)
+    del model
+    if inputs.device == "cuda":
+        torch.cuda.empty_cache()
+    merged_dir = train.merge(inputs.parent.hf_dir, adapter_dir, scratch / "hf")
+    laps.lap("merge_s")
+    return trained, adapter_sha, merged_dir
+
+
+def _export_and_verify(
+    settings: JobSettings, inputs: _Inputs, merged_dir: Path, scratch: Path, laps: _Laps
+) -> tuple[Any, Path, Any]:
+    """Exports the merged model to ONNX and checks its greedy answers match PyTorch's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flywheel_model.prepare import export_onnx
+    from flywheel_trainer.job import data, verify
+
+    options = export_options_of(inputs.parent)
+    cache_dir = settings.export_cache_dir or settings.scratch_dir / "hf-export"
+    onnx_dir = export_onnx(merged_dir, scratch / "onnx", options, cache_dir=cache_dir)
+    laps.lap("export_s")
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    probe = inputs.dataset.examples[: settings.verify.prompts]
+    checked = verify.compare(
+        merged,
+        onnx_dir,
+        [data.messages_of(e) for e in probe],
+        max_new_tokens=settings.verify.max_new_tokens,
+        tie_tolerance=settings.verify.tie_tolerance,
+    )
+    del merged
+    if not checked.ok:
+        bad = next(c for c in checked.checks if not c.equal)
+        raise RuntimeError(
+            f"ONNX greedy differs from PyTorch greedy at token {bad.diverged_at} "
+            f"(logit gap {bad.gap_at_divergence:.4f}): the export is not faithful"
+        )
+    laps.lap("verify_s")
+    return options, onnx_dir, checked
+
+
+def _training_record(settings: JobSettings, inputs: _Inputs, trained: Any, laps: _Laps) -> dict[str, Any]:
+    """How the candidate was trained, for its manifest."""
+    import torch
+
+    device = inputs.device
+    return {
+        "hyperparameters": settings.hyper.model_dump(),
+        "loss_curve": trained.loss_curve,
+        "epoch_losses": trained.epoch_losses,
+        "steps": trained.steps,
+        "examples_seen": trained.examples_seen,
+        "answer_tokens": trained.answer_tokens,
+        "total_tokens": trained.total_tokens,
+        "seconds_per_step": round(trained.seconds_per_step, 3),
+        "targets": inputs.targets,
+        "preference_pairs": trained.preference_pairs,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "quantization": inputs.quantization,
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "timings": laps.timings,
+    }
+
+
+def _lineage(args: JobArgs, inputs: _Inputs, adapter_sha: str, duration: float) -> dict[str, Any]:
+    """Where the candidate came from: parent, batches, adapter, job, and the examples' counts."""
+    dataset = inputs.dataset
+    return {
+        "parent_version": inputs.parent.version,
+        "dataset_id": dataset.dataset_id,
+        "dataset_sha256": dataset.sha256,
+        # Every batch this candidate learned in full: this one and those carried over.
+        "datasets": inputs.trained_on,
+        "adapter_sha256": adapter_sha,
+        "job_id": args.job_id,
+        "examples": {
+            "batch": len(dataset.examples),
+            "carried_over": inputs.carried,
+            "counts": dataset.manifest.get("counts", {}),
+            "replayed": len(inputs.replay),
+            "replayed_from": inputs.replay_from,
+            "trained": len(inputs.examples),
+            "skipped_too_long": inputs.skipped,
+        },
+        "duration_s": duration,
+    }
+
+
+def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
+    """Trains, exports, checks and registers; returns the result (also written as result.json)."""
+    import torch
+
+    laps = _Laps()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    registry = ModelRegistry(settings.artifact_root)
+    inputs = _gather(settings, args, registry)
+    laps.lap("prepare_s")
 
     scratch = settings.scratch_dir / args.job_id
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        model = train.load_for_training(parent.hf_dir, device, quantization, hyper)
-        lap("load_s")
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            log.info("step %d/%d loss %.4f", step, total, loss, extra={"step": step, "loss": round(loss, 5)})
-
-        trained = train.train(model, examples, hyper, device=device, pad_id=pad_id, on_step=on_step)
-        lap("train_s")
-        adapter_dir = scratch / "adapter"
-        model.save_pretrained(adapter_dir)
-        adapter_sha = _dir_sha256(adapter_dir)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        merged_dir = train.merge(parent.hf_dir, adapter_dir, scratch / "hf")
-        lap("merge_s")
-
-        options = export_options_of(parent)
-        cache_dir = settings.export_cache_dir or settings.scratch_dir / "hf-export"
-        onnx_dir = export_onnx(merged_dir, scratch / "onnx", options, cache_dir=cache_dir)
-        lap("export_s")
-
-        from transformers import AutoModelForCausalLM
-
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-        probe = dataset.examples[: settings.verify.prompts]
-        checked = verify.compare(
-            merged,
-            onnx_dir,
-            [data.messages_of(e) for e in probe],
-            max_new_tokens=settings.verify.max_new_tokens,
-            tie_tolerance=settings.verify.tie_tolerance,
-        )
-        del merged
-        if not checked.ok:
-            bad = next(c for c in checked.checks if not c.equal)
-            raise RuntimeError(
-                f"ONNX greedy differs from PyTorch greedy at token {bad.diverged_at} "
-                f"(logit gap {bad.gap_at_divergence:.4f}): the export is not faithful"
-            )
-        lap("verify_s")
-
-        training = {
-            "hyperparameters": hyper.model_dump(),
-            "loss_curve": trained.loss_curve,
-            "epoch_losses": trained.epoch_losses,
-            "steps": trained.steps,
-            "examples_seen": trained.examples_seen,
-            "answer_tokens": trained.answer_tokens,
-            "total_tokens": trained.total_tokens,
-            "seconds_per_step": round(trained.seconds_per_step, 3),
-            "targets": target_stats.as_dict(),
-            "preference_pairs": trained.preference_pairs,
-            "device": device,
-            "device_name": (
-                torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
-            ),
-            "quantization": quantization,
-            "threads": torch.get_num_threads(),
-            "versions": _versions(),
-            "timings": timings,
-        }
-        lineage: dict[str, Any] = {
-            "parent_version": parent.version,
-            "dataset_id": dataset.dataset_id,
-            "dataset_sha256": dataset.sha256,
-            # Every batch this candidate learned in full: this one and those carried over.
-            "datasets": trained_on,
-            "adapter_sha256": adapter_sha,
-            "job_id": args.job_id,
-            "examples": {
-                "batch": len(dataset.examples),
-                "carried_over": carried,
-                "counts": dataset.manifest.get("counts", {}),
-                "replayed": len(replay),
-                "replayed_from": replay_from,
-                "trained": len(examples),
-                "skipped_too_long": skipped,
-            },
-        }
-        duration = round(time.perf_counter() - started, 1)
-        lineage["duration_s"] = duration
+        trained, adapter_sha, merged_dir = _train_and_merge(settings, inputs, scratch, laps)
+        options, onnx_dir, checked = _export_and_verify(settings, inputs, merged_dir, scratch, laps)
+        training = _training_record(settings, inputs, trained, laps)
+        duration = laps.total()
         candidate = registry.register(
             onnx_dir,
             kind="candidate",
             hf_dir=merged_dir,
             metadata={
-                "lineage": lineage,
+                "lineage": _lineage(args, inputs, adapter_sha, duration),
                 "training": training,
                 "verify": checked.summary(),
                 "export": {"precision": options.precision, "provider": options.provider},
@@ -243,17 +325,17 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
     result = {
         "status": "succeeded",
         "job_id": args.job_id,
-        "dataset_id": dataset.dataset_id,
-        "base_version": parent.version,
+        "dataset_id": inputs.dataset.dataset_id,
+        "base_version": inputs.parent.version,
         "candidate_version": candidate.version,
         "epoch_losses": trained.epoch_losses,
         "loss_curve": trained.loss_curve,
         "steps": trained.steps,
         "seconds_per_step": round(trained.seconds_per_step, 3),
         "duration_s": duration,
-        "device": device,
-        "quantization": quantization,
-        "timings": timings,
+        "device": inputs.device,
+        "quantization": inputs.quantization,
+        "timings": laps.timings,
         "finished_at": now_iso(),
         "pid": os.getpid(),
     }

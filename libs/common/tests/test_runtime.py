@@ -1,0 +1,102 @@
+"""The start-up every service shares: main() serves until SIGTERM, Kafka is retried, consumers restart."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from flywheel_common.kafka import EventConsumer
+from flywheel_common.runtime import ConsumerThread, connect_with_retry
+from flywheel_common.settings import KafkaSettings
+
+# A service as `python -m` runs it: the app builds a gRPC server and an asyncio event in __init__,
+# which only works when run_service builds it inside the running loop.
+SERVICE = textwrap.dedent(
+    """
+    import asyncio
+    from pydantic import BaseModel
+    from flywheel_common.grpc_server import GrpcServer
+    from flywheel_common.runtime import run_service
+    from flywheel_common.settings import GrpcSettings, LoggingSettings, MetricsSettings, TracingSettings
+
+    class Settings(BaseModel):
+        logging: LoggingSettings = LoggingSettings()
+        tracing: TracingSettings = TracingSettings()
+        metrics: MetricsSettings = MetricsSettings(port=0)
+
+    class App:
+        def __init__(self, settings: Settings) -> None:
+            self.server = GrpcServer(GrpcSettings(port=0, grace_s=0), "test")
+            self.ready = asyncio.Event()
+
+        async def start(self) -> int:
+            port = await self.server.start()
+            print("serving", port, flush=True)
+            return port
+
+        async def stop(self, grace: float | None = None) -> None:
+            await self.server.stop(grace)
+            print("stopped", flush=True)
+
+    run_service(App, Settings, "test")
+    """
+)
+
+
+def test_run_service_serves_until_sigterm() -> None:
+    process = subprocess.Popen([sys.executable, "-c", SERVICE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        # Logs are JSON lines on the same stdout; the app's own lines are plain.
+        assert any(line.startswith("serving ") for line in iter(process.stdout.readline, ""))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert "stopped" in process.stdout.read().splitlines()
+    finally:
+        process.kill()
+
+
+async def test_connect_with_retry_keeps_trying() -> None:
+    calls: list[int] = []
+
+    def connect() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("broker not up yet")
+
+    await asyncio.wait_for(connect_with_retry(connect), 30)
+    assert len(calls) == 3
+
+
+class FlakyConsumer(EventConsumer):
+    """Fails on its first run, as a consumer does when the broker goes away mid-poll."""
+
+    def __init__(self) -> None:
+        super().__init__(KafkaSettings(), ["t"], "g")
+        self.runs = 0
+        self.second_run = threading.Event()
+
+    def run(self) -> None:
+        self.runs += 1
+        if self.runs == 1:
+            raise ConnectionError("broker went away")
+        self.second_run.set()
+        self.wait_stopping(30)
+
+    def handle(self, records: list[ConsumerRecord]) -> None:
+        raise AssertionError("not polled here")
+
+
+async def test_consumer_thread_restarts_a_failed_consumer_and_stops() -> None:
+    consumer = FlakyConsumer()
+    thread = ConsumerThread(consumer, restart_after_s=0.05)
+    thread.start()
+    assert await asyncio.to_thread(consumer.second_run.wait, 30)
+    await thread.stop(join_s=30)
+    assert not thread.is_alive() and consumer.runs == 2
