@@ -439,6 +439,6 @@ async def test_admin_rolls_back_to_any_earlier_version_and_inference_follows(
     assert await asyncio.to_thread(cli, [*target, "decisions", "--limit", "2"]) == 0
     out, err = capsys.readouterr()
     assert "production:   v1" in out and "auto-rollout: off" in out and "pinned:       no" in out
-    assert "error: PERMISSION_DENIED: this call needs the admin role" in err
+    assert "refused the token: this call needs the admin role" in err
     assert f"rollback          {v2} vs v1: failed" in out
     await until(lambda: app.router.production_version == "v1", 30, "inference to follow the CLI")

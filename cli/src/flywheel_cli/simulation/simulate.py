@@ -54,7 +54,12 @@ T = TypeVar("T")
 # F1 cut points between ratings 1|2|3|4|5.
 RATING_THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
 DEFAULT_TEMPLATE = "The answer is {answer}."
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# A deadline passed under load is retried too: one slow answer must not end a run of an hour.
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 _FINISHED_JOB = (trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED)
 
 
@@ -250,7 +255,8 @@ async def _retry(
     attempts: int = 6,
     retryable: Callable[[Exception], bool] = _grpc_retryable,
 ) -> T:
-    """Retries a call that failed with UNAVAILABLE or RESOURCE_EXHAUSTED (or `retryable`), backing off."""
+    """Retries a call that failed with UNAVAILABLE, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED (or as
+    `retryable` says), backing off."""
     delay = 0.5
     for attempt in range(attempts):
         try:
