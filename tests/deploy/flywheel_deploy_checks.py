@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "flywheel"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 TOOLS = ROOT / ".cache" / "tools" / "bin"
-SERVICES = ("inference", "feedback", "trainer", "evaluator")
+SERVICES = ("inference", "feedback", "trainer", "evaluator", "gateway")
+# The one service browsers talk to: HTTP probes instead of gRPC ones.
+HTTP_SERVICES = ("gateway",)
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion); kubernetes-validate knows the newest.
 MIN_KUBE_VERSION = "1.29.0"
 # Graceful shutdown grace of every gRPC server (GrpcSettings.grace_s).
@@ -203,7 +205,7 @@ def runs_to_completion(where: str) -> bool:
 
 
 def workload_errors(docs: Iterable[Doc], gpu_resource: str = GPU_TAINT_KEY) -> list[str]:
-    """Hardened pods, native gRPC probes, graceful termination, and GPU pods that can reach the GPU pool."""
+    """Hardened pods, native probes (gRPC; HTTP for the gateway), graceful stops, GPU pods on the pool."""
     errors = []
     for where, spec in pod_specs(docs):
         psc = spec.get("securityContext", {})
@@ -234,8 +236,9 @@ def workload_errors(docs: Iterable[Doc], gpu_resource: str = GPU_TAINT_KEY) -> l
                 for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                     if probe not in c:
                         errors.append(f"{cname}: no {probe}")
-                if "grpc" not in c.get("readinessProbe", {}):
-                    errors.append(f"{cname}: readinessProbe is not a native gRPC probe")
+                kind = "httpGet" if c["name"] in HTTP_SERVICES else "grpc"
+                if kind not in c.get("readinessProbe", {}):
+                    errors.append(f"{cname}: readinessProbe is not a native {kind} probe")
             limits = c.get("resources", {}).get("limits", {})
             requests = c.get("resources", {}).get("requests", {})
             if gpu_resource in limits:

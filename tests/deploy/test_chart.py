@@ -271,6 +271,7 @@ def test_notes_print_the_next_commands(helm: Path, scenario: str) -> None:
     assert "helm test fw -n flywheel" in notes
     assert "kubectl -n flywheel port-forward svc/fw-flywheel-inference 50051:50051" in notes
     assert "flywheel.inference.v1.InferenceService/Answer" in notes
+    assert "port-forward svc/fw-flywheel-gateway 8080:8080" in notes and "/widget.js" in notes
     assert 'in the folder "Flywheel"' in notes
     assert ("-insecure" in notes) == (scenario == KAFKA)
 

@@ -51,6 +51,7 @@ def test_image_names_match_the_chart_values() -> None:
         "trainer.image": values["trainer"]["image"]["repository"],
         "trainer.job.image": values["trainer"]["job"]["image"]["repository"],
         "evaluator.image": values["evaluator"]["image"]["repository"],
+        "gateway.image": values["gateway"]["image"]["repository"],
     }
     built = {a["image"] for a in ARTIFACTS}
     assert set(chart_images.values()) == built

@@ -1,4 +1,4 @@
-"""TrainerService over loopback gRPC: listing and getting jobs, TriggerBatch for admins only."""
+"""TrainerService over loopback gRPC: jobs, TriggerBatch for admins, the review queue for experts."""
 
 from __future__ import annotations
 
@@ -123,3 +123,57 @@ async def test_a_failed_jobs_detail_is_for_admins_only(stub: Any, store: JoinSto
     with pytest.raises(grpc.aio.AioRpcError) as long_id:
         await stub.GetJob(trainer_pb2.GetJobRequest(job_id="j" * 129))
     assert long_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+USER = (("authorization", "Bearer dev-user-token"),)
+
+
+async def test_the_review_queue_is_for_experts_and_admins(stub: Any, store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.rating(1, 1)])
+    for metadata, code in (
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        (USER, grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ListReviewItems(trainer_pb2.ListReviewItemsRequest(), metadata=metadata)
+        assert refused.value.code() == code
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ClaimReviewItem(trainer_pb2.ClaimReviewItemRequest(query_id="q1"), metadata=metadata)
+        assert refused.value.code() == code
+    listed = await stub.ListReviewItems(trainer_pb2.ListReviewItemsRequest(), metadata=ADMIN)
+    (item,) = listed.items
+    assert (item.query_id, item.question, item.lowest_rating) == ("q1", "What is item 1?", 1)
+    assert list(item.reasons) == [trainer_pb2.REVIEW_REASON_LOW_RATING] and not item.claimed_by_caller
+
+
+async def test_a_claimed_item_is_hidden_from_other_experts(
+    stub: Any, store: JoinStore, registry: ModelRegistry, ev: Any
+) -> None:
+    store.ingest([ev.interaction(1)], [ev.thumbs(1, False)])
+    claimed = await stub.ClaimReviewItem(trainer_pb2.ClaimReviewItemRequest(query_id="q1"), metadata=EXPERT)
+    assert claimed.claimed_by_caller and claimed.claimed_until.seconds > 0
+    assert list(claimed.reasons) == [trainer_pb2.REVIEW_REASON_THUMBS_DOWN]
+    # The admin is another reviewer: the expert's claim keeps the item from them.
+    assert not (await stub.ListReviewItems(trainer_pb2.ListReviewItemsRequest(), metadata=ADMIN)).items
+    with pytest.raises(grpc.aio.AioRpcError) as taken:
+        await stub.ClaimReviewItem(trainer_pb2.ClaimReviewItemRequest(query_id="q1"), metadata=ADMIN)
+    assert taken.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await stub.ClaimReviewItem(
+        trainer_pb2.ClaimReviewItemRequest(query_id="q1", release=True), metadata=EXPERT
+    )
+    assert len((await stub.ListReviewItems(trainer_pb2.ListReviewItemsRequest(), metadata=ADMIN)).items) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.ClaimReviewItem(trainer_pb2.ClaimReviewItemRequest(query_id="q9"), metadata=EXPERT)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_answers_of_the_canary_version_are_marked(
+    stub: Any, store: JoinStore, registry: ModelRegistry, ev: Any
+) -> None:
+    store.ingest([ev.interaction(1)], [])
+    registry.set_canary("v1", 0.5)
+    listed = await stub.ListReviewItems(
+        trainer_pb2.ListReviewItemsRequest(order=trainer_pb2.REVIEW_ORDER_IMPACT), metadata=EXPERT
+    )
+    assert listed.canary_version == "v1"
+    assert [list(i.reasons) for i in listed.items] == [[trainer_pb2.REVIEW_REASON_CANARY]]

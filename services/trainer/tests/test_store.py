@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
-from flywheel_trainer.store import FAILED, QUEUED, JoinStore
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_trainer.policy import FeedbackSignal
+from flywheel_trainer.store import FAILED, QUEUED, JoinStore, ReviewReason
 
 
 def test_feedback_joins_its_interaction_in_either_order(store: JoinStore, ev: Any) -> None:
@@ -140,3 +142,64 @@ def test_the_store_survives_a_reopen(tmp_path: Any, ev: Any) -> None:
     assert s2.ingest([ev.interaction(1)], [ev.correction(1)]).duplicates == 2
     assert s2.counts()["examples"] == 2
     s2.close()
+
+
+def _comment(i: int, text: str) -> FeedbackSignal:
+    kind, role = events_pb2.FEEDBACK_KIND_COMMENT, events_pb2.REVIEWER_ROLE_USER
+    return FeedbackSignal(f"fm{i}", f"q{i}", kind, 0, text, role)
+
+
+def test_review_queue_holds_answers_that_need_an_expert(store: JoinStore, ev: Any, clock: Any) -> None:
+    store.ingest([ev.interaction(i) for i in range(1, 7)], [])
+    clock.now += 1
+    store.ingest([], [ev.rating(1, 1)])
+    clock.now += 1
+    store.ingest([], [ev.thumbs(2, False), ev.rating(3, 5), _comment(4, "Wrong year.")])
+    items = store.review_items(caller="a", canary_version=None)
+    # q3 was rated well, q5 and q6 got no feedback: not in the queue; the newest feedback first.
+    assert [i.query_id for i in items] == ["q2", "q4", "q1"]
+    q4 = items[1]
+    assert q4.reasons == [ReviewReason.COMMENT] and q4.comments == ["Wrong year."]
+    assert q4.passages == ["Item 4 is a thing.", "Other text."] and q4.model_version == "v1"
+    assert items[2].reasons == [ReviewReason.LOW_RATING] and items[2].lowest_rating == 1
+    # Every answer of the canary version is in it, whatever its feedback.
+    canary = store.review_items(caller="a", canary_version="v1")
+    assert {i.query_id for i in canary} == {f"q{i}" for i in range(1, 7)}
+    assert ReviewReason.CANARY in canary[0].reasons
+
+
+def test_review_queue_by_impact_counts_how_often_a_question_was_asked(store: JoinStore, ev: Any) -> None:
+    again = ev.interaction(2)
+    again.query_id = "q2-again"
+    store.ingest([ev.interaction(1), ev.interaction(2), again], [ev.rating(1, 1), ev.rating(2, 2)])
+    newest = store.review_items(caller="a", canary_version=None, order="impact")
+    # q1 is worse (rating 1 against 2) but q2's question was asked twice: (6-2)*2 > (6-1)*1.
+    assert [(i.query_id, i.times_asked, i.impact) for i in newest] == [("q2", 2, 8.0), ("q1", 1, 5.0)]
+    with pytest.raises(ValueError):
+        store.review_items(caller="a", canary_version=None, order="random")
+
+
+def test_an_expert_review_takes_the_answer_out_of_the_queue(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1), ev.interaction(2)], [ev.rating(1, 1), ev.rating(2, 1)])
+    store.ingest([], [ev.correction(1)])
+    assert [i.query_id for i in store.review_items(caller="a", canary_version=None)] == ["q2"]
+    # The correction still became a supervised example.
+    assert store.counts()["examples.correction"] == 1
+
+
+def test_claims_keep_an_item_from_other_experts_until_they_expire(
+    store: JoinStore, ev: Any, clock: Any
+) -> None:
+    store.ingest([ev.interaction(1)], [ev.rating(1, 1)])
+    until = store.claim("q1", "alice", ttl_s=60)
+    assert until == clock.now + 60
+    assert store.claim("q1", "bob", ttl_s=60) is None
+    assert store.review_items(caller="bob", canary_version=None) == []
+    (mine,) = store.review_items(caller="alice", canary_version=None)
+    assert mine.claimed_until == until
+    clock.now += 61
+    assert store.claim("q1", "bob", ttl_s=60) == clock.now + 60
+    assert store.claim("q1", "bob", ttl_s=60, release=True) == 0.0
+    assert store.review_items(caller="alice", canary_version=None)[0].claimed_until is None
+    with pytest.raises(KeyError):
+        store.claim("q-unknown", "alice", ttl_s=60)

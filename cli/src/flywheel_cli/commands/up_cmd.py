@@ -66,8 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "up",
         help="run Kafka and every service locally until Ctrl-C",
         description="Starts the Kafka broker, prepares and registers the base model if needed, starts the "
-        "inference, feedback, trainer and evaluator services, prints which port serves what and waits "
-        "until each is healthy. Ctrl-C stops everything. With --simulate DIR it runs a simulation on the "
+        "inference, feedback, trainer and evaluator services and the gateway (the widget and the review "
+        "console, for a browser), prints which port serves what and waits until each is healthy. "
+        "Ctrl-C stops everything. With --simulate DIR it runs a simulation on the "
         "dataset, prints where the report is, and stops.",
     )
     add_stack_args(up)

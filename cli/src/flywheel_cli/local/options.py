@@ -28,7 +28,7 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
         help="dataset whose `gate` split the evaluator gates on (default: the simulated one)",
     )
     parser.add_argument(
-        "--free-ports", action="store_true", help="pick free ports instead of 50051-50054 / 9101-9104"
+        "--free-ports", action="store_true", help="pick free ports instead of 50051-50054, 8080 / 9101-9105"
     )
     parser.add_argument(
         "--resume",
@@ -68,3 +68,9 @@ def print_table(console: Console, stack: LocalStack) -> None:
     if stack.skipped:
         console.print(f"[yellow]not installed here, not started:[/] {', '.join(stack.skipped)}")
     console.print("gRPC services answer health checks (grpc.health.v1); /metrics is Prometheus over HTTP.")
+    if stack.gateway_url:
+        url = stack.gateway_url
+        console.print(
+            f"[bold]In a browser:[/] {url}/demo/ (the dataset's pages with the widget), "
+            f"{url}/console (the review console; development expert token: dev-expert-token)"
+        )

@@ -1,4 +1,4 @@
-"""The whole system on one machine: Kafka, topics, the base model and every service as a subprocess."""
+"""The whole system on one machine: Kafka, topics, the base model, every service and the gateway."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +40,18 @@ class StackError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """One service of the stack: its module, ports, what it does, and the environment it is given."""
+    """One service of the stack: its module, ports, what it does, and the environment it is given.
+
+    `port` serves gRPC, or HTTP for the gateway (`http`), which is no Kafka client.
+    """
 
     name: str
     module: str
-    grpc_port: int
+    port: int
     metrics_port: int
     purpose: str
     env: Mapping[str, str]
+    http: bool = False
 
     @property
     def prefix(self) -> str:
@@ -87,12 +93,15 @@ class StackConfig:
     # Ports: inference, feedback, trainer, evaluator (gRPC); metrics ports are 9101..9104.
     grpc_ports: tuple[int, int, int, int] = (50051, 50052, 50053, 50054)
     metrics_ports: tuple[int, int, int, int] = (9101, 9102, 9103, 9104)
+    # The gateway (HTTP for browsers) and its metrics.
+    gateway_port: int = 8080
+    gateway_metrics_port: int = 9105
     # Pick free ports (Kafka's too) instead: tests, or a second stack beside a running one.
     free_ports: bool = False
     # Start a broker of its own under var/kafka (on `kafka_port` when free, else any free port) instead
     # of reusing one that listens: a clean start, no other run's topics or consumer offsets.
     own_broker: bool = False
-    services: tuple[str, ...] = ("inference", "feedback", "trainer", "evaluator")
+    services: tuple[str, ...] = ("inference", "feedback", "trainer", "evaluator", "gateway")
     prepare_model: bool = True
     # Seconds each service gets to report SERVING, and to stop after SIGTERM.
     health_timeout_s: float = 300.0
@@ -169,6 +178,27 @@ def _evaluator_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
     }
 
 
+def _gateway_env(
+    config: StackConfig, port: int, metrics_port: int, grpc_ports: dict[str, int]
+) -> dict[str, str]:
+    """Local gateway: in front of the stack's services, the dataset's pages under /demo/ with the widget."""
+    p = "FLYWHEEL_GATEWAY_"
+    env = {
+        f"{p}HTTP__HOST": config.host,
+        f"{p}HTTP__PORT": str(port),
+        f"{p}HTTP__GRACE_S": str(config.grpc_grace_s),
+        f"{p}METRICS__HOST": config.host,
+        f"{p}METRICS__PORT": str(metrics_port),
+        # Plain http on loopback: a browser keeps no Secure cookie from http://127.0.0.1.
+        f"{p}SESSION__SECURE_COOKIES": "false",
+        **{f"{p}SERVICES__{name.upper()}": f"127.0.0.1:{port}" for name, port in grpc_ports.items()},
+    }
+    pages = config.dataset / "pages"
+    if pages.is_dir():
+        env[f"{p}DEMO_PAGES_DIR"] = str(pages.resolve())
+    return env
+
+
 def service_specs(config: StackConfig) -> list[ServiceSpec]:
     """The services of the stack, their ports and their environment, in start order."""
     var_dir = config.var_dir.resolve()
@@ -206,6 +236,23 @@ def service_specs(config: StackConfig) -> list[ServiceSpec]:
         specs.append(
             ServiceSpec(name, f"flywheel_{name}", grpc_ports[index], metrics_ports[index], purpose, env)
         )
+    if "gateway" in config.services:
+        http_port, metrics_port = config.gateway_port, config.gateway_metrics_port
+        if config.free_ports:
+            http_port, metrics_port = free_port(config.host), free_port(config.host)
+        env = _gateway_env(config, http_port, metrics_port, {s.name: s.port for s in specs})
+        env.update(config.service_env.get("gateway", {}))
+        specs.append(
+            ServiceSpec(
+                "gateway",
+                "flywheel_gateway",
+                http_port,
+                metrics_port,
+                "widget, API, review console",
+                env,
+                True,
+            )
+        )
     return specs
 
 
@@ -219,7 +266,21 @@ class RunningService:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.spec.grpc_port}"
+        return f"127.0.0.1:{self.spec.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.port}"
+
+    def healthy(self) -> bool:
+        """SERVING (gRPC health), or ready (the gateway's /readyz: inference and feedback SERVING)."""
+        if not self.spec.http:
+            return check_health(self.target, timeout_s=1.0)
+        try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=1.0) as reply:
+                return bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -290,8 +351,13 @@ class LocalStack:
 
     @property
     def targets(self) -> dict[str, str]:
-        """gRPC `host:port` of every running service, by name."""
-        return {r.spec.name: r.target for r in self.running}
+        """gRPC `host:port` of every running gRPC service, by name."""
+        return {r.spec.name: r.target for r in self.running if not r.spec.http}
+
+    @property
+    def gateway_url(self) -> str | None:
+        """Where browsers reach the gateway, when it runs."""
+        return next((r.url for r in self.running if r.spec.http), None)
 
     @property
     def kafka_settings(self) -> KafkaSettings:
@@ -355,12 +421,8 @@ class LocalStack:
 
     def _spawn(self, spec: ServiceSpec) -> None:
         log_file = (self.config.logs_dir / f"{spec.name}.log").resolve()
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            f"{spec.prefix}KAFKA__BOOTSTRAP_SERVERS": self.bootstrap_servers,
-            **spec.env,
-        }
+        kafka = {} if spec.http else {f"{spec.prefix}KAFKA__BOOTSTRAP_SERVERS": self.bootstrap_servers}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **kafka, **spec.env}
         with log_file.open("ab") as out:
             out.write(f"--- {dt.datetime.now().isoformat(timespec='seconds')} flywheel up\n".encode())
             out.flush()
@@ -387,10 +449,11 @@ class LocalStack:
                         f"{service.spec.name} exited with {code} while starting; "
                         f"last lines of {service.log_file}:\n{_tail(service.log_file)}"
                     )
-                if check_health(service.target, timeout_s=1.0):
+                if service.healthy():
                     waiting.remove(service)
                     took = time.monotonic() - self.started_at
-                    self.echo(f"{service.spec.name}: SERVING on {service.target} ({took:.0f} s)")
+                    where = service.url if service.spec.http else service.target
+                    self.echo(f"{service.spec.name}: SERVING on {where} ({took:.0f} s)")
             if waiting and time.monotonic() > deadline:
                 names = ", ".join(s.spec.name for s in waiting)
                 raise StackError(f"not SERVING after {self.config.health_timeout_s:.0f} s: {names}")
@@ -409,9 +472,8 @@ class LocalStack:
         rows = [("kafka", self.bootstrap_servers, "", kafka_log, "topics: interactions, feedback, ...")]
         for service in self.running:
             spec = service.spec
-            rows.append(
-                (spec.name, service.target, str(spec.metrics_port), _short(service.log_file), spec.purpose)
-            )
+            where = service.url if spec.http else service.target
+            rows.append((spec.name, where, str(spec.metrics_port), _short(service.log_file), spec.purpose))
         return rows
 
     # --- stop ------------------------------------------------------------------------------------------

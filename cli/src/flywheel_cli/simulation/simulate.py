@@ -39,6 +39,7 @@ import grpc
 
 from flywheel_cli.decisions import action_name, decision_json, timestamp
 from flywheel_cli.simulation.report import ExamItem, ExamResult, Report, RoundResult, pct
+from flywheel_cli.simulation.via_gateway import GatewayAnswer, GatewayVisitor, measure_overhead, retryable
 from flywheel_eval.dataset import Dataset, QAItem, load_dataset
 from flywheel_eval.metrics import score_item, summarize
 from flywheel_model.retrieval import html_to_text
@@ -116,6 +117,11 @@ class SimulationConfig:
     poll_s: float = 2.0
     targets: Targets = field(default_factory=Targets)
     tokens: Tokens = field(default_factory=Tokens)
+    # The gateway's URL: visitors ask and rate through its HTTP API, as the widget does (the expert
+    # and the exam still talk gRPC); None: visitors talk gRPC too.
+    via_gateway: str | None = None
+    # Questions asked both ways after the rounds, to measure the gateway's overhead per answer.
+    overhead_questions: int = 8
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -240,14 +246,23 @@ def _bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-async def _retry(call: Callable[[], Awaitable[T]], attempts: int = 6) -> T:
-    """Retries a call that failed with UNAVAILABLE, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, backing off."""
+def _grpc_retryable(error: Exception) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() in _RETRYABLE
+
+
+async def _retry(
+    call: Callable[[], Awaitable[T]],
+    attempts: int = 6,
+    retryable: Callable[[Exception], bool] = _grpc_retryable,
+) -> T:
+    """Retries a call that failed with UNAVAILABLE, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED (or as
+    `retryable` says), backing off."""
     delay = 0.5
     for attempt in range(attempts):
         try:
             return await call()
-        except grpc.aio.AioRpcError as err:
-            if err.code() not in _RETRYABLE or attempt == attempts - 1:
+        except Exception as err:
+            if not retryable(err) or attempt == attempts - 1:
                 raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, 8.0)
@@ -277,6 +292,7 @@ class Simulation:
         self.dataset = load_dataset(config.dataset)
         self.run_id = uuid.uuid4().hex[:8]
         self._channels: list[grpc.aio.Channel] = []
+        self.gateway: GatewayVisitor | None = None
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         channel = grpc.aio.insecure_channel(
@@ -293,6 +309,8 @@ class Simulation:
         self.feedback = feedback_pb2_grpc.FeedbackServiceStub(self._channel(targets.feedback))
         self.trainer = trainer_pb2_grpc.TrainerServiceStub(self._channel(targets.trainer))
         self.evaluator = evaluator_pb2_grpc.EvaluatorServiceStub(self._channel(targets.evaluator))
+        if config.via_gateway:
+            self.gateway = GatewayVisitor(config.via_gateway, timeout_s=config.request_timeout_s)
         started = time.monotonic()
         report = Report(
             dataset=self.dataset.name,
@@ -330,10 +348,14 @@ class Simulation:
                     f"After the last round {len(closing)} visitors asked its questions again (ratings "
                     "only), so the final model has visitors' ratings too."
                 )
+            if self.gateway is not None:
+                await self._gateway_overhead(exam, report)
         finally:
             report.wall_time_s = time.monotonic() - started
             for channel in self._channels:
                 await channel.close()
+            if self.gateway is not None:
+                await self.gateway.close()
         return report
 
     # --- one round -------------------------------------------------------------------------------------
@@ -401,30 +423,36 @@ class Simulation:
     async def _visit(self, item: QAItem, session: str, rng: random.Random, *, expert: bool) -> Visit:
         config = self.config
         started = time.perf_counter()
-        response = await _retry(
-            lambda: self.inference.Answer(self._request(item, session), timeout=config.request_timeout_s)
-        )
+        request = self._request(item, session)
+        gateway = self.gateway
+        asked: GatewayAnswer | None = None
+        if gateway is None:
+            response = await _retry(lambda: self.inference.Answer(request, timeout=config.request_timeout_s))
+        else:
+            # The gateway gives the visitor a session of its own (the id is not ours to choose).
+            asked = await _retry(lambda: gateway.ask(request.page, request.question), retryable=retryable)
+            response = inference_pb2.AnswerResponse(
+                query_id=asked.query_id, answer=asked.answer, model_version=asked.model_version
+            )
         latency_ms = (time.perf_counter() - started) * 1000
         scores = score_item(response.answer, item.answers)
-        rating: int | None = None
-        if ignores(scores.f1, rng, config):
-            request = feedback_pb2.SubmitFeedbackRequest(
-                query_id=response.query_id,
-                ignored=True,
-                session_id=session,
-                idempotency_key=f"sim-{response.query_id[-32:]}-ignored",
-            )
-        else:
-            rating = rating_from_f1(scores.f1, rng, config.rating_noise)
-            request = feedback_pb2.SubmitFeedbackRequest(
-                query_id=response.query_id,
-                rating=rating,
-                session_id=session,
-                idempotency_key=f"sim-{response.query_id[-32:]}-rating",
-            )
-        await _retry(
-            lambda: self.feedback.SubmitFeedback(request, metadata=_bearer(config.tokens.user), timeout=30)
+        rating = (
+            None if ignores(scores.f1, rng, config) else rating_from_f1(scores.f1, rng, config.rating_noise)
         )
+        key = f"sim-{response.query_id[-32:]}-{'ignored' if rating is None else 'rating'}"
+        if gateway is not None and asked is not None:
+            answered = asked
+            await _retry(lambda: gateway.rate(answered, rating=rating, key=key), retryable=retryable)
+        else:
+            signal: dict[str, Any] = {"ignored": True} if rating is None else {"rating": rating}
+            feedback = feedback_pb2.SubmitFeedbackRequest(
+                query_id=response.query_id, session_id=session, idempotency_key=key, **signal
+            )
+            await _retry(
+                lambda: self.feedback.SubmitFeedback(
+                    feedback, metadata=_bearer(config.tokens.user), timeout=30
+                )
+            )
         corrected = False
         low = rating is not None and rating <= config.low_rating
         if expert and low and item.answers and rng.random() < config.correction_share:
@@ -489,6 +517,27 @@ class Simulation:
 
     def _request(self, item: QAItem, session: str) -> inference_pb2.AnswerRequest:
         return visitor_request(self.dataset, item, session, self.config.max_new_tokens)
+
+    async def _gateway_overhead(self, exam: Sequence[QAItem], report: Report) -> None:
+        """Asks exam questions both over gRPC and through the gateway; the note says what it added."""
+        assert self.gateway is not None
+        items = list(exam[: self.config.overhead_questions])
+        # The server's default answer length both ways: the gateway's API sets no generation options.
+        requests = [
+            visitor_request(self.dataset, item, f"sim-{self.run_id}-overhead-{i}")
+            for i, item in enumerate(items)
+        ]
+        measured = await measure_overhead(
+            self.gateway, self.inference, requests, timeout_s=self.config.request_timeout_s
+        )
+        report.settings["gateway_overhead"] = measured
+        report.notes.append(
+            f"Visitors asked and rated through the gateway's HTTP API (answers as Server-Sent Events). "
+            f"On {measured['answers']} exam questions asked both ways after the rounds, the gateway added "
+            f"{measured['overhead_median_ms']:.0f} ms per answer (median of the paired differences; a "
+            f"whole answer took {measured['grpc_median_ms']:.0f} ms over gRPC, "
+            f"{measured['gateway_median_ms']:.0f} ms through the gateway)."
+        )
 
     # --- the exam --------------------------------------------------------------------------------------
 

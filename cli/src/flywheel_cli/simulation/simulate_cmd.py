@@ -65,8 +65,10 @@ class RichProgress:
         self.bars.update(task, total=total, completed=total)  # type: ignore[arg-type]
 
 
-def simulation_config(args: argparse.Namespace, dataset: Path, targets: Targets) -> SimulationConfig:
-    """The simulation's settings from the command's flags."""
+def simulation_config(
+    args: argparse.Namespace, dataset: Path, targets: Targets, gateway: str | None = None
+) -> SimulationConfig:
+    """The simulation's settings from the command's flags (`gateway`: visitors go through it)."""
     return SimulationConfig(
         dataset=dataset,
         rounds=args.rounds,
@@ -81,6 +83,7 @@ def simulation_config(args: argparse.Namespace, dataset: Path, targets: Targets)
         ignore_good=args.ignore_good,
         targets=targets,
         tokens=Tokens(user=args.user_token, expert=args.expert_token, admin=args.admin_token),
+        via_gateway=gateway,
     )
 
 
@@ -88,17 +91,22 @@ def run_simulation(
     args: argparse.Namespace, stack: LocalStack | None, console: Console, dataset: Path
 ) -> int:
     """Runs a simulation on `dataset` (against `stack` or the flags' targets); prints, writes the report."""
+    gateway: str | None = None
     if stack is not None:
         t = stack.targets
         targets = Targets(t["inference"], t["feedback"], t.get("trainer", ""), t.get("evaluator", ""))
         missing = [name for name in ("trainer", "evaluator") if name not in t]
+        if args.via_gateway and stack.gateway_url is None:
+            missing.append("gateway")
         if missing:
             console.print(f"[red]cannot simulate: {', '.join(missing)} not running[/]")
             return 1
+        gateway = stack.gateway_url if args.via_gateway else None
     else:
         targets = Targets(args.inference, args.feedback, args.trainer, args.evaluator)
+        gateway = args.gateway if args.via_gateway else None
     try:
-        config = simulation_config(args, dataset, targets)
+        config = simulation_config(args, dataset, targets, gateway)
         progress = RichProgress(console)
         with progress.bars:
             result = asyncio.run(Simulation(config, progress).run())
@@ -167,6 +175,12 @@ def add_simulation_args(
     group.add_argument("--ignore-bad", type=float, default=0.3, help="chance a bad answer is ignored")
     group.add_argument("--ignore-good", type=float, default=0.05, help="chance a good answer is ignored")
     group.add_argument("--reports-dir", default="var/reports", help="where reports go (default var/reports)")
+    group.add_argument(
+        "--via-gateway",
+        action="store_true",
+        help="visitors ask and rate through the gateway's HTTP API, as the widget does (the expert and "
+        "the exam still use gRPC); the report's notes give the gateway's overhead per answer",
+    )
     group.add_argument("--user-token", default="dev-user-token")
     group.add_argument("--expert-token", default="dev-expert-token")
     group.add_argument("--admin-token", default="dev-admin-token")
@@ -187,6 +201,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     targets.add_argument("--feedback", default="127.0.0.1:50052")
     targets.add_argument("--trainer", default="127.0.0.1:50053")
     targets.add_argument("--evaluator", default="127.0.0.1:50054")
+    targets.add_argument("--gateway", default="http://127.0.0.1:8080", help="with --via-gateway")
     sim.add_argument("--up", action="store_true", help="start a local stack for the run and stop it after")
     add_stack_args(sim)
     sim.set_defaults(func=_simulate)

@@ -1,15 +1,15 @@
-"""The TrainerService: list and get training jobs; cut a batch now (admin only)."""
+"""The TrainerService: training jobs, a batch now (admin only), the review queue (expert or admin)."""
 
 from __future__ import annotations
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flywheel_common.auth import Authenticator, Role
-from flywheel_common.errors import FlywheelError, InvalidArgument, NotFound
+from flywheel_common.auth import Authenticator, Principal, Role
+from flywheel_common.errors import FailedPrecondition, FlywheelError, InvalidArgument, NotFound
 from flywheel_common.grpc_server import request_metadata
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, ReviewItem, ReviewReason
 from flywheel_trainer.trainer import WAITING_FOR_BASE, Trainer
 
 # ListJobs answers at most this many jobs; a limit of 0 means this many.
@@ -25,6 +25,15 @@ _STATES = {
     SUCCEEDED: trainer_pb2.JOB_STATE_SUCCEEDED,
     FAILED: trainer_pb2.JOB_STATE_FAILED,
 }
+
+
+_REASONS = {
+    ReviewReason.LOW_RATING: trainer_pb2.REVIEW_REASON_LOW_RATING,
+    ReviewReason.THUMBS_DOWN: trainer_pb2.REVIEW_REASON_THUMBS_DOWN,
+    ReviewReason.COMMENT: trainer_pb2.REVIEW_REASON_COMMENT,
+    ReviewReason.CANARY: trainer_pb2.REVIEW_REASON_CANARY,
+}
+_MAX_QUERY_ID_CHARS = 512
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
@@ -56,6 +65,29 @@ def job_message(job: Job, *, detail: bool = False) -> trainer_pb2.Job:
         started_at=_ts(job.started_at),
         finished_at=_ts(job.finished_at),
         launcher=job.launcher,
+    )
+
+
+def review_item_message(item: ReviewItem) -> trainer_pb2.ReviewItem:
+    """A stored review item as the API shows it."""
+    return trainer_pb2.ReviewItem(
+        query_id=item.query_id,
+        question=item.question,
+        answer=item.answer,
+        passages=item.passages,
+        page_url=item.page_url,
+        page_title=item.page_title,
+        model_version=item.model_version,
+        reasons=[_REASONS[r] for r in item.reasons],
+        lowest_rating=item.lowest_rating,
+        thumbs_down=item.thumbs_down,
+        comments=item.comments,
+        times_asked=item.times_asked,
+        impact=item.impact,
+        answered_at=_ts(item.answered_at),
+        last_feedback_at=_ts(item.last_feedback_at),
+        claimed_by_caller=item.claimed_until is not None,
+        claimed_until=_ts(item.claimed_until),
     )
 
 
@@ -105,3 +137,58 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if cut is None:
             return trainer_pb2.TriggerBatchResponse()
         return trainer_pb2.TriggerBatchResponse(dataset_id=cut.dataset_id, job_id=cut.job_id)
+
+    def _reviewer(self, context: grpc.aio.ServicerContext) -> Principal:
+        principal = self._auth.authenticate(request_metadata(context))
+        principal.require(Role.EXPERT, Role.ADMIN)
+        return principal
+
+    def _canary(self) -> str | None:
+        return self._trainer.registry.state().canary
+
+    async def ListReviewItems(
+        self, request: trainer_pb2.ListReviewItemsRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.ListReviewItemsResponse:
+        """Unreviewed answers that need an expert (expert or admin role)."""
+        caller = self._reviewer(context)
+        review = self._trainer.settings.review
+        if request.limit > review.max_limit:
+            raise InvalidArgument(f"limit must be at most {review.max_limit}")
+        canary = self._canary()
+        items = self._trainer.store.review_items(
+            caller=caller.token_hash,
+            canary_version=canary,
+            order="impact" if request.order == trainer_pb2.REVIEW_ORDER_IMPACT else "newest",
+            limit=request.limit or review.default_limit,
+        )
+        return trainer_pb2.ListReviewItemsResponse(
+            items=[review_item_message(i) for i in items], canary_version=canary or ""
+        )
+
+    async def ClaimReviewItem(
+        self, request: trainer_pb2.ClaimReviewItemRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.ReviewItem:
+        """Claims an item for the caller, or releases the caller's claim (expert or admin role)."""
+        caller = self._reviewer(context)
+        if not request.query_id or len(request.query_id) > _MAX_QUERY_ID_CHARS:
+            raise InvalidArgument(f"query_id is required (at most {_MAX_QUERY_ID_CHARS} characters)")
+        store = self._trainer.store
+        try:
+            until = store.claim(
+                request.query_id,
+                caller.token_hash,
+                ttl_s=self._trainer.settings.review.claim_ttl_s,
+                release=request.release,
+            )
+        except KeyError:
+            raise NotFound(f"no answer {request.query_id} in the trainer's store") from None
+        if until is None:
+            raise FailedPrecondition("another expert is reviewing this answer")
+        if request.release:
+            return trainer_pb2.ReviewItem(query_id=request.query_id)
+        items = store.review_items(
+            caller=caller.token_hash, canary_version=self._canary(), query_id=request.query_id, limit=1
+        )
+        if not items:
+            raise FailedPrecondition("this answer is already reviewed or needs no review")
+        return review_item_message(items[0])

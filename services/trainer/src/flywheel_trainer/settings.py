@@ -47,6 +47,15 @@ class PolicySettings(BaseModel):
     max_target_chars: int = Field(default=2000, ge=1)
 
 
+class ReviewSettings(BaseModel):
+    """The review queue of answers that need an expert."""
+
+    # A claim keeps an item from other experts this long (an expert who walks away frees it).
+    claim_ttl_s: float = Field(default=15 * 60, gt=0)
+    default_limit: int = Field(default=50, ge=1)
+    max_limit: int = Field(default=500, ge=1)
+
+
 class BatchSettings(BaseModel):
     """When a batch of examples is cut into a dataset (negatives ride along, they do not count)."""
 
@@ -96,6 +105,7 @@ class TrainerSettings(BaseSettings):
     consumer: ConsumerSettings = ConsumerSettings()
     policy: PolicySettings = PolicySettings()
     batch: BatchSettings = BatchSettings()
+    review: ReviewSettings = ReviewSettings()
     jobs: JobsSettings = JobsSettings()
     # The registry and datasets live here (shared with the jobs, the evaluator and inference).
     artifact_root: Path = Path("var/artifacts")

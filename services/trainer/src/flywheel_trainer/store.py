@@ -1,4 +1,4 @@
-"""The trainer's durable state in SQLite: interactions, feedback waiting for them, examples, datasets, jobs.
+"""The trainer's durable state in SQLite: interactions, feedback, examples, datasets, jobs, review claims.
 
 Every polled batch of events is stored in one transaction (WAL, synchronous=FULL) before the
 consumer commits its offsets, and events are keyed (interaction by query id, feedback by its
@@ -10,12 +10,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import enum
 import hashlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS interactions (
     answer TEXT NOT NULL,
     passages TEXT NOT NULL,
     model_version TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    page_url TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS feedback (
     feedback_id TEXT PRIMARY KEY,
@@ -44,6 +46,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     joined INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS feedback_waiting ON feedback (query_id) WHERE joined = 0;
+CREATE INDEX IF NOT EXISTS feedback_query ON feedback (query_id);
+CREATE INDEX IF NOT EXISTS feedback_kind ON feedback (kind, value);
 CREATE TABLE IF NOT EXISTS examples (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     example_id TEXT NOT NULL UNIQUE,
@@ -65,6 +69,11 @@ CREATE TABLE IF NOT EXISTS datasets (
     written INTEGER NOT NULL DEFAULT 0,
     sha256 TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS review_claims (
+    query_id TEXT PRIMARY KEY,
+    claimer TEXT NOT NULL,
+    until REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     dataset_id TEXT NOT NULL UNIQUE REFERENCES datasets (dataset_id),
@@ -85,6 +94,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 TRAINING_SOURCES = (Source.CORRECTION.value, Source.POSITIVE.value)
+# The canary's newest answers the review queue considers (a canary may give many thousands; an
+# expert reviews a few, and scoring every one would make each listing slow).
+CANARY_REVIEW_LIMIT = 1000
 
 
 @dataclass
@@ -135,6 +147,37 @@ class Cut:
     reason: str
 
 
+class ReviewReason(enum.StrEnum):
+    """Why an answer is in the review queue."""
+
+    LOW_RATING = "low_rating"
+    THUMBS_DOWN = "thumbs_down"
+    COMMENT = "comment"
+    CANARY = "canary"
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """An answer waiting for an expert; `claimed_until` is set when the caller holds a live claim."""
+
+    query_id: str
+    question: str
+    answer: str
+    passages: list[str]
+    page_url: str
+    page_title: str
+    model_version: str
+    reasons: list[ReviewReason]
+    lowest_rating: int
+    thumbs_down: int
+    comments: list[str]
+    times_asked: int
+    impact: float
+    answered_at: float
+    last_feedback_at: float | None
+    claimed_until: float | None
+
+
 def signal_of(event: events_pb2.Feedback) -> FeedbackSignal:
     """The fields the trainer keeps from a Feedback event; its dedup key is the feedback id."""
     key = event.feedback_id
@@ -175,6 +218,16 @@ class JoinStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(interactions)")}
+        if "page_url" not in columns:  # a store made before the review queue kept page URLs
+            self._db.execute("ALTER TABLE interactions ADD COLUMN page_url TEXT NOT NULL DEFAULT ''")
+        # The review queue counts how often a question was asked and lists the canary's answers.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS interactions_question ON interactions (lower(trim(question)))"
+        )
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS interactions_version ON interactions (model_version, received_at)"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -191,9 +244,10 @@ class JoinStore:
                 raise
             self._db.execute("COMMIT")
 
-    def _query(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, args: Iterable[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
+        params = dict(args) if isinstance(args, Mapping) else tuple(args)
         with self._lock:
-            return list(self._db.execute(sql, tuple(args)))
+            return list(self._db.execute(sql, params))
 
     # ------------------------------------------------------------ ingest
 
@@ -213,7 +267,8 @@ class JoinStore:
                     result.ignored["interaction without query id"] += 1
                     continue
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO interactions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO interactions (query_id, page_title, question, answer, passages, "
+                    "model_version, received_at, page_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         event.query_id,
                         event.page_title,
@@ -222,6 +277,7 @@ class JoinStore:
                         json.dumps(list(event.passages)),
                         event.model_version,
                         now,
+                        event.page_url,
                     ),
                 )
                 if cur.rowcount == 0:
@@ -413,6 +469,130 @@ class JoinStore:
         assert job is not None
         return job
 
+    # ------------------------------------------------------------ review queue
+
+    def review_items(
+        self,
+        *,
+        caller: str,
+        canary_version: str | None,
+        order: str = "newest",
+        limit: int = 50,
+        query_id: str | None = None,
+    ) -> list[ReviewItem]:
+        """Answers that need an expert and that no expert (or admin) has reviewed yet.
+
+        An answer needs one when a visitor rated it low, gave it a thumbs down or commented on it,
+        or when the canary version gave it (its newest CANARY_REVIEW_LIMIT answers). Items another
+        caller holds a live claim on are left out; `order` is "newest" (latest feedback first) or
+        "impact" (severity x times asked).
+        """
+        if order not in ("newest", "impact"):
+            raise ValueError(f"unknown order {order!r}")
+        now = self._clock()
+        where = ""
+        args: dict[str, Any] = {
+            "rating": events_pb2.FEEDBACK_KIND_RATING,
+            "thumbs": events_pb2.FEEDBACK_KIND_THUMBS,
+            "comment": events_pb2.FEEDBACK_KIND_COMMENT,
+            "expert": events_pb2.REVIEWER_ROLE_EXPERT,
+            "admin": events_pb2.REVIEWER_ROLE_ADMIN,
+            "low": self.policy.settings.negative_max_rating,
+            "canary": canary_version or "",
+            "caller": caller,
+            "now": now,
+            "limit": limit,
+            "canary_limit": CANARY_REVIEW_LIMIT,
+        }
+        if query_id is not None:
+            where = "AND i.query_id = :query_id"
+            args["query_id"] = query_id
+        sort = "impact DESC, last_at DESC" if order == "impact" else "last_at DESC"
+        rows = self._query(
+            f"""
+            WITH candidates AS (
+                SELECT query_id FROM feedback
+                WHERE ((kind = :rating AND value BETWEEN 1 AND :low) OR (kind = :thumbs AND value < 0)
+                       OR (kind = :comment AND text != ''))
+                  AND role NOT IN (:expert, :admin)
+                UNION
+                SELECT query_id FROM (
+                    SELECT query_id FROM interactions WHERE model_version = :canary
+                    ORDER BY received_at DESC LIMIT :canary_limit
+                )
+            ),
+            signals AS (
+                SELECT f.query_id,
+                       MIN(CASE WHEN f.kind = :rating AND f.value > 0 THEN f.value END) AS lowest_rating,
+                       SUM(f.kind = :thumbs AND f.value < 0) AS thumbs_down,
+                       SUM(f.kind = :comment AND f.text != '') AS comments,
+                       MAX(f.received_at) AS last_feedback_at
+                FROM candidates c JOIN feedback f ON f.query_id = c.query_id
+                WHERE f.role NOT IN (:expert, :admin) GROUP BY f.query_id
+            ),
+            scored AS (
+                SELECT i.*, s.last_feedback_at,
+                       COALESCE(s.lowest_rating, 0) AS lowest_rating,
+                       COALESCE(s.thumbs_down, 0) AS thumbs_down,
+                       COALESCE(s.comments, 0) AS comments,
+                       i.model_version = :canary AS canary,
+                       (SELECT COUNT(*) FROM interactions a
+                        WHERE lower(trim(a.question)) = lower(trim(i.question))) AS times_asked,
+                       c.claimer, c.until,
+                       COALESCE(s.last_feedback_at, i.received_at) AS last_at
+                FROM candidates k
+                JOIN interactions i ON i.query_id = k.query_id
+                LEFT JOIN signals s ON s.query_id = i.query_id
+                LEFT JOIN review_claims c ON c.query_id = i.query_id AND c.until > :now
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM feedback e
+                    WHERE e.query_id = i.query_id AND e.role IN (:expert, :admin)
+                ) {where}
+            )
+            SELECT *,
+                   ((CASE WHEN lowest_rating > 0 THEN 6 - lowest_rating ELSE 0 END)
+                    + 3 * thumbs_down + 2 * comments + canary) * times_asked AS impact
+            FROM scored
+            WHERE ((lowest_rating > 0 AND lowest_rating <= :low) OR thumbs_down > 0 OR comments > 0
+                   OR canary)
+              AND (claimer IS NULL OR claimer = :caller)
+            ORDER BY {sort}, query_id
+            LIMIT :limit
+            """,
+            args,
+        )
+        comments: dict[str, list[str]] = collections.defaultdict(list)
+        if rows:
+            ids = [r["query_id"] for r in rows]
+            for row in self._query(
+                f"SELECT query_id, text FROM feedback WHERE kind = ? AND text != '' AND role NOT IN (?, ?) "
+                f"AND query_id IN ({','.join('?' * len(ids))}) ORDER BY received_at, rowid",
+                (args["comment"], args["expert"], args["admin"], *ids),
+            ):
+                comments[row["query_id"]].append(row["text"])
+        return [_review_item(r, comments[r["query_id"]], args["low"]) for r in rows]
+
+    def claim(self, query_id: str, caller: str, *, ttl_s: float, release: bool = False) -> float | None:
+        """Claims an answer for `caller` for `ttl_s` (or releases the caller's claim).
+
+        Returns the claim's end (0 once released), or None while another caller's claim is live;
+        KeyError when no such answer is stored.
+        """
+        now = self._clock()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM interactions WHERE query_id = ?", (query_id,)).fetchone() is None:
+                raise KeyError(query_id)
+            db.execute("DELETE FROM review_claims WHERE until <= ?", (now,))
+            held = db.execute("SELECT claimer FROM review_claims WHERE query_id = ?", (query_id,)).fetchone()
+            if held is not None and held["claimer"] != caller:
+                return None
+            if release:
+                db.execute("DELETE FROM review_claims WHERE query_id = ?", (query_id,))
+                return 0.0
+            until = now + ttl_s
+            db.execute("INSERT OR REPLACE INTO review_claims VALUES (?, ?, ?)", (query_id, caller, until))
+            return until
+
     # ------------------------------------------------------------ housekeeping
 
     def purge(self, retention_s: float) -> dict[str, int]:
@@ -443,6 +623,36 @@ class JoinStore:
             out[f"examples.{row['source']}"] = row["n"]
         out["feedback.waiting"] = self._query("SELECT COUNT(*) AS n FROM feedback WHERE joined = 0")[0]["n"]
         return out
+
+
+def _review_item(row: sqlite3.Row, comments: list[str], low: int) -> ReviewItem:
+    reasons = []
+    if 0 < row["lowest_rating"] <= low:
+        reasons.append(ReviewReason.LOW_RATING)
+    if row["thumbs_down"]:
+        reasons.append(ReviewReason.THUMBS_DOWN)
+    if row["comments"]:
+        reasons.append(ReviewReason.COMMENT)
+    if row["canary"]:
+        reasons.append(ReviewReason.CANARY)
+    return ReviewItem(
+        query_id=row["query_id"],
+        question=row["question"],
+        answer=row["answer"],
+        passages=json.loads(row["passages"]),
+        page_url=row["page_url"],
+        page_title=row["page_title"],
+        model_version=row["model_version"],
+        reasons=reasons,
+        lowest_rating=row["lowest_rating"],
+        thumbs_down=row["thumbs_down"],
+        comments=comments,
+        times_asked=row["times_asked"],
+        impact=float(row["impact"]),
+        answered_at=row["received_at"],
+        last_feedback_at=row["last_feedback_at"],
+        claimed_until=row["until"],
+    )
 
 
 def _signal_from_row(row: sqlite3.Row) -> FeedbackSignal:

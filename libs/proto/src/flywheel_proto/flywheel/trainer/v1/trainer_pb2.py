@@ -25,15 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flywheel/trainer/v1/trainer.proto\x12\x13\x66lywheel.trainer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\t\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.flywheel.trainer.v1.JobState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x06 \x01(\t\x12\x10\n\x08\x65xamples\x18\x07 \x01(\r\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08launcher\x18\x0b \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\":\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.flywheel.trainer.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x15\n\x13TriggerBatchRequest\":\n\x14TriggerBatchResponse\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t*\x81\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\x96\x02\n\x0eTrainerService\x12W\n\x08ListJobs\x12$.flywheel.trainer.v1.ListJobsRequest\x1a%.flywheel.trainer.v1.ListJobsResponse\x12\x46\n\x06GetJob\x12\".flywheel.trainer.v1.GetJobRequest\x1a\x18.flywheel.trainer.v1.Job\x12\x63\n\x0cTriggerBatch\x12(.flywheel.trainer.v1.TriggerBatchRequest\x1a).flywheel.trainer.v1.TriggerBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!flywheel/trainer/v1/trainer.proto\x12\x13\x66lywheel.trainer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\t\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.flywheel.trainer.v1.JobState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x06 \x01(\t\x12\x10\n\x08\x65xamples\x18\x07 \x01(\r\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08launcher\x18\x0b \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\":\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.flywheel.trainer.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x15\n\x13TriggerBatchRequest\":\n\x14TriggerBatchResponse\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\xdb\x03\n\nReviewItem\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x10\n\x08passages\x18\x04 \x03(\t\x12\x10\n\x08page_url\x18\x05 \x01(\t\x12\x12\n\npage_title\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x32\n\x07reasons\x18\x08 \x03(\x0e\x32!.flywheel.trainer.v1.ReviewReason\x12\x15\n\rlowest_rating\x18\t \x01(\r\x12\x13\n\x0bthumbs_down\x18\n \x01(\r\x12\x10\n\x08\x63omments\x18\x0b \x03(\t\x12\x13\n\x0btimes_asked\x18\x0c \x01(\r\x12\x0e\n\x06impact\x18\r \x01(\x01\x12/\n\x0b\x61nswered_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_feedback_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x63laimed_by_caller\x18\x10 \x01(\x08\x12\x31\n\rclaimed_until\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x16ListReviewItemsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12/\n\x05order\x18\x02 \x01(\x0e\x32 .flywheel.trainer.v1.ReviewOrder\"a\n\x17ListReviewItemsResponse\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.flywheel.trainer.v1.ReviewItem\x12\x16\n\x0e\x63\x61nary_version\x18\x02 \x01(\t\";\n\x16\x43laimReviewItemRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07release\x18\x02 \x01(\x08*\x81\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04*\x9f\x01\n\x0cReviewReason\x12\x1d\n\x19REVIEW_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REVIEW_REASON_LOW_RATING\x10\x01\x12\x1d\n\x19REVIEW_REASON_THUMBS_DOWN\x10\x02\x12\x19\n\x15REVIEW_REASON_COMMENT\x10\x03\x12\x18\n\x14REVIEW_REASON_CANARY\x10\x04*]\n\x0bReviewOrder\x12\x1c\n\x18REVIEW_ORDER_UNSPECIFIED\x10\x00\x12\x17\n\x13REVIEW_ORDER_NEWEST\x10\x01\x12\x17\n\x13REVIEW_ORDER_IMPACT\x10\x02\x32\xe5\x03\n\x0eTrainerService\x12W\n\x08ListJobs\x12$.flywheel.trainer.v1.ListJobsRequest\x1a%.flywheel.trainer.v1.ListJobsResponse\x12\x46\n\x06GetJob\x12\".flywheel.trainer.v1.GetJobRequest\x1a\x18.flywheel.trainer.v1.Job\x12\x63\n\x0cTriggerBatch\x12(.flywheel.trainer.v1.TriggerBatchRequest\x1a).flywheel.trainer.v1.TriggerBatchResponse\x12l\n\x0fListReviewItems\x12+.flywheel.trainer.v1.ListReviewItemsRequest\x1a,.flywheel.trainer.v1.ListReviewItemsResponse\x12_\n\x0f\x43laimReviewItem\x12+.flywheel.trainer.v1.ClaimReviewItemRequest\x1a\x1f.flywheel.trainer.v1.ReviewItemb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flywheel.trainer.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=638
-  _globals['_JOBSTATE']._serialized_end=767
+  _globals['_JOBSTATE']._serialized_start=1366
+  _globals['_JOBSTATE']._serialized_end=1495
+  _globals['_REVIEWREASON']._serialized_start=1498
+  _globals['_REVIEWREASON']._serialized_end=1657
+  _globals['_REVIEWORDER']._serialized_start=1659
+  _globals['_REVIEWORDER']._serialized_end=1752
   _globals['_JOB']._serialized_start=92
   _globals['_JOB']._serialized_end=425
   _globals['_LISTJOBSREQUEST']._serialized_start=427
@@ -46,6 +50,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRIGGERBATCHREQUEST']._serialized_end=575
   _globals['_TRIGGERBATCHRESPONSE']._serialized_start=577
   _globals['_TRIGGERBATCHRESPONSE']._serialized_end=635
-  _globals['_TRAINERSERVICE']._serialized_start=770
-  _globals['_TRAINERSERVICE']._serialized_end=1048
+  _globals['_REVIEWITEM']._serialized_start=638
+  _globals['_REVIEWITEM']._serialized_end=1113
+  _globals['_LISTREVIEWITEMSREQUEST']._serialized_start=1115
+  _globals['_LISTREVIEWITEMSREQUEST']._serialized_end=1203
+  _globals['_LISTREVIEWITEMSRESPONSE']._serialized_start=1205
+  _globals['_LISTREVIEWITEMSRESPONSE']._serialized_end=1302
+  _globals['_CLAIMREVIEWITEMREQUEST']._serialized_start=1304
+  _globals['_CLAIMREVIEWITEMREQUEST']._serialized_end=1363
+  _globals['_TRAINERSERVICE']._serialized_start=1755
+  _globals['_TRAINERSERVICE']._serialized_end=2240
 # @@protoc_insertion_point(module_scope)

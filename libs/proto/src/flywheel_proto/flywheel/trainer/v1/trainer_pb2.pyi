@@ -41,6 +41,51 @@ JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
 JOB_STATE_FAILED: JobState.ValueType  # 4
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _ReviewReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_REASON_UNSPECIFIED: _ReviewReason.ValueType  # 0
+    REVIEW_REASON_LOW_RATING: _ReviewReason.ValueType  # 1
+    REVIEW_REASON_THUMBS_DOWN: _ReviewReason.ValueType  # 2
+    REVIEW_REASON_COMMENT: _ReviewReason.ValueType  # 3
+    REVIEW_REASON_CANARY: _ReviewReason.ValueType  # 4
+    """Produced by the version in canary, whatever its feedback."""
+
+class ReviewReason(_ReviewReason, metaclass=_ReviewReasonEnumTypeWrapper):
+    """Why an answer is in the review queue."""
+
+REVIEW_REASON_UNSPECIFIED: ReviewReason.ValueType  # 0
+REVIEW_REASON_LOW_RATING: ReviewReason.ValueType  # 1
+REVIEW_REASON_THUMBS_DOWN: ReviewReason.ValueType  # 2
+REVIEW_REASON_COMMENT: ReviewReason.ValueType  # 3
+REVIEW_REASON_CANARY: ReviewReason.ValueType  # 4
+"""Produced by the version in canary, whatever its feedback."""
+Global___ReviewReason: _TypeAlias = ReviewReason  # noqa: Y015
+
+class _ReviewOrder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewOrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewOrder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_ORDER_UNSPECIFIED: _ReviewOrder.ValueType  # 0
+    """The item with the latest feedback first."""
+    REVIEW_ORDER_NEWEST: _ReviewOrder.ValueType  # 1
+    REVIEW_ORDER_IMPACT: _ReviewOrder.ValueType  # 2
+    """Highest impact first: how bad the feedback is, times how often the same question was asked."""
+
+class ReviewOrder(_ReviewOrder, metaclass=_ReviewOrderEnumTypeWrapper): ...
+
+REVIEW_ORDER_UNSPECIFIED: ReviewOrder.ValueType  # 0
+"""The item with the latest feedback first."""
+REVIEW_ORDER_NEWEST: ReviewOrder.ValueType  # 1
+REVIEW_ORDER_IMPACT: ReviewOrder.ValueType  # 2
+"""Highest impact first: how bad the feedback is, times how often the same question was asked."""
+Global___ReviewOrder: _TypeAlias = ReviewOrder  # noqa: Y015
+
 @_typing.final
 class Job(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -193,3 +238,157 @@ class TriggerBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TriggerBatchResponse: _TypeAlias = TriggerBatchResponse  # noqa: Y015
+
+@_typing.final
+class ReviewItem(_message.Message):
+    """An answer waiting for review, with what the model saw and what visitors said."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    QUESTION_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    PASSAGES_FIELD_NUMBER: _builtins.int
+    PAGE_URL_FIELD_NUMBER: _builtins.int
+    PAGE_TITLE_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    LOWEST_RATING_FIELD_NUMBER: _builtins.int
+    THUMBS_DOWN_FIELD_NUMBER: _builtins.int
+    COMMENTS_FIELD_NUMBER: _builtins.int
+    TIMES_ASKED_FIELD_NUMBER: _builtins.int
+    IMPACT_FIELD_NUMBER: _builtins.int
+    ANSWERED_AT_FIELD_NUMBER: _builtins.int
+    LAST_FEEDBACK_AT_FIELD_NUMBER: _builtins.int
+    CLAIMED_BY_CALLER_FIELD_NUMBER: _builtins.int
+    CLAIMED_UNTIL_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    question: _builtins.str
+    answer: _builtins.str
+    page_url: _builtins.str
+    page_title: _builtins.str
+    model_version: _builtins.str
+    lowest_rating: _builtins.int
+    """The lowest visitor rating (1-5); 0 when none."""
+    thumbs_down: _builtins.int
+    times_asked: _builtins.int
+    """Answers given to the same question (case and spacing ignored)."""
+    impact: _builtins.float
+    claimed_by_caller: _builtins.bool
+    """The caller holds a live claim on the item, until `claimed_until`."""
+    @_builtins.property
+    def passages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The passages of the page the model answered from."""
+
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[Global___ReviewReason.ValueType]: ...
+    @_builtins.property
+    def comments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Visitors' comments, personal data redacted."""
+
+    @_builtins.property
+    def answered_at(self) -> _timestamp_pb2.Timestamp:
+        """When the answer was given, and when its latest feedback arrived."""
+
+    @_builtins.property
+    def last_feedback_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def claimed_until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        question: _builtins.str = ...,
+        answer: _builtins.str = ...,
+        passages: _abc.Iterable[_builtins.str] | None = ...,
+        page_url: _builtins.str = ...,
+        page_title: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        reasons: _abc.Iterable[Global___ReviewReason.ValueType] | None = ...,
+        lowest_rating: _builtins.int = ...,
+        thumbs_down: _builtins.int = ...,
+        comments: _abc.Iterable[_builtins.str] | None = ...,
+        times_asked: _builtins.int = ...,
+        impact: _builtins.float = ...,
+        answered_at: _timestamp_pb2.Timestamp | None = ...,
+        last_feedback_at: _timestamp_pb2.Timestamp | None = ...,
+        claimed_by_caller: _builtins.bool = ...,
+        claimed_until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answered_at", b"answered_at", "claimed_until", b"claimed_until", "last_feedback_at", b"last_feedback_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "answered_at", b"answered_at", "claimed_by_caller", b"claimed_by_caller", "claimed_until", b"claimed_until", "comments", b"comments", "impact", b"impact", "last_feedback_at", b"last_feedback_at", "lowest_rating", b"lowest_rating", "model_version", b"model_version", "page_title", b"page_title", "page_url", b"page_url", "passages", b"passages", "query_id", b"query_id", "question", b"question", "reasons", b"reasons", "thumbs_down", b"thumbs_down", "times_asked", b"times_asked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewItem: _TypeAlias = ReviewItem  # noqa: Y015
+
+@_typing.final
+class ListReviewItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """0 means the server's default (50)."""
+    order: Global___ReviewOrder.ValueType
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        order: Global___ReviewOrder.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReviewItemsRequest: _TypeAlias = ListReviewItemsRequest  # noqa: Y015
+
+@_typing.final
+class ListReviewItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    CANARY_VERSION_FIELD_NUMBER: _builtins.int
+    canary_version: _builtins.str
+    """The canary version the items were marked against; empty without a canary."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReviewItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___ReviewItem] | None = ...,
+        canary_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_version", b"canary_version", "items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReviewItemsResponse: _TypeAlias = ListReviewItemsResponse  # noqa: Y015
+
+@_typing.final
+class ClaimReviewItemRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    release: _builtins.bool
+    """Give the claim up instead (only the caller's own)."""
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        release: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_id", b"query_id", "release", b"release"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimReviewItemRequest: _TypeAlias = ClaimReviewItemRequest  # noqa: Y015

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TrainerServiceStub:
-    """Training jobs the trainer launched; triggering a batch needs the admin role.
+    """Training jobs the trainer launched, and the answers waiting for an expert's review.
+    Triggering a batch needs the admin role; the review queue needs the expert or admin role.
     """
 
     def __init__(self, channel):
@@ -50,10 +51,21 @@ class TrainerServiceStub:
                 request_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.TriggerBatchRequest.SerializeToString,
                 response_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.TriggerBatchResponse.FromString,
                 _registered_method=True)
+        self.ListReviewItems = channel.unary_unary(
+                '/flywheel.trainer.v1.TrainerService/ListReviewItems',
+                request_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ListReviewItemsRequest.SerializeToString,
+                response_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ListReviewItemsResponse.FromString,
+                _registered_method=True)
+        self.ClaimReviewItem = channel.unary_unary(
+                '/flywheel.trainer.v1.TrainerService/ClaimReviewItem',
+                request_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ClaimReviewItemRequest.SerializeToString,
+                response_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ReviewItem.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
-    """Training jobs the trainer launched; triggering a batch needs the admin role.
+    """Training jobs the trainer launched, and the answers waiting for an expert's review.
+    Triggering a batch needs the admin role; the review queue needs the expert or admin role.
     """
 
     def ListJobs(self, request, context):
@@ -70,6 +82,22 @@ class TrainerServiceServicer:
 
     def TriggerBatch(self, request, context):
         """Cuts a batch now from the stored examples, if there are any.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReviewItems(self, request, context):
+        """Answers that need an expert (low ratings, thumbs down, comments, canary answers) and that no
+        expert has reviewed yet; items another expert holds a live claim on are left out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimReviewItem(self, request, context):
+        """Claims an item for the caller (or releases it), so that two experts do not review the same
+        answer; FAILED_PRECONDITION while another expert's claim is live.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +121,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     request_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.TriggerBatchRequest.FromString,
                     response_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.TriggerBatchResponse.SerializeToString,
             ),
+            'ListReviewItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReviewItems,
+                    request_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ListReviewItemsRequest.FromString,
+                    response_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ListReviewItemsResponse.SerializeToString,
+            ),
+            'ClaimReviewItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimReviewItem,
+                    request_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ClaimReviewItemRequest.FromString,
+                    response_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ReviewItem.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'flywheel.trainer.v1.TrainerService', rpc_method_handlers)
@@ -102,7 +140,8 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
-    """Training jobs the trainer launched; triggering a batch needs the admin role.
+    """Training jobs the trainer launched, and the answers waiting for an expert's review.
+    Triggering a batch needs the admin role; the review queue needs the expert or admin role.
     """
 
     @staticmethod
@@ -176,6 +215,60 @@ class TrainerService:
             '/flywheel.trainer.v1.TrainerService/TriggerBatch',
             flywheel_dot_trainer_dot_v1_dot_trainer__pb2.TriggerBatchRequest.SerializeToString,
             flywheel_dot_trainer_dot_v1_dot_trainer__pb2.TriggerBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReviewItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.trainer.v1.TrainerService/ListReviewItems',
+            flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ListReviewItemsRequest.SerializeToString,
+            flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ListReviewItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimReviewItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.trainer.v1.TrainerService/ClaimReviewItem',
+            flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ClaimReviewItemRequest.SerializeToString,
+            flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ReviewItem.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TrainerServiceStub:
-    """Training jobs the trainer launched; triggering a batch needs the admin role."""
+    """Training jobs the trainer launched, and the answers waiting for an expert's review.
+    Triggering a batch needs the admin role; the review queue needs the expert or admin role.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -37,19 +39,39 @@ class TrainerServiceStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetJobRequest, _trainer_pb2.Job]
     TriggerBatch: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TriggerBatchRequest, _trainer_pb2.TriggerBatchResponse]
     """Cuts a batch now from the stored examples, if there are any."""
+    ListReviewItems: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListReviewItemsRequest, _trainer_pb2.ListReviewItemsResponse]
+    """Answers that need an expert (low ratings, thumbs down, comments, canary answers) and that no
+    expert has reviewed yet; items another expert holds a live claim on are left out.
+    """
+    ClaimReviewItem: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ClaimReviewItemRequest, _trainer_pb2.ReviewItem]
+    """Claims an item for the caller (or releases it), so that two experts do not review the same
+    answer; FAILED_PRECONDITION while another expert's claim is live.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
-    """Training jobs the trainer launched; triggering a batch needs the admin role."""
+    """Training jobs the trainer launched, and the answers waiting for an expert's review.
+    Triggering a batch needs the admin role; the review queue needs the expert or admin role.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListJobs: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]  # type: ignore[assignment]
     GetJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetJobRequest, _trainer_pb2.Job]  # type: ignore[assignment]
     TriggerBatch: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TriggerBatchRequest, _trainer_pb2.TriggerBatchResponse]  # type: ignore[assignment]
     """Cuts a batch now from the stored examples, if there are any."""
+    ListReviewItems: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListReviewItemsRequest, _trainer_pb2.ListReviewItemsResponse]  # type: ignore[assignment]
+    """Answers that need an expert (low ratings, thumbs down, comments, canary answers) and that no
+    expert has reviewed yet; items another expert holds a live claim on are left out.
+    """
+    ClaimReviewItem: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ClaimReviewItemRequest, _trainer_pb2.ReviewItem]  # type: ignore[assignment]
+    """Claims an item for the caller (or releases it), so that two experts do not review the same
+    answer; FAILED_PRECONDITION while another expert's claim is live.
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Training jobs the trainer launched; triggering a batch needs the admin role."""
+    """Training jobs the trainer launched, and the answers waiting for an expert's review.
+    Triggering a batch needs the admin role; the review queue needs the expert or admin role.
+    """
 
     @_abc_1.abstractmethod
     def ListJobs(
@@ -72,5 +94,25 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.TriggerBatchResponse, _abc.Awaitable[_trainer_pb2.TriggerBatchResponse]]:
         """Cuts a batch now from the stored examples, if there are any."""
+
+    @_abc_1.abstractmethod
+    def ListReviewItems(
+        self,
+        request: _trainer_pb2.ListReviewItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ListReviewItemsResponse, _abc.Awaitable[_trainer_pb2.ListReviewItemsResponse]]:
+        """Answers that need an expert (low ratings, thumbs down, comments, canary answers) and that no
+        expert has reviewed yet; items another expert holds a live claim on are left out.
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimReviewItem(
+        self,
+        request: _trainer_pb2.ClaimReviewItemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ReviewItem, _abc.Awaitable[_trainer_pb2.ReviewItem]]:
+        """Claims an item for the caller (or releases it), so that two experts do not review the same
+        answer; FAILED_PRECONDITION while another expert's claim is live.
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,42 @@
+"""The local stack's gateway: in front of the four services, the dataset's pages under /demo/, no Kafka."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flywheel_cli.local.stack import StackConfig, service_specs
+from flywheel_common.files import repo_root
+from flywheel_gateway.settings import GatewaySettings
+
+
+def test_the_gateway_starts_last_in_front_of_the_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = repo_root() / "datasets" / "python-faq"
+    specs = service_specs(StackConfig(dataset=dataset))
+    *services, gateway = specs
+    assert [s.name for s in services] == ["inference", "feedback", "trainer", "evaluator"]
+    assert not any(s.http for s in services)
+    assert (gateway.name, gateway.module, gateway.http, gateway.port) == (
+        "gateway",
+        "flywheel_gateway",
+        True,
+        8080,
+    )
+    # The environment is what the gateway's settings read (they forbid unknown keys: no Kafka here).
+    for name, value in gateway.env.items():
+        monkeypatch.setenv(name, value)
+    settings = GatewaySettings()
+    assert settings.services.inference == "127.0.0.1:50051"
+    assert settings.services.evaluator == "127.0.0.1:50054"
+    assert settings.session.secure_cookies is False
+    assert settings.demo_pages_dir == (dataset / "pages").resolve()
+
+
+def test_free_ports_and_a_stack_without_the_gateway(tmp_path: Path) -> None:
+    specs = service_specs(StackConfig(dataset=tmp_path, free_ports=True))
+    gateway = specs[-1]
+    assert gateway.port != 8080 and gateway.port not in {s.port for s in specs[:-1]}
+    assert "FLYWHEEL_GATEWAY_DEMO_PAGES_DIR" not in gateway.env  # a dataset without pages/
+    four = service_specs(StackConfig(services=("inference", "feedback", "trainer", "evaluator")))
+    assert "gateway" not in {s.name for s in four}

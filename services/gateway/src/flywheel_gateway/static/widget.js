@@ -1,0 +1,227 @@
+/* Flywheel's site widget: <script src="https://GATEWAY/widget.js" defer></script> on a page.
+   Asks the gateway about the page as the visitor sees it, streams the answer, shows the passages it
+   came from (highlighted on the page), and asks for a rating. No framework, no inline styles. */
+(function () {
+  "use strict";
+  var script = document.currentScript;
+  if (!script || window.__flywheelWidget) return;
+  window.__flywheelWidget = true;
+  var base = new URL(script.src).origin;
+  var MAX_PAGE = 300000;
+  var state = null; // the current answer: {query_id, ticket, reacted}
+
+  function el(tag, attrs, text) {
+    var node = document.createElement(tag);
+    for (var k in attrs || {}) node.setAttribute(k, attrs[k]);
+    if (text) node.textContent = text;
+    return node;
+  }
+  function stylesheet() {
+    return el("link", { rel: "stylesheet", href: base + "/widget.css" });
+  }
+
+  document.head.appendChild(stylesheet()); // the page-level ::highlight rule
+  var host = el("div", { id: "flywheel-widget" });
+  var root = host.attachShadow({ mode: "open" });
+  root.appendChild(stylesheet());
+
+  var launcher = el("button", { type: "button", class: "launcher", "aria-expanded": "false", "aria-controls": "fw-panel" }, "Ask about this page");
+  var panel = el("section", { id: "fw-panel", class: "panel", role: "dialog", "aria-label": "Ask about this page", hidden: "" });
+  var close = el("button", { type: "button", class: "close", "aria-label": "Close" }, "\u00d7");
+  var form = el("form", { class: "ask" });
+  var label = el("label", { for: "fw-q" }, "Your question about this page");
+  var input = el("input", { id: "fw-q", name: "question", type: "text", maxlength: "1000", autocomplete: "off", required: "" });
+  var send = el("button", { type: "submit" }, "Ask");
+  var answer = el("div", { class: "answer", role: "status", "aria-live": "polite" });
+  var sources = el("details", { class: "sources", hidden: "" });
+  var summary = el("summary", {}, "Sources");
+  var list = el("ol", {});
+  var rate = el("div", { class: "rate", role: "group", "aria-label": "Rate this answer", hidden: "" });
+  var thanks = el("p", { class: "thanks", role: "status", hidden: "" });
+
+  form.append(label, input, send);
+  sources.append(summary, list);
+  rate.append(el("span", { class: "prompt" }, "Helpful?"));
+  [["thumbs_up", true, "Yes", "Helpful"], ["thumbs_up", false, "No", "Not helpful"]].forEach(function (t) {
+    var b = el("button", { type: "button", "aria-label": t[3] }, t[2]);
+    b.addEventListener("click", function () { react(t[0], t[1]); });
+    rate.append(b);
+  });
+  var stars = el("span", { class: "stars", role: "group", "aria-label": "Rating from 1 to 5" });
+  for (var i = 1; i <= 5; i++) {
+    (function (n) {
+      var b = el("button", { type: "button", "aria-label": "Rate " + n + " of 5" }, String(n));
+      b.addEventListener("click", function () { react("rating", n); });
+      stars.append(b);
+    })(i);
+  }
+  var commentToggle = el("button", { type: "button", "aria-expanded": "false" }, "Comment");
+  var commentForm = el("form", { class: "comment", hidden: "" });
+  var commentBox = el("textarea", { "aria-label": "Your comment", maxlength: "2000", rows: "2" });
+  commentForm.append(commentBox, el("button", { type: "submit" }, "Send"));
+  rate.append(stars, commentToggle, commentForm);
+  panel.append(close, form, answer, sources, rate, thanks);
+  root.append(launcher, panel);
+  document.body.appendChild(host);
+
+  function toggle(open) {
+    panel.hidden = !open;
+    launcher.setAttribute("aria-expanded", String(open));
+    if (open) input.focus(); else launcher.focus();
+  }
+  launcher.addEventListener("click", function () { toggle(panel.hidden); });
+  close.addEventListener("click", function () { toggle(false); });
+  panel.addEventListener("keydown", function (e) { if (e.key === "Escape") toggle(false); });
+  commentToggle.addEventListener("click", function () {
+    commentForm.hidden = !commentForm.hidden;
+    commentToggle.setAttribute("aria-expanded", String(!commentForm.hidden));
+    if (!commentForm.hidden) commentBox.focus();
+  });
+  commentForm.addEventListener("submit", function (e) {
+    e.preventDefault();
+    if (commentBox.value.trim()) react("comment", commentBox.value.trim());
+  });
+
+  function post(path, body, keepalive) {
+    return fetch(base + path, {
+      method: "POST", credentials: "include", keepalive: !!keepalive,
+      headers: { "content-type": "application/json" }, body: JSON.stringify(body)
+    });
+  }
+
+  function react(kind, value) {
+    if (!state) return;
+    var body = { query_id: state.query_id, ticket: state.ticket, idempotency_key: state.query_id + ":" + kind };
+    body[kind] = value;
+    state.reacted = true;
+    post("/api/v1/feedback", body).then(function (r) {
+      thanks.hidden = false;
+      thanks.textContent = r.ok ? "Thank you for your feedback." : "Your feedback could not be sent.";
+    });
+  }
+  // A visitor who leaves without reacting to an answer tells us that too.
+  window.addEventListener("pagehide", function () {
+    if (state && !state.reacted) post("/api/v1/feedback", { query_id: state.query_id, ticket: state.ticket, ignored: true }, true);
+  });
+
+  form.addEventListener("submit", function (e) {
+    e.preventDefault();
+    var question = input.value.trim();
+    if (question) ask(question);
+  });
+
+  function pageText() {
+    return (document.body.innerText || "").slice(0, MAX_PAGE);
+  }
+
+  async function ask(question) {
+    state = null;
+    send.disabled = true;
+    answer.textContent = "";
+    answer.setAttribute("aria-busy", "true");
+    answer.classList.remove("error");
+    sources.hidden = rate.hidden = thanks.hidden = commentForm.hidden = true;
+    list.textContent = "";
+    try {
+      var response = await post("/api/v1/answers", {
+        question: question, page: { url: location.href, title: document.title, text: pageText() }
+      });
+      if (!response.ok) {
+        var err = await response.json().catch(function () { return {}; });
+        throw new Error(err.error || "The answer could not be had (" + response.status + ").");
+      }
+      var reader = response.body.getReader();
+      var decoder = new TextDecoder();
+      var buffer = "";
+      for (;;) {
+        var part = await reader.read();
+        if (part.done) break;
+        buffer += decoder.decode(part.value, { stream: true });
+        var cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          handle(buffer.slice(0, cut));
+          buffer = buffer.slice(cut + 2);
+        }
+      }
+    } catch (error) {
+      answer.textContent = error.message;
+      answer.classList.add("error");
+    } finally {
+      answer.setAttribute("aria-busy", "false");
+      send.disabled = false;
+    }
+  }
+
+  function handle(block) {
+    var event = "message", data = "";
+    block.split("\n").forEach(function (line) {
+      if (line.indexOf("event: ") === 0) event = line.slice(7);
+      else if (line.indexOf("data: ") === 0) data += line.slice(6);
+    });
+    var msg = JSON.parse(data || "{}");
+    if (event === "meta") {
+      state = { query_id: msg.query_id, ticket: msg.ticket, reacted: false };
+      showPassages(msg.passages || []);
+    } else if (event === "delta") {
+      answer.textContent += msg.text;
+    } else if (event === "done") {
+      rate.hidden = false;
+    } else if (event === "error") {
+      throw new Error(msg.error);
+    }
+  }
+
+  function showPassages(passages) {
+    summary.textContent = "Sources (" + passages.length + ")";
+    passages.forEach(function (p) {
+      var item = el("li", {});
+      var b = el("button", { type: "button", class: "passage", title: "Show on the page" }, p.text);
+      b.addEventListener("click", function () { highlight([p.text], true); });
+      item.append(b);
+      list.append(item);
+    });
+    sources.hidden = passages.length === 0;
+    highlight(passages.map(function (p) { return p.text; }), false);
+  }
+
+  // Finds each passage in the page's visible text and highlights it (CSS Custom Highlight API:
+  // nothing in the page's DOM changes).
+  function highlight(texts, scroll) {
+    if (!window.CSS || !CSS.highlights || typeof Highlight === "undefined") return;
+    var index = textIndex();
+    var ranges = [];
+    texts.forEach(function (t) {
+      var needle = t.replace(/\s+/g, " ").trim().toLowerCase().slice(0, 60);
+      var at = needle ? index.flat.indexOf(needle) : -1;
+      if (at < 0) return;
+      var end = Math.min(index.flat.length, at + t.replace(/\s+/g, " ").trim().length) - 1;
+      var range = document.createRange();
+      range.setStart(index.nodes[at], index.offsets[at]);
+      range.setEnd(index.nodes[end], index.offsets[end] + 1);
+      ranges.push(range);
+    });
+    CSS.highlights.set("flywheel-passage", new Highlight(...ranges));
+    if (scroll && ranges[0]) ranges[0].startContainer.parentElement.scrollIntoView({ block: "center", behavior: "smooth" });
+  }
+
+  function textIndex() {
+    var walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT, {
+      acceptNode: function (n) {
+        return /^(SCRIPT|STYLE|NOSCRIPT|TEMPLATE)$/.test(n.parentNode.nodeName) ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT;
+      }
+    });
+    var flat = [], nodes = [], offsets = [], space = true, node;
+    while ((node = walker.nextNode())) {
+      var s = node.nodeValue;
+      for (var i = 0; i < s.length; i++) {
+        var white = /\s/.test(s[i]);
+        if (white && space) continue;
+        flat.push(white ? " " : s[i].toLowerCase());
+        nodes.push(node);
+        offsets.push(i);
+        space = white;
+      }
+    }
+    return { flat: flat.join(""), nodes: nodes, offsets: offsets };
+  }
+})();

@@ -1,0 +1,329 @@
+"""The gateway's HTTP API over loopback gRPC: streaming, sessions, origins, limits, the review API's guard.
+
+The trainer behind it is the real TrainerService on a real store; the inference service is a
+stand-in that streams a fixed answer (the browser tier runs the real one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from flywheel_common.auth import Authenticator, load_tokens
+from flywheel_common.grpc_server import GrpcServer
+from flywheel_common.registry import ModelRegistry
+from flywheel_common.settings import GrpcSettings
+from flywheel_gateway.api import Gateway
+from flywheel_gateway.clients import ServiceClients
+from flywheel_gateway.settings import GatewaySettings
+from flywheel_model.prompt import NO_ANSWER
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
+from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
+from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal
+from flywheel_trainer.service import TrainerServicer
+from flywheel_trainer.settings import PolicySettings, TrainerSettings
+from flywheel_trainer.store import JoinStore
+from flywheel_trainer.trainer import Trainer
+
+SITE = "http://docs.example.test"
+GATEWAY = "https://gateway.example.test"
+VISITOR_TOKEN = "visitor-secret-token-1234"
+PAGE = {"url": f"{SITE}/faq.html", "title": "FAQ", "text": "Flywheel was created in 2026 by a team."}
+
+
+class StreamingInference(inference_pb2_grpc.InferenceServiceServicer):
+    """Streams "Created in 2026." in three chunks, as the real service shapes them."""
+
+    def __init__(self) -> None:
+        self.sessions: list[str] = []
+
+    async def StreamAnswer(
+        self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.AnswerChunk]:
+        self.sessions.append(request.session_id)
+        passage = inference_pb2.Passage(index=0, text=request.page.text, score=1.0)
+        yield inference_pb2.AnswerChunk(query_id="qid-1", model_version="v1", passages=[passage])
+        yield inference_pb2.AnswerChunk(delta="Created ")
+        yield inference_pb2.AnswerChunk(delta="in 2026.", finish_reason="eos")
+
+
+class IdleLauncher(JobLauncher):
+    name = "idle"
+
+    def launch(self, spec: JobSpec) -> str:
+        return spec.job_id
+
+    def wait(self, handle: str) -> Outcome:
+        return Outcome(False, "never")
+
+    def stop(self, handle: str) -> None:
+        pass
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], StreamingInference, JoinStore]]:
+    """A stand-in inference and the real trainer service on loopback; nothing listens for the rest."""
+    inference = StreamingInference()
+    inference_server = GrpcServer(GrpcSettings(port=0), "inference")
+    inference_server.add_service(
+        "flywheel.inference.v1.InferenceService",
+        lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, s),
+    )
+    store = JoinStore(tmp_path / "trainer.sqlite3", ExamplePolicy(PolicySettings()))
+    registry = ModelRegistry(tmp_path / "artifacts")
+    settings = TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer")
+    trainer = Trainer(settings, store, IdleLauncher(), registry, None)
+    trainer_server = GrpcServer(GrpcSettings(port=0), "trainer")
+    servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)))
+    trainer_server.add_service(
+        "flywheel.trainer.v1.TrainerService",
+        lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
+    )
+    targets = {
+        "inference": f"127.0.0.1:{await inference_server.start()}",
+        "trainer": f"127.0.0.1:{await trainer_server.start()}",
+        "feedback": "127.0.0.1:9",
+        "evaluator": "127.0.0.1:9",
+    }
+    yield targets, inference, store
+    await inference_server.stop(0)
+    await trainer_server.stop(0)
+    store.close()
+
+
+Client = tuple[httpx.AsyncClient, StreamingInference, JoinStore]
+
+
+@pytest.fixture
+async def make_client(
+    services: tuple[dict[str, str], StreamingInference, JoinStore],
+) -> AsyncIterator[Any]:
+    """Builds a gateway with settings overrides; returns an HTTP client for it (as GATEWAY)."""
+    targets, inference, store = services
+    opened: list[tuple[httpx.AsyncClient, ServiceClients]] = []
+
+    async def make(**overrides: Any) -> Client:
+        settings = GatewaySettings(services=targets, sites=[SITE], **overrides)
+        clients = ServiceClients(settings.services)
+        gateway = Gateway(settings, clients, session_key=b"k" * 32, visitor_token=VISITOR_TOKEN)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.asgi()), base_url=GATEWAY)
+        opened.append((client, clients))
+        return client, inference, store
+
+    yield make
+    for client, clients in opened:
+        await client.aclose()
+        await clients.close()
+
+
+def _events(body: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+async def _ask(client: httpx.AsyncClient, origin: str = SITE) -> httpx.Response:
+    return await client.post(
+        "/api/v1/answers", json={"question": "When was it created?", "page": PAGE}, headers={"origin": origin}
+    )
+
+
+async def test_an_answer_streams_as_server_sent_events_in_an_opaque_session(make_client: Any) -> None:
+    client, inference, _ = await make_client()
+    response = await _ask(client)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["access-control-allow-origin"] == SITE
+    assert response.headers["access-control-allow-credentials"] == "true"
+    events = _events(response.text)
+    assert [e for e, _ in events] == ["meta", "delta", "delta", "done"]
+    meta = events[0][1]
+    assert meta["query_id"] == "qid-1" and meta["passages"][0]["text"] == PAGE["text"] and meta["ticket"]
+    assert "".join(d["text"] for e, d in events if e == "delta") == "Created in 2026."
+    # The cookie is opaque, HttpOnly, Secure and SameSite; the service got the session id behind it.
+    cookie = response.headers["set-cookie"]
+    assert "httponly" in cookie.lower() and "secure" in cookie.lower() and "samesite=lax" in cookie.lower()
+    session_id = inference.sessions[0]
+    assert cookie.startswith(f"flywheel_session={session_id}.")
+    # The same session asks again: the same id, no new cookie.
+    again = await _ask(client)
+    assert inference.sessions[1] == session_id and "set-cookie" not in again.headers
+
+
+async def test_cookie_flags_follow_the_settings(make_client: Any) -> None:
+    client, _, _ = await make_client(session={"secure_cookies": False, "same_site": "strict"})
+    cookie = (await _ask(client)).headers["set-cookie"].lower()
+    assert "secure" not in cookie and "samesite=strict" in cookie and "httponly" in cookie
+
+
+async def test_no_token_reaches_the_browser(make_client: Any) -> None:
+    client, _, _ = await make_client()
+    responses = [
+        await _ask(client),
+        await client.get("/widget.js"),
+        await client.get("/console"),
+        await client.get("/console.js"),
+        await client.post(
+            "/api/v1/feedback",
+            json={"query_id": "qid-1", "rating": 5, "ticket": "x"},
+            headers={"origin": SITE},
+        ),
+    ]
+    for response in responses:
+        seen = response.text + json.dumps(dict(response.headers))
+        assert VISITOR_TOKEN not in seen and "dev-user-token" not in seen and "Bearer" not in seen
+
+
+async def test_a_foreign_origin_is_refused(make_client: Any) -> None:
+    client, inference, _ = await make_client()
+    refused = await _ask(client, origin="http://evil.example.test")
+    assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+    preflight = await client.options("/api/v1/answers", headers={"origin": "http://evil.example.test"})
+    assert preflight.status_code == 403
+    allowed = await client.options("/api/v1/answers", headers={"origin": SITE})
+    assert allowed.status_code == 204 and allowed.headers["access-control-allow-origin"] == SITE
+    no_origin = await client.post("/api/v1/answers", json={"question": "q", "page": PAGE})
+    assert no_origin.status_code == 403
+    assert inference.sessions == []
+
+
+async def test_rate_limits_apply_per_session(make_client: Any) -> None:
+    client, inference, _ = await make_client(
+        rate_limit={
+            "session_asks": {"per_second": 0.01, "burst": 2},
+            "address": {"per_second": 0, "burst": 1},
+        }
+    )
+    assert [(await _ask(client)).status_code for _ in range(2)] == [200, 200]
+    limited = await _ask(client)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    # Another visitor (no cookie yet) is not held back by the first one's session.
+    client.cookies.clear()
+    assert (await _ask(client)).status_code == 200
+    assert len(inference.sessions) == 3
+
+
+async def test_rate_limits_apply_per_client_address(make_client: Any) -> None:
+    client, _, _ = await make_client(rate_limit={"address": {"per_second": 0.01, "burst": 2}})
+    codes = []
+    for _ in range(3):
+        client.cookies.clear()
+        codes.append((await _ask(client)).status_code)
+    assert codes == [200, 200, 429]
+
+
+async def test_feedback_needs_the_ticket_of_an_answer_of_this_session(make_client: Any) -> None:
+    client, _, _ = await make_client()
+    no_session = await client.post(
+        "/api/v1/feedback", json={"query_id": "qid-1", "rating": 5, "ticket": "x"}, headers={"origin": SITE}
+    )
+    assert no_session.status_code == 401
+    await _ask(client)
+    forged = await client.post(
+        "/api/v1/feedback",
+        json={"query_id": "qid-1", "rating": 5, "ticket": "forged"},
+        headers={"origin": SITE},
+    )
+    assert forged.status_code == 403
+
+
+async def test_a_visitor_cannot_reach_the_review_api(make_client: Any, ev_low_rated: None) -> None:
+    client, _, _ = await make_client()
+    await _ask(client)  # a visitor session cookie
+    for path in ("/api/v1/review/items", "/api/v1/review/status"):
+        assert (await client.get(path)).status_code == 401
+    claim = await client.post("/api/v1/review/claim", json={"query_id": "q1"}, headers={"origin": GATEWAY})
+    assert claim.status_code == 401
+    action = {"query_id": "q1", "action": "correct", "answer": "x"}
+    assert (
+        await client.post("/api/v1/review/actions", json=action, headers={"origin": GATEWAY})
+    ).status_code == 401
+    # The gateway's visitor role cannot log in: the trainer refuses it the queue.
+    login = await client.post("/console/login", json={"token": "dev-user-token"}, headers={"origin": GATEWAY})
+    assert login.status_code == 403
+    # Nor can a site's page log an expert in.
+    from_site = await client.post(
+        "/console/login", json={"token": "dev-expert-token"}, headers={"origin": SITE}
+    )
+    assert from_site.status_code == 403
+
+
+@pytest.fixture
+def ev_low_rated(services: tuple[dict[str, str], StreamingInference, JoinStore]) -> None:
+    """One answer in the trainer's store that a visitor rated 1."""
+    store = services[2]
+    store.ingest(
+        [
+            events_pb2.Interaction(
+                query_id="q1", question="Who?", answer="Nobody.", passages=["p"], model_version="v1"
+            )
+        ],
+        [FeedbackSignal("f1", "q1", events_pb2.FEEDBACK_KIND_RATING, 1, "", events_pb2.REVIEWER_ROLE_USER)],
+    )
+
+
+async def test_an_expert_logs_in_and_claims_from_the_queue(make_client: Any, ev_low_rated: None) -> None:
+    client, _, _ = await make_client()
+    login = await client.post(
+        "/console/login", json={"token": "dev-expert-token"}, headers={"origin": GATEWAY}
+    )
+    assert login.status_code == 204
+    cookie = login.headers["set-cookie"].lower()
+    assert cookie.startswith("flywheel_console=") and "httponly" in cookie and "samesite=strict" in cookie
+    assert "dev-expert-token" not in login.headers["set-cookie"]
+    queue = (await client.get("/api/v1/review/items?order=impact")).json()
+    (item,) = queue["items"]
+    assert (item["query_id"], item["question"], item["reasons"]) == (
+        "q1",
+        "Who?",
+        ["REVIEW_REASON_LOW_RATING"],
+    )
+    claimed = await client.post("/api/v1/review/claim", json={"query_id": "q1"}, headers={"origin": GATEWAY})
+    assert claimed.status_code == 200 and claimed.json()["claimed_by_caller"] is True
+    # The console's API answers its own origin only.
+    foreign = await client.post("/api/v1/review/claim", json={"query_id": "q1"}, headers={"origin": SITE})
+    assert foreign.status_code == 403
+    await client.post("/console/logout", headers={"origin": GATEWAY})
+    assert (await client.get("/api/v1/review/items")).status_code == 401
+
+
+async def test_pages_get_a_strict_content_security_policy(make_client: Any, tmp_path: Path) -> None:
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "a.html").write_text("<html><body><p>Text</p></body></html>")
+    client, _, _ = await make_client(demo_pages_dir=tmp_path / "pages")
+    console = await client.get("/console")
+    csp = console.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+    assert "<script>" not in console.text and "style=" not in console.text
+    page = await client.get("/demo/a.html")
+    assert '<script src="/widget.js" defer></script>\n</body>' in page.text
+    assert (await client.get("/demo/..%2Fsecret.html")).status_code == 404
+    assert "a.html" in (await client.get("/demo/")).text
+
+
+def test_unanswerable_is_the_models_own_no_answer() -> None:
+    assert GatewaySettings().unanswerable_answer == NO_ANSWER
+
+
+def test_sites_must_be_origins() -> None:
+    with pytest.raises(ValueError, match="not an origin"):
+        GatewaySettings(sites=["https://example.com/path"])
+    assert GatewaySettings(sites=["HTTPS://Example.com"]).sites == ["https://example.com"]
+
+
+def test_one_field_of_a_limit_from_the_environment_keeps_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_GATEWAY_RATE_LIMIT__SESSION_ASKS__PER_SECOND", "0.5")
+    monkeypatch.setenv("FLYWHEEL_GATEWAY_SITES", '["https://docs.example.com"]')
+    settings = GatewaySettings()
+    assert (settings.rate_limit.session_asks.per_second, settings.rate_limit.session_asks.burst) == (0.5, 5)
+    assert settings.sites == ["https://docs.example.com"]

@@ -1,0 +1,285 @@
+"""The browser tier: headless Chromium (Debian's) on a bundled page with the widget, and the review console.
+
+Everything is real: the Kafka broker, the four services (subprocesses of a LocalStack), the gateway
+(in this process), the model. A visitor asks and rates on a page served from another origin; an
+expert corrects the answer in the console; the trainer's store then holds the correction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flywheel_cli.local.kafka_broker import LocalBroker, free_port
+from flywheel_cli.local.stack import LocalStack, StackConfig
+from flywheel_common.files import repo_root
+from flywheel_common.settings import TopicSettings
+from flywheel_gateway.app import GatewayApp
+from flywheel_gateway.settings import GatewaySettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+PAGES = repo_root() / "datasets" / "python-faq" / "pages"
+SCREENSHOTS = repo_root() / "var" / "screenshots"
+TOKENS = ("dev-user-token", "dev-expert-token", "dev-admin-token", "Bearer")
+QUESTION = "What is Python?"
+
+
+def _page_server(gateway_url: str) -> ThreadingHTTPServer:
+    """Serves the bundled pages with the widget's tag, as a site owner would add it (another origin)."""
+    tag = f'<script src="{gateway_url}/widget.js" defer></script>'
+
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = PAGES / self.path.lstrip("/")
+            if path.parent != PAGES or not path.is_file():
+                self.send_error(404)
+                return
+            body = path.read_text(encoding="utf-8").replace("</body>", f"{tag}\n</body>").encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/html; charset=utf-8")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@dataclass
+class Site:
+    """The running system as a browser sees it."""
+
+    gateway: str
+    pages: str
+    trainer_store: Path
+
+
+@pytest.fixture(scope="module")
+def stack(kafka_broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The four services on free ports, topics of their own; short answers, no training job."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = TopicSettings(**{f: f"test.browser-{suffix}.{f}" for f in TopicSettings.model_fields})
+    config = StackConfig(
+        var_dir=tmp_path_factory.mktemp("browser") / "var",
+        kafka_bootstrap=kafka_broker.bootstrap_servers,
+        topics=topics,
+        free_ports=True,
+        service_env={
+            "inference": {"FLYWHEEL_INFERENCE_LIMITS__DEFAULT_MAX_NEW_TOKENS": "24"},
+            "trainer": {
+                "FLYWHEEL_TRAINER_CONSUMER__GROUP_ID": f"trainer-{suffix}",
+                "FLYWHEEL_TRAINER_BATCH__MIN_EXAMPLES": "1000",
+                "FLYWHEEL_TRAINER_BATCH__MAX_EXAMPLES": "1000",
+            },
+            "evaluator": {"FLYWHEEL_EVALUATOR_CONSUMER_GROUP": f"evaluator-{suffix}"},
+        },
+    )
+    with LocalStack(config, echo=print) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def site(stack: LocalStack) -> AsyncIterator[Site]:
+    """The gateway in front of the stack, and a page server on another origin that it allows."""
+    gateway_port = free_port("127.0.0.1")
+    pages = _page_server(f"http://127.0.0.1:{gateway_port}")
+    pages_url = f"http://127.0.0.1:{pages.server_address[1]}"
+    settings = GatewaySettings(
+        http={"port": gateway_port, "grace_s": 1},
+        services=stack.targets,
+        sites=[pages_url],
+        # Local http: Chromium keeps no Secure cookie from http://127.0.0.1.
+        session={"secure_cookies": False},
+        rate_limit={"session_asks": {"per_second": 0.01, "burst": 3}},
+    )
+    app = GatewayApp(settings)
+    await app.start()
+    yield Site(app.url, pages_url, stack.config.var_dir / "trainer" / "trainer.sqlite3")
+    pages.shutdown()
+    await app.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> Path:
+    if not CHROMIUM.is_file():
+        pytest.skip("Debian's chromium is not installed: run scripts/setup-browser")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+async def browser(chromium_path: Path) -> AsyncIterator[object]:
+    """Debian's headless Chromium, driven by Playwright (which downloads no browser of its own)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        # --no-sandbox: the tests run as root in a container, where Chromium's sandbox cannot start.
+        chromium = await playwright.chromium.launch(executable_path=str(chromium_path), args=["--no-sandbox"])
+        yield chromium
+        await chromium.close()
+
+
+def _correction_in_store(store: Path, question: str) -> dict[str, object] | None:
+    """The correction example of the answer to `question`, once the trainer stored it."""
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT payload FROM examples WHERE source = 'correction'").fetchall()
+    examples = [json.loads(row[0]) for row in rows]
+    return next((e for e in examples if e["question"] == question), None)
+
+
+async def test_a_visitor_asks_and_rates_and_an_expert_corrects(site: Site, browser: object) -> None:
+    from playwright.async_api import Browser, Response, expect
+
+    assert isinstance(browser, Browser)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    received: list[str] = []
+
+    async def keep(response: Response) -> None:
+        try:
+            body = await response.text()
+        except Exception:  # no body (a preflight, a 204)
+            body = ""
+        received.append(json.dumps(await response.all_headers()) + body)
+
+    # --- the visitor --------------------------------------------------------------------------------
+    visitor = await browser.new_context(viewport={"width": 1200, "height": 800})
+    page = await visitor.new_page()
+    page.on("response", keep)
+    await page.goto(f"{site.pages}/general.html")
+    await page.get_by_role("button", name="Ask about this page").click()
+    await page.get_by_label("Your question about this page").fill(QUESTION)
+    # Every text the answer shows on its way, as the page renders it.
+    await page.evaluate(
+        """() => {
+          const answer = document.querySelector("#flywheel-widget").shadowRoot.querySelector(".answer");
+          window.seen = [];
+          new MutationObserver(() => window.seen.push(answer.textContent))
+            .observe(answer, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    await page.keyboard.press("Enter")
+    rate = page.get_by_role("group", name="Rate this answer")
+    await expect(rate).to_be_visible(timeout=90_000)
+    answer = (await page.locator("#flywheel-widget .answer").text_content() or "").strip()
+    seen = [text for text in await page.evaluate("window.seen") if text]
+    # The answer grew in pieces as it was generated, not all at once.
+    assert answer and len(set(seen)) >= 2 and seen[-1].strip() == answer, seen
+    # The passages it came from are listed, and highlighted on the page itself.
+    passages = page.locator("#flywheel-widget .passage")
+    assert await passages.count() >= 1
+    assert "Python" in (await passages.first.text_content() or "")
+    highlighted = await page.evaluate("CSS.highlights.get('flywheel-passage').size")
+    assert highlighted >= 1
+    await page.screenshot(path=SCREENSHOTS / "widget.png")
+    await page.get_by_role("button", name="Rate 1 of 5").click()
+    await expect(page.get_by_text("Thank you for your feedback.")).to_be_visible()
+    cookies = {c["name"]: c for c in await visitor.cookies()}
+    session = cookies["flywheel_session"]
+    assert session["httpOnly"] and session["sameSite"] == "Lax"
+
+    # --- the expert ---------------------------------------------------------------------------------
+    expert = await browser.new_context(viewport={"width": 1400, "height": 900})
+    console = await expert.new_page()
+    console.on("response", keep)
+    await console.goto(f"{site.gateway}/console")
+    await console.get_by_label("Your reviewer token").fill("dev-expert-token")
+    await console.keyboard.press("Enter")
+    item = console.locator("#queue button", has_text=QUESTION)
+    deadline = time.monotonic() + 60
+    while not await item.count():  # the rating reaches the trainer's store through Kafka
+        assert time.monotonic() < deadline, "the rated answer never reached the review queue"
+        await asyncio.sleep(1)
+        await console.keyboard.press("r")
+    await item.first.click()
+    await expect(console.locator("#question")).to_have_text(QUESTION)
+    await expect(console.locator("#rollout")).to_contain_text("production")
+    correction = "Python is an interpreted, object-oriented programming language."
+    await console.get_by_label("Correct answer").fill(correction)
+    await console.screenshot(path=SCREENSHOTS / "console.png")
+    await console.keyboard.press("Control+Enter")
+    await expect(console.locator("#status")).to_have_text("Saved: correct.")
+
+    # --- the trainer's store holds the correction as a training example -----------------------------
+    deadline = time.monotonic() + 60
+    while (example := _correction_in_store(site.trainer_store, QUESTION)) is None:
+        assert time.monotonic() < deadline, "the correction never became a training example"
+        await asyncio.sleep(1)
+    assert example["answer"] == correction and example["model_answer"] == answer
+
+    # Nothing the browser received carries a bearer token.
+    assert received and not [r for r in received if any(t in r for t in TOKENS)]
+    await visitor.close()
+    await expert.close()
+
+
+async def test_the_gateway_refuses_what_a_browser_must_not_do(site: Site) -> None:
+    async with httpx.AsyncClient(base_url=site.gateway, timeout=120) as client:
+        ask = {
+            "question": QUESTION,
+            "page": {"url": f"{site.pages}/general.html", "text": "Python is a language."},
+        }
+        foreign = await client.post("/api/v1/answers", json=ask, headers={"origin": "http://evil.example"})
+        assert foreign.status_code == 403 and "access-control-allow-origin" not in foreign.headers
+        # A visitor session: one real answer, then the session's questions run out (burst 3).
+        first = await client.post("/api/v1/answers", json=ask, headers={"origin": site.pages})
+        assert first.status_code == 200 and "event: done" in first.text
+        seen = first.text + json.dumps(dict(first.headers))
+        assert not [t for t in TOKENS if t in seen]
+        assert client.cookies.get("flywheel_session")
+        codes = [
+            (
+                await client.post("/api/v1/answers", json={"question": ""}, headers={"origin": site.pages})
+            ).status_code
+            for _ in range(3)
+        ]
+        assert codes == [400, 400, 429]
+        # The visitor cannot reach the review API, nor log in with the gateway's user-role token.
+        assert (await client.get("/api/v1/review/items")).status_code == 401
+        login = await client.post(
+            "/console/login", json={"token": "dev-user-token"}, headers={"origin": site.gateway}
+        )
+        assert login.status_code == 403
+
+
+async def test_simulated_visitors_through_the_gateway(site: Site, stack: LocalStack) -> None:
+    """The simulation's `--via-gateway` visitor: asks and rates over HTTP; the overhead is measured."""
+    import grpc
+
+    from flywheel_cli.simulation.via_gateway import GatewayVisitor, measure_overhead
+    from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
+
+    visitor = GatewayVisitor(site.gateway, timeout_s=120)
+    page = inference_pb2.Page(
+        url=f"{site.pages}/general.html", title="FAQ", text="Guido van Rossum created Python."
+    )
+    try:
+        # Two answers, two sessions: neither is held back by the other's question limit.
+        first, second = [await visitor.ask(page, "Who created Python?") for _ in range(2)]
+        assert first.answer and first.query_id and first.model_version == "v1"
+        assert first.cookie != second.cookie
+        await visitor.rate(first, rating=2, key="sim-test-rating")
+        await visitor.rate(second, rating=None, key="sim-test-ignored")
+        async with grpc.aio.insecure_channel(stack.targets["inference"]) as channel:
+            request = inference_pb2.AnswerRequest(page=page, question="Who created Python?")
+            measured = await measure_overhead(
+                visitor, inference_pb2_grpc.InferenceServiceStub(channel), [request], timeout_s=120
+            )
+    finally:
+        await visitor.close()
+    assert measured["answers"] == 1 and measured["grpc_median_ms"] > 0 and measured["gateway_median_ms"] > 0
