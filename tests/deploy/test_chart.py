@@ -360,7 +360,8 @@ def test_gpu_limit_over_pool_memory_is_refused(helm: Path) -> None:
 def test_a_render_never_generates_keys_silently(helm: Path) -> None:
     with pytest.raises(
         dc.RenderError,
-        match=r"nothing gives apiTokens, queryIdKey, pseudonymKey, eventSigningKey.*existingSecret",
+        match=r"nothing gives apiTokens, queryIdKey, pseudonymKey, eventSigningKey, gatewaySessionKey, "
+        r"gatewayVisitorToken.*existingSecret",
     ):
         dc.render(helm)
     given = (
@@ -372,11 +373,19 @@ def test_a_render_never_generates_keys_silently(helm: Path) -> None:
         "secrets.create.pseudonymKey=p",
         "--set",
         "secrets.create.eventSigningKey=e",
+        "--set",
+        "secrets.create.gatewaySessionKey=g",
+        "--set",
+        "secrets.create.gatewayVisitorToken=a-visitor-token-0123",
     )
     first, second = (dc.render(helm, *given).named("Secret", "-secrets") for _ in range(2))
     assert first["data"] == second["data"], "a render with given values is the same every time"
     hashes = base64.b64decode(first["data"]["api-token-hashes.yaml"]).decode()
-    assert hashes.strip() == f"sha256:{hashlib.sha256(b'a-user-token-0123').hexdigest()}: user"
+    # The gateway's visitor token is a user-role token of the services, hashed like the others.
+    assert sorted(hashes.strip().splitlines()) == sorted(
+        f"sha256:{hashlib.sha256(token).hexdigest()}: user"
+        for token in (b"a-user-token-0123", b"a-visitor-token-0123")
+    )
 
 
 def test_services_run_in_production_mode_and_mount_token_hashes_only(renders: dict[str, dc.Render]) -> None:
