@@ -20,10 +20,10 @@ from flywheel_common.dev_secrets import DEV_QUERY_ID_KEY
 from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.kafka import decode
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.redaction import Redactor
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import GrpcSettings, KafkaSettings, MetricsSettings
 from flywheel_feedback.app import FeedbackApp
-from flywheel_feedback.redaction import Redactor
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_gateway.api import Gateway
 from flywheel_gateway.clients import ServiceClients
