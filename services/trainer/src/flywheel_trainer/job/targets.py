@@ -72,8 +72,9 @@ def grounded_span(answer: str, passages: Sequence[str], question: str = "") -> s
     prefix = [0]
     for flag in content:
         prefix.append(prefix[-1] + flag)
-    best: tuple[int, int, str, int, int] | None = None  # (score, -length, passage, first, last word)
-    for index, passage in enumerate(passages):
+    best: tuple[int, int] | None = None  # (score, -length): most content, then shortest
+    found: tuple[str, list[_Word], int, int] | None = None  # (passage, its words, first, last word)
+    for passage in passages:
         words = _words(passage)
         previous = [0] * (len(said) + 1)
         for j, word in enumerate(words):
@@ -82,21 +83,19 @@ def grounded_span(answer: str, passages: Sequence[str], question: str = "") -> s
                 if spoken.norm == word.norm:
                     run = previous[i] + 1
                     current[i + 1] = run
-                    score = prefix[i + 1] - prefix[i + 1 - run]
-                    key = (score, -run, str(index), j - run + 1, j)
-                    if best is None or key[:2] > best[:2]:
-                        best = key
+                    key = (prefix[i + 1] - prefix[i + 1 - run], -run)
+                    if best is None or key > best:
+                        best, found = key, (passage, words, j - run + 1, j)
             previous = current
-    if best is None or best[0] < max(1, math.ceil(MIN_COVERAGE * needed)):
+    if best is None or found is None or best[0] < max(1, math.ceil(MIN_COVERAGE * needed)):
         return None
-    words = _words(passages[int(best[2])])
-    first, last = best[3], best[4]
+    passage, words, first, last = found
     # Function words and the question's own words at either end are not part of the answer.
     while first < last and (words[first].norm in _STOP or set(words[first].norm.split()) <= asked):
         first += 1
     while last > first and (words[last].norm in _STOP or set(words[last].norm.split()) <= asked):
         last -= 1
-    text = passages[int(best[2])][words[first].start : words[last].end]
+    text = passage[words[first].start : words[last].end]
     return text.rstrip(_TRAILING).lstrip(_LEADING) or None
 
 
