@@ -152,8 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         version, seconds = train_variant(root, dataset_id, name)
         result = evaluator.evaluate(version, reuse=False)
         line: dict[str, Any] = {"variant": name, "version": version, **_scores(result), "train_s": seconds}
-        lineage = registry.get(version).manifest.get("lineage") or {}
-        line["training"] = {k: lineage.get("training", {}).get(k) for k in ("targets", "preference_pairs")}
+        training = registry.get(version).manifest.get("training") or {}
+        line["training"] = {k: training.get(k) for k in ("targets", "preference_pairs")}
         for metric, field in (("accuracy", "contains"), ("f1", "f1")):
             diff = paired_bootstrap(
                 [getattr(i, field) for i in result.answerable], [getattr(i, field) for i in base.answerable]

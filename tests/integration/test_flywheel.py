@@ -87,7 +87,7 @@ def test_one_round_trains_gates_and_reports(
     candidate = job["candidate_version"]
     assert registry.get(candidate).manifest["kind"] == "candidate"
     # Its targets were shaped into passage spans, and corrections paired with the answers they replaced.
-    training = registry.get(candidate).manifest["lineage"]["training"]
+    training = registry.get(candidate).manifest["training"]
     # (the batch may be cut before the round's last corrections arrive: at least one was shaped)
     assert training["targets"]["grounded"] + training["targets"]["ungrounded"] >= 1
     assert training["hyperparameters"]["target"] == "grounded_span" and "preference_pairs" in training

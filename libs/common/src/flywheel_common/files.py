@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,3 +36,27 @@ def repo_root() -> Path:
 def cache_root() -> Path:
     """The checkout's `.cache`: prepared models, export caches, Kafka's jars (git-ignored)."""
     return repo_root() / ".cache"
+
+
+def freeze_tree(root: Path) -> None:
+    """Marks every file under `root` read-only: the folder is final, and its files may be shared."""
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            p.chmod(0o444)
+
+
+def share_tree(source: Path, target: Path) -> None:
+    """Copies `source` to `target`, hard-linking the files `freeze_tree` marked read-only instead
+    of copying them when both sides are on one file system (a model's weights are shared, not
+    duplicated, between the prepared cache and every registry that registers it)."""
+
+    def link_or_copy(src: str, dst: str) -> object:
+        if not os.stat(src).st_mode & 0o222:
+            try:
+                os.link(src, dst)
+                return dst
+            except OSError:
+                pass
+        return shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy)

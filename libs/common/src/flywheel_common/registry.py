@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel_common.errors import FailedPrecondition, InvalidArgument, NotFound
-from flywheel_common.files import file_sha256
+from flywheel_common.files import file_sha256, freeze_tree, share_tree
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,9 @@ class ModelRegistry:
             raise InvalidArgument(f"{model_dir} holds no model.onnx")
         staging = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".staging-"))
         try:
-            shutil.copytree(model_dir, staging / "model")
+            share_tree(model_dir, staging / "model")
             if hf_dir is not None:
-                shutil.copytree(hf_dir, staging / "hf")
+                share_tree(hf_dir, staging / "hf")
             files = {
                 str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
             }
@@ -163,9 +163,7 @@ class ModelRegistry:
                     **(metadata or {}),
                 }
                 (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-                for p in staging.rglob("*"):
-                    if p.is_file():
-                        p.chmod(0o444)
+                freeze_tree(staging)
                 os.rename(staging, self.versions_dir / version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

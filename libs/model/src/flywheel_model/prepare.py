@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from flywheel_common.files import cache_root, file_sha256, write_json
+from flywheel_common.files import cache_root, file_sha256, freeze_tree, write_json
 from flywheel_common.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ def prepare(
         hf_dir=staging / "hf",
         seconds=time.perf_counter() - started,
     )
+    freeze_tree(staging)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     log.info("prepared %s in %.0f s", out_dir, time.perf_counter() - started)

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from flywheel_common.files import file_sha256
+from flywheel_common.files import file_sha256, freeze_tree
 from flywheel_common.registry import ModelRegistry, ModelVersion, now_iso
 from flywheel_trainer import datasets
 from flywheel_trainer.results import write_result
@@ -309,6 +309,8 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
         options, onnx_dir, checked = _export_and_verify(settings, inputs, merged_dir, scratch, laps)
         training = _training_record(settings, inputs, trained, laps)
         duration = laps.total()
+        # The scratch folders are final now: the registry links their files rather than copying them.
+        freeze_tree(scratch)
         candidate = registry.register(
             onnx_dir,
             kind="candidate",
