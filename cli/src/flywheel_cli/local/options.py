@@ -31,13 +31,6 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
         "--free-ports", action="store_true", help="pick free ports instead of 50051-50054, 8080 / 9101-9105"
     )
     parser.add_argument(
-        "--decoding",
-        choices=("free", "grounded"),
-        default="free",
-        help="how answers are decoded, the same by the service and the gate: free (default), or grounded "
-        "(copied from the page's passages, or 'The page does not say.'; see docs/quality.md)",
-    )
-    parser.add_argument(
         "--resume",
         action="store_true",
         help="with a simulation: go on from the state in --var (registry, trainer store, broker) instead "
@@ -61,7 +54,6 @@ def stack_config(
         dataset=Path(args.golden or dataset or DEFAULT_DATASET),
         free_ports=args.free_ports,
         own_broker=fresh,
-        decoding=args.decoding,
     )
 
 

@@ -90,8 +90,6 @@ class StackConfig:
     # Passages of at most this many words: in 200 tokens, 40-word passages hold an acceptable answer
     # for 70 % of the traffic and gate questions, 80-word ones (the services' default) for 62 %.
     passage_max_words: int = 40
-    # Decoding of answers, the same for serving and the gate: "free" or "grounded" (copied from passages).
-    decoding: str = "free"
     # Ports: inference, feedback, trainer, evaluator (gRPC); metrics ports are 9101..9104.
     grpc_ports: tuple[int, int, int, int] = (50051, 50052, 50053, 50054)
     metrics_ports: tuple[int, int, int, int] = (9101, 9102, 9103, 9104)
@@ -164,7 +162,6 @@ def _evaluator_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
         f"{p}GOLDEN__SPLIT": config.gate_split,
         f"{p}EVALUATION__CONTEXT_TOKEN_BUDGET": str(config.context_token_budget),
         f"{p}EVALUATION__PASSAGE_MAX_WORDS": str(config.passage_max_words),
-        f"{p}EVALUATION__DECODING": config.decoding,
         # Half the sessions, 8 rated answers a side, at least 10 s, at most 5 minutes.
         f"{p}CANARY__FRACTION": "0.5",
         f"{p}CANARY__MIN_SAMPLES": "8",
@@ -233,7 +230,6 @@ def service_specs(config: StackConfig) -> list[ServiceSpec]:
             env[f"{prefix}ARTIFACT_ROOT"] = str(var_dir / "artifacts")
             env[f"{prefix}LIMITS__CONTEXT_TOKEN_BUDGET"] = str(config.context_token_budget)
             env[f"{prefix}LIMITS__PASSAGE_MAX_WORDS"] = str(config.passage_max_words)
-            env[f"{prefix}LIMITS__DECODING"] = config.decoding
         if extra is not None:
             env.update(extra(config, var_dir))
         env.update(config.service_env.get(name, {}))

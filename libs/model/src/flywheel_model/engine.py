@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
-from flywheel_model.grounding import GroundedChooser
-from flywheel_model.prompt import (
-    NO_ANSWER,
-    IncrementalDetokenizer,
-    PromptEncoder,
-    PromptTooLong,
-    build_messages,
-)
+from flywheel_model.prompt import IncrementalDetokenizer, PromptEncoder, PromptTooLong, build_messages
 from flywheel_model.retrieval import Passage, Retriever
 from flywheel_model.runtime import Decoder, OrtSettings
 
@@ -33,8 +25,6 @@ class EngineSettings:
     passage_max_words: int = 80
     max_batch: int = 16
     max_queue: int = 64
-    # "grounded": greedy answers are copied from the passages (flywheel_model.grounding); "free": not.
-    decoding: str = "free"
 
 
 @dataclass
@@ -102,21 +92,6 @@ class AnswerEngine:
             ids = self.encoder.encode(build_messages(title, passages, question))
         return PreparedPrompt(passages, ids, page_text, (time.perf_counter() - started) * 1000)
 
-    def sequence(
-        self,
-        prepared: PreparedPrompt,
-        params: SamplingParams,
-        on_token: Callable[[int], None],
-        on_finish: Callable[[str, BaseException | None], None],
-        deadline: float | None = None,
-    ) -> Sequence:
-        """The generator's sequence for a prepared prompt, decoded as the engine's settings say."""
-        chooser = None
-        if self.settings.decoding == "grounded" and params.temperature <= 0.0:
-            sources = [p.text for p in prepared.passages] + [NO_ANSWER]
-            chooser = GroundedChooser(self.encoder.vocabulary(self.decoder.spec.eos_token_ids), sources)
-        return Sequence(prepared.token_ids, params, on_token, on_finish, deadline=deadline, chooser=chooser)
-
     def answer(self, page_text: str, title: str, question: str, params: SamplingParams) -> AnswerResult:
         """Answers synchronously (for evaluation and benchmarks); safe to call from many threads."""
         prepared = self.prepare(page_text, title, question, params.max_new_tokens)
@@ -135,7 +110,7 @@ class AnswerEngine:
             outcome.append((reason, error))
             done.set()
 
-        self.generator.submit(self.sequence(prepared, params, on_token, on_finish))
+        self.generator.submit(Sequence(prepared.token_ids, params, on_token, on_finish))
         done.wait()
         reason, error = outcome[0]
         if error is not None:

@@ -62,12 +62,10 @@ class Sequence:
     on_token: Callable[[int], None]
     on_finish: Callable[[str, BaseException | None], None]
     deadline: float | None = None
-    # Picks each token instead of the sampler (grounded decoding); None samples by `params`.
-    chooser: Callable[[np.ndarray], int] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     length: int = 0
-    sampler: Callable[[np.ndarray], int] | None = None
+    sampler: Sampler | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
 
@@ -189,7 +187,7 @@ class BatchGenerator:
                 f"a prompt of {len(seq.prompt_ids)} tokens does not fit the context of "
                 f"{self.decoder.spec.context_length}"
             )
-        seq.sampler = seq.chooser or Sampler(seq.params)
+        seq.sampler = Sampler(seq.params)
         logits, kv = self.decoder.prefill(seq.prompt_ids)
         seq.length = len(seq.prompt_ids)
         reason = self._emit(seq, seq.sampler(logits))

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flywheel_model.grounding import Vocabulary
 from flywheel_model.retrieval import Passage
 
 SYSTEM_PROMPT = (
@@ -54,14 +53,6 @@ class PromptEncoder:
         from transformers import AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir))
-        self._vocabulary: Vocabulary | None = None
-
-    def vocabulary(self, eos_token_ids: Sequence[int]) -> Vocabulary:
-        """Every token's text (for grounded decoding), decoded on first use (about 2 s)."""
-        if self._vocabulary is None:
-            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            self._vocabulary = Vocabulary(texts, eos_token_ids)
-        return self._vocabulary
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

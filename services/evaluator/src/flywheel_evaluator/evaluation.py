@@ -269,7 +269,6 @@ class Evaluator:
             "max_new_tokens": s.max_new_tokens,
             "context_token_budget": s.context_token_budget,
             "passage_max_words": s.passage_max_words,
-            "decoding": s.decoding,
             "abstention_phrases": s.abstention_phrases,
             "resamples": s.bootstrap_resamples,
             "seed": s.seed,
@@ -330,7 +329,6 @@ class Evaluator:
             EngineSettings(
                 context_token_budget=s.context_token_budget,
                 passage_max_words=s.passage_max_words,
-                decoding=s.decoding,
                 max_batch=s.max_batch,
                 max_queue=max(s.concurrency, s.max_batch) * 2,
             ),
@@ -419,7 +417,6 @@ class Evaluator:
                 "max_new_tokens": s.max_new_tokens,
                 "concurrency": s.concurrency,
                 "max_batch": s.max_batch,
-                "decoding": s.decoding,
                 "model_load_s": round(loaded - started, 2),
                 "provider": engine.provider,
             },

@@ -42,9 +42,6 @@ class EvaluationSettings(BaseModel):
     max_batch: int = Field(default=8, ge=1)
     context_token_budget: int = Field(default=400, ge=32)
     passage_max_words: int = Field(default=80, ge=8)
-    # "grounded": greedy answers are copied from the passages or say the page does not say
-    # (flywheel_model.grounding); "free": the model's own words.
-    decoding: Literal["free", "grounded"] = "free"
     ort: OrtSettings = OrtSettings()
     # An answer containing one of these (after answer normalisation) abstains ("the page does not say").
     abstention_phrases: list[str] = Field(

@@ -34,7 +34,6 @@ class InferenceApp:
             EngineSettings(
                 context_token_budget=limits.context_token_budget,
                 passage_max_words=limits.passage_max_words,
-                decoding=limits.decoding,
                 max_batch=limits.max_batch,
                 max_queue=limits.max_in_flight,
             ),

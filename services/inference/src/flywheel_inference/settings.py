@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
@@ -38,9 +37,6 @@ class LimitSettings(BaseModel):
     # Prompt tokens given to page passages.
     context_token_budget: int = Field(default=400, ge=32)
     passage_max_words: int = Field(default=80, ge=8)
-    # "grounded": greedy answers are copied from the passages or say the page does not say
-    # (flywheel_model.grounding); "free": the model's own words.
-    decoding: Literal["free", "grounded"] = "free"
     # Used when the client sets no deadline.
     default_timeout_s: float = Field(default=120.0, gt=0)
 
