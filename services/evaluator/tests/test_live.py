@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flywheel_evaluator.consumers import feedback_signal, interaction_signal
-from flywheel_evaluator.live import LiveStore, Signal, VersionStats, judge_canary
+from flywheel_evaluator.live import LATENCY_BOUNDS_MS, LiveStore, Signal, VersionStats, judge_canary
 from flywheel_evaluator.settings import CanarySettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
@@ -67,6 +67,26 @@ def test_rates_are_compared_with_their_tolerances() -> None:
     verdict = judge_canary(canary, production, 60, SETTINGS)
     assert verdict.action == "rollback"
     assert "thumbs-down rate 60.0% vs production 20.0%" in verdict.reasons[0]
+
+
+def _latencies(s: VersionStats, fast: int, slow: int) -> VersionStats:
+    """Answers of 1 s and of 60 s, counted in the latency histogram."""
+    s.latency_counts[LATENCY_BOUNDS_MS.index(1000)] += fast
+    s.latency_counts[LATENCY_BOUNDS_MS.index(60_000)] += slow
+    return s
+
+
+def test_latency_is_judged_only_on_enough_answers() -> None:
+    production = _latencies(stats("v1", [3] * 12), fast=9, slow=0)
+    # One slow answer in nine is the canary's p95: not judged, and its better ratings promote it.
+    canary = _latencies(stats("v2", [4] * 12), fast=8, slow=1)
+    verdict = judge_canary(canary, production, 60, SETTINGS)
+    assert verdict.action == "promote" and not any("latency" in r for r in verdict.reasons)
+    # Slow on a tenth of 30 answers: a real p95, past the tolerance.
+    canary = _latencies(stats("v2", [4] * 12), fast=27, slow=3)
+    production = _latencies(stats("v1", [3] * 12), fast=30, slow=0)
+    verdict = judge_canary(canary, production, 60, SETTINGS)
+    assert verdict.action == "rollback" and "latency p95 ms 60000" in verdict.reasons[0]
 
 
 def test_undecided_canary_follows_the_policy() -> None:

@@ -317,7 +317,8 @@ class _Comparison:
 
 
 def _compare_signals(canary: VersionStats, production: VersionStats, settings: CanarySettings) -> _Comparison:
-    """Compares every signal that has `min_signal_samples` observations on both sides."""
+    """Compares every signal that has `min_signal_samples` observations on both sides (latency:
+    `min_latency_samples`)."""
     n = settings.min_signal_samples
     result = _Comparison(settings.confidence_z)
     c_mean, p_mean = canary.mean_rating, production.mean_rating
@@ -359,8 +360,8 @@ def _compare_signals(canary: VersionStats, production: VersionStats, settings: C
         c95 is not None
         and p95 is not None
         and math.isfinite(p95)
-        and canary.latency_samples >= n
-        and production.latency_samples >= n
+        and canary.latency_samples >= settings.min_latency_samples
+        and production.latency_samples >= settings.min_latency_samples
     ):
         # Quantiles of a histogram have no standard error here: the relative tolerance is the margin.
         result.add("latency p95 ms", c95, p95, (c95 - p95) / p95, 0.0, settings.latency_p95_tolerance)

@@ -116,8 +116,11 @@ class CanarySettings(BaseModel):
     thumbs_down_tolerance: float = Field(default=0.10, ge=0, le=1)
     ignore_rate_tolerance: float = Field(default=0.10, ge=0, le=1)
     error_rate_tolerance: float = Field(default=0.02, ge=0, le=1)
-    # Relative: canary p95 latency may exceed production's by this share.
+    # Relative: canary p95 latency may exceed production's by this share, judged once both sides have
+    # `min_latency_samples` answers: below 20 a p95 is the slowest answer, and one answer that waited
+    # behind a model load or a busy core rolled a better canary back (the gate checks the p95 SLO).
     latency_p95_tolerance: float = Field(default=0.5, ge=0)
+    min_latency_samples: int = Field(default=20, ge=1)
     # A signal past its tolerance rolls back only when the drop is also this many standard errors
     # (1.64: one-sided 95%), so a handful of unlucky ratings does not sink a good canary; 0 turns it off.
     confidence_z: float = Field(default=1.64, ge=0)
