@@ -23,7 +23,7 @@ SERVICES = ("inference", "feedback", "trainer", "evaluator", "gateway")
 # The one service browsers talk to: HTTP probes instead of gRPC ones.
 HTTP_SERVICES = ("gateway",)
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion); kubernetes-validate knows the newest.
-MIN_KUBE_VERSION = "1.29.0"
+MIN_KUBE_VERSION = "1.30.0"
 # Graceful shutdown grace of every gRPC server (GrpcSettings.grace_s).
 SERVICE_GRACE_S = 20
 GPU_TAINT_KEY = "nvidia.com/gpu"
@@ -178,7 +178,8 @@ def custom_resource_errors(docs: Iterable[Doc]) -> list[str]:
 def unknown_kinds(docs: Iterable[Doc]) -> list[str]:
     """apiVersion/kind pairs that are neither built in nor covered by a shipped CRD schema."""
     builtin = re.compile(
-        r"^(v1|(apps|batch|policy|autoscaling|networking\.k8s\.io|rbac\.authorization\.k8s\.io)/v[0-9]+)$"
+        r"^(v1|(apps|batch|policy|autoscaling|networking\.k8s\.io|rbac\.authorization\.k8s\.io"
+        r"|admissionregistration\.k8s\.io)/v[0-9]+)$"
     )
     return sorted(
         {

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import flywheel_deploy_checks as dc
@@ -313,6 +314,78 @@ def test_trainer_builds_a_valid_job_from_the_template(
     ]  # fmt: skip
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "trainer-job"  # what its NetworkPolicy selects
+
+
+def _admission(policy: dict, job: dict, username: str) -> list[str]:
+    """The messages of the policy's failed validations for `username` creating `job` (CEL, as the
+    API server evaluates it), or ["not matched"] when its match condition leaves the request alone."""
+    import celpy
+
+    env = celpy.Environment()
+    activation = {
+        "object": celpy.json_to_cel(job),
+        "request": celpy.json_to_cel({"userInfo": {"username": username}, "operation": "CREATE"}),
+    }
+
+    def holds(expression: str) -> bool:
+        return bool(env.program(env.compile(expression)).evaluate(activation))
+
+    if not all(holds(c["expression"]) for c in policy["spec"]["matchConditions"]):
+        return ["not matched"]
+    return [v["message"] for v in policy["spec"]["validations"] if not holds(v["expression"])]
+
+
+def test_trainer_may_create_only_training_jobs(renders: dict[str, dc.Render]) -> None:
+    """The chart's ValidatingAdmissionPolicy admits the trainer's own Job and refuses hostile ones."""
+    launchers = pytest.importorskip("flywheel_trainer.launchers", reason="pending: services/trainer")
+    r = renders[GPU]
+    policy = r.named("ValidatingAdmissionPolicy", "-trainer-jobs")
+    binding = r.named("ValidatingAdmissionPolicyBinding", "-trainer-jobs")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    (template,) = dc.embedded_jobs(r.named("ConfigMap", "-trainer-job-template"))
+    job = launchers.build_job(template, launchers.JobSpec("J-1", "ds-1", "v1"), "flywheel")
+    namespace = r.named("Role", "-trainer")["metadata"]["namespace"]
+    trainer = f"system:serviceaccount:{namespace}:{r.named('ServiceAccount', '-trainer')['metadata']['name']}"
+    assert _admission(policy, job, trainer) == []
+    assert _admission(policy, job, "system:serviceaccount:other:someone") == ["not matched"]
+
+    def hostile(change: Callable[[dict], None]) -> list[str]:
+        bad = json.loads(json.dumps(job))
+        change(bad["spec"]["template"]["spec"])
+        return _admission(policy, bad, trainer)
+
+    def image(pod: dict) -> None:
+        pod["containers"][0]["image"] = "attacker/miner:latest"
+
+    def secret_volume(pod: dict) -> None:
+        pod["volumes"].append({"name": "keys", "secret": {"secretName": "flywheel-secrets"}})
+
+    def secret_env(pod: dict) -> None:
+        ref = {"secretKeyRef": {"name": "flywheel-secrets", "key": "pseudonym-key"}}
+        pod["containers"][0]["env"].append({"name": "K", "valueFrom": ref})
+
+    def account(pod: dict) -> None:
+        pod["serviceAccountName"] = "flywheel-trainer"
+
+    def privileged(pod: dict) -> None:
+        pod["hostNetwork"] = True
+
+    def host_path(pod: dict) -> None:
+        pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+
+    training_image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert hostile(image) == [f"a training Job runs the training image ({training_image}) and nothing else"]
+    assert len(hostile(secret_volume)) == 1 and "artifact store" in hostile(secret_volume)[0]
+    assert hostile(secret_env) == ["a training Job reads no Secret into its environment"]
+    assert hostile(account) == ["a training Job runs as the default service account, without its token"]
+    assert hostile(privileged) == ["a training Job is unprivileged and shares nothing with its host"]
+    assert len(hostile(host_path)) == 1 and "artifact store" in hostile(host_path)[0]
+    relabelled = json.loads(json.dumps(job))
+    relabelled["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] = "inference"
+    assert _admission(policy, relabelled, trainer) == [
+        "a training pod carries the trainer-job labels its NetworkPolicy selects"
+    ]
 
 
 # ---------------------------------------------------------------- each check fails on a broken input
