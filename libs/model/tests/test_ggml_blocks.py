@@ -50,10 +50,17 @@ def test_encoded_graph_reproduces_the_fp32_matmuls_and_embedding(tmp_path: Path)
     up_a = gguf.quants.quantize(rng.standard_normal((inner // 2, hidden)).astype(np.float32) * 0.1, Q4_1)
     up_b = gguf.quants.quantize(rng.standard_normal((inner // 2, hidden)).astype(np.float32) * 0.1, Q4_1)
     down = gguf.quants.quantize(rng.standard_normal((hidden, inner)).astype(np.float32) * 0.1, Q4_1)
+    side = gguf.quants.quantize(rng.standard_normal((hidden, inner)).astype(np.float32) * 0.1, Q4_1)
     table = gguf.quants.quantize(rng.standard_normal((vocab, hidden)).astype(np.float32), Q8_0)
     write_gguf(
         tmp_path / "tiny.gguf",
-        {"up_a": (up_a, Q4_1), "up_b": (up_b, Q4_1), "down": (down, Q4_1), "embd": (table, Q8_0)},
+        {
+            "up_a": (up_a, Q4_1),
+            "up_b": (up_b, Q4_1),
+            "down": (down, Q4_1),
+            "side": (side, Q4_1),
+            "embd": (table, Q8_0),
+        },
     )
     up = np.concatenate([gguf.quants.dequantize(up_a, Q4_1), gguf.quants.dequantize(up_b, Q4_1)])
     down_w = gguf.quants.dequantize(down, Q4_1)
@@ -62,6 +69,7 @@ def test_encoded_graph_reproduces_the_fp32_matmuls_and_embedding(tmp_path: Path)
     inits = {
         "up": up.T.copy(),  # MatMul weights are [K, N]: the GGUF's rows are their columns
         "down": down_w.T.copy(),
+        "side": gguf.quants.dequantize(side, Q4_1).T.copy(),
         "tuned": tuned.T.copy(),
         "lm_head": embd.T.copy(),
     }
@@ -70,8 +78,9 @@ def test_encoded_graph_reproduces_the_fp32_matmuls_and_embedding(tmp_path: Path)
         helper.make_node("Gather", ["table", "ids"], ["x"]),
         helper.make_node("MatMul", ["x", "up"], ["h"]),
         helper.make_node("MatMul", ["h", "down"], ["y"]),
+        helper.make_node("MatMul", ["h", "side"], ["w"]),
         helper.make_node("MatMul", ["h", "tuned"], ["z"]),
-        helper.make_node("Add", ["y", "z"], ["yz"]),
+        helper.make_node("Sum", ["y", "w", "z"], ["yz"]),
         helper.make_node("MatMul", ["yz", "lm_head"], ["logits"]),
     ]
     graph = helper.make_graph(
@@ -89,9 +98,10 @@ def test_encoded_graph_reproduces_the_fp32_matmuls_and_embedding(tmp_path: Path)
     encoded.CopyFrom(fp32)
     counts = encode_model(encoded, GgufBlockIndex(tmp_path / "tiny.gguf"))
 
-    assert counts == {"matmul_q4_1": 2, "matmul_q8_0": 1, "matmul_fp32": 1, "gather_q8_0": 1}
+    assert counts == {"matmul_q4_1": 3, "matmul_q8_0": 1, "matmul_fp32": 1, "gather_q8_0": 1}
     ops = [n.op_type for n in encoded.graph.node]
-    assert ops.count("MatMulNBits") == 4 and "Transpose" not in ops
+    assert ops.count("MatMulNBits") == 5 and "Transpose" not in ops
+    assert ops.count("ReduceSum") == 3  # block sums of x, h (shared by two products) and yz
     assert {i.name for i in encoded.graph.initializer} & set(inits) == {"tuned"}
     actual = run(encoded, {"ids": ids})
     # Same values, summed in another order: agreement to fp32 rounding, far below one code step.

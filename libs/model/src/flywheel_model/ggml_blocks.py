@@ -142,6 +142,8 @@ class _Graph:
         self.model = model
         self.graph = model.graph
         self.inits = {i.name: i for i in self.graph.initializer}
+        # Block sums already computed, by activation: MatMuls that read the same input share them.
+        self.block_sums: dict[str, str] = {}
 
     def add_init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -205,25 +207,26 @@ def _matmul_nodes(g: _Graph, node: Any, blocks: BlockRows, accuracy_level: int) 
             )
         )
     # Σ_b offset[b, n] · (sum of the activations in block b): [.., K] -> [.., K/32, 32] -> [.., K/32].
-    shape = g.add_init(f"{base}.nbits.block_shape", np.array([0, 0, nblocks, BLOCK], np.int64))
-    axis = g.add_init(f"{base}.nbits.block_axis", np.array([-1], np.int64))
+    sums = g.block_sums.get(a)
+    if sums is None:
+        sums = g.block_sums[a] = f"{base}/block_sums"
+        shape = g.add_init(f"{base}.nbits.block_shape", np.array([0, 0, nblocks, BLOCK], np.int64))
+        axis = g.add_init(f"{base}.nbits.block_axis", np.array([-1], np.int64))
+        nodes += [
+            helper.make_node("Reshape", [a, shape], [f"{base}/blocks"], name=f"{base}/Reshape"),
+            helper.make_node(
+                "ReduceSum", [f"{base}/blocks", axis], [sums], name=f"{base}/ReduceSum", keepdims=0
+            ),
+        ]
     partials.append(f"{base}/offset_output")
-    nodes += [
-        helper.make_node("Reshape", [a, shape], [f"{base}/blocks"], name=f"{base}/Reshape"),
-        helper.make_node(
-            "ReduceSum",
-            [f"{base}/blocks", axis],
-            [f"{base}/block_sums"],
-            name=f"{base}/ReduceSum",
-            keepdims=0,
-        ),
+    nodes.append(
         helper.make_node(
             "MatMul",
-            [f"{base}/block_sums", g.add_init(f"{base}.nbits.offsets", offsets.T.copy())],
+            [sums, g.add_init(f"{base}.nbits.offsets", offsets.T.copy())],
             [partials[-1]],
             name=f"{base}/OffsetMatMul",
-        ),
-    ]
+        )
+    )
     total = partials[0]
     for i, partial in enumerate(partials[1:]):
         summed = out if i == len(partials) - 2 else f"{base}/sum_{i}"
