@@ -47,7 +47,7 @@ def test_fp32_for_cuda_is_refused_before_an_invalid_model_is_built() -> None:
 def test_q4_1_needs_a_gguf_source_and_the_cpu(tmp_path: Path) -> None:
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a .gguf"):
+    with pytest.raises(ValueError, match=r"not a \.gguf"):
         prepare(
             tmp_path / "out", source=tmp_path / "hf", options=ExportOptions("q4_1"), cache_dir=tmp_path / "c"
         )
