@@ -1,17 +1,20 @@
 """Inference benchmark: time to first token, decode speed, peak memory and answer quality of
 (a) transformers + PyTorch eager, (b) our ONNX Runtime path in fp32, (c) our path with int4
-weights, (d) llama.cpp on the original GGUF; then throughput of the running gRPC service at
-several concurrencies. On a GPU machine (onnxruntime-gpu) the variants `onnx-fp32-cuda` and
+weights (re-quantized), (d) our path with the GGUF's own Q4_1 / Q8_0 blocks (`q4_1`), (e)
+llama.cpp on the original GGUF; then throughput of the running gRPC service at several
+concurrencies. On a GPU machine (onnxruntime-gpu) the variants `onnx-fp32-cuda` and
 `onnx-fp16-cuda` run our path on the CUDA execution provider, and `--service-variant` picks the
 model the service is measured with.
 
-    uv run python bench/inference.py [--questions 12] [--new-tokens 48] [--json bench/results/inference.json]
+    uv run python bench/inference.py [--split gate] [--questions 50] [--new-tokens 48] [--json out.json]
     python bench/inference.py --variants onnx-fp32-cuda,onnx-fp16-cuda --service-variant onnx-fp16-cuda
 
 Every variant runs in its own process (so peak memory is its own) on the same prompts: real page
-passages of about 400 tokens and a question from the bundled dataset's exam split, greedy, batch 1,
-after one warm-up answer. llama.cpp is measured when `--llama-python` names a Python that has
-llama-cpp-python (it compiles from source: see docs/benchmarks.md).
+passages of about 400 tokens and a question from a split of the bundled dataset (`gate` by
+default), greedy, batch 1, after one warm-up answer. Tokens are compared with onnx-fp32's (eager's
+when fp32 is not run); accuracy counts the questions that have reference answers. llama.cpp is
+measured when `--llama-python` names a Python that has llama-cpp-python (it compiles from source:
+see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("eager", "onnx-fp32", "onnx-int4", "llamacpp")
+VARIANTS = ("eager", "onnx-fp32", "onnx-int4", "onnx-q4_1", "llamacpp")
 
 
 # Prompts and scoring (parent process)
 
 
-def build_prompts(dataset: Path, n: int, onnx_dir: Path) -> list[dict[str, Any]]:
+def build_prompts(dataset: Path, split: str, n: int, onnx_dir: Path) -> list[dict[str, Any]]:
     from flywheel_eval.dataset import load_dataset
     from flywheel_model.prompt import PromptEncoder, build_messages
     from flywheel_model.retrieval import Retriever, html_to_text
@@ -43,7 +46,7 @@ def build_prompts(dataset: Path, n: int, onnx_dir: Path) -> list[dict[str, Any]]
     data = load_dataset(dataset)
     encoder = PromptEncoder(onnx_dir)
     retriever = Retriever(encoder.count_tokens)
-    items = [i for i in data.split("exam") if i.answers][:n]
+    items = data.split(split)[:n]
     prompts = []
     for item in items:
         text, title = html_to_text(data.pages[item.page])
@@ -341,14 +344,14 @@ def summarise(
     results = data["results"]
     texts = [encoder.decode(r["tokens"]).strip() for r in results]
     equal = sum(r["tokens"] == ref for r, ref in zip(results, reference, strict=True)) if reference else None
+    answered = [(t, p["answers"]) for t, p in zip(texts, prompts, strict=True) if p["answers"]]
     return {
         "variant": variant,
         "ttft_s": statistics.median(r["ttft_s"] for r in results),
         "decode_tok_s": statistics.median(r["decode_tok_s"] for r in results),
         "peak_rss_mb": data["peak_rss_mb"],
-        "tokens_equal_to_eager": equal,
-        "accuracy": sum(contains(t, p["answers"]) for t, p in zip(texts, prompts, strict=True))
-        / len(prompts),
+        "tokens_equal_to_reference": equal,
+        "accuracy": sum(contains(t, a) for t, a in answered) / len(answered) if answered else float("nan"),
         "answers": texts,
     }
 
@@ -357,7 +360,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--questions", type=int, default=12)
+    parser.add_argument("--questions", type=int, default=50)
+    parser.add_argument("--split", default="gate", help="the dataset split the questions come from")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--dataset", default=str(ROOT / "datasets/python-faq"))
@@ -386,13 +390,16 @@ def main() -> None:
     }
     model_dirs = {key: ensure_prepared(None, ExportOptions(*key), None, force=False) for key in exports}
     fp32_dir = model_dirs[("fp32", "cpu")]
-    prompts = build_prompts(Path(args.dataset), args.questions, fp32_dir / "onnx")
+    prompts = build_prompts(Path(args.dataset), args.split, args.questions, fp32_dir / "onnx")
     prompts_file = Path(tempfile.mkstemp(suffix=".json")[1])
     prompts_file.write_text(json.dumps(prompts))
     sizes = [len(p["ids"]) for p in prompts]
-    print(f"{len(prompts)} prompts of {min(sizes)}-{max(sizes)} tokens, {args.new_tokens} new tokens")
-    rows: list[dict[str, Any]] = []
-    reference: list[list[int]] | None = None
+    answered = sum(bool(p["answers"]) for p in prompts)
+    print(
+        f"{len(prompts)} {args.split} prompts ({answered} with reference answers) of "
+        f"{min(sizes)}-{max(sizes)} tokens, {args.new_tokens} new tokens"
+    )
+    measured: dict[str, dict[str, Any]] = {}
     for variant in variants:
         python = sys.executable
         if variant == "llamacpp":
@@ -401,26 +408,36 @@ def main() -> None:
                 continue
             python = args.llama_python
         data = run_variant(variant, prompts_file, args, python)
-        if data is None:
-            continue
-        if variant == "eager":
-            reference = [r["tokens"] for r in data["results"]]
-        rows.append(summarise(variant, data, reference, prompts))
+        if data is not None:
+            measured[variant] = data
+    reference_variant = next((v for v in ("onnx-fp32", "eager") if v in measured), None)
+    reference = [r["tokens"] for r in measured[reference_variant]["results"]] if reference_variant else None
+    rows = [summarise(v, data, reference, prompts) for v, data in measured.items()]
     base = {r["variant"]: r for r in rows}
+
+    def ratio(r: dict[str, Any], key: str, to: str) -> float:
+        return float(r[key] / base[to][key]) if to in base and base[to][key] else float("nan")
+
     print(
-        f"\n{'variant':15} {'TTFT s':>7} {'decode tok/s':>12} {'x eager':>8} {'x llama.cpp':>11} "
-        f"{'peak MB':>8} {'= eager':>8} {'accuracy':>8}"
+        f"\n{'variant':15} {'TTFT s':>7} {'decode tok/s':>12} {'x fp32':>7} {'x eager':>8} "
+        f"{'x llama.cpp':>11} {'TTFT x llama.cpp':>16} {'peak MB':>8} {'= ' + str(reference_variant):>12} "
+        f"{'accuracy':>8}"
     )
     for r in rows:
-        x_eager = r["decode_tok_s"] / base["eager"]["decode_tok_s"] if "eager" in base else float("nan")
-        x_llama = r["decode_tok_s"] / base["llamacpp"]["decode_tok_s"] if "llamacpp" in base else float("nan")
-        r["x_eager"], r["x_llamacpp"] = x_eager, x_llama
+        r["x_fp32"], r["x_eager"] = ratio(r, "decode_tok_s", "onnx-fp32"), ratio(r, "decode_tok_s", "eager")
+        r["x_llamacpp"], r["ttft_x_llamacpp"] = (
+            ratio(r, "decode_tok_s", "llamacpp"),
+            ratio(r, "ttft_s", "llamacpp"),
+        )
         equal = (
-            f"{r['tokens_equal_to_eager']}/{len(prompts)}" if r["tokens_equal_to_eager"] is not None else "-"
+            f"{r['tokens_equal_to_reference']}/{len(prompts)}"
+            if r["tokens_equal_to_reference"] is not None
+            else "-"
         )
         print(
-            f"{r['variant']:15} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {x_eager:8.2f} {x_llama:11.2f} "
-            f"{r['peak_rss_mb']:8.0f} {equal:>8} {r['accuracy']:8.0%}"
+            f"{r['variant']:15} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {r['x_fp32']:7.2f} "
+            f"{r['x_eager']:8.2f} {r['x_llamacpp']:11.2f} {r['ttft_x_llamacpp']:16.2f} "
+            f"{r['peak_rss_mb']:8.0f} {equal:>12} {r['accuracy']:8.0%}"
         )
     levels = [int(c) for c in args.concurrency.split(",") if c]
     service_rows = (
@@ -455,6 +472,9 @@ def main() -> None:
                     "variants": rows,
                     "service": service_rows,
                     "questions": len(prompts),
+                    "split": args.split,
+                    "answered_questions": answered,
+                    "tokens_compared_with": reference_variant,
                     "new_tokens": args.new_tokens,
                     "threads": args.threads,
                     "service_variant": args.service_variant,

@@ -47,3 +47,29 @@ def test_onnx_greedy_equals_pytorch_greedy(prepared_model: Path) -> None:
             assert seq_result.token_ids == expected, question
     finally:
         engine.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_q4_1_export_answers_token_for_token_like_fp32(prepared_model: Path) -> None:
+    """The GGUF's own blocks (4 and 8 bits, fp32 activations) give fp32's greedy answers."""
+    from flywheel_model.prepare import ExportOptions, ensure_prepared, read_manifest
+
+    q4_1 = ensure_prepared(None, ExportOptions("q4_1"), None, force=False)
+    ops = read_manifest(q4_1)["export"]["ops"]
+    # Every projection and the tied output matrix are blocks: the only plain MatMuls left are the
+    # small block-offset products added beside each MatMulNBits.
+    assert ops["MatMulNBits"] > ops["MatMul"] > 0
+    weights = sum(p.stat().st_size for p in (q4_1 / "onnx").glob("model.onnx*"))
+    fp32_weights = sum(p.stat().st_size for p in (prepared_model / "onnx").glob("model.onnx*"))
+    assert weights < 0.3 * fp32_weights
+    fp32 = AnswerEngine(prepared_model / "onnx", OrtSettings(provider="cpu"), EngineSettings())
+    blocks = AnswerEngine(q4_1 / "onnx", OrtSettings(provider="cpu"), EngineSettings())
+    try:
+        for title, text, question in PROMPTS:
+            params = SamplingParams(max_new_tokens=NEW_TOKENS)
+            expected = fp32.answer(text, title, question, params).token_ids
+            assert blocks.answer(text, title, question, params).token_ids == expected, question
+    finally:
+        fp32.close()
+        blocks.close()

@@ -42,3 +42,16 @@ def test_fp32_for_cuda_is_refused_before_an_invalid_model_is_built() -> None:
     with pytest.raises(ValueError, match="fp16"):
         ExportOptions(precision="fp32", provider="cuda")
     assert ExportOptions(precision="fp16", provider="cuda").builder_args()[:4] == ["-p", "fp16", "-e", "cuda"]
+
+
+def test_q4_1_needs_a_gguf_source_and_the_cpu(tmp_path: Path) -> None:
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"not a \.gguf"):
+        prepare(
+            tmp_path / "out", source=tmp_path / "hf", options=ExportOptions("q4_1"), cache_dir=tmp_path / "c"
+        )
+    with pytest.raises(ValueError, match="CPU only"):
+        ExportOptions(precision="q4_1", provider="cuda")
+    # Built on the fp32 graph, re-encoded afterwards.
+    assert ExportOptions(precision="q4_1").builder_args()[:2] == ["-p", "fp32"]

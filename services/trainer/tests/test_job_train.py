@@ -134,3 +134,14 @@ def test_preference_weight_pushes_the_chosen_answer_above_the_rejected_one(tiny_
         with torch.no_grad():
             margins[weight] = _margin(model, pairs)
     assert margins[2.0] > margins[0.0]
+
+
+@pytest.mark.parametrize(("parent", "candidate"), [("q4_1", "fp32"), ("fp32", "fp32"), ("int4", "int4")])
+def test_candidates_of_a_q4_1_parent_are_exported_in_fp32(
+    tmp_path: Path, parent: str, candidate: str
+) -> None:
+    from flywheel_common.registry import ModelVersion
+    from flywheel_trainer.job.run import export_options_of
+
+    version = ModelVersion("v1", tmp_path, {"prepared": {"export": {"precision": parent, "provider": "cpu"}}})
+    assert export_options_of(version).precision == candidate

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     prep.add_argument(
         "--source", help="a .gguf file or a Hugging Face causal-LM folder (default: SmolLM2-135M)"
     )
-    prep.add_argument("--precision", choices=["fp32", "fp16", "int4"], default="fp32")
+    prep.add_argument("--precision", choices=["fp32", "fp16", "int4", "q4_1"], default="fp32")
     prep.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     prep.add_argument("--out", help="output folder (default .cache/models/<name>-<precision>-<provider>)")
     prep.add_argument("--force", action="store_true", help="prepare again even if the cache matches")

