@@ -52,7 +52,7 @@ func main() {
 		if err := cli.RunNoErrOutput(kubectlcmd.NewDefaultKubectlCommand()); err != nil {
 			kubectlutil.CheckErr(err)
 		}
-	case "kwok":
+	case "kwok", "kwok-controller": // kwokctl links it as kwok-controller
 		os.Exit(runKwok(kwokcmd.NewCommand))
 	case "kwokctl":
 		os.Exit(runKwok(kwokctlcmd.NewCommand))
@@ -66,6 +66,9 @@ func main() {
 
 // runKwok is the main of KWOK's own kwok and kwokctl commands.
 func runKwok(newCommand func(context.Context) *cobra.Command) int {
+	// Kubernetes' packages register a tristate --version on pflag's global set, which cobra merges
+	// into KWOK's commands and then fails to read as its own boolean --version: KWOK gets a clean set.
+	pflag.CommandLine = pflag.NewFlagSet(os.Args[0], pflag.ExitOnError)
 	flagset := pflag.NewFlagSet("global", pflag.ContinueOnError)
 	flagset.ParseErrorsAllowlist.UnknownFlags = true
 	flagset.Usage = func() {}

@@ -171,7 +171,6 @@ class LocalCluster:
                 "create",
                 "cluster",
                 "--runtime=binary",
-                f"--kube-version={KUBE_VERSION}",
                 f"--kubeconfig={self.kubeconfig}",
                 f"--config={repo_root() / 'tools' / 'k8s' / 'kwok.yaml'}",
                 *binaries,
