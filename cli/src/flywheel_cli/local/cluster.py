@@ -18,7 +18,6 @@ from pathlib import Path
 
 from flywheel_common.files import cache_root, repo_root
 
-KUBE_VERSION = "v1.36.3"
 # Components kwokctl starts, each a link to the one binary scripts/install-k8s builds.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 # The annotation KWOK's own stages use to tell a fake node from a real one.
