@@ -55,7 +55,7 @@ def test_every_rendered_object_was_accepted(install: Install) -> None:
     kinds: dict[str, set[str]] = {}
     for doc in install.manifest():
         namespace = doc["metadata"].get("namespace", install.namespace)
-        found = get(install.cluster, f"{doc['kind']}.{_group(doc)}", doc["metadata"]["name"], "-n", namespace)
+        found = get(install.cluster, _resource(doc), doc["metadata"]["name"], "-n", namespace)
         assert found["metadata"]["name"] == doc["metadata"]["name"]
         kinds.setdefault(doc["kind"], set()).add(doc["metadata"]["name"])
     if install.scenario == "gpu-values.yaml":
@@ -68,9 +68,10 @@ def test_every_rendered_object_was_accepted(install: Install) -> None:
         } <= set(kinds)
 
 
-def _group(doc: dict[str, Any]) -> str:
+def _resource(doc: dict[str, Any]) -> str:
+    """kubectl's fully qualified name of the object's type (KIND.VERSION.GROUP; KIND for the core group)."""
     group, _, version = doc["apiVersion"].rpartition("/")
-    return f"{version}.{group}" if group else version
+    return f"{doc['kind']}.{version}.{group}" if group else doc["kind"]
 
 
 def test_hpas_reference_existing_targets(install: Install) -> None:
