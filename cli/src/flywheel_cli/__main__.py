@@ -8,6 +8,7 @@ import sys
 
 from flywheel_cli.commands import (
     ask_cmd,
+    cluster_cmd,
     feedback_cmd,
     kafka_cmd,
     model_cmd,
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in (model_cmd, ask_cmd, kafka_cmd, feedback_cmd, up_cmd, simulate_cmd, rollout_cmd):
         module.register(subparsers)
     trainer_cmd.register(subparsers)
+    cluster_cmd.register(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
