@@ -36,11 +36,15 @@ def test_register_makes_numbered_read_only_versions_with_hashes(tmp_path: Path) 
 
 def test_frozen_source_files_are_shared_and_writable_ones_copied(tmp_path: Path) -> None:
     source = model_folder(tmp_path)
-    (source / "model.onnx").chmod(0o444)  # as a prepared model's files are (freeze_tree)
+    (source / "model.onnx.data").write_bytes(b"weights")
+    for name in ("model.onnx", "model.onnx.data"):  # as a prepared model's files are (freeze_tree)
+        (source / name).chmod(0o444)
     version = ModelRegistry(tmp_path / "root").register(source, kind="base")
     shared, copied = version.model_dir / "model.onnx", version.model_dir / "tokenizer.json"
     assert shared.stat().st_ino == (source / "model.onnx").stat().st_ino
     assert copied.stat().st_ino != (source / "tokenizer.json").stat().st_ino
+    # onnx.load refuses external data with more than one link: it is copied.
+    assert (version.model_dir / "model.onnx.data").stat().st_nlink == 1
     # The copy is frozen; the writable source stays writable.
     assert not copied.stat().st_mode & 0o222 and (source / "tokenizer.json").stat().st_mode & 0o200
 

@@ -48,10 +48,13 @@ def freeze_tree(root: Path) -> None:
 def share_tree(source: Path, target: Path) -> None:
     """Copies `source` to `target`, hard-linking the files `freeze_tree` marked read-only instead
     of copying them when both sides are on one file system (a model's weights are shared, not
-    duplicated, between the prepared cache and every registry that registers it)."""
+    duplicated, between the prepared cache and every registry that registers it).
+
+    ONNX external data is always copied: the onnx library refuses to read a data file that has
+    more than one link (its guard against hard-link attacks)."""
 
     def link_or_copy(src: str, dst: str) -> object:
-        if not os.stat(src).st_mode & 0o222:
+        if not os.stat(src).st_mode & 0o222 and not src.endswith(".onnx.data"):
             try:
                 os.link(src, dst)
                 return dst
