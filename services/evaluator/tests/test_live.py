@@ -128,7 +128,9 @@ def test_a_later_vote_on_an_answer_replaces_the_earlier_one(tmp_path: Path) -> N
 
 def test_feedback_counts_once_per_session_however_many_answers_it_rates(tmp_path: Path) -> None:
     store = LiveStore(tmp_path / "live.sqlite")
-    one_visitor = [Signal("v2", T0 + i, "thumbs", -1, query_id=f"q{i}", session="attacker") for i in range(10)]
+    one_visitor = [
+        Signal("v2", T0 + i, "thumbs", -1, query_id=f"q{i}", session="attacker") for i in range(10)
+    ]
     honest = [Signal("v2", T0 + 20 + i, "thumbs", 1, query_id=f"h{i}", session=f"s{i}") for i in range(3)]
     store.record([*one_visitor, *honest])
     # One mixed session: its ratings are averaged into one, its thumbs netted.
@@ -169,7 +171,11 @@ def test_events_become_signals() -> None:
     rating.created_at.FromSeconds(int(T0))
     assert feedback_signal(rating, now=0) == Signal("v2", T0, "rating", 4.0)
     thumbs = events_pb2.Feedback(
-        kind=events_pb2.FEEDBACK_KIND_THUMBS, value=-1, model_version="v2", query_id="q", submitter_pseudonym="s"
+        kind=events_pb2.FEEDBACK_KIND_THUMBS,
+        value=-1,
+        model_version="v2",
+        query_id="q",
+        submitter_pseudonym="s",
     )
     assert feedback_signal(thumbs, now=T0) == Signal("v2", T0, "thumbs", -1.0, query_id="q", session="s")
     for ignored in (

@@ -107,9 +107,7 @@ def test_canary_assignment_is_stable_and_close_to_the_fraction() -> None:
 def test_the_canary_split_is_keyed_so_a_client_cannot_compute_its_arm() -> None:
     # The unkeyed split let a client pick session ids that land on the canary offline.
     sessions = [f"session-{i}" for i in range(400)]
-    unkeyed = [
-        int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big") / 2**64 < 0.5 for s in sessions
-    ]
+    unkeyed = [int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big") / 2**64 < 0.5 for s in sessions]
     one = [in_canary(b"a" * 16, s, 0.5) for s in sessions]
     other = [in_canary(b"b" * 16, s, 0.5) for s in sessions]
     assert one != unkeyed and one != other

@@ -84,5 +84,9 @@ class QueryIdSigner:
             raise InvalidArgument("query id was issued in the future")
         session = parts[4] if fields == 6 else ""
         return QueryIdClaims(
-            query_id=query_id, nonce=parts[1], issued_at=issued, model_version=version, session_pseudonym=session
+            query_id=query_id,
+            nonce=parts[1],
+            issued_at=issued,
+            model_version=version,
+            session_pseudonym=session,
         )

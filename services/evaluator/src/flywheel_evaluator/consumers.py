@@ -99,7 +99,13 @@ def interaction_signal(event: events_pb2.Interaction, now: float) -> Signal | No
     at = event.created_at.ToSeconds() if event.created_at.seconds else now
     failed = event.finish_reason in ERROR_REASONS
     return Signal(
-        event.model_version, float(at), "interaction", 0.0, event.total_ms, failed, session=event.session_pseudonym
+        event.model_version,
+        float(at),
+        "interaction",
+        0.0,
+        event.total_ms,
+        failed,
+        session=event.session_pseudonym,
     )
 
 

@@ -265,7 +265,8 @@ class LiveStore:
                 window,
             ).fetchall()
             (served,) = self._db.execute(
-                "SELECT COUNT(DISTINCT session) FROM served WHERE version = ? AND minute >= ? AND minute <= ?",
+                "SELECT COUNT(DISTINCT session) FROM served "
+                "WHERE version = ? AND minute >= ? AND minute <= ?",
                 window,
             ).fetchone()
         total = VersionStats(version, sessions_served=int(served))

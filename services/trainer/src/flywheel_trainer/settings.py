@@ -41,6 +41,11 @@ class PolicySettings(BaseModel):
     negative_max_rating: int = Field(default=2, ge=1, le=5)
     # Use high ratings / thumbs up as positive training examples at all.
     use_positives: bool = True
+    # A positive (the model's own answer, rated high) trains only once this many distinct sessions
+    # rated the same answer to the same question high, or one reviewer of a trusted role did: one
+    # visitor with the public token cannot feed the trainer (docs/security.md). 1: any single rating.
+    positive_min_sessions: int = Field(default=2, ge=1)
+    trusted_positive_roles: list[Literal["user", "expert", "admin"]] = ["expert", "admin"]
     # Reviewer roles whose corrections become supervised examples.
     correction_roles: list[Literal["user", "expert", "admin"]] = ["expert", "admin"]
     # Corrections or answers longer than this (characters) are not used as targets.
