@@ -43,7 +43,7 @@ class QueryIdSigner:
     whoever sends it, so one visitor cannot pass for many by naming other sessions.
     """
 
-    def __init__(self, key: bytes, *, max_age_s: float = 30 * 24 * 3600) -> None:
+    def __init__(self, key: bytes, *, max_age_s: float = 14 * 24 * 3600) -> None:
         if len(key) < 16:
             raise ValueError("the query id key must be at least 16 bytes")
         self._key = key

@@ -107,6 +107,8 @@ class TrainerSettings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     # Verifies the feedback service's signature on each Feedback event (docs/security.md).
     event_signing_key_file: Path | None = None
+    # Pseudonymises the session id a ForgetSession request names (the key inference and feedback use).
+    pseudonym_key_file: Path | None = None
     consumer: ConsumerSettings = ConsumerSettings()
     policy: PolicySettings = PolicySettings()
     batch: BatchSettings = BatchSettings()
@@ -116,7 +118,9 @@ class TrainerSettings(BaseSettings):
     artifact_root: Path = Path("var/artifacts")
     # The trainer's own state: the SQLite join store and job logs.
     data_dir: Path = Path("var/trainer")
-    # Interactions and feedback that joined nothing are forgotten after this long.
+    # Interactions and feedback are forgotten after this long (batched examples too; waiting ones
+    # are kept until batched). Equal to the feedback service's query id lifetime and the topics'
+    # retention (docs/security.md), so feedback can always meet its interaction.
     retention_s: float = Field(default=14 * 24 * 3600, gt=0)
     # Create missing topics at start (turn off where the platform team owns topics).
     create_topics: bool = True

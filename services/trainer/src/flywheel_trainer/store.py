@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS positive_votes (
 );
 CREATE INDEX IF NOT EXISTS positive_votes_key ON positive_votes (agree_key);
 CREATE TABLE IF NOT EXISTS forgotten (
-    session TEXT PRIMARY KEY,
+    session_hash TEXT PRIMARY KEY,
     forgotten_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS review_claims (
@@ -122,6 +122,17 @@ class IngestResult:
     examples: collections.Counter[str] = field(default_factory=collections.Counter)
     duplicates: int = 0
     ignored: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What forgetting a session removed from the store, and the datasets that held its examples."""
+
+    interactions: int
+    feedback: int
+    examples: int
+    # The answers removed: the datasets on disk are searched for them (and for ids naming the session).
+    query_ids: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,11 @@ def query_id_session(query_id: str) -> str:
     return parts[4] if len(parts) == 6 and parts[0] == "q2" else ""
 
 
+def tombstone(session: str) -> str:
+    """What the store keeps of a forgotten session: a hash, so not even its pseudonym stays."""
+    return hashlib.sha256(f"forgotten:{session}".encode()).hexdigest()
+
+
 def batch_ids(example_ids: Sequence[str], now: float) -> tuple[str, str]:
     """Dataset and job ids: sortable by time, unique by content, valid Kubernetes names."""
     when = dt.datetime.fromtimestamp(now, dt.UTC)
@@ -249,6 +265,8 @@ class JoinStore:
         # FULL: a committed transaction survives a power cut, which is what lets offsets be committed.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows are overwritten, not left in free pages (forgetting a session must forget).
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(SCHEMA)
         # Columns added since a store was made: page URLs (the review queue), sessions (forget and
         # per-session votes), superseded ratings (one rating per answer).
@@ -370,12 +388,12 @@ class JoinStore:
     @staticmethod
     def _is_forgotten(db: sqlite3.Connection, session: str, query_id: str) -> bool:
         """Whether the event belongs to a forgotten session: its own, or the one its query id names."""
-        sessions = {x for x in (session, query_id_session(query_id)) if x}
-        if not sessions:
+        hashes = {tombstone(x) for x in (session, query_id_session(query_id)) if x}
+        if not hashes:
             return False
-        marks = ",".join("?" * len(sessions))
-        sql = f"SELECT 1 FROM forgotten WHERE session IN ({marks})"
-        return db.execute(sql, tuple(sessions)).fetchone() is not None
+        marks = ",".join("?" * len(hashes))
+        sql = f"SELECT 1 FROM forgotten WHERE session_hash IN ({marks})"
+        return db.execute(sql, tuple(hashes)).fetchone() is not None
 
     def _supersede(
         self, db: sqlite3.Connection, signal: FeedbackSignal, now: float, result: IngestResult
@@ -735,6 +753,10 @@ class JoinStore:
         cutoff = self._clock() - retention_s
         with self._tx() as db:
             return {
+                # Feedback that never met its interaction (lost, or from an unknown answer): counted.
+                "unjoined": db.execute(
+                    "SELECT COUNT(*) FROM feedback WHERE received_at < ? AND joined = 0", (cutoff,)
+                ).fetchone()[0],
                 "interactions": db.execute(
                     "DELETE FROM interactions WHERE received_at < ?", (cutoff,)
                 ).rowcount,
@@ -745,6 +767,65 @@ class JoinStore:
                     (cutoff,),
                 ).rowcount,
             }
+
+    def forget(self, session: str) -> Forgotten:
+        """Removes a session's interactions, all feedback on them and the session's own feedback, with
+        their examples and votes, in one transaction; tombstones the session so its events, replayed
+        from Kafka, are dropped; then VACUUMs so nothing of it stays in free pages of the file."""
+        if not session:
+            raise ValueError("a session pseudonym is required")
+        now = self._clock()
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO forgotten VALUES (?, ?)", (tombstone(session), now))
+            ids = {
+                r[0]
+                for r in db.execute(
+                    "SELECT query_id FROM interactions WHERE session_pseudonym = ?", (session,)
+                )
+            }
+            ids |= {r[0] for r in db.execute("SELECT query_id FROM feedback WHERE session = ?", (session,))}
+            # An expert's correction carries the expert's pseudonym; its query id names the asker.
+            ids |= {
+                r[0]
+                for r in db.execute(
+                    "SELECT query_id FROM feedback WHERE query_id LIKE ?", (f"%.{session}.%",)
+                )
+                if query_id_session(r[0]) == session
+            }
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS forget_ids (query_id TEXT PRIMARY KEY)")
+            db.execute("DELETE FROM forget_ids")
+            db.executemany("INSERT INTO forget_ids VALUES (?)", [(q,) for q in ids])
+            inside = "query_id IN (SELECT query_id FROM forget_ids)"
+            examples = db.execute(f"DELETE FROM examples WHERE {inside}").rowcount
+            feedback = db.execute(f"DELETE FROM feedback WHERE {inside} OR session = ?", (session,)).rowcount
+            interactions = db.execute(f"DELETE FROM interactions WHERE {inside}").rowcount
+            db.execute(f"DELETE FROM positive_votes WHERE {inside} OR session = ?", (session,))
+            db.execute(f"DELETE FROM review_claims WHERE {inside}")
+            db.execute("DELETE FROM forget_ids")
+        self.vacuum()
+        return Forgotten(interactions, feedback, examples, frozenset(ids))
+
+    def replace_dataset(self, old: str, new: str, *, examples: int, negatives: int, sha256: str) -> None:
+        """Points the store (its examples, its job) at a dataset's new version and drops the old id."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM datasets WHERE dataset_id = ?", (old,)).fetchone()
+            if row is None:
+                raise KeyError(old)
+            db.execute(
+                "INSERT INTO datasets (dataset_id, created_at, reason, examples, negatives, written, sha256) "
+                "VALUES (?, ?, ?, ?, ?, 1, ?)",
+                (new, row["created_at"], row["reason"], examples, negatives, sha256),
+            )
+            db.execute("UPDATE examples SET dataset_id = ? WHERE dataset_id = ?", (new, old))
+            db.execute("UPDATE jobs SET dataset_id = ? WHERE dataset_id = ?", (new, old))
+            db.execute("DELETE FROM datasets WHERE dataset_id = ?", (old,))
+
+    def vacuum(self) -> None:
+        """Rewrites the file without free pages, and empties the write-ahead log into it."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def counts(self) -> dict[str, int]:
         """Rows per table, examples by source, and feedback still waiting for its interaction."""
