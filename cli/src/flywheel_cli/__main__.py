@@ -11,6 +11,7 @@ from flywheel_cli.commands import (
     feedback_cmd,
     kafka_cmd,
     model_cmd,
+    privacy_cmd,
     rollout_cmd,
     trainer_cmd,
     up_cmd,
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in (model_cmd, ask_cmd, kafka_cmd, feedback_cmd, up_cmd, simulate_cmd, rollout_cmd):
         module.register(subparsers)
     trainer_cmd.register(subparsers)
+    privacy_cmd.register(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
