@@ -126,7 +126,8 @@ def test_retention_forgets_old_rows_but_keeps_waiting_examples(store: JoinStore,
     store.ingest([], [ev.correction(3)])  # waits for an interaction that never comes
     clock.now += 100
     purged = store.purge(retention_s=50)
-    assert purged == {"interactions": 2, "feedback": 3, "examples": 1}
+    # The correction that never met its interaction is counted as unjoined.
+    assert purged == {"unjoined": 1, "interactions": 2, "feedback": 3, "positive_votes": 0, "examples": 1}
     assert store.pending().examples == 1  # q2, not yet in a dataset
 
 

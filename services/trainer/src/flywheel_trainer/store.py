@@ -761,6 +761,9 @@ class JoinStore:
                     "DELETE FROM interactions WHERE received_at < ?", (cutoff,)
                 ).rowcount,
                 "feedback": db.execute("DELETE FROM feedback WHERE received_at < ?", (cutoff,)).rowcount,
+                "positive_votes": db.execute(
+                    "DELETE FROM positive_votes WHERE received_at < ?", (cutoff,)
+                ).rowcount,
                 "examples": db.execute(
                     "DELETE FROM examples WHERE received_at < ? AND dataset_id IN "
                     "(SELECT dataset_id FROM datasets WHERE written = 1)",
