@@ -100,22 +100,27 @@ async def services(
         ),
         launcher=IdleLauncher(),
     )
-    ports = [await app.start() for app in (inference, feedback, trainer)]
-    await until(lambda: inference.router.ready, 120, "inference to load the model")
-    await asyncio.wait_for(feedback.ready.wait(), 60)
-    await asyncio.wait_for(trainer.ready.wait(), 60)
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
-    stubs = (
-        inference_pb2_grpc.InferenceServiceStub(channels[0]),
-        feedback_pb2_grpc.FeedbackServiceStub(channels[1]),
-        trainer_pb2_grpc.TrainerServiceStub(channels[2]),
-    )
-    yield (*stubs, trainer)
-    for channel in channels:
-        await channel.close()
-    await inference.stop(grace=1)
-    await feedback.stop(grace=1)
-    await trainer.stop(0)
+    channels: list[grpc.aio.Channel] = []
+    try:
+        ports = [await app.start() for app in (inference, feedback, trainer)]
+        # Generous: the broker and the model share two loaded cores with other tests.
+        await until(lambda: inference.router.ready, 300, "inference to load the model")
+        await asyncio.wait_for(feedback.ready.wait(), 300)
+        await asyncio.wait_for(trainer.ready.wait(), 300)
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+        stubs = (
+            inference_pb2_grpc.InferenceServiceStub(channels[0]),
+            feedback_pb2_grpc.FeedbackServiceStub(channels[1]),
+            trainer_pb2_grpc.TrainerServiceStub(channels[2]),
+        )
+        yield (*stubs, trainer)
+    finally:
+        # Stopped whatever happened: a service left running keeps the test process alive.
+        for channel in channels:
+            await channel.close()
+        await inference.stop(grace=1)
+        await feedback.stop(grace=1)
+        await trainer.stop(0)
 
 
 @pytest.mark.timeout(900)
