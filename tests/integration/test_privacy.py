@@ -102,10 +102,13 @@ async def services(
     )
     channels: list[grpc.aio.Channel] = []
     try:
-        ports = [await app.start() for app in (inference, feedback, trainer)]
-        # Generous: the broker and the model share two loaded cores with other tests.
+        # One after another, each ready before the next starts: their start-up work shares the
+        # default thread pool, where a slow broker connection would hold up the model's loading.
+        ports = [await inference.start()]
         await until(lambda: inference.router.ready, 300, "inference to load the model")
+        ports.append(await feedback.start())
         await asyncio.wait_for(feedback.ready.wait(), 300)
+        ports.append(await trainer.start())
         await asyncio.wait_for(trainer.ready.wait(), 300)
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
         stubs = (
