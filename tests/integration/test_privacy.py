@@ -177,8 +177,8 @@ async def test_raw_values_are_nowhere_on_disk_and_a_forgotten_session_is_gone(
         cli,
         [
             "privacy",
-            "forget",
             target,
+            "forget",
             "--session",
             SESSION,
             "--reason",
