@@ -1,6 +1,7 @@
 """The evaluator with the real model and a real broker: a candidate that is not worse goes canary ->
 production and inference follows; a damaged candidate is rejected with reasons; a canary with bad live
-ratings is rolled back; an admin rolls back to any earlier version and inference follows."""
+ratings is rolled back, by many sessions but not by one; an admin rolls back to any earlier version
+and inference follows."""
 
 from __future__ import annotations
 
@@ -18,17 +19,23 @@ import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_cli.__main__ import main as cli
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.kafka import EventProducer, decode
+from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
 from flywheel_eval.dataset import load_dataset
 from flywheel_evaluator.app import EvaluatorApp
 from flywheel_evaluator.evaluation import EVALUATION_JSON, Evaluator, load_golden
 from flywheel_evaluator.settings import EvaluatorSettings, GoldenSettings
+from flywheel_feedback.app import FeedbackApp
+from flywheel_feedback.settings import FeedbackSettings
 from flywheel_inference.app import InferenceApp
 from flywheel_inference.settings import InferenceSettings
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -155,6 +162,7 @@ class Stack:
         self.evaluator: EvaluatorApp | None = None
         self.evaluator_port = 0
         self.inference: InferenceApp | None = None
+        self.feedback: FeedbackApp | None = None
         self.channels: list[grpc.aio.Channel] = []
         self.producer = EventProducer(kafka, linger_ms=0, max_block_ms=5000)
 
@@ -189,6 +197,21 @@ class Stack:
         self.channels.append(channel)
         return inference_pb2_grpc.InferenceServiceStub(channel)
 
+    async def start_feedback(self) -> feedback_pb2_grpc.FeedbackServiceStub:
+        settings = FeedbackSettings(
+            grpc={"port": 0, "grace_s": 1},
+            metrics={"port": 0},
+            kafka=self.kafka,
+            rate_limit={"per_second": 0},
+            privacy={"presidio": False},
+        )
+        self.feedback = FeedbackApp(settings)
+        port = await self.feedback.start()
+        await asyncio.wait_for(self.feedback.ready.wait(), 30)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channels.append(channel)
+        return feedback_pb2_grpc.FeedbackServiceStub(channel)
+
     def send(self, topic: str, key: str, message: Any) -> None:
         if not self.producer.connected:
             self.producer.connect()
@@ -207,6 +230,8 @@ class Stack:
                 kind=events_pb2.FEEDBACK_KIND_RATING,
                 value=value,
                 model_version=version,
+                # Each rating from a session of its own: the canary counts sessions, not events.
+                submitter_pseudonym=uuid.uuid4().hex,
             )
             event.created_at.GetCurrentTime()
             self.send(self.kafka.topics.feedback, event.query_id, event)
@@ -218,6 +243,8 @@ class Stack:
             await self.evaluator.stop(grace=1)
         if self.inference is not None:
             await self.inference.stop(grace=1)
+        if self.feedback is not None:
+            await self.feedback.stop(grace=1)
         self.producer.close()
 
 
@@ -442,3 +469,98 @@ async def test_admin_rolls_back_to_any_earlier_version_and_inference_follows(
     assert "refused the token: this call needs the admin role" in err
     assert f"rollback          {v2} vs v1: failed" in out
     await until(lambda: app.router.production_version == "v1", 30, "inference to follow the CLI")
+
+
+async def thumbs(
+    feedback: feedback_pb2_grpc.FeedbackServiceStub, answer: inference_pb2.AnswerResponse, up: bool, key: str
+) -> None:
+    request = feedback_pb2.SubmitFeedbackRequest(query_id=answer.query_id, thumbs_up=up, idempotency_key=key)
+    await feedback.SubmitFeedback(request, metadata=USER, timeout=30)
+
+
+async def visitors(
+    inference: inference_pb2_grpc.InferenceServiceStub, prefix: str, versions: dict[str, int]
+) -> dict[str, list[inference_pb2.AnswerResponse]]:
+    """Answers to new sessions (one question each) until each version has its count of them."""
+    got: dict[str, list[inference_pb2.AnswerResponse]] = {v: [] for v in versions}
+    for i in range(200):
+        if all(len(got[v]) >= n for v, n in versions.items()):
+            return got
+        answer = await ask(inference, f"{prefix}-{i}")
+        if len(got[answer.model_version]) < versions[answer.model_version]:
+            got[answer.model_version].append(answer)
+    raise AssertionError(f"the canary split never gave {versions}")
+
+
+async def test_one_session_cannot_roll_back_a_good_canary_but_many_sessions_can(
+    stack: Stack, onnx_model_dir: Path
+) -> None:
+    """The attack of issue 12: ten thumbs down from one visitor (the public user token) on a canary
+    answer rolled back a good canary; the canary now counts sessions, so it is promoted, while a
+    canary that many distinct sessions dislike is still rolled back."""
+    await stack.start_evaluator()
+    inference = await stack.start_inference()
+    feedback = await stack.start_feedback()
+    app, evaluator = stack.inference, stack.evaluator
+    assert app is not None and evaluator is not None
+    good = stack.register(onnx_model_dir)
+    stack.registry.set_canary(good, 0.5, reason="test canary")
+    await until(lambda: app.router.canary_version == good, 60, "inference to load the canary")
+
+    # The attacker finds a session on the canary, asks three times and votes each answer down, the
+    # first ten times (ids of its own for each vote, so none is a retry), and names other sessions.
+    attacker = None
+    for i in range(100):
+        answer = await ask(inference, f"attacker-{i}")
+        if answer.model_version == good:
+            attacker = f"attacker-{i}"
+            break
+    assert attacker is not None
+    answers = [answer] + [await ask(inference, attacker) for _ in range(2)]
+    assert {a.model_version for a in answers} == {good}
+    for n in range(10):
+        await thumbs(feedback, answers[0], False, f"attack-{n}")
+    for n, other in enumerate(answers[1:]):
+        request = feedback_pb2.SubmitFeedbackRequest(
+            query_id=other.query_id, thumbs_up=False, session_id=f"someone-{n}", idempotency_key=f"o-{n}"
+        )
+        await feedback.SubmitFeedback(request, metadata=USER, timeout=30)
+    # Production's honest visitors: four up, one down (a 20% thumbs-down rate).
+    honest = await visitors(inference, "visitor", {"v1": 5, good: 0})
+    for n, answer in enumerate(honest["v1"]):
+        await thumbs(feedback, answer, n > 0, f"honest-{n}")
+    await until(
+        lambda: (
+            evaluator.store.stats("v1", 0).sessions == 5 and evaluator.store.stats(good, 0).thumbs_down == 1
+        ),
+        30,
+        "the evaluator to count the votes",
+    )
+    # Counted per event, the attack was 12 of 12 canary votes down against 1 of 5: a rollback.
+    await asyncio.sleep(2)
+    assert not decisions(stack, "rollback", good)
+    # Four honest canary sessions vote up: 1 of 5 sessions down on each side, and it is promoted.
+    canary_visitors = await visitors(inference, "canary-visitor", {"v1": 0, good: 4})
+    for n, answer in enumerate(canary_visitors[good]):
+        await thumbs(feedback, answer, True, f"canary-{n}")
+    promoted = await until(lambda: decisions(stack, "canary_promote", good), 60, "the canary promotion")
+    # Decided at four or five canary sessions, the attacker's three answers and ten votes among them as one.
+    assert promoted[0]["metrics"]["canary_sessions"] in (4, 5)
+    assert not decisions(stack, "rollback", good)
+
+    # A canary that many distinct sessions dislike is still rolled back. Their answers' ids are
+    # signed as inference signs them (development keys), which spares the loaded model the asking.
+    assert stack.inference is not None
+    await stack.inference.stop(grace=1)
+    stack.inference = None
+    disliked = stack.register(onnx_model_dir)
+    stack.registry.set_canary(disliked, 0.5, reason="test canary")
+    signer = QueryIdSigner(DEV_QUERY_ID_KEY)
+    for n in range(5):
+        for version, up in ((good, True), (disliked, False)):
+            session = pseudonymise(DEV_PSEUDONYM_KEY, f"second-{version}-{n}", domain="session")
+            answer = inference_pb2.AnswerResponse(query_id=signer.issue(version, session))
+            await thumbs(feedback, answer, up, f"second-{version}-{n}")
+    rolled = await until(lambda: decisions(stack, "rollback", disliked), 60, "the rollback")
+    assert "thumbs-down rate 100.0% vs production" in rolled[0]["reasons"][0]
+    assert stack.registry.state().production == good

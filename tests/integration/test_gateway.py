@@ -76,7 +76,7 @@ async def console(kafka_settings: KafkaSettings, tmp_path: Path) -> AsyncIterato
         None,
     )
     trainer_server = GrpcServer(GrpcSettings(port=0), "trainer")
-    servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)))
+    servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)), b"test-pseudonym-key")
     trainer_server.add_service(
         "flywheel.trainer.v1.TrainerService",
         lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),

@@ -151,7 +151,9 @@ async def trainer(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
     store = JoinStore(root / "trainer.sqlite3", ExamplePolicy(PolicySettings()))
     settings = TrainerSettings(artifact_root=registry.root, data_dir=root / "data")
     servicer = TrainerServicer(
-        Trainer(settings, store, IdleLauncher(), registry, None), Authenticator(load_tokens(None))
+        Trainer(settings, store, IdleLauncher(), registry, None),
+        Authenticator(load_tokens(None)),
+        b"test-pseudonym-key",
     )
     server = GrpcServer(GrpcSettings(port=0), "trainer")
     server.add_service(

@@ -112,6 +112,13 @@ RPCS = [
     Rpc("trainer", "ListJobs", lambda s: trainer_pb2.ListJobsRequest(limit=2**32 - 1), {}),
     Rpc("trainer", "GetJob", lambda s: trainer_pb2.GetJobRequest(job_id="job-x"), {"job_id": 128}),
     Rpc("trainer", "TriggerBatch", lambda s: trainer_pb2.TriggerBatchRequest(), {}, metadata=ADMIN),
+    Rpc(
+        "trainer",
+        "ForgetSession",
+        lambda s: trainer_pb2.ForgetSessionRequest(session_id="visitor-1", reason="fuzz"),
+        {"session_id": 256, "reason": 1000},
+        metadata=ADMIN,
+    ),
     Rpc("evaluator", "GetRollout", lambda s: evaluator_pb2.GetRolloutRequest(), {}),
     Rpc("evaluator", "ListDecisions", lambda s: evaluator_pb2.ListDecisionsRequest(limit=2**32 - 1), {}),
     Rpc("evaluator", "GetReport", lambda s: evaluator_pb2.GetReportRequest(version="v1"), {"version": 128}),

@@ -12,6 +12,7 @@ from flywheel_cli.commands import (
     feedback_cmd,
     kafka_cmd,
     model_cmd,
+    privacy_cmd,
     rollout_cmd,
     trainer_cmd,
     up_cmd,
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in (model_cmd, ask_cmd, kafka_cmd, feedback_cmd, up_cmd, simulate_cmd, rollout_cmd):
         module.register(subparsers)
     trainer_cmd.register(subparsers)
+    privacy_cmd.register(subparsers)
     cluster_cmd.register(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -22,7 +22,9 @@ def test_issued_ids_verify_and_carry_the_model_version() -> None:
     [
         lambda q: q[:-2] + ("AA" if not q.endswith("AA") else "BB"),  # signature
         lambda q: q.replace(".", ".x", 1),  # nonce
-        lambda q: "q2" + q[2:],  # prefix
+        lambda q: "q3" + q[2:],  # prefix
+        lambda q: "q1" + q[2:],  # an old prefix on a new id
+        lambda q: q.replace("." + "ab" * 16 + ".", "." + "cd" * 16 + "."),  # another session
         lambda q: q + ".extra",
         lambda q: "",
         lambda q: "not-a-query-id",
@@ -34,7 +36,21 @@ def test_issued_ids_verify_and_carry_the_model_version() -> None:
 def test_tampered_or_malformed_ids_are_invalid(mutate: object) -> None:
     signer = QueryIdSigner(KEY)
     with pytest.raises(InvalidArgument):
-        signer.verify(mutate(signer.issue("v1")))  # type: ignore[operator]
+        signer.verify(mutate(signer.issue("v1", "ab" * 16)))  # type: ignore[operator]
+
+
+def test_ids_carry_the_asking_session_and_old_ids_verify_without_one() -> None:
+    signer = QueryIdSigner(KEY)
+    session = pseudonymise(KEY, "visitor-1", domain="session")
+    assert signer.verify(signer.issue("v2", session)).session_pseudonym == session
+    assert signer.verify(signer.issue("v2")).session_pseudonym == ""
+    with pytest.raises(ValueError):
+        signer.issue("v2", "not.hex")
+    # A q1 id, issued before ids carried the session, stays valid until it expires.
+    body = ".".join(["q1", "ab" * 12, "1000000", "djE"])
+    legacy = f"{body}.{signer._sign(body)}"
+    claims = signer.verify(legacy, now=1_000_010)
+    assert (claims.model_version, claims.session_pseudonym) == ("v1", "")
 
 
 def test_another_key_rejects_and_old_ids_expire() -> None:

@@ -103,3 +103,15 @@ def test_reports_and_decisions(tmp_path: Path) -> None:
     registry.append_decision({"version": version, "passed": True})
     registry.append_decision({"version": version, "passed": False})
     assert [d["passed"] for d in registry.decisions()] == [True, False]
+
+
+def test_marks_are_notes_beside_an_immutable_version(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "artifacts")
+    version = registry.register(model_folder(tmp_path), kind="base")
+    assert registry.marks(version.version) == []
+    registry.mark(version.version, {"kind": "forgotten_data", "datasets": ["ds-1"]})
+    registry.mark(version.version, {"kind": "forgotten_data", "datasets": ["ds-2"]})
+    assert [m["datasets"] for m in registry.marks(version.version)] == [["ds-1"], ["ds-2"]]
+    registry.verify(version.version)  # the version itself is unchanged
+    with pytest.raises(NotFound):
+        registry.mark("v99", {"kind": "x"})

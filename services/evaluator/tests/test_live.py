@@ -20,6 +20,8 @@ def stats(version: str, ratings: list[int], *, down: int = 0, up: int = 0, ignor
         rating_sq_sum=float(sum(r * r for r in ratings)),
     )
     s.thumbs_down, s.thumbs_up, s.ignored = down, up, ignored
+    # Each vote from a session of its own.
+    s.sessions = len(ratings) + down + up + ignored
     return s
 
 
@@ -107,20 +109,20 @@ def test_store_counts_per_version_and_window(tmp_path: Path) -> None:
     store = LiveStore(tmp_path / "live.sqlite")
     store.record(
         [
-            Signal("v1", T0 + 1, "rating", 5),
-            Signal("v1", T0 + 2, "rating", 3),
-            Signal("v2", T0 + 3, "thumbs", -1),
-            Signal("v2", T0 + 4, "thumbs", 1),
-            Signal("v2", T0 + 5, "ignored"),
-            Signal("v2", T0 + 6, "interaction", latency_ms=800),
-            Signal("v2", T0 + 7, "interaction", latency_ms=2500),
-            Signal("v2", T0 + 8, "interaction", failed=True),
-            Signal("v1", T0 + 3600, "rating", 1),
+            Signal("v1", T0 + 1, "rating", 5, query_id="a", session="s1"),
+            Signal("v1", T0 + 2, "rating", 3, query_id="b", session="s2"),
+            Signal("v2", T0 + 3, "thumbs", -1, query_id="c", session="s3"),
+            Signal("v2", T0 + 4, "thumbs", 1, query_id="d", session="s4"),
+            Signal("v2", T0 + 5, "ignored", query_id="e", session="s5"),
+            Signal("v2", T0 + 6, "interaction", latency_ms=800, session="s3"),
+            Signal("v2", T0 + 7, "interaction", latency_ms=2500, session="s4"),
+            Signal("v2", T0 + 8, "interaction", failed=True, session="s5"),
+            Signal("v1", T0 + 3600, "rating", 1, query_id="f", session="s6"),
         ]
     )
-    store.record([Signal("v1", T0 + 9, "rating", 4)])
+    store.record([Signal("v1", T0 + 9, "rating", 4, query_id="g", session="s7")])
     v1 = store.stats("v1", T0, T0 + 60)
-    assert (v1.ratings, v1.mean_rating, v1.rating_variance) == (3, 4.0, 1.0)
+    assert (v1.ratings, v1.mean_rating, v1.rating_variance, v1.sessions) == (3, 4.0, 1.0, 3)
     assert store.stats("v1", T0, T0 + 7200).ratings == 4
     assert store.stats("v1", T0 + 3600, T0 + 7200).mean_rating == 1.0
     v2 = store.stats("v2", T0, T0 + 60)
@@ -135,6 +137,47 @@ def test_store_counts_per_version_and_window(tmp_path: Path) -> None:
     assert again.stats("v1", T0, T0 + 7200).ratings == 1
 
 
+def test_a_later_vote_on_an_answer_replaces_the_earlier_one(tmp_path: Path) -> None:
+    store = LiveStore(tmp_path / "live.sqlite")
+    store.record([Signal("v2", T0 + i, "thumbs", -1, query_id="q", session="s1") for i in range(10)])
+    store.record([Signal("v2", T0 + 20, "rating", 1, query_id="q", session="s1")])
+    store.record([Signal("v2", T0 + 30, "rating", 5, query_id="q", session="s1")])
+    v2 = store.stats("v2", T0, T0 + 60)
+    assert (v2.thumbs_down, v2.thumbs, v2.ratings, v2.mean_rating) == (1, 1, 1, 5.0)
+
+
+def test_feedback_counts_once_per_session_however_many_answers_it_rates(tmp_path: Path) -> None:
+    store = LiveStore(tmp_path / "live.sqlite")
+    one_visitor = [
+        Signal("v2", T0 + i, "thumbs", -1, query_id=f"q{i}", session="attacker") for i in range(10)
+    ]
+    honest = [Signal("v2", T0 + 20 + i, "thumbs", 1, query_id=f"h{i}", session=f"s{i}") for i in range(3)]
+    store.record([*one_visitor, *honest])
+    # One mixed session: its ratings are averaged into one, its thumbs netted.
+    store.record(
+        [
+            Signal("v2", T0 + 40, "rating", 1, query_id="m1", session="mixed"),
+            Signal("v2", T0 + 41, "rating", 5, query_id="m2", session="mixed"),
+            Signal("v2", T0 + 42, "thumbs", 1, query_id="m1", session="mixed"),
+            Signal("v2", T0 + 43, "thumbs", -1, query_id="m2", session="mixed"),
+        ]
+    )
+    v2 = store.stats("v2", T0, T0 + 60)
+    assert (v2.sessions, v2.thumbs_down, v2.thumbs_up, v2.thumbs) == (5, 1, 3, 4)
+    assert (v2.ratings, v2.mean_rating) == (1, 3.0)
+
+
+def test_the_minimum_evidence_is_distinct_sessions() -> None:
+    # Ten thumbs down from one session are one session's vote: never enough to roll back.
+    canary = VersionStats("v2", sessions=1, thumbs_down=1)
+    production = stats("v1", [], up=20, down=2)
+    assert judge_canary(canary, production, 60, SETTINGS).action == "wait"
+    many = stats("v2", [], down=12, up=2)
+    verdict = judge_canary(many, production, 60, SETTINGS)
+    assert verdict.action == "rollback"
+    assert verdict.reasons[-1] == "14 canary and 22 production sessions with feedback"
+
+
 def test_canary_start_is_remembered(tmp_path: Path) -> None:
     store = LiveStore(tmp_path / "live.sqlite")
     assert store.canary_started("v2", now=T0) == T0
@@ -147,8 +190,14 @@ def test_events_become_signals() -> None:
     rating = events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_RATING, value=4, model_version="v2")
     rating.created_at.FromSeconds(int(T0))
     assert feedback_signal(rating, now=0) == Signal("v2", T0, "rating", 4.0)
-    thumbs = events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_THUMBS, value=-1, model_version="v2")
-    assert feedback_signal(thumbs, now=T0) == Signal("v2", T0, "thumbs", -1.0)
+    thumbs = events_pb2.Feedback(
+        kind=events_pb2.FEEDBACK_KIND_THUMBS,
+        value=-1,
+        model_version="v2",
+        query_id="q",
+        submitter_pseudonym="s",
+    )
+    assert feedback_signal(thumbs, now=T0) == Signal("v2", T0, "thumbs", -1.0, query_id="q", session="s")
     for ignored in (
         events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_CORRECTION, model_version="v2"),
         events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_RATING, value=9, model_version="v2"),

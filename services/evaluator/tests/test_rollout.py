@@ -17,6 +17,11 @@ from flywheel_evaluator.settings import CanarySettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
 
+def vote(version: str, at: float, rating: int, i: int) -> Signal:
+    """A rating of an answer of its own, from a session of its own."""
+    return Signal(version, at, "rating", rating, query_id=f"{version}-q{i}", session=f"{version}-s{i}")
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> ModelRegistry:
     model = tmp_path / "model"
@@ -53,7 +58,7 @@ def test_passed_candidate_becomes_canary_and_is_promoted(registry: ModelRegistry
     assert (state.production, state.canary, state.canary_fraction) == ("v1", "v2", 0.5)
     assert s.rollout.check_canary() is None  # no live signals yet
     started = s.store.canary_started("v2")
-    s.store.record([Signal(v, started + 1, "rating", 4) for v in ("v1", "v2") for _ in range(4)])
+    s.store.record([vote(v, started + 1, 4, i) for v in ("v1", "v2") for i in range(4)])
     decision = s.rollout.check_canary(now=started + 5)
     assert decision is not None and decision.action == "canary_promote" and decision.passed
     state = registry.state()
@@ -66,8 +71,8 @@ def test_bad_canary_is_rolled_back(registry: ModelRegistry, tmp_path: Path) -> N
     s = Setup(registry, tmp_path)
     s.rollout.after_gate(passed("v2"))
     started = s.store.canary_started("v2")
-    s.store.record([Signal("v2", started + 1, "rating", 1) for _ in range(4)])
-    s.store.record([Signal("v1", started + 1, "rating", 5) for _ in range(4)])
+    s.store.record([vote("v2", started + 1, 1, i) for i in range(4)])
+    s.store.record([vote("v1", started + 1, 5, i) for i in range(4)])
     decision = s.rollout.check_canary(now=started + 5)
     assert decision is not None and decision.action == "rollback" and not decision.passed
     assert "mean rating 1.00 vs production 5.00" in decision.reasons[0]
@@ -103,8 +108,8 @@ def test_pin_and_auto_rollout_hold_candidates(registry: ModelRegistry, tmp_path:
     # A frozen canary is neither promoted nor rolled back.
     s.rollout.set_auto_rollout(False)
     started = s.store.canary_started("v2")
-    s.store.record([Signal("v2", started + 1, "rating", 1) for _ in range(4)])
-    s.store.record([Signal("v1", started + 1, "rating", 5) for _ in range(4)])
+    s.store.record([vote("v2", started + 1, 1, i) for i in range(4)])
+    s.store.record([vote("v1", started + 1, 5, i) for i in range(4)])
     assert s.rollout.check_canary(now=started + 5) is None
     actions = [d["action"] for d in registry.decisions()]
     assert actions == ["pin", "unpin", "auto_rollout_off", "auto_rollout_on", "auto_rollout_off"]

@@ -94,6 +94,24 @@ async def test_rating_is_stored_with_pseudonymous_ids(
     assert "sess-1" not in event.SerializeToString().decode(errors="replace")
 
 
+async def test_feedback_counts_as_the_session_the_signed_query_id_names(
+    servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
+) -> None:
+    asker = pseudonymise(PSEUDONYM_KEY, "asker", domain="session")
+    query_id = signer.issue("v7", asker)
+    # Another session id, or none: the vote is still the asker's, so one visitor cannot pass for many.
+    for i, session in enumerate(["someone-else", ""]):
+        request = feedback_pb2.SubmitFeedbackRequest(
+            query_id=query_id, thumbs_up=False, session_id=session, idempotency_key=f"key-{i}"
+        )
+        await servicer.SubmitFeedback(request, FakeContext(USER))  # type: ignore[arg-type]
+    assert [event.submitter_pseudonym for _, _, event in producer.events] == [asker, asker]
+    # An expert's correction is the expert's own, not the asker's.
+    correction = feedback_pb2.SubmitCorrectionRequest(query_id=query_id, corrected_answer="Right.")
+    await servicer.SubmitCorrection(correction, FakeContext(EXPERT))  # type: ignore[arg-type]
+    assert producer.events[-1][2].submitter_pseudonym not in ("", asker)
+
+
 @pytest.mark.parametrize(
     ("fields", "kind", "value"),
     [

@@ -82,7 +82,7 @@ async def services(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], Stream
     settings = TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer")
     trainer = Trainer(settings, store, IdleLauncher(), registry, None)
     trainer_server = GrpcServer(GrpcSettings(port=0), "trainer")
-    servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)))
+    servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)), b"test-pseudonym-key")
     trainer_server.add_service(
         "flywheel.trainer.v1.TrainerService",
         lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),

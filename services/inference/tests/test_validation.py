@@ -1,5 +1,6 @@
 """Request validation and canary routing, without a model."""
 
+import hashlib
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,12 +94,25 @@ def test_control_escape_and_bidi_characters_are_stripped_from_free_text() -> Non
 
 
 def test_canary_assignment_is_stable_and_close_to_the_fraction() -> None:
+    key = b"k" * 16
     sessions = [f"session-{i}" for i in range(4000)]
-    share = sum(in_canary(s, 0.1) for s in sessions) / len(sessions)
+    share = sum(in_canary(key, s, 0.1) for s in sessions) / len(sessions)
     assert 0.08 < share < 0.12
-    assert [in_canary(s, 0.1) for s in sessions[:50]] == [in_canary(s, 0.1) for s in sessions[:50]]
-    assert not in_canary("", 0.5) and not in_canary("x", 0.0)
-    assert all(in_canary(s, 1.0) for s in sessions[:20])
+    first = [in_canary(key, s, 0.1) for s in sessions[:50]]
+    assert first == [in_canary(key, s, 0.1) for s in sessions[:50]]
+    assert not in_canary(key, "", 0.5) and not in_canary(key, "x", 0.0)
+    assert all(in_canary(key, s, 1.0) for s in sessions[:20])
+
+
+def test_the_canary_split_is_keyed_so_a_client_cannot_compute_its_arm() -> None:
+    # The unkeyed split let a client pick session ids that land on the canary offline.
+    sessions = [f"session-{i}" for i in range(400)]
+    unkeyed = [int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big") / 2**64 < 0.5 for s in sessions]
+    one = [in_canary(b"a" * 16, s, 0.5) for s in sessions]
+    other = [in_canary(b"b" * 16, s, 0.5) for s in sessions]
+    assert one != unkeyed and one != other
+    # About half agree by chance, as for any independent split.
+    assert 120 < sum(a == b for a, b in zip(one, other, strict=True)) < 280
 
 
 def test_settings_read_nested_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,7 +135,9 @@ async def test_pages_are_parsed_after_admission_and_off_the_event_loop(
         return html_to_text(html)
 
     monkeypatch.setattr(service, "html_to_text", spy)
-    router = ModelRouter(None, OrtSettings(), EngineSettings(), local_model_dir=Path("unused"))
+    router = ModelRouter(
+        None, OrtSettings(), EngineSettings(), canary_key=b"c" * 16, local_model_dir=Path("unused")
+    )
     servicer = service.InferenceServicer(
         router, LimitSettings(max_in_flight=1), QueryIdSigner(b"k" * 16), b"p" * 16, None
     )

@@ -28,14 +28,17 @@ class Events:
     """Builders of the events the tests feed the store (the `ev` fixture)."""
 
     @staticmethod
-    def interaction(i: int, answer: str = "I am not sure.") -> events_pb2.Interaction:
+    def interaction(
+        i: int, answer: str = "I am not sure.", *, question: str = "", session: str = ""
+    ) -> events_pb2.Interaction:
         return events_pb2.Interaction(
             query_id=f"q{i}",
             page_title=f"Page {i}",
-            question=f"What is item {i}?",
+            question=question or f"What is item {i}?",
             answer=answer,
             passages=[f"Item {i} is a thing.", "Other text."],
             model_version="v1",
+            session_pseudonym=session or f"s{i}",
         )
 
     @staticmethod
@@ -52,7 +55,7 @@ class Events:
         )
 
     @staticmethod
-    def rating(i: int, value: int, *, fid: str = "") -> FeedbackSignal:
+    def rating(i: int, value: int, *, fid: str = "", session: str = "") -> FeedbackSignal:
         return FeedbackSignal(
             feedback_id=fid or f"fr{i}-{value}",
             query_id=f"q{i}",
@@ -60,12 +63,15 @@ class Events:
             value=value,
             text="",
             role=events_pb2.REVIEWER_ROLE_USER,
+            session=session or f"s{i}",
         )
 
     @staticmethod
-    def thumbs(i: int, up: bool) -> FeedbackSignal:
+    def thumbs(
+        i: int, up: bool, *, fid: str = "", session: str = "", role: int = events_pb2.REVIEWER_ROLE_USER
+    ) -> FeedbackSignal:
         kind = events_pb2.FEEDBACK_KIND_THUMBS
-        return FeedbackSignal(f"ft{i}", f"q{i}", kind, 1 if up else -1, "", events_pb2.REVIEWER_ROLE_USER)
+        return FeedbackSignal(fid or f"ft{i}", f"q{i}", kind, 1 if up else -1, "", role, session or f"s{i}")
 
 
 @pytest.fixture
@@ -80,7 +86,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock) -> Iterator[JoinStore]:
-    s = JoinStore(tmp_path / "trainer.sqlite3", ExamplePolicy(PolicySettings()), clock=clock)
+    # Any single positive trains here; the agreement rule has tests of its own (test_store.py).
+    policy = ExamplePolicy(PolicySettings(positive_min_sessions=1))
+    s = JoinStore(tmp_path / "trainer.sqlite3", policy, clock=clock)
     yield s
     s.close()
 

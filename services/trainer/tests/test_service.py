@@ -11,10 +11,14 @@ import pytest
 
 from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.grpc_server import GrpcServer
+from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import GrpcSettings
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from flywheel_trainer import datasets
 from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.policy import FeedbackSignal
 from flywheel_trainer.service import FAILED_REASON, MAX_LIST, TrainerServicer
 from flywheel_trainer.settings import TrainerSettings
 from flywheel_trainer.store import FAILED, JoinStore
@@ -44,7 +48,7 @@ async def stub(
     settings = TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer")
     trainer = Trainer(settings, store, IdleLauncher(), registry, None)
     server = GrpcServer(GrpcSettings(port=0), "trainer")
-    servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)))
+    servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)), b"test-pseudonym-key")
     server.add_service(
         "flywheel.trainer.v1.TrainerService",
         lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),
@@ -177,3 +181,85 @@ async def test_answers_of_the_canary_version_are_marked(
     )
     assert listed.canary_version == "v1"
     assert [list(i.reasons) for i in listed.items] == [[trainer_pb2.REVIEW_REASON_CANARY]]
+
+
+def _visitor(name: str) -> str:
+    return pseudonymise(b"test-pseudonym-key", name, domain="session")
+
+
+def _files(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+async def test_forget_session_removes_it_everywhere_and_a_replay_cannot_bring_it_back(
+    stub: Any, store: JoinStore, registry: ModelRegistry, tmp_path: Path, ev: Any
+) -> None:
+    gone, kept = _visitor("visitor-1"), _visitor("visitor-2")
+    signer = QueryIdSigner(b"q" * 16)
+    # An answer whose id names the session (a q2 id), corrected by an expert (the expert's pseudonym).
+    named = ev.interaction(3, session=gone)
+    named.query_id = signer.issue("v1", gone)
+    correction = ev.correction(3)
+    correction = FeedbackSignal(
+        correction.feedback_id, named.query_id, correction.kind, 0, "Fixed.", 2, "expert"
+    )
+    store.ingest(
+        [ev.interaction(1, session=gone), ev.interaction(2, session=kept), named],
+        [ev.correction(1), ev.correction(2), correction, ev.rating(1, 1, session=gone)],
+    )
+    cut = await stub.TriggerBatch(trainer_pb2.TriggerBatchRequest(), metadata=ADMIN)
+    old = cut.dataset_id
+    model = tmp_path / "candidate"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"x")
+    trained = registry.register(model, kind="candidate", metadata={"lineage": {"datasets": [old]}}).version
+
+    request = trainer_pb2.ForgetSessionRequest(session_id="visitor-1", reason="ticket 42")
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await stub.ForgetSession(request, metadata=EXPERT)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    done = await stub.ForgetSession(request, metadata=ADMIN)
+    assert (done.interactions, done.feedback, done.examples) == (2, 3, 3)
+    [replaced] = done.datasets
+    assert (replaced.old_dataset_id, replaced.removed_examples) == (old, 3)
+    assert list(done.marked_versions) == [trained]
+
+    # The store, the datasets and the audit keep nothing of the session: not its pseudonym, not its ids.
+    root = registry.root / "datasets"
+    assert not (root / old).exists()
+    new = datasets.load(registry.root, replaced.new_dataset_id)
+    assert [e["query_id"] for e in new.examples] == ["q2"] and new.manifest["replaces"] == [old]
+    assert store.job(cut.job_id).dataset_id == new.dataset_id  # type: ignore[union-attr]
+    assert registry.marks(trained)[0]["replaced_by"] == [new.dataset_id]
+    for data in (_files(store.path.parent), _files(root)):
+        assert gone.encode() not in data and named.query_id.encode() not in data and b'"q1"' not in data
+    assert kept.encode() in _files(store.path.parent)
+    audit = (tmp_path / "trainer" / "audit.jsonl").read_text()
+    assert done.audit_id in audit and "ticket 42" in audit and gone not in audit
+
+    # A replay of its events (Kafka keeps them for their retention) is dropped at the tombstone.
+    replay = store.ingest(
+        [ev.interaction(1, session=gone), named], [ev.rating(1, 5, session=gone), correction]
+    )
+    assert replay.ignored["interaction of a forgotten session"] == 2
+    assert replay.ignored["feedback of a forgotten session"] == 2
+    assert store.counts()["interactions"] == 1
+    # Forgetting again finds nothing more; its pseudonym works as well as its id.
+    again = await stub.ForgetSession(trainer_pb2.ForgetSessionRequest(session_pseudonym=gone), metadata=ADMIN)
+    assert (again.interactions, again.feedback, again.examples, len(again.datasets)) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        trainer_pb2.ForgetSessionRequest(),
+        trainer_pb2.ForgetSessionRequest(session_id="a", session_pseudonym="0" * 32),
+        trainer_pb2.ForgetSessionRequest(session_pseudonym="not-a-pseudonym"),
+        trainer_pb2.ForgetSessionRequest(session_id="a\x1b[2J"),
+        trainer_pb2.ForgetSessionRequest(session_id="a", reason="x" * 1001),
+    ],
+)
+async def test_forget_session_refuses_a_bad_request(stub: Any, request_: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ForgetSession(request_, metadata=ADMIN)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

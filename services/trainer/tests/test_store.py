@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from flywheel_proto.flywheel.events.v1 import events_pb2
-from flywheel_trainer.policy import FeedbackSignal
+from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal
+from flywheel_trainer.settings import PolicySettings
 from flywheel_trainer.store import FAILED, QUEUED, JoinStore, ReviewReason
 
 
@@ -125,7 +126,8 @@ def test_retention_forgets_old_rows_but_keeps_waiting_examples(store: JoinStore,
     store.ingest([], [ev.correction(3)])  # waits for an interaction that never comes
     clock.now += 100
     purged = store.purge(retention_s=50)
-    assert purged == {"interactions": 2, "feedback": 3, "examples": 1}
+    # The correction that never met its interaction is counted as unjoined.
+    assert purged == {"unjoined": 1, "interactions": 2, "feedback": 3, "positive_votes": 0, "examples": 1}
     assert store.pending().examples == 1  # q2, not yet in a dataset
 
 
@@ -203,3 +205,66 @@ def test_claims_keep_an_item_from_other_experts_until_they_expire(
     assert store.review_items(caller="alice", canary_version=None)[0].claimed_until is None
     with pytest.raises(KeyError):
         store.claim("q-unknown", "alice", ttl_s=60)
+
+
+def test_a_later_rating_replaces_the_earlier_one_and_never_adds(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.rating(1, 5)])
+    assert store.counts()["examples.positive"] == 1
+    # The visitor changes their mind: the pending positive goes, the negative takes its place.
+    store.ingest([], [ev.rating(1, 1)])
+    counts = store.counts()
+    assert counts["examples.negative"] == 1 and "examples.positive" not in counts
+    # Redelivering the first rating (a Kafka replay) does not bring it back.
+    again = store.ingest([], [ev.rating(1, 5)])
+    assert again.duplicates == 1 and "examples.positive" not in store.counts()
+    # Ten thumbs down on one answer are one vote: the review queue sees one, not ten.
+    store.ingest([ev.interaction(2)], [ev.thumbs(2, False, fid=f"down-{n}") for n in range(10)])
+    (item,) = [i for i in store.review_items(caller="x", canary_version=None) if i.query_id == "q2"]
+    assert item.thumbs_down == 1
+    assert store.counts()["examples.negative"] == 2
+
+
+def test_an_expert_vote_stands_when_the_visitor_changes_theirs(store: JoinStore, ev: Any) -> None:
+    expert = ev.thumbs(1, True, fid="expert-up", session="expert", role=events_pb2.REVIEWER_ROLE_EXPERT)
+    store.ingest([ev.interaction(1, "Item 1 is a thing.")], [expert, ev.rating(1, 5)])
+    store.ingest([], [ev.rating(1, 3)])
+    assert store.counts()["examples.positive"] == 1
+
+
+def agreeing_store(tmp_path: Any, clock: Any, **policy: Any) -> JoinStore:
+    settings = PolicySettings(**policy)
+    return JoinStore(tmp_path / "agree.sqlite3", ExamplePolicy(settings), clock=clock)
+
+
+def test_a_positive_trains_only_once_independent_sessions_agree(tmp_path: Any, clock: Any, ev: Any) -> None:
+    store = agreeing_store(tmp_path, clock)
+    question, answer = "Who made it?", "Guido made it."
+    # The same question, asked with other spacing and case, is the same question.
+    variants = [question, "  who made IT? ", question, question]
+    asked = [ev.interaction(i, answer, question=variants[i], session=f"s{i % 3}") for i in range(4)]
+    # One session's thumbs up on two of its answers: still one session, no example.
+    first = store.ingest(asked, [ev.thumbs(0, True, session="s0"), ev.thumbs(3, True, session="s0")])
+    assert not first.examples and first.ignored["positive waiting for other sessions to agree"] == 2
+    # A second session agrees (a rating of 4 on its own answer): one positive.
+    agreed = store.ingest([], [ev.rating(1, 4, session="s1")])
+    assert agreed.examples == {"positive": 1}
+    # A third agreeing session adds no second copy of the same target.
+    third = store.ingest([], [ev.thumbs(2, True, session="s2")])
+    assert not third.examples and third.ignored["positive for this answer already kept"] == 1
+    # Another answer to the same question has agreement of its own to earn.
+    other = store.ingest([ev.interaction(9, "Someone else.", question=question)], [ev.thumbs(9, True)])
+    assert not other.examples
+    store.close()
+
+
+def test_an_expert_positive_needs_no_agreement_and_the_rule_can_be_relaxed(
+    tmp_path: Any, clock: Any, ev: Any
+) -> None:
+    store = agreeing_store(tmp_path, clock)
+    expert = ev.thumbs(1, True, session="expert", role=events_pb2.REVIEWER_ROLE_EXPERT)
+    assert store.ingest([ev.interaction(1, "Fine.")], [expert]).examples == {"positive": 1}
+    store.close()
+    assert PolicySettings().positive_min_sessions == 2  # the safe default
+    relaxed = JoinStore(tmp_path / "relaxed.sqlite3", ExamplePolicy(PolicySettings(positive_min_sessions=1)))
+    assert relaxed.ingest([ev.interaction(2, "Fine.")], [ev.thumbs(2, True)]).examples == {"positive": 1}
+    relaxed.close()

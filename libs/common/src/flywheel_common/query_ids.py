@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from flywheel_common.errors import InvalidArgument
 
-_PREFIX = "q1"
+_PREFIX = "q2"
+# Ids issued before they carried the session; verified (without a session) until they expire.
+_LEGACY_PREFIX = "q1"
 
 
 def _b64(data: bytes) -> str:
@@ -30,12 +32,18 @@ class QueryIdClaims:
     nonce: str
     issued_at: int
     model_version: str
+    # Pseudonym of the session that asked ("" for a request without a session, or a q1 id).
+    session_pseudonym: str = ""
 
 
 class QueryIdSigner:
-    """Issues and verifies `q1.<nonce>.<issued_at>.<version>.<signature>` ids (HMAC-SHA256)."""
+    """Issues and verifies `q2.<nonce>.<issued_at>.<version>.<session>.<signature>` ids (HMAC-SHA256).
 
-    def __init__(self, key: bytes, *, max_age_s: float = 30 * 24 * 3600) -> None:
+    The session is the asker's keyed pseudonym: feedback on an answer counts as that session's,
+    whoever sends it, so one visitor cannot pass for many by naming other sessions.
+    """
+
+    def __init__(self, key: bytes, *, max_age_s: float = 14 * 24 * 3600) -> None:
         if len(key) < 16:
             raise ValueError("the query id key must be at least 16 bytes")
         self._key = key
@@ -44,19 +52,24 @@ class QueryIdSigner:
     def _sign(self, body: str) -> str:
         return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest()[:16])
 
-    def issue(self, model_version: str, *, now: float | None = None) -> str:
-        """A new unique query id bound to the model version that answered."""
+    def issue(self, model_version: str, session_pseudonym: str = "", *, now: float | None = None) -> str:
+        """A new unique query id bound to the model version that answered and the session that asked."""
+        if not all(c in "0123456789abcdef" for c in session_pseudonym):
+            raise ValueError("a session pseudonym is lowercase hex")
         issued = int(time.time() if now is None else now)
-        body = ".".join([_PREFIX, secrets.token_hex(12), str(issued), _b64(model_version.encode())])
+        body = ".".join(
+            [_PREFIX, secrets.token_hex(12), str(issued), _b64(model_version.encode()), session_pseudonym]
+        )
         return f"{body}.{self._sign(body)}"
 
     def verify(self, query_id: str, *, now: float | None = None) -> QueryIdClaims:
         """The claims of a query id this service family issued; InvalidArgument otherwise."""
         parts = query_id.split(".")
+        fields = {_PREFIX: 6, _LEGACY_PREFIX: 5}.get(parts[0])
         # Issued ids are ASCII; compare_digest raises TypeError on non-ASCII str, so check first.
-        if len(parts) != 5 or parts[0] != _PREFIX or len(query_id) > 512 or not query_id.isascii():
+        if fields is None or len(parts) != fields or len(query_id) > 512 or not query_id.isascii():
             raise InvalidArgument("malformed query id")
-        body, signature = ".".join(parts[:4]), parts[4]
+        body, signature = ".".join(parts[:-1]), parts[-1]
         if not hmac.compare_digest(self._sign(body).encode(), signature.encode()):
             raise InvalidArgument("query id was not issued by this service")
         try:
@@ -69,4 +82,11 @@ class QueryIdSigner:
             raise InvalidArgument("query id has expired")
         if age < -300:
             raise InvalidArgument("query id was issued in the future")
-        return QueryIdClaims(query_id=query_id, nonce=parts[1], issued_at=issued, model_version=version)
+        session = parts[4] if fields == 6 else ""
+        return QueryIdClaims(
+            query_id=query_id,
+            nonce=parts[1],
+            issued_at=issued,
+            model_version=version,
+            session_pseudonym=session,
+        )

@@ -192,6 +192,25 @@ class ModelRegistry:
             if file_sha256(mv.path / rel) != digest:
                 raise FailedPrecondition(f"{version}: {rel} does not match its manifest")
 
+    # Marks: notes on immutable versions (a version's folder never changes after registration)
+
+    def mark(self, version: str, note: dict[str, Any]) -> None:
+        """Adds a note to a version, e.g. that data it was trained on has since been forgotten."""
+        self.get(version)
+        marks_dir = self.models / "marks"
+        marks_dir.mkdir(exist_ok=True)
+        with self._lock():
+            path = marks_dir / f"{version}.json"
+            notes = json.loads(path.read_text()) if path.is_file() else []
+            self._write_atomic(
+                path, json.dumps([*notes, {"at": now_iso(), **note}], indent=2, sort_keys=True)
+            )
+
+    def marks(self, version: str) -> list[dict[str, Any]]:
+        """A version's notes, oldest first."""
+        path = self.models / "marks" / f"{version}.json"
+        return list(json.loads(path.read_text())) if path.is_file() else []
+
     # Rollout state
 
     def state(self) -> RolloutState:

@@ -82,7 +82,14 @@ def feedback_signal(event: events_pb2.Feedback, now: float) -> Signal | None:
     if kind == "thumbs" and event.value not in (-1, 1):
         return None
     at = event.created_at.ToSeconds() if event.created_at.seconds else now
-    return Signal(event.model_version, float(at), kind, float(event.value))  # type: ignore[arg-type]
+    return Signal(
+        event.model_version,
+        float(at),
+        kind,  # type: ignore[arg-type]
+        float(event.value),
+        query_id=event.query_id,
+        session=event.submitter_pseudonym,
+    )
 
 
 def interaction_signal(event: events_pb2.Interaction, now: float) -> Signal | None:
@@ -91,7 +98,15 @@ def interaction_signal(event: events_pb2.Interaction, now: float) -> Signal | No
         return None
     at = event.created_at.ToSeconds() if event.created_at.seconds else now
     failed = event.finish_reason in ERROR_REASONS
-    return Signal(event.model_version, float(at), "interaction", 0.0, event.total_ms, failed)
+    return Signal(
+        event.model_version,
+        float(at),
+        "interaction",
+        0.0,
+        event.total_ms,
+        failed,
+        session=event.session_pseudonym,
+    )
 
 
 class SignalConsumer(EventConsumer):

@@ -1,7 +1,10 @@
 """Live signals per model version (ratings, thumbs, ignores, errors, latency) and the canary verdict.
 
-Signals are counted per version and per minute in SQLite under the evaluator's state folder, written
-before the consumer commits its offsets, so a restart neither loses nor needs to re-read them.
+Served interactions are counted per version and per minute; feedback is kept as one vote per answer
+and kind (a later vote replaces it) and counted per session, so one visitor is one voice however
+many events they send (docs/security.md). Everything is in SQLite under the evaluator's state
+folder, written before the consumer commits its offsets, so a restart neither loses nor needs to
+re-read it.
 """
 
 from __future__ import annotations
@@ -39,13 +42,20 @@ class Signal:
     value: float = 0.0
     latency_ms: float | None = None
     failed: bool = False
+    # The answer a feedback signal is about, and the session it counts for (a keyed pseudonym).
+    query_id: str = ""
+    session: str = ""
 
 
 @dataclass
 class VersionStats:
-    """A version's live signals over a time window."""
+    """A version's live signals over a time window; feedback counts are per session (each session's
+    ratings averaged, its thumbs netted), interactions per served answer."""
 
     version: str
+    # Distinct sessions that sent feedback, and that were served an answer.
+    sessions: int = 0
+    sessions_served: int = 0
     interactions: int = 0
     errors: int = 0
     ratings: int = 0
@@ -57,6 +67,7 @@ class VersionStats:
     latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BOUNDS_MS))
 
     def add(self, other: VersionStats) -> None:
+        """Adds another window's served-answer counts (feedback is counted per session, not added)."""
         self.interactions += other.interactions
         self.errors += other.errors
         self.ratings += other.ratings
@@ -73,7 +84,7 @@ class VersionStats:
 
     @property
     def feedback(self) -> int:
-        """Feedback events: ratings, thumbs and ignores (the canary's sample size)."""
+        """Per-session votes: ratings, thumbs and ignores."""
         return self.ratings + self.thumbs + self.ignored
 
     @property
@@ -94,8 +105,8 @@ class VersionStats:
 
     @property
     def answers_seen(self) -> int:
-        """Answers behind the ignore rate: served interactions when known, else answers with feedback."""
-        return max(self.interactions, self.feedback)
+        """Sessions behind the ignore rate: those served when known, else those with feedback."""
+        return max(self.sessions_served, self.sessions)
 
     @property
     def ignore_rate(self) -> float | None:
@@ -123,7 +134,11 @@ class VersionStats:
 
     def summary(self) -> dict[str, float]:
         """The numbers a decision records (rates only where there are samples)."""
-        out: dict[str, float] = {"feedback": float(self.feedback), "interactions": float(self.interactions)}
+        out: dict[str, float] = {
+            "feedback": float(self.feedback),
+            "sessions": float(self.sessions),
+            "interactions": float(self.interactions),
+        }
         for name in ("mean_rating", "thumbs_down_rate", "ignore_rate", "error_rate"):
             value = getattr(self, name)
             if value is not None:
@@ -134,16 +149,10 @@ class VersionStats:
         return out
 
 
-_COLUMNS = (
-    "interactions",
-    "errors",
-    "ratings",
-    "rating_sum",
-    "rating_sq_sum",
-    "thumbs_up",
-    "thumbs_down",
-    "ignored",
-)
+# Per-minute counters of served answers (stores made before feedback moved to `votes` have more
+# columns, unused since).
+_COLUMNS = ("interactions", "errors")
+_FEEDBACK_KINDS = ("rating", "thumbs", "ignored")
 
 
 class LiveStore:
@@ -160,6 +169,18 @@ class LiveStore:
             "CREATE TABLE IF NOT EXISTS signals (version TEXT NOT NULL, minute INTEGER NOT NULL, "
             + ", ".join(f"{c} REAL NOT NULL DEFAULT 0" for c in _COLUMNS)
             + ", latency TEXT NOT NULL DEFAULT '[]', PRIMARY KEY (version, minute))"
+        )
+        # One vote per answer and kind: a later one replaces it, so repeating a vote adds nothing.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS votes (query_id TEXT NOT NULL, kind TEXT NOT NULL, "
+            "version TEXT NOT NULL, session TEXT NOT NULL, minute INTEGER NOT NULL, value REAL NOT NULL, "
+            "PRIMARY KEY (query_id, kind))"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS votes_version ON votes (version, minute)")
+        # Sessions served per version and minute: the denominator of the per-session ignore rate.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS served (version TEXT NOT NULL, minute INTEGER NOT NULL, "
+            "session TEXT NOT NULL, PRIMARY KEY (version, minute, session))"
         )
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS canary (version TEXT PRIMARY KEY, started_at REAL NOT NULL)"
@@ -179,32 +200,37 @@ class LiveStore:
     def record(self, signals: Iterable[Signal]) -> int:
         """Adds signals durably (one transaction); returns how many were recorded."""
         buckets: dict[tuple[str, int], VersionStats] = {}
+        votes: dict[tuple[str, str], tuple[str, str, int, float]] = {}
+        served: set[tuple[str, int, str]] = set()
         count = 0
         for s in signals:
             if not s.version:
                 continue
-            stats = buckets.setdefault((s.version, int(s.at // 60)), VersionStats(s.version))
-            if s.kind == "rating":
-                stats.ratings += 1
-                stats.rating_sum += s.value
-                stats.rating_sq_sum += s.value * s.value
-            elif s.kind == "thumbs":
-                if s.value > 0:
-                    stats.thumbs_up += 1
-                else:
-                    stats.thumbs_down += 1
-            elif s.kind == "ignored":
-                stats.ignored += 1
+            minute = int(s.at // 60)
+            if s.kind in _FEEDBACK_KINDS:
+                # Without a query id (not from the feedback service) the event is its own answer.
+                key = s.query_id or f"event-{s.session}-{s.at}-{s.value}"
+                votes[(key, s.kind)] = (s.version, s.session, minute, s.value)
             else:
+                stats = buckets.setdefault((s.version, minute), VersionStats(s.version))
+                served.add((s.version, minute, s.session))
                 stats.interactions += 1
                 stats.errors += int(s.failed)
                 if s.latency_ms is not None and not s.failed:
                     index = bisect.bisect_left(LATENCY_BOUNDS_MS, s.latency_ms)
                     stats.latency_counts[min(index, len(LATENCY_BOUNDS_MS) - 1)] += 1
             count += 1
-        if not buckets:
+        if not count:
             return 0
         with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO votes (query_id, kind, version, session, minute, value) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (query_id, kind) DO UPDATE SET "
+                "version = excluded.version, session = excluded.session, minute = excluded.minute, "
+                "value = excluded.value",
+                [(key, kind, *vote) for (key, kind), vote in votes.items()],
+            )
+            db.executemany("INSERT OR IGNORE INTO served (version, minute, session) VALUES (?, ?, ?)", served)
             for (version, minute), stats in buckets.items():
                 row = db.execute(
                     "SELECT latency FROM signals WHERE version = ? AND minute = ?", (version, minute)
@@ -225,14 +251,36 @@ class LiveStore:
 
     def stats(self, version: str, since: float, until: float | None = None) -> VersionStats:
         """A version's signals in the minutes from `since` (inclusive) to `until`."""
-        until_minute = int((until if until is not None else time.time()) // 60)
+        window = (version, int(since // 60), int((until if until is not None else time.time()) // 60))
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)}, latency FROM signals "
                 "WHERE version = ? AND minute >= ? AND minute <= ?",
-                (version, int(since // 60), until_minute),
+                window,
             ).fetchall()
-        total = VersionStats(version)
+            # Each session's votes of a kind become one: its mean rating, its net thumbs, "ignored".
+            per_session = self._db.execute(
+                "SELECT session, kind, AVG(value) FROM votes "
+                "WHERE version = ? AND minute >= ? AND minute <= ? GROUP BY session, kind",
+                window,
+            ).fetchall()
+            (served,) = self._db.execute(
+                "SELECT COUNT(DISTINCT session) FROM served "
+                "WHERE version = ? AND minute >= ? AND minute <= ?",
+                window,
+            ).fetchone()
+        total = VersionStats(version, sessions_served=int(served))
+        total.sessions = len({session for session, _, _ in per_session})
+        for _, kind, mean in per_session:
+            if kind == "rating":
+                total.ratings += 1
+                total.rating_sum += mean
+                total.rating_sq_sum += mean * mean
+            elif kind == "thumbs":
+                total.thumbs_up += int(mean > 0)
+                total.thumbs_down += int(mean < 0)
+            else:
+                total.ignored += 1
         for row in rows:
             part = VersionStats(version)
             for name, value in zip(_COLUMNS, row[:-1], strict=True):
@@ -244,7 +292,9 @@ class LiveStore:
     def prune(self, older_than: float) -> None:
         """Forgets signals before `older_than` (seconds since the epoch)."""
         with self._transaction() as db:
-            db.execute("DELETE FROM signals WHERE minute < ?", (int(older_than // 60),))
+            minute = int(older_than // 60)
+            for table in ("signals", "votes", "served"):
+                db.execute(f"DELETE FROM {table} WHERE minute < ?", (minute,))
 
     def canary_started(self, version: str, now: float | None = None) -> float:
         """When the canary of `version` started (the first time it is asked, unless set before)."""
@@ -379,10 +429,11 @@ def judge_canary(
     metrics = {f"canary_{k}": v for k, v in canary.summary().items()}
     metrics |= {f"production_{k}": v for k, v in production.summary().items()}
     metrics["elapsed_s"] = round(elapsed_s, 1)
-    sampled = canary.feedback >= settings.min_samples and production.feedback >= settings.min_samples
+    # The evidence is distinct sessions, so a single visitor can neither sink nor carry a canary.
+    sampled = canary.sessions >= settings.min_samples and production.sessions >= settings.min_samples
     signals = _compare_signals(canary, production, settings)
     worse, unsure, compared = signals.worse, signals.unsure, signals.compared
-    samples = f"{canary.feedback} canary and {production.feedback} production feedback events"
+    samples = f"{canary.sessions} canary and {production.sessions} production sessions with feedback"
     undecided = elapsed_s >= settings.max_duration_s
     if worse and sampled:
         return CanaryVerdict("rollback", [f"worse than production: {w}" for w in worse] + [samples], metrics)

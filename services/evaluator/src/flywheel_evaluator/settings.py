@@ -101,9 +101,10 @@ class CanarySettings(BaseModel):
     # False: a candidate that passes the gate goes straight to production (no live traffic expected).
     enabled: bool = True
     fraction: float = Field(default=0.25, gt=0, le=1)
-    # Live feedback events (ratings, thumbs, ignores) each of canary and production needs in the window.
+    # Distinct sessions with live feedback (ratings, thumbs, ignores) each of canary and production
+    # needs in the window; one session's many events are one voice (docs/security.md).
     min_samples: int = Field(default=10, ge=1)
-    # Observations of one signal both sides need before that signal is compared.
+    # Sessions voting on one signal both sides need before that signal is compared.
     min_signal_samples: int = Field(default=5, ge=1)
     # The canary is promoted no earlier than this, and decided no later than this.
     min_duration_s: float = Field(default=30.0, ge=0)

@@ -179,7 +179,13 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             setattr(event, name, redacted.text)
 
     def _common(
-        self, principal: Principal, claims: QueryIdClaims, idempotency_key: str, session_id: str = ""
+        self,
+        principal: Principal,
+        claims: QueryIdClaims,
+        idempotency_key: str,
+        session_id: str = "",
+        *,
+        visitor: bool,
     ) -> events_pb2.Feedback:
         if len(idempotency_key) > self._limits.max_idempotency_key_chars or not _printable(idempotency_key):
             raise InvalidArgument(
@@ -190,12 +196,16 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             raise InvalidArgument(f"session_id is longer than {self._limits.max_session_id_chars} characters")
         if has_unsafe(session_id):
             raise InvalidArgument("session_id must not contain control characters")
-        # A visitor's session pseudonym joins Interaction.session_pseudonym; otherwise the token's.
-        submitter = (
-            pseudonymise(self._pseudonym_key, session_id, domain="session")
-            if session_id
-            else pseudonymise(self._pseudonym_key, principal.token_hash, domain="token")
-        )
+        # A visitor's feedback counts as the session the signed query id names, whatever the caller
+        # claims, so one visitor cannot pass for many (docs/security.md). Without one (a request
+        # without a session, or an id issued before ids carried it): the caller's session, else its
+        # token; an expert's correction is the expert's token's.
+        if visitor and claims.session_pseudonym:
+            submitter = claims.session_pseudonym
+        elif session_id:
+            submitter = pseudonymise(self._pseudonym_key, session_id, domain="session")
+        else:
+            submitter = pseudonymise(self._pseudonym_key, principal.token_hash, domain="token")
         created = Timestamp()
         created.GetCurrentTime()
         return events_pb2.Feedback(
@@ -210,7 +220,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def _feedback_event(
         self, request: feedback_pb2.SubmitFeedbackRequest, principal: Principal, claims: QueryIdClaims
     ) -> events_pb2.Feedback:
-        event = self._common(principal, claims, request.idempotency_key, request.session_id)
+        event = self._common(principal, claims, request.idempotency_key, request.session_id, visitor=True)
         signal = request.WhichOneof("signal")
         if signal == "rating":
             if not 1 <= request.rating <= 5:
@@ -234,7 +244,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def _correction_event(
         self, request: feedback_pb2.SubmitCorrectionRequest, principal: Principal, claims: QueryIdClaims
     ) -> events_pb2.Feedback:
-        event = self._common(principal, claims, request.idempotency_key)
+        event = self._common(principal, claims, request.idempotency_key, visitor=False)
         event.kind = events_pb2.FEEDBACK_KIND_CORRECTION
         event.redacted_text = self._text(
             request.corrected_answer, "corrected_answer", self._limits.max_correction_chars, required=True

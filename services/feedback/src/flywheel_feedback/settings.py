@@ -21,7 +21,9 @@ from flywheel_common.settings import (
 class ValidationSettings(BaseModel):
     """Bounds on what a submission may contain."""
 
-    query_id_max_age_s: float = Field(default=30 * 24 * 3600, gt=0)
+    # As long as the trainer keeps interactions (its retention_s) and Kafka keeps events: feedback on
+    # an answer older than that could never join it, so it is refused (docs/security.md).
+    query_id_max_age_s: float = Field(default=14 * 24 * 3600, gt=0)
     # Issued ids are about 100 characters; the signer refuses more than 512 in any case.
     max_query_id_chars: int = Field(default=256, ge=100, le=512)
     max_comment_chars: int = Field(default=2000, ge=1)

@@ -28,6 +28,9 @@ class InferenceApp:
         self.settings = settings
         limits = settings.limits
         registry = None if settings.model_dir else ModelRegistry(settings.artifact_root)
+        pseudonym_key = read_secret(
+            settings.pseudonym_key_file, name="pseudonym key", dev_default=DEV_PSEUDONYM_KEY
+        )
         self.router = ModelRouter(
             registry,
             settings.ort,
@@ -37,14 +40,13 @@ class InferenceApp:
                 max_batch=limits.max_batch,
                 max_queue=limits.max_in_flight,
             ),
+            # The canary split is keyed with the pseudonym key (in its own domain): a server secret.
+            canary_key=pseudonym_key,
             local_model_dir=settings.model_dir,
         )
         self.sink = build_sink(settings) if settings.kafka_enabled else None
         signer = QueryIdSigner(
             read_secret(settings.query_id_key_file, name="query id key", dev_default=DEV_QUERY_ID_KEY)
-        )
-        pseudonym_key = read_secret(
-            settings.pseudonym_key_file, name="pseudonym key", dev_default=DEV_PSEUDONYM_KEY
         )
         self.servicer = InferenceServicer(self.router, limits, signer, pseudonym_key, self.sink)
         self.server = GrpcServer(settings.grpc, "inference")

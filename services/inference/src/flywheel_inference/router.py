@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,16 @@ class Loaded:
     engine: AnswerEngine
 
 
-def in_canary(session_id: str, fraction: float) -> bool:
-    """Stable assignment of a session to the canary: the same session always lands on one side."""
+def in_canary(key: bytes, session_id: str, fraction: float) -> bool:
+    """Stable assignment of a session to the canary: the same session always lands on one side.
+
+    The hash is keyed with a server secret, so a client cannot pick a session id that lands on the
+    arm it wants to steer; it can only learn its arm by asking.
+    """
     if not session_id or fraction <= 0:
         return False
-    bucket = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "big") / 2**64
-    return bucket < fraction
+    digest = hmac.new(key, f"canary:{session_id}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 class ModelRouter:
@@ -49,9 +54,11 @@ class ModelRouter:
         ort_settings: OrtSettings,
         engine_settings: EngineSettings,
         *,
+        canary_key: bytes,
         local_model_dir: Path | None = None,
     ) -> None:
         self._registry = registry
+        self._canary_key = canary_key
         self._ort = ort_settings
         self._engine_settings = engine_settings
         self._local_model_dir = local_model_dir
@@ -79,7 +86,7 @@ class ModelRouter:
         production, canary = self._production, self._canary
         if production is None:
             raise Unavailable("no model is loaded yet")
-        if canary is not None and in_canary(session_id, self._fraction):
+        if canary is not None and in_canary(self._canary_key, session_id, self._fraction):
             return canary
         return production
 

@@ -209,7 +209,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 # The version was swapped out between routing and submitting: route again.
                 if attempt:
                     raise Unavailable("the model version is being replaced; retry") from exc
-        query_id = self._signer.issue(loaded.version)
+        # The id carries the asker's pseudonym: feedback on it counts as this session's alone.
+        session = pseudonymise(self._pseudonym_key, req.session_id, domain="session")
+        query_id = self._signer.issue(loaded.version, session)
         yield _Header(query_id, loaded.version, prepared.passages)
         detok = IncrementalDetokenizer(engine.encoder)
         first_token_at: float | None = None
@@ -244,7 +246,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         ANSWERS.labels(loaded.version, reason).inc()
         # Failed answers are interactions too: the evaluator's live error rate counts them.
         self._log_interaction(
-            query_id, loaded.version, req, prepared.passages, answer, timing, tokens, reason
+            query_id, session, loaded.version, req, prepared.passages, answer, timing, tokens, reason
         )
         if error is not None:
             raise error
@@ -258,6 +260,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def _log_interaction(
         self,
         query_id: str,
+        session: str,
         version: str,
         req: ValidRequest,
         passages: list[Passage],
@@ -270,7 +273,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return
         event = events_pb2.Interaction(
             query_id=query_id,
-            session_pseudonym=pseudonymise(self._pseudonym_key, req.session_id, domain="session"),
+            session_pseudonym=session,
             page_url=req.url,
             page_content_hash=hashlib.sha256(req.page_text.encode()).hexdigest(),
             page_title=req.title,

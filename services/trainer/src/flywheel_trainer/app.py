@@ -9,10 +9,12 @@ import logging
 from kafka.errors import KafkaError
 
 from flywheel_common.auth import Authenticator, load_tokens
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
 from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.kafka import EventProducer, ensure_topics
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.runtime import ConsumerThread, connect_with_retry
+from flywheel_common.secrets import read_secret
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
 from flywheel_trainer.consumer import TrainerConsumer
 from flywheel_trainer.launchers import JobLauncher, build_launcher
@@ -41,7 +43,12 @@ class TrainerApp:
         self.consumer = TrainerConsumer(settings, self.store)
         self._consuming = ConsumerThread(self.consumer)
         self.server = GrpcServer(settings.grpc, "trainer")
-        servicer = TrainerServicer(self.trainer, Authenticator(load_tokens(settings.auth.tokens_file)))
+        pseudonym_key = read_secret(
+            settings.pseudonym_key_file, name="pseudonym key", dev_default=DEV_PSEUDONYM_KEY
+        )
+        servicer = TrainerServicer(
+            self.trainer, Authenticator(load_tokens(settings.auth.tokens_file)), pseudonym_key
+        )
         self.server.add_service(
             "flywheel.trainer.v1.TrainerService",
             lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s),

@@ -4,6 +4,9 @@ Layout under the artifact root:
     datasets/<dataset_id>/examples.jsonl    training examples (corrections, positives), batch order
     datasets/<dataset_id>/negatives.jsonl   low-rated answers: reporting and preference data, never targets
     datasets/<dataset_id>/manifest.json     id, reason, example ids, counts by source, file hashes, sha256
+
+A dataset is never changed: forgetting a session writes a new version without its examples (its
+manifest names the ids it `replaces`) and deletes the old one.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +135,61 @@ def write(artifact_root: Path, dataset_id: str, files: dict[str, bytes], manifes
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def without(
+    dataset: Dataset, drop: Callable[[dict[str, Any]], bool]
+) -> tuple[str, dict[str, bytes], dict[str, Any]] | None:
+    """A new version of `dataset` without the records `drop` selects (None when it drops none): its id
+    (the old one's time stamp, so it sorts in the same place; a new digest), files and manifest."""
+    examples = [e for e in dataset.examples if not drop(e)]
+    negatives = [n for n in dataset.negatives if not drop(n)]
+    if len(examples) == len(dataset.examples) and len(negatives) == len(dataset.negatives):
+        return None
+    stamp = dataset.dataset_id.rpartition("-")[0] or dataset.dataset_id
+    kept = "\n".join([dataset.dataset_id, *(e["id"] for e in [*examples, *negatives])])
+    new_id = f"{stamp}-{hashlib.sha256(kept.encode()).hexdigest()[:8]}"
+    files = {"examples.jsonl": _jsonl(examples), "negatives.jsonl": _jsonl(negatives)}
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    old = dataset.manifest
+    counts = collections.Counter(e["source"] for e in examples)
+    manifest = {
+        **old,
+        "dataset_id": new_id,
+        "examples": len(examples),
+        "negatives": len(negatives),
+        "counts": {s.value: counts.get(s.value, 0) for s in Source} | {Source.NEGATIVE.value: len(negatives)},
+        "example_ids": [e["id"] for e in examples],
+        "negative_ids": [n["id"] for n in negatives],
+        "files": digests,
+        "sha256": content_hash(digests),
+        # Lineage: a version trained on any of these was trained on this dataset's data.
+        "replaces": [dataset.dataset_id, *old.get("replaces", [])],
+    }
+    return new_id, files, manifest
+
+
+def delete(artifact_root: Path, dataset_id: str) -> None:
+    """Removes a dataset folder (its files are read-only: the folder's permission is what counts)."""
+    path = datasets_dir(artifact_root) / dataset_id
+    if path.is_dir():
+        shutil.rmtree(path)
+
+
+def all_datasets(artifact_root: Path) -> list[Dataset]:
+    """Every readable dataset, oldest first."""
+    root = datasets_dir(artifact_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") or not (path / "manifest.json").is_file():
+            continue
+        try:
+            found.append(load(artifact_root, path.name))
+        except (FailedPrecondition, InvalidArgument, ValueError, KeyError):
+            continue
+    return found
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

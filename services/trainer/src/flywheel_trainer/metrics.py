@@ -45,3 +45,10 @@ FEEDBACK_UNSIGNED = Counter(
     "flywheel_trainer_feedback_unsigned",
     "Feedback events without a valid signature of the feedback service, sent to the dead-letter topic.",
 )
+FEEDBACK_UNJOINED = Counter(
+    "flywheel_trainer_feedback_unjoined",
+    "Feedback purged at the end of the retention window without ever joining its interaction.",
+)
+FORGOTTEN = Counter(
+    "flywheel_trainer_forgotten_sessions", "Sessions forgotten on request (ForgetSession), with their data."
+)

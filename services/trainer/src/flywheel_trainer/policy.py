@@ -25,7 +25,7 @@ class Source(enum.StrEnum):
 
 @dataclass(frozen=True)
 class FeedbackSignal:
-    """The parts of a Feedback event the policy reads (redacted text only; no pseudonyms)."""
+    """The parts of a Feedback event the trainer keeps (redacted text, the submitter's pseudonym)."""
 
     feedback_id: str
     query_id: str
@@ -33,6 +33,8 @@ class FeedbackSignal:
     value: int
     text: str
     role: int
+    # The session the feedback counts for (the asker's, from the signed query id; never in datasets).
+    session: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class ExamplePolicy:
     def __init__(self, settings: PolicySettings) -> None:
         self.settings = settings
         self._correction_roles = {_ROLES[r] for r in settings.correction_roles}
+        self._trusted_roles = {_ROLES[r] for r in settings.trusted_positive_roles}
+
+    def needs_agreement(self, signal: FeedbackSignal) -> bool:
+        """Whether a positive from this signal waits for other sessions to agree before it trains."""
+        return self.settings.positive_min_sessions > 1 and signal.role not in self._trusted_roles
 
     def decide(self, signal: FeedbackSignal, model_answer: str) -> Decision:
         """The example kind `signal` makes of the answer it is about."""

@@ -8,6 +8,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import FailedPrecondition, FlywheelError, InvalidArgument, NotFound
 from flywheel_common.grpc_server import request_metadata
+from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.text import has_unsafe
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, ReviewItem, ReviewReason
 from flywheel_trainer.trainer import WAITING_FOR_BASE, Trainer
@@ -34,6 +36,9 @@ _REASONS = {
     ReviewReason.CANARY: trainer_pb2.REVIEW_REASON_CANARY,
 }
 _MAX_QUERY_ID_CHARS = 512
+MAX_SESSION_ID_CHARS = 256
+MAX_REASON_CHARS = 1000
+_HEX = frozenset("0123456789abcdef")
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
@@ -94,9 +99,10 @@ def review_item_message(item: ReviewItem) -> trainer_pb2.ReviewItem:
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     """Reads jobs from the store; TriggerBatch cuts through the trainer (same loop, no race)."""
 
-    def __init__(self, trainer: Trainer, authenticator: Authenticator) -> None:
+    def __init__(self, trainer: Trainer, authenticator: Authenticator, pseudonym_key: bytes) -> None:
         self._trainer = trainer
         self._auth = authenticator
+        self._pseudonym_key = pseudonym_key
 
     def _is_admin(self, context: grpc.aio.ServicerContext) -> bool:
         metadata = request_metadata(context)
@@ -192,3 +198,36 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if not items:
             raise FailedPrecondition("this answer is already reviewed or needs no review")
         return review_item_message(items[0])
+
+    async def ForgetSession(
+        self, request: trainer_pb2.ForgetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.ForgetSessionResponse:
+        """Forgets one visitor's session everywhere the trainer keeps data (admin only)."""
+        caller = self._auth.authenticate(request_metadata(context))
+        caller.require(Role.ADMIN)
+        if bool(request.session_id) == bool(request.session_pseudonym):
+            raise InvalidArgument("exactly one of session_id and session_pseudonym is required")
+        if request.session_id:
+            if len(request.session_id) > MAX_SESSION_ID_CHARS or has_unsafe(request.session_id):
+                raise InvalidArgument(
+                    f"session_id must be at most {MAX_SESSION_ID_CHARS} characters without control characters"
+                )
+            session = pseudonymise(self._pseudonym_key, request.session_id, domain="session")
+        else:
+            session = request.session_pseudonym
+            if len(session) != 32 or not set(session) <= _HEX:
+                raise InvalidArgument("session_pseudonym must be 32 lowercase hex digits")
+        if len(request.reason) > MAX_REASON_CHARS:
+            raise InvalidArgument(f"reason is longer than {MAX_REASON_CHARS} characters")
+        report = await self._trainer.forget(session, reason=request.reason, caller=caller.token_hash[:12])
+        return trainer_pb2.ForgetSessionResponse(
+            interactions=report.interactions,
+            feedback=report.feedback,
+            examples=report.examples,
+            datasets=[
+                trainer_pb2.DatasetReplacement(old_dataset_id=old, new_dataset_id=new, removed_examples=n)
+                for old, new, n in report.datasets
+            ],
+            marked_versions=report.marked_versions,
+            audit_id=report.audit_id,
+        )

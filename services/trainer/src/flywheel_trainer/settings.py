@@ -41,6 +41,11 @@ class PolicySettings(BaseModel):
     negative_max_rating: int = Field(default=2, ge=1, le=5)
     # Use high ratings / thumbs up as positive training examples at all.
     use_positives: bool = True
+    # A positive (the model's own answer, rated high) trains only once this many distinct sessions
+    # rated the same answer to the same question high, or one reviewer of a trusted role did: one
+    # visitor with the public token cannot feed the trainer (docs/security.md). 1: any single rating.
+    positive_min_sessions: int = Field(default=2, ge=1)
+    trusted_positive_roles: list[Literal["user", "expert", "admin"]] = ["expert", "admin"]
     # Reviewer roles whose corrections become supervised examples.
     correction_roles: list[Literal["user", "expert", "admin"]] = ["expert", "admin"]
     # Corrections or answers longer than this (characters) are not used as targets.
@@ -102,6 +107,8 @@ class TrainerSettings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     # Verifies the feedback service's signature on each Feedback event (docs/security.md).
     event_signing_key_file: Path | None = None
+    # Pseudonymises the session id a ForgetSession request names (the key inference and feedback use).
+    pseudonym_key_file: Path | None = None
     consumer: ConsumerSettings = ConsumerSettings()
     policy: PolicySettings = PolicySettings()
     batch: BatchSettings = BatchSettings()
@@ -111,7 +118,9 @@ class TrainerSettings(BaseSettings):
     artifact_root: Path = Path("var/artifacts")
     # The trainer's own state: the SQLite join store and job logs.
     data_dir: Path = Path("var/trainer")
-    # Interactions and feedback that joined nothing are forgotten after this long.
+    # Interactions and feedback are forgotten after this long (batched examples too; waiting ones
+    # are kept until batched). Equal to the feedback service's query id lifetime and the topics'
+    # retention (docs/security.md), so feedback can always meet its interaction.
     retention_s: float = Field(default=14 * 24 * 3600, gt=0)
     # Create missing topics at start (turn off where the platform team owns topics).
     create_topics: bool = True

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS interactions (
     passages TEXT NOT NULL,
     model_version TEXT NOT NULL,
     received_at REAL NOT NULL,
-    page_url TEXT NOT NULL DEFAULT ''
+    page_url TEXT NOT NULL DEFAULT '',
+    session_pseudonym TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS feedback (
     feedback_id TEXT PRIMARY KEY,
@@ -43,7 +44,9 @@ CREATE TABLE IF NOT EXISTS feedback (
     text TEXT NOT NULL,
     role INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    joined INTEGER NOT NULL DEFAULT 0
+    joined INTEGER NOT NULL DEFAULT 0,
+    session TEXT NOT NULL DEFAULT '',
+    superseded INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS feedback_waiting ON feedback (query_id) WHERE joined = 0;
 CREATE INDEX IF NOT EXISTS feedback_query ON feedback (query_id);
@@ -68,6 +71,17 @@ CREATE TABLE IF NOT EXISTS datasets (
     negatives INTEGER NOT NULL,
     written INTEGER NOT NULL DEFAULT 0,
     sha256 TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS positive_votes (
+    query_id TEXT PRIMARY KEY,
+    agree_key TEXT NOT NULL,
+    session TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS positive_votes_key ON positive_votes (agree_key);
+CREATE TABLE IF NOT EXISTS forgotten (
+    session_hash TEXT PRIMARY KEY,
+    forgotten_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS review_claims (
     query_id TEXT PRIMARY KEY,
@@ -94,6 +108,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 TRAINING_SOURCES = (Source.CORRECTION.value, Source.POSITIVE.value)
+# Feedback kinds that are a vote on an answer: one per answer and role, the latest.
+_VOTES = (events_pb2.FEEDBACK_KIND_RATING, events_pb2.FEEDBACK_KIND_THUMBS)
 # The canary's newest answers the review queue considers (a canary may give many thousands; an
 # expert reviews a few, and scoring every one would make each listing slow).
 CANARY_REVIEW_LIMIT = 1000
@@ -106,6 +122,17 @@ class IngestResult:
     examples: collections.Counter[str] = field(default_factory=collections.Counter)
     duplicates: int = 0
     ignored: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What forgetting a session removed from the store, and the datasets that held its examples."""
+
+    interactions: int
+    feedback: int
+    examples: int
+    # The answers removed: the datasets on disk are searched for them (and for ids naming the session).
+    query_ids: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -191,7 +218,28 @@ def signal_of(event: events_pb2.Feedback) -> FeedbackSignal:
         value=int(event.value),
         text=event.redacted_text,
         role=int(event.reviewer_role),
+        session=event.submitter_pseudonym,
     )
+
+
+def agreement_key(question: str, answer: str) -> str:
+    """What independent sessions must agree on: the same answer to the same question (normalised)."""
+    text = " ".join(question.lower().split()) + "\n" + " ".join(answer.lower().split())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def query_id_session(query_id: str) -> str:
+    """The session pseudonym a signed (q2) query id names, unverified; "" for any other id.
+
+    Verification happened at the feedback service; the trainer only needs it to honour tombstones.
+    """
+    parts = query_id.split(".")
+    return parts[4] if len(parts) == 6 and parts[0] == "q2" else ""
+
+
+def tombstone(session: str) -> str:
+    """What the store keeps of a forgotten session: a hash, so not even its pseudonym stays."""
+    return hashlib.sha256(f"forgotten:{session}".encode()).hexdigest()
 
 
 def batch_ids(example_ids: Sequence[str], now: float) -> tuple[str, str]:
@@ -217,10 +265,23 @@ class JoinStore:
         # FULL: a committed transaction survives a power cut, which is what lets offsets be committed.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows are overwritten, not left in free pages (forgetting a session must forget).
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(SCHEMA)
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(interactions)")}
-        if "page_url" not in columns:  # a store made before the review queue kept page URLs
-            self._db.execute("ALTER TABLE interactions ADD COLUMN page_url TEXT NOT NULL DEFAULT ''")
+        # Columns added since a store was made: page URLs (the review queue), sessions (forget and
+        # per-session votes), superseded ratings (one rating per answer).
+        for table, column, kind in (
+            ("interactions", "page_url", "TEXT NOT NULL DEFAULT ''"),
+            ("interactions", "session_pseudonym", "TEXT NOT NULL DEFAULT ''"),
+            ("feedback", "session", "TEXT NOT NULL DEFAULT ''"),
+            ("feedback", "superseded", "INTEGER NOT NULL DEFAULT 0"),
+        ):
+            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS interactions_session ON interactions (session_pseudonym)"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS feedback_session ON feedback (session)")
         # The review queue counts how often a question was asked and lists the canary's answers.
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS interactions_question ON interactions (lower(trim(question)))"
@@ -266,9 +327,13 @@ class JoinStore:
                 if not event.query_id:
                     result.ignored["interaction without query id"] += 1
                     continue
+                if self._is_forgotten(db, event.session_pseudonym, event.query_id):
+                    result.ignored["interaction of a forgotten session"] += 1
+                    continue
                 cur = db.execute(
                     "INSERT OR IGNORE INTO interactions (query_id, page_title, question, answer, passages, "
-                    "model_version, received_at, page_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "model_version, received_at, page_url, session_pseudonym) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         event.query_id,
                         event.page_title,
@@ -278,6 +343,7 @@ class JoinStore:
                         event.model_version,
                         now,
                         event.page_url,
+                        event.session_pseudonym,
                     ),
                 )
                 if cur.rowcount == 0:
@@ -293,8 +359,12 @@ class JoinStore:
                 if not signal.query_id:
                     result.ignored["feedback without query id"] += 1
                     continue
+                if self._is_forgotten(db, signal.session, signal.query_id):
+                    result.ignored["feedback of a forgotten session"] += 1
+                    continue
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                    "INSERT OR IGNORE INTO feedback (feedback_id, query_id, kind, value, text, role, "
+                    "received_at, session) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         signal.feedback_id,
                         signal.query_id,
@@ -303,13 +373,59 @@ class JoinStore:
                         signal.text,
                         signal.role,
                         now,
+                        signal.session,
                     ),
                 )
                 if cur.rowcount == 0:
+                    # A redelivered vote, even one superseded since, changes nothing.
                     result.duplicates += 1
                     continue
+                if signal.kind in _VOTES:
+                    self._supersede(db, signal, now, result)
                 self._join(db, signal, now, result)
         return result
+
+    @staticmethod
+    def _is_forgotten(db: sqlite3.Connection, session: str, query_id: str) -> bool:
+        """Whether the event belongs to a forgotten session: its own, or the one its query id names."""
+        hashes = {tombstone(x) for x in (session, query_id_session(query_id)) if x}
+        if not hashes:
+            return False
+        marks = ",".join("?" * len(hashes))
+        sql = f"SELECT 1 FROM forgotten WHERE session_hash IN ({marks})"
+        return db.execute(sql, tuple(hashes)).fetchone() is not None
+
+    def _supersede(
+        self, db: sqlite3.Connection, signal: FeedbackSignal, now: float, result: IngestResult
+    ) -> None:
+        """One rating or thumbs per answer and role: a later one replaces the earlier, never adds.
+
+        What the earlier one made (a positive, a negative, a vote for agreement) is undone unless it
+        is already in a dataset (datasets are immutable); other roles' votes on the answer stand.
+        """
+        older = db.execute(
+            f"SELECT feedback_id FROM feedback WHERE query_id = ? AND role = ? AND feedback_id != ? "
+            f"AND superseded = 0 AND kind IN ({','.join('?' * len(_VOTES))})",
+            (signal.query_id, signal.role, signal.feedback_id, *_VOTES),
+        ).fetchall()
+        if not older:
+            return
+        db.executemany(
+            "UPDATE feedback SET superseded = 1 WHERE feedback_id = ?", [(r["feedback_id"],) for r in older]
+        )
+        result.ignored["earlier rating replaced"] += len(older)
+        db.execute(
+            "DELETE FROM examples WHERE query_id = ? AND source IN (?, ?) AND dataset_id IS NULL",
+            (signal.query_id, Source.POSITIVE.value, Source.NEGATIVE.value),
+        )
+        db.execute("DELETE FROM positive_votes WHERE query_id = ?", (signal.query_id,))
+        others = db.execute(
+            f"SELECT * FROM feedback WHERE query_id = ? AND role != ? AND superseded = 0 AND joined = 1 "
+            f"AND kind IN ({','.join('?' * len(_VOTES))}) ORDER BY received_at, rowid",
+            (signal.query_id, signal.role, *_VOTES),
+        ).fetchall()
+        for row in others:
+            self._join(db, _signal_from_row(row), now, result)
 
     def _join(self, db: sqlite3.Connection, signal: FeedbackSignal, now: float, result: IngestResult) -> None:
         row = db.execute("SELECT * FROM interactions WHERE query_id = ?", (signal.query_id,)).fetchone()
@@ -346,6 +462,8 @@ class JoinStore:
             if corrected:
                 result.ignored["positive rating of a corrected answer"] += 1
                 return
+            if self.policy.needs_agreement(signal) and not self._agreed(db, signal, row, now, result):
+                return
             payload["answer"] = row["answer"].strip()
             example_id = f"p-{signal.query_id}"
         else:
@@ -361,6 +479,38 @@ class JoinStore:
             result.examples[source.value] += 1
         else:
             result.ignored[f"{source.value} for this answer already kept"] += 1
+
+    def _agreed(
+        self,
+        db: sqlite3.Connection,
+        signal: FeedbackSignal,
+        row: sqlite3.Row,
+        now: float,
+        result: IngestResult,
+    ) -> bool:
+        """Records a visitor's positive vote; True once enough distinct sessions rated the same answer
+        to the same question high and none of their answers is kept as a positive yet."""
+        key = agreement_key(row["question"], row["answer"])
+        db.execute(
+            "INSERT OR REPLACE INTO positive_votes (query_id, agree_key, session, received_at) "
+            "VALUES (?, ?, ?, ?)",
+            (signal.query_id, key, signal.session, now),
+        )
+        (sessions,) = db.execute(
+            "SELECT COUNT(DISTINCT session) FROM positive_votes WHERE agree_key = ?", (key,)
+        ).fetchone()
+        if sessions < self.policy.settings.positive_min_sessions:
+            result.ignored["positive waiting for other sessions to agree"] += 1
+            return False
+        kept = db.execute(
+            "SELECT 1 FROM examples e JOIN positive_votes v ON v.query_id = e.query_id "
+            "WHERE v.agree_key = ? AND e.source = ?",
+            (key, Source.POSITIVE.value),
+        ).fetchone()
+        if kept:
+            result.ignored["positive for this answer already kept"] += 1
+            return False
+        return True
 
     # ------------------------------------------------------------ batches
 
@@ -514,7 +664,7 @@ class JoinStore:
                 SELECT query_id FROM feedback
                 WHERE ((kind = :rating AND value BETWEEN 1 AND :low) OR (kind = :thumbs AND value < 0)
                        OR (kind = :comment AND text != ''))
-                  AND role NOT IN (:expert, :admin)
+                  AND role NOT IN (:expert, :admin) AND superseded = 0
                 UNION
                 SELECT query_id FROM (
                     SELECT query_id FROM interactions WHERE model_version = :canary
@@ -528,7 +678,7 @@ class JoinStore:
                        SUM(f.kind = :comment AND f.text != '') AS comments,
                        MAX(f.received_at) AS last_feedback_at
                 FROM candidates c JOIN feedback f ON f.query_id = c.query_id
-                WHERE f.role NOT IN (:expert, :admin) GROUP BY f.query_id
+                WHERE f.role NOT IN (:expert, :admin) AND f.superseded = 0 GROUP BY f.query_id
             ),
             scored AS (
                 SELECT i.*, s.last_feedback_at,
@@ -603,16 +753,82 @@ class JoinStore:
         cutoff = self._clock() - retention_s
         with self._tx() as db:
             return {
+                # Feedback that never met its interaction (lost, or from an unknown answer): counted.
+                "unjoined": db.execute(
+                    "SELECT COUNT(*) FROM feedback WHERE received_at < ? AND joined = 0", (cutoff,)
+                ).fetchone()[0],
                 "interactions": db.execute(
                     "DELETE FROM interactions WHERE received_at < ?", (cutoff,)
                 ).rowcount,
                 "feedback": db.execute("DELETE FROM feedback WHERE received_at < ?", (cutoff,)).rowcount,
+                "positive_votes": db.execute(
+                    "DELETE FROM positive_votes WHERE received_at < ?", (cutoff,)
+                ).rowcount,
                 "examples": db.execute(
                     "DELETE FROM examples WHERE received_at < ? AND dataset_id IN "
                     "(SELECT dataset_id FROM datasets WHERE written = 1)",
                     (cutoff,),
                 ).rowcount,
             }
+
+    def forget(self, session: str) -> Forgotten:
+        """Removes a session's interactions, all feedback on them and the session's own feedback, with
+        their examples and votes, in one transaction; tombstones the session so its events, replayed
+        from Kafka, are dropped; then VACUUMs so nothing of it stays in free pages of the file."""
+        if not session:
+            raise ValueError("a session pseudonym is required")
+        now = self._clock()
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO forgotten VALUES (?, ?)", (tombstone(session), now))
+            ids = {
+                r[0]
+                for r in db.execute(
+                    "SELECT query_id FROM interactions WHERE session_pseudonym = ?", (session,)
+                )
+            }
+            ids |= {r[0] for r in db.execute("SELECT query_id FROM feedback WHERE session = ?", (session,))}
+            # An expert's correction carries the expert's pseudonym; its query id names the asker.
+            ids |= {
+                r[0]
+                for r in db.execute(
+                    "SELECT query_id FROM feedback WHERE query_id LIKE ?", (f"%.{session}.%",)
+                )
+                if query_id_session(r[0]) == session
+            }
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS forget_ids (query_id TEXT PRIMARY KEY)")
+            db.execute("DELETE FROM forget_ids")
+            db.executemany("INSERT INTO forget_ids VALUES (?)", [(q,) for q in ids])
+            inside = "query_id IN (SELECT query_id FROM forget_ids)"
+            examples = db.execute(f"DELETE FROM examples WHERE {inside}").rowcount
+            feedback = db.execute(f"DELETE FROM feedback WHERE {inside} OR session = ?", (session,)).rowcount
+            interactions = db.execute(f"DELETE FROM interactions WHERE {inside}").rowcount
+            db.execute(f"DELETE FROM positive_votes WHERE {inside} OR session = ?", (session,))
+            db.execute(f"DELETE FROM review_claims WHERE {inside}")
+            db.execute("DELETE FROM forget_ids")
+        self.vacuum()
+        return Forgotten(interactions, feedback, examples, frozenset(ids))
+
+    def replace_dataset(self, old: str, new: str, *, examples: int, negatives: int, sha256: str) -> None:
+        """Points the store (its examples, its job) at a dataset's new version and drops the old id."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM datasets WHERE dataset_id = ?", (old,)).fetchone()
+            if row is None:
+                raise KeyError(old)
+            db.execute(
+                "INSERT INTO datasets (dataset_id, created_at, reason, examples, negatives, written, sha256) "
+                "VALUES (?, ?, ?, ?, ?, 1, ?)",
+                (new, row["created_at"], row["reason"], examples, negatives, sha256),
+            )
+            db.execute("UPDATE examples SET dataset_id = ? WHERE dataset_id = ?", (new, old))
+            db.execute("UPDATE jobs SET dataset_id = ? WHERE dataset_id = ?", (new, old))
+            db.execute("DELETE FROM datasets WHERE dataset_id = ?", (old,))
+
+    def vacuum(self) -> None:
+        """Rewrites the file without free pages, and empties the write-ahead log into it."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def counts(self) -> dict[str, int]:
         """Rows per table, examples by source, and feedback still waiting for its interaction."""
@@ -663,6 +879,7 @@ def _signal_from_row(row: sqlite3.Row) -> FeedbackSignal:
         value=row["value"],
         text=row["text"],
         role=row["role"],
+        session=row["session"],
     )
 
 

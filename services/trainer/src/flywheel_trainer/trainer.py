@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,7 +25,17 @@ from flywheel_trainer import datasets, metrics
 from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
 from flywheel_trainer.results import read_result
 from flywheel_trainer.settings import TrainerSettings
-from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Cut, Job, JoinStore
+from flywheel_trainer.store import (
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Cut,
+    Job,
+    JoinStore,
+    query_id_session,
+    tombstone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,19 @@ def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
     threading.Thread(target=target, daemon=True, name="trainer-job-wait").start()
     return future
+
+
+@dataclass(frozen=True)
+class ForgetReport:
+    """What forgetting a session did, as the ForgetSession RPC answers it."""
+
+    interactions: int
+    feedback: int
+    examples: int
+    # (old dataset id, new dataset id, examples and negatives removed)
+    datasets: list[tuple[str, str, int]]
+    marked_versions: list[str]
+    audit_id: str
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -85,6 +112,90 @@ class Trainer:
         self.changed = asyncio.Event()
         # One announcer at a time: a job's watcher and the loop's tick both announce.
         self._announcing = asyncio.Lock()
+
+    # ------------------------------------------------------------ privacy
+
+    async def forget(self, session: str, *, reason: str, caller: str) -> ForgetReport:
+        """Forgets one pseudonymised session everywhere the trainer keeps data (docs/security.md).
+
+        Runs on the loop between ticks, so no batch is cut from the store meanwhile; the consumer's
+        events of the session are dropped from the moment the tombstone is committed.
+        """
+        forgotten = await asyncio.to_thread(self.store.forget, session)
+        ids = forgotten.query_ids
+
+        def drop(record: dict[str, Any]) -> bool:
+            query_id = str(record.get("query_id", ""))
+            return query_id in ids or query_id_session(query_id) == session
+
+        replaced: list[tuple[str, str, int]] = []
+        for dataset in await asyncio.to_thread(datasets.all_datasets, self.settings.artifact_root):
+            made = datasets.without(dataset, drop)
+            if made is None:
+                continue
+            new_id, files, manifest = made
+            root = self.settings.artifact_root
+            await asyncio.to_thread(datasets.write, root, new_id, files, manifest)
+            removed = (
+                len(dataset.examples) + len(dataset.negatives) - manifest["examples"] - manifest["negatives"]
+            )
+            with contextlib.suppress(KeyError):  # a dataset the store no longer knows (another store)
+                self.store.replace_dataset(
+                    dataset.dataset_id,
+                    new_id,
+                    examples=manifest["examples"],
+                    negatives=manifest["negatives"],
+                    sha256=manifest["sha256"],
+                )
+            await asyncio.to_thread(datasets.delete, root, dataset.dataset_id)
+            replaced.append((dataset.dataset_id, new_id, removed))
+        old_ids = {old for old, _, _ in replaced}
+        marked = []
+        for version in self.registry.list_versions():
+            lineage = version.manifest.get("lineage") or {}
+            trained_on = set(lineage.get("datasets") or [lineage.get("dataset_id", "")]) & old_ids
+            if trained_on:
+                note = {
+                    "kind": "forgotten_data",
+                    "datasets": sorted(trained_on),
+                    "replaced_by": sorted(new for old, new, _ in replaced if old in trained_on),
+                    "note": "trained on data since forgotten: retrain from the replacements to be rid of it",
+                }
+                self.registry.mark(version.version, note)
+                marked.append(version.version)
+        audit_id = uuid.uuid4().hex
+        record = {
+            "audit_id": audit_id,
+            "action": "forget_session",
+            "at": self._clock(),
+            # Not the pseudonym: the audit proves the forget without keeping what was forgotten.
+            "session_tombstone": tombstone(session),
+            "caller": caller,
+            "reason": reason,
+            "removed": {
+                "interactions": forgotten.interactions,
+                "feedback": forgotten.feedback,
+                "examples": forgotten.examples,
+            },
+            "datasets": [{"old": o, "new": n, "removed": r} for o, n, r in replaced],
+            "marked_versions": marked,
+        }
+        await asyncio.to_thread(self._audit, record)
+        metrics.FORGOTTEN.inc()
+        log.info("forgot a session (audit %s)", audit_id, extra={"audit": record})
+        report = ForgetReport(
+            forgotten.interactions, forgotten.feedback, forgotten.examples, replaced, marked, audit_id
+        )
+        return report
+
+    def _audit(self, record: dict[str, Any]) -> None:
+        """Appends an audit record durably (a JSON line in the trainer's data folder)."""
+        path = self.settings.data_dir / "audit.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     # ------------------------------------------------------------ batches
 
@@ -303,6 +414,7 @@ class Trainer:
         if now - self._last_purge >= _PURGE_INTERVAL_S:
             self._last_purge = now
             purged = self.store.purge(self.settings.retention_s)
+            metrics.FEEDBACK_UNJOINED.inc(purged["unjoined"])
             if any(purged.values()):
                 log.info("retention purge: %s", purged)
         for state in (QUEUED, RUNNING):

@@ -139,7 +139,8 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
     learned = data.learned_datasets(registry, parent.version)
     current, trained_on = data.carry_over(
         dataset,
-        [d for d in earlier if d.dataset_id not in learned],
+        # A dataset replaced after a forget is learned when the version it replaces was.
+        [d for d in earlier if not learned & {d.dataset_id, *d.manifest.get("replaces", [])}],
         max_examples=hyper.carry_over_max_examples,
     )
     replay, replay_from = data.select_replay(

@@ -392,3 +392,98 @@ class ClaimReviewItemRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClaimReviewItemRequest: _TypeAlias = ClaimReviewItemRequest  # noqa: Y015
+
+@_typing.final
+class ForgetSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SESSION_PSEUDONYM_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The visitor's session id as the site knows it (pseudonymised here with the service's key) ..."""
+    session_pseudonym: _builtins.str
+    """... or its pseudonym (32 hex digits), as events and query ids name it. Exactly one is required."""
+    reason: _builtins.str
+    """Why (a ticket reference); kept in the audit record. At most 1000 characters."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        session_pseudonym: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "session_id", b"session_id", "session_pseudonym", b"session_pseudonym"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSessionRequest: _TypeAlias = ForgetSessionRequest  # noqa: Y015
+
+@_typing.final
+class DatasetReplacement(_message.Message):
+    """A dataset replaced by a version without the forgotten session's examples."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_DATASET_ID_FIELD_NUMBER: _builtins.int
+    NEW_DATASET_ID_FIELD_NUMBER: _builtins.int
+    REMOVED_EXAMPLES_FIELD_NUMBER: _builtins.int
+    old_dataset_id: _builtins.str
+    new_dataset_id: _builtins.str
+    removed_examples: _builtins.int
+    def __init__(
+        self,
+        *,
+        old_dataset_id: _builtins.str = ...,
+        new_dataset_id: _builtins.str = ...,
+        removed_examples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_dataset_id", b"new_dataset_id", "old_dataset_id", b"old_dataset_id", "removed_examples", b"removed_examples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetReplacement: _TypeAlias = DatasetReplacement  # noqa: Y015
+
+@_typing.final
+class ForgetSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTIONS_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
+    MARKED_VERSIONS_FIELD_NUMBER: _builtins.int
+    AUDIT_ID_FIELD_NUMBER: _builtins.int
+    interactions: _builtins.int
+    """What was removed from the join store."""
+    feedback: _builtins.int
+    examples: _builtins.int
+    audit_id: _builtins.str
+    """The audit record's id."""
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetReplacement]: ...
+    @_builtins.property
+    def marked_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Model versions trained on a replaced dataset (marked in the registry; retrain to be rid of them)."""
+
+    def __init__(
+        self,
+        *,
+        interactions: _builtins.int = ...,
+        feedback: _builtins.int = ...,
+        examples: _builtins.int = ...,
+        datasets: _abc.Iterable[Global___DatasetReplacement] | None = ...,
+        marked_versions: _abc.Iterable[_builtins.str] | None = ...,
+        audit_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_id", b"audit_id", "datasets", b"datasets", "examples", b"examples", "feedback", b"feedback", "interactions", b"interactions", "marked_versions", b"marked_versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSessionResponse: _TypeAlias = ForgetSessionResponse  # noqa: Y015

@@ -61,6 +61,11 @@ class TrainerServiceStub:
                 request_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ClaimReviewItemRequest.SerializeToString,
                 response_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ReviewItem.FromString,
                 _registered_method=True)
+        self.ForgetSession = channel.unary_unary(
+                '/flywheel.trainer.v1.TrainerService/ForgetSession',
+                request_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ForgetSessionRequest.SerializeToString,
+                response_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ForgetSessionResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -103,6 +108,17 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetSession(self, request, context):
+        """Forgets one visitor's session (admin role): its interactions and the feedback on them leave the
+        join store (vacuumed), every training dataset that held them is replaced by a new version
+        without them (the old one is deleted), the model versions trained on them are marked, the
+        session is tombstoned so a Kafka replay cannot bring it back, and an audit record is written.
+        Idempotent: forgetting a forgotten session finds nothing more to remove.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +146,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ClaimReviewItem,
                     request_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ClaimReviewItemRequest.FromString,
                     response_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ReviewItem.SerializeToString,
+            ),
+            'ForgetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetSession,
+                    request_deserializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ForgetSessionRequest.FromString,
+                    response_serializer=flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ForgetSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +290,33 @@ class TrainerService:
             '/flywheel.trainer.v1.TrainerService/ClaimReviewItem',
             flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ClaimReviewItemRequest.SerializeToString,
             flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ReviewItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.trainer.v1.TrainerService/ForgetSession',
+            flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ForgetSessionRequest.SerializeToString,
+            flywheel_dot_trainer_dot_v1_dot_trainer__pb2.ForgetSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,13 @@ class TrainerServiceStub:
     """Claims an item for the caller (or releases it), so that two experts do not review the same
     answer; FAILED_PRECONDITION while another expert's claim is live.
     """
+    ForgetSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ForgetSessionRequest, _trainer_pb2.ForgetSessionResponse]
+    """Forgets one visitor's session (admin role): its interactions and the feedback on them leave the
+    join store (vacuumed), every training dataset that held them is replaced by a new version
+    without them (the old one is deleted), the model versions trained on them are marked, the
+    session is tombstoned so a Kafka replay cannot bring it back, and an audit record is written.
+    Idempotent: forgetting a forgotten session finds nothing more to remove.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -66,6 +73,13 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     ClaimReviewItem: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ClaimReviewItemRequest, _trainer_pb2.ReviewItem]  # type: ignore[assignment]
     """Claims an item for the caller (or releases it), so that two experts do not review the same
     answer; FAILED_PRECONDITION while another expert's claim is live.
+    """
+    ForgetSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ForgetSessionRequest, _trainer_pb2.ForgetSessionResponse]  # type: ignore[assignment]
+    """Forgets one visitor's session (admin role): its interactions and the feedback on them leave the
+    join store (vacuumed), every training dataset that held them is replaced by a new version
+    without them (the old one is deleted), the model versions trained on them are marked, the
+    session is tombstoned so a Kafka replay cannot bring it back, and an audit record is written.
+    Idempotent: forgetting a forgotten session finds nothing more to remove.
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +127,19 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.ReviewItem, _abc.Awaitable[_trainer_pb2.ReviewItem]]:
         """Claims an item for the caller (or releases it), so that two experts do not review the same
         answer; FAILED_PRECONDITION while another expert's claim is live.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetSession(
+        self,
+        request: _trainer_pb2.ForgetSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ForgetSessionResponse, _abc.Awaitable[_trainer_pb2.ForgetSessionResponse]]:
+        """Forgets one visitor's session (admin role): its interactions and the feedback on them leave the
+        join store (vacuumed), every training dataset that held them is replaced by a new version
+        without them (the old one is deleted), the model versions trained on them are marked, the
+        session is tombstoned so a Kafka replay cannot bring it back, and an audit record is written.
+        Idempotent: forgetting a forgotten session finds nothing more to remove.
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
