@@ -156,7 +156,7 @@ class FakeBatchApi:
             raise ApiException(status=409, reason="AlreadyExists")
         self.created.append(body)
 
-    def read_namespaced_job_status(self, name: str, namespace: str) -> V1Job:
+    def read_namespaced_job(self, name: str, namespace: str) -> V1Job:
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
         return V1Job(metadata=V1ObjectMeta(name=name), status=status)
 
@@ -175,7 +175,7 @@ class FakeWatch:
 
     def stream(self, func: Any, namespace: str, **kwargs: Any) -> Any:
         assert kwargs["field_selector"].startswith("metadata.name=")
-        yield {"type": "MODIFIED", "object": self.api.read_namespaced_job_status("x", namespace)}
+        yield {"type": "MODIFIED", "object": self.api.read_namespaced_job("x", namespace)}
 
     def stop(self) -> None:
         pass

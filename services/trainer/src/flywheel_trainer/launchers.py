@@ -302,7 +302,7 @@ class KubernetesJobLauncher(JobLauncher):
         new_watch = self._watch_factory or watch.Watch
         while True:
             try:
-                job = self.api.read_namespaced_job_status(handle, self.namespace)
+                job = self.api.read_namespaced_job(handle, self.namespace)
             except ApiException as exc:
                 if exc.status == 404:
                     return Outcome(False, f"Job {handle} was deleted before it finished")
