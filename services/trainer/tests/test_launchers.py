@@ -117,7 +117,8 @@ def test_build_job_names_labels_and_appends_arguments() -> None:
     assert pod["metadata"]["labels"][JOB_ID_LABEL] == SPEC.job_id
     (container,) = pod["spec"]["containers"]
     assert container["args"] == SPEC.args()
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # Quantities go to the API as strings: the Kubernetes client refuses the YAML number 1.
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1", "memory": "48Gi"}
     assert pod["spec"]["nodeSelector"] == {"pool": "gpu"}
 
 

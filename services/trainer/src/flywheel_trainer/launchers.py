@@ -210,6 +210,13 @@ def build_job(template: dict[str, Any], spec: JobSpec, namespace: str) -> dict[s
     containers = pod["spec"]["containers"]
     container = next((c for c in containers if c.get("name") == "train"), containers[0])
     container["args"] = [*(container.get("args") or []), *spec.args()]
+    for c in containers:
+        resources = c.get("resources") or {}
+        for kind in ("requests", "limits"):
+            if kind in resources:
+                # Quantities are strings in the API; YAML reads the chart's GPU count as the number 1,
+                # which the Kubernetes client refuses (found by the first GPU Job on a real API server).
+                resources[kind] = {name: str(value) for name, value in resources[kind].items()}
     return job
 
 
