@@ -231,15 +231,4 @@ def load(artifact_root: Path, dataset: str) -> Dataset:
 
 def earlier(artifact_root: Path, dataset_id: str) -> list[Dataset]:
     """Datasets created before `dataset_id` (ids sort by time), oldest first; unreadable ones skipped."""
-    root = datasets_dir(artifact_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in sorted(root.iterdir()):
-        if path.name.startswith(".") or path.name >= dataset_id or not (path / "manifest.json").is_file():
-            continue
-        try:
-            found.append(load(artifact_root, path.name))
-        except (FailedPrecondition, InvalidArgument, ValueError, KeyError):
-            continue
-    return found
+    return [d for d in all_datasets(artifact_root) if d.dataset_id < dataset_id]
