@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from flywheel_cli.admin import add_token_arg, admin_metadata
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 
 def _forget(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("FLYWHEEL_ADMIN_TOKEN", "dev-admin-token")
     if args.pseudonym:
         request = trainer_pb2.ForgetSessionRequest(session_pseudonym=args.session, reason=args.reason)
     else:
         request = trainer_pb2.ForgetSessionRequest(session_id=args.session, reason=args.reason)
     with grpc.insecure_channel(args.target) as channel:
         response = trainer_pb2_grpc.TrainerServiceStub(channel).ForgetSession(
-            request, timeout=args.timeout, metadata=(("authorization", f"Bearer {token}"),)
+            request, timeout=args.timeout, metadata=admin_metadata(args)
         )
     if args.json:
         print(json.dumps(MessageToDict(response), indent=2))
@@ -54,7 +53,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     forget.add_argument("--pseudonym", action="store_true", help="--session is the 32-hex-digit pseudonym")
     forget.add_argument("--reason", default="", help="why (a ticket reference), kept in the audit record")
     forget.add_argument("--json", action="store_true")
-    forget.add_argument(
-        "--token", help="admin bearer token (default: $FLYWHEEL_ADMIN_TOKEN, else the development token)"
-    )
+    add_token_arg(forget)
     forget.set_defaults(func=_forget)

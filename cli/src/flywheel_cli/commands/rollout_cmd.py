@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import uuid
 from typing import Any
 
 import grpc
 
+from flywheel_cli.admin import add_token_arg, admin_metadata
 from flywheel_cli.decisions import action_name, decision_json
 from flywheel_cli.errors import UserError, explain
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-
-DEV_ADMIN_TOKEN = "dev-admin-token"
 
 
 def _print_rollout(rollout: evaluator_pb2.Rollout, history: int) -> None:
@@ -40,8 +38,7 @@ def _print_decision(d: evaluator_pb2.Decision, verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("FLYWHEEL_ADMIN_TOKEN") or DEV_ADMIN_TOKEN
-    metadata = (("authorization", f"Bearer {token}"),)
+    metadata = admin_metadata(args)
     args.request_id = getattr(args, "request_id", "") or uuid.uuid4().hex
     with grpc.insecure_channel(args.target) as channel:
         stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
@@ -114,9 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "rollout", help="the evaluator: rollout status, gate decisions, reports; promote, roll back, pin"
     )
     rollout.add_argument("--target", default="127.0.0.1:50054", help="the evaluator (default %(default)s)")
-    rollout.add_argument(
-        "--token", help="admin bearer token (default: $FLYWHEEL_ADMIN_TOKEN, else the development token)"
-    )
+    add_token_arg(rollout)
     rollout.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default %(default)s)")
     rollout.set_defaults(func=_run)
     commands = rollout.add_subparsers(dest="rollout_command", required=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 from typing import Literal
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from flywheel_cli.admin import add_token_arg, admin_metadata
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 _STATES = {
@@ -69,13 +69,7 @@ def _job(args: argparse.Namespace) -> int:
 
 
 def _trigger(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("FLYWHEEL_ADMIN_TOKEN", "dev-admin-token")
-    response = _call(
-        args,
-        "TriggerBatch",
-        trainer_pb2.TriggerBatchRequest(),
-        metadata=(("authorization", f"Bearer {token}"),),
-    )
+    response = _call(args, "TriggerBatch", trainer_pb2.TriggerBatchRequest(), metadata=admin_metadata(args))
     assert isinstance(response, trainer_pb2.TriggerBatchResponse)
     if not response.job_id:
         print("no training example is waiting: nothing to cut")
@@ -98,7 +92,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     job.add_argument("job_id")
     job.set_defaults(func=_job)
     trigger = commands.add_parser("trigger", help="cut a batch of the waiting examples now (admin)")
-    trigger.add_argument(
-        "--token", help="admin bearer token (default: $FLYWHEEL_ADMIN_TOKEN, else the development token)"
-    )
+    add_token_arg(trigger)
     trigger.set_defaults(func=_trigger)
