@@ -22,8 +22,9 @@ TOOLS = ROOT / ".cache" / "tools" / "bin"
 SERVICES = ("inference", "feedback", "trainer", "evaluator", "gateway")
 # The one service browsers talk to: HTTP probes instead of gRPC ones.
 HTTP_SERVICES = ("gateway",)
-# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion); kubernetes-validate knows the newest.
-MIN_KUBE_VERSION = "1.30.0"
+# The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion, ">=1.30.0-0" -> "1.30.0");
+# kubernetes-validate knows the newest.
+MIN_KUBE_VERSION = re.sub(r"^>=\s*|-0$", "", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
 # Graceful shutdown grace of every gRPC server (GrpcSettings.grace_s).
 SERVICE_GRACE_S = 20
 GPU_TAINT_KEY = "nvidia.com/gpu"

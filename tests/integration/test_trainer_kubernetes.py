@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,8 +16,8 @@ from flywheel_trainer.settings import JobsSettings, TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "flywheel"
-# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion).
-KUBE_VERSION = "1.29.0"
+# The oldest Kubernetes the chart supports: Chart.yaml's kubeVersion, ">=1.30.0-0" -> "1.30.0".
+KUBE_VERSION = re.sub(r"^>=\s*|-0$", "", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
 SPEC = JobSpec("job-20250101-120000123-abcdef12", "ds-20250101-120000123-abcdef12", "v7")
 
 
@@ -79,6 +80,6 @@ def test_launched_job_is_the_chart_template_and_valid(values: str, tmp_path: Pat
     limits = container["resources"]["limits"]
     if values == "gpu-values.yaml":
         # GPU scheduling: the GPU resource, the pool's node selector and its taint's toleration.
-        assert limits["nvidia.com/gpu"] == 1
+        assert limits["nvidia.com/gpu"] == "1"  # quantities go to the API server as strings
         assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
