@@ -24,7 +24,8 @@ SERVICES = ("inference", "feedback", "trainer", "evaluator", "gateway")
 HTTP_SERVICES = ("gateway",)
 # The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion, ">=1.30.0-0" -> "1.30.0");
 # kubernetes-validate knows the newest.
-MIN_KUBE_VERSION = re.sub(r"^>=\s*|-0$", "", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
+CHART_KUBE_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+MIN_KUBE_VERSION = re.sub(r"^>=\s*|-0$", "", CHART_KUBE_VERSION)
 # Graceful shutdown grace of every gRPC server (GrpcSettings.grace_s).
 SERVICE_GRACE_S = 20
 GPU_TAINT_KEY = "nvidia.com/gpu"
