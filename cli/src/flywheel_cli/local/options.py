@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from flywheel_cli.local.prometheus import PrometheusOptions
 from flywheel_cli.local.stack import DEFAULT_DATASET, LocalStack, StackConfig
 
 
@@ -28,7 +29,15 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
         help="dataset whose `gate` split the evaluator gates on (default: the simulated one)",
     )
     parser.add_argument(
-        "--free-ports", action="store_true", help="pick free ports instead of 50051-50054, 8080 / 9101-9105"
+        "--free-ports",
+        action="store_true",
+        help="pick free ports instead of 50051-50054, 8080 / 9101-9105 (and 9090 for --observe)",
+    )
+    parser.add_argument(
+        "--observe",
+        action="store_true",
+        help="also start Prometheus (from scripts/install-deploy-tools) on 127.0.0.1:9090: it scrapes every "
+        "service and evaluates the Helm chart's alert rules; it stops with the stack",
     )
     parser.add_argument(
         "--resume",
@@ -54,6 +63,7 @@ def stack_config(
         dataset=Path(args.golden or dataset or DEFAULT_DATASET),
         free_ports=args.free_ports,
         own_broker=fresh,
+        observe=PrometheusOptions() if args.observe else None,
     )
 
 

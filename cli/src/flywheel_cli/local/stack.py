@@ -18,11 +18,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flywheel_cli.local.kafka_broker import LocalBroker, free_port
+from flywheel_cli.local.prometheus import (
+    LocalPrometheus,
+    PrometheusError,
+    PrometheusOptions,
+    chart_rule_groups,
+    find_tool,
+)
 from flywheel_common.kafka import ensure_topics
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings, TopicSettings
@@ -108,6 +116,9 @@ class StackConfig:
     stop_timeout_s: float = 30.0
     grpc_grace_s: float = 3.0
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Start a Prometheus (`flywheel up --observe`) that scrapes every service and evaluates the
+    # chart's alert rules; its port is a free one with `free_ports`.
+    observe: PrometheusOptions | None = None
 
     @property
     def artifact_root(self) -> Path:
@@ -338,6 +349,7 @@ class LocalStack:
         self.config = config or StackConfig()
         self.echo = echo
         self.broker: LocalBroker | None = None
+        self.prometheus: LocalPrometheus | None = None
         self.bootstrap_servers = ""
         self.base_version: str | None = None
         self.specs = service_specs(self.config)
@@ -372,6 +384,8 @@ class LocalStack:
         self.echo(f"state: {self.initial_state}")
         try:
             self.config.logs_dir.mkdir(parents=True, exist_ok=True)
+            # Before anything starts: a missing tool or a chart that does not render fails at once.
+            observed = self._prometheus_rules()
             if self.config.prepare_model:
                 self._prepare_model()
             self._start_kafka()
@@ -379,11 +393,49 @@ class LocalStack:
                 if spec.available:
                     self._spawn(spec)
             self._wait_healthy()
+            if observed is not None and self.config.observe is not None:
+                self._start_prometheus(*observed, self.config.observe)
             self.startup_s = time.monotonic() - self.started_at
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _prometheus_rules(self) -> tuple[Path, list[dict[str, Any]]] | None:
+        """The prometheus binary and the chart's alert rules, when the stack is observed.
+
+        StackError when prometheus or helm (which renders the rules) is missing.
+        """
+        if self.config.observe is None:
+            return None
+        binary, helm = find_tool("prometheus"), find_tool("helm")
+        if binary is None or helm is None:
+            missing = " and ".join(n for n, t in (("prometheus", binary), ("helm", helm)) if t is None)
+            raise StackError(f"{missing} not installed: run scripts/install-deploy-tools")
+        try:
+            return binary, chart_rule_groups(helm)
+        except PrometheusError as exc:
+            raise StackError(str(exc)) from exc
+
+    def _start_prometheus(
+        self, binary: Path, rules: list[dict[str, Any]], options: PrometheusOptions
+    ) -> None:
+        port = free_port(self.config.host) if self.config.free_ports else options.port
+        self.prometheus = LocalPrometheus(
+            binary,
+            (self.config.var_dir / "prometheus").resolve(),
+            (self.config.logs_dir / "prometheus.log").resolve(),
+            {r.spec.name: r.spec.metrics_port for r in self.running},
+            options,
+            port=port,
+            host=self.config.host,
+        )
+        try:
+            self.prometheus.start(rules)
+        except PrometheusError as exc:
+            self.prometheus = None
+            raise StackError(str(exc)) from exc
+        self.echo(f"prometheus: {self.prometheus.url} (the chart's alerts: {self.prometheus.url}/alerts)")
 
     def _prepare_model(self) -> None:
         from flywheel_model.prepare import ExportOptions, ensure_prepared, register_base
@@ -474,6 +526,11 @@ class LocalStack:
             spec = service.spec
             where = service.url if spec.http else service.target
             rows.append((spec.name, where, str(spec.metrics_port), _short(service.log_file), spec.purpose))
+        if self.prometheus is not None:
+            log_file = _short(self.prometheus.log_file)
+            rows.append(
+                ("prometheus", self.prometheus.url, "", log_file, "scrapes /metrics, the chart's alerts")
+            )
         return rows
 
     # --- stop ------------------------------------------------------------------------------------------
@@ -484,6 +541,9 @@ class LocalStack:
         A second Ctrl-C while waiting kills at once.
         """
         running, self.running = self.running, []
+        if self.prometheus is not None:
+            self.prometheus.stop()
+            self.prometheus = None
         try:
             for service in reversed(running):
                 if service.process.poll() is None:
