@@ -331,6 +331,10 @@ def metrics_in_expr(expr: str) -> set[str]:
 
 
 def dashboard_exprs(dashboard: Doc) -> list[str]:
+    """The PromQL of every panel target and of every query variable (Grafana's label_values(...) too).
+
+    A datasource variable's `query` is a plugin id ("prometheus"), not PromQL: it is left out.
+    """
     exprs: list[str] = []
 
     def walk(panels: list[Doc]) -> None:
@@ -340,6 +344,8 @@ def dashboard_exprs(dashboard: Doc) -> list[str]:
 
     walk(dashboard.get("panels", []))
     for var in dashboard.get("templating", {}).get("list", []):
+        if var.get("type") != "query":
+            continue
         query = var.get("query")
         exprs.append(query.get("query", "") if isinstance(query, dict) else str(query or ""))
     return exprs

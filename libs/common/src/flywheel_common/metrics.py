@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 from flywheel_common.settings import MetricsSettings
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 GRPC_REQUESTS = Counter(
     "flywheel_grpc_requests",
@@ -22,6 +26,18 @@ GRPC_DURATION = Histogram(
     ["service", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+
+
+def with_label_values(metric: M, *values: str) -> M:
+    """`metric` (of one label) with a series at zero for each of the label's known values.
+
+    Prometheus cannot see the first increment of a series that appears already counted: increase()
+    and rate() of a counter first scraped at 1 are 0, so an alert on "any failure" would miss the
+    first one, and a dashboard panel stays empty until something happens.
+    """
+    for value in values:
+        metric.labels(value)
+    return metric
 
 
 def start_metrics_server(settings: MetricsSettings) -> WSGIServer | None:

@@ -4,22 +4,32 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from flywheel_common.metrics import with_label_values
 from flywheel_common.registry import RolloutState
 
-EVALUATIONS = Counter(
-    "flywheel_evaluator_evaluations",
-    "Golden-set evaluations run, by outcome (ok, error, cancelled).",
-    ["outcome"],
+EVALUATIONS = with_label_values(
+    Counter(
+        "flywheel_evaluator_evaluations",
+        "Golden-set evaluations run, by outcome (ok, error, cancelled).",
+        ["outcome"],
+    ),
+    "ok",
+    "error",
+    "cancelled",
 )
 EVALUATION_DURATION = Histogram(
     "flywheel_evaluator_evaluation_duration_seconds",
     "Time to evaluate one version on the golden set, model load included.",
     buckets=(10, 30, 60, 90, 120, 180, 300, 600, 1200, 1800),
 )
-GATE_DECISIONS = Counter(
-    "flywheel_evaluator_gate_decisions",
-    "Gate decisions on candidates, by outcome (passed, failed).",
-    ["outcome"],
+GATE_DECISIONS = with_label_values(
+    Counter(
+        "flywheel_evaluator_gate_decisions",
+        "Gate decisions on candidates, by outcome (passed, failed).",
+        ["outcome"],
+    ),
+    "passed",
+    "failed",
 )
 ACCURACY = Gauge(
     "flywheel_evaluator_accuracy",
@@ -42,15 +52,24 @@ ROLLOUT_STATE = Gauge(
     "3 frozen (pinned or automatic rollout off).",
 )
 CANARY_FRACTION = Gauge("flywheel_evaluator_canary_fraction", "Share of sessions routed to the canary.")
-ROLLBACKS = Counter(
-    "flywheel_evaluator_rollbacks",
-    "Rollbacks, by trigger (auto: bad live signals; admin).",
-    ["trigger"],
+ROLLBACKS = with_label_values(
+    Counter(
+        "flywheel_evaluator_rollbacks",
+        "Rollbacks, by trigger (auto: bad live signals; admin).",
+        ["trigger"],
+    ),
+    "auto",
+    "admin",
 )
-PROMOTIONS = Counter(
-    "flywheel_evaluator_promotions",
-    "Versions made production, by trigger (gate, canary, admin).",
-    ["trigger"],
+PROMOTIONS = with_label_values(
+    Counter(
+        "flywheel_evaluator_promotions",
+        "Versions made production, by trigger (gate, canary, admin).",
+        ["trigger"],
+    ),
+    "gate",
+    "canary",
+    "admin",
 )
 LIVE_MEAN_RATING = Gauge(
     "flywheel_evaluator_live_mean_rating",

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from flywheel_common.metrics import with_label_values
+
 REQUESTS = Counter("flywheel_gateway_requests", "HTTP requests by route and status code.", ["route", "code"])
-REFUSED = Counter(
-    "flywheel_gateway_refused",
-    "Requests refused before reaching a service, by reason (origin, rate_limit, auth, invalid).",
-    ["reason"],
+REFUSED = with_label_values(
+    Counter(
+        "flywheel_gateway_refused",
+        "Requests refused before reaching a service, by reason (origin, rate_limit, auth, invalid).",
+        ["reason"],
+    ),
+    "origin",
+    "rate_limit",
+    "auth",
+    "invalid",
 )
 FIRST_TOKEN = Histogram(
     "flywheel_gateway_answer_first_chunk_seconds",

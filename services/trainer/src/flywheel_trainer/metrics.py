@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-JOBS = Counter(
-    "flywheel_trainer_jobs",
-    "Training jobs by state reached: queued, launched, succeeded, failed.",
-    ["state"],
+from flywheel_common.metrics import with_label_values
+
+JOBS = with_label_values(
+    Counter(
+        "flywheel_trainer_jobs",
+        "Training jobs by state reached: queued, launched, succeeded, failed.",
+        ["state"],
+    ),
+    "queued",
+    "launched",
+    "succeeded",
+    "failed",
 )
 JOBS_CURRENT = Gauge("flywheel_trainer_jobs_current", "Training jobs now queued or running.", ["state"])
 JOB_DURATION = Histogram(
@@ -16,10 +24,15 @@ JOB_DURATION = Histogram(
     ["outcome"],
     buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800),
 )
-EXAMPLES = Counter(
-    "flywheel_trainer_examples",
-    "Examples kept from feedback, by source (correction, positive, negative).",
-    ["source"],
+EXAMPLES = with_label_values(
+    Counter(
+        "flywheel_trainer_examples",
+        "Examples kept from feedback, by source (correction, positive, negative).",
+        ["source"],
+    ),
+    "correction",
+    "positive",
+    "negative",
 )
 EXAMPLES_PENDING = Gauge("flywheel_trainer_examples_pending", "Training examples waiting for a batch.")
 FEEDBACK_DUPLICATES = Counter(
