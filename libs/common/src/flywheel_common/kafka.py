@@ -665,6 +665,11 @@ class EventConsumer(ABC):
                     owner.on_assigned()
 
         consumer.subscribe(self.topics, listener=_Listener())
+        # The topics' partitions known before the first poll joins the group: a group leader that
+        # joined without them assigned nothing and, with kafka-python 3.0, sometimes never rejoined
+        # (the evaluator's signal consumer sat without partitions for minutes on a fresh broker).
+        for topic in self.topics:
+            consumer.partitions_for_topic(topic)
         try:
             while not self._shutdown.is_set():
                 self._heartbeat = time.monotonic()
