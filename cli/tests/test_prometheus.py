@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from flywheel_cli.local import stack
+from flywheel_cli.local.options import add_stack_args, stack_config
 from flywheel_cli.local.prometheus import (
     LocalPrometheus,
     PrometheusOptions,
@@ -76,3 +78,11 @@ def test_observe_without_prometheus_fails_before_anything_starts(
     ):
         local.start()
     assert local.broker is None and not local.running
+
+
+def test_the_observe_flag_asks_for_prometheus() -> None:
+    parser = argparse.ArgumentParser()
+    add_stack_args(parser)
+    assert stack_config(parser.parse_args([]), None).observe is None
+    config = stack_config(parser.parse_args(["--observe", "--free-ports"]), None)
+    assert config.observe == PrometheusOptions() and config.free_ports
