@@ -8,14 +8,12 @@ from typing import Any
 
 import pytest
 
-from flywheel_common.registry import ModelRegistry, ModelVersion
+from flywheel_common.registry import ModelRegistry
 from flywheel_model.prompt import PromptEncoder, build_messages
 from flywheel_model.retrieval import Passage
 from flywheel_model.runtime import DecoderSpec
 from flywheel_trainer import datasets
 from flywheel_trainer.job import data
-from flywheel_trainer.job.run import JobArgs, _gather
-from flywheel_trainer.settings import HyperParameters, JobSettings
 
 
 def example(i: int, question: str = "", answer: str = "") -> dict[str, Any]:
@@ -113,48 +111,3 @@ def test_learned_datasets_follow_the_lineage_back_to_the_base(tmp_path: Path) ->
     assert data.learned_datasets(registry, v2.version) == {"ds-1", "ds-2"}
     assert data.learned_datasets(registry, base.version) == set()
     assert data.learned_datasets(registry, "v99") == set()
-    assert data.root_version(registry, v3.version) == base.version
-    assert data.root_version(registry, base.version) == base.version
-
-
-def lineage(tmp_path: Path, onnx_model_dir: Path) -> tuple[Path, ModelVersion, ModelVersion]:
-    """A registry holding the base (the serving tokenizer, Hugging Face config) and v2, trained on ds-1;
-    ds-1 and ds-2 written."""
-    root = tmp_path / "artifacts"
-    model, hf = tmp_path / "model", tmp_path / "hf"
-    model.mkdir()
-    hf.mkdir()
-    for f in onnx_model_dir.iterdir():  # the tokenizer and configs; not the weights
-        if f.suffix in {".json", ".jinja"}:
-            (model / f.name).write_bytes(f.read_bytes())
-    (model / "model.onnx").write_bytes(b"onnx")
-    (hf / "config.json").write_text("{}")
-    registry = ModelRegistry(root)
-    base = registry.register(model, kind="base", hf_dir=hf)
-    v2 = registry.register(
-        model,
-        kind="candidate",
-        hf_dir=hf,
-        metadata={"lineage": {"parent_version": base.version, "datasets": ["ds-1"]}},
-    )
-    write(root, "ds-1", [example(i) for i in range(6)])
-    write(root, "ds-2", [example(i) for i in range(10, 14)])
-    return root, base, v2
-
-
-@pytest.mark.parametrize("start_from", ["parent", "root"])
-def test_a_job_starts_from_the_parent_or_from_the_root_with_every_batch(
-    tmp_path: Path, onnx_model_dir: Path, start_from: str
-) -> None:
-    root, base, v2 = lineage(tmp_path, onnx_model_dir)
-    settings = JobSettings(artifact_root=root, hyper=HyperParameters(start_from=start_from))
-    inputs = _gather(settings, JobArgs("ds-2", v2.version, "job-1"), ModelRegistry(root))
-    if start_from == "parent":
-        # v2 learned ds-1: this batch, and half its size replayed from ds-1.
-        assert inputs.parent.version == v2.version and inputs.trained_on == ["ds-2"]
-        assert len(inputs.current) == 4 and len(inputs.replay) == 2 and inputs.replay_from == ["ds-1"]
-    else:
-        # The base learned nothing: every batch so far, nothing to replay.
-        assert inputs.parent.version == base.version and inputs.trained_on == ["ds-2", "ds-1"]
-        assert len(inputs.current) == 10 and inputs.replay == []
-    assert len(inputs.examples) == len(inputs.current) + len(inputs.replay)

@@ -148,11 +148,6 @@ class HyperParameters(BaseModel):
     max_steps: int = Field(default=0, ge=0)
     # Examples longer than this (prompt + answer tokens) are skipped, never truncated.
     max_seq_tokens: int = Field(default=1024, ge=16)
-    # Where a job starts: from the serving version's weights (`parent`: it learns this batch, the
-    # earlier batches that version has not learned, and replay), or from the root of its lineage, the
-    # prepared base model (`root`: it learns every batch so far, so each candidate is the base plus all
-    # the feedback, and a forgotten session's data is gone from the next candidate's weights).
-    start_from: Literal["parent", "root"] = "parent"
     # Earlier batches the base model has not learned (their candidate was rejected, or never made)
     # are trained on again, whole batches newest first, up to this many examples (0: only this batch).
     carry_over_max_examples: int = Field(default=512, ge=0)

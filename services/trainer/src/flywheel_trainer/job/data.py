@@ -119,21 +119,6 @@ def learned_datasets(registry: ModelRegistry, version: str) -> set[str]:
     return learned
 
 
-def root_version(registry: ModelRegistry, version: str) -> str:
-    """The first version of `version`'s lineage: the one no candidate was trained into."""
-    seen: set[str] = set()
-    while version not in seen:
-        seen.add(version)
-        try:
-            parent = (registry.get(version).manifest.get("lineage") or {}).get("parent_version", "")
-        except NotFound:
-            break
-        if not parent:
-            break
-        version = parent
-    return version
-
-
 def carry_over(
     dataset: Dataset, unlearned: Sequence[Dataset], *, max_examples: int
 ) -> tuple[list[dict[str, Any]], list[str]]:

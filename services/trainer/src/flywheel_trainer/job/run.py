@@ -130,15 +130,12 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
     from flywheel_model.runtime import DecoderSpec
     from flywheel_trainer.job import data, targets
 
-    hyper = settings.hyper
-    start = args.base_version
-    if hyper.start_from == "root":
-        start = data.root_version(registry, args.base_version)
-    parent = registry.get(start)
+    parent = registry.get(args.base_version)
     if not (parent.hf_dir / "config.json").is_file():
         raise RuntimeError(f"base version {parent.version} has no Hugging Face weights to train from")
     dataset = datasets.load(settings.artifact_root, args.dataset)
     earlier = datasets.earlier(settings.artifact_root, dataset.dataset_id)
+    hyper = settings.hyper
     learned = data.learned_datasets(registry, parent.version)
     current, trained_on = data.carry_over(
         dataset,
