@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from flywheel_cli.local.prometheus import find_tool as local_tool
 
 # The checks live beside the tests; --import-mode=importlib does not put this folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -16,13 +17,10 @@ import flywheel_deploy_checks as dc
 
 def find_tool(name: str) -> Path:
     """The tool from .cache/tools/bin (scripts/install-deploy-tools) or PATH; skips the test otherwise."""
-    local = dc.TOOLS / name
-    if local.is_file():
-        return local
-    found = shutil.which(name)
-    if found:
-        return Path(found)
-    pytest.skip(f"{name} is not installed: run scripts/install-deploy-tools")
+    found = local_tool(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed: run scripts/install-deploy-tools")
+    return found
 
 
 @pytest.fixture(scope="session")

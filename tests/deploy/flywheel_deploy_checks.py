@@ -18,7 +18,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "flywheel"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
-TOOLS = ROOT / ".cache" / "tools" / "bin"
 SERVICES = ("inference", "feedback", "trainer", "evaluator", "gateway")
 # The one service browsers talk to: HTTP probes instead of gRPC ones.
 HTTP_SERVICES = ("gateway",)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from flywheel_cli.local.prometheus import find_tool
 from flywheel_trainer.launchers import JOB_ID_LABEL, JobSpec, KubernetesJobLauncher, build_launcher
 from flywheel_trainer.settings import JobsSettings, TrainerSettings
 
@@ -22,11 +22,10 @@ SPEC = JobSpec("job-20250101-120000123-abcdef12", "ds-20250101-120000123-abcdef1
 
 
 def helm() -> str:
-    local = ROOT / ".cache" / "tools" / "bin" / "helm"
-    found = str(local) if local.is_file() else shutil.which("helm")
-    if not found:
+    found = find_tool("helm")
+    if found is None:
         pytest.skip("helm is not installed: run scripts/install-deploy-tools")
-    return found
+    return str(found)
 
 
 def rendered_template(values: str) -> dict[str, Any]:
