@@ -1,10 +1,16 @@
-"""Fixtures shared by every test tier: the prepared base model (made once, cached under .cache/)."""
+"""Fixtures shared by every test tier: the prepared base model (made once, cached under .cache/), and
+greedy generation of several prompts at once through a batch generator."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+Generate = Callable[[Any, list[list[int]], int], list[list[int]]]
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +24,28 @@ def prepared_model() -> Path:
 @pytest.fixture(scope="session")
 def onnx_model_dir(prepared_model: Path) -> Path:
     return prepared_model / "onnx"
+
+
+def _generate(generator: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Submits every prompt to a BatchGenerator at once; each one's greedy tokens, in order."""
+    from flywheel_model.generation import SamplingParams, Sequence
+
+    results: list[list[int]] = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+    for i, prompt in enumerate(prompts):
+        generator.submit(
+            Sequence(
+                prompt,
+                SamplingParams(max_new_tokens=max_new_tokens),
+                on_token=results[i].append,
+                on_finish=lambda reason, error: finished.release(),
+            )
+        )
+    for _ in prompts:
+        assert finished.acquire(timeout=300)
+    return results
+
+
+@pytest.fixture(scope="session")
+def generate() -> Generate:
+    return _generate

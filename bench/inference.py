@@ -3,11 +3,14 @@
 weights (re-quantized), (d) our path with the GGUF's own Q4_1 / Q8_0 blocks (`q4_1`), (e)
 llama.cpp on the original GGUF; then throughput of the running gRPC service at several
 concurrencies. On a GPU machine (onnxruntime-gpu) the variants `onnx-fp32-cuda` and
-`onnx-fp16-cuda` run our path on the CUDA execution provider, and `--service-variant` picks the
-model the service is measured with.
+`onnx-fp16-cuda` run our path on the CUDA execution provider, with the KV cache bound to the
+device (`-unbound`, e.g. `onnx-fp16-cuda-unbound`, round-trips it through host memory every step
+instead), and `--service-variant` picks the model the service is measured with. `--batches 1,4,16`
+adds each ONNX variant's decode speed with that many sequences decoding together.
 
     uv run python bench/inference.py [--split gate] [--questions 50] [--new-tokens 48] [--json out.json]
-    python bench/inference.py --variants onnx-fp32-cuda,onnx-fp16-cuda --service-variant onnx-fp16-cuda
+    python bench/inference.py --variants onnx-fp16-cuda-unbound,onnx-fp16-cuda --batches 1,4,16 \
+        --service-variant onnx-fp16-cuda
 
 Every variant runs in its own process (so peak memory is its own) on the same prompts: real page
 passages of about 400 tokens and a question from a split of the bundled dataset (`gate` by
@@ -84,6 +87,8 @@ def run_variant(
         str(args.threads),
         "--gguf",
         args.gguf,
+        "--batches",
+        args.batches,
     ]
     env = {
         **os.environ,
@@ -146,14 +151,40 @@ def worker_eager(prompts: list[dict[str, Any]], new_tokens: int, threads: int) -
 
 
 def onnx_variant(variant: str) -> tuple[str, str]:
-    """`onnx-<precision>[-<provider>]` -> (precision, provider)."""
-    parts = variant.split("-")
+    """`onnx-<precision>[-<provider>[-unbound]]` -> (precision, provider)."""
+    parts = variant.removesuffix("-unbound").split("-")
     return parts[1], parts[2] if len(parts) > 2 else "cpu"
 
 
+def batch_decode(generator: Any, prompts: list[dict[str, Any]], batch: int, new_tokens: int) -> float:
+    """Decode tok/s of `batch` sequences decoding together: tokens after the last one's first token,
+    over the time from then to the last token (prefills, one at a time, are not counted)."""
+    import threading
+
+    from flywheel_model.generation import SamplingParams, Sequence
+
+    stamps: list[list[float]] = [[] for _ in range(batch)]
+    done = threading.Semaphore(0)
+    for i in range(batch):
+        generator.submit(
+            Sequence(
+                prompts[i % len(prompts)]["ids"],
+                SamplingParams(max_new_tokens=new_tokens),
+                lambda token, row=stamps[i]: row.append(time.perf_counter()),
+                lambda reason, error: done.release(),
+            )
+        )
+    for _ in range(batch):
+        done.acquire()
+    start = max(row[0] for row in stamps if row)
+    end = max(row[-1] for row in stamps if row)
+    tokens = sum(1 for row in stamps for t in row if t > start)
+    return tokens / (end - start) if end > start else 0.0
+
+
 def worker_onnx(
-    prompts: list[dict[str, Any]], new_tokens: int, threads: int, variant: str
-) -> list[dict[str, Any]]:
+    prompts: list[dict[str, Any]], new_tokens: int, threads: int, variant: str, batches: list[int]
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     import threading
 
     from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
@@ -163,7 +194,11 @@ def worker_onnx(
     precision, provider = onnx_variant(variant)
     decoder = Decoder(
         default_model_dir(None, ExportOptions(precision, provider)) / "onnx",
-        OrtSettings(provider=provider, intra_op_threads=threads),
+        OrtSettings(
+            provider=provider,
+            intra_op_threads=threads,
+            io_binding="off" if variant.endswith("-unbound") else "auto",
+        ),
     )
     if decoder.provider != {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]:
         raise RuntimeError(f"{variant}: the session runs on {decoder.provider}")
@@ -197,7 +232,26 @@ def worker_onnx(
             }
         )
     generator.close()
-    return results[1:]
+    by_batch = {}
+    for batch in batches:
+        generator = BatchGenerator(decoder, max_batch=batch)
+        by_batch[str(batch)] = batch_decode(generator, prompts, batch, new_tokens)
+        generator.close()
+    return results[1:], by_batch
+
+
+def gpu_memory_mb() -> float | None:
+    """Memory in use on the GPU (this worker is the only process on it), or None without one."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return float(out.split()[0])
 
 
 def worker_llamacpp(
@@ -225,16 +279,23 @@ def worker_llamacpp(
 
 def worker_main(args: argparse.Namespace) -> None:
     prompts = json.loads(Path(args.prompts).read_text())
+    by_batch: dict[str, float] = {}
     if args.worker == "eager":
         results = worker_eager(prompts, args.new_tokens, args.threads)
     elif args.worker == "llamacpp":
         results = worker_llamacpp(prompts, args.new_tokens, args.threads, args.gguf)
     else:
-        results = worker_onnx(prompts, args.new_tokens, args.threads, args.worker)
+        batches = [int(b) for b in args.batches.split(",") if b]
+        results, by_batch = worker_onnx(prompts, args.new_tokens, args.threads, args.worker, batches)
     # VmHWM rather than ru_maxrss: the latter carries the parent's peak across exec.
     status = Path("/proc/self/status").read_text()
     peak_mb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
-    Path(args.out).write_text(json.dumps({"results": results, "peak_rss_mb": peak_mb}))
+    gpu_mb = gpu_memory_mb() if "cuda" in args.worker else None
+    Path(args.out).write_text(
+        json.dumps(
+            {"results": results, "peak_rss_mb": peak_mb, "gpu_mb": gpu_mb, "batch_decode_tok_s": by_batch}
+        )
+    )
 
 
 # Throughput against the running service
@@ -350,6 +411,8 @@ def summarise(
         "ttft_s": statistics.median(r["ttft_s"] for r in results),
         "decode_tok_s": statistics.median(r["decode_tok_s"] for r in results),
         "peak_rss_mb": data["peak_rss_mb"],
+        "gpu_mb": data.get("gpu_mb"),
+        "batch_decode_tok_s": data.get("batch_decode_tok_s", {}),
         "tokens_equal_to_reference": equal,
         "accuracy": sum(contains(t, a) for t, a in answered) / len(answered) if answered else float("nan"),
         "answers": texts,
@@ -368,6 +431,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--llama-python", default=str(ROOT / ".cache/bench/llamacpp-venv/bin/python"))
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--batches", default="", help="decode speed at these batch sizes, e.g. 1,4,16")
     parser.add_argument("--service-variant", default="onnx-fp32", help="the model the service serves")
     parser.add_argument("--requests", type=int, default=16, help="answers per concurrency level")
     parser.add_argument("--json", help="write the results here")
@@ -419,7 +483,7 @@ def main() -> None:
         return float(r[key] / base[to][key]) if to in base and base[to][key] else float("nan")
 
     print(
-        f"\n{'variant':15} {'TTFT s':>7} {'decode tok/s':>12} {'x fp32':>7} {'x eager':>8} "
+        f"\n{'variant':24} {'TTFT s':>7} {'decode tok/s':>12} {'x fp32':>7} {'x eager':>8} "
         f"{'x llama.cpp':>11} {'TTFT x llama.cpp':>16} {'peak MB':>8} {'= ' + str(reference_variant):>12} "
         f"{'accuracy':>8}"
     )
@@ -435,10 +499,18 @@ def main() -> None:
             else "-"
         )
         print(
-            f"{r['variant']:15} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {r['x_fp32']:7.2f} "
+            f"{r['variant']:24} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {r['x_fp32']:7.2f} "
             f"{r['x_eager']:8.2f} {r['x_llamacpp']:11.2f} {r['ttft_x_llamacpp']:16.2f} "
             f"{r['peak_rss_mb']:8.0f} {equal:>12} {r['accuracy']:8.0%}"
         )
+    batch_rows = [r for r in rows if r["batch_decode_tok_s"]]
+    if batch_rows:
+        sizes = list(batch_rows[0]["batch_decode_tok_s"])
+        columns = " ".join(f"{'batch ' + b + ' tok/s':>15}" for b in sizes)
+        print(f"\n{'variant':24} {columns} {'GPU MB':>7}")
+        for r in batch_rows:
+            speeds = " ".join(f"{r['batch_decode_tok_s'][b]:15.1f}" for b in sizes)
+            print(f"{r['variant']:24} {speeds} {r['gpu_mb'] if r['gpu_mb'] is not None else '-':>7}")
     levels = [int(c) for c in args.concurrency.split(",") if c]
     service_rows = (
         throughput(

@@ -14,6 +14,8 @@ from flywheel_model.generation import BatchGenerator, Sampler, SamplingParams, S
 from flywheel_model.prompt import PromptTooLong
 from flywheel_model.runtime import Decoder, OrtSettings, select_rows, stack_kv
 
+Generate = Callable[[BatchGenerator, list[list[int]], int], list[list[int]]]
+
 
 def test_greedy_sampler_takes_the_argmax() -> None:
     assert Sampler(SamplingParams())(np.array([0.1, 3.0, -1.0])) == 1
@@ -39,25 +41,8 @@ def test_stack_and_select_rows_keep_each_sequence_intact() -> None:
     np.testing.assert_array_equal(kept["k"], a["k"])
 
 
-def generate(generator: BatchGenerator, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    results: list[list[int]] = [[] for _ in prompts]
-    finished = threading.Semaphore(0)
-    for i, prompt in enumerate(prompts):
-        generator.submit(
-            Sequence(
-                prompt,
-                SamplingParams(max_new_tokens=max_new_tokens),
-                on_token=results[i].append,
-                on_finish=lambda reason, error: finished.release(),
-            )
-        )
-    for _ in prompts:
-        assert finished.acquire(timeout=300)
-    return results
-
-
 @pytest.mark.integration
-def test_batched_decoding_equals_one_at_a_time(onnx_model_dir: Path) -> None:
+def test_batched_decoding_equals_one_at_a_time(onnx_model_dir: Path, generate: Generate) -> None:
     decoder = Decoder(onnx_model_dir, OrtSettings())
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(100, 40000, n)) for n in (30, 75, 12)]
@@ -69,6 +54,22 @@ def test_batched_decoding_equals_one_at_a_time(onnx_model_dir: Path) -> None:
     batched_generator.close()
     assert batched == sequential
     assert all(len(tokens) == 12 for tokens in batched)
+
+
+@pytest.mark.integration
+def test_io_bound_decoding_equals_unbound_token_for_token(onnx_model_dir: Path, generate: Generate) -> None:
+    bound_decoder = Decoder(onnx_model_dir, OrtSettings(io_binding="on"))
+    unbound_decoder = Decoder(onnx_model_dir, OrtSettings(io_binding="off"))
+    assert bound_decoder.io_bound and not unbound_decoder.io_bound
+    rng = np.random.default_rng(2)
+    # Different lengths, so the batch changes (a cache stacked and rows dropped) while decoding.
+    prompts = [list(rng.integers(100, 40000, n)) for n in (40, 9, 66)]
+    outputs = []
+    for decoder in (unbound_decoder, bound_decoder):
+        generator = BatchGenerator(decoder, max_batch=8)
+        outputs.append([*generate(generator, prompts, 12), generate(generator, prompts[:1], 20)[0]])
+        generator.close()
+    assert outputs[1] == outputs[0]
 
 
 @pytest.mark.integration

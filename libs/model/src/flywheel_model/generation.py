@@ -85,10 +85,8 @@ class BatchGenerator:
     """Runs sequences on one decoder in its own thread, batching their decode steps."""
 
     def __init__(self, decoder: Decoder, *, max_batch: int = 16, max_queue: int = 64) -> None:
-        if decoder.provider == "CUDAExecutionProvider" and max_batch > 1:
-            # Decoding several sequences of different lengths at once fails on the CUDA provider
-            # (GroupQueryAttention runs out of its arena, onnxruntime-gpu 1.31, H200): one at a time.
-            log.warning("batched decoding is not supported on CUDA yet: max_batch %d -> 1", max_batch)
+        if not decoder.batches and max_batch > 1:
+            log.warning("batched decoding on CUDA is off (ORT__CUDA_BATCHING): max_batch %d -> 1", max_batch)
             max_batch = 1
         self.decoder = decoder
         self.max_batch = max_batch

@@ -29,6 +29,14 @@ class OrtSettings(BaseModel):
     # 0 lets ONNX Runtime choose (one per physical core).
     intra_op_threads: int = Field(default=0, ge=0)
     inter_op_threads: int = Field(default=1, ge=0)
+    # Keep the KV cache in the provider's memory between decode steps (ONNX Runtime I/O binding), so
+    # a step copies only its tokens in and its logits out; `auto` binds on CUDA, where the cache's
+    # round trip through host memory bounds decoding.
+    io_binding: Literal["auto", "on", "off"] = "auto"
+    # Decode several sequences in one step on CUDA too. Off: it failed there with the cache fed from
+    # host memory (GroupQueryAttention could not allocate from its arena) and has not been measured
+    # with the cache bound to the device; tests/gpu checks it when turned on (docs/inference.md).
+    cuda_batching: bool = False
 
 
 def cuda_device_count() -> int:
@@ -114,7 +122,9 @@ class DecoderSpec:
         )
 
 
-KV = dict[str, np.ndarray]
+# A KV cache by past input name: numpy arrays on the host, or OrtValues in the provider's memory
+# when the decoder binds its outputs there.
+KV = dict[str, Any]
 
 
 class Decoder:
@@ -133,6 +143,10 @@ class Decoder:
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         if self.provider != wanted:
             log.warning("%s could not be loaded: serving on %s", wanted, self.provider)
+        on_cuda = self.provider == "CUDAExecutionProvider"
+        self.io_bound = settings.io_binding == "on" or (settings.io_binding == "auto" and on_cuda)
+        self.batches = not on_cuda or settings.cuda_batching
+        self._device = ("cuda", settings.device_id) if on_cuda else ("cpu", 0)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.kv_dtype = np.float16 if "float16" in inputs[self.spec.past_key % 0].type else np.float32
         self._output_names = [o.name for o in self.session.get_outputs()]
@@ -142,19 +156,45 @@ class Decoder:
         self._present_to_past = {
             self.spec.present_key % i: self.spec.past_key % i for i in range(self.spec.num_layers)
         } | {self.spec.present_value % i: self.spec.past_value % i for i in range(self.spec.num_layers)}
-        log.info("decoder %s on %s (kv %s)", self.model_dir, self.provider, np.dtype(self.kv_dtype).name)
+        log.info(
+            "decoder %s on %s (kv %s%s)",
+            self.model_dir,
+            self.provider,
+            np.dtype(self.kv_dtype).name,
+            ", bound to the device" if self.io_bound else "",
+        )
 
     def empty_kv(self, batch: int = 1) -> KV:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_size)
         return {name: np.zeros(shape, self.kv_dtype) for pair in self._past_names for name in pair}
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
-        outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **kv})
+        if self.io_bound:
+            outputs = self._run_bound(input_ids, attention_mask, kv)
+        else:
+            outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **kv})
         logits = np.asarray(outputs[0], dtype=np.float32)[:, -1, :]
         present = {
             self._present_to_past[n]: v for n, v in zip(self._output_names[1:], outputs[1:], strict=True)
         }
         return logits, present
+
+    def _run_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray, kv: KV) -> list[Any]:
+        """One run whose present cache stays on the device; the logits come back to the host."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        for name, value in kv.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:  # a cache stacked on the host, or the empty one: copied to the device once
+                binding.bind_cpu_input(name, value)
+        binding.bind_output(self._output_names[0], "cpu")
+        for name in self._output_names[1:]:
+            binding.bind_output(name, *self._device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return [outputs[0].numpy(), *outputs[1:]]
 
     def prefill(self, token_ids: list[int]) -> tuple[np.ndarray, KV]:
         """Runs a whole prompt; returns the last position's logits [vocab] and the KV cache."""
@@ -164,19 +204,33 @@ class Decoder:
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
         """One step for a batch: `lengths[b]` tokens of row b are already in the right-padded cache."""
-        width = next(iter(kv.values())).shape[2] + 1
+        width = kv_width(kv) + 1
         mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
         return self._run(tokens.reshape(-1, 1).astype(np.int64), mask, kv)
 
 
+def kv_width(kv: KV) -> int:
+    """Positions held by a cache (its third axis), on the host or on the device."""
+    value = next(iter(kv.values()))
+    return int((value.shape() if isinstance(value, ort.OrtValue) else value.shape)[2])
+
+
+def _host(value: Any) -> np.ndarray:
+    return value.numpy() if isinstance(value, ort.OrtValue) else value
+
+
 def stack_kv(parts: list[tuple[KV, int]]) -> KV:
-    """Stacks per-sequence caches (each with its valid length) into one right-padded batch cache."""
+    """Stacks per-sequence caches (each with its valid length) into one right-padded batch cache.
+
+    Done on the host: a cache bound to the device is copied back once, when the batch changes, and
+    the next decode step binds the stacked cache to the device again.
+    """
     width = max(length for _, length in parts)
     out: KV = {}
     for name in parts[0][0]:
         arrays = []
         for kv, length in parts:
-            array = kv[name][:, :, :length]
+            array = _host(kv[name])[:, :, :length]
             if length < width:
                 pad = np.zeros((*array.shape[:2], width - length, array.shape[3]), array.dtype)
                 array = np.concatenate([array, pad], axis=2)
@@ -188,4 +242,4 @@ def stack_kv(parts: list[tuple[KV, int]]) -> KV:
 def select_rows(kv: KV, rows: list[int], width: int) -> KV:
     """Keeps the given batch rows of a cache, trimmed to `width` positions."""
     index = np.asarray(rows)
-    return {name: np.ascontiguousarray(array[index, :, :width]) for name, array in kv.items()}
+    return {name: np.ascontiguousarray(_host(array)[index, :, :width]) for name, array in kv.items()}
