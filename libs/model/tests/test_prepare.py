@@ -55,3 +55,38 @@ def test_q4_1_needs_a_gguf_source_and_the_cpu(tmp_path: Path) -> None:
         ExportOptions(precision="q4_1", provider="cuda")
     # Built on the fp32 graph, re-encoded afterwards.
     assert ExportOptions(precision="q4_1").builder_args()[:2] == ["-p", "fp32"]
+
+
+def test_gemma3_rope_per_layer_type_is_flattened_exactly_for_the_builder() -> None:
+    from transformers import Gemma3TextConfig
+
+    from flywheel_model.onnx_build import flatten_layer_rope
+
+    config = Gemma3TextConfig()
+    # Transformers 5 describes the rope per layer type; the builder reads rope_theta (global layers)
+    # and rope_local_base_freq (sliding-window layers).
+    local = config.rope_parameters["sliding_attention"]["rope_theta"]
+    global_ = config.rope_parameters["full_attention"]["rope_theta"]
+    assert local != global_
+    assert flatten_layer_rope(config)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": global_}
+    assert (config.rope_theta, config.rope_local_base_freq) == (global_, local)
+    assert not flatten_layer_rope(config)  # already flat: left as it is
+
+
+def test_a_scaled_rope_per_layer_type_is_refused_not_exported_inexactly() -> None:
+    from transformers import Gemma3TextConfig
+
+    from flywheel_model.onnx_build import flatten_layer_rope
+
+    config = Gemma3TextConfig()
+    config.rope_parameters["full_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    with pytest.raises(ValueError, match="plain rotary"):
+        flatten_layer_rope(config)
+
+
+def test_an_unknown_packaged_model_name_is_a_path() -> None:
+    from flywheel_model.prepare import resolve_source
+
+    assert resolve_source(None) is None
+    assert resolve_source("models/my.gguf") == Path("models/my.gguf")

