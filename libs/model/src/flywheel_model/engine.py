@@ -60,8 +60,13 @@ class AnswerEngine:
         self.encoder = PromptEncoder(self.model_dir)
         self.decoder = Decoder(self.model_dir, ort_settings)
         self.retriever = Retriever(self.encoder.count_tokens, max_words=settings.passage_max_words)
+        # The model's end tokens, and the line end where the prompt is plain (prompt.PLAIN_TEMPLATE).
+        self.stop_token_ids = self.encoder.stop_token_ids(self.decoder.spec.eos_token_ids)
         self.generator = BatchGenerator(
-            self.decoder, max_batch=settings.max_batch, max_queue=settings.max_queue
+            self.decoder,
+            max_batch=settings.max_batch,
+            max_queue=settings.max_queue,
+            stop_token_ids=self.stop_token_ids,
         )
 
     @property

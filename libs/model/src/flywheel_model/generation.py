@@ -84,11 +84,20 @@ class QueueFull(Exception):
 class BatchGenerator:
     """Runs sequences on one decoder in its own thread, batching their decode steps."""
 
-    def __init__(self, decoder: Decoder, *, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        stop_token_ids: tuple[int, ...] | None = None,
+    ) -> None:
         if not decoder.batches and max_batch > 1:
             log.warning("batched decoding on CUDA is off (ORT__CUDA_BATCHING): max_batch %d -> 1", max_batch)
             max_batch = 1
         self.decoder = decoder
+        # Tokens that end a sequence (not emitted): the model's end tokens unless the prompt adds some.
+        self.stop_token_ids = stop_token_ids or decoder.spec.eos_token_ids
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._pending: collections.deque[Sequence] = collections.deque()
@@ -160,7 +169,7 @@ class BatchGenerator:
 
     def _emit(self, seq: Sequence, token: int) -> str | None:
         """Records a sampled token; returns the finish reason when the sequence is done."""
-        if token in self.decoder.spec.eos_token_ids:
+        if token in self.stop_token_ids:
             return "eos"
         seq.generated.append(token)
         try:

@@ -41,15 +41,11 @@ def answer_ids(
 ) -> list[int]:
     """Token ids of the assistant's turn after the prompt, up to and including the stop token.
 
-    Taken from the chat template with the answer appended, so the model learns to end its turn
-    the way the template does; the stop token is added when the template has none.
+    Taken from the prompt with the answer appended (PromptEncoder.conversation_text), so the model
+    learns to end its turn the way the chat template does; the stop token is added when it has none.
     """
     prompt = encoder.prompt_text(messages)
-    full = str(
-        encoder.tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": answer.strip()}], tokenize=False
-        )
-    )
+    full = encoder.conversation_text(messages, answer)
     suffix = full[len(prompt) :] if full.startswith(prompt) else answer.strip()
     ids = list(encoder.tokenizer(suffix, add_special_tokens=False)["input_ids"])
     for i, token in enumerate(ids):

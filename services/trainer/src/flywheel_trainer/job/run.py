@@ -159,7 +159,7 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
 
     # The serving tokenizer and prompt (the base version's ONNX folder), and its stop tokens.
     encoder = PromptEncoder(parent.model_dir)
-    eos_ids = DecoderSpec.load(parent.model_dir).eos_token_ids
+    eos_ids = encoder.stop_token_ids(DecoderSpec.load(parent.model_dir).eos_token_ids)
     shaped, target_stats = targets.shape_targets([*current, *replay], hyper.target, hyper.ungrounded)
     examples, skipped = data.tokenize(
         shaped, encoder, eos_ids, hyper.max_seq_tokens, preferences=hyper.preference_weight > 0

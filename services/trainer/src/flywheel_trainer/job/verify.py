@@ -111,7 +111,7 @@ def compare(
 
     engine = AnswerEngine(onnx_dir, OrtSettings(provider="auto"), EngineSettings(max_batch=1))
     try:
-        eos_ids = engine.decoder.spec.eos_token_ids
+        eos_ids = engine.stop_token_ids
         result = VerifyResult(tie_tolerance=tie_tolerance)
         for messages in prompts:
             ids = engine.encoder.encode(messages)
