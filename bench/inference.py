@@ -89,6 +89,7 @@ def run_variant(
         args.gguf,
         "--batches",
         args.batches,
+        *(["--base-model", args.base_model] if args.base_model else []),
     ]
     env = {
         **os.environ,
@@ -183,17 +184,22 @@ def batch_decode(generator: Any, prompts: list[dict[str, Any]], batch: int, new_
 
 
 def worker_onnx(
-    prompts: list[dict[str, Any]], new_tokens: int, threads: int, variant: str, batches: list[int]
+    prompts: list[dict[str, Any]],
+    new_tokens: int,
+    threads: int,
+    variant: str,
+    batches: list[int],
+    base_model: str | None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     import threading
 
     from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
-    from flywheel_model.prepare import ExportOptions, default_model_dir
+    from flywheel_model.prepare import ExportOptions, default_model_dir, resolve_source
     from flywheel_model.runtime import Decoder, OrtSettings
 
     precision, provider = onnx_variant(variant)
     decoder = Decoder(
-        default_model_dir(None, ExportOptions(precision, provider)) / "onnx",
+        default_model_dir(resolve_source(base_model), ExportOptions(precision, provider)) / "onnx",
         OrtSettings(
             provider=provider,
             intra_op_threads=threads,
@@ -286,7 +292,9 @@ def worker_main(args: argparse.Namespace) -> None:
         results = worker_llamacpp(prompts, args.new_tokens, args.threads, args.gguf)
     else:
         batches = [int(b) for b in args.batches.split(",") if b]
-        results, by_batch = worker_onnx(prompts, args.new_tokens, args.threads, args.worker, batches)
+        results, by_batch = worker_onnx(
+            prompts, args.new_tokens, args.threads, args.worker, batches, args.base_model
+        )
     # VmHWM rather than ru_maxrss: the latter carries the parent's peak across exec.
     status = Path("/proc/self/status").read_text()
     peak_mb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
@@ -435,6 +443,10 @@ def main() -> None:
     parser.add_argument("--service-variant", default="onnx-fp32", help="the model the service serves")
     parser.add_argument("--requests", type=int, default=16, help="answers per concurrency level")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--base-model",
+        help="the ONNX variants' model: smollm2-135m (default), gemma3-270m, a .gguf or a HF folder",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -444,15 +456,16 @@ def main() -> None:
         worker_main(args)
         return
 
-    from flywheel_model.prepare import ExportOptions, ensure_prepared, smollm2_gguf
+    from flywheel_model.prepare import ExportOptions, ensure_prepared, resolve_source, smollm2_gguf
 
-    args.gguf = str(smollm2_gguf())
+    source = resolve_source(args.base_model)
+    args.gguf = str(source or smollm2_gguf())
     variants = args.variants.split(",")
     # The fp32 CPU model always (prompts, eager's weights), and each ONNX variant's; each made once.
     exports = {("fp32", "cpu")} | {
         onnx_variant(v) for v in {*variants, args.service_variant} if v.startswith("onnx-")
     }
-    model_dirs = {key: ensure_prepared(None, ExportOptions(*key), None, force=False) for key in exports}
+    model_dirs = {key: ensure_prepared(source, ExportOptions(*key), None, force=False) for key in exports}
     fp32_dir = model_dirs[("fp32", "cpu")]
     prompts = build_prompts(Path(args.dataset), args.split, args.questions, fp32_dir / "onnx")
     prompts_file = Path(tempfile.mkstemp(suffix=".json")[1])

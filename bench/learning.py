@@ -1,7 +1,7 @@
 """Learning benchmark: what one round of feedback teaches the model, one training setting at a time.
 
     uv run python bench/learning.py [--dataset datasets/python-faq] [--variants as_written,span,...]
-                                    [--split gate] [--json PATH]
+                                    [--split gate] [--base-model gemma3-270m] [--json PATH]
 
 The ablation behind docs/quality.md, without the services in between: the base model answers the
 dataset's `traffic` questions on the serving path (the local profile's retrieval), simulated visitors
@@ -20,7 +20,8 @@ gate and traffic, never on exam). Variants set the job's hyperparameters:
 | `span_top15` | grounded span | keep | 0, adapters on the top 15 layers only (a third less per step) |
 
 Each line of the table: the split's accuracy, precision and F1, the paired-bootstrap difference to
-the base with its 95 % interval, the examples trained on and the job's time.
+the base with its 95 % interval, the examples trained on and the job's time. `--variants ""` scores
+the base model alone (no feedback, no training); `--base-model` names another prepared base.
 """
 
 from __future__ import annotations
@@ -123,13 +124,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from flywheel_evaluator.evaluation import Evaluator, load_golden
     from flywheel_evaluator.settings import EvaluationSettings, GoldenSettings
     from flywheel_model.engine import AnswerEngine, EngineSettings
-    from flywheel_model.prepare import ExportOptions, default_model_dir, register_base
+    from flywheel_model.prepare import ExportOptions, default_model_dir, register_base, resolve_source
     from flywheel_model.runtime import OrtSettings
     from flywheel_trainer import datasets
 
     dataset = load_dataset(args.dataset)
     root = Path(tempfile.mkdtemp(prefix="bench-learning-"))
-    model_dir = default_model_dir(None, ExportOptions())
+    model_dir = default_model_dir(resolve_source(args.base_model), ExportOptions())
     register_base(model_dir, root)
     registry = ModelRegistry(root)
     engine = AnswerEngine(
@@ -138,13 +139,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         EngineSettings(context_token_budget=BUDGET, passage_max_words=WORDS, max_batch=4, max_queue=16),
     )
     try:
-        rows = feedback_rows(dataset, engine, args.seed, args.rating_noise, args.correction_share)
+        rows = (
+            feedback_rows(dataset, engine, args.seed, args.rating_noise, args.correction_share)
+            if args.variants
+            else []
+        )
     finally:
         engine.close(30.0)
     dataset_id = f"bench-{dataset.name}"
-    files, manifest = datasets.build(dataset_id, rows, created_at=time.time(), reason="bench")
-    datasets.write(root, dataset_id, files, manifest)
-    counts = manifest["counts"]
+    counts: dict[str, int] = {}
+    if rows:
+        files, manifest = datasets.build(dataset_id, rows, created_at=time.time(), reason="bench")
+        datasets.write(root, dataset_id, files, manifest)
+        counts = manifest["counts"]
     print(f"{dataset.version}: {len(rows)} feedback rows {counts}; artifacts in {root}", flush=True)
 
     golden = load_golden(GoldenSettings(dataset=args.dataset, split=args.split))
@@ -152,8 +159,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         context_token_budget=BUDGET, passage_max_words=WORDS, concurrency=4, max_batch=4
     )
     evaluator = Evaluator(registry, golden, settings)
+    started = time.perf_counter()
     base = evaluator.evaluate("v1", reuse=False)
-    lines = [{"variant": "base", "version": "v1", **_scores(base)}]
+    base_s = time.perf_counter() - started
+    lines = [{"variant": "base", "version": "v1", **_scores(base), "eval_s": base_s}]
     print(_line(lines[0]), flush=True)
     for name in args.variants:
         version, seconds = train_variant(root, dataset_id, name)
@@ -182,6 +191,8 @@ def _line(line: dict[str, Any]) -> str:
         if f"{metric}_diff" in line:
             d, lo, hi = line[f"{metric}_diff"]
             text += f"  {metric} {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+    if "eval_s" in line:
+        text += f"  scored in {line['eval_s']:.0f} s"
     if "train_s" in line:
         text += f"  job {line['train_s']:.0f} s  {line['training']}"
     return text
@@ -192,7 +203,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dataset", type=Path, default=ROOT / "datasets" / "python-faq")
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    parser.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=list(VARIANTS))
+    parser.add_argument("--base-model", help="smollm2-135m (default), gemma3-270m, a .gguf or a HF folder")
     parser.add_argument("--split", default="gate", choices=("traffic", "gate"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rating-noise", type=float, default=0.15)

@@ -73,7 +73,7 @@ def bench_steps(prepared: Path, examples: list[dict[str, Any]], steps: int) -> d
     device, quantization = resolve_device(settings)
     hyper = settings.hyper.model_copy(update={"max_steps": steps})
     encoder = PromptEncoder(prepared / "onnx")
-    eos = DecoderSpec.load(prepared / "onnx").eos_token_ids
+    eos = encoder.stop_token_ids(DecoderSpec.load(prepared / "onnx").eos_token_ids)
     tokenized, _ = data.tokenize(examples, encoder, eos, hyper.max_seq_tokens)
     started = time.perf_counter()
     model = train.load_for_training(prepared / "hf", device, quantization, hyper)
@@ -189,6 +189,7 @@ def main() -> int:
     parser.add_argument("--skip-steps", action="store_true", help="skip the step timing")
     parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--base-model", help="smollm2-135m (default), gemma3-270m, a .gguf or a HF folder")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args()
     # As the job does: OpenMP threads sleep rather than spin while waiting (set before torch loads).
@@ -197,9 +198,9 @@ def main() -> int:
         os.environ["FLYWHEEL_TRAINER_JOB_THREADS"] = str(args.threads)
 
     sys.path.insert(0, str(ROOT / "cli" / "src"))
-    from flywheel_model.prepare import ExportOptions, ensure_prepared
+    from flywheel_model.prepare import ExportOptions, ensure_prepared, resolve_source
 
-    prepared = ensure_prepared(None, ExportOptions(), None, force=False)
+    prepared = ensure_prepared(resolve_source(args.base_model), ExportOptions(), None, force=False)
     examples = realistic_examples(Path(args.dataset), prepared / "onnx", args.examples)
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
