@@ -125,12 +125,16 @@ def _timed_decode(step_first: Any, step_next: Any, new_tokens: int, eos: set[int
     }
 
 
-def worker_eager(prompts: list[dict[str, Any]], new_tokens: int, threads: int) -> list[dict[str, Any]]:
+def worker_eager(
+    prompts: list[dict[str, Any]], new_tokens: int, threads: int, base_model: str | None
+) -> list[dict[str, Any]]:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from flywheel_model.prepare import ExportOptions, default_model_dir, resolve_source
+
     torch.set_num_threads(threads)
-    model_dir = ROOT / ".cache/models/smollm2-135m-fp32-cpu/hf"
+    model_dir = default_model_dir(resolve_source(base_model), ExportOptions()) / "hf"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     eos = {int(model.config.eos_token_id)}
     results = []
@@ -287,7 +291,7 @@ def worker_main(args: argparse.Namespace) -> None:
     prompts = json.loads(Path(args.prompts).read_text())
     by_batch: dict[str, float] = {}
     if args.worker == "eager":
-        results = worker_eager(prompts, args.new_tokens, args.threads)
+        results = worker_eager(prompts, args.new_tokens, args.threads, args.base_model)
     elif args.worker == "llamacpp":
         results = worker_llamacpp(prompts, args.new_tokens, args.threads, args.gguf)
     else:
@@ -404,12 +408,14 @@ async def _measure(
 
 
 def summarise(
-    variant: str, data: dict[str, Any], reference: list[list[int]] | None, prompts: list[dict[str, Any]]
+    variant: str,
+    data: dict[str, Any],
+    reference: list[list[int]] | None,
+    prompts: list[dict[str, Any]],
+    encoder: Any,
 ) -> dict[str, Any]:
     from flywheel_eval.metrics import contains
-    from flywheel_model.prompt import PromptEncoder
 
-    encoder = PromptEncoder(ROOT / ".cache/models/smollm2-135m-fp32-cpu/onnx")
     results = data["results"]
     texts = [encoder.decode(r["tokens"]).strip() for r in results]
     equal = sum(r["tokens"] == ref for r, ref in zip(results, reference, strict=True)) if reference else None
@@ -489,7 +495,10 @@ def main() -> None:
             measured[variant] = data
     reference_variant = next((v for v in ("onnx-fp32", "eager") if v in measured), None)
     reference = [r["tokens"] for r in measured[reference_variant]["results"]] if reference_variant else None
-    rows = [summarise(v, data, reference, prompts) for v, data in measured.items()]
+    from flywheel_model.prompt import PromptEncoder
+
+    encoder = PromptEncoder(fp32_dir / "onnx")
+    rows = [summarise(v, data, reference, prompts, encoder) for v, data in measured.items()]
     base = {r["variant"]: r for r in rows}
 
     def ratio(r: dict[str, Any], key: str, to: str) -> float:
