@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
+
 from flywheel_cli.local.options import add_stack_args, stack_config
-from flywheel_cli.local.stack import StackConfig, describe_state
+from flywheel_cli.local.stack import LocalStack, StackConfig, StackError, describe_state
 from flywheel_common.registry import ModelRegistry
 
 
@@ -25,6 +27,15 @@ def test_a_simulation_gets_a_fresh_state_folder_and_broker(tmp_path: Path) -> No
     assert running.var_dir == tmp_path and not running.own_broker
     external = stack_config(parse("--var", str(tmp_path), "--kafka", "h:1"), None, simulating=True)
     assert external.var_dir == tmp_path  # an external broker holds the other runs' offsets anyway
+
+
+def test_the_base_model_is_the_default_unless_named(tmp_path: Path) -> None:
+    assert stack_config(parse("--var", str(tmp_path)), None).base_model is None
+    named = stack_config(parse("--var", str(tmp_path), "--base-model", "gemma3-270m"), None, simulating=True)
+    assert named.base_model == "gemma3-270m"
+    missing = LocalStack(StackConfig(var_dir=tmp_path, base_model=str(tmp_path / "absent.gguf")))
+    with pytest.raises(StackError, match="no base model"):
+        missing.start()
 
 
 def test_the_state_at_start_is_described(tmp_path: Path) -> None:

@@ -447,6 +447,8 @@ class LocalStack:
             source = resolve_source(self.config.base_model)
         except FileNotFoundError as exc:
             raise StackError(str(exc)) from exc
+        if source is not None and not source.exists():
+            raise StackError(f"no base model at {source}: give a .gguf file, a Hugging Face folder or a name")
         model_dir = ensure_prepared(source, ExportOptions(), None, force=False, echo=self.echo)
         self.base_version = register_base(model_dir, self.config.artifact_root.resolve(), echo=self.echo)
 
