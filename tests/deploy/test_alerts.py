@@ -82,7 +82,42 @@ def test_alerts_have_severity_summary_and_runbook(rule: dict[str, Any]) -> None:
             )
 
 
+def unwatched_services(render: dc.Render, rule: dict[str, Any]) -> set[str]:
+    """The Services a ServiceMonitor scrapes that FlywheelServiceDown's `service=~` selector misses
+    (`up` carries the Service's name as its `service` label)."""
+    (expr,) = [
+        r["expr"] for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "FlywheelServiceDown"
+    ]
+    match = re.search(r'service=~"([^"]+)"', expr)
+    assert match, expr
+    scraped = {
+        service["metadata"]["name"]
+        for monitor in render.of_kind("ServiceMonitor")
+        for service in render.of_kind("Service")
+        if monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    }
+    assert scraped, "no ServiceMonitor selects a Service"
+    return {name for name in scraped if not re.fullmatch(match[1], name)}
+
+
+def test_service_down_watches_every_scraped_service(renders: dict[str, dc.Render]) -> None:
+    """A service with a ServiceMonitor that the alert's selector misses goes down unnoticed (the
+    gateway did until issue 13)."""
+    assert len(renders[SCENARIO].of_kind("ServiceMonitor")) == len(dc.SERVICES)
+    for name in dc.SCENARIOS:
+        for rule in renders[name].of_kind("PrometheusRule"):
+            assert unwatched_services(renders[name], rule) == set(), name
+
+
 # ---------------------------------------------------------------- each check fails on a broken input
+
+
+def test_a_service_the_alert_misses_is_caught(rule: dict[str, Any], renders: dict[str, dc.Render]) -> None:
+    broken = copy.deepcopy(rule)
+    for g in broken["spec"]["groups"]:
+        for r in g["rules"]:
+            r["expr"] = r["expr"].replace("(gateway|", "(")
+    assert unwatched_services(renders[SCENARIO], broken) == {"fw-flywheel-gateway"}
 
 
 def test_typo_in_a_rule_metric_is_caught(promtool: Path, rule: dict[str, Any], tmp_path: Path) -> None:

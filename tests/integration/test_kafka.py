@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from flywheel_cli.local.kafka_broker import LocalBroker
 from flywheel_common.errors import Unavailable
@@ -195,3 +196,56 @@ async def test_consumer_runs_until_shutdown_and_dead_letters(
     [dead] = read_topic(kafka_settings.topics.dead_letter, 1)
     assert dead.key == b"poison"
     assert header(dead, "flywheel-dlq-reason") == b"not a Feedback"
+
+
+class _Idle(EventConsumer):
+    """Consumes and drops: only its group membership matters here."""
+
+    def __init__(self, settings: KafkaSettings, group_id: str) -> None:
+        super().__init__(settings, [settings.topics.feedback], group_id, poll_timeout_ms=100)
+
+    def handle(self, records: list[ConsumerRecord]) -> None:
+        pass
+
+
+def _wait_for(check: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_assigned_partitions_gauge_follows_the_group(kafka_settings: KafkaSettings) -> None:
+    """flywheel_kafka_assigned_partitions (FlywheelConsumerWithoutPartitions) is at 0 before the
+    group assigns anything, counts what this process's consumers hold through two rebalances, and is
+    back at 0 once they left."""
+    group, topic = f"test-assigned-{uuid.uuid4().hex[:6]}", kafka_settings.topics.feedback
+
+    def held() -> float | None:
+        return REGISTRY.get_sample_value(
+            "flywheel_kafka_assigned_partitions", {"group": group, "topic": topic}
+        )
+
+    first, second = _Idle(kafka_settings, group), _Idle(kafka_settings, group)
+    assert held() == 0  # the series exists before a consumer joins: an alert can see it stay at 0
+    threads = [threading.Thread(target=c.run, daemon=True) for c in (first, second)]
+    threads[0].start()
+    try:
+        assert _wait_for(lambda: held() == kafka_settings.partitions), held()
+        # A second member: the group splits the partitions (each revoked, then some assigned again).
+        threads[1].start()
+        assert _wait_for(lambda: first.assigned and second.assigned and held() == kafka_settings.partitions)
+        second.signal_shutdown()
+        threads[1].join(30)
+        assert not threads[1].is_alive() and not second.assigned
+        # The first member takes every partition back.
+        assert _wait_for(lambda: held() == kafka_settings.partitions), held()
+    finally:
+        for consumer, thread in zip((first, second), threads, strict=True):
+            consumer.signal_shutdown()
+            if thread.is_alive():
+                thread.join(30)
+    assert not threads[0].is_alive()
+    assert held() == 0

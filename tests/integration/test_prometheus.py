@@ -1,5 +1,5 @@
 """A real Prometheus on the local stack: every dashboard query has data, every alert rule evaluates,
-and breaking the trainer or the broker makes the matching alert go pending."""
+and breaking the trainer, the broker or the gateway makes the matching alert go pending."""
 
 from __future__ import annotations
 
@@ -220,3 +220,11 @@ def test_dashboards_have_data_alerts_evaluate_and_fire(observed: LocalStack) -> 
     assert failed.status_code == 503, failed.text
     assert _wait(lambda: _alert(prometheus, "FlywheelFeedbackProduceFailures") == "pending", 60)
     client.close()
+
+    # The gateway stops -> FlywheelServiceDown goes pending for it too (its selector once missed it).
+    gateway = next(s for s in observed.running if s.spec.name == "gateway")
+    gateway.process.terminate()
+    gateway.process.wait(60)
+    assert _wait(
+        lambda: _alert(prometheus, "FlywheelServiceDown", service="flywheel-gateway") == "pending", 60
+    )

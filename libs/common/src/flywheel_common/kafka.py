@@ -42,6 +42,12 @@ M = TypeVar("M", bound=Message)
 # Header naming the protobuf message type of the value, so generic tools (topic tail, dead-letter) can decode.
 EVENT_TYPE_HEADER = "flywheel-event-type"
 
+ASSIGNED_PARTITIONS = Gauge(
+    "flywheel_kafka_assigned_partitions",
+    "Partitions the consumer group assigns to this process's consumers, by group and topic.",
+    ["group", "topic"],
+)
+
 
 def client_config(settings: KafkaSettings) -> dict[str, Any]:
     """kafka-python options shared by producers, consumers and the admin client."""
@@ -607,6 +613,9 @@ class EventConsumer(ABC):
         self._shutdown = threading.Event()
         self._heartbeat = time.monotonic()
         self._assigned: set[TopicPartition] = set()
+        # At 0 from the start: a consumer the group never assigns anything must show, not be absent.
+        for topic in self.topics:
+            ASSIGNED_PARTITIONS.labels(group_id, topic)
         self._dead_letters: EventProducer | None = None
         # The running client, for subclasses that read positions (lag) after a batch.
         self.kafka: KafkaConsumer | None = None
@@ -619,6 +628,14 @@ class EventConsumer(ABC):
     def assigned(self) -> bool:
         """Whether the group gave this consumer any partition."""
         return bool(self._assigned)
+
+    def _set_assigned(self, partitions: set[TopicPartition]) -> None:
+        # Changes the gauge by this consumer's difference, so consumers of one group in one process add up.
+        before = collections.Counter(tp.topic for tp in self._assigned)
+        after = collections.Counter(tp.topic for tp in partitions)
+        for topic in self.topics:
+            ASSIGNED_PARTITIONS.labels(self.group_id, topic).inc(after[topic] - before[topic])
+        self._assigned = partitions
 
     def heartbeat_age_s(self) -> float:
         """Seconds since the poll loop last turned."""
@@ -657,10 +674,10 @@ class EventConsumer(ABC):
 
         class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                owner._assigned -= set(revoked)
+                owner._set_assigned(owner._assigned - set(revoked))
 
             def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-                owner._assigned |= set(assigned)
+                owner._set_assigned(owner._assigned | set(assigned))
                 if owner.on_assigned is not None:
                     owner.on_assigned()
 
@@ -680,6 +697,9 @@ class EventConsumer(ABC):
                 self.handle(records)
                 consumer.commit()
         finally:
+            # A closed consumer holds nothing, whether or not the client says so on close (a restart
+            # after an error must not start out "assigned").
+            self._set_assigned(set())
             consumer.close()
             self.kafka = None
             if self._dead_letters is not None:
