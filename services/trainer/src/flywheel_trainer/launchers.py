@@ -133,17 +133,23 @@ class LocalJobLauncher(JobLauncher):
 
     def stop(self, handle: str) -> None:
         pid, job_id = _parse(handle)
-        if not _alive(pid, job_id):
+        with self._lock:
+            proc = self._procs.get(handle)
+
+        def running() -> bool:
+            # Our own child holds its pid until it is reaped, so its exit status is the truth; its
+            # command line may not show the job yet right after launch. An adopted job has only that.
+            return proc.poll() is None if proc is not None else _alive(pid, job_id)
+
+        if not running():
             return
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + self.stop_grace_s
-        while time.monotonic() < deadline and _alive(pid, job_id):
-            with self._lock:
-                proc = self._procs.get(handle)
-            if proc is not None and proc.poll() is not None:
+        while time.monotonic() < deadline:
+            if not running():
                 return
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
