@@ -16,12 +16,16 @@ gate and traffic, never on exam). Variants set the job's hyperparameters:
 | `as_written` | as written | keep | 0 |
 | `span` | grounded span | keep | 0 |
 | `span_drop` | grounded span | drop | 0 |
+| `span_abstain` | grounded span | abstain | 0 |
 | `span_orpo` | grounded span | keep | 0.5 |
 | `span_top15` | grounded span | keep | 0, adapters on the top 15 layers only (a third less per step) |
 
 Each line of the table: the split's accuracy, precision and F1, the paired-bootstrap difference to
-the base with its 95 % interval, the examples trained on and the job's time. `--variants ""` scores
-the base model alone (no feedback, no training); `--base-model` names another prepared base.
+the base with its 95 % interval, the gate's safety figures (unanswerable questions answered instead
+of abstained, abstentions on answerable ones, as the evaluator scores them), the local profile's gate
+verdict against the base (its failed checks), the examples trained on and the job's time.
+`--variants ""` scores the base model alone (no feedback, no training); `--base-model` names another
+prepared base.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "as_written": {"TARGET": "as_written", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0"},
     "span": {"TARGET": "grounded_span", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0"},
     "span_drop": {"TARGET": "grounded_span", "UNGROUNDED": "drop", "PREFERENCE_WEIGHT": "0"},
+    "span_abstain": {"TARGET": "grounded_span", "UNGROUNDED": "abstain", "PREFERENCE_WEIGHT": "0"},
     "span_orpo": {"TARGET": "grounded_span", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0.5"},
     "span_top15": {
         "TARGET": "grounded_span",
@@ -54,6 +59,9 @@ VARIANTS: dict[str, dict[str, str]] = {
 # The local profile (docs/local.md): retrieval, and the training schedule.
 BUDGET, WORDS = 200, 40
 LOCAL_HYPER = {"EPOCHS": "3", "GRADIENT_ACCUMULATION": "4"}
+# The local profile's gate (flywheel_cli.local.stack): the SLO only catches rambling on 2 cores, and
+# a candidate better with 80 % confidence passes.
+LOCAL_GATE = {"latency_p95_slo_ms": 60_000.0, "max_p_not_better": 0.2}
 
 
 def feedback_rows(dataset: Any, engine: Any, seed: int, noise: float, share: float) -> list[dict[str, Any]]:
@@ -122,7 +130,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from flywheel_eval.dataset import load_dataset
     from flywheel_eval.metrics import paired_bootstrap
     from flywheel_evaluator.evaluation import Evaluator, load_golden
-    from flywheel_evaluator.settings import EvaluationSettings, GoldenSettings
+    from flywheel_evaluator.gate import judge
+    from flywheel_evaluator.settings import EvaluationSettings, GateSettings, GoldenSettings
     from flywheel_model.engine import AnswerEngine, EngineSettings
     from flywheel_model.prepare import ExportOptions, default_model_dir, register_base, resolve_source
     from flywheel_model.runtime import OrtSettings
@@ -159,6 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         context_token_budget=BUDGET, passage_max_words=WORDS, concurrency=4, max_batch=4
     )
     evaluator = Evaluator(registry, golden, settings)
+    gate = GateSettings(**LOCAL_GATE)
     started = time.perf_counter()
     base = evaluator.evaluate("v1", reuse=False)
     base_s = time.perf_counter() - started
@@ -168,6 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         version, seconds = train_variant(root, dataset_id, name)
         result = evaluator.evaluate(version, reuse=False)
         line: dict[str, Any] = {"variant": name, "version": version, **_scores(result), "train_s": seconds}
+        verdict = judge(result, base, gate)
+        line["gate"] = {"passed": verdict.passed, "failed": [check.name for check in verdict.failures]}
         training = registry.get(version).manifest.get("training") or {}
         line["training"] = {k: training.get(k) for k in ("targets", "preference_pairs")}
         for metric, field in (("accuracy", "contains"), ("f1", "f1")):
@@ -180,19 +192,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"dataset": dataset.version, "split": args.split, "feedback": counts, "lines": lines}
 
 
-def _scores(result: Any) -> dict[str, float]:
-    return {name: result.value(name) for name in ("accuracy", "precision", "f1")}
+def _scores(result: Any) -> dict[str, Any]:
+    """Quality over the answerable questions; safety as the gate counts it (`fabricated` items)."""
+    scores: dict[str, Any] = {name: result.value(name) for name in ("accuracy", "precision", "f1")}
+    scores["unanswerable"] = len(result.unanswerable)
+    scores["answered_unanswerable"] = result.fabrications
+    scores["answerable"] = len(result.answerable)
+    scores["abstained_answerable"] = sum(item.abstained for item in result.answerable)
+    return scores
 
 
 def _line(line: dict[str, Any]) -> str:
     text = f"{line['variant']:<12} acc {line['accuracy']:6.1%}  prec {line['precision']:6.1%}"
     text += f"  F1 {line['f1']:6.1%}"
+    text += f"  answered {line['answered_unanswerable']}/{line['unanswerable']} unanswerable"
+    text += f"  abstained {line['abstained_answerable']}/{line['answerable']} answerable"
     for metric in ("accuracy", "f1"):
         if f"{metric}_diff" in line:
             d, lo, hi = line[f"{metric}_diff"]
             text += f"  {metric} {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
     if "eval_s" in line:
         text += f"  scored in {line['eval_s']:.0f} s"
+    if "gate" in line:
+        text += "  gate " + ("pass" if line["gate"]["passed"] else "FAIL " + ",".join(line["gate"]["failed"]))
     if "train_s" in line:
         text += f"  job {line['train_s']:.0f} s  {line['training']}"
     return text

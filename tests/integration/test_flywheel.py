@@ -34,6 +34,7 @@ def _tiny_round_env(group: str) -> dict[str, dict[str, str]]:
             "FLYWHEEL_TRAINER_JOB_HYPER__GRADIENT_ACCUMULATION": "1",
             "FLYWHEEL_TRAINER_JOB_HYPER__REPLAY_FRACTION": "0",
             "FLYWHEEL_TRAINER_JOB_HYPER__PREFERENCE_WEIGHT": "0.5",
+            "FLYWHEEL_TRAINER_JOB_HYPER__UNGROUNDED": "abstain",
             "FLYWHEEL_TRAINER_JOB_VERIFY__PROMPTS": "1",
             "FLYWHEEL_TRAINER_JOB_VERIFY__MAX_NEW_TOKENS": "8",
         },
@@ -86,11 +87,15 @@ def test_one_round_trains_gates_and_reports(
     assert job["state"] == "SUCCEEDED", job
     candidate = job["candidate_version"]
     assert registry.get(candidate).manifest["kind"] == "candidate"
-    # Its targets were shaped into passage spans, and corrections paired with the answers they replaced.
+    # Its targets were shaped into passage spans (ungrounded corrections into abstentions), and
+    # corrections paired with the answers they replaced.
     training = registry.get(candidate).manifest["training"]
+    targets, hyper = training["targets"], training["hyperparameters"]
     # (the batch may be cut before the round's last corrections arrive: at least one was shaped)
-    assert training["targets"]["grounded"] + training["targets"]["ungrounded"] >= 1
-    assert training["hyperparameters"]["target"] == "grounded_span" and "preference_pairs" in training
+    assert targets["grounded"] + targets["ungrounded"] >= 1
+    assert targets["ungrounded"] == targets["abstained"] + targets["dropped"]
+    assert hyper["target"] == "grounded_span" and hyper["ungrounded"] == "abstain"
+    assert "preference_pairs" in training
     # ... evaluated on the golden set and decided on, and the decision reached the report.
     gate = [d for d in first.decisions if d["version"] == candidate and d["action"] == "gate"]
     assert len(gate) == 1 and gate[0]["reasons"]

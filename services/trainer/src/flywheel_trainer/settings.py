@@ -156,9 +156,10 @@ class HyperParameters(BaseModel):
     replay_fraction: float = Field(default=0.5, ge=0)
     replay_max_examples: int = Field(default=64, ge=0)
     # What an answer is taught as: the span of the passages it quotes (see job/targets.py), or the
-    # text as written; and whether answers the passages do not ground are kept or dropped.
+    # text as written; and whether answers the passages do not ground are kept, dropped, or (abstain)
+    # corrections taught as "The page does not say." (the passages the model saw lack the answer).
     target: Literal["as_written", "grounded_span"] = "grounded_span"
-    ungrounded: Literal["keep", "drop"] = "keep"
+    ungrounded: Literal["keep", "drop", "abstain"] = "keep"
     # Weight of the odds-ratio preference loss (ORPO) that pushes a corrected example's target above
     # the model answer it corrected (0: supervised loss only).
     preference_weight: float = Field(default=0.0, ge=0)

@@ -5,7 +5,9 @@ rated high is the model's own sentence. What a reader of the page should learn t
 it that the page itself says: the longest run of the answer's words found in the passages the model
 was given, trimmed of function words and of words the question already has. An answer whose content
 the passages do not hold (retrieval missed it) is *ungrounded*: training on it teaches the model to
-answer from memory, which does not carry over to other questions.
+answer from memory, which does not carry over to other questions. Such an answer is kept as written,
+left out, or (for a correction) taught as the abstention: the model saw passages without the answer,
+so for that prompt the right output is "The page does not say."
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Literal
 from bm25s.stopwords import STOPWORDS_EN
 
 from flywheel_eval.metrics import normalize_answer
+from flywheel_model.prompt import NO_ANSWER
 
 _STOP = frozenset(STOPWORDS_EN) | {
     "",
@@ -40,7 +43,7 @@ _LEADING = "\"'\u201c\u2018("
 MIN_COVERAGE = 0.5
 
 TargetMode = Literal["as_written", "grounded_span"]
-UngroundedMode = Literal["keep", "drop"]
+UngroundedMode = Literal["keep", "drop", "abstain"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class TargetStats:
     ungrounded: int = 0
     dropped: int = 0
     shortened: int = 0
+    abstained: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +118,7 @@ class TargetStats:
             "ungrounded": self.ungrounded,
             "dropped": self.dropped,
             "shortened": self.shortened,
+            "abstained": self.abstained,
         }
 
 
@@ -121,17 +126,24 @@ def shape_targets(
     examples: Iterable[dict[str, Any]], target: TargetMode, ungrounded: UngroundedMode
 ) -> tuple[list[dict[str, Any]], TargetStats]:
     """The examples with their answers as spans of their passages (`grounded_span`) or as written;
-    ungrounded ones kept or dropped."""
+    ungrounded ones kept, dropped, or (`abstain`) corrections and abstentions taught as NO_ANSWER, the
+    rest dropped."""
     out: list[dict[str, Any]] = []
     stats = TargetStats()
     for example in examples:
         span = grounded_span(example["answer"], example.get("passages") or [], example["question"])
         if span is None:
             stats.ungrounded += 1
-            if ungrounded == "drop":
+            abstains = normalize_answer(example["answer"]) == normalize_answer(NO_ANSWER)
+            if ungrounded == "abstain" and (example.get("source") == "correction" or abstains):
+                stats.abstained += 1
+                out.append({**example, "answer": NO_ANSWER, "written_answer": example["answer"]})
+            elif ungrounded == "keep":
+                out.append(example)
+            else:
+                # A positive is a visitor's approval of the answer: taught as an abstention it would
+                # contradict them (unless it abstained), and as written it teaches answering from memory.
                 stats.dropped += 1
-                continue
-            out.append(example)
             continue
         stats.grounded += 1
         if target == "grounded_span" and span != example["answer"].strip():
