@@ -45,13 +45,17 @@ def main() -> None:
     from onnxruntime_genai.models import builder
 
     args = builder.get_args()
-    extra_options = builder.parse_extra_options(
+    # The builder's positional arguments, the same for reading its options and for building.
+    model = [
         args.model_name,
         args.input,
         args.output,
         args.precision,
         args.execution_provider,
         args.cache_dir,
+    ]
+    extra_options = builder.parse_extra_options(
+        *model,
         args.extra_options,
         builder_config_version=args.builder_config_version,
         target_options=args.target_options,
@@ -62,15 +66,7 @@ def main() -> None:
     )
     if flatten_layer_rope(extra_options["hf_details"]["hf_config"]):
         print("flywheel: rope_parameters per layer type flattened for the builder")
-    builder.create_model(
-        args.model_name,
-        args.input,
-        args.output,
-        args.precision,
-        args.execution_provider,
-        args.cache_dir,
-        **extra_options,
-    )
+    builder.create_model(*model, **extra_options)
 
 
 if __name__ == "__main__":
