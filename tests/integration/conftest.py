@@ -1,4 +1,5 @@
-"""Integration fixtures: one real Kafka broker for the session, a unique set of topics per test."""
+"""Integration fixtures: one real Kafka broker for the session, a unique set of topics per test, and
+a poll-until-true helper."""
 
 from __future__ import annotations
 
@@ -88,3 +89,21 @@ def read_topic(kafka_settings: KafkaSettings) -> Callable[..., list[ConsumerReco
             consumer.close()
 
     return read
+
+
+WaitUntil = Callable[..., bool]
+
+
+def _wait_until(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Whether `check` came true within `timeout_s`, asked every `interval_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+@pytest.fixture(scope="session")
+def wait_until() -> WaitUntil:
+    return _wait_until

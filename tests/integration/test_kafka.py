@@ -208,16 +208,9 @@ class _Idle(EventConsumer):
         pass
 
 
-def _wait_for(check: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def test_assigned_partitions_gauge_follows_the_group(kafka_settings: KafkaSettings) -> None:
+def test_assigned_partitions_gauge_follows_the_group(
+    kafka_settings: KafkaSettings, wait_until: Callable[..., bool]
+) -> None:
     """flywheel_kafka_assigned_partitions (FlywheelConsumerWithoutPartitions) is at 0 before the
     group assigns anything, counts what this process's consumers hold through two rebalances, and is
     back at 0 once they left."""
@@ -233,15 +226,17 @@ def test_assigned_partitions_gauge_follows_the_group(kafka_settings: KafkaSettin
     threads = [threading.Thread(target=c.run, daemon=True) for c in (first, second)]
     threads[0].start()
     try:
-        assert _wait_for(lambda: held() == kafka_settings.partitions), held()
+        assert wait_until(lambda: held() == kafka_settings.partitions, 60), held()
         # A second member: the group splits the partitions (each revoked, then some assigned again).
         threads[1].start()
-        assert _wait_for(lambda: first.assigned and second.assigned and held() == kafka_settings.partitions)
+        assert wait_until(
+            lambda: first.assigned and second.assigned and held() == kafka_settings.partitions, 60
+        )
         second.signal_shutdown()
         threads[1].join(30)
         assert not threads[1].is_alive() and not second.assigned
         # The first member takes every partition back.
-        assert _wait_for(lambda: held() == kafka_settings.partitions), held()
+        assert wait_until(lambda: held() == kafka_settings.partitions, 60), held()
     finally:
         for consumer, thread in zip((first, second), threads, strict=True):
             consumer.signal_shutdown()

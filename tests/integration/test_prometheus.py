@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -143,16 +142,6 @@ def _dashboard_queries() -> list[tuple[str, str]]:
     return queries
 
 
-def _wait(check: Callable[[], bool], timeout_s: float) -> bool:
-    """Whether `check` came true within the time, asked every second."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(1.0)
-    return True
-
-
 def _alert(prometheus: LocalPrometheus, name: str, **labels: str) -> str | None:
     """The state (pending, firing) of the alert `name` with these labels; None when inactive."""
     for alert in prometheus.alerts():
@@ -161,7 +150,9 @@ def _alert(prometheus: LocalPrometheus, name: str, **labels: str) -> str | None:
     return None
 
 
-def test_dashboards_have_data_alerts_evaluate_and_fire(observed: LocalStack) -> None:
+def test_dashboards_have_data_alerts_evaluate_and_fire(
+    observed: LocalStack, wait_until: Callable[..., bool]
+) -> None:
     prometheus = _prometheus(observed)
     assert observed.gateway_url is not None
     client = httpx.Client(base_url=observed.gateway_url, timeout=120)
@@ -189,7 +180,7 @@ def test_dashboards_have_data_alerts_evaluate_and_fire(observed: LocalStack) -> 
     def empty() -> list[tuple[str, str]]:
         return [(name, expr) for name, expr in expected if not prometheus.query(expr)]
 
-    missing = [] if _wait(lambda: not empty(), 240) else empty()
+    missing = [] if wait_until(lambda: not empty(), 240, 1.0) else empty()
     assert not missing, "dashboard queries without data:\n" + "\n".join(f"{n}: {e}" for n, e in missing)
     for _, expr in later:
         assert not prometheus.query(expr), f"{expr} has data now: take it off NEEDS_MORE_THAN_THIS_TEST"
@@ -208,8 +199,8 @@ def test_dashboards_have_data_alerts_evaluate_and_fire(observed: LocalStack) -> 
     trainer = next(s for s in observed.running if s.spec.name == "trainer")
     trainer.process.terminate()
     trainer.process.wait(60)
-    assert _wait(
-        lambda: _alert(prometheus, "FlywheelServiceDown", service="flywheel-trainer") == "pending", 60
+    assert wait_until(
+        lambda: _alert(prometheus, "FlywheelServiceDown", service="flywheel-trainer") == "pending", 60, 1.0
     )
     assert _alert(prometheus, "FlywheelServiceDown", service="flywheel-inference") is None
 
@@ -218,13 +209,13 @@ def test_dashboards_have_data_alerts_evaluate_and_fire(observed: LocalStack) -> 
     observed.broker.stop(kill=True)
     failed = _rate(client, answers[2], 4)
     assert failed.status_code == 503, failed.text
-    assert _wait(lambda: _alert(prometheus, "FlywheelFeedbackProduceFailures") == "pending", 60)
+    assert wait_until(lambda: _alert(prometheus, "FlywheelFeedbackProduceFailures") == "pending", 60, 1.0)
     client.close()
 
     # The gateway stops -> FlywheelServiceDown goes pending for it too (its selector once missed it).
     gateway = next(s for s in observed.running if s.spec.name == "gateway")
     gateway.process.terminate()
     gateway.process.wait(60)
-    assert _wait(
-        lambda: _alert(prometheus, "FlywheelServiceDown", service="flywheel-gateway") == "pending", 60
+    assert wait_until(
+        lambda: _alert(prometheus, "FlywheelServiceDown", service="flywheel-gateway") == "pending", 60, 1.0
     )
