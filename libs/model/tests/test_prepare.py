@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from flywheel_common.files import file_sha256
-from flywheel_model.prepare import ExportOptions, prepare, read_manifest
+from flywheel_model.prepare import ExportOptions, Precision, prepare, read_manifest
 
 
 @pytest.mark.integration
@@ -44,17 +44,20 @@ def test_fp32_for_cuda_is_refused_before_an_invalid_model_is_built() -> None:
     assert ExportOptions(precision="fp16", provider="cuda").builder_args()[:4] == ["-p", "fp16", "-e", "cuda"]
 
 
-def test_q4_1_needs_a_gguf_source_and_the_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("precision", "accuracy_level"), [("q4_1", 1), ("q4_1_a8", 4)])
+def test_gguf_blocks_need_a_gguf_source_and_the_cpu(
+    tmp_path: Path, precision: Precision, accuracy_level: int
+) -> None:
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"not a \.gguf"):
-        prepare(
-            tmp_path / "out", source=tmp_path / "hf", options=ExportOptions("q4_1"), cache_dir=tmp_path / "c"
-        )
+        options = ExportOptions(precision)
+        prepare(tmp_path / "out", source=tmp_path / "hf", options=options, cache_dir=tmp_path / "c")
     with pytest.raises(ValueError, match="CPU only"):
-        ExportOptions(precision="q4_1", provider="cuda")
-    # Built on the fp32 graph, re-encoded afterwards.
-    assert ExportOptions(precision="q4_1").builder_args()[:2] == ["-p", "fp32"]
+        ExportOptions(precision=precision, provider="cuda")
+    # Built on the fp32 graph, re-encoded afterwards; q4_1_a8 quantizes the activations to 8 bits.
+    assert ExportOptions(precision=precision).builder_args()[:2] == ["-p", "fp32"]
+    assert ExportOptions(precision=precision).accuracy_level == accuracy_level
 
 
 def test_gemma3_rope_per_layer_type_is_flattened_exactly_for_the_builder() -> None:

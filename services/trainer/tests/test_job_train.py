@@ -136,8 +136,10 @@ def test_preference_weight_pushes_the_chosen_answer_above_the_rejected_one(tiny_
     assert margins[2.0] > margins[0.0]
 
 
-@pytest.mark.parametrize(("parent", "candidate"), [("q4_1", "fp32"), ("fp32", "fp32"), ("int4", "int4")])
-def test_candidates_of_a_q4_1_parent_are_exported_in_fp32(
+@pytest.mark.parametrize(
+    ("parent", "candidate"), [("q4_1", "fp32"), ("q4_1_a8", "fp32"), ("fp32", "fp32"), ("int4", "int4")]
+)
+def test_candidates_of_a_gguf_blocks_parent_are_exported_in_fp32(
     tmp_path: Path, parent: str, candidate: str
 ) -> None:
     from flywheel_common.registry import ModelVersion

@@ -64,15 +64,16 @@ def resolve_device(settings: JobSettings) -> tuple[str, str]:
 def export_options_of(parent: ModelVersion) -> Any:
     """The parent's ONNX export options, so every version in a lineage is served the same way.
 
-    A q4_1 parent's candidates are exported in fp32: merging an adapter moves every adapted weight
-    off the GGUF's grid, and fp32 is what answers exactly like the merged model (checked below).
+    The candidates of a parent stored as a GGUF's blocks (q4_1, q4_1_a8) are exported in fp32: merging
+    an adapter moves every adapted weight off the GGUF's grid, and fp32 is what answers exactly like
+    the merged model (checked below).
     """
-    from flywheel_model.prepare import ExportOptions
+    from flywheel_model.prepare import GGUF_BLOCK_PRECISIONS, ExportOptions
 
     export = parent.manifest.get("export") or parent.manifest.get("prepared", {}).get("export") or {}
     precision = export.get("precision", "fp32")
     return ExportOptions(
-        precision="fp32" if precision == "q4_1" else precision,
+        precision="fp32" if precision in GGUF_BLOCK_PRECISIONS else precision,
         provider=export.get("provider", "cpu"),
     )
 
