@@ -142,6 +142,16 @@ async def _run_level(
     }
 
 
+def _wait_ready(log_path: Path, processes: int, timeout_s: float) -> None:
+    """Waits for every worker's "feedback ready" log line: a connection opened before a worker
+    listens goes to the others for good, which would skew the load."""
+    deadline = time.monotonic() + timeout_s
+    while log_path.read_text(errors="replace").count("feedback ready") < processes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{processes} feedback workers not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 async def _bench(
     args: argparse.Namespace, target: str, pids: dict[str, int | None], service: str
 ) -> list[dict[str, Any]]:
@@ -186,7 +196,8 @@ def _start_service(
         "FLYWHEEL_FEEDBACK_METRICS__PORT": "0",
         "FLYWHEEL_FEEDBACK_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "FLYWHEEL_FEEDBACK_RATE_LIMIT__PER_SECOND": "0",
-        "FLYWHEEL_FEEDBACK_LOGGING__LEVEL": "WARNING",
+        # INFO for the workers' "feedback ready" lines; calls that succeed log nothing at INFO.
+        "FLYWHEEL_FEEDBACK_LOGGING__LEVEL": "INFO",
     }
     with log_path.open("wb") as log:
         return subprocess.Popen(
@@ -242,6 +253,7 @@ def main() -> int:
                     }
                     print(f"{name}: 127.0.0.1:{port}; {os.cpu_count()} CPUs; {args.duration:.0f} s per level")
                     try:
+                        _wait_ready(log_path, workers or 1, args.startup_timeout)
                         rows += asyncio.run(_bench(args, f"127.0.0.1:{port}", pids, name))
                     finally:
                         service.terminate()
