@@ -242,3 +242,12 @@ async def test_a_retry_on_another_worker_keeps_its_feedback_id_and_the_trainer_d
         assert store.counts()["feedback"] == 1
     finally:
         store.close()
+
+
+async def test_a_worker_that_dies_stops_the_service(supervised: Supervised) -> None:
+    first, second = supervised.worker_pids()
+    os.kill(first, signal.SIGKILL)
+    # Not half a service that still answers some probes: the other drains, the supervisor fails.
+    assert await asyncio.wait_for(supervised.process.wait(), 120) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(second, 0)
