@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -78,13 +79,15 @@ async def _supervise(settings: FeedbackSettings, port: int, metrics_dir: str) ->
     # grace, its producer is flushed, so every call answered OK is on Kafka.
     for worker in workers:
         if worker.returncode is None:
-            worker.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                worker.send_signal(signal.SIGTERM)
     await asyncio.gather(*exits)
     stopping.cancel()
     for worker in workers:
         multiprocess.mark_process_dead(worker.pid, metrics_dir)
-    codes = [worker.returncode for worker in workers]
-    return 1 if failed or any(codes) else 0
+    # A worker still starting when the signal came ends by it, before its own handler is in place.
+    stopped = (0, -signal.SIGTERM)
+    return 1 if failed or any(worker.returncode not in stopped for worker in workers) else 0
 
 
 def supervise(settings: FeedbackSettings) -> int:
