@@ -284,6 +284,8 @@ def main() -> int:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "duration_s": args.duration,
             "comment_share": args.comment_share,
+            "channels": args.channels,
+            "load_avg_1m_end": round(os.getloadavg()[0], 2),
             "results": rows,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
