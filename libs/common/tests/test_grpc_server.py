@@ -111,3 +111,17 @@ async def test_health_is_not_serving_until_told() -> None:
         reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     await server.stop(0)
+
+
+async def test_a_taken_port_is_shared_only_when_every_server_asks_for_it() -> None:
+    first = GrpcServer(GrpcSettings(port=0, reuse_port=True), "test")
+    port = await first.start()
+    try:
+        shared = GrpcServer(GrpcSettings(port=port, reuse_port=True), "test")
+        assert await shared.start() == port
+        await shared.stop(0)
+        # Without the setting a second server on the port fails, as it always did.
+        with pytest.raises(RuntimeError):
+            await GrpcServer(GrpcSettings(port=port), "test").start()
+    finally:
+        await first.stop(0)

@@ -160,7 +160,7 @@ class GrpcServer:
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(settings.reuse_port)),
         ]
         self.server = grpc.aio.server(
             interceptors=[ServerInterceptor(service), *interceptors], options=options

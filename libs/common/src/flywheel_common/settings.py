@@ -31,6 +31,9 @@ class GrpcSettings(BaseModel):
     grace_s: float = Field(default=20.0, ge=0)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # SO_REUSEPORT: off, so a second server on a taken port fails instead of sharing it by accident;
+    # on where several worker processes serve one port on purpose (the feedback service's workers).
+    reuse_port: bool = False
 
 
 class MetricsSettings(BaseModel):

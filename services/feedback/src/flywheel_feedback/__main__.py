@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 from flywheel_common.runtime import run_service
 from flywheel_feedback.app import FeedbackApp
 from flywheel_feedback.settings import FeedbackSettings
+from flywheel_feedback.workers import supervise
 
 
 def main() -> None:
+    settings = FeedbackSettings()
+    if settings.workers > 1:
+        sys.exit(supervise(settings))
     # The PII libraries leave a large heap of long-lived objects: frozen out of the GC's scans.
-    run_service(FeedbackApp, FeedbackSettings, "feedback", freeze_gc=True)
+    run_service(FeedbackApp, lambda: settings, "feedback", freeze_gc=True)
 
 
 if __name__ == "__main__":

@@ -75,5 +75,8 @@ class FeedbackSettings(BaseSettings):
     # Accepted idempotency keys remembered, and for how long (retries after that are dropped downstream).
     idempotency_cache_size: int = Field(default=200_000, ge=1)
     idempotency_ttl_s: float = Field(default=24 * 3600, gt=0)
+    # Processes serving the gRPC port together (SO_REUSEPORT), each with its own Kafka producer,
+    # idempotency cache and rate limiter; more than 1 starts a supervisor (docs/feedback.md, "Workers").
+    workers: int = Field(default=1, ge=1, le=32)
     # Create missing topics at start (turn off where the platform team owns topics).
     create_topics: bool = True
