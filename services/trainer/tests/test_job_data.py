@@ -111,3 +111,19 @@ def test_learned_datasets_follow_the_lineage_back_to_the_base(tmp_path: Path) ->
     assert data.learned_datasets(registry, v2.version) == {"ds-1", "ds-2"}
     assert data.learned_datasets(registry, base.version) == set()
     assert data.learned_datasets(registry, "v99") == set()
+
+
+def test_a_batch_left_empty_by_dropping_ungrounded_answers_fails_with_the_reason(
+    tmp_path: Path, prepared_model: Path
+) -> None:
+    from flywheel_model.prepare import register_base
+    from flywheel_trainer.job import run
+    from flywheel_trainer.settings import HyperParameters, JobSettings
+
+    root = tmp_path / "artifacts"
+    base = register_base(prepared_model, root)
+    # The passages say nothing of the corrected answer: retrieval missed it.
+    write(root, "ds-1", [example(1, answer="It is sold only on Tuesdays in Oslo.")])
+    settings = JobSettings(artifact_root=root, hyper=HyperParameters(ungrounded="drop"))
+    with pytest.raises(RuntimeError, match=r"no example left to train on: all 1 .*ungrounded=drop"):
+        run._gather(settings, run.JobArgs("ds-1", base, "job-1"), ModelRegistry(root))

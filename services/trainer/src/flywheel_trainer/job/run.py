@@ -162,6 +162,11 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
     encoder = PromptEncoder(parent.model_dir)
     eos_ids = encoder.stop_token_ids(DecoderSpec.load(parent.model_dir).eos_token_ids)
     shaped, target_stats = targets.shape_targets([*current, *replay], hyper.target, hyper.ungrounded)
+    if not shaped:
+        raise RuntimeError(
+            f"no example left to train on: all {target_stats.dropped} were answers the passages do not "
+            f"ground, left out under hyper.ungrounded={hyper.ungrounded}"
+        )
     examples, skipped = data.tokenize(
         shaped, encoder, eos_ids, hyper.max_seq_tokens, preferences=hyper.preference_weight > 0
     )
