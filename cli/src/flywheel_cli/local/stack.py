@@ -112,7 +112,8 @@ class StackConfig:
     services: tuple[str, ...] = ("inference", "feedback", "trainer", "evaluator", "gateway")
     prepare_model: bool = True
     # The base model to prepare and register: a packaged model's name (`smollm2-135m`, `gemma3-270m`),
-    # a .gguf file or a Hugging Face folder; None is the default, SmolLM2-135M-Instruct.
+    # a .gguf file or a Hugging Face folder. `flywheel up` names SERVED_BASE_MODEL unless told; None
+    # (tests) is SmolLM2-135M-Instruct, the smaller model.
     base_model: str | None = None
     # Seconds each service gets to report SERVING, and to stop after SIGTERM.
     health_timeout_s: float = 300.0

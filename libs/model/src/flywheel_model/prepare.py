@@ -84,6 +84,10 @@ def gemma3_gguf() -> Path:
 
 # Models that come in a package, by the name `--source` takes.
 PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf, "gemma3-270m": gemma3_gguf}
+# The base model the main job serves unless told otherwise (`flywheel up`, `flywheel model prepare`):
+# after three rounds it served visitors better per second of CPU (docs/quality.md). A source of None
+# is SmolLM2-135M-Instruct, the smaller model the tests and benchmarks run on.
+SERVED_BASE_MODEL = "gemma3-270m"
 
 
 def resolve_source(source: str | None) -> Path | None:
