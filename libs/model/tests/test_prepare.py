@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from flywheel_common.files import file_sha256
-from flywheel_model.prepare import ExportOptions, Precision, prepare, read_manifest
+from flywheel_model.prepare import ExportOptions, Precision, export_onnx, prepare, read_manifest
 
 
 @pytest.mark.integration
@@ -36,6 +36,15 @@ def test_hf_folder_to_fp16_cuda_export(prepared_model: Path, tmp_path: Path) -> 
 def test_a_source_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither"):
         prepare(tmp_path / "out", source=tmp_path, options=ExportOptions(), cache_dir=tmp_path / "c")
+
+
+def test_a_failed_export_says_the_exporters_error_first(tmp_path: Path) -> None:
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(RuntimeError) as failed:
+        export_onnx(tmp_path / "hf", tmp_path / "onnx", ExportOptions(), cache_dir=tmp_path / "c")
+    first_line = str(failed.value).splitlines()[0]
+    log = (tmp_path / "onnx.export.log").read_text().strip().splitlines()
+    assert first_line.startswith("ONNX export failed (1): ") and log[-1].strip()[:300] in first_line
 
 
 def test_fp32_for_cuda_is_refused_before_an_invalid_model_is_built() -> None:

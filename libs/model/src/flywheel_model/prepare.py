@@ -186,8 +186,13 @@ def export_onnx(
     with log_path.open("w") as log_file:
         result = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0 or not (out_dir / "model.onnx").is_file():
-        tail = log_path.read_text()[-2000:]
-        raise RuntimeError(f"ONNX export failed ({result.returncode}); log {log_path}:\n{tail}")
+        text = log_path.read_text()
+        # The exporter's last line is its error ("OSError: [Errno 28] No space left on device"): it
+        # comes first, since whoever reports a failure shortens it from the end.
+        error = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
+        raise RuntimeError(
+            f"ONNX export failed ({result.returncode}): {error[:300]}; log {log_path}:\n{text[-2000:]}"
+        )
     if options.gguf_blocks and gguf is not None:
         from flywheel_model.ggml_blocks import encode_onnx_dir
 
