@@ -17,7 +17,6 @@ gate and traffic, never on exam). Variants set the job's hyperparameters:
 | `span` | grounded span | keep | 0 |
 | `span_drop` | grounded span | drop | 0 |
 | `span_abstain` | grounded span | abstain | 0 |
-| `span_drop_cloze` | grounded span | drop | 0, plus one question generated from the passages per example |
 | `span_orpo` | grounded span | keep | 0.5 |
 | `span_top15` | grounded span | keep | 0, adapters on the top 15 layers only (a third less per step) |
 
@@ -49,12 +48,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "span": {"TARGET": "grounded_span", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0"},
     "span_drop": {"TARGET": "grounded_span", "UNGROUNDED": "drop", "PREFERENCE_WEIGHT": "0"},
     "span_abstain": {"TARGET": "grounded_span", "UNGROUNDED": "abstain", "PREFERENCE_WEIGHT": "0"},
-    "span_drop_cloze": {
-        "TARGET": "grounded_span",
-        "UNGROUNDED": "drop",
-        "PREFERENCE_WEIGHT": "0",
-        "GENERATED_PER_EXAMPLE": "1",
-    },
     "span_orpo": {"TARGET": "grounded_span", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0.5"},
     "span_top15": {
         "TARGET": "grounded_span",
@@ -187,11 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         line: dict[str, Any] = {"variant": name, "version": version, **_scores(result), "train_s": seconds}
         verdict = judge(result, base, gate)
         line["gate"] = {"passed": verdict.passed, "failed": [check.name for check in verdict.failures]}
-        manifest = registry.get(version).manifest
-        training = manifest.get("training") or {}
+        training = registry.get(version).manifest.get("training") or {}
         line["training"] = {k: training.get(k) for k in ("targets", "preference_pairs")}
-        examples = (manifest.get("lineage") or {}).get("examples") or {}
-        line["training"]["generated"] = examples.get("generated", 0)
         for metric, field in (("accuracy", "contains"), ("f1", "f1")):
             diff = paired_bootstrap(
                 [getattr(i, field) for i in result.answerable], [getattr(i, field) for i in base.answerable]

@@ -165,10 +165,6 @@ class HyperParameters(BaseModel):
     # Weight of the odds-ratio preference loss (ORPO) that pushes a corrected example's target above
     # the model answer it corrected (0: supervised loss only).
     preference_weight: float = Field(default=0.0, ge=0)
-    # Questions generated from the passages of the batch's interactions (job/cloze.py), as a share
-    # of the batch's examples, at most `generated_max_examples` (0: none).
-    generated_per_example: float = Field(default=0.0, ge=0)
-    generated_max_examples: int = Field(default=64, ge=0)
     seed: int = 1234
     gradient_checkpointing: bool = False
     max_grad_norm: float = Field(default=1.0, gt=0)

@@ -119,8 +119,6 @@ class _Inputs:
     quantization: str
     # How the examples' targets were shaped (job/targets.py).
     targets: dict[str, int]
-    # Questions generated from the batch's passages (job/cloze.py).
-    generated: int
 
     @property
     def carried(self) -> int:
@@ -131,7 +129,7 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
     """The parent version, this batch with the earlier ones carried over and replayed, tokenized."""
     from flywheel_model.prompt import PromptEncoder
     from flywheel_model.runtime import DecoderSpec
-    from flywheel_trainer.job import cloze, data, targets
+    from flywheel_trainer.job import data, targets
 
     parent = registry.get(args.base_version)
     if not (parent.hf_dir / "config.json").is_file():
@@ -164,14 +162,6 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
     encoder = PromptEncoder(parent.model_dir)
     eos_ids = encoder.stop_token_ids(DecoderSpec.load(parent.model_dir).eos_token_ids)
     shaped, target_stats = targets.shape_targets([*current, *replay], hyper.target, hyper.ungrounded)
-    generated = cloze.generate(
-        current,
-        count=min(round(hyper.generated_per_example * len(current)), hyper.generated_max_examples),
-        seed=hyper.seed,
-    )
-    if generated:
-        log.info("job %s: %d questions generated from the batch's passages", args.job_id, len(generated))
-    shaped += generated
     if not shaped:
         raise RuntimeError(
             f"no example left to train on: all {target_stats.dropped} were answers the passages do not "
@@ -196,7 +186,6 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
         device,
         quantization,
         target_stats.as_dict(),
-        len(generated),
     )
 
 
@@ -306,7 +295,6 @@ def _lineage(args: JobArgs, inputs: _Inputs, adapter_sha: str, duration: float) 
             "counts": dataset.manifest.get("counts", {}),
             "replayed": len(inputs.replay),
             "replayed_from": inputs.replay_from,
-            "generated": inputs.generated,
             "trained": len(inputs.examples),
             "skipped_too_long": inputs.skipped,
         },
