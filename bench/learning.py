@@ -17,7 +17,7 @@ gate and traffic, never on exam). Variants set the job's hyperparameters:
 | `span` | grounded span | keep | 0 |
 | `span_drop` | grounded span | drop | 0 |
 | `span_abstain` | grounded span | abstain | 0 |
-| `span_orpo` | grounded span | keep | 0.5 |
+| `span_drop_orpo` | grounded span | drop | 0.5 |
 | `span_top15` | grounded span | keep | 0, adapters on the top 15 layers only (a third less per step) |
 
 Each line of the table: the split's accuracy, precision and F1, the paired-bootstrap difference to
@@ -48,7 +48,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "span": {"TARGET": "grounded_span", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0"},
     "span_drop": {"TARGET": "grounded_span", "UNGROUNDED": "drop", "PREFERENCE_WEIGHT": "0"},
     "span_abstain": {"TARGET": "grounded_span", "UNGROUNDED": "abstain", "PREFERENCE_WEIGHT": "0"},
-    "span_orpo": {"TARGET": "grounded_span", "UNGROUNDED": "keep", "PREFERENCE_WEIGHT": "0.5"},
+    "span_drop_orpo": {"TARGET": "grounded_span", "UNGROUNDED": "drop", "PREFERENCE_WEIGHT": "0.5"},
     "span_top15": {
         "TARGET": "grounded_span",
         "UNGROUNDED": "keep",

@@ -77,3 +77,35 @@ def test_a_correction_prefers_its_target_over_the_answer_it_replaced() -> None:
     assert preference_pair(example(2, "Modula-3", model_answer="From Modula-3, of course.")) is None
     assert preference_pair(example(3, "Modula-3", model_answer="")) is None
     assert preference_pair(example(4, "Modula-3", model_answer="C", source="positive")) is None
+
+
+def test_a_span_keeps_its_brackets_and_loses_those_it_does_not_close() -> None:
+    passages = ["For a deep copy use copy.deepcopy() (PEP 602). Guido (at CWI wrote it."]
+    deep = "The answer is copy.deepcopy()."
+    assert grounded_span(deep, passages, "how do i deep copy") == "copy.deepcopy()"
+    assert grounded_span("PEP 602.", passages, "which document") == "PEP 602"
+    assert grounded_span("The answer is at CWI", passages, "where did guido write it") == "CWI"
+
+
+def test_a_span_is_one_line() -> None:
+    # Where the answer ends with its line, a line break taught inside it would cut it short.
+    passages = ["Default values are created exactly once, when\nthe function is defined."]
+    asked = "why does my default dict keep its values"
+    assert grounded_span("They are created exactly once, when the function is defined.", passages, asked) == (
+        "created exactly once, when the function is defined"
+    )
+
+
+def test_a_corrections_preamble_is_not_grounded_by_a_heading() -> None:
+    passages = ["Answer\nThe exception syntax comes from Modula-3."]
+    assert grounded_span("The answer is Smalltalk.", passages, "which language") is None
+
+
+def test_the_questions_words_stay_where_the_answer_would_be_one_word_without_them() -> None:
+    passages = ["Use the threading module; _thread is low-level. PEP 602 sets the release schedule."]
+    asked = "should i use threading or _thread"
+    assert grounded_span("The answer is the threading module.", passages, asked) == "threading module"
+    assert grounded_span("The answer is PEP 602.", passages, "which pep set the schedule") == "PEP 602"
+    # With more than one word left, the question's words at the ends go as before.
+    wrote = ["Guido van Rossum wrote Python at CWI."]
+    assert grounded_span("Guido van Rossum wrote Python.", wrote, "who wrote python") == "Guido van Rossum"

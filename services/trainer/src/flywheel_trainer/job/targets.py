@@ -12,8 +12,7 @@ so for that prompt the right output is "The page does not say."
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,11 +34,15 @@ _STOP = frozenset(STOPWORDS_EN) | {
     "do",
     "does",
     "did",
+    # A correction's preamble ("The answer is ..."): a heading "Answer" on the page grounds nothing.
+    "answer",
 }
-_TRAILING = ".,;:!?\"'\u201d\u2019)"
-_LEADING = "\"'\u201c\u2018("
+# Punctuation an answer does not end or start with; a bracket only where the span does not close it
+# ("copy.deepcopy()" keeps its brackets, "(at CWI" loses its opening one).
+_TRAILING = ".,;:!?\"'\u201d\u2019"
+_LEADING = "\"'\u201c\u2018"
 # Share of the answer's content words (not function words, not the question's words) that the span
-# must hold for the answer to count as grounded.
+# must hold more than for the answer to count as grounded.
 MIN_COVERAGE = 0.5
 
 TargetMode = Literal["as_written", "grounded_span"]
@@ -75,7 +78,7 @@ def grounded_span(answer: str, passages: Sequence[str], question: str = "") -> s
     prefix = [0]
     for flag in content:
         prefix.append(prefix[-1] + flag)
-    best: tuple[int, int] | None = None  # (score, -length): most content, then shortest
+    best: tuple[int, int] | None = None  # (score, length): most content, then the answer's longest run
     found: tuple[str, list[_Word], int, int] | None = None  # (passage, its words, first, last word)
     for passage in passages:
         words = _words(passage)
@@ -86,20 +89,46 @@ def grounded_span(answer: str, passages: Sequence[str], question: str = "") -> s
                 if spoken.norm == word.norm:
                     run = previous[i] + 1
                     current[i + 1] = run
-                    key = (prefix[i + 1] - prefix[i + 1 - run], -run)
+                    key = (prefix[i + 1] - prefix[i + 1 - run], run)
                     if best is None or key > best:
                         best, found = key, (passage, words, j - run + 1, j)
             previous = current
-    if best is None or found is None or best[0] < max(1, math.ceil(MIN_COVERAGE * needed)):
+    if best is None or found is None or best[0] <= MIN_COVERAGE * needed:
         return None
     passage, words, first, last = found
-    # Function words and the question's own words at either end are not part of the answer.
-    while first < last and (words[first].norm in _STOP or set(words[first].norm.split()) <= asked):
+    # Function words at either end are not part of the answer, nor are the question's own words,
+    # unless the answer would be one word without them: in "the threading module" (asked "threading
+    # or _thread?") or "PEP 602" (asked "which pep") they are what tells the answer apart.
+    first, last = _trim(words, first, last, lambda norm: norm in _STOP)
+    short = _trim(words, first, last, lambda norm: norm in _STOP or set(norm.split()) <= asked)
+    if short[1] > short[0] or first == last:
+        first, last = short
+    # One line: the passage's line breaks would end the answer early where the prompt's answer ends
+    # with its line (prompt.PLAIN_TEMPLATE).
+    return _strip_edges(" ".join(passage[words[first].start : words[last].end].split())) or None
+
+
+def _trim(words: Sequence[_Word], first: int, last: int, drop: Callable[[str], bool]) -> tuple[int, int]:
+    while first < last and drop(words[first].norm):
         first += 1
-    while last > first and (words[last].norm in _STOP or set(words[last].norm.split()) <= asked):
+    while last > first and drop(words[last].norm):
         last -= 1
-    text = passage[words[first].start : words[last].end]
-    return text.rstrip(_TRAILING).lstrip(_LEADING) or None
+    return first, last
+
+
+def _strip_edges(text: str) -> str:
+    """Punctuation off both ends, a bracket the span does not also open or close, and brackets
+    around the whole span."""
+    while text:
+        if text[-1] in _TRAILING or (text[-1] == ")" and text.count(")") > text.count("(")):
+            text = text[:-1]
+        elif text[0] in _LEADING or (text[0] == "(" and text.count("(") > text.count(")")):
+            text = text[1:]
+        elif text[0] == "(" and text[-1] == ")" and text.count("(") == text.count(")"):
+            text = text[1:-1]  # a parenthesis around the whole answer: "(PEP 602)"
+        else:
+            return text
+    return text
 
 
 @dataclass
