@@ -147,3 +147,24 @@ def test_candidates_of_a_gguf_blocks_parent_are_exported_in_fp32(
 
     version = ModelVersion("v1", tmp_path, {"prepared": {"export": {"precision": parent, "provider": "cpu"}}})
     assert export_options_of(version).precision == candidate
+
+
+def test_one_pass_gives_the_supervised_loss_and_the_preference_loss_of_separate_passes(tiny_hf: Path) -> None:
+    batch = [
+        Tokenized("a", [5, 6, 7, 8, 9, 10, 11, 2], 5, rejected_ids=[5, 6, 7, 8, 9, 30, 2]),
+        Tokenized("b", [12, 13, 14, 15, 16, 17, 2], 4),
+    ]
+    model = train.load_for_training(tiny_hf, "cpu", "none", HYPER)
+    model.eval()
+    with torch.no_grad():
+        losses = train.batch_losses(model, batch, pad_id=0, device="cpu", preference=True)
+        answer_sum, n = train.answer_loss_sum(model, batch, pad_id=0, device="cpu")
+        chosen, c = train.answer_loss_sum(model, batch[:1], pad_id=0, device="cpu")
+        rejected = [Tokenized("a", batch[0].rejected_ids, 5)]
+        rejected_sum, r = train.answer_loss_sum(model, rejected, pad_id=0, device="cpu")
+        odds = train.odds_ratio_loss(-chosen.reshape(1) / c, -rejected_sum.reshape(1) / r)
+        without = train.batch_losses(model, batch, pad_id=0, device="cpu", preference=False)
+    assert (losses.answer_tokens, losses.pairs) == (n, 1)
+    assert float(losses.answer_sum) == pytest.approx(float(answer_sum), rel=1e-5)
+    assert float(losses.odds_sum) == pytest.approx(float(odds.sum()), rel=1e-5)
+    assert (without.pairs, float(without.odds_sum)) == (0, 0.0)

@@ -167,17 +167,32 @@ def odds_ratio_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor) -> t
     return -torch.nn.functional.logsigmoid(log_odds(chosen_logp) - log_odds(rejected_logp))
 
 
-def preference_loss_sum(
-    model: Any, batch: Sequence[Tokenized], pad_id: int, device: str
-) -> tuple[torch.Tensor, int]:
-    """Summed odds-ratio loss over the examples of a micro-batch that have a rejected answer."""
-    pairs = [t for t in batch if t.rejected_ids]
-    if not pairs:
-        return torch.zeros((), device=device), 0
-    sequences = [(t.input_ids, t.prompt_len) for t in pairs] + [(t.rejected_ids, t.prompt_len) for t in pairs]
+@dataclass
+class BatchLosses:
+    """A micro-batch's summed answer-token loss, and its summed odds-ratio loss over its pairs."""
+
+    answer_sum: torch.Tensor
+    answer_tokens: int
+    odds_sum: torch.Tensor
+    pairs: int
+
+
+def batch_losses(
+    model: Any, batch: Sequence[Tokenized], pad_id: int, device: str, *, preference: bool
+) -> BatchLosses:
+    """The supervised loss of a micro-batch and, with `preference`, the odds-ratio loss of the examples
+    that have a rejected answer, in one forward pass (the rejected answers ride along as extra rows)."""
+    pairs = [i for i, t in enumerate(batch) if t.rejected_ids] if preference else []
+    sequences = [(t.input_ids, t.prompt_len) for t in batch]
+    sequences += [(batch[i].rejected_ids, batch[i].prompt_len) for i in pairs]
     losses, rows = _answer_token_losses(model, sequences, pad_id, device)
+    chosen = rows < len(batch)
+    answer_sum, answer_tokens = losses[chosen].sum(), int(chosen.sum())
+    if not pairs:
+        return BatchLosses(answer_sum, answer_tokens, torch.zeros((), device=device), 0)
     logp = -_mean_per_row(losses, rows, len(sequences))
-    return odds_ratio_loss(logp[: len(pairs)], logp[len(pairs) :]).sum(), len(pairs)
+    odds = odds_ratio_loss(logp[torch.tensor(pairs, device=device)], logp[len(batch) :])
+    return BatchLosses(answer_sum, answer_tokens, odds.sum(), len(pairs))
 
 
 def train(
@@ -230,15 +245,14 @@ def train(
             pairs = sum(bool(t.rejected_ids) for mb in group for t in mb) if hyper.preference_weight else 0
             step_loss = 0.0
             for mb in group:
-                loss_sum, _n = answer_loss_sum(model, mb, pad_id, device)
-                loss = loss_sum / tokens
-                if pairs:
-                    odds_sum, _pairs = preference_loss_sum(model, mb, pad_id, device)
-                    loss = loss + hyper.preference_weight * odds_sum / pairs
-                    result.preference_loss += float(odds_sum.detach())
-                    result.preference_pairs += _pairs
+                losses = batch_losses(model, mb, pad_id, device, preference=bool(pairs))
+                loss = losses.answer_sum / tokens
+                if losses.pairs:
+                    loss = loss + hyper.preference_weight * losses.odds_sum / pairs
+                    result.preference_loss += float(losses.odds_sum.detach())
+                    result.preference_pairs += losses.pairs
                 loss.backward()
-                step_loss += float(loss_sum.detach())
+                step_loss += float(losses.answer_sum.detach())
                 result.micro_batches += 1
                 result.examples_seen += len(mb)
                 result.total_tokens += sum(len(t.input_ids) for t in mb)
