@@ -65,3 +65,18 @@ def test_the_page_cache_is_bounded_by_bytes_not_only_by_pages() -> None:
     # A page larger than the whole cache is answered, and not kept.
     small = Retriever(words, max_words=50, cache_bytes=1024)
     assert small.select(pages[0], "line", token_budget=20) and small.cached_bytes == 0
+
+
+def test_html_to_text_reads_whitespace_as_a_browser_renders_it() -> None:
+    html = (
+        "<body><p>The unittest module is modelled on Java and\n  Smalltalk testing frameworks.</p>"
+        "<pre>def f(x):\n    return x</pre><p>one<br>two</p></body>"
+    )
+    text, _title = html_to_text(html)
+    assert text.splitlines() == [
+        "The unittest module is modelled on Java and Smalltalk testing frameworks.",
+        "def f(x):",
+        "return x",
+        "one",
+        "two",
+    ]

@@ -22,21 +22,33 @@ _BLOCKS = (
     "table, ul, ol, dl"
 )
 _SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
+_WHITESPACE = re.compile(r"\s+")
+# Where html_to_text ends a line (a private-use character, taken out of the page first).
+_LINE_END = "\ue000"
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def html_to_text(html: str) -> tuple[str, str]:
-    """Clean text of an HTML page (one block per line) and its title."""
-    tree = LexborHTMLParser(html)
+    """Clean text of an HTML page (one block per line) and its title.
+
+    Whitespace is read as a browser renders it (and as a page's `innerText`, which the widget sends,
+    has it): a line break in the HTML source is a space, except in preformatted text; blocks and
+    `<br>` end lines. A paragraph's source wrapping would otherwise break its sentences, and an
+    answer copied from it, into lines.
+    """
+    tree = LexborHTMLParser(html.replace(_LINE_END, ""))
     title_node = tree.css_first("title")
     title = title_node.text(strip=True) if title_node else ""
     for node in tree.css(_DROP):
         node.decompose()
+    for node in tree.css("pre"):
+        lines = node.text(separator="").replace("\n", _LINE_END)
+        node.replace_with(f"{_LINE_END}{lines}{_LINE_END}")
     for node in tree.css(_BLOCKS):
-        node.insert_after("\n")
+        node.insert_after(_LINE_END)
     root = tree.body or tree.root
     raw = root.text(separator="") if root else ""
-    return normalise_text(raw), title
+    return normalise_text(_WHITESPACE.sub(" ", raw).replace(_LINE_END, "\n")), title
 
 
 def normalise_text(text: str) -> str:
