@@ -101,7 +101,7 @@ def grounded_span(answer: str, passages: Sequence[str], question: str = "") -> s
     # or _thread?") or "PEP 602" (asked "which pep") they are what tells the answer apart.
     first, last = _trim(words, first, last, lambda norm: norm in _STOP)
     short = _trim(words, first, last, lambda norm: norm in _STOP or set(norm.split()) <= asked)
-    if short[1] > short[0] or first == last:
+    if short[1] > short[0]:
         first, last = short
     # One line: the passage's line breaks would end the answer early where the prompt's answer ends
     # with its line (prompt.PLAIN_TEMPLATE).

@@ -148,14 +148,6 @@ def _mean_per_row(values: torch.Tensor, rows: torch.Tensor, count: int) -> torch
     return sums / sizes
 
 
-def answer_loss_sum(
-    model: Any, batch: Sequence[Tokenized], pad_id: int, device: str
-) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the answer tokens of a micro-batch, and how many there were."""
-    losses, _rows = _answer_token_losses(model, [(t.input_ids, t.prompt_len) for t in batch], pad_id, device)
-    return losses.sum(), int(losses.numel())
-
-
 def odds_ratio_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor) -> torch.Tensor:
     """ORPO's preference term per pair: -log sigmoid(log odds(chosen) - log odds(rejected)), where a
     sequence's odds come from its mean answer-token log-probability (Hong et al., 2024)."""
@@ -193,6 +185,14 @@ def batch_losses(
     logp = -_mean_per_row(losses, rows, len(sequences))
     odds = odds_ratio_loss(logp[torch.tensor(pairs, device=device)], logp[len(batch) :])
     return BatchLosses(answer_sum, answer_tokens, odds.sum(), len(pairs))
+
+
+def answer_loss_sum(
+    model: Any, batch: Sequence[Tokenized], pad_id: int, device: str
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the answer tokens of a micro-batch, and how many there were."""
+    losses = batch_losses(model, batch, pad_id, device, preference=False)
+    return losses.answer_sum, losses.answer_tokens
 
 
 def train(
