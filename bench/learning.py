@@ -24,6 +24,10 @@ Each line of the table: the split's accuracy, precision and F1, the paired-boots
 the base with its 95 % interval, the gate's safety figures (unanswerable questions answered instead
 of abstained, abstentions on answerable ones, as the evaluator scores them), the local profile's gate
 verdict against the base (its failed checks), the examples trained on and the job's time.
+A variant may carry hyperparameters of its own after `+`, named as the job's environment names them
+(`flywheel_trainer.settings.HyperParameters`, upper case): `--variants span_drop,span_drop+EPOCHS=2,
+span_drop+LEARNING_RATE=1e-3+LORA_R=8` trains the default three times, with 2 epochs and with another
+rate and rank; the local profile's schedule (3 epochs, 4 examples per step) is what they override.
 `--variants ""` scores the base model alone (no feedback, no training); `--base-model` names another
 prepared base.
 """
@@ -104,24 +108,41 @@ def feedback_rows(dataset: Any, engine: Any, seed: int, noise: float, share: flo
     return rows
 
 
-def train_variant(root: Path, dataset_id: str, name: str) -> tuple[str, float]:
+def variant_hyper(spec: str) -> dict[str, str]:
+    """`name+KEY=VALUE+…` → the job's hyperparameters: the local profile's, the variant's, the overrides."""
+    from flywheel_trainer.settings import HyperParameters
+
+    name, *overrides = spec.split("+")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    hyper = {**LOCAL_HYPER, **VARIANTS[name]}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key.lower() not in HyperParameters.model_fields:
+            raise ValueError(f"{spec!r}: {override!r} is not KEY=VALUE with KEY a field of HyperParameters")
+        hyper[key.upper()] = value
+    return hyper
+
+
+def train_variant(root: Path, dataset_id: str, spec: str) -> tuple[str, float]:
     """Runs the training job with the variant's settings; returns the candidate version and seconds."""
     env = dict(os.environ)
     env["FLYWHEEL_TRAINER_JOB_ARTIFACT_ROOT"] = str(root)
     env["FLYWHEEL_TRAINER_JOB_SCRATCH_DIR"] = str(root / "scratch")
-    for key, value in {**LOCAL_HYPER, **VARIANTS[name]}.items():
+    for key, value in variant_hyper(spec).items():
         env[f"FLYWHEEL_TRAINER_JOB_HYPER__{key}"] = value
     started = time.perf_counter()
+    job_id = "bench-" + "".join(c if c.isalnum() else "-" for c in spec.lower())
     command = [sys.executable, "-m", "flywheel_trainer.job", "--dataset", dataset_id]
-    command += ["--base-version", "v1", "--job-id", f"bench-{name}"]
-    log = root / f"{name}.log"
+    command += ["--base-version", "v1", "--job-id", job_id]
+    log = root / f"{job_id}.log"
     with log.open("w") as out:
         subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     from flywheel_trainer.results import read_result
 
-    result = read_result(root, f"bench-{name}") or {}
+    result = read_result(root, job_id) or {}
     if result.get("status") != "succeeded":
-        raise SystemExit(f"{name}: the job failed ({result.get('reason', 'no result')}); see {log}")
+        raise SystemExit(f"{spec}: the job failed ({result.get('reason', 'no result')}); see {log}")
     return str(result["candidate_version"]), time.perf_counter() - started
 
 
@@ -233,9 +254,11 @@ def main() -> None:
     parser.add_argument("--correction-share", type=float, default=0.8)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    for spec in args.variants:
+        try:
+            variant_hyper(spec)
+        except ValueError as exc:
+            parser.error(str(exc))
     results = run(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
