@@ -48,7 +48,8 @@ def test_not_worse_is_promoted_after_the_minimum_duration() -> None:
 
 
 def test_a_drop_within_noise_waits_instead_of_rolling_back() -> None:
-    # Mean 3.5 vs 4.0 is past the 0.3 tolerance, but with these spreads it is within 1.64 standard errors.
+    # Mean 3.5 vs 4.0 is past the 0.3 tolerance, but with these spreads the excess is within 1.64
+    # standard errors.
     canary, production = stats("v2", [5, 2, 4, 3, 5, 2] * 2), stats("v1", [5, 3, 4, 4, 5, 3] * 2)
     verdict = judge_canary(canary, production, 60, SETTINGS)
     assert verdict.action == "wait"
@@ -64,11 +65,25 @@ def test_a_drop_within_noise_waits_instead_of_rolling_back() -> None:
 
 
 def test_rates_are_compared_with_their_tolerances() -> None:
-    canary = stats("v2", [4] * 10, down=6, up=4, ignored=1)
-    production = stats("v1", [4] * 10, down=2, up=8, ignored=1)
+    canary = stats("v2", [4] * 10, down=8, up=2, ignored=1)
+    production = stats("v1", [4] * 10, down=1, up=9, ignored=1)
     verdict = judge_canary(canary, production, 60, SETTINGS)
     assert verdict.action == "rollback"
-    assert "thumbs-down rate 60.0% vs production 20.0%" in verdict.reasons[0]
+    assert "thumbs-down rate 80.0% vs production 10.0%" in verdict.reasons[0]
+
+
+def test_a_rate_is_worse_only_when_past_its_tolerance_beyond_noise() -> None:
+    # 5 of 12 sessions ignored against 3 of 21 (a three-round run rolled a candidate back on this,
+    # one the gate had found 10 points more accurate): 27 points worse, 17 past the 10-point
+    # tolerance, and that excess is within 1.64 standard errors (26 points): wait for more sessions.
+    canary, production = stats("v2", [3] * 7, ignored=5), stats("v1", [3] * 18, ignored=3)
+    verdict = judge_canary(canary, production, 60, SETTINGS)
+    assert verdict.action == "wait"
+    assert "ignore rate 41.7% vs production 14.3% (tolerance 10.0%), within noise" in verdict.reasons[0]
+    # Four times the sessions at the same rates: past the tolerance with confidence.
+    canary, production = stats("v2", [3] * 28, ignored=20), stats("v1", [3] * 72, ignored=12)
+    verdict = judge_canary(canary, production, 60, SETTINGS)
+    assert verdict.action == "rollback" and "ignore rate 41.7%" in verdict.reasons[0]
 
 
 def _latencies(s: VersionStats, fast: int, slow: int) -> VersionStats:

@@ -358,7 +358,10 @@ class _Comparison:
         line = f"{name} {_fmt(c, pct)} vs production {_fmt(p, pct)} (tolerance {_fmt(tol, pct)})"
         if worse_by <= tol + 1e-12:
             self.compared.append(line)
-        elif worse_by > self.z * se:
+        elif worse_by - tol > self.z * se:
+            # Worse than the tolerance allows with confidence (a one-sided non-inferiority test, as
+            # the gate's): a drop only beyond zero with confidence, on a dozen sessions a side, is
+            # still within the tolerance's reach of noise.
             self.worse.append(line)
         else:
             self.unsure.append(
@@ -421,8 +424,9 @@ def _compare_signals(canary: VersionStats, production: VersionStats, settings: C
 def judge_canary(
     canary: VersionStats, production: VersionStats, elapsed_s: float, settings: CanarySettings
 ) -> CanaryVerdict:
-    """Rolls back when a signal is worse than production by more than its tolerance and by more than
-    noise (`confidence_z` standard errors), once both sides have the minimum sample; promotes when no
+    """Rolls back when a signal is worse than production by more than its tolerance beyond noise (the
+    excess over the tolerance exceeds `confidence_z` standard errors), once both sides have the
+    minimum sample; promotes when no
     signal is worse than its tolerance after the minimum duration; otherwise waits. At the maximum
     duration a canary that still looks worse is rolled back, and one without enough samples gets
     `undecided_action`."""

@@ -122,8 +122,9 @@ class CanarySettings(BaseModel):
     # behind a model load or a busy core rolled a better canary back (the gate checks the p95 SLO).
     latency_p95_tolerance: float = Field(default=0.5, ge=0)
     min_latency_samples: int = Field(default=20, ge=1)
-    # A signal past its tolerance rolls back only when the drop is also this many standard errors
-    # (1.64: one-sided 95%), so a handful of unlucky ratings does not sink a good canary; 0 turns it off.
+    # A signal rolls back only when its drop exceeds the tolerance by this many standard errors
+    # (1.64: one-sided 95%, a non-inferiority test), so a handful of unlucky sessions does not sink a
+    # good canary; 0 judges the point estimates alone.
     confidence_z: float = Field(default=1.64, ge=0)
 
 
