@@ -177,9 +177,10 @@ def _evaluator_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
         f"{p}GOLDEN__SPLIT": config.gate_split,
         f"{p}EVALUATION__CONTEXT_TOKEN_BUDGET": str(config.context_token_budget),
         f"{p}EVALUATION__PASSAGE_MAX_WORDS": str(config.passage_max_words),
-        # Half the sessions, 8 rated answers a side, at least 10 s, at most 5 minutes.
+        # Half the sessions, 16 sessions with feedback a side (bench/canary.py), at least 10 s, at
+        # most 5 minutes.
         f"{p}CANARY__FRACTION": "0.5",
-        f"{p}CANARY__MIN_SAMPLES": "8",
+        f"{p}CANARY__MIN_SAMPLES": "16",
         f"{p}CANARY__MIN_SIGNAL_SAMPLES": "5",
         f"{p}CANARY__MIN_DURATION_S": "10",
         f"{p}CANARY__MAX_DURATION_S": "300",

@@ -102,8 +102,9 @@ class CanarySettings(BaseModel):
     enabled: bool = True
     fraction: float = Field(default=0.25, gt=0, le=1)
     # Distinct sessions with live feedback (ratings, thumbs, ignores) each of canary and production
-    # needs in the window; one session's many events are one voice (docs/security.md).
-    min_samples: int = Field(default=10, ge=1)
+    # needs in the window; one session's many events are one voice (docs/security.md). With 8 a side
+    # a fifth of canaries as good as production were rolled back, with 16 a twelfth (bench/canary.py).
+    min_samples: int = Field(default=16, ge=1)
     # Sessions voting on one signal both sides need before that signal is compared.
     min_signal_samples: int = Field(default=5, ge=1)
     # The canary is promoted no earlier than this, and decided no later than this.
