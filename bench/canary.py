@@ -27,14 +27,13 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from flywheel_cli.local.stack import LOCAL_CANARY as LOCAL_CANARY_ENV
 from flywheel_cli.simulation.simulate import RATING_THRESHOLDS, SimulationConfig, ignores, rating_from_f1
 from flywheel_evaluator.live import VersionStats, judge_canary
 from flywheel_evaluator.settings import CanarySettings
 
-# The local stack's canary (flywheel_cli.local.stack, the evaluator's environment).
-LOCAL_CANARY = CanarySettings(
-    fraction=0.5, min_samples=16, min_signal_samples=5, min_duration_s=10, max_duration_s=300
-)
+# The local stack's canary, as its evaluator reads it from the environment.
+LOCAL_CANARY = CanarySettings.model_validate({key.lower(): value for key, value in LOCAL_CANARY_ENV.items()})
 # The canary's bad-answer share minus production's.
 SCENARIOS = (-0.2, 0.0, 0.1, 0.2, 0.4)
 
@@ -53,19 +52,22 @@ def _visit(stats: VersionStats, bad: float, rng: random.Random, config: Simulati
     stats.rating_sq_sum += rating * rating
 
 
+# The simulation's visitors (ignore and rating noise), as `flywheel up --simulate` runs them.
+VISITORS = SimulationConfig(dataset=Path("."))
+
+
 def trial(
     production_bad: float, canary_bad: float, settings: CanarySettings, session_s: float, rng: random.Random
 ) -> tuple[str, int]:
     """The verdict of one simulated canary and the sessions it took."""
-    config = SimulationConfig(dataset=Path("."))
     canary, production = VersionStats("canary"), VersionStats("production")
     sessions = 0
     while True:
         sessions += 1
         if rng.random() < settings.fraction:
-            _visit(canary, canary_bad, rng, config)
+            _visit(canary, canary_bad, rng, VISITORS)
         else:
-            _visit(production, production_bad, rng, config)
+            _visit(production, production_bad, rng, VISITORS)
         elapsed = sessions * session_s
         verdict = judge_canary(canary, production, min(elapsed, settings.max_duration_s), settings)
         if verdict.action != "wait" or elapsed >= settings.max_duration_s:

@@ -167,6 +167,17 @@ def _trainer_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
     }
 
 
+# The local evaluator's canary (`FLYWHEEL_EVALUATOR_CANARY__*`): half the sessions, 16 sessions with
+# feedback a side (bench/canary.py measures this profile), at least 10 s, at most 5 minutes.
+LOCAL_CANARY = {
+    "FRACTION": "0.5",
+    "MIN_SAMPLES": "16",
+    "MIN_SIGNAL_SAMPLES": "5",
+    "MIN_DURATION_S": "10",
+    "MAX_DURATION_S": "300",
+}
+
+
 def _evaluator_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
     """Local evaluator: the dataset's gate split as golden set, a canary decided within minutes."""
     p = "FLYWHEEL_EVALUATOR_"
@@ -177,13 +188,7 @@ def _evaluator_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
         f"{p}GOLDEN__SPLIT": config.gate_split,
         f"{p}EVALUATION__CONTEXT_TOKEN_BUDGET": str(config.context_token_budget),
         f"{p}EVALUATION__PASSAGE_MAX_WORDS": str(config.passage_max_words),
-        # Half the sessions, 16 sessions with feedback a side (bench/canary.py), at least 10 s, at
-        # most 5 minutes.
-        f"{p}CANARY__FRACTION": "0.5",
-        f"{p}CANARY__MIN_SAMPLES": "16",
-        f"{p}CANARY__MIN_SIGNAL_SAMPLES": "5",
-        f"{p}CANARY__MIN_DURATION_S": "10",
-        f"{p}CANARY__MAX_DURATION_S": "300",
+        **{f"{p}CANARY__{key}": value for key, value in LOCAL_CANARY.items()},
         # Two cores shared by four services and a training job: answer latency is not what a local
         # run tests, so the SLO only catches a model that rambles far beyond the base model.
         f"{p}GATE__LATENCY_P95_SLO_MS": "60000",

@@ -426,10 +426,9 @@ def judge_canary(
 ) -> CanaryVerdict:
     """Rolls back when a signal is worse than production by more than its tolerance beyond noise (the
     excess over the tolerance exceeds `confidence_z` standard errors), once both sides have the
-    minimum sample; promotes when no
-    signal is worse than its tolerance after the minimum duration; otherwise waits. At the maximum
-    duration a canary that still looks worse is rolled back, and one without enough samples gets
-    `undecided_action`."""
+    minimum sample; promotes when no signal is worse than its tolerance after the minimum duration;
+    otherwise waits. At the maximum duration a canary that still looks worse is rolled back, and one
+    without enough samples gets `undecided_action`."""
     metrics = {f"canary_{k}": v for k, v in canary.summary().items()}
     metrics |= {f"production_{k}": v for k, v in production.summary().items()}
     metrics["elapsed_s"] = round(elapsed_s, 1)
