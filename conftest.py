@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-Generate = Callable[[Any, list[list[int]], int], list[list[int]]]
+Generate = Callable[[Any, list[list[int]], int | list[int]], list[list[int]]]
 
 
 @pytest.fixture(scope="session")
@@ -26,17 +26,19 @@ def onnx_model_dir(prepared_model: Path) -> Path:
     return prepared_model / "onnx"
 
 
-def _generate(generator: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Submits every prompt to a BatchGenerator at once; each one's greedy tokens, in order."""
+def _generate(generator: Any, prompts: list[list[int]], max_new_tokens: int | list[int]) -> list[list[int]]:
+    """Submits every prompt to a BatchGenerator at once; each one's greedy tokens, in order.
+    `max_new_tokens`: one bound for all, or one per prompt."""
     from flywheel_model.generation import SamplingParams, Sequence
 
     results: list[list[int]] = [[] for _ in prompts]
     finished = threading.Semaphore(0)
-    for i, prompt in enumerate(prompts):
+    bounds = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    for i, (prompt, bound) in enumerate(zip(prompts, bounds, strict=True)):
         generator.submit(
             Sequence(
                 prompt,
-                SamplingParams(max_new_tokens=max_new_tokens),
+                SamplingParams(max_new_tokens=bound),
                 on_token=results[i].append,
                 on_finish=lambda reason, error: finished.release(),
             )

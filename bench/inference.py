@@ -6,8 +6,11 @@ the original GGUF; then throughput of the running gRPC service at several
 concurrencies. On a GPU machine (onnxruntime-gpu) the variants `onnx-fp32-cuda` and
 `onnx-fp16-cuda` run our path on the CUDA execution provider, with the KV cache bound to the
 device (`-unbound`, e.g. `onnx-fp16-cuda-unbound`, round-trips it through host memory every step
-instead), and `--service-variant` picks the model the service is measured with. `--batches 1,4,16`
-adds each ONNX variant's decode speed with that many sequences decoding together.
+instead), and `--service-variant` picks the model the service is measured with (several, comma-separated,
+are measured one after the other). A `-stacked` variant (e.g. `onnx-fp32-stacked`) decodes with the
+cache stacked and copied into a new present every step instead of shared in place
+(`ORT__SHARED_CACHE=false`). `--batches 1,4,16` adds each ONNX variant's decode speed with that
+many sequences decoding together.
 
     uv run python bench/inference.py [--split gate] [--questions 50] [--new-tokens 48] [--json out.json]
     python bench/inference.py --variants onnx-fp16-cuda-unbound,onnx-fp16-cuda --batches 1,4,16 \
@@ -157,8 +160,8 @@ def worker_eager(
 
 
 def onnx_variant(variant: str) -> tuple[str, str]:
-    """`onnx-<precision>[-<provider>[-unbound]]` -> (precision, provider)."""
-    parts = variant.removesuffix("-unbound").split("-")
+    """`onnx-<precision>[-<provider>][-unbound|-stacked]` -> (precision, provider)."""
+    parts = variant.removesuffix("-unbound").removesuffix("-stacked").split("-")
     return parts[1], parts[2] if len(parts) > 2 else "cpu"
 
 
@@ -209,6 +212,7 @@ def worker_onnx(
             provider=provider,
             intra_op_threads=threads,
             io_binding="off" if variant.endswith("-unbound") else "auto",
+            shared_cache=not variant.endswith("-stacked"),
         ),
     )
     if decoder.provider != {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]:
@@ -315,6 +319,7 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 def throughput(
+    variant: str,
     onnx_dir: Path,
     provider: str,
     prompts: list[dict[str, Any]],
@@ -330,6 +335,7 @@ def throughput(
         **os.environ,
         "FLYWHEEL_INFERENCE_MODEL_DIR": str(onnx_dir),
         "FLYWHEEL_INFERENCE_ORT__PROVIDER": provider,
+        "FLYWHEEL_INFERENCE_ORT__SHARED_CACHE": str(not variant.endswith("-stacked")).lower(),
         "FLYWHEEL_INFERENCE_KAFKA_ENABLED": "false",
         "FLYWHEEL_INFERENCE_GRPC__PORT": str(port),
         "FLYWHEEL_INFERENCE_METRICS__PORT": "0",
@@ -468,9 +474,10 @@ def main() -> None:
     source = resolve_source(args.base_model)
     args.gguf = str(source or smollm2_gguf())
     variants = args.variants.split(",")
+    service_variants = [v for v in args.service_variant.split(",") if v]
     # The fp32 CPU model always (prompts, eager's weights), and each ONNX variant's; each made once.
     exports = {("fp32", "cpu")} | {
-        onnx_variant(v) for v in {*variants, args.service_variant} if v.startswith("onnx-")
+        onnx_variant(v) for v in {*variants, *service_variants} if v.startswith("onnx-")
     }
     model_dirs = {key: ensure_prepared(source, ExportOptions(*key), None, force=False) for key in exports}
     fp32_dir = model_dirs[("fp32", "cpu")]
@@ -535,30 +542,36 @@ def main() -> None:
             speeds = " ".join(f"{r['batch_decode_tok_s'][b]:15.1f}" for b in sizes)
             print(f"{r['variant']:24} {speeds} {r['gpu_mb'] if r['gpu_mb'] is not None else '-':>7}")
     levels = [int(c) for c in args.concurrency.split(",") if c]
-    service_rows = (
-        throughput(
-            model_dirs[onnx_variant(args.service_variant)] / "onnx",
-            onnx_variant(args.service_variant)[1],
-            prompts,
-            levels,
-            args.new_tokens,
-            args.requests,
-        )
-        if levels
-        else []
-    )
+    service_rows = []
+    for variant in service_variants if levels else []:
+        service_rows += [
+            {"variant": variant, **row}
+            for row in throughput(
+                variant,
+                model_dirs[onnx_variant(variant)] / "onnx",
+                onnx_variant(variant)[1],
+                prompts,
+                levels,
+                args.new_tokens,
+                args.requests,
+            )
+        ]
     if service_rows:
         header = (
-            f"{'concurrency':>11} {'answers':>8} {'answers/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7}"
+            f"{'service':24} {'concurrency':>11} {'answers':>8} {'answers/s':>10} {'tokens/s':>9} "
+            f"{'p50 s':>7} {'p95 s':>7}"
         )
         print("\n" + header)
         for row in service_rows:
+            rate = f"{row['answers_per_s']:10.2f} {row['tokens_per_s']:9.1f}"
             print(
-                f"{row['concurrency']:11d} {row['answers']:8d} {row['answers_per_s']:10.2f} "
-                f"{row['tokens_per_s']:9.1f} {row['p50_s']:7.2f} {row['p95_s']:7.2f}"
+                f"{row['variant']:24} {row['concurrency']:11d} {row['answers']:8d} {rate} "
+                f"{row['p50_s']:7.2f} {row['p95_s']:7.2f}"
             )
-        ratio = service_rows[-1]["answers_per_s"] / service_rows[0]["answers_per_s"]
-        print(f"throughput at concurrency {levels[-1]} / at {levels[0]}: {ratio:.2f}x")
+        for variant in service_variants:
+            mine = [row for row in service_rows if row["variant"] == variant]
+            ratio = mine[-1]["answers_per_s"] / mine[0]["answers_per_s"]
+            print(f"{variant}: throughput at concurrency {levels[-1]} / at {levels[0]}: {ratio:.2f}x")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
@@ -572,7 +585,7 @@ def main() -> None:
                     "tokens_compared_with": reference_variant,
                     "new_tokens": args.new_tokens,
                     "threads": args.threads,
-                    "service_variant": args.service_variant,
+                    "service_variants": service_variants,
                 },
                 indent=2,
             )

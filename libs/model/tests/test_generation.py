@@ -12,7 +12,7 @@ import pytest
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.generation import BatchGenerator, Sampler, SamplingParams, Sequence
 from flywheel_model.prompt import PromptTooLong
-from flywheel_model.runtime import Decoder, OrtSettings, select_rows, stack_kv
+from flywheel_model.runtime import Decoder, OrtSettings, SharedCache, select_rows, stack_kv
 
 Generate = Callable[[BatchGenerator, list[list[int]], int], list[list[int]]]
 
@@ -41,6 +41,26 @@ def test_stack_and_select_rows_keep_each_sequence_intact() -> None:
     np.testing.assert_array_equal(kept["k"], a["k"])
 
 
+def test_the_shared_cache_moves_the_last_rows_into_the_gaps_and_grows_keeping_every_row() -> None:
+    cache = SharedCache(["k"], (2, 4), np.float32, max_rows=4, context_length=300)
+    rows = [np.full((1, 2, n, 4), i + 1, np.float32) for i, n in enumerate((3, 5, 2, 4))]
+    for row in rows:
+        cache.append({"k": row}, row.shape[2])
+    assert (cache.rows, cache.capacity) == (4, SharedCache.GROW)
+    order = cache.keep([1, 2], [3, 5, 2, 4])  # rows 0 and 3 end: row 2 moves into row 0
+    assert order == [2, 1]
+    kept = cache.views()["k"]
+    assert kept.shape == (2, 2, SharedCache.GROW, 4) and kept.flags.c_contiguous
+    np.testing.assert_array_equal(kept[0, :, :2], rows[2][0])
+    np.testing.assert_array_equal(kept[1, :, :5], rows[1][0])
+    cache.reserve(SharedCache.GROW + 1)
+    assert cache.capacity == 2 * SharedCache.GROW
+    np.testing.assert_array_equal(cache.views()["k"][1, :, :5], rows[1][0])
+    with pytest.raises(ValueError, match="context"):
+        cache.reserve(301)
+    assert cache.keep([], [2, 5]) == [] and (cache.rows, cache.capacity) == (0, 0)
+
+
 @pytest.mark.integration
 def test_batched_decoding_equals_one_at_a_time(onnx_model_dir: Path, generate: Generate) -> None:
     decoder = Decoder(onnx_model_dir, OrtSettings())
@@ -58,8 +78,9 @@ def test_batched_decoding_equals_one_at_a_time(onnx_model_dir: Path, generate: G
 
 @pytest.mark.integration
 def test_io_bound_decoding_equals_unbound_token_for_token(onnx_model_dir: Path, generate: Generate) -> None:
-    bound_decoder = Decoder(onnx_model_dir, OrtSettings(io_binding="on"))
-    unbound_decoder = Decoder(onnx_model_dir, OrtSettings(io_binding="off"))
+    # The stacked cache's path (the one CUDA takes), bound and unbound, on the CPU.
+    bound_decoder = Decoder(onnx_model_dir, OrtSettings(io_binding="on", shared_cache=False))
+    unbound_decoder = Decoder(onnx_model_dir, OrtSettings(io_binding="off", shared_cache=False))
     assert bound_decoder.io_bound and not unbound_decoder.io_bound
     rng = np.random.default_rng(2)
     # Different lengths, so the batch changes (a cache stacked and rows dropped) while decoding.
@@ -70,6 +91,27 @@ def test_io_bound_decoding_equals_unbound_token_for_token(onnx_model_dir: Path, 
         outputs.append([*generate(generator, prompts, 12), generate(generator, prompts[:1], 20)[0]])
         generator.close()
     assert outputs[1] == outputs[0]
+
+
+@pytest.mark.integration
+def test_decoding_in_a_shared_past_present_buffer_equals_the_stacked_cache(
+    onnx_model_dir: Path, generate: Generate
+) -> None:
+    shared = Decoder(onnx_model_dir, OrtSettings())
+    stacked = Decoder(onnx_model_dir, OrtSettings(shared_cache=False))
+    assert shared.shares_cache and not stacked.shares_cache
+    rng = np.random.default_rng(3)
+    # Rows of different lengths that end at different steps while others go on, a join into a
+    # running batch, and a row that crosses the buffer's first capacity (a grow while decoding).
+    prompts = [list(rng.integers(100, 40000, n)) for n in (40, 9, 120, 66)]
+    bounds = [6, 20, 14, 3]
+    outputs = []
+    for decoder in (stacked, shared):
+        generator = BatchGenerator(decoder, max_batch=3)
+        outputs.append(generate(generator, prompts, bounds))
+        generator.close()
+    assert outputs[1] == outputs[0]
+    assert [len(tokens) for tokens in outputs[1]] == bounds
 
 
 @pytest.mark.integration

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flywheel_model.runtime import KV, Decoder, select_rows, stack_kv
+from flywheel_model.runtime import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class BatchGenerator:
         self.max_queue = max_queue
         self._pending: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
-        self._kv: KV | None = None
+        self._cache = decoder.new_cache(max_batch)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="generator", daemon=True)
@@ -159,7 +159,8 @@ class BatchGenerator:
                 log.exception("generation step failed")
                 for seq in self._active:
                     self._finish(seq, "error", exc)
-                self._active, self._kv = [], None
+                self._active = []
+                self._cache.clear()
 
     def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
         try:
@@ -201,17 +202,13 @@ class BatchGenerator:
         if reason:
             self._finish(seq, reason)
             return
-        parts = [(kv, seq.length)]
-        if self._active and self._kv is not None:
-            parts.insert(0, (self._kv, max(s.length for s in self._active)))
-        self._kv = stack_kv(parts)
+        self._cache.append(kv, seq.length)
         self._active.append(seq)
 
     def _step(self) -> None:
-        assert self._kv is not None
         tokens = np.asarray([s.generated[-1] for s in self._active], dtype=np.int64)
         lengths = np.asarray([s.length for s in self._active], dtype=np.int64)
-        logits, kv = self.decoder.decode(tokens, lengths, self._kv)
+        logits = self.decoder.decode(tokens, lengths, self._cache)
         keep: list[int] = []
         for row, seq in enumerate(self._active):
             seq.length += 1
@@ -228,8 +225,6 @@ class BatchGenerator:
                 self._finish(seq, reason)
             else:
                 keep.append(row)
-        if len(keep) == len(self._active):
-            self._kv = kv
-            return
-        self._active = [self._active[r] for r in keep]
-        self._kv = select_rows(kv, keep, max(s.length for s in self._active)) if keep else None
+        if len(keep) < len(self._active):
+            order = self._cache.keep(keep, [s.length for s in self._active])
+            self._active = [self._active[r] for r in order]

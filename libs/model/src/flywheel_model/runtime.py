@@ -37,6 +37,10 @@ class OrtSettings(BaseModel):
     # host memory (GroupQueryAttention could not allocate from its arena) and has not been measured
     # with the cache bound to the device; tests/gpu checks it when turned on (docs/inference.md).
     cuda_batching: bool = False
+    # On the CPU, decode in one buffer per layer that GroupQueryAttention reads as the past and
+    # writes as the present in place (SharedCache), instead of copying the whole cache into a new
+    # present every step. Off: the stacked cache (StackedCache), which the CUDA path uses.
+    shared_cache: bool = True
 
 
 def cuda_device_count() -> int:
@@ -146,6 +150,7 @@ class Decoder:
         on_cuda = self.provider == "CUDAExecutionProvider"
         self.io_bound = settings.io_binding == "on" or (settings.io_binding == "auto" and on_cuda)
         self.batches = not on_cuda or settings.cuda_batching
+        self.shares_cache = settings.shared_cache and not on_cuda
         self._device = ("cuda", settings.device_id) if on_cuda else ("cpu", 0)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.kv_dtype = np.float16 if "float16" in inputs[self.spec.past_key % 0].type else np.float32
@@ -161,8 +166,20 @@ class Decoder:
             self.model_dir,
             self.provider,
             np.dtype(self.kv_dtype).name,
-            ", bound to the device" if self.io_bound else "",
+            ", past and present shared"
+            if self.shares_cache
+            else ", bound to the device"
+            if self.io_bound
+            else "",
         )
+
+    def new_cache(self, max_rows: int) -> BatchCache:
+        """An empty cache for a batch of up to `max_rows` sequences, of the kind this decoder steps."""
+        if not self.shares_cache:
+            return StackedCache()
+        shape = (self.spec.num_kv_heads, self.spec.head_size)
+        names = [name for pair in self._past_names for name in pair]
+        return SharedCache(names, shape, self.kv_dtype, max_rows, self.spec.context_length)
 
     def empty_kv(self, batch: int = 1) -> KV:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_size)
@@ -202,11 +219,36 @@ class Decoder:
         logits, kv = self._run(ids, np.ones_like(ids), self.empty_kv())
         return logits[0], kv
 
-    def decode(self, tokens: np.ndarray, lengths: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
-        """One step for a batch: `lengths[b]` tokens of row b are already in the right-padded cache."""
-        width = kv_width(kv) + 1
-        mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
-        return self._run(tokens.reshape(-1, 1).astype(np.int64), mask, kv)
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, cache: BatchCache) -> np.ndarray:
+        """One step for a batch: `lengths[b]` tokens of row b are in the right-padded cache, and the
+        step's token goes to position `lengths[b]`. Returns the logits [batch, vocab]."""
+        ids = tokens.reshape(-1, 1).astype(np.int64)
+        if isinstance(cache, SharedCache):
+            width = int(lengths.max()) + 1
+            cache.reserve(width)
+            return self._run_in_place(ids, attention_mask(lengths, width), cache)
+        assert cache.kv is not None
+        logits, cache.kv = self._run(ids, attention_mask(lengths, kv_width(cache.kv) + 1), cache.kv)
+        return logits
+
+    def _run_in_place(self, input_ids: np.ndarray, mask: np.ndarray, cache: SharedCache) -> np.ndarray:
+        """One step whose present is bound to the same memory as its past (the cache's rows)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        rows = {name: ort.OrtValue.ortvalue_from_numpy(view) for name, view in cache.views().items()}
+        for name, value in rows.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self._output_names[0], "cpu")
+        for name in self._output_names[1:]:
+            binding.bind_ortvalue_output(name, rows[self._present_to_past[name]])
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.get_outputs()[0].numpy(), dtype=np.float32)[:, -1, :]
+
+
+def attention_mask(lengths: np.ndarray, width: int) -> np.ndarray:
+    """Row b attends to its `lengths[b]` cached positions and the new one, of `width` columns."""
+    return (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
 
 
 def kv_width(kv: KV) -> int:
@@ -243,3 +285,109 @@ def select_rows(kv: KV, rows: list[int], width: int) -> KV:
     """Keeps the given batch rows of a cache, trimmed to `width` positions."""
     index = np.asarray(rows)
     return {name: np.ascontiguousarray(_host(array)[index, :, :width]) for name, array in kv.items()}
+
+
+class StackedCache:
+    """The batch cache as one right-padded array per past input, replaced by each step's present.
+
+    The CUDA path: there the present stays in device memory from step to step (I/O binding), and
+    comes back to the host to be stacked or trimmed only when the batch changes.
+    """
+
+    def __init__(self) -> None:
+        self.kv: KV | None = None
+
+    def append(self, kv: KV, length: int) -> None:
+        parts = [(kv, length)]
+        if self.kv is not None:
+            parts.insert(0, (self.kv, kv_width(self.kv)))
+        self.kv = stack_kv(parts)
+
+    def keep(self, rows: list[int], lengths: list[int]) -> list[int]:
+        """Keeps the given rows, in their order, trimmed to the longest; returns them."""
+        self.kv = select_rows(self.kv, rows, max(lengths[r] for r in rows)) if rows and self.kv else None
+        return rows
+
+    def clear(self) -> None:
+        self.kv = None
+
+
+class SharedCache:
+    """The batch cache as one buffer per past input, shaped (rows, kv heads, capacity, head size).
+
+    Rows [0, n) hold the running sequences, each from position 0 to its length. A decode step binds
+    every buffer as both its past input and its present output, so GroupQueryAttention runs in its
+    shared-buffer mode (past and present are the same memory) and writes each row's new position in
+    place; with separate buffers it copies the whole cache into a new present on every step, which
+    at 16 rows of ~500 positions costs more than the step's matrix products. A sequence joins by
+    copying its prefilled cache into row n; one that ends is overwritten by the last row. The
+    capacity grows by `GROW` positions (a copy of the rows in use) when a step needs more, and the
+    buffers are let go when the batch empties.
+    """
+
+    GROW = 128
+
+    def __init__(
+        self, names: list[str], shape: tuple[int, int], dtype: Any, max_rows: int, context_length: int
+    ) -> None:
+        self._names = names
+        self._shape = shape
+        self._dtype = dtype
+        self._max_rows = max_rows
+        self._context_length = context_length
+        self._buffers: dict[str, np.ndarray] = {}
+        self.rows = 0
+        self.capacity = 0
+
+    def reserve(self, positions: int) -> None:
+        """Makes room for `positions` positions per row, keeping what the rows hold."""
+        if positions <= self.capacity:
+            return
+        if positions > self._context_length:
+            raise ValueError(f"{positions} positions do not fit the context of {self._context_length}")
+        capacity = min(self._context_length, -(-positions // self.GROW) * self.GROW)
+        heads, size = self._shape
+        buffers = {}
+        for name in self._names:
+            # np.zeros maps pages lazily: rows never used cost no memory.
+            buffer = np.zeros((self._max_rows, heads, capacity, size), self._dtype)
+            if name in self._buffers:
+                buffer[: self.rows, :, : self.capacity] = self._buffers[name][: self.rows]
+            buffers[name] = buffer
+        self._buffers, self.capacity = buffers, capacity
+
+    def append(self, kv: KV, length: int) -> None:
+        """Copies one sequence's cache (batch 1, at least `length` positions) into a new last row."""
+        if self.rows == self._max_rows:
+            raise RuntimeError(f"the cache holds {self._max_rows} rows at most")
+        self.reserve(length + 1)
+        for name, buffer in self._buffers.items():
+            buffer[self.rows, :, :length] = _host(kv[name])[0, :, :length]
+        self.rows += 1
+
+    def keep(self, rows: list[int], lengths: list[int]) -> list[int]:
+        """Keeps the given rows (`lengths`: every row's positions in use); the last rows move into
+        the gaps. Returns the kept rows' old indices in their new order."""
+        order = list(range(self.rows))
+        for row in sorted(set(order) - set(rows), reverse=True):
+            last = len(order) - 1
+            if row != last:
+                width = lengths[order[last]]
+                for buffer in self._buffers.values():
+                    buffer[row, :, :width] = buffer[last, :, :width]
+                order[row] = order[last]
+            order.pop()
+        self.rows = len(order)
+        if not self.rows:
+            self.clear()
+        return order
+
+    def clear(self) -> None:
+        self._buffers, self.rows, self.capacity = {}, 0, 0
+
+    def views(self) -> dict[str, np.ndarray]:
+        """The rows in use of each buffer (contiguous: the leading rows of a C-ordered array)."""
+        return {name: buffer[: self.rows] for name, buffer in self._buffers.items()}
+
+
+BatchCache = SharedCache | StackedCache
