@@ -166,8 +166,9 @@ def onnx_variant(variant: str) -> tuple[str, str]:
 
 
 def batch_decode(generator: Any, prompts: list[dict[str, Any]], batch: int, new_tokens: int) -> float:
-    """Decode tok/s of `batch` sequences decoding together: tokens after the last one's first token,
-    over the time from then to the last token (prefills, one at a time, are not counted)."""
+    """Decode tok/s of `batch` sequences decoding together (none stops early): tokens after the last
+    one's first token, over the time from then to the last token (prefills, one at a time, are not
+    counted)."""
     import threading
 
     from flywheel_model.generation import SamplingParams, Sequence
@@ -249,7 +250,8 @@ def worker_onnx(
     generator.close()
     by_batch = {}
     for batch in batches:
-        generator = BatchGenerator(decoder, max_batch=batch)
+        # No end token: every row decodes all its tokens, so the batch stays `batch` rows wide.
+        generator = BatchGenerator(decoder, max_batch=batch, stop_token_ids=(-1,))
         by_batch[str(batch)] = batch_decode(generator, prompts, batch, new_tokens)
         generator.close()
     return results[1:], by_batch
