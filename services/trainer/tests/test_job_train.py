@@ -61,6 +61,35 @@ def test_answer_loss_is_the_masked_causal_lm_loss(tiny_hf: Path) -> None:
     assert float(loss_sum) == pytest.approx(expected, rel=1e-4)
 
 
+def test_a_prompt_without_gradients_gives_the_same_loss_other_gradients_and_still_trains(
+    tiny_hf: Path,
+) -> None:
+    grads = []
+    for prompt_grad in (True, False):
+        model = train.load_for_training(tiny_hf, "cpu", "none", HYPER)
+        model.eval()
+        # Prompts of 5, 4 and 6 tokens, right-padded: the cached prefix ends before the shortest.
+        losses = train.batch_losses(model, EXAMPLES, 0, "cpu", preference=False, prompt_grad=prompt_grad)
+        losses.answer_sum.backward()
+        grads.append(
+            (
+                float(losses.answer_sum),
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+            )
+        )
+    (full_loss, full), (cached_loss, cached) = grads
+    assert cached_loss == pytest.approx(full_loss, rel=1e-5)
+    assert all(g.abs().sum() > 0 for name, g in cached.items() if "lora_B" in name)
+    assert any(not torch.allclose(full[name], cached[name]) for name in full)
+    hyper = HYPER.model_copy(update={"prompt_grad": False})
+    result = train.train(
+        train.load_for_training(tiny_hf, "cpu", "none", hyper), EXAMPLES, hyper, device="cpu", pad_id=0
+    )
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    with pytest.raises(ValueError, match="checkpointing"):
+        HyperParameters(prompt_grad=False, gradient_checkpointing=True)
+
+
 def test_training_lowers_the_loss_and_is_seeded(tiny_hf: Path) -> None:
     runs = []
     for _ in range(2):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings
 
 from flywheel_common.settings import (
@@ -168,6 +168,18 @@ class HyperParameters(BaseModel):
     seed: int = 1234
     gradient_checkpointing: bool = False
     max_grad_norm: float = Field(default=1.0, gt=0)
+    # False: each example's prompt runs without gradients (its KV cache is a constant) and only the
+    # answer's positions back-propagate, so a step costs about a forward pass instead of three; the
+    # adapter then learns from what the answer's positions read, not from how the prompt is encoded.
+    prompt_grad: bool = True
+
+    @model_validator(mode="after")
+    def _prompt_cache_needs_no_checkpointing(self) -> HyperParameters:
+        if not self.prompt_grad and self.gradient_checkpointing:
+            raise ValueError(
+                "prompt_grad=false runs the prompt with a KV cache, which gradient checkpointing turns off"
+            )
+        return self
 
 
 class VerifySettings(BaseModel):

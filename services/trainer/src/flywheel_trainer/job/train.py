@@ -116,10 +116,11 @@ def _micro_batches(items: Sequence[Tokenized], size: int, order: list[int]) -> l
 
 
 def _answer_token_losses(
-    model: Any, sequences: Sequence[tuple[list[int], int]], pad_id: int, device: str
+    model: Any, sequences: Sequence[tuple[list[int], int]], pad_id: int, device: str, prompt_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each answer token of right-padded sequences (token ids, prompt length), and
-    the row each token belongs to."""
+    the row each token belongs to. Without `prompt_grad` the positions before the first predicted
+    answer token run first, without gradients, and the rest reads their KV cache as a constant."""
     body, head = _parts(model)
     width = max(len(ids) for ids, _ in sequences)
     batch = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -134,9 +135,15 @@ def _answer_token_losses(
         rows += [r] * len(positions)
         cols += list(positions)
         targets += input_ids[prompt_len:]
-    hidden = body(input_ids=batch.to(device), attention_mask=mask.to(device)).last_hidden_state
+    batch, mask = batch.to(device), mask.to(device)
+    split = 0 if prompt_grad else min(prompt_len for _, prompt_len in sequences) - 1
+    cache = None
+    if split > 0:
+        with torch.no_grad():
+            cache = body(input_ids=batch[:, :split], attention_mask=mask[:, :split], use_cache=True).cache
+    hidden = body(input_ids=batch[:, split:], attention_mask=mask, cache=cache).last_hidden_state
     row_index = torch.tensor(rows, device=device)
-    picked = hidden[row_index, torch.tensor(cols, device=device)]
+    picked = hidden[row_index, torch.tensor(cols, device=device) - split]
     logits = head(picked).float()
     losses = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
     return losses, row_index
@@ -170,14 +177,20 @@ class BatchLosses:
 
 
 def batch_losses(
-    model: Any, batch: Sequence[Tokenized], pad_id: int, device: str, *, preference: bool
+    model: Any,
+    batch: Sequence[Tokenized],
+    pad_id: int,
+    device: str,
+    *,
+    preference: bool,
+    prompt_grad: bool = True,
 ) -> BatchLosses:
     """The supervised loss of a micro-batch and, with `preference`, the odds-ratio loss of the examples
     that have a rejected answer, in one forward pass (the rejected answers ride along as extra rows)."""
     pairs = [i for i, t in enumerate(batch) if t.rejected_ids] if preference else []
     sequences = [(t.input_ids, t.prompt_len) for t in batch]
     sequences += [(batch[i].rejected_ids, batch[i].prompt_len) for i in pairs]
-    losses, rows = _answer_token_losses(model, sequences, pad_id, device)
+    losses, rows = _answer_token_losses(model, sequences, pad_id, device, prompt_grad)
     chosen = rows < len(batch)
     answer_sum, answer_tokens = losses[chosen].sum(), int(chosen.sum())
     if not pairs:
@@ -245,7 +258,9 @@ def train(
             pairs = sum(bool(t.rejected_ids) for mb in group for t in mb) if hyper.preference_weight else 0
             step_loss = 0.0
             for mb in group:
-                losses = batch_losses(model, mb, pad_id, device, preference=bool(pairs))
+                losses = batch_losses(
+                    model, mb, pad_id, device, preference=bool(pairs), prompt_grad=hyper.prompt_grad
+                )
                 loss = losses.answer_sum / tokens
                 if losses.pairs:
                     loss = loss + hyper.preference_weight * losses.odds_sum / pairs
