@@ -165,8 +165,16 @@ def test_dashboards_have_data_alerts_evaluate_and_fire(
     _reject_one_rating(observed.targets["feedback"])
 
     # Every service is a healthy target, labelled as the ServiceMonitors label it in a cluster.
-    targets = prometheus.api("targets")["activeTargets"]
-    assert {t["labels"]["job"] for t in targets} == {s.spec.name for s in observed.running}
+    # Prometheus applies discovered targets at most every 5 s and scrapes them after that, so a fast
+    # start may not list them, or know their health, yet.
+    jobs = {s.spec.name for s in observed.running}
+
+    def scraped() -> list[dict[str, Any]]:
+        return prometheus.api("targets")["activeTargets"]
+
+    wait_until(lambda: {t["labels"]["job"] for t in scraped() if t["health"] != "unknown"} == jobs, 60, 0.5)
+    targets = scraped()
+    assert {t["labels"]["job"] for t in targets} == jobs
     assert all(t["health"] == "up" for t in targets), [(t["labels"]["job"], t["lastError"]) for t in targets]
 
     # Every query parses; every dashboard series fills once the traffic reached the services (the
