@@ -100,6 +100,9 @@ def test_training_lowers_the_loss_and_is_seeded(tiny_hf: Path) -> None:
     assert first.examples_seen == 12
     assert first.epoch_losses[-1] < first.epoch_losses[0]
     assert runs[1].loss_curve == first.loss_curve
+    # The order the examples arrive in does not change what is trained.
+    model = train.load_for_training(tiny_hf, "cpu", "none", HYPER)
+    assert train.train(model, EXAMPLES[::-1], HYPER, device="cpu", pad_id=0).loss_curve == first.loss_curve
 
 
 def test_max_steps_caps_training(tiny_hf: Path) -> None:

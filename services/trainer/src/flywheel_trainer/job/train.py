@@ -223,6 +223,10 @@ def train(
     """
     if not examples:
         raise ValueError("no examples to train on")
+    # The examples come in the order their feedback arrived, which visitors' timing decides: put
+    # them in an order of their content first, so that the seeded shuffle, and so the model, depends
+    # only on what they are.
+    examples = sorted(examples, key=lambda t: (t.input_ids, t.prompt_len, t.rejected_ids))
     seed_everything(hyper.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
