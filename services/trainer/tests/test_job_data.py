@@ -76,6 +76,14 @@ def test_replay_is_a_seeded_share_of_earlier_examples(tmp_path: Path) -> None:
     assert len(half) == 1
     assert data.select_replay(new.examples, [old], fraction=0.0, max_examples=64, seed=7) == ([], [])
     assert data.select_replay(new.examples, [], fraction=1.0, max_examples=64, seed=7) == ([], [])
+    # The same feedback under other request ids replays the same examples.
+    renamed = write(
+        tmp_path,
+        "ds-3",
+        [{**e, "id": f"c-{99 - i}", "query_id": f"r{i}"} for i, e in enumerate(old.examples)],
+    )
+    replayed, _ = data.select_replay(new.examples, [renamed], fraction=2.0, max_examples=3, seed=7)
+    assert sorted(e["question"] for e in replayed) == sorted(e["question"] for e in picked)
 
 
 def test_unlearned_batches_are_carried_over_whole_newest_first(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,14 @@ def _key(example: dict[str, Any]) -> tuple[str, str]:
     return (example.get("page_title", ""), " ".join(example["question"].lower().split()))
 
 
+# An example's fields that name one request or one feedback, not what it says.
+_PER_REQUEST = frozenset({"id", "query_id", "feedback_id"})
+
+
+def _content(example: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in example.items() if k not in _PER_REQUEST}, sort_keys=True)
+
+
 def learned_datasets(registry: ModelRegistry, version: str) -> set[str]:
     """The datasets `version` was trained on: those of every candidate in its lineage, back to the base."""
     learned: set[str] = set()
@@ -161,7 +170,9 @@ def select_replay(
         for e in d.examples:
             if e["id"] not in current_ids and _key(e) not in current_keys:
                 pool[e["id"]] = (d.dataset_id, e)
-    ids = sorted(pool)
+    # Drawn from an order of their content: ids are made from random query and feedback ids, so an
+    # order of ids would replay other examples each time the same feedback comes in again.
+    ids = sorted(pool, key=lambda i: _content(pool[i][1]))
     chosen = random.Random(seed).sample(ids, min(want, len(ids)))
     picked = [pool[i] for i in sorted(chosen)]
     return [e for _, e in picked], sorted({d for d, _ in picked})
