@@ -21,7 +21,6 @@ sessions it took.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 from statistics import median
@@ -29,6 +28,7 @@ from typing import Any
 
 from flywheel_cli.local.stack import LOCAL_CANARY as LOCAL_CANARY_ENV
 from flywheel_cli.simulation.simulate import RATING_THRESHOLDS, SimulationConfig, ignores, rating_from_f1
+from flywheel_common.files import write_json
 from flywheel_evaluator.live import VersionStats, judge_canary
 from flywheel_evaluator.settings import CanarySettings
 
@@ -125,8 +125,7 @@ def main() -> None:
             f" {row['promoted']:>9.1%} {row['median_sessions']:>16.0f}"
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
         print(f"wrote {args.json}")
 
 

@@ -323,7 +323,6 @@ def worker_main(args: argparse.Namespace) -> None:
 def throughput(
     variant: str,
     onnx_dir: Path,
-    provider: str,
     prompts: list[dict[str, Any]],
     levels: list[int],
     new_tokens: int,
@@ -336,7 +335,7 @@ def throughput(
     env = {
         **os.environ,
         "FLYWHEEL_INFERENCE_MODEL_DIR": str(onnx_dir),
-        "FLYWHEEL_INFERENCE_ORT__PROVIDER": provider,
+        "FLYWHEEL_INFERENCE_ORT__PROVIDER": onnx_variant(variant)[1],
         "FLYWHEEL_INFERENCE_ORT__SHARED_CACHE": str(not variant.endswith("-stacked")).lower(),
         "FLYWHEEL_INFERENCE_KAFKA_ENABLED": "false",
         "FLYWHEEL_INFERENCE_GRPC__PORT": str(port),
@@ -551,7 +550,6 @@ def main() -> None:
             for row in throughput(
                 variant,
                 model_dirs[onnx_variant(variant)] / "onnx",
-                onnx_variant(variant)[1],
                 prompts,
                 levels,
                 args.new_tokens,

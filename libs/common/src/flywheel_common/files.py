@@ -21,7 +21,8 @@ def file_sha256(path: Path) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Writes JSON atomically (temp file + rename)."""
+    """Writes JSON atomically (temp file + rename), making its folder if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)

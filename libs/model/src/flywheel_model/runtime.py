@@ -161,16 +161,15 @@ class Decoder:
         self._present_to_past = {
             self.spec.present_key % i: self.spec.past_key % i for i in range(self.spec.num_layers)
         } | {self.spec.present_value % i: self.spec.past_value % i for i in range(self.spec.num_layers)}
-        log.info(
-            "decoder %s on %s (kv %s%s)",
-            self.model_dir,
-            self.provider,
-            np.dtype(self.kv_dtype).name,
+        place = (
             ", past and present shared"
             if self.shares_cache
             else ", bound to the device"
             if self.io_bound
-            else "",
+            else ""
+        )
+        log.info(
+            "decoder %s on %s (kv %s%s)", self.model_dir, self.provider, np.dtype(self.kv_dtype).name, place
         )
 
     def new_cache(self, max_rows: int) -> BatchCache:
@@ -226,9 +225,9 @@ class Decoder:
         if isinstance(cache, SharedCache):
             width = int(lengths.max()) + 1
             cache.reserve(width)
-            return self._run_in_place(ids, attention_mask(lengths, width), cache)
+            return self._run_in_place(ids, _attention_mask(lengths, width), cache)
         assert cache.kv is not None
-        logits, cache.kv = self._run(ids, attention_mask(lengths, kv_width(cache.kv) + 1), cache.kv)
+        logits, cache.kv = self._run(ids, _attention_mask(lengths, kv_width(cache.kv) + 1), cache.kv)
         return logits
 
     def _run_in_place(self, input_ids: np.ndarray, mask: np.ndarray, cache: SharedCache) -> np.ndarray:
@@ -246,7 +245,7 @@ class Decoder:
         return np.asarray(binding.get_outputs()[0].numpy(), dtype=np.float32)[:, -1, :]
 
 
-def attention_mask(lengths: np.ndarray, width: int) -> np.ndarray:
+def _attention_mask(lengths: np.ndarray, width: int) -> np.ndarray:
     """Row b attends to its `lengths[b]` cached positions and the new one, of `width` columns."""
     return (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
 
