@@ -1,8 +1,8 @@
 """Inference benchmark: time to first token, decode speed, peak memory and answer quality of
 (a) transformers + PyTorch eager, (b) our ONNX Runtime path in fp32, (c) our path with int4
-weights (re-quantized), (d) our path with the GGUF's own Q4_1 / Q8_0 blocks, with fp32 activations
-(`q4_1`) and with activations quantized to 8 bits as llama.cpp does (`q4_1_a8`), (e) llama.cpp on
-the original GGUF; then throughput of the running gRPC service at several
+weights (re-quantized), (d) our path with the GGUF's own blocks (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K),
+with fp32 activations (`gguf`) and with activations quantized to 8 bits as llama.cpp does
+(`gguf_a8`), (e) llama.cpp on the original GGUF; then throughput of the running gRPC service at several
 concurrencies. On a GPU machine (onnxruntime-gpu) the variants `onnx-fp32-cuda` and
 `onnx-fp16-cuda` run our path on the CUDA execution provider, with the KV cache bound to the
 device (`-unbound`, e.g. `onnx-fp16-cuda-unbound`, round-trips it through host memory every step
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("eager", "onnx-fp32", "onnx-int4", "onnx-q4_1", "onnx-q4_1_a8", "llamacpp")
+VARIANTS = ("eager", "onnx-fp32", "onnx-int4", "onnx-gguf", "onnx-gguf_a8", "llamacpp")
 
 
 # Prompts and scoring (parent process)

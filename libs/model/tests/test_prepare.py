@@ -53,7 +53,7 @@ def test_fp32_for_cuda_is_refused_before_an_invalid_model_is_built() -> None:
     assert ExportOptions(precision="fp16", provider="cuda").builder_args()[:4] == ["-p", "fp16", "-e", "cuda"]
 
 
-@pytest.mark.parametrize(("precision", "accuracy_level"), [("q4_1", 1), ("q4_1_a8", 4)])
+@pytest.mark.parametrize(("precision", "accuracy_level"), [("gguf", 1), ("gguf_a8", 4)])
 def test_gguf_blocks_need_a_gguf_source_and_the_cpu(
     tmp_path: Path, precision: Precision, accuracy_level: int
 ) -> None:
@@ -64,7 +64,7 @@ def test_gguf_blocks_need_a_gguf_source_and_the_cpu(
         prepare(tmp_path / "out", source=tmp_path / "hf", options=options, cache_dir=tmp_path / "c")
     with pytest.raises(ValueError, match="CPU only"):
         ExportOptions(precision=precision, provider="cuda")
-    # Built on the fp32 graph, re-encoded afterwards; q4_1_a8 quantizes the activations to 8 bits.
+    # Built on the fp32 graph, re-encoded afterwards; gguf_a8 quantizes the activations to 8 bits.
     assert ExportOptions(precision=precision).builder_args()[:2] == ["-p", "fp32"]
     assert ExportOptions(precision=precision).accuracy_level == accuracy_level
 

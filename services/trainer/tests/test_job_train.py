@@ -169,16 +169,37 @@ def test_preference_weight_pushes_the_chosen_answer_above_the_rejected_one(tiny_
 
 
 @pytest.mark.parametrize(
-    ("parent", "candidate"), [("q4_1", "fp32"), ("q4_1_a8", "fp32"), ("fp32", "fp32"), ("int4", "int4")]
+    ("parent", "candidate"), [("gguf", "gguf"), ("gguf_a8", "gguf_a8"), ("fp32", "fp32"), ("int4", "int4")]
 )
-def test_candidates_of_a_gguf_blocks_parent_are_exported_in_fp32(
+def test_candidates_keep_the_parents_export_and_gguf_blocks_stay_exact(
     tmp_path: Path, parent: str, candidate: str
 ) -> None:
+    from flywheel_common.files import file_sha256
     from flywheel_common.registry import ModelVersion
-    from flywheel_trainer.job.run import export_options_of
+    from flywheel_trainer.job.run import export_plan_of
 
-    version = ModelVersion("v1", tmp_path, {"prepared": {"export": {"precision": parent, "provider": "cpu"}}})
-    assert export_options_of(version).precision == candidate
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF blocks")
+    source = {"kind": "gguf", "path": str(gguf), "sha256": file_sha256(gguf)}
+    base = ModelVersion("v1", tmp_path, {"prepared": {"source": source, "export": {"precision": parent}}})
+    plan = export_plan_of(base)
+    assert plan.options.precision == candidate
+    # Exported and verified exactly (fp32 activations); gguf_a8 switches to 8-bit ones afterwards.
+    assert plan.verified_options.precision == ("gguf" if candidate == "gguf_a8" else candidate)
+    if not candidate.startswith("gguf"):
+        assert plan.gguf is None and plan.record() == {"precision": candidate, "provider": "cpu"}
+        return
+    # A candidate's own candidates find the GGUF in its manifest's export record.
+    assert plan.gguf == {"path": str(gguf), "sha256": source["sha256"]}
+    child = ModelVersion("v2", tmp_path, {"export": plan.record()})
+    assert export_plan_of(child) == plan
+    # On a machine without the GGUF (or with another file there), candidates are fp32, and say why.
+    gguf.write_bytes(b"other bytes")
+    fallback = export_plan_of(child)
+    assert fallback.options.precision == "fp32" and fallback.gguf is None
+    assert str(gguf) in fallback.record()["note"]
+    gguf.unlink()
+    assert export_plan_of(base).options.precision == "fp32"
 
 
 def test_one_pass_gives_the_supervised_loss_and_the_preference_loss_of_separate_passes(tiny_hf: Path) -> None:

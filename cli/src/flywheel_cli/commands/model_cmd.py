@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         f"{', '.join(PACKAGED_MODELS)} (default: {SERVED_BASE_MODEL})",
         default=SERVED_BASE_MODEL,
     )
-    prep.add_argument("--precision", choices=["fp32", "fp16", "int4", "q4_1", "q4_1_a8"], default="fp32")
+    prep.add_argument("--precision", choices=["fp32", "fp16", "int4", "gguf", "gguf_a8"], default="fp32")
     prep.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     prep.add_argument("--out", help="output folder (default .cache/models/<name>-<precision>-<provider>)")
     prep.add_argument("--force", action="store_true", help="prepare again even if the cache matches")

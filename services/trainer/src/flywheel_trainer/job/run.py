@@ -61,21 +61,60 @@ def resolve_device(settings: JobSettings) -> tuple[str, str]:
     return device, quantization
 
 
-def export_options_of(parent: ModelVersion) -> Any:
-    """The parent's ONNX export options, so every version in a lineage is served the same way.
+@dataclass(frozen=True)
+class ExportPlan:
+    """How a candidate is exported: its parent's options, and the GGUF its blocks come from."""
 
-    The candidates of a parent stored as a GGUF's blocks (q4_1, q4_1_a8) are exported in fp32: merging
-    an adapter moves every adapted weight off the GGUF's grid, and fp32 is what answers exactly like
-    the merged model (checked below).
+    options: Any  # flywheel_model.prepare.ExportOptions
+    gguf: dict[str, str] | None = None  # {"path", "sha256"} of the lineage's GGUF, for gguf
+    note: str = ""  # why the plan differs from the parent's export, if it does
+
+    @property
+    def verified_options(self) -> Any:
+        """What the export is built and verified in: `gguf_a8` is `gguf` (fp32 activations, exact)
+        until verified, then switched to 8-bit activations."""
+        from flywheel_model.prepare import ExportOptions
+
+        if self.options.precision == "gguf_a8":
+            return ExportOptions(precision="gguf", provider=self.options.provider)
+        return self.options
+
+    def record(self) -> dict[str, Any]:
+        """The candidate manifest's `export` entry (its own candidates read it back)."""
+        record: dict[str, Any] = {"precision": self.options.precision, "provider": self.options.provider}
+        if self.gguf:
+            record["gguf"] = self.gguf
+        if self.note:
+            record["note"] = self.note
+        return record
+
+
+def export_plan_of(parent: ModelVersion) -> ExportPlan:
+    """The parent's ONNX export, so every version in a lineage is served the same way.
+
+    A parent stored as a GGUF's blocks hands its candidates the same GGUF: the weights a fine-tune
+    left alone (the embedding and output matrix, any layer it did not adapt) are stored as those
+    blocks again, the adapted ones stay fp32 (merging moves them off the grid). Both are exact, as
+    the verify step below requires; a `gguf_a8` candidate is verified with fp32 activations and
+    switched to 8-bit ones afterwards. Where the GGUF is not at its recorded path with its recorded
+    digest (a job on another machine), the candidate is exported in fp32 and the manifest says so.
     """
     from flywheel_model.prepare import GGUF_BLOCK_PRECISIONS, ExportOptions
 
-    export = parent.manifest.get("export") or parent.manifest.get("prepared", {}).get("export") or {}
-    precision = export.get("precision", "fp32")
-    return ExportOptions(
-        precision="fp32" if precision in GGUF_BLOCK_PRECISIONS else precision,
-        provider=export.get("provider", "cpu"),
+    prepared = parent.manifest.get("prepared", {})
+    export = parent.manifest.get("export") or prepared.get("export") or {}
+    precision, provider = export.get("precision", "fp32"), export.get("provider", "cpu")
+    if precision not in GGUF_BLOCK_PRECISIONS:
+        return ExportPlan(ExportOptions(precision=precision, provider=provider))
+    source = prepared.get("source", {})
+    gguf = export.get("gguf") or (
+        {"path": source["path"], "sha256": source["sha256"]} if source.get("kind") == "gguf" else None
     )
+    if gguf is None or not Path(gguf["path"]).is_file() or file_sha256(Path(gguf["path"])) != gguf["sha256"]:
+        note = f"the parent's GGUF is not here ({gguf['path'] if gguf else 'none recorded'}): fp32"
+        log.warning("exporting in fp32: %s", note)
+        return ExportPlan(ExportOptions(precision="fp32", provider=provider), note=note)
+    return ExportPlan(ExportOptions(precision=precision, provider=provider), gguf)
 
 
 def _dir_sha256(path: Path) -> str:
@@ -220,7 +259,7 @@ def _train_and_merge(
 
 def _export_and_verify(
     settings: JobSettings, inputs: _Inputs, merged_dir: Path, scratch: Path, laps: _Laps
-) -> tuple[Any, Path, Any]:
+) -> tuple[ExportPlan, Path, Any]:
     """Exports the merged model to ONNX and checks its greedy answers match PyTorch's."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -228,9 +267,11 @@ def _export_and_verify(
     from flywheel_model.prepare import export_onnx
     from flywheel_trainer.job import data, verify
 
-    options = export_options_of(inputs.parent)
+    plan = export_plan_of(inputs.parent)
     cache_dir = settings.export_cache_dir or settings.scratch_dir / "hf-export"
-    onnx_dir = export_onnx(merged_dir, scratch / "onnx", options, cache_dir=cache_dir)
+    gguf = Path(plan.gguf["path"]) if plan.gguf else None
+    exported = plan.verified_options
+    onnx_dir = export_onnx(merged_dir, scratch / "onnx", exported, cache_dir=cache_dir, gguf=gguf)
     laps.lap("export_s")
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
@@ -249,8 +290,12 @@ def _export_and_verify(
             f"ONNX greedy differs from PyTorch greedy at token {bad.diverged_at} "
             f"(logit gap {bad.gap_at_divergence:.4f}): the export is not faithful"
         )
+    if plan.options.accuracy_level != exported.accuracy_level:
+        from flywheel_model.ggml_blocks import set_accuracy_level
+
+        set_accuracy_level(onnx_dir, plan.options.accuracy_level)
     laps.lap("verify_s")
-    return options, onnx_dir, checked
+    return plan, onnx_dir, checked
 
 
 def _training_record(settings: JobSettings, inputs: _Inputs, trained: Any, laps: _Laps) -> dict[str, Any]:
@@ -318,7 +363,7 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
     scratch.mkdir(parents=True)
     try:
         trained, adapter_sha, merged_dir = _train_and_merge(settings, inputs, scratch, laps)
-        options, onnx_dir, checked = _export_and_verify(settings, inputs, merged_dir, scratch, laps)
+        plan, onnx_dir, checked = _export_and_verify(settings, inputs, merged_dir, scratch, laps)
         training = _training_record(settings, inputs, trained, laps)
         duration = laps.total()
         # The scratch folders are final now: the registry links their files rather than copying them.
@@ -331,7 +376,7 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
                 "lineage": _lineage(args, inputs, adapter_sha, duration),
                 "training": training,
                 "verify": checked.summary(),
-                "export": {"precision": options.precision, "provider": options.provider},
+                "export": plan.record(),
             },
         )
     finally:
