@@ -17,6 +17,7 @@ from flywheel_cli.simulation.simulate import Simulation, SimulationConfig, Targe
 from flywheel_common.files import repo_root
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
+from flywheel_model.prepare import onnx_op_counts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -87,6 +88,12 @@ def test_one_round_trains_gates_and_reports(
     assert job["state"] == "SUCCEEDED", job
     candidate = job["candidate_version"]
     assert registry.get(candidate).manifest["kind"] == "candidate"
+    # The base is served as its GGUF's blocks (the default), and so is the candidate: the matrices
+    # the fine-tune left alone (the tied embedding and output projection) are blocks again.
+    assert registry.get("v1").manifest["prepared"]["export"]["precision"] == "gguf"
+    export = registry.get(candidate).manifest["export"]
+    assert export["precision"] == "gguf" and export["gguf"]["path"].endswith(".gguf")
+    assert onnx_op_counts(registry.get(candidate).model_dir / "model.onnx", ("MatMulNBits",))["MatMulNBits"]
     # Its targets were shaped into passage spans (ungrounded corrections into abstentions), and
     # corrections paired with the answers they replaced.
     training = registry.get(candidate).manifest["training"]

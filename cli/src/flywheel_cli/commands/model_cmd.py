@@ -12,6 +12,7 @@ from flywheel_model.prepare import (
     PACKAGED_MODELS,
     SERVED_BASE_MODEL,
     ExportOptions,
+    default_precision,
     ensure_prepared,
     register_base,
     resolve_source,
@@ -19,10 +20,6 @@ from flywheel_model.prepare import (
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    try:
-        options = ExportOptions(precision=args.precision, provider=args.provider)
-    except ValueError as error:
-        raise UserError(str(error)) from error
     try:
         source = resolve_source(args.source)
     except FileNotFoundError as error:
@@ -32,6 +29,11 @@ def _prepare(args: argparse.Namespace) -> int:
             f"no model at {source}: --source takes a .gguf file, a Hugging Face model folder or one of "
             f"{', '.join(PACKAGED_MODELS)}"
         )
+    precision = args.precision or default_precision(source, args.provider)
+    try:
+        options = ExportOptions(precision=precision, provider=args.provider)
+    except ValueError as error:
+        raise UserError(str(error)) from error
     out = ensure_prepared(source, options, Path(args.out) if args.out else None, force=args.force, echo=print)
     if not args.no_register:
         register_base(out, Path(args.artifact_root), echo=print)
@@ -64,7 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         f"{', '.join(PACKAGED_MODELS)} (default: {SERVED_BASE_MODEL})",
         default=SERVED_BASE_MODEL,
     )
-    prep.add_argument("--precision", choices=["fp32", "fp16", "int4", "gguf", "gguf_a8"], default="fp32")
+    prep.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int4", "gguf", "gguf_a8"],
+        help="default: gguf for a GGUF source on the CPU, fp32 for a Hugging Face folder, fp16 on CUDA",
+    )
     prep.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     prep.add_argument("--out", help="output folder (default .cache/models/<name>-<precision>-<provider>)")
     prep.add_argument("--force", action="store_true", help="prepare again even if the cache matches")

@@ -48,6 +48,12 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
         "smollm2-135m (Apache 2.0), a .gguf file or a Hugging Face folder; see docs/inference.md",
     )
     parser.add_argument(
+        "--precision",
+        choices=["fp32", "int4", "gguf", "gguf_a8"],
+        help="how the base model is exported: gguf (default for a GGUF: its own blocks, exact) or "
+        "fp32 (default for a Hugging Face folder); see docs/inference.md",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="with a simulation: go on from the state in --var (registry, trainer store, broker) instead "
@@ -72,6 +78,7 @@ def stack_config(
         free_ports=args.free_ports,
         own_broker=fresh,
         base_model=args.base_model,
+        precision=args.precision,
         observe=PrometheusOptions() if args.observe else None,
     )
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +34,9 @@ from flywheel_cli.local.prometheus import (
 from flywheel_common.kafka import ensure_topics
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings, TopicSettings
+
+if TYPE_CHECKING:
+    from flywheel_model.prepare import Precision
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,8 @@ class StackConfig:
     # a .gguf file or a Hugging Face folder. `flywheel up` names SERVED_BASE_MODEL unless told; None
     # (tests) is SmolLM2-135M-Instruct, the smaller model.
     base_model: str | None = None
+    # How it is exported; None: default_precision(source).
+    precision: Precision | None = None
     # Seconds each service gets to report SERVING, and to stop after SIGTERM.
     health_timeout_s: float = 300.0
     stop_timeout_s: float = 30.0
@@ -448,7 +453,13 @@ class LocalStack:
         self.echo(f"prometheus: {self.prometheus.url} (the chart's alerts: {self.prometheus.url}/alerts)")
 
     def _prepare_model(self) -> None:
-        from flywheel_model.prepare import ExportOptions, ensure_prepared, register_base, resolve_source
+        from flywheel_model.prepare import (
+            ExportOptions,
+            default_precision,
+            ensure_prepared,
+            register_base,
+            resolve_source,
+        )
 
         try:
             source = resolve_source(self.config.base_model)
@@ -456,7 +467,8 @@ class LocalStack:
             raise StackError(str(exc)) from exc
         if source is not None and not source.exists():
             raise StackError(f"no base model at {source}: give a .gguf file, a Hugging Face folder or a name")
-        model_dir = ensure_prepared(source, ExportOptions(), None, force=False, echo=self.echo)
+        options = ExportOptions(precision=self.config.precision or default_precision(source))
+        model_dir = ensure_prepared(source, options, None, force=False, echo=self.echo)
         self.base_version = register_base(model_dir, self.config.artifact_root.resolve(), echo=self.echo)
 
     def _start_kafka(self) -> None:

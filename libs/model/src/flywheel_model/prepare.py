@@ -91,6 +91,16 @@ PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf, 
 SERVED_BASE_MODEL = "gemma3-270m"
 
 
+def default_precision(source: Path | None, provider: Provider = "cpu") -> Precision:
+    """What a model is served in unless told: on the CPU, a GGUF's own blocks (exact, decoded
+    faster, prompts through the fp32 prefill graph: docs/inference.md); fp32 from a Hugging Face
+    folder; fp16 on CUDA."""
+    if provider == "cuda":
+        return "fp16"
+    gguf_file = source is None or (source.is_file() and source.suffix == ".gguf")
+    return "gguf" if gguf_file else "fp32"
+
+
 def resolve_source(source: str | None) -> Path | None:
     """A packaged model's name -> its GGUF; a path stays a path; None is the default (SmolLM2)."""
     if source is None:
