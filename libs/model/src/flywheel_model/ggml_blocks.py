@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -80,7 +81,7 @@ class BlockRows:
             values = values + self.mins[..., None]
         return values.reshape(self.codes.shape[0], -1)
 
-    def take(self, rows: np.ndarray) -> BlockRows:
+    def take(self, rows: np.ndarray | slice) -> BlockRows:
         return BlockRows(
             self.kind,
             self.codes[rows],
@@ -203,8 +204,9 @@ class GgufBlockIndex:
             rows = parse_blocks(np.asarray(tensor.data), kind)
             index = len(self.tensors)
             self.tensors.append(rows)
-            for r, values in enumerate(rows.dequantize()):
-                self._where[_row_key(values)] = (index, r)
+            for start, values in _chunks(rows):
+                for r, row in enumerate(values, start):
+                    self._where[_row_key(row)] = (index, r)
 
     def find(self, matrix: np.ndarray) -> Blocks | None:
         """The blocks of `matrix` [R, K] (each row a GGUF row), or None unless all equal exactly."""
@@ -220,9 +222,19 @@ class GgufBlockIndex:
         parts = [self.tensors[tensor_ids[run[0]]].take(row_ids[run]) for run in runs]
         if len({p.format.block for p in parts}) != 1:
             return None
-        if not all(np.array_equal(p.dequantize(), matrix[run]) for p, run in zip(parts, runs, strict=True)):
-            return None
+        for part, run in zip(parts, runs, strict=True):
+            if not all(
+                np.array_equal(values, matrix[run[start : start + len(values)]])
+                for start, values in _chunks(part)
+            ):
+                return None
         return Blocks.of(parts)
+
+
+def _chunks(rows: BlockRows, size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, fp32 values) of `size` rows at a time: Gemma's embedding is 671 MB in fp32."""
+    for start in range(0, len(rows.codes), size):
+        yield start, rows.take(slice(start, start + size)).dequantize()
 
 
 class _Graph:
@@ -449,7 +461,7 @@ def encode_model(
             weight = g.array(node.input[1])
             blocks = None
             if weight is not None and weight.ndim == 2:
-                blocks = index.find(np.ascontiguousarray(weight.T))
+                blocks = index.find(weight.T)
                 if blocks is not None and prefill and blocks.bits > 4 and weight.shape[1] not in vocabularies:
                     blocks = None
             counts[f"matmul_{blocks.label}" if blocks else "matmul_fp32"] += 1
@@ -458,7 +470,7 @@ def encode_model(
         elif node.op_type == "Gather" and not any(a.name == "axis" and a.i != 0 for a in node.attribute):
             table = _gather_table(g, node, producers)
             if table is not None:
-                blocks = index.find(np.ascontiguousarray(table))
+                blocks = index.find(table)
                 encodable = blocks is not None and blocks.kinds == ("q8_0",)
                 counts["gather_q8_0" if encodable else "gather_fp32"] += 1
                 if blocks is not None and encodable:
@@ -502,34 +514,44 @@ def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1)
     import onnx
 
     model_path = onnx_dir / "model.onnx"
-    model = onnx.load(str(model_path), load_external_data=True)
-    prefill = onnx.ModelProto()
-    prefill.CopyFrom(model)
     index = GgufBlockIndex(gguf_path)
-    counts = encode_model(model, index, accuracy_level=accuracy_level)
+    # One graph in memory at a time (Gemma's fp32 graph is 1.1 GB): the prefill graph first, from
+    # the fp32 file, then the decode graph over it.
+    prefill = onnx.load(str(model_path), load_external_data=True)
     prefill_counts = encode_model(prefill, index, accuracy_level=accuracy_level, prefill=True)
-    graphs = [(model, model_path)]
-    if prefill_counts != counts:
-        graphs.append((prefill, onnx_dir / PREFILL_MODEL))
-    for graph, path in graphs:
-        data = path.with_name(f"{path.name}.data")
-        data.unlink(missing_ok=True)
-        onnx.save_model(
-            graph,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=1024,
-        )
+    prefill_path = onnx_dir / PREFILL_MODEL
+    _save(prefill, prefill_path)
+    del prefill
+    model = onnx.load(str(model_path), load_external_data=True)
+    counts = encode_model(model, index, accuracy_level=accuracy_level)
+    _save(model, model_path)
+    if prefill_counts == counts:  # nothing wider than 4 bits: the decode graph prefills as well
+        prefill_path.unlink()
+        prefill_path.with_name(f"{PREFILL_MODEL}.data").unlink()
     log.info(
         "encoded %s from %s: %s (prefill graph: %s)",
         model_path,
         gguf_path.name,
         dict(counts),
-        dict(prefill_counts) if len(graphs) > 1 else "the same",
+        "the same" if prefill_counts == counts else dict(prefill_counts),
     )
     return dict(counts)
+
+
+def _save(model: Any, path: Path) -> None:
+    """`path` and its weights in `<path>.data` (replaced, not appended to)."""
+    import onnx
+
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
 
 
 def set_accuracy_level(onnx_dir: Path, level: int) -> int:
@@ -554,3 +576,20 @@ def set_accuracy_level(onnx_dir: Path, level: int) -> int:
                     changed += 1
         onnx.save_model(model, str(path))
     return changed
+
+
+def main() -> None:
+    """`python -m flywheel_model.ggml_blocks ONNX_DIR GGUF [--accuracy-level N]` (export_onnx's step)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=encode_onnx_dir.__doc__)
+    parser.add_argument("onnx_dir", type=Path)
+    parser.add_argument("gguf", type=Path)
+    parser.add_argument("--accuracy-level", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    encode_onnx_dir(args.onnx_dir, args.gguf, accuracy_level=args.accuracy_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -189,13 +189,23 @@ def export_onnx(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [
+    steps = [[
         sys.executable, "-m", "flywheel_model.onnx_build",
         "-i", str(hf_dir), "-o", str(out_dir), "-c", str(cache_dir), *options.builder_args(),
-    ]  # fmt: skip
+    ]]  # fmt: skip
+    if options.gguf_blocks and gguf is not None:
+        # A process of its own too: encoding Gemma's graph holds ~4 GB, given back when it exits
+        # (a training job exports beside everything it has loaded).
+        steps.append([
+            sys.executable, "-m", "flywheel_model.ggml_blocks",
+            str(out_dir), str(gguf), "--accuracy-level", str(options.accuracy_level),
+        ])  # fmt: skip
     log_path = out_dir.parent / f"{out_dir.name}.export.log"
     with log_path.open("w") as log_file:
-        result = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+        for cmd in steps:
+            result = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+            if result.returncode != 0:
+                break
     if result.returncode != 0 or not (out_dir / "model.onnx").is_file():
         text = log_path.read_text()
         # The exporter's last line is its error ("OSError: [Errno 28] No space left on device"): it
@@ -204,10 +214,6 @@ def export_onnx(
         raise RuntimeError(
             f"ONNX export failed ({result.returncode}): {error[:300]}; log {log_path}:\n{text[-2000:]}"
         )
-    if options.gguf_blocks and gguf is not None:
-        from flywheel_model.ggml_blocks import encode_onnx_dir
-
-        encode_onnx_dir(out_dir, gguf, accuracy_level=options.accuracy_level)
     for name in TOKENIZER_FILES:
         src = hf_dir / name
         if src.is_file() and not (out_dir / name).is_file():
