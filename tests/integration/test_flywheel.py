@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+import onnx
 import pytest
 
 from flywheel_cli.local.kafka_broker import LocalBroker
@@ -17,7 +18,6 @@ from flywheel_cli.simulation.simulate import Simulation, SimulationConfig, Targe
 from flywheel_common.files import repo_root
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
-from flywheel_model.prepare import onnx_op_counts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,6 +59,7 @@ def test_one_round_trains_gates_and_reports(
         dataset=DATASET,
         free_ports=True,
         service_env=_tiny_round_env(uuid.uuid4().hex[:8]),
+        precision="gguf_a8",  # the GGUF's own blocks, 8-bit activations: the longest export path
     )
     with LocalStack(config) as stack:
         assert set(stack.targets) == {"inference", "feedback", "trainer", "evaluator"}
@@ -88,12 +89,21 @@ def test_one_round_trains_gates_and_reports(
     assert job["state"] == "SUCCEEDED", job
     candidate = job["candidate_version"]
     assert registry.get(candidate).manifest["kind"] == "candidate"
-    # The base is served as its GGUF's blocks (the default), and so is the candidate: the matrices
-    # the fine-tune left alone (the tied embedding and output projection) are blocks again.
-    assert registry.get("v1").manifest["prepared"]["export"]["precision"] == "gguf"
+    # The base is served as its GGUF's blocks, and so is the candidate: the matrices the fine-tune
+    # left alone (the tied embedding and output projection) are blocks again, verified with fp32
+    # activations and then switched to 8-bit ones.
+    assert registry.get("v1").manifest["prepared"]["export"]["precision"] == "gguf_a8"
     export = registry.get(candidate).manifest["export"]
-    assert export["precision"] == "gguf" and export["gguf"]["path"].endswith(".gguf")
-    assert onnx_op_counts(registry.get(candidate).model_dir / "model.onnx", ("MatMulNBits",))["MatMulNBits"]
+    assert export["precision"] == "gguf_a8" and export["gguf"]["path"].endswith(".gguf")
+    graph = onnx.load(str(registry.get(candidate).model_dir / "model.onnx"), load_external_data=False)
+    levels = [
+        a.i
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    ]
+    assert levels and set(levels) == {4}
     # Its targets were shaped into passage spans (ungrounded corrections into abstentions), and
     # corrections paired with the answers they replaced.
     training = registry.get(candidate).manifest["training"]

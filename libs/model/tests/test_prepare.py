@@ -69,15 +69,11 @@ def test_gguf_blocks_need_a_gguf_source_and_the_cpu(
     assert ExportOptions(precision=precision).accuracy_level == accuracy_level
 
 
-def test_a_gguf_is_served_as_its_own_blocks_unless_told(tmp_path: Path) -> None:
+def test_the_default_precision_follows_the_provider() -> None:
     from flywheel_model.prepare import default_precision
 
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
-    (tmp_path / "hf").mkdir()
-    assert default_precision(gguf) == default_precision(None) == "gguf"  # None: the bundled SmolLM2 GGUF
-    assert default_precision(tmp_path / "hf") == "fp32"
-    assert default_precision(gguf, "cuda") == "fp16"
+    assert default_precision() == "fp32"
+    assert default_precision("cuda") == "fp16"  # fp32 for CUDA makes an invalid model (above)
 
 
 def test_gemma3_rope_per_layer_type_is_flattened_exactly_for_the_builder() -> None:

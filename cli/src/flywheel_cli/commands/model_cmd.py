@@ -29,7 +29,7 @@ def _prepare(args: argparse.Namespace) -> int:
             f"no model at {source}: --source takes a .gguf file, a Hugging Face model folder or one of "
             f"{', '.join(PACKAGED_MODELS)}"
         )
-    precision = args.precision or default_precision(source, args.provider)
+    precision = args.precision or default_precision(args.provider)
     try:
         options = ExportOptions(precision=precision, provider=args.provider)
     except ValueError as error:
@@ -69,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     prep.add_argument(
         "--precision",
         choices=["fp32", "fp16", "int4", "gguf", "gguf_a8"],
-        help="default: gguf for a GGUF source on the CPU, fp32 for a Hugging Face folder, fp16 on CUDA",
+        help="default: fp32 on the CPU, fp16 on CUDA; gguf / gguf_a8 store a GGUF's own blocks "
+        "(docs/inference.md)",
     )
     prep.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     prep.add_argument("--out", help="output folder (default .cache/models/<name>-<precision>-<provider>)")

@@ -118,7 +118,7 @@ class StackConfig:
     # a .gguf file or a Hugging Face folder. `flywheel up` names SERVED_BASE_MODEL unless told; None
     # (tests) is SmolLM2-135M-Instruct, the smaller model.
     base_model: str | None = None
-    # How it is exported; None: default_precision(source).
+    # How it is exported; None: default_precision() (fp32).
     precision: Precision | None = None
     # Seconds each service gets to report SERVING, and to stop after SIGTERM.
     health_timeout_s: float = 300.0
@@ -467,7 +467,7 @@ class LocalStack:
             raise StackError(str(exc)) from exc
         if source is not None and not source.exists():
             raise StackError(f"no base model at {source}: give a .gguf file, a Hugging Face folder or a name")
-        options = ExportOptions(precision=self.config.precision or default_precision(source))
+        options = ExportOptions(precision=self.config.precision or default_precision())
         model_dir = ensure_prepared(source, options, None, force=False, echo=self.echo)
         self.base_version = register_base(model_dir, self.config.artifact_root.resolve(), echo=self.echo)
 
