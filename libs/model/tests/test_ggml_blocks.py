@@ -119,6 +119,28 @@ def tiny_model(path: Path) -> tuple[onnx.ModelProto, set[str]]:
 IDS = np.random.default_rng(2).integers(0, 50, (2, 7)).astype(np.int64)
 
 
+def fp32_export(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """The tiny model saved as an fp32 export (`onnx/model.onnx` + `.data`), and its logits."""
+    fp32, _ = tiny_model(tmp_path / "tiny.gguf")
+    expected = run(fp32, {"ids": IDS})  # before saving: that moves the weights out of `fp32`
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    onnx.save_model(
+        fp32, str(onnx_dir / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
+    )
+    return onnx_dir, expected
+
+
+def accuracy_levels(model: onnx.ModelProto) -> set[int]:
+    return {
+        a.i
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
+
+
 # Accuracy level 1 keeps the activations in fp32: the same values up to the order of additions.
 # Level 4 (gguf_a8) quantizes them to 8 bits per block, as llama.cpp does: close, not equal.
 @pytest.mark.parametrize(("accuracy_level", "tolerance"), [(1, 2e-5), (4, 2e-2)])
@@ -150,14 +172,7 @@ def test_encoded_graph_reproduces_the_fp32_matmuls_and_embedding(
     zero_points = [n.name for n in encoded.graph.node if n.op_type == "MatMulNBits" and len(n.input) == 4]
     assert len(zero_points) == 6
     assert {i.name for i in encoded.graph.initializer} & set(inits) == {"tuned"}
-    levels = {
-        a.i
-        for n in encoded.graph.node
-        if n.op_type == "MatMulNBits"
-        for a in n.attribute
-        if a.name == "accuracy_level"
-    }
-    assert levels == {accuracy_level}
+    assert accuracy_levels(encoded) == {accuracy_level}
     actual = run(encoded, {"ids": IDS})
     np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance * np.abs(expected).max())
     if accuracy_level == 4:
@@ -182,14 +197,7 @@ def test_the_prefill_graph_keeps_the_layers_in_fp32(tmp_path: Path) -> None:
     graph that keeps the matrices wider than 4 bits in fp32; both compute fp32's logits."""
     from flywheel_model.ggml_blocks import PREFILL_MODEL, encode_onnx_dir
 
-    fp32, _ = tiny_model(tmp_path / "tiny.gguf")
-    expected = run(fp32, {"ids": IDS})
-    onnx_dir = tmp_path / "onnx"
-    onnx_dir.mkdir()
-    onnx.save_model(
-        fp32, str(onnx_dir / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
-    )
-
+    onnx_dir, expected = fp32_export(tmp_path)
     counts = encode_onnx_dir(onnx_dir, tmp_path / "tiny.gguf")
 
     assert counts["matmul_fp32"] == 1  # the fine-tuned matrix
@@ -217,13 +225,7 @@ def test_the_prefill_graph_keeps_the_layers_in_fp32(tmp_path: Path) -> None:
 def test_a_verified_export_switches_to_8_bit_activations_in_place(tmp_path: Path) -> None:
     from flywheel_model.ggml_blocks import PREFILL_MODEL, encode_onnx_dir, set_accuracy_level
 
-    fp32, _ = tiny_model(tmp_path / "tiny.gguf")
-    expected = run(fp32, {"ids": IDS})
-    onnx_dir = tmp_path / "onnx"
-    onnx_dir.mkdir()
-    onnx.save_model(
-        fp32, str(onnx_dir / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
-    )
+    onnx_dir, expected = fp32_export(tmp_path)
     encode_onnx_dir(onnx_dir, tmp_path / "tiny.gguf", accuracy_level=1)
     data = (onnx_dir / "model.onnx.data").read_bytes()
 
@@ -231,14 +233,7 @@ def test_a_verified_export_switches_to_8_bit_activations_in_place(tmp_path: Path
     assert (onnx_dir / "model.onnx.data").read_bytes() == data
     for name in ("model.onnx", PREFILL_MODEL):
         graph = onnx.load(str(onnx_dir / name))
-        levels = {
-            a.i
-            for n in graph.graph.node
-            if n.op_type == "MatMulNBits"
-            for a in n.attribute
-            if a.name == "accuracy_level"
-        }
-        assert levels == {4}
+        assert accuracy_levels(graph) == {4}
         actual = run(graph, {"ids": IDS})
         np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-2 * np.abs(expected).max())
         assert not np.allclose(actual, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
