@@ -98,7 +98,7 @@ def default_precision(provider: Provider = "cpu") -> Precision:
     1.05-1.6x as fast: ONNX Runtime's 4-bit products with fp32 activations are fast for one row
     only, so the batched service answered fewer requests per second with them (Gemma at
     concurrency 4 and 16: 0.81x and 0.86x fp32); with 8-bit activations (`gguf_a8`) the service
-    kept pace but three rounds ended lower on both datasets tried (docs/inference.md).
+    kept pace but three rounds ended lower on two datasets of three, never higher (docs/inference.md).
     """
     return "fp16" if provider == "cuda" else "fp32"
 
