@@ -95,15 +95,46 @@ def test_gguf_export_answers_token_for_token_like_fp32(prepared_model: Path) -> 
     weights = sum(p.stat().st_size for p in (blocks_dir / "onnx").glob("model.onnx*"))
     fp32_weights = sum(p.stat().st_size for p in (prepared_model / "onnx").glob("model.onnx*"))
     assert weights < 0.3 * fp32_weights
-    fp32 = AnswerEngine(prepared_model / "onnx", OrtSettings(provider="cpu"), EngineSettings())
     # SmolLM2's matrices are 4-bit (Q4_1) but for the output projection: no prefill graph of its own.
     assert not (blocks_dir / "onnx" / "prefill.onnx").exists()
-    blocks = AnswerEngine(blocks_dir / "onnx", OrtSettings(provider="cpu"), EngineSettings())
+    assert_same_answers(prepared_model, blocks_dir, PROMPTS)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_gemma3_gguf_export_prefills_in_fp32_and_answers_like_fp32() -> None:
+    """Gemma 3's Q5_0 / Q4_K / Q6_K / Q8_0 blocks, with the prefill graph that keeps the matrices
+    wider than 4 bits in fp32, give fp32's greedy answers, the long page's too."""
+    from flywheel_model.prepare import ExportOptions, ensure_prepared, gemma3_gguf, onnx_op_counts
+
     try:
-        for title, text, question in PROMPTS:
+        gguf = gemma3_gguf()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    fp32_dir = ensure_prepared(gguf, ExportOptions(), None, force=False)
+    blocks_dir = ensure_prepared(gguf, ExportOptions("gguf"), None, force=False)
+    ops = ("MatMul", "MatMulNBits")
+    decode = onnx_op_counts(blocks_dir / "onnx" / "model.onnx", ops)
+    prefill = onnx_op_counts(blocks_dir / "onnx" / "prefill.onnx", ops)
+    assert decode["MatMulNBits"] > prefill["MatMulNBits"] > 0
+    assert prefill["MatMul"] > decode["MatMul"]
+    assert_same_answers(
+        fp32_dir, blocks_dir, [*PROMPTS, LONG_PAGE], context_token_budget=2000, passage_max_words=400
+    )
+
+
+def assert_same_answers(
+    reference_dir: Path, model_dir: Path, prompts: list[tuple[str, str, str]], **engine: int
+) -> None:
+    """Both prepared models' engines give the same greedy tokens on each prompt."""
+    settings = EngineSettings(**engine)
+    reference = AnswerEngine(reference_dir / "onnx", OrtSettings(provider="cpu"), settings)
+    model = AnswerEngine(model_dir / "onnx", OrtSettings(provider="cpu"), settings)
+    try:
+        for title, text, question in prompts:
             params = SamplingParams(max_new_tokens=NEW_TOKENS)
-            expected = fp32.answer(text, title, question, params).token_ids
-            assert blocks.answer(text, title, question, params).token_ids == expected, question
+            expected = reference.answer(text, title, question, params).token_ids
+            assert model.answer(text, title, question, params).token_ids == expected, question
     finally:
-        fp32.close()
-        blocks.close()
+        reference.close()
+        model.close()
