@@ -14,14 +14,14 @@ bit, and replaces the fp32 tensor by the blocks. The formats, each w = d·(q - c
 | Q4_K | 32 (8 per super-block of 256, 6-bit scales and minimums) | 4 | 0 | per block |
 | Q6_K | 16 (16 per super-block, int8 scales) | 6 | 32 | |
 
-ONNX Runtime's MatMulNBits (4 bits, accuracy level 1, so activations stay fp32, no zero points)
-computes Σ s·(k - 8)·a for 4-bit codes k. A code of more than 4 bits is split into 4-bit digits
-(q = 16·hi + lo), each digit one such product, and what is left per block (the minimum, the
-centre, the digits' 8s) is added back as one small product: Σ_blocks offset · (sum of the block's
-activations). MatMulNBits' own float zero points would express the minimum directly, but ONNX
-Runtime's CPU kernel then dequantizes the whole matrix on every call (measured 11x slower than
-fp32), as it does for 8 bits at accuracy level 1 (20x), and uint8 zero points cannot express it.
-An embedding Gather over a Q8_0 table becomes a gather of int8 rows times their block scales.
+ONNX Runtime's MatMulNBits (4 bits, accuracy level 1, so activations stay fp32) computes
+Σ s·(k - z)·a for 4-bit codes k and uint8 zero points z. A code of more than 4 bits is split into
+two 4-bit digits (q = 16·hi + lo), each one such product; the centre c becomes the digits' zero
+points, and a minimum is added back as one small product: Σ_blocks offset · (sum of the block's
+activations) (`nibble_terms`). MatMulNBits' own float zero points would express the minimum
+directly, but ONNX Runtime's CPU kernel then dequantizes the whole matrix on every call (measured
+11x slower than fp32), as it does for 8 bits at accuracy level 1 (20x). An embedding Gather over a
+Q8_0 table becomes a gather of int8 rows times their block scales.
 
 Weights whose values are not on the GGUF's grid (a merged fine-tune's adapted matrices) stay fp32.
 """
@@ -57,7 +57,6 @@ _FORMATS: dict[Kind, _Format] = {
     "q4_k": _Format(32, 4, 0),
     "q6_k": _Format(16, 6, 32),
 }
-_SUPER = 256  # weights per K-quant super-block
 
 
 @dataclass(frozen=True)
@@ -244,7 +243,8 @@ class _Graph:
         self.model = model
         self.graph = model.graph
         self.inits = {i.name: i for i in self.graph.initializer}
-        # Block sums already computed, by activation: MatMuls that read the same input share them.
+        # Block sums already computed, by activation and block size: MatMuls that read the same
+        # input share them.
         self.block_sums: dict[tuple[str, int], str] = {}
 
     def add_init(self, name: str, array: np.ndarray) -> str:
@@ -448,23 +448,20 @@ def encode_model(
 
     g = _Graph(model)
     producers = {out: n for n in g.graph.node for out in n.output}
-    vocabularies = {
-        len(table)
-        for node in g.graph.node
-        if node.op_type == "Gather" and (table := _gather_table(g, node, producers)) is not None
-    }
+    vocabularies = _vocabularies(g, producers) if prefill else set()
     counts: Counter[str] = Counter()
     new_nodes: list[Any] = []
     for node in g.graph.node:
         replaced: list[Any] | None = None
         if node.op_type == "MatMul" and node.input[1] in g.inits:
             weight = g.array(node.input[1])
-            blocks = None
-            if weight is not None and weight.ndim == 2:
-                blocks = index.find(weight.T)
-                if blocks is not None and prefill and blocks.bits > 4 and weight.shape[1] not in vocabularies:
-                    blocks = None
-            counts[f"matmul_{blocks.label}" if blocks else "matmul_fp32"] += 1
+            width = weight.shape[1] if weight is not None and weight.ndim == 2 else None
+            blocks = index.find(weight.T) if weight is not None and width is not None else None
+            if blocks is not None and prefill and blocks.bits > 4 and width not in vocabularies:
+                counts[PREFILL_FP32] += 1
+                blocks = None
+            else:
+                counts[f"matmul_{blocks.label}" if blocks else "matmul_fp32"] += 1
             if blocks is not None:
                 replaced = _matmul_nodes(g, node, blocks, accuracy_level)
         elif node.op_type == "Gather" and not any(a.name == "axis" and a.i != 0 for a in node.attribute):
@@ -484,6 +481,23 @@ def encode_model(
     return counts
 
 
+def _vocabularies(g: _Graph, producers: dict[str, Any]) -> set[int]:
+    """The row counts of the embedding tables Gathers read (an initializer, or the transpose of
+    one), from their shapes."""
+    lengths = set()
+    for node in g.graph.node:
+        if node.op_type != "Gather":
+            continue
+        table = g.inits.get(node.input[0])
+        producer = producers.get(node.input[0])
+        if table is None and producer is not None and producer.op_type == "Transpose":
+            source = g.inits.get(producer.input[0])
+            lengths |= {source.dims[1]} if source is not None and len(source.dims) == 2 else set()
+        elif table is not None and len(table.dims) == 2:
+            lengths.add(table.dims[0])
+    return lengths
+
+
 def _drop_unused(g: _Graph) -> None:
     """Removes initializers and nodes (the tied table's Transpose) nothing reads any more."""
     while True:
@@ -499,6 +513,8 @@ def _drop_unused(g: _Graph) -> None:
 
 
 PREFILL_MODEL = "prefill.onnx"
+# encode_model's count of the matrices the prefill graph keeps in fp32 (and the decode graph encodes).
+PREFILL_FP32 = "matmul_fp32_for_prefill"
 
 
 def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1) -> dict[str, int]:
@@ -519,21 +535,21 @@ def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1)
     # the fp32 file, then the decode graph over it.
     prefill = onnx.load(str(model_path), load_external_data=True)
     prefill_counts = encode_model(prefill, index, accuracy_level=accuracy_level, prefill=True)
-    prefill_path = onnx_dir / PREFILL_MODEL
-    _save(prefill, prefill_path)
+    if not prefill_counts[PREFILL_FP32]:  # nothing wider than 4 bits: one graph does both
+        _save(prefill, model_path)
+        log.info("encoded %s from %s: %s", model_path, gguf_path.name, dict(prefill_counts))
+        return dict(prefill_counts)
+    _save(prefill, onnx_dir / PREFILL_MODEL)
     del prefill
     model = onnx.load(str(model_path), load_external_data=True)
     counts = encode_model(model, index, accuracy_level=accuracy_level)
     _save(model, model_path)
-    if prefill_counts == counts:  # nothing wider than 4 bits: the decode graph prefills as well
-        prefill_path.unlink()
-        prefill_path.with_name(f"{PREFILL_MODEL}.data").unlink()
     log.info(
         "encoded %s from %s: %s (prefill graph: %s)",
         model_path,
         gguf_path.name,
         dict(counts),
-        "the same" if prefill_counts == counts else dict(prefill_counts),
+        dict(prefill_counts),
     )
     return dict(counts)
 
