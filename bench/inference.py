@@ -9,8 +9,9 @@ device (`-unbound`, e.g. `onnx-fp16-cuda-unbound`, round-trips it through host m
 instead), and `--service-variant` picks the model the service is measured with (several, comma-separated,
 are measured one after the other). A `-stacked` variant (e.g. `onnx-fp32-stacked`) decodes with the
 cache stacked and copied into a new present every step instead of shared in place
-(`ORT__SHARED_CACHE=false`). `--batches 1,4,16` adds each ONNX variant's decode speed with that
-many sequences decoding together.
+(`ORT__SHARED_CACHE=false`); a `-noprefix` variant prefills every prompt from its start instead of
+after the prefix all prompts share (`ORT__PREFIX_CACHE=false`). `--batches 1,4,16` adds each ONNX
+variant's decode speed with that many sequences decoding together.
 
     uv run python bench/inference.py [--split gate] [--questions 50] [--new-tokens 48] [--json out.json]
     python bench/inference.py --variants onnx-fp16-cuda-unbound,onnx-fp16-cuda --batches 1,4,16 \
@@ -160,8 +161,8 @@ def worker_eager(
 
 
 def onnx_variant(variant: str) -> tuple[str, str]:
-    """`onnx-<precision>[-<provider>][-unbound|-stacked]` -> (precision, provider)."""
-    parts = variant.removesuffix("-unbound").removesuffix("-stacked").split("-")
+    """`onnx-<precision>[-<provider>][-unbound|-stacked|-noprefix]` -> (precision, provider)."""
+    parts = variant.removesuffix("-unbound").removesuffix("-stacked").removesuffix("-noprefix").split("-")
     return parts[1], parts[2] if len(parts) > 2 else "cpu"
 
 
@@ -204,18 +205,22 @@ def worker_onnx(
 
     from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
     from flywheel_model.prepare import ExportOptions, default_model_dir, resolve_source
+    from flywheel_model.prompt import PromptEncoder
     from flywheel_model.runtime import Decoder, OrtSettings
 
     precision, provider = onnx_variant(variant)
+    onnx_dir = default_model_dir(resolve_source(base_model), ExportOptions(precision, provider)) / "onnx"
     decoder = Decoder(
-        default_model_dir(resolve_source(base_model), ExportOptions(precision, provider)) / "onnx",
+        onnx_dir,
         OrtSettings(
             provider=provider,
             intra_op_threads=threads,
             io_binding="off" if variant.endswith("-unbound") else "auto",
             shared_cache=not variant.endswith("-stacked"),
+            prefix_cache=not variant.endswith("-noprefix"),
         ),
     )
+    decoder.cache_prefix(PromptEncoder(onnx_dir).shared_prefix())  # as the service's engine does
     if decoder.provider != {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]:
         raise RuntimeError(f"{variant}: the session runs on {decoder.provider}")
     generator = BatchGenerator(decoder, max_batch=1)
@@ -337,6 +342,7 @@ def throughput(
         "FLYWHEEL_INFERENCE_MODEL_DIR": str(onnx_dir),
         "FLYWHEEL_INFERENCE_ORT__PROVIDER": onnx_variant(variant)[1],
         "FLYWHEEL_INFERENCE_ORT__SHARED_CACHE": str(not variant.endswith("-stacked")).lower(),
+        "FLYWHEEL_INFERENCE_ORT__PREFIX_CACHE": str(not variant.endswith("-noprefix")).lower(),
         "FLYWHEEL_INFERENCE_KAFKA_ENABLED": "false",
         "FLYWHEEL_INFERENCE_GRPC__PORT": str(port),
         "FLYWHEEL_INFERENCE_METRICS__PORT": "0",

@@ -115,6 +115,41 @@ def test_decoding_in_a_shared_past_present_buffer_equals_the_stacked_cache(
 
 
 @pytest.mark.integration
+def test_prompts_prefilled_after_the_cached_prefix_answer_as_prefilled_whole(
+    onnx_model_dir: Path, generate: Generate
+) -> None:
+    engine = AnswerEngine(onnx_model_dir, OrtSettings(), EngineSettings(context_token_budget=200))
+    whole = Decoder(onnx_model_dir, OrtSettings(prefix_cache=False))
+    whole.cache_prefix(engine.encoder.shared_prefix())
+    try:
+        prefix = engine.encoder.shared_prefix()
+        assert engine.decoder.prefix_length == len(prefix) > 20 and whole.prefix_length == 0
+        colours = ["red", "blue"] * 20
+        page = "\n".join(f"Section {i}: the lamp in room {i} is {c}." for i, c in enumerate(colours))
+        asked = [("Lamps", "What colour is the lamp in room 7?"), ("", "Which room is red?")]
+        prompts = [engine.prepare(page, title, question).token_ids for title, question in asked]
+        assert all(p[: len(prefix)] == prefix for p in prompts)
+        # Not after the prefix: the prefix alone (nothing left to run) and a prompt that differs early.
+        prompts += [prefix, [prefix[0], *reversed(prompts[0][1:])]]
+        for prompt in prompts:
+            cached_logits, cached_kv = engine.decoder.prefill(prompt)
+            whole_logits, whole_kv = whole.prefill(prompt)
+            np.testing.assert_allclose(cached_logits, whole_logits, atol=1e-4)
+            assert {k: v.shape for k, v in cached_kv.items()} == {k: v.shape for k, v in whole_kv.items()}
+        # The prefix's cache is only read: the first prompt again gives the same logits.
+        again = [engine.decoder.prefill(prompts[0])[0] for _ in range(2)]
+        np.testing.assert_array_equal(again[0], again[1])
+        outputs = []
+        for decoder in (whole, engine.decoder):
+            generator = BatchGenerator(decoder, max_batch=4)
+            outputs.append(generate(generator, prompts, 10))
+            generator.close()
+        assert outputs[1] == outputs[0]
+    finally:
+        engine.close()
+
+
+@pytest.mark.integration
 def test_a_poisoned_request_ends_alone_and_the_healthy_one_beside_it_answers(onnx_model_dir: Path) -> None:
     generator = BatchGenerator(Decoder(onnx_model_dir, OrtSettings()), max_batch=4)
     events: list[tuple[str, object]] = []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel_model.prompt import PLAIN_TEMPLATE, PromptEncoder, build_messages
+from flywheel_model.prompt import PLAIN_TEMPLATE, SYSTEM_PROMPT, PromptEncoder, build_messages
 from flywheel_model.retrieval import Passage
 
 MESSAGES = build_messages("Kafka", [Passage(0, "A topic is split into partitions.")], "What splits a topic?")
@@ -61,3 +61,22 @@ def test_the_plain_prompt_stops_at_the_end_of_the_answers_line(plain_model_dir: 
     assert set(newline) & set(stops)
     assert all("\n" in encoder.tokenizer.decode([t]) for t in stops[1:])
     assert not set(encoder.tokenizer(" Partitions.", add_special_tokens=False)["input_ids"]) & set(stops)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_every_prompt_starts_with_the_shared_prefix_of_instructions_and_template(
+    template: str, onnx_model_dir: Path, plain_model_dir: Path
+) -> None:
+    encoder = PromptEncoder(onnx_model_dir if template == "chat" else plain_model_dir)
+    prefix = encoder.shared_prefix()
+    assert SYSTEM_PROMPT in encoder.decode(prefix)
+    others = [
+        MESSAGES,
+        build_messages("", [], "Why?"),
+        build_messages("Page title: x", [Passage(3, "Question: y")], "Short answer:"),
+    ]
+    for messages in others:
+        ids = encoder.encode(messages)
+        assert ids[: len(prefix)] == prefix and len(ids) > len(prefix)
+    assert "Kafka" not in encoder.decode(prefix) and "topic" not in encoder.decode(prefix)

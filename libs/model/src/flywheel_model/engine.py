@@ -59,6 +59,7 @@ class AnswerEngine:
         self.settings = settings
         self.encoder = PromptEncoder(self.model_dir)
         self.decoder = Decoder(self.model_dir, ort_settings)
+        self.decoder.cache_prefix(self.encoder.shared_prefix())
         self.retriever = Retriever(self.encoder.count_tokens, max_words=settings.passage_max_words)
         # The model's end tokens, and the line end where the prompt is plain (prompt.PLAIN_TEMPLATE).
         self.stop_token_ids = self.encoder.stop_token_ids(self.decoder.spec.eos_token_ids)

@@ -105,6 +105,16 @@ class PromptEncoder:
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
+    def shared_prefix(self) -> list[int]:
+        """The tokens every prompt starts with (start token, instructions, the template up to the
+        page): what two prompts that share nothing of their own have in common."""
+        first = self.encode(build_messages("A", [Passage(0, "x")], "y?"))
+        second = self.encode(build_messages("", [], "Q"))
+        n = 0
+        while n < min(len(first), len(second)) and first[n] == second[n]:
+            n += 1
+        return first[:n]
+
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back incomplete characters."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,9 @@ class OrtSettings(BaseModel):
     # writes as the present in place (SharedCache), instead of copying the whole cache into a new
     # present every step. Off: the stacked cache (StackedCache), which the CUDA path uses.
     shared_cache: bool = True
+    # On the CPU, prefill the part every prompt starts with (instructions and template, given by
+    # Decoder.cache_prefix) once, and each prompt from where it ends. Off: every prompt from its start.
+    prefix_cache: bool = True
 
 
 def cuda_device_count() -> int:
@@ -161,6 +165,8 @@ class Decoder:
         self.io_bound = settings.io_binding == "on" or (settings.io_binding == "auto" and on_cuda)
         self.batches = not on_cuda or settings.cuda_batching
         self.shares_cache = settings.shared_cache and not on_cuda
+        self.caches_prefix = settings.prefix_cache and not self.io_bound
+        self._prefix: tuple[tuple[int, ...], KV] | None = None
         self._device = ("cuda", settings.device_id) if on_cuda else ("cpu", 0)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.kv_dtype = np.float16 if "float16" in inputs[self.spec.past_key % 0].type else np.float32
@@ -227,10 +233,44 @@ class Decoder:
         outputs = binding.get_outputs()
         return [outputs[0].numpy(), *outputs[1:]]
 
-    def prefill(self, token_ids: list[int]) -> tuple[np.ndarray, KV]:
-        """Runs a whole prompt; returns the last position's logits [vocab] and the KV cache."""
+    def cache_prefix(self, token_ids: Sequence[int]) -> None:
+        """Prefills `token_ids` once, so that a prompt starting with them prefills only the rest.
+
+        Every prompt that starts with the prefix is split at the same place, whatever ran before it,
+        so an answer does not depend on timing. Not done where the cache lives on the device
+        (`prefix_cache` off, or I/O binding).
+        """
+        self._prefix = None
+        if not self.caches_prefix or not token_ids:
+            return
         ids = np.asarray([token_ids], dtype=np.int64)
-        logits, kv = self._run(ids, np.ones_like(ids), self.empty_kv(), self.prefill_session)
+        _, kv = self._run(ids, np.ones_like(ids), self.empty_kv(), self.prefill_session)
+        self._prefix = (tuple(int(t) for t in token_ids), kv)
+        log.info(
+            "decoder %s: the %d tokens every prompt starts with are prefilled once",
+            self.model_dir,
+            len(token_ids),
+        )
+
+    @property
+    def prefix_length(self) -> int:
+        """Positions of the cached prefix (0 without one)."""
+        return len(self._prefix[0]) if self._prefix else 0
+
+    def prefill(self, token_ids: list[int]) -> tuple[np.ndarray, KV]:
+        """Runs a prompt; returns the last position's logits [vocab] and the KV cache of all of it.
+
+        A prompt that starts with the cached prefix (and goes on past it) runs from where it ends,
+        its past being the prefix's cache; ONNX Runtime only reads a past, so the prefix stays intact.
+        """
+        past, start = self.empty_kv(), 0
+        if self._prefix is not None:
+            prefix, kv = self._prefix
+            if len(token_ids) > len(prefix) and tuple(token_ids[: len(prefix)]) == prefix:
+                past, start = kv, len(prefix)
+        ids = np.asarray([token_ids[start:]], dtype=np.int64)
+        mask = np.ones((1, len(token_ids)), dtype=np.int64)
+        logits, kv = self._run(ids, mask, past, self.prefill_session)
         return logits[0], kv
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, cache: BatchCache) -> np.ndarray:
