@@ -8,7 +8,15 @@ import onnx
 import pytest
 
 from flywheel_common.files import file_sha256
-from flywheel_model.prepare import ExportOptions, Precision, export_onnx, prepare, read_manifest
+from flywheel_model.prepare import (
+    ONE_ROW_PROJECTION,
+    ExportOptions,
+    Precision,
+    ensure_prepared,
+    export_onnx,
+    prepare,
+    read_manifest,
+)
 
 
 @pytest.mark.integration
@@ -25,12 +33,27 @@ def test_hf_folder_to_fp16_cuda_export(prepared_model: Path, tmp_path: Path) -> 
     assert manifest["source"]["kind"] == "hf"
     assert manifest["export"]["precision"] == "fp16" and manifest["export"]["io_dtype"] == "float16"
     assert manifest["export"]["opset"] >= 17
+    assert manifest["export"]["output_projection"] == "fp16" and not manifest["export"]["ops"]["If"]
     for name, digest in manifest["onnx_files"].items():
         assert file_sha256(out / "onnx" / name) == digest
     graph = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
     assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert not (tmp_path / "fp16.partial").exists()
+
+
+@pytest.mark.integration
+def test_the_fp32_export_of_a_gguf_multiplies_one_row_of_its_output_projection_with_its_blocks(
+    prepared_model: Path,
+) -> None:
+    export = read_manifest(prepared_model)["export"]
+    assert export["output_projection"] == ONE_ROW_PROJECTION and export["ops"]["If"] == 1
+    said: list[str] = []
+    assert (
+        ensure_prepared(None, ExportOptions(), prepared_model, force=False, echo=said.append)
+        == prepared_model
+    )
+    assert said == [f"model already prepared in {prepared_model}"]
 
 
 def test_a_source_that_is_not_a_model_is_refused(tmp_path: Path) -> None:

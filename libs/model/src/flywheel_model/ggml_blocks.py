@@ -481,6 +481,73 @@ def encode_model(
     return counts
 
 
+def dispatch_output_projection(model: Any, index: GgufBlockIndex) -> Counter[str]:
+    """Rewrites `model` in place so that its output projection (the MatMul as wide as the embedding
+    table is long) multiplies one row with the GGUF's blocks and several with its fp32 weight.
+
+    Decoding one sequence reads the whole projection for one row every step (Gemma 3's 262,144 x
+    640 is 671 MB in fp32, about two thirds of a step); its blocks are a quarter to a half of that,
+    and ONNX Runtime's 4-bit product is fast for one row only (with several it dequantizes the
+    whole matrix on every call, slower than fp32). So an `If` on the row count picks: the blocks
+    for one row (a prompt's last position, a step of one sequence), fp32 for a batch. Both hold the
+    same values; only the order of the sums differs.
+    """
+    from onnx import TensorProto, helper
+
+    g = _Graph(model)
+    producers = {out: n for n in g.graph.node for out in n.output}
+    vocabularies = _vocabularies(g, producers)
+    counts: Counter[str] = Counter()
+    new_nodes: list[Any] = []
+    for node in g.graph.node:
+        weight = g.array(node.input[1]) if node.op_type == "MatMul" and node.input[1] in g.inits else None
+        blocks = (
+            index.find(weight.T)
+            if weight is not None and weight.ndim == 2 and weight.shape[1] in vocabularies
+            else None
+        )
+        if blocks is None:
+            new_nodes.append(node)
+            continue
+        counts[f"output_projection_{blocks.label}_for_one_row"] += 1
+        a, base = node.input[0], node.name or node.output[0]
+        one_row = helper.make_node("MatMul", [a, node.input[1]], [f"{base}/one_row"], name=f"{base}/one_row")
+        rows = helper.make_node("MatMul", [a, node.input[1]], [f"{base}/rows"], name=f"{base}/rows")
+        branch_out = helper.make_tensor_value_info
+        new_nodes += [
+            helper.make_node("Shape", [a], [f"{base}/shape"], name=f"{base}/Shape", end=-1),
+            helper.make_node(
+                "ReduceProd", [f"{base}/shape"], [f"{base}/count"], name=f"{base}/Count", keepdims=0
+            ),
+            helper.make_node(
+                "Equal",
+                [f"{base}/count", g.add_init(f"{base}.one", np.array(1, np.int64))],
+                [f"{base}/is_one_row"],
+                name=f"{base}/IsOneRow",
+            ),
+            helper.make_node(
+                "If",
+                [f"{base}/is_one_row"],
+                list(node.output),
+                name=f"{base}/If",
+                then_branch=helper.make_graph(
+                    _matmul_nodes(g, one_row, blocks, accuracy_level=1),
+                    f"{base}/blocks",
+                    [],
+                    [branch_out(f"{base}/one_row", TensorProto.FLOAT, None)],
+                ),
+                else_branch=helper.make_graph(
+                    [rows], f"{base}/fp32", [], [branch_out(f"{base}/rows", TensorProto.FLOAT, None)]
+                ),
+            ),
+        ]
+    g.graph.ClearField("node")
+    g.graph.node.extend(new_nodes)
+    if counts and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return counts
+
+
 def _vocabularies(g: _Graph, producers: dict[str, Any]) -> set[int]:
     """The row counts of the embedding tables Gathers read (an initializer, or the transpose of
     one), from their shapes."""
@@ -515,6 +582,20 @@ def _drop_unused(g: _Graph) -> None:
 PREFILL_MODEL = "prefill.onnx"
 # encode_model's count of the matrices the prefill graph keeps in fp32 (and the decode graph encodes).
 PREFILL_FP32 = "matmul_fp32_for_prefill"
+
+
+def encode_output_projection(onnx_dir: Path, gguf_path: Path) -> dict[str, int]:
+    """Rewrites an fp32 `onnx_dir/model.onnx` with dispatch_output_projection (the fp32 export's
+    last step when its weights come from a GGUF); counts what was encoded."""
+    import onnx
+
+    model_path = onnx_dir / "model.onnx"
+    model = onnx.load(str(model_path), load_external_data=True)
+    counts = dispatch_output_projection(model, GgufBlockIndex(gguf_path))
+    if counts:
+        _save(model, model_path)
+    log.info("output projection of %s from %s: %s", model_path, gguf_path.name, dict(counts) or "not found")
+    return dict(counts)
 
 
 def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1) -> dict[str, int]:
@@ -595,16 +676,23 @@ def set_accuracy_level(onnx_dir: Path, level: int) -> int:
 
 
 def main() -> None:
-    """`python -m flywheel_model.ggml_blocks ONNX_DIR GGUF [--accuracy-level N]` (export_onnx's step)."""
+    """`python -m flywheel_model.ggml_blocks ONNX_DIR GGUF [--accuracy-level N | --output-projection]`
+    (export_onnx's step)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=encode_onnx_dir.__doc__)
     parser.add_argument("onnx_dir", type=Path)
     parser.add_argument("gguf", type=Path)
     parser.add_argument("--accuracy-level", type=int, default=1)
+    parser.add_argument(
+        "--output-projection", action="store_true", help="fp32: only the output projection, for one row"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    encode_onnx_dir(args.onnx_dir, args.gguf, accuracy_level=args.accuracy_level)
+    if args.output_projection:
+        encode_output_projection(args.onnx_dir, args.gguf)
+    else:
+        encode_onnx_dir(args.onnx_dir, args.gguf, accuracy_level=args.accuracy_level)
 
 
 if __name__ == "__main__":
