@@ -195,6 +195,7 @@ def batch_decode(generator: Any, prompts: list[dict[str, Any]], batch: int, new_
 
 def worker_onnx(
     prompts: list[dict[str, Any]],
+    prefix: list[int],
     new_tokens: int,
     threads: int,
     variant: str,
@@ -205,7 +206,6 @@ def worker_onnx(
 
     from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
     from flywheel_model.prepare import ExportOptions, default_model_dir, resolve_source
-    from flywheel_model.prompt import PromptEncoder
     from flywheel_model.runtime import Decoder, OrtSettings
 
     precision, provider = onnx_variant(variant)
@@ -220,7 +220,7 @@ def worker_onnx(
             prefix_cache=not variant.endswith("-noprefix"),
         ),
     )
-    decoder.cache_prefix(PromptEncoder(onnx_dir).shared_prefix())  # as the service's engine does
+    decoder.cache_prefix(prefix)  # as the service's engine does (the tokenizer stays in the parent)
     if decoder.provider != {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]:
         raise RuntimeError(f"{variant}: the session runs on {decoder.provider}")
     generator = BatchGenerator(decoder, max_batch=1)
@@ -300,7 +300,8 @@ def worker_llamacpp(
 
 
 def worker_main(args: argparse.Namespace) -> None:
-    prompts = json.loads(Path(args.prompts).read_text())
+    shared = json.loads(Path(args.prompts).read_text())
+    prompts = shared["prompts"]
     by_batch: dict[str, float] = {}
     if args.worker == "eager":
         results = worker_eager(prompts, args.new_tokens, args.threads, args.base_model)
@@ -309,7 +310,7 @@ def worker_main(args: argparse.Namespace) -> None:
     else:
         batches = [int(b) for b in args.batches.split(",") if b]
         results, by_batch = worker_onnx(
-            prompts, args.new_tokens, args.threads, args.worker, batches, args.base_model
+            prompts, shared["prefix"], args.new_tokens, args.threads, args.worker, batches, args.base_model
         )
     # VmHWM rather than ru_maxrss: the latter carries the parent's peak across exec.
     status = Path("/proc/self/status").read_text()
@@ -490,7 +491,10 @@ def main() -> None:
     fp32_dir = model_dirs[("fp32", "cpu")]
     prompts = build_prompts(Path(args.dataset), args.split, args.questions, fp32_dir / "onnx")
     prompts_file = Path(tempfile.mkstemp(suffix=".json")[1])
-    prompts_file.write_text(json.dumps(prompts))
+    from flywheel_model.prompt import PromptEncoder
+
+    encoder = PromptEncoder(fp32_dir / "onnx")
+    prompts_file.write_text(json.dumps({"prompts": prompts, "prefix": encoder.shared_prefix()}))
     sizes = [len(p["ids"]) for p in prompts]
     answered = sum(bool(p["answers"]) for p in prompts)
     print(
@@ -510,9 +514,6 @@ def main() -> None:
             measured[variant] = data
     reference_variant = next((v for v in ("onnx-fp32", "eager") if v in measured), None)
     reference = [r["tokens"] for r in measured[reference_variant]["results"]] if reference_variant else None
-    from flywheel_model.prompt import PromptEncoder
-
-    encoder = PromptEncoder(fp32_dir / "onnx")
     rows = [summarise(v, data, reference, prompts, encoder) for v, data in measured.items()]
     base = {r["variant"]: r for r in rows}
 
