@@ -182,9 +182,10 @@ class Blocks:
 
 
 class GgufBlockIndex:
-    """Every row of a GGUF's block-quantized tensors (of the formats above), by its exact fp32 values."""
+    """Every row of a GGUF's block-quantized tensors (of the formats above), by its exact fp32 values;
+    with `row_counts`, only of the tensors that have one of those numbers of rows."""
 
-    def __init__(self, gguf_path: Path) -> None:
+    def __init__(self, gguf_path: Path, row_counts: set[int] | None = None) -> None:
         from gguf import GGMLQuantizationType, GGUFReader
 
         kinds: dict[Any, Kind] = {
@@ -198,7 +199,8 @@ class GgufBlockIndex:
         self._where: dict[bytes, tuple[int, int]] = {}
         for tensor in GGUFReader(gguf_path).tensors:
             kind = kinds.get(tensor.tensor_type)
-            if kind is None:
+            # gguf-py's shape runs fastest axis first: a row's length, then the rows.
+            if kind is None or (row_counts is not None and int(np.prod(tensor.shape[1:])) not in row_counts):
                 continue
             rows = parse_blocks(np.asarray(tensor.data), kind)
             index = len(self.tensors)
@@ -481,7 +483,7 @@ def encode_model(
     return counts
 
 
-def dispatch_output_projection(model: Any, index: GgufBlockIndex) -> Counter[str]:
+def dispatch_output_projection(model: Any, gguf_path: Path) -> Counter[str]:
     """Rewrites `model` in place so that its output projection (the MatMul as wide as the embedding
     table is long) multiplies one row with the GGUF's blocks and several with its fp32 weight.
 
@@ -495,17 +497,16 @@ def dispatch_output_projection(model: Any, index: GgufBlockIndex) -> Counter[str
     from onnx import TensorProto, helper
 
     g = _Graph(model)
-    producers = {out: n for n in g.graph.node for out in n.output}
-    vocabularies = _vocabularies(g, producers)
+    vocabularies = _vocabularies(g, {out: n for n in g.graph.node for out in n.output})
+    # Only the GGUF's tables as long as a vocabulary are indexed, and only a MatMul that wide is read.
+    index = GgufBlockIndex(gguf_path, row_counts=vocabularies)
     counts: Counter[str] = Counter()
     new_nodes: list[Any] = []
     for node in g.graph.node:
-        weight = g.array(node.input[1]) if node.op_type == "MatMul" and node.input[1] in g.inits else None
-        blocks = (
-            index.find(weight.T)
-            if weight is not None and weight.ndim == 2 and weight.shape[1] in vocabularies
-            else None
-        )
+        init = g.inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        wide = init is not None and len(init.dims) == 2 and init.dims[1] in vocabularies
+        weight = g.array(node.input[1]) if wide else None
+        blocks = index.find(weight.T) if weight is not None else None
         if blocks is None:
             new_nodes.append(node)
             continue
@@ -591,7 +592,7 @@ def encode_output_projection(onnx_dir: Path, gguf_path: Path) -> dict[str, int]:
 
     model_path = onnx_dir / "model.onnx"
     model = onnx.load(str(model_path), load_external_data=True)
-    counts = dispatch_output_projection(model, GgufBlockIndex(gguf_path))
+    counts = dispatch_output_projection(model, gguf_path)
     if counts:
         _save(model, model_path)
     log.info("output projection of %s from %s: %s", model_path, gguf_path.name, dict(counts) or "not found")
