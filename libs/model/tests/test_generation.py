@@ -200,3 +200,58 @@ def test_the_prompt_fits_the_context_whatever_the_title_and_page(onnx_model_dir:
             engine.prepare(page, "", "why " * context, 256)
     finally:
         engine.close()
+
+
+@pytest.mark.integration
+def test_candidate_answers_start_with_the_likeliest_first_tokens_and_the_chosen_one_is_given(
+    onnx_model_dir: Path, generate: Generate
+) -> None:
+    decoder = Decoder(onnx_model_dir, OrtSettings())
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(100, 40000, n)) for n in (25, 60)]
+    plain = BatchGenerator(decoder, max_batch=8)
+    greedy = generate(plain, prompts, 8)
+    plain.close()
+    firsts = [np.argsort(-decoder.prefill(p)[0], kind="stable")[:3].tolist() for p in prompts]
+
+    seen: list[list[list[int]]] = []
+    given: list[list[int]] = [[] for _ in prompts]
+    outcomes: list[tuple[str, BaseException | None]] = []
+    done = threading.Semaphore(0)
+
+    def choose(candidates: list[list[int]]) -> int:
+        seen.append(candidates)
+        if len(seen) == 2:
+            raise RuntimeError("a failing choice keeps the greedy answer")
+        return 2
+
+    def finish(reason: str, error: BaseException | None) -> None:
+        outcomes.append((reason, error))
+        done.release()
+
+    # 3 rows a sequence in a batch of 4: the second waits for the first to end.
+    generator = BatchGenerator(decoder, max_batch=4)
+    try:
+        for i, prompt in enumerate(prompts):
+            generator.submit(
+                Sequence(
+                    prompt,
+                    SamplingParams(max_new_tokens=8),
+                    given[i].append,
+                    finish,
+                    candidates=3,
+                    choose=choose,
+                )
+            )
+        assert done.acquire(timeout=300) and done.acquire(timeout=300)
+    finally:
+        generator.close()
+    assert outcomes == [("max_tokens", None)] * 2
+    assert [[c[0] for c in candidates] for candidates in seen] == firsts
+    assert [candidates[0] for candidates in seen] == greedy  # row 0 is the greedy answer
+    assert given == [seen[0][2], greedy[1]]
+    # Each candidate goes on greedily from its first token: as the prompt with that token appended.
+    alone = BatchGenerator(decoder, max_batch=1)
+    continued = generate(alone, [prompts[0] + [seen[0][1][0]]], 7)[0]
+    alone.close()
+    assert seen[0][1][1:] == continued

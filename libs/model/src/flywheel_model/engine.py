@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flywheel_model import candidates
 from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
 from flywheel_model.prompt import IncrementalDetokenizer, PromptEncoder, PromptTooLong, build_messages
 from flywheel_model.retrieval import Passage, Retriever
@@ -25,6 +27,8 @@ class EngineSettings:
     passage_max_words: int = 80
     max_batch: int = 16
     max_queue: int = 64
+    # Candidate answers of a greedy request (flywheel_model.candidates chooses one); 1 is plain greedy.
+    answer_candidates: int = 4
 
 
 @dataclass
@@ -98,6 +102,32 @@ class AnswerEngine:
             ids = self.encoder.encode(build_messages(title, passages, question))
         return PreparedPrompt(passages, ids, page_text, (time.perf_counter() - started) * 1000)
 
+    def sequence(
+        self,
+        prepared: PreparedPrompt,
+        question: str,
+        params: SamplingParams,
+        on_token: Callable[[int], None],
+        on_finish: Callable[[str, BaseException | None], None],
+        deadline: float | None = None,
+    ) -> Sequence:
+        """The generator's sequence for a prepared question: with `answer_candidates` candidates
+        (when greedy), the one its passages say among the most of the question's words."""
+        passages = [p.text for p in prepared.passages]
+
+        def choose(answers: list[list[int]]) -> int:
+            return candidates.choose(question, passages, [self.encoder.decode(ids) for ids in answers])
+
+        return Sequence(
+            prepared.token_ids,
+            params,
+            on_token,
+            on_finish,
+            deadline=deadline,
+            candidates=self.settings.answer_candidates,
+            choose=choose,
+        )
+
     def answer(self, page_text: str, title: str, question: str, params: SamplingParams) -> AnswerResult:
         """Answers synchronously (for evaluation and benchmarks); safe to call from many threads."""
         prepared = self.prepare(page_text, title, question, params.max_new_tokens)
@@ -116,7 +146,7 @@ class AnswerEngine:
             outcome.append((reason, error))
             done.set()
 
-        self.generator.submit(Sequence(prepared.token_ids, params, on_token, on_finish))
+        self.generator.submit(self.sequence(prepared, question, params, on_token, on_finish))
         done.wait()
         reason, error = outcome[0]
         if error is not None:

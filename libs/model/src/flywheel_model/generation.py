@@ -3,6 +3,11 @@
 One engine thread owns a decoder. New requests are prefilled one at a time (batch 1) and then join
 the running batch; every decode step advances all running sequences at once, so concurrent requests
 share each read of the weights instead of queueing behind each other.
+
+A greedy sequence may ask for several candidate answers (`Sequence.candidates`): its prompt is
+prefilled once, each of the likeliest first tokens starts a row of its own in the batch, each row
+goes on greedily, and when all have ended the sequence's `choose` picks one, whose tokens are then
+emitted. Row 0 starts with the likeliest token, so it is the greedy answer.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flywheel_model.runtime import Decoder
+from flywheel_model.runtime import KV, Decoder
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,10 @@ class Sequence:
     sampler: Sampler | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
+    # Candidate answers decoded when greedy (rows in the batch), and what picks one of them from
+    # their token ids (an index; without it, the greedy answer).
+    candidates: int = 1
+    choose: Callable[[list[list[int]]], int] | None = None
 
     def should_stop(self) -> str | None:
         if self.cancelled.is_set():
@@ -75,6 +84,55 @@ class Sequence:
         if self.deadline is not None and time.monotonic() > self.deadline:
             return "deadline"
         return None
+
+
+@dataclass
+class _Candidates:
+    """A sequence's candidate rows: each ends on its own; the sequence ends when all have."""
+
+    seq: Sequence
+    rows: list[Sequence]
+    ended: dict[int, tuple[str, BaseException | None]] = field(default_factory=dict)
+
+    def on_finish(self, row: int) -> Callable[[str, BaseException | None], None]:
+        return lambda reason, error: self.end(row, reason, error)
+
+    def end(self, row: int, reason: str, error: BaseException | None) -> None:
+        self.ended[row] = (reason, error)
+        if len(self.ended) < len(self.rows):
+            return
+        seq = self.seq
+        error = next((e for _, e in self.ended.values() if e is not None), None)
+        complete = [i for i, (r, _) in sorted(self.ended.items()) if r in COMPLETE]
+        pick = complete[0] if complete else 0
+        if error is None and len(complete) > 1 and seq.choose is not None:
+            try:
+                chosen = seq.choose([self.rows[i].generated for i in complete])
+                pick = complete[chosen]
+            except Exception:  # a failed choice keeps the greedy answer
+                log.exception("choosing among candidate answers failed")
+        reason = "error" if error is not None else self.ended[pick][0]
+        if error is None:
+            for token in self.rows[pick].generated:
+                seq.generated.append(token)
+                try:
+                    seq.on_token(token)
+                except Exception as exc:
+                    log.exception("a sequence's on_token callback failed")
+                    reason, error = "error", exc
+                    break
+        try:
+            seq.on_finish(reason, error)
+        except Exception:
+            log.exception("a sequence's on_finish callback failed")
+
+
+def _ignore(token: int) -> None:
+    """A candidate row's tokens stay in its `generated` until one is chosen."""
+
+
+# The reasons a row's answer is whole.
+COMPLETE = ("eos", "max_tokens", "context_length")
 
 
 class QueueFull(Exception):
@@ -140,18 +198,15 @@ class BatchGenerator:
                     self._cond.wait()
                 if self._stopping and not self._pending and not self._active:
                     return
-                admit = (
-                    self._pending.popleft() if self._pending and len(self._active) < self.max_batch else None
-                )
+                admit = self._pending.popleft() if self._pending and self._fits(self._pending[0]) else None
             if admit is not None:
                 try:
                     self._admit(admit)
                 except Exception as exc:  # one request's bad prompt ends that request alone
                     log.exception("admitting a sequence failed")
                     self._finish(admit, "error", exc)
-            if not self._active or not (
-                admit is None or not self._pending or len(self._active) >= self.max_batch
-            ):
+            full = bool(self._pending) and not self._fits(self._pending[0])
+            if not self._active or not (admit is None or not self._pending or full):
                 continue
             try:
                 self._step()
@@ -161,6 +216,15 @@ class BatchGenerator:
                     self._finish(seq, "error", exc)
                 self._active = []
                 self._cache.clear()
+
+    def _rows(self, seq: Sequence) -> int:
+        """The batch rows a sequence takes: its candidates when greedy, at most a whole batch."""
+        if seq.candidates > 1 and seq.params.temperature <= 0.0:
+            return min(seq.candidates, self.max_batch)
+        return 1
+
+    def _fits(self, seq: Sequence) -> bool:
+        return len(self._active) + self._rows(seq) <= self.max_batch
 
     def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
         try:
@@ -198,7 +262,35 @@ class BatchGenerator:
         seq.sampler = Sampler(seq.params)
         logits, kv = self.decoder.prefill(seq.prompt_ids)
         seq.length = len(seq.prompt_ids)
-        reason = self._emit(seq, seq.sampler(logits))
+        count = self._rows(seq)
+        if count == 1:
+            self._start(seq, seq.sampler(logits), kv)
+            return
+        # The likeliest first tokens, likeliest first, the lower id first on a tie (as argmax: row 0
+        # is the greedy answer).
+        top = np.argpartition(-logits, count - 1)[:count]
+        firsts = top[np.lexsort((top, -logits[top]))]
+        group = _Candidates(seq, [])
+        for i in range(len(firsts)):
+            group.rows.append(
+                Sequence(
+                    seq.prompt_ids,
+                    seq.params,
+                    on_token=_ignore,
+                    on_finish=group.on_finish(i),
+                    deadline=seq.deadline,
+                    cancelled=seq.cancelled,
+                    length=seq.length,
+                    sampler=seq.sampler,
+                )
+            )
+        # Every row exists before any starts: one that ends on its first token must not end them all.
+        for row, first in zip(group.rows, firsts, strict=True):
+            self._start(row, int(first), kv)
+
+    def _start(self, seq: Sequence, token: int, kv: KV) -> None:
+        """Emits a prefilled sequence's first token; it joins the batch unless that ended it."""
+        reason = self._emit(seq, token)
         if reason:
             self._finish(seq, reason)
             return

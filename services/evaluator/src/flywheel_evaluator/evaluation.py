@@ -269,6 +269,7 @@ class Evaluator:
             "max_new_tokens": s.max_new_tokens,
             "context_token_budget": s.context_token_budget,
             "passage_max_words": s.passage_max_words,
+            "answer_candidates": s.answer_candidates,
             "abstention_phrases": s.abstention_phrases,
             "resamples": s.bootstrap_resamples,
             "seed": s.seed,
@@ -330,6 +331,7 @@ class Evaluator:
                 context_token_budget=s.context_token_budget,
                 passage_max_words=s.passage_max_words,
                 max_batch=s.max_batch,
+                answer_candidates=s.answer_candidates,
                 max_queue=max(s.concurrency, s.max_batch) * 2,
             ),
         )

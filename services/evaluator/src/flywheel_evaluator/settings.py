@@ -42,6 +42,8 @@ class EvaluationSettings(BaseModel):
     max_batch: int = Field(default=8, ge=1)
     context_token_budget: int = Field(default=400, ge=32)
     passage_max_words: int = Field(default=80, ge=8)
+    # The inference service's candidate answers per question (LIMITS__ANSWER_CANDIDATES).
+    answer_candidates: int = Field(default=4, ge=1)
     ort: OrtSettings = OrtSettings()
     # An answer containing one of these (after answer normalisation) abstains ("the page does not say").
     abstention_phrases: list[str] = Field(

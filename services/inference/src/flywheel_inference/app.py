@@ -38,6 +38,7 @@ class InferenceApp:
                 context_token_budget=limits.context_token_budget,
                 passage_max_words=limits.passage_max_words,
                 max_batch=limits.max_batch,
+                answer_candidates=limits.answer_candidates,
                 max_queue=limits.max_in_flight,
             ),
             # The canary split is keyed with the pseudonym key (in its own domain): a server secret.

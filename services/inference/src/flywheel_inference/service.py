@@ -19,7 +19,7 @@ from flywheel_common.text import clean_text, has_unsafe
 from flywheel_inference.metrics import ANSWERS, DURATION, QUEUE_DEPTH, TOKENS, TTFT
 from flywheel_inference.router import ModelRouter
 from flywheel_inference.settings import LimitSettings
-from flywheel_model.generation import QueueFull, SamplingParams, Sequence
+from flywheel_model.generation import QueueFull, SamplingParams
 from flywheel_model.prompt import IncrementalDetokenizer, PromptTooLong
 from flywheel_model.retrieval import Passage, html_to_text, normalise_text
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -193,8 +193,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
             except PromptTooLong as exc:
                 raise InvalidArgument(str(exc)) from exc
-            seq = Sequence(
-                prepared.token_ids,
+            seq = engine.sequence(
+                prepared,
+                req.question,
                 req.params,
                 on_token=lambda token: put(("token", token)),
                 on_finish=lambda reason, error: put(("finish", (reason, error))),

@@ -37,6 +37,9 @@ class LimitSettings(BaseModel):
     # Prompt tokens given to page passages.
     context_token_budget: int = Field(default=400, ge=32)
     passage_max_words: int = Field(default=80, ge=8)
+    # Candidate answers of a greedy request; the one its passages say among the most of the question's
+    # words is given (flywheel_model.candidates). 1 answers greedily. The evaluator's must match.
+    answer_candidates: int = Field(default=4, ge=1)
     # Used when the client sets no deadline.
     default_timeout_s: float = Field(default=120.0, gt=0)
 

@@ -1,0 +1,55 @@
+"""Choosing among a question's candidate answers by where the passages say them.
+
+A small model reading a page often knows the kind of answer and picks the wrong instance of it: the
+passages name two people, two tools, two suffixes, and the likeliest is not the one the question is
+about. Its next few candidates (the other likeliest first tokens, each continued greedily) often
+hold the right one. A passage says the right one in a sentence with the question's own words, so
+each candidate a passage's sentence holds word for word is scored by the share of the question's
+content words in that sentence, and the best score wins. Ties, and candidates no sentence holds,
+keep the model's order: the greedy answer stands unless another is said among more of the
+question's words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from bm25s.stopwords import STOPWORDS_EN
+
+# Words compared by their first letters, so that "installing" meets "install" without a stemmer.
+PREFIX = 5
+
+# Function words: they are in every sentence.
+_STOP = frozenset(STOPWORDS_EN)
+_WORD = re.compile(r"\w+")
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def nearness(question: str, answer: str, passages: Sequence[str]) -> float:
+    """The largest share of the question's content words in a passage sentence that says `answer`
+    word for word (the answer's own words aside); 0 when no sentence says it."""
+    asked = {w[:PREFIX] for w in words(question) if w not in _STOP}
+    said = words(answer)
+    if not asked or not said:
+        return 0.0
+    best = 0.0
+    for passage in passages:
+        for sentence in _SENTENCE_END.split(passage):
+            text = words(sentence)
+            for start in range(len(text) - len(said) + 1):
+                if text[start : start + len(said)] == said:
+                    rest = text[:start] + text[start + len(said) :]
+                    best = max(best, len(asked & {w[:PREFIX] for w in rest}) / len(asked))
+    return best
+
+
+def choose(question: str, passages: Sequence[str], answers: Sequence[str]) -> int:
+    """The index of the answer to give among `answers` (the model's order, likeliest first): the
+    non-empty one said among the most of the question's words, the earliest on a tie."""
+    scores = [nearness(question, answer, passages) if answer.strip() else -1.0 for answer in answers]
+    return max(range(len(answers)), key=lambda i: (scores[i], -i)) if answers else 0
