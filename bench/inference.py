@@ -10,8 +10,9 @@ instead), and `--service-variant` picks the model the service is measured with (
 are measured one after the other). A `-stacked` variant (e.g. `onnx-fp32-stacked`) decodes with the
 cache stacked and copied into a new present every step instead of shared in place
 (`ORT__SHARED_CACHE=false`); a `-noprefix` variant prefills every prompt from its start instead of
-after the prefix all prompts share (`ORT__PREFIX_CACHE=false`). `--batches 1,4,16` adds each ONNX
-variant's decode speed with that many sequences decoding together.
+after the prefix all prompts share (`ORT__PREFIX_CACHE=false`); a `-greedy` service variant answers
+with one candidate instead of choosing among `LIMITS__ANSWER_CANDIDATES` (docs/quality.md).
+`--batches 1,4,16` adds each ONNX variant's decode speed with that many sequences decoding together.
 
     uv run python bench/inference.py [--split gate] [--questions 50] [--new-tokens 48] [--json out.json]
     python bench/inference.py --variants onnx-fp16-cuda-unbound,onnx-fp16-cuda --batches 1,4,16 \
@@ -161,8 +162,10 @@ def worker_eager(
 
 
 def onnx_variant(variant: str) -> tuple[str, str]:
-    """`onnx-<precision>[-<provider>][-unbound|-stacked|-noprefix]` -> (precision, provider)."""
-    parts = variant.removesuffix("-unbound").removesuffix("-stacked").removesuffix("-noprefix").split("-")
+    """`onnx-<precision>[-<provider>][-unbound|-stacked|-noprefix|-greedy]` -> (precision, provider)."""
+    for suffix in ("-greedy", "-noprefix", "-stacked", "-unbound"):
+        variant = variant.removesuffix(suffix)
+    parts = variant.split("-")
     return parts[1], parts[2] if len(parts) > 2 else "cpu"
 
 
@@ -344,6 +347,7 @@ def throughput(
         "FLYWHEEL_INFERENCE_ORT__PROVIDER": onnx_variant(variant)[1],
         "FLYWHEEL_INFERENCE_ORT__SHARED_CACHE": str(not variant.endswith("-stacked")).lower(),
         "FLYWHEEL_INFERENCE_ORT__PREFIX_CACHE": str(not variant.endswith("-noprefix")).lower(),
+        **({"FLYWHEEL_INFERENCE_LIMITS__ANSWER_CANDIDATES": "1"} if variant.endswith("-greedy") else {}),
         "FLYWHEEL_INFERENCE_KAFKA_ENABLED": "false",
         "FLYWHEEL_INFERENCE_GRPC__PORT": str(port),
         "FLYWHEEL_INFERENCE_METRICS__PORT": "0",

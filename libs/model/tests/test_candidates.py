@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flywheel_model.candidates import choose, nearness
+from flywheel_model.candidates import choose, continues, nearness
 
 PASSAGES = [
     "The first patches that removed the global lock came from Greg Stein for release 1.5. "
@@ -40,3 +40,10 @@ def test_an_empty_answer_loses_to_any_other_and_one_answer_is_given_as_it_is() -
     # Case and punctuation aside, words match whole: "Stein" is not "Steinway".
     assert nearness("Who wrote the patches?", "greg stein", PASSAGES) > 0
     assert nearness("Who wrote the patches?", "Stein", ["Steinway wrote the patches."]) == 0.0
+
+
+def test_a_candidate_continues_while_a_passage_says_its_words_in_a_row() -> None:
+    assert continues("", PASSAGES) and continues("Greg St", PASSAGES)
+    assert continues("greg stein for release", PASSAGES)
+    assert not continues("Greg Olsen", PASSAGES)
+    assert not continues("reg Stein", PASSAGES)  # words start where the passage's do

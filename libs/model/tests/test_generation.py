@@ -255,3 +255,47 @@ def test_candidate_answers_start_with_the_likeliest_first_tokens_and_the_chosen_
     continued = generate(alone, [prompts[0] + [seen[0][1][0]]], 7)[0]
     alone.close()
     assert seen[0][1][1:] == continued
+
+
+@pytest.mark.integration
+def test_candidates_the_passages_stop_saying_end_early_and_cannot_be_chosen(
+    onnx_model_dir: Path, generate: Generate
+) -> None:
+    decoder = Decoder(onnx_model_dir, OrtSettings())
+    prompt = list(np.random.default_rng(5).integers(100, 40000, 30))
+    plain = BatchGenerator(decoder, max_batch=1)
+    greedy = generate(plain, [prompt], 10)[0]
+    plain.close()
+    followed: list[list[int]] = []
+    chosen: list[list[list[int]]] = []
+    given: list[int] = []
+    finished: list[str] = []
+    done = threading.Event()
+
+    def follows(ids: list[int]) -> bool:
+        followed.append(list(ids))
+        return len(ids) < 3
+
+    def finish(reason: str, error: BaseException | None) -> None:
+        finished.append(reason)
+        done.set()
+
+    generator = BatchGenerator(decoder, max_batch=4)
+    try:
+        generator.submit(
+            Sequence(
+                prompt,
+                SamplingParams(max_new_tokens=10),
+                given.append,
+                finish,
+                candidates=3,
+                choose=lambda answers: chosen.append(answers) or 1,
+                follows=follows,
+            )
+        )
+        assert done.wait(300)
+    finally:
+        generator.close()
+    # Rows 1 and 2 stopped at 3 tokens; the greedy row ran on unasked, and stood alone.
+    assert given == greedy and finished == ["max_tokens"] and not chosen
+    assert max(len(ids) for ids in followed) == 3 and greedy[:3] not in followed

@@ -7,7 +7,8 @@ hold the right one. A passage says the right one in a sentence with the question
 each candidate a passage's sentence holds word for word is scored by the share of the question's
 content words in that sentence, and the best score wins. Ties, and candidates no sentence holds,
 keep the model's order: the greedy answer stands unless another is said among more of the
-question's words.
+question's words. So a candidate other than the greedy one can only win where a passage says it,
+and it is stopped as soon as no passage says what it has so far (`continues`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def nearness(question: str, answer: str, passages: Sequence[str]) -> float:
                     rest = text[:start] + text[start + len(said) :]
                     best = max(best, len(asked & {w[:PREFIX] for w in rest}) / len(asked))
     return best
+
+
+def continues(answer: str, passages: Sequence[str]) -> bool:
+    """Whether a passage says `answer` so far: its words in a row, the last one possibly cut short."""
+    said = " " + " ".join(words(answer))
+    return any(said in " " + " ".join(words(passage)) for passage in passages)
 
 
 def choose(question: str, passages: Sequence[str], answers: Sequence[str]) -> int:

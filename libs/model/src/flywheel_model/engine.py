@@ -118,6 +118,9 @@ class AnswerEngine:
         def choose(answers: list[list[int]]) -> int:
             return candidates.choose(question, passages, [self.encoder.decode(ids) for ids in answers])
 
+        def follows(ids: list[int]) -> bool:
+            return candidates.continues(self.encoder.decode(ids), passages)
+
         return Sequence(
             prepared.token_ids,
             params,
@@ -126,6 +129,7 @@ class AnswerEngine:
             deadline=deadline,
             candidates=self.settings.answer_candidates,
             choose=choose,
+            follows=follows,
         )
 
     def answer(self, page_text: str, title: str, question: str, params: SamplingParams) -> AnswerResult:

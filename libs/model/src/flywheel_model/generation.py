@@ -6,7 +6,8 @@ share each read of the weights instead of queueing behind each other.
 
 A greedy sequence may ask for several candidate answers (`Sequence.candidates`): its prompt is
 prefilled once, each of the likeliest first tokens starts a row of its own in the batch, each row
-goes on greedily, and when all have ended the sequence's `choose` picks one, whose tokens are then
+goes on greedily (the others only while the sequence's `follows` accepts their tokens), and when
+all have ended the sequence's `choose` picks one of the finished ones, whose tokens are then
 emitted. Row 0 starts with the likeliest token, so it is the greedy answer.
 """
 
@@ -77,6 +78,8 @@ class Sequence:
     # their token ids (an index; without it, the greedy answer).
     candidates: int = 1
     choose: Callable[[list[list[int]]], int] | None = None
+    # Whether a candidate after the first may go on (it cannot be chosen once it may not).
+    follows: Callable[[list[int]], bool] | None = None
 
     def should_stop(self) -> str | None:
         if self.cancelled.is_set():
@@ -87,11 +90,24 @@ class Sequence:
 
 
 @dataclass
+class _Row(Sequence):
+    """A candidate's row: after the first, one that `follows` rejects ends early, unfinished."""
+
+    rank: int = 0
+
+    def should_stop(self) -> str | None:
+        reason = super().should_stop()
+        if reason is None and self.rank and self.follows is not None and not self.follows(self.generated):
+            return "unfollowed"
+        return reason
+
+
+@dataclass
 class _Candidates:
     """A sequence's candidate rows: each ends on its own; the sequence ends when all have."""
 
     seq: Sequence
-    rows: list[Sequence]
+    rows: list[_Row]
     ended: dict[int, tuple[str, BaseException | None]] = field(default_factory=dict)
 
     def on_finish(self, row: int) -> Callable[[str, BaseException | None], None]:
@@ -273,7 +289,7 @@ class BatchGenerator:
         group = _Candidates(seq, [])
         for i in range(len(firsts)):
             group.rows.append(
-                Sequence(
+                _Row(
                     seq.prompt_ids,
                     seq.params,
                     on_token=_ignore,
@@ -282,6 +298,8 @@ class BatchGenerator:
                     cancelled=seq.cancelled,
                     length=seq.length,
                     sampler=seq.sampler,
+                    follows=seq.follows,
+                    rank=i,
                 )
             )
         # Every row exists before any starts: one that ends on its first token must not end them all.
