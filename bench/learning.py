@@ -29,7 +29,10 @@ A variant may carry hyperparameters of its own after `+`, named as the job's env
 span_drop+LEARNING_RATE=1e-3+LORA_R=8` trains the default three times, with 2 epochs and with another
 rate and rank; the local profile's schedule (3 epochs, 4 examples per step) is what they override.
 `--variants ""` scores the base model alone (no feedback, no training); `--base-model` names another
-prepared base.
+prepared base. `--answer-candidates 1,4` scores every model once per number of candidate answers
+(`EVALUATION__ANSWER_CANDIDATES`, docs/quality.md; 1 is plain greedy decoding), each line with its
+difference to the base scored the same way and to the same model at the first number; the traffic
+is answered as the service answers it (its default).
 """
 
 from __future__ import annotations
@@ -149,7 +152,6 @@ def train_variant(root: Path, dataset_id: str, spec: str) -> tuple[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from flywheel_common.registry import ModelRegistry
     from flywheel_eval.dataset import load_dataset
-    from flywheel_eval.metrics import paired_bootstrap
     from flywheel_evaluator.evaluation import Evaluator, load_golden
     from flywheel_evaluator.gate import judge
     from flywheel_evaluator.settings import EvaluationSettings, GateSettings, GoldenSettings
@@ -188,29 +190,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = EvaluationSettings(
         context_token_budget=BUDGET, passage_max_words=WORDS, concurrency=4, max_batch=4
     )
-    evaluator = Evaluator(registry, golden, settings)
+    counts_of = args.answer_candidates or [settings.answer_candidates]
+    evaluators = {
+        k: Evaluator(registry, golden, settings.model_copy(update={"answer_candidates": k}))
+        for k in counts_of
+    }
     gate = GateSettings(**LOCAL_GATE)
-    started = time.perf_counter()
-    base = evaluator.evaluate("v1", reuse=False)
-    base_s = time.perf_counter() - started
-    lines = [{"variant": "base", "version": "v1", **_scores(base), "eval_s": base_s}]
-    print(_line(lines[0]), flush=True)
-    for name in args.variants:
-        version, seconds = train_variant(root, dataset_id, name)
-        result = evaluator.evaluate(version, reuse=False)
-        line: dict[str, Any] = {"variant": name, "version": version, **_scores(result), "train_s": seconds}
-        verdict = judge(result, base, gate)
-        line["gate"] = {"passed": verdict.passed, "failed": [check.name for check in verdict.failures]}
-        training = registry.get(version).manifest.get("training") or {}
-        line["training"] = {k: training.get(k) for k in ("targets", "preference_pairs")}
-        for metric, field in (("accuracy", "contains"), ("f1", "f1")):
-            diff = paired_bootstrap(
-                [getattr(i, field) for i in result.answerable], [getattr(i, field) for i in base.answerable]
-            )
-            line[f"{metric}_diff"] = [diff.mean_difference, diff.low, diff.high]
+    bases: dict[int, Any] = {}
+    lines: list[dict[str, Any]] = []
+    for k, evaluator in evaluators.items():
+        started = time.perf_counter()
+        bases[k] = evaluator.evaluate("v1", reuse=False)
+        line: dict[str, Any] = {"variant": "base", "version": "v1", "answer_candidates": k}
+        line |= {**_scores(bases[k]), "eval_s": time.perf_counter() - started}
+        if k != counts_of[0]:
+            line |= _diffs(bases[k], bases[counts_of[0]], "over_first")
         lines.append(line)
         print(_line(line), flush=True)
+    for name in args.variants:
+        version, seconds = train_variant(root, dataset_id, name)
+        training = registry.get(version).manifest.get("training") or {}
+        first: Any = None
+        for k, evaluator in evaluators.items():
+            result = evaluator.evaluate(version, reuse=False)
+            line = {"variant": name, "version": version, "answer_candidates": k, **_scores(result)}
+            line["train_s"] = seconds
+            verdict = judge(result, bases[k], gate)
+            line["gate"] = {"passed": verdict.passed, "failed": [check.name for check in verdict.failures]}
+            line["training"] = {key: training.get(key) for key in ("targets", "preference_pairs")}
+            line |= _diffs(result, bases[k], "diff")
+            if first is not None:
+                line |= _diffs(result, first, "over_first")
+            first = first or result
+            lines.append(line)
+            print(_line(line), flush=True)
     return {"dataset": dataset.version, "split": args.split, "feedback": counts, "lines": lines}
+
+
+def _diffs(result: Any, other: Any, suffix: str) -> dict[str, list[float]]:
+    """Paired-bootstrap differences of accuracy and F1 over the answerable questions, result - other."""
+    from flywheel_eval.metrics import paired_bootstrap
+
+    diffs = {}
+    for metric, field in (("accuracy", "contains"), ("f1", "f1")):
+        diff = paired_bootstrap(
+            [getattr(i, field) for i in result.answerable], [getattr(i, field) for i in other.answerable]
+        )
+        diffs[f"{metric}_{suffix}"] = [diff.mean_difference, diff.low, diff.high]
+    return diffs
 
 
 def _scores(result: Any) -> dict[str, Any]:
@@ -224,14 +251,16 @@ def _scores(result: Any) -> dict[str, Any]:
 
 
 def _line(line: dict[str, Any]) -> str:
-    text = f"{line['variant']:<12} acc {line['accuracy']:6.1%}  prec {line['precision']:6.1%}"
+    text = f"{line['variant']:<12} K={line['answer_candidates']}"
+    text += f"  acc {line['accuracy']:6.1%}  prec {line['precision']:6.1%}"
     text += f"  F1 {line['f1']:6.1%}"
     text += f"  answered {line['answered_unanswerable']}/{line['unanswerable']} unanswerable"
     text += f"  abstained {line['abstained_answerable']}/{line['answerable']} answerable"
-    for metric in ("accuracy", "f1"):
-        if f"{metric}_diff" in line:
-            d, lo, hi = line[f"{metric}_diff"]
-            text += f"  {metric} {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+    for suffix, label in (("diff", "over base"), ("over_first", "over the first K")):
+        for metric in ("accuracy", "f1"):
+            if f"{metric}_{suffix}" in line:
+                d, lo, hi = line[f"{metric}_{suffix}"]
+                text += f"  {metric} {label} {d * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
     if "eval_s" in line:
         text += f"  scored in {line['eval_s']:.0f} s"
     if "gate" in line:
@@ -252,6 +281,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rating-noise", type=float, default=0.15)
     parser.add_argument("--correction-share", type=float, default=0.8)
+    parser.add_argument(
+        "--answer-candidates",
+        type=lambda s: [int(k) for k in s.split(",") if k],
+        default=[],
+        help="score every model with each of these numbers of candidate answers (default: the evaluator's)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     for spec in args.variants:
