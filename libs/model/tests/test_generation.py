@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.generation import BatchGenerator, Sampler, SamplingParams, Sequence
 from flywheel_model.prompt import PromptTooLong
-from flywheel_model.runtime import Decoder, OrtSettings, SharedCache, select_rows, stack_kv
+from flywheel_model.runtime import Decoder, OrtSettings, SharedCache, release_memory, select_rows, stack_kv
 
 Generate = Callable[[BatchGenerator, list[list[int]], int], list[list[int]]]
 
@@ -299,3 +300,25 @@ def test_candidates_the_passages_stop_saying_end_early_and_cannot_be_chosen(
     # Rows 1 and 2 stopped at 3 tokens; the greedy row ran on unasked, and stood alone.
     assert given == greedy and finished == ["max_tokens"] and not chosen
     assert max(len(ids) for ids in followed) == 3 and greedy[:3] not in followed
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads Linux's /proc")
+def test_a_closed_engine_gives_its_memory_back_to_the_system(onnx_model_dir: Path) -> None:
+    release_memory()  # what earlier tests' models left in this process's heap
+    before = _resident_mb()
+    engine = AnswerEngine(onnx_model_dir, OrtSettings(), EngineSettings(context_token_budget=200))
+    engine.answer("The lamp in room 7 is red. " * 60, "Lamps", "What colour is the lamp?", SamplingParams())
+    loaded = _resident_mb()
+    engine.close(30.0)
+    after = _resident_mb()
+    # The model's sessions took hundreds of MB; at least half of what loading took is given back.
+    assert loaded - before > 200, (before, loaded)
+    assert after - before < (loaded - before) / 2, (before, loaded, after)
+    with pytest.raises(AttributeError):
+        engine.decoder.prefill([1, 2, 3])

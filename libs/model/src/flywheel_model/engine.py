@@ -16,7 +16,7 @@ from flywheel_model import candidates
 from flywheel_model.generation import BatchGenerator, SamplingParams, Sequence
 from flywheel_model.prompt import IncrementalDetokenizer, PromptEncoder, PromptTooLong, build_messages
 from flywheel_model.retrieval import Passage, Retriever
-from flywheel_model.runtime import Decoder, OrtSettings
+from flywheel_model.runtime import Decoder, OrtSettings, release_memory
 
 
 @dataclass(frozen=True)
@@ -171,5 +171,9 @@ class AnswerEngine:
         )
 
     def close(self, timeout: float | None = None) -> None:
-        """Finishes the work in hand and stops the generator thread."""
-        self.generator.close(timeout)
+        """Finishes the work in hand and stops the generator thread; then lets the model's memory go
+        (to the system, not only to this process's heap: a service that swaps versions would
+        otherwise keep the old one's footprint)."""
+        if self.generator.close(timeout):
+            self.decoder.close()
+            release_memory()

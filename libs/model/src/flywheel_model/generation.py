@@ -198,12 +198,13 @@ class BatchGenerator:
             self._pending.append(seq)
             self._cond.notify()
 
-    def close(self, timeout: float | None = None) -> None:
-        """Finishes queued and running sequences, then stops the thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Finishes queued and running sequences, then stops the thread; whether it has stopped."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # Engine thread
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import json
 import logging
 from collections.abc import Sequence
@@ -137,6 +139,14 @@ class DecoderSpec:
 KV = dict[str, Any]
 
 
+def release_memory() -> None:
+    """Collects unreachable objects and hands the C heap's free pages back to the system (glibc's
+    `malloc_trim`; elsewhere only the collection)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class Decoder:
     """One ONNX decoder session: prefill a prompt, or decode one token for a batch of sequences."""
 
@@ -187,6 +197,11 @@ class Decoder:
         log.info(
             "decoder %s on %s (kv %s%s)", self.model_dir, self.provider, np.dtype(self.kv_dtype).name, place
         )
+
+    def close(self) -> None:
+        """Lets the sessions and the prefix's cache go; the decoder cannot run after this."""
+        del self.session, self.prefill_session
+        self._prefix = None
 
     def new_cache(self, max_rows: int) -> BatchCache:
         """An empty cache for a batch of up to `max_rows` sequences, of the kind this decoder steps."""
