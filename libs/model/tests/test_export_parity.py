@@ -38,7 +38,7 @@ def assert_greedy_parity(model_dir: Path, prompts: list[tuple[str, str, str]], *
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    engine_ = AnswerEngine(model_dir / "onnx", OrtSettings(), EngineSettings(**engine))
+    engine_ = AnswerEngine(model_dir / "onnx", OrtSettings(), EngineSettings(answer_candidates=1, **engine))
     model = AutoModelForCausalLM.from_pretrained(model_dir / "hf", dtype=torch.float32).eval()
     stops = engine_.stop_token_ids
     try:
@@ -127,7 +127,7 @@ def assert_same_answers(
     reference_dir: Path, model_dir: Path, prompts: list[tuple[str, str, str]], **engine: int
 ) -> None:
     """Both prepared models' engines give the same greedy tokens on each prompt."""
-    settings = EngineSettings(**engine)
+    settings = EngineSettings(answer_candidates=1, **engine)
     reference = AnswerEngine(reference_dir / "onnx", OrtSettings(provider="cpu"), settings)
     model = AnswerEngine(model_dir / "onnx", OrtSettings(provider="cpu"), settings)
     try:

@@ -69,7 +69,10 @@ class AnswerEngine:
         self.stop_token_ids = self.encoder.stop_token_ids(self.decoder.spec.eos_token_ids)
         self.generator = BatchGenerator(
             self.decoder,
-            max_batch=settings.max_batch,
+            # A batch holds at least one request's candidates, so a version answers alike whatever
+            # its batch size (one measurement); where the decoder does not batch (CUDA unless
+            # ORT__CUDA_BATCHING), one row at a time, so greedily.
+            max_batch=max(settings.max_batch, settings.answer_candidates),
             max_queue=settings.max_queue,
             stop_token_ids=self.stop_token_ids,
         )
