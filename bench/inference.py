@@ -23,7 +23,7 @@ passages of about 400 tokens and a question from a split of the bundled dataset 
 default), greedy, batch 1, after one warm-up answer. Tokens are compared with onnx-fp32's (eager's
 when fp32 is not run); accuracy counts the questions that have reference answers. llama.cpp is
 measured when `--llama-python` names a Python that has llama-cpp-python (it compiles from source:
-see docs/benchmarks.md).
+see docs/inference.md, "Benchmark").
 """
 
 from __future__ import annotations
@@ -510,7 +510,7 @@ def main() -> None:
         python = sys.executable
         if variant == "llamacpp":
             if not Path(args.llama_python).exists():
-                print("llamacpp: skipped (no --llama-python with llama-cpp-python; see docs/benchmarks.md)")
+                print("llamacpp: skipped (no --llama-python with llama-cpp-python; see docs/inference.md)")
                 continue
             python = args.llama_python
         data = run_variant(variant, prompts_file, args, python)
