@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             line |= _diffs(result, bases[k], "diff")
             if first is not None:
                 line |= _diffs(result, first, "over_first")
-            first = first or result
+            if first is None:
+                first = result
             lines.append(line)
             print(_line(line), flush=True)
     return {"dataset": dataset.version, "split": args.split, "feedback": counts, "lines": lines}

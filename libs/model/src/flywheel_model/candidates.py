@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from bm25s.stopwords import STOPWORDS_EN
 
@@ -31,32 +32,51 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def nearness(question: str, answer: str, passages: Sequence[str]) -> float:
+@dataclass(frozen=True)
+class Passages:
+    """A request's passages split into words once (a candidate is checked against them every step):
+    each passage as one run of words, and each of its sentences."""
+
+    runs: tuple[str, ...]
+    sentences: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def of(cls, passages: Sequence[str]) -> Passages:
+        return cls(
+            tuple(" " + " ".join(words(passage)) for passage in passages),
+            tuple(tuple(words(s)) for passage in passages for s in _SENTENCE_END.split(passage)),
+        )
+
+
+def _split(passages: Passages | Sequence[str]) -> Passages:
+    return passages if isinstance(passages, Passages) else Passages.of(passages)
+
+
+def nearness(question: str, answer: str, passages: Passages | Sequence[str]) -> float:
     """The largest share of the question's content words in a passage sentence that says `answer`
     word for word (the answer's own words aside); 0 when no sentence says it."""
     asked = {w[:PREFIX] for w in words(question) if w not in _STOP}
-    said = words(answer)
+    said = tuple(words(answer))
     if not asked or not said:
         return 0.0
     best = 0.0
-    for passage in passages:
-        for sentence in _SENTENCE_END.split(passage):
-            text = words(sentence)
-            for start in range(len(text) - len(said) + 1):
-                if text[start : start + len(said)] == said:
-                    rest = text[:start] + text[start + len(said) :]
-                    best = max(best, len(asked & {w[:PREFIX] for w in rest}) / len(asked))
+    for text in _split(passages).sentences:
+        for start in range(len(text) - len(said) + 1):
+            if text[start : start + len(said)] == said:
+                rest = text[:start] + text[start + len(said) :]
+                best = max(best, len(asked & {w[:PREFIX] for w in rest}) / len(asked))
     return best
 
 
-def continues(answer: str, passages: Sequence[str]) -> bool:
+def continues(answer: str, passages: Passages | Sequence[str]) -> bool:
     """Whether a passage says `answer` so far: its words in a row, the last one possibly cut short."""
     said = " " + " ".join(words(answer))
-    return any(said in " " + " ".join(words(passage)) for passage in passages)
+    return any(said in run for run in _split(passages).runs)
 
 
-def choose(question: str, passages: Sequence[str], answers: Sequence[str]) -> int:
+def choose(question: str, passages: Passages | Sequence[str], answers: Sequence[str]) -> int:
     """The index of the answer to give among `answers` (the model's order, likeliest first): the
     non-empty one said among the most of the question's words, the earliest on a tie."""
-    scores = [nearness(question, answer, passages) if answer.strip() else -1.0 for answer in answers]
+    split = _split(passages)
+    scores = [nearness(question, answer, split) if answer.strip() else -1.0 for answer in answers]
     return max(range(len(answers)), key=lambda i: (scores[i], -i)) if answers else 0

@@ -116,7 +116,7 @@ class AnswerEngine:
     ) -> Sequence:
         """The generator's sequence for a prepared question: with `answer_candidates` candidates
         (when greedy), the one its passages say among the most of the question's words."""
-        passages = [p.text for p in prepared.passages]
+        passages = candidates.Passages.of([p.text for p in prepared.passages])
 
         def choose(answers: list[list[int]]) -> int:
             return candidates.choose(question, passages, [self.encoder.decode(ids) for ids in answers])
