@@ -238,35 +238,3 @@ def test_a_verified_export_switches_to_8_bit_activations_in_place(tmp_path: Path
         np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-2 * np.abs(expected).max())
         assert not np.allclose(actual, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
     assert set_accuracy_level(onnx_dir, 4) == 0
-
-
-def test_the_fp32_export_multiplies_one_row_of_its_output_projection_with_the_blocks(tmp_path: Path) -> None:
-    """encode_output_projection (the fp32 export's last step): an If on the row count gives one row
-    the output projection's Q8_0 blocks and several rows its fp32 weight; nothing else changes."""
-    from flywheel_model.ggml_blocks import encode_output_projection
-
-    onnx_dir, expected = fp32_export(tmp_path)
-    assert encode_output_projection(onnx_dir, tmp_path / "tiny.gguf") == {
-        "output_projection_q8_0_for_one_row": 1
-    }
-
-    model = onnx.load(str(onnx_dir / "model.onnx"))
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("If") == 1 and ops.count("MatMul") == 5 and "MatMulNBits" not in ops
-    branches = {
-        a.name: [n.op_type for n in a.g.node]
-        for n in model.graph.node
-        if n.op_type == "If"
-        for a in n.attribute
-    }
-    assert branches == {"then_branch": ["MatMulNBits", "MatMulNBits", "Add"], "else_branch": ["MatMul"]}
-    # Several rows (2 x 7 positions): the fp32 weight, as before.
-    np.testing.assert_allclose(run(model, {"ids": IDS}), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
-    # One row: the blocks, the same values summed in another order.
-    one_row = run(model, {"ids": IDS[:1, :1]})[0, 0]
-    np.testing.assert_allclose(one_row, expected[0, 0], rtol=0, atol=2e-5 * np.abs(expected).max())
-    assert not np.array_equal(one_row, expected[0, 0])
-    # A graph without a matrix on the GGUF's grid is left as it was.
-    before = (onnx_dir / "model.onnx.data").read_bytes()
-    assert encode_output_projection(onnx_dir, tmp_path / "tiny.gguf") == {}
-    assert (onnx_dir / "model.onnx.data").read_bytes() == before

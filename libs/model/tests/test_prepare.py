@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from flywheel_common.files import file_sha256
+from flywheel_model.output_projection import RESCORED_PROJECTION
 from flywheel_model.prepare import (
-    ONE_ROW_PROJECTION,
     ExportOptions,
     Precision,
     ensure_prepared,
@@ -43,11 +43,12 @@ def test_hf_folder_to_fp16_cuda_export(prepared_model: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.integration
-def test_the_fp32_export_of_a_gguf_multiplies_one_row_of_its_output_projection_with_its_blocks(
+def test_the_fp32_export_rescores_its_output_projection(
     prepared_model: Path,
 ) -> None:
     export = read_manifest(prepared_model)["export"]
-    assert export["output_projection"] == ONE_ROW_PROJECTION and export["ops"]["If"] == 1
+    assert export["output_projection"] == RESCORED_PROJECTION
+    assert export["ops"]["MatMulNBits"] == 1 and export["ops"]["If"] == 0
     said: list[str] = []
     assert (
         ensure_prepared(None, ExportOptions(), prepared_model, force=False, echo=said.append)

@@ -186,11 +186,16 @@ def test_candidates_keep_the_parents_export_and_gguf_blocks_stay_exact(
     assert plan.options.precision == candidate
     # Exported and verified exactly (fp32 activations); gguf_a8 switches to 8-bit ones afterwards.
     assert plan.verified_options.precision == ("gguf" if candidate == "gguf_a8" else candidate)
-    if candidate == "int4":
+    if candidate in ("fp32", "int4"):
+        # No blocks to hand on, from a GGUF or a Hugging Face folder, and nothing to explain (fp32
+        # rescores its output projection whatever its source).
         assert plan.gguf is None and plan.record() == {"precision": candidate, "provider": "cpu"}
+        hf_base = ModelVersion(
+            "v1", tmp_path, {"prepared": {"source": {"kind": "hf"}, "export": {"precision": parent}}}
+        )
+        assert export_plan_of(hf_base) == plan
         return
-    # A candidate's own candidates find the GGUF in its manifest's export record (fp32: for its
-    # output projection's one-row blocks).
+    # A candidate's own candidates find the GGUF in its manifest's export record.
     assert plan.gguf == {"path": str(gguf), "sha256": source["sha256"]}
     child = ModelVersion("v2", tmp_path, {"export": plan.record()})
     assert export_plan_of(child) == plan
@@ -201,11 +206,6 @@ def test_candidates_keep_the_parents_export_and_gguf_blocks_stay_exact(
     assert str(gguf) in fallback.record()["note"]
     gguf.unlink()
     assert export_plan_of(base).options.precision == "fp32"
-    # An fp32 lineage from a Hugging Face folder has no blocks to hand on, and nothing to explain.
-    hf_base = ModelVersion(
-        "v1", tmp_path, {"prepared": {"source": {"kind": "hf"}, "export": {"precision": "fp32"}}}
-    )
-    assert export_plan_of(hf_base).record() == {"precision": "fp32", "provider": "cpu"}
 
 
 def test_one_pass_gives_the_supervised_loss_and_the_preference_loss_of_separate_passes(tiny_hf: Path) -> None:

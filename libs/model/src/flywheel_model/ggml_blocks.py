@@ -238,7 +238,7 @@ def _chunks(rows: BlockRows, size: int = 4096) -> Iterator[tuple[int, np.ndarray
         yield start, rows.take(slice(start, start + size)).dequantize()
 
 
-class _Graph:
+class Graph:
     """Small helper to add nodes and initializers with unique names."""
 
     def __init__(self, model: Any) -> None:
@@ -253,6 +253,7 @@ class _Graph:
         from onnx import numpy_helper
 
         self.graph.initializer.append(numpy_helper.from_array(array, name))
+        self.inits[name] = self.graph.initializer[-1]
         return name
 
     def array(self, name: str) -> np.ndarray | None:
@@ -299,7 +300,7 @@ def nibble_terms(blocks: Blocks) -> tuple[list[Term], np.ndarray | None]:
     return [Term(digits.astype(np.uint8), scales, None) for digits, scales, _ in parts], offsets
 
 
-def _matmul_nodes(g: _Graph, node: Any, blocks: Blocks, accuracy_level: int) -> list[Any]:
+def _matmul_nodes(g: Graph, node: Any, blocks: Blocks, accuracy_level: int) -> list[Any]:
     """The nodes that compute `node` (A @ W, W [K, N] as `blocks` [N, K/B, B]) from the blocks.
 
     Only 4-bit MatMulNBits with uint8 zero points (or none): ONNX Runtime's CPU kernel with fp32
@@ -352,7 +353,7 @@ def _matmul_nodes(g: _Graph, node: Any, blocks: Blocks, accuracy_level: int) -> 
 
 
 def _offset_product(
-    g: _Graph, nodes: list[Any], a: str, base: str, blocks: Blocks, offsets: np.ndarray
+    g: Graph, nodes: list[Any], a: str, base: str, blocks: Blocks, offsets: np.ndarray
 ) -> str:
     """Σ_b offset[b, n] · (sum of the activations in block b), appended to `nodes`; its output."""
     from onnx import helper
@@ -381,7 +382,7 @@ def _offset_product(
     return f"{base}/offset_output"
 
 
-def _gather_nodes(g: _Graph, node: Any, blocks: Blocks) -> list[Any]:
+def _gather_nodes(g: Graph, node: Any, blocks: Blocks) -> list[Any]:
     """An embedding Gather over a Q8_0 table [V, D] as int8 rows times their block scales."""
     from onnx import TensorProto, helper
 
@@ -424,7 +425,7 @@ def _gather_nodes(g: _Graph, node: Any, blocks: Blocks) -> list[Any]:
     ]
 
 
-def _gather_table(g: _Graph, node: Any, producers: dict[str, Any]) -> np.ndarray | None:
+def _gather_table(g: Graph, node: Any, producers: dict[str, Any]) -> np.ndarray | None:
     """The embedding table [V, D] a Gather reads: an initializer, or the transpose of one (tied)."""
     direct = g.array(node.input[0])
     if direct is not None:
@@ -448,9 +449,9 @@ def encode_model(
     """
     from onnx import helper
 
-    g = _Graph(model)
+    g = Graph(model)
     producers = {out: n for n in g.graph.node for out in n.output}
-    vocabularies = _vocabularies(g, producers) if prefill else set()
+    lengths = vocabularies(g, producers) if prefill else set()
     counts: Counter[str] = Counter()
     new_nodes: list[Any] = []
     for node in g.graph.node:
@@ -459,7 +460,7 @@ def encode_model(
             weight = g.array(node.input[1])
             width = weight.shape[1] if weight is not None and weight.ndim == 2 else None
             blocks = index.find(weight.T) if weight is not None and width is not None else None
-            if blocks is not None and prefill and blocks.bits > 4 and width not in vocabularies:
+            if blocks is not None and prefill and blocks.bits > 4 and width not in lengths:
                 counts[PREFILL_FP32] += 1
                 blocks = None
             else:
@@ -477,79 +478,13 @@ def encode_model(
         new_nodes.extend(replaced if replaced is not None else [node])
     g.graph.ClearField("node")
     g.graph.node.extend(new_nodes)
-    _drop_unused(g)
+    drop_unused(g)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return counts
 
 
-def dispatch_output_projection(model: Any, gguf_path: Path) -> Counter[str]:
-    """Rewrites `model` in place so that its output projection (the MatMul as wide as the embedding
-    table is long) multiplies one row with the GGUF's blocks and several with its fp32 weight.
-
-    Decoding one sequence reads the whole projection for one row every step (Gemma 3's 262,144 x
-    640 is 671 MB in fp32, about two thirds of a step); its blocks are a quarter to a half of that,
-    and ONNX Runtime's 4-bit product is fast for one row only (with several it dequantizes the
-    whole matrix on every call, slower than fp32). So an `If` on the row count picks: the blocks
-    for one row (a prompt's last position, a step of one sequence), fp32 for a batch. Both hold the
-    same values; only the order of the sums differs.
-    """
-    from onnx import TensorProto, helper
-
-    g = _Graph(model)
-    vocabularies = _vocabularies(g, {out: n for n in g.graph.node for out in n.output})
-    # Only the GGUF's tables as long as a vocabulary are indexed, and only a MatMul that wide is read.
-    index = GgufBlockIndex(gguf_path, row_counts=vocabularies)
-    counts: Counter[str] = Counter()
-    new_nodes: list[Any] = []
-    for node in g.graph.node:
-        init = g.inits.get(node.input[1]) if node.op_type == "MatMul" else None
-        wide = init is not None and len(init.dims) == 2 and init.dims[1] in vocabularies
-        weight = g.array(node.input[1]) if wide else None
-        blocks = index.find(weight.T) if weight is not None else None
-        if blocks is None:
-            new_nodes.append(node)
-            continue
-        counts[f"output_projection_{blocks.label}_for_one_row"] += 1
-        a, base = node.input[0], node.name or node.output[0]
-        one_row = helper.make_node("MatMul", [a, node.input[1]], [f"{base}/one_row"], name=f"{base}/one_row")
-        rows = helper.make_node("MatMul", [a, node.input[1]], [f"{base}/rows"], name=f"{base}/rows")
-        branch_out = helper.make_tensor_value_info
-        new_nodes += [
-            helper.make_node("Shape", [a], [f"{base}/shape"], name=f"{base}/Shape", end=-1),
-            helper.make_node(
-                "ReduceProd", [f"{base}/shape"], [f"{base}/count"], name=f"{base}/Count", keepdims=0
-            ),
-            helper.make_node(
-                "Equal",
-                [f"{base}/count", g.add_init(f"{base}.one", np.array(1, np.int64))],
-                [f"{base}/is_one_row"],
-                name=f"{base}/IsOneRow",
-            ),
-            helper.make_node(
-                "If",
-                [f"{base}/is_one_row"],
-                list(node.output),
-                name=f"{base}/If",
-                then_branch=helper.make_graph(
-                    _matmul_nodes(g, one_row, blocks, accuracy_level=1),
-                    f"{base}/blocks",
-                    [],
-                    [branch_out(f"{base}/one_row", TensorProto.FLOAT, None)],
-                ),
-                else_branch=helper.make_graph(
-                    [rows], f"{base}/fp32", [], [branch_out(f"{base}/rows", TensorProto.FLOAT, None)]
-                ),
-            ),
-        ]
-    g.graph.ClearField("node")
-    g.graph.node.extend(new_nodes)
-    if counts and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return counts
-
-
-def _vocabularies(g: _Graph, producers: dict[str, Any]) -> set[int]:
+def vocabularies(g: Graph, producers: dict[str, Any]) -> set[int]:
     """The row counts of the embedding tables Gathers read (an initializer, or the transpose of
     one), from their shapes."""
     lengths = set()
@@ -566,7 +501,7 @@ def _vocabularies(g: _Graph, producers: dict[str, Any]) -> set[int]:
     return lengths
 
 
-def _drop_unused(g: _Graph) -> None:
+def drop_unused(g: Graph) -> None:
     """Removes initializers and nodes (the tied table's Transpose) nothing reads any more."""
     while True:
         used = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
@@ -583,20 +518,6 @@ def _drop_unused(g: _Graph) -> None:
 PREFILL_MODEL = "prefill.onnx"
 # encode_model's count of the matrices the prefill graph keeps in fp32 (and the decode graph encodes).
 PREFILL_FP32 = "matmul_fp32_for_prefill"
-
-
-def encode_output_projection(onnx_dir: Path, gguf_path: Path) -> dict[str, int]:
-    """Rewrites an fp32 `onnx_dir/model.onnx` with dispatch_output_projection (the fp32 export's
-    last step when its weights come from a GGUF); counts what was encoded."""
-    import onnx
-
-    model_path = onnx_dir / "model.onnx"
-    model = onnx.load(str(model_path), load_external_data=True)
-    counts = dispatch_output_projection(model, gguf_path)
-    if counts:
-        _save(model, model_path)
-    log.info("output projection of %s from %s: %s", model_path, gguf_path.name, dict(counts) or "not found")
-    return dict(counts)
 
 
 def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1) -> dict[str, int]:
@@ -618,14 +539,14 @@ def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1)
     prefill = onnx.load(str(model_path), load_external_data=True)
     prefill_counts = encode_model(prefill, index, accuracy_level=accuracy_level, prefill=True)
     if not prefill_counts[PREFILL_FP32]:  # nothing wider than 4 bits: one graph does both
-        _save(prefill, model_path)
+        save_model(prefill, model_path)
         log.info("encoded %s from %s: %s", model_path, gguf_path.name, dict(prefill_counts))
         return dict(prefill_counts)
-    _save(prefill, onnx_dir / PREFILL_MODEL)
+    save_model(prefill, onnx_dir / PREFILL_MODEL)
     del prefill
     model = onnx.load(str(model_path), load_external_data=True)
     counts = encode_model(model, index, accuracy_level=accuracy_level)
-    _save(model, model_path)
+    save_model(model, model_path)
     log.info(
         "encoded %s from %s: %s (prefill graph: %s)",
         model_path,
@@ -636,7 +557,7 @@ def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1)
     return dict(counts)
 
 
-def _save(model: Any, path: Path) -> None:
+def save_model(model: Any, path: Path) -> None:
     """`path` and its weights in `<path>.data` (replaced, not appended to)."""
     import onnx
 
@@ -677,23 +598,16 @@ def set_accuracy_level(onnx_dir: Path, level: int) -> int:
 
 
 def main() -> None:
-    """`python -m flywheel_model.ggml_blocks ONNX_DIR GGUF [--accuracy-level N | --output-projection]`
-    (export_onnx's step)."""
+    """`python -m flywheel_model.ggml_blocks ONNX_DIR GGUF [--accuracy-level N]` (export_onnx's step)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=encode_onnx_dir.__doc__)
     parser.add_argument("onnx_dir", type=Path)
     parser.add_argument("gguf", type=Path)
     parser.add_argument("--accuracy-level", type=int, default=1)
-    parser.add_argument(
-        "--output-projection", action="store_true", help="fp32: only the output projection, for one row"
-    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.output_projection:
-        encode_output_projection(args.onnx_dir, args.gguf)
-    else:
-        encode_onnx_dir(args.onnx_dir, args.gguf, accuracy_level=args.accuracy_level)
+    encode_onnx_dir(args.onnx_dir, args.gguf, accuracy_level=args.accuracy_level)
 
 
 if __name__ == "__main__":

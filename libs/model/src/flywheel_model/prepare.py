@@ -7,7 +7,8 @@ LM architecture the builder knows (Llama, Mistral, Qwen, Phi, Gemma, ...) goes t
 Precision `gguf` exports fp32 and then stores every weight that is one of the GGUF's blocks (Q4_1,
 Q5_0, Q8_0, Q4_K, Q6_K) as those blocks, exactly (`ggml_blocks`); `gguf_a8` stores the same blocks
 and multiplies them with activations quantized to 8 bits, as llama.cpp does (faster, no longer
-fp32's answers token for token).
+fp32's answers token for token). The fp32 CPU export reads its output projection at 4 bits and
+computes the likeliest tokens' logits exactly (`output_projection`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 from flywheel_common.files import cache_root, file_sha256, freeze_tree, write_json
 from flywheel_common.registry import ModelRegistry
+from flywheel_model.output_projection import RESCORED_PROJECTION
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +165,9 @@ class ExportOptions:
         return self.precision in GGUF_BLOCK_PRECISIONS
 
     @property
-    def one_row_projection(self) -> bool:
-        """Whether the output projection of a GGUF's fp32 export multiplies one row with the GGUF's
-        blocks (ggml_blocks.dispatch_output_projection): same values, read at a quarter to half the bytes."""
+    def rescored_projection(self) -> bool:
+        """Whether the output projection is read at 4 bits with the likeliest tokens' logits computed
+        exactly (flywheel_model.output_projection): the fp32 CPU export's last step."""
         return self.precision == "fp32" and self.provider == "cpu"
 
     @property
@@ -208,11 +210,8 @@ def export_onnx(
             sys.executable, "-m", "flywheel_model.ggml_blocks",
             str(out_dir), str(gguf), "--accuracy-level", str(options.accuracy_level),
         ])  # fmt: skip
-    elif options.one_row_projection and gguf is not None:
-        steps.append([
-            sys.executable, "-m", "flywheel_model.ggml_blocks",
-            str(out_dir), str(gguf), "--output-projection",
-        ])  # fmt: skip
+    elif options.rescored_projection:
+        steps.append([sys.executable, "-m", "flywheel_model.output_projection", str(out_dir)])
     log_path = out_dir.parent / f"{out_dir.name}.export.log"
     with log_path.open("w") as log_file:
         for cmd in steps:
@@ -250,13 +249,10 @@ def onnx_op_counts(model_path: Path, ops: tuple[str, ...]) -> dict[str, int]:
     return {op: sum(n.op_type == op for n in graph.node) for op in ops}
 
 
-ONE_ROW_PROJECTION = "gguf_one_row"
-
-
-def output_projection(options: ExportOptions, *, gguf_source: bool) -> str:
-    """How the export multiplies the output projection: ONE_ROW_PROJECTION (ExportOptions.one_row_projection,
-    a GGUF source) or as the rest of its weights (the precision's name)."""
-    return ONE_ROW_PROJECTION if options.one_row_projection and gguf_source else options.precision
+def output_projection(options: ExportOptions) -> str:
+    """How the export multiplies the output projection: RESCORED_PROJECTION
+    (ExportOptions.rescored_projection) or as the rest of its weights (the precision's name)."""
+    return RESCORED_PROJECTION if options.rescored_projection else options.precision
 
 
 def write_manifest(
@@ -278,7 +274,7 @@ def write_manifest(
             "ops": onnx_op_counts(onnx_dir / "model.onnx", ("MatMul", "MatMulNBits", "Gather", "If")),
             "io_dtype": "float16" if options.precision == "fp16" else "float32",
             "prune_lm_head": True,
-            "output_projection": output_projection(options, gguf_source=source.get("kind") == "gguf"),
+            "output_projection": output_projection(options),
         },
         "versions": {n: _version(n) for n in ("torch", "transformers", "onnx", "onnxruntime")},
         "hf_files": {p.name: file_sha256(p) for p in sorted(hf_dir.iterdir()) if p.is_file()},
@@ -377,11 +373,8 @@ def ensure_prepared(
         digest = _source_digest(source or smollm2_gguf())
         same_source = digest in (manifest["source"].get("sha256"), manifest["source"].get("config_sha256"))
         export = manifest["export"]
-        one_row = output_projection(options, gguf_source=(source or smollm2_gguf()).suffix == ".gguf")
-        # A manifest from before the one-row projection has no such entry: made again where it applies.
-        same_layout = (export.get("output_projection") == ONE_ROW_PROJECTION) == (
-            one_row == ONE_ROW_PROJECTION
-        )
+        # A manifest from before the rescored projection says otherwise (or nothing): made again.
+        same_layout = export.get("output_projection") == output_projection(options)
         same_options = same_layout and (export["precision"], export["provider"]) == (
             options.precision,
             options.provider,

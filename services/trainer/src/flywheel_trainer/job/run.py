@@ -96,24 +96,21 @@ def export_plan_of(parent: ModelVersion) -> ExportPlan:
     left alone (the embedding and output matrix, any layer it did not adapt) are stored as those
     blocks again, the adapted ones stay fp32 (merging moves them off the grid). Both are exact, as
     the verify step below requires; a `gguf_a8` candidate is verified with fp32 activations and
-    switched to 8-bit ones afterwards. An fp32 parent from a GGUF hands it on for its output
-    projection's one-row blocks (ExportOptions.one_row_projection). Where the GGUF is not at its
-    recorded path with its recorded digest (a job on another machine), the candidate is exported in
-    plain fp32 and the manifest says so.
+    switched to 8-bit ones afterwards. Where the GGUF is not at its recorded path with its recorded
+    digest (a job on another machine), the candidate is exported in fp32 and the manifest says so.
+    An fp32 lineage needs no GGUF: its export rescores the output projection whatever its source.
     """
     from flywheel_model.prepare import ExportOptions
 
     prepared = parent.manifest.get("prepared", {})
     export = parent.manifest.get("export") or prepared.get("export") or {}
     options = ExportOptions(precision=export.get("precision", "fp32"), provider=export.get("provider", "cpu"))
-    if not (options.gguf_blocks or options.one_row_projection):
+    if not options.gguf_blocks:
         return ExportPlan(options)
     source = prepared.get("source", {})
     gguf = export.get("gguf") or (
         {"path": source["path"], "sha256": source["sha256"]} if source.get("kind") == "gguf" else None
     )
-    if gguf is None and not options.gguf_blocks:
-        return ExportPlan(options)  # an fp32 lineage from a Hugging Face folder: no blocks to use
     if gguf is None or not Path(gguf["path"]).is_file() or file_sha256(Path(gguf["path"])) != gguf["sha256"]:
         note = f"the parent's GGUF is not here ({gguf['path'] if gguf else 'none recorded'}): fp32"
         log.warning("exporting in fp32: %s", note)

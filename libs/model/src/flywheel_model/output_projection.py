@@ -1,0 +1,195 @@
+"""The output projection read at 4 bits, with the likeliest tokens' logits computed exactly.
+
+Decoding reads the whole output projection for every position it produces, and it is the largest
+matrix a step reads: Gemma 3's tied 262,144 x 640 embedding is 671 MB in fp32, about two thirds of
+a decode step's bytes. But a decode step needs only the likeliest tokens' logits exactly: greedy
+decoding takes the first, candidate answers the first few. So the fp32 export's last step
+(`rescore_output_projection`) replaces the projection's MatMul by
+
+1. an approximation of every logit from a 4-bit copy of the matrix (blocks of 32 along the hidden
+   size, a scale and a uint8 zero point each; ONNX Runtime's MatMulNBits with 8-bit activations,
+   accuracy level 4, which stays fast for several rows),
+2. the `RESCORED` likeliest tokens by that approximation (TopK),
+3. their exact logits: their fp32 rows of the matrix (a Gather from the `[vocabulary, hidden]`
+   table, which is the embedding table itself when the two are tied) times the hidden state,
+4. scattered over the approximation (ScatterElements).
+
+The likeliest token and the first `RESCORED` tokens' logits are then fp32's, summed in another
+order, unless the true likeliest token falls outside the approximation's top `RESCORED` (the
+approximation is off by a fraction of a logit; docs/inference.md has the measured margins). The
+other logits keep the approximation, which matters only to sampling at a temperature: there a
+token far down the list is drawn with a probability off by the factor its approximation is off.
+
+The fp32 `[hidden, vocabulary]` weight leaves the graph (a tied model reads its embedding table
+instead), so the graph is smaller, not larger. Any fp32 graph works: a model prepared from a GGUF, a
+Hugging Face folder or a fine-tuned candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flywheel_model.ggml_blocks import Graph, drop_unused, pack_nibbles, save_model, vocabularies
+
+log = logging.getLogger(__name__)
+
+# How many of the approximation's likeliest tokens get their exact logits.
+RESCORED = 64
+BLOCK = 32
+# The manifest's `export.output_projection` for a graph rewritten here.
+RESCORED_PROJECTION = f"int4_rescored_top{RESCORED}"
+
+
+def quantize_rows(table: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`table` [N, K] as MatMulNBits' 4-bit inputs: packed codes [N, K/block, block/2], scales
+    [N·K/block] and packed uint8 zero points, each block's minimum to maximum over 15 steps
+    (K is zero-padded to whole blocks)."""
+    n, k = table.shape
+    nblocks = -(-k // block)
+    padded = np.zeros((n, nblocks * block), np.float32)
+    padded[:, :k] = table
+    rows = padded.reshape(n, nblocks, block)
+    low = np.minimum(rows.min(-1), 0)
+    high = np.maximum(rows.max(-1), 0)
+    scales = np.maximum((high - low) / 15, np.finfo(np.float32).tiny).astype(np.float32)
+    zero_points = np.clip(np.round(-low / scales), 0, 15).astype(np.uint8)
+    codes = np.clip(np.round(rows / scales[..., None]) + zero_points[..., None], 0, 15).astype(np.uint8)
+    # Two blocks' zero points a byte, the even block in the low nibble; an odd count pads.
+    zero_points = np.concatenate([zero_points, np.zeros((n, nblocks % 2), np.uint8)], axis=1)
+    return pack_nibbles(codes), scales.ravel(), pack_nibbles(zero_points).ravel()
+
+
+def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[str]:
+    """Rewrites `model` in place: each MatMul as wide as an embedding table is long (the output
+    projection) becomes the 4-bit approximation with the top `rescored` logits exact (module
+    docstring). Counts what was rewritten."""
+    from onnx import helper
+
+    g = Graph(model)
+    producers = {out: n for n in g.graph.node for out in n.output}
+    lengths = vocabularies(g, producers)
+    counts: Counter[str] = Counter()
+    new_nodes: list[Any] = []
+    for node in g.graph.node:
+        init = g.inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if init is None or len(init.dims) != 2 or init.dims[1] not in lengths:
+            new_nodes.append(node)
+            continue
+        weight = g.array(node.input[1])
+        assert weight is not None
+        table = _table(g, producers, weight)
+        if table is None:
+            table = g.add_init(f"{node.input[1]}.rows", np.ascontiguousarray(weight.T))
+        codes, scales, zero_points = quantize_rows(weight.T)
+        hidden, vocabulary = weight.shape
+        top = min(rescored, vocabulary)
+        a, base = node.input[0], node.name or node.output[0]
+        axis = g.add_init(f"{base}.last_axis", np.array([-1], np.int64))
+        new_nodes += [
+            helper.make_node(
+                "MatMulNBits",
+                [
+                    a,
+                    g.add_init(f"{base}.int4.B", codes),
+                    g.add_init(f"{base}.int4.scales", scales),
+                    g.add_init(f"{base}.int4.zero_points", zero_points),
+                ],
+                [f"{base}/approximate"],
+                name=f"{base}/MatMulNBits",
+                domain="com.microsoft",
+                K=hidden,
+                N=vocabulary,
+                bits=4,
+                block_size=BLOCK,
+                accuracy_level=4,
+            ),
+            helper.make_node(
+                "TopK",
+                [f"{base}/approximate", g.add_init(f"{base}.rescored", np.array([top], np.int64))],
+                [f"{base}/top_values", f"{base}/top"],
+                name=f"{base}/TopK",
+                axis=-1,
+            ),
+            # [..., rescored, hidden] rows times the hidden state as a column: [..., rescored, 1].
+            helper.make_node("Gather", [table, f"{base}/top"], [f"{base}/rows"], name=f"{base}/Rows", axis=0),
+            helper.make_node("Unsqueeze", [a, axis], [f"{base}/column"], name=f"{base}/Column"),
+            helper.make_node(
+                "MatMul", [f"{base}/rows", f"{base}/column"], [f"{base}/exact_column"], name=f"{base}/Exact"
+            ),
+            helper.make_node(
+                "Squeeze", [f"{base}/exact_column", axis], [f"{base}/exact"], name=f"{base}/Squeeze"
+            ),
+            helper.make_node(
+                "ScatterElements",
+                [f"{base}/approximate", f"{base}/top", f"{base}/exact"],
+                list(node.output),
+                name=f"{base}/Scatter",
+                axis=-1,
+            ),
+        ]
+        counts[f"output_projection_int4_rescored_top{top}"] += 1
+    if not counts:
+        return counts
+    g.graph.ClearField("node")
+    g.graph.node.extend(new_nodes)
+    drop_unused(g)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return counts
+
+
+def _table(g: Graph, producers: dict[str, Any], weight: np.ndarray) -> str | None:
+    """The `[vocabulary, hidden]` embedding table holding `weight`'s columns as its rows (a tied
+    model), rewiring a Gather that reads the weight's Transpose to read the table directly: the
+    fp32 `[hidden, vocabulary]` weight can then leave the graph."""
+    for node in g.graph.node:
+        if node.op_type != "Gather":
+            continue
+        source = node.input[0]
+        producer = producers.get(source)
+        if producer is not None and producer.op_type == "Transpose":
+            transposed = g.array(producer.input[0])
+            if transposed is not None and np.array_equal(transposed, weight):
+                name = f"{producer.input[0]}.rows"
+                if name not in g.inits:
+                    g.add_init(name, np.ascontiguousarray(weight.T))
+                node.input[0] = name
+                return name
+        table = g.array(source)
+        if table is not None and table.shape == weight.T.shape and np.array_equal(table, weight.T):
+            return source
+    return None
+
+
+def rescore_onnx_dir(onnx_dir: Path) -> dict[str, int]:
+    """Rewrites an fp32 `onnx_dir/model.onnx` (+ `.data`) with rescore_output_projection (the fp32
+    CPU export's last step); counts what was rewritten."""
+    import onnx
+
+    model_path = onnx_dir / "model.onnx"
+    model = onnx.load(str(model_path), load_external_data=True)
+    counts = rescore_output_projection(model)
+    if counts:
+        save_model(model, model_path)
+    log.info("output projection of %s: %s", model_path, dict(counts) or "not found")
+    return dict(counts)
+
+
+def main() -> None:
+    """`python -m flywheel_model.output_projection ONNX_DIR` (export_onnx's step)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=rescore_onnx_dir.__doc__)
+    parser.add_argument("onnx_dir", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rescore_onnx_dir(args.onnx_dir)
+
+
+if __name__ == "__main__":
+    main()
