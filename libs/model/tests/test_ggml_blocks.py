@@ -155,24 +155,27 @@ def test_encoded_graph_reproduces_the_fp32_matmuls_and_embedding(
     counts = encode_model(encoded, GgufBlockIndex(tmp_path / "tiny.gguf"), accuracy_level=accuracy_level)
 
     assert counts == {
+        # The output projection at 4 bits, every one of its 50 logits computed exactly from the
+        # Q8_0 table's rows (flywheel_model.output_projection), which the embedding reads too.
+        "output_projection_int4_rescored_top50": 1,
         "matmul_q5_0+q8_0": 1,
         "matmul_q4_1": 1,
         "matmul_q4_k": 1,
         "matmul_q6_k": 1,
-        "matmul_q8_0": 1,
         "matmul_fp32": 1,
-        "gather_q8_0": 1,
+        "gather_q8_0": 2,
     }
     ops = [n.op_type for n in encoded.graph.node]
-    # One 4-bit product per 4-bit matrix, two for 5, 6 and 8 bits (up, side, lm_head).
-    assert ops.count("MatMulNBits") == 8 and "Transpose" not in ops
+    # One 4-bit product per 4-bit matrix, two for 5 and 6 bits (up, side), and the approximation.
+    assert ops.count("MatMulNBits") == 7 and "Transpose" not in ops
+    assert sum(i.name.endswith(".q8.codes") for i in encoded.graph.initializer) == 1
     # Only the formats with a minimum need block sums (gate's of x, down's of h); the others'
     # centres are zero points.
     assert ops.count("ReduceSum") == 2
     zero_points = [n.name for n in encoded.graph.node if n.op_type == "MatMulNBits" and len(n.input) == 4]
-    assert len(zero_points) == 6
+    assert len(zero_points) == 5
     assert {i.name for i in encoded.graph.initializer} & set(inits) == {"tuned"}
-    assert accuracy_levels(encoded) == {accuracy_level}
+    assert accuracy_levels(encoded) == {accuracy_level, 4}  # the approximation has 8-bit activations
     actual = run(encoded, {"ids": IDS})
     np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance * np.abs(expected).max())
     if accuracy_level == 4:
@@ -203,12 +206,13 @@ def test_the_prefill_graph_keeps_the_layers_in_fp32(tmp_path: Path) -> None:
     assert counts["matmul_fp32"] == 1  # the fine-tuned matrix
     decode = onnx.load(str(onnx_dir / "model.onnx"))
     prefill = onnx.load(str(onnx_dir / PREFILL_MODEL))
-    assert [n.op_type for n in decode.graph.node].count("MatMulNBits") == 8
+    assert [n.op_type for n in decode.graph.node].count("MatMulNBits") == 7
     prefill_ops = [n.op_type for n in prefill.graph.node]
-    # The Q8_0 output projection's two digits, the Q4_1 and the Q4_K matrix (with their offset
-    # products); up (Q5_0 + Q8_0), side (Q6_K) and the fine-tuned matrix stay fp32.
-    assert prefill_ops.count("MatMulNBits") == 4
-    assert prefill_ops.count("MatMul") == 3 + 2
+    # The output projection's approximation, the Q4_1 and the Q4_K matrix (with their offset
+    # products); up (Q5_0 + Q8_0), side (Q6_K) and the fine-tuned matrix stay fp32, beside the
+    # product of the rescored rows.
+    assert prefill_ops.count("MatMulNBits") == 3
+    assert prefill_ops.count("MatMul") == 3 + 2 + 1
     assert "Cast" in prefill_ops and "Transpose" not in prefill_ops  # the embedding's int8 rows
     assert {p.name for p in onnx_dir.iterdir()} == {
         "model.onnx",
@@ -229,7 +233,8 @@ def test_a_verified_export_switches_to_8_bit_activations_in_place(tmp_path: Path
     encode_onnx_dir(onnx_dir, tmp_path / "tiny.gguf", accuracy_level=1)
     data = (onnx_dir / "model.onnx.data").read_bytes()
 
-    assert set_accuracy_level(onnx_dir, 4) == 8 + 4  # the decode graph's products and the prefill's
+    # The decode graph's products and the prefill's; the approximations are at 4 already.
+    assert set_accuracy_level(onnx_dir, 4) == 6 + 2
     assert (onnx_dir / "model.onnx.data").read_bytes() == data
     for name in ("model.onnx", PREFILL_MODEL):
         graph = onnx.load(str(onnx_dir / name))

@@ -383,23 +383,24 @@ def _offset_product(
 
 
 def _gather_nodes(g: Graph, node: Any, blocks: Blocks) -> list[Any]:
-    """An embedding Gather over a Q8_0 table [V, D] as int8 rows times their block scales."""
+    """A Gather of rows [N, S] from a Q8_0 table [V, D] (the embedding, the output projection's
+    rescored rows) as int8 rows times their block scales; Gathers of one table share them."""
     from onnx import TensorProto, helper
 
     vocab, nblocks, _ = blocks.codes.shape
-    base = node.name or node.output[0]
-    table = (blocks.codes.astype(np.int16) - 128).astype(np.int8)
-    ids = node.input[1]
+    base, ids = node.name or node.output[0], node.input[1]
+    codes, scales = f"{node.input[0]}.q8.codes", f"{node.input[0]}.q8.scales"
+    if codes not in g.inits:
+        g.add_init(codes, (blocks.codes.astype(np.int16) - 128).astype(np.int8))
+        g.add_init(scales, blocks.scales.reshape(vocab, nblocks, 1))
     return [
-        helper.make_node(
-            "Gather", [g.add_init(f"{base}.q8.codes", table), ids], [f"{base}/codes"], name=f"{base}/Codes"
-        ),
+        helper.make_node("Gather", [codes, ids], [f"{base}/codes"], name=f"{base}/Codes"),
         helper.make_node(
             "Cast", [f"{base}/codes"], [f"{base}/codes_f"], name=f"{base}/Cast", to=TensorProto.FLOAT
         ),
         helper.make_node(
             "Gather",
-            [g.add_init(f"{base}.q8.scales", blocks.scales.reshape(vocab, nblocks, 1)), ids],
+            [scales, ids],
             [f"{base}/scales"],
             name=f"{base}/Scales",
         ),
@@ -444,15 +445,17 @@ def encode_model(
     """Rewrites `model` (an onnx.ModelProto with its weights loaded) in place; counts what was encoded.
 
     `prefill` leaves in fp32 the layers' matrices whose codes are wider than 4 bits (two products
-    each): the prefill graph's choice. The embedding and the output projection (a MatMul as wide as
-    the embedding table is long, run on the last position only) are encoded in any case.
+    each): the prefill graph's choice. The embedding is encoded in any case. The output projection is
+    first read at 4 bits with its likeliest tokens' logits computed exactly from the table's rows
+    (flywheel_model.output_projection), and those rows are the embedding's blocks too.
     """
     from onnx import helper
 
+    from flywheel_model.output_projection import rescore_output_projection
+
+    counts = rescore_output_projection(model)
     g = Graph(model)
     producers = {out: n for n in g.graph.node for out in n.output}
-    lengths = vocabularies(g, producers) if prefill else set()
-    counts: Counter[str] = Counter()
     new_nodes: list[Any] = []
     for node in g.graph.node:
         replaced: list[Any] | None = None
@@ -460,7 +463,7 @@ def encode_model(
             weight = g.array(node.input[1])
             width = weight.shape[1] if weight is not None and weight.ndim == 2 else None
             blocks = index.find(weight.T) if weight is not None and width is not None else None
-            if blocks is not None and prefill and blocks.bits > 4 and width not in lengths:
+            if blocks is not None and prefill and blocks.bits > 4:
                 counts[PREFILL_FP32] += 1
                 blocks = None
             else:
@@ -527,8 +530,8 @@ def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1)
     The prefill graph keeps those matrices in fp32: a prompt multiplies each weight by hundreds of
     positions, where an fp32 product is compute-bound and faster than the two 4-bit products such a
     matrix takes (measured 1.7x the prefill time with Gemma 3's Q5_0 and Q6_K), while decoding one
-    position a step is bound by reading the weights, where the blocks win. 4-bit matrices, the
-    embedding and the output projection (run on the last position only) are blocks in both.
+    position a step is bound by reading the weights, where the blocks win. 4-bit matrices and the
+    embedding are blocks in both, and both rescore the output projection (encode_model).
     """
     import onnx
 

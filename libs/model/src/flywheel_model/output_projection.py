@@ -89,7 +89,6 @@ def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[s
         hidden, vocabulary = weight.shape
         top = min(rescored, vocabulary)
         a, base = node.input[0], node.name or node.output[0]
-        axis = g.add_init(f"{base}.last_axis", np.array([-1], np.int64))
         new_nodes += [
             helper.make_node(
                 "MatMulNBits",
@@ -115,14 +114,31 @@ def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[s
                 name=f"{base}/TopK",
                 axis=-1,
             ),
-            # [..., rescored, hidden] rows times the hidden state as a column: [..., rescored, 1].
-            helper.make_node("Gather", [table, f"{base}/top"], [f"{base}/rows"], name=f"{base}/Rows", axis=0),
-            helper.make_node("Unsqueeze", [a, axis], [f"{base}/column"], name=f"{base}/Column"),
+            # The rows [N, rescored, hidden] of the N = batch x positions rows' top tokens (indices of
+            # rank 2, as an embedding's: a GGUF encoding reads them as its int8 rows), times each
+            # row's hidden state as a column [N, hidden, 1].
             helper.make_node(
-                "MatMul", [f"{base}/rows", f"{base}/column"], [f"{base}/exact_column"], name=f"{base}/Exact"
+                "Reshape",
+                [f"{base}/top", g.add_init(f"{base}.top_shape", np.array([-1, top], np.int64))],
+                [f"{base}/top_rows"],
+                name=f"{base}/TopRows",
+            ),
+            helper.make_node("Gather", [table, f"{base}/top_rows"], [f"{base}/rows"], name=f"{base}/Rows"),
+            helper.make_node(
+                "Reshape",
+                [a, g.add_init(f"{base}.column_shape", np.array([-1, hidden, 1], np.int64))],
+                [f"{base}/column"],
+                name=f"{base}/Column",
             ),
             helper.make_node(
-                "Squeeze", [f"{base}/exact_column", axis], [f"{base}/exact"], name=f"{base}/Squeeze"
+                "MatMul", [f"{base}/rows", f"{base}/column"], [f"{base}/exact_rows"], name=f"{base}/Exact"
+            ),
+            helper.make_node("Shape", [f"{base}/top"], [f"{base}/top_shape"], name=f"{base}/TopShape"),
+            helper.make_node(
+                "Reshape",
+                [f"{base}/exact_rows", f"{base}/top_shape"],
+                [f"{base}/exact"],
+                name=f"{base}/ExactShape",
             ),
             helper.make_node(
                 "ScatterElements",

@@ -167,8 +167,9 @@ class ExportOptions:
     @property
     def rescored_projection(self) -> bool:
         """Whether the output projection is read at 4 bits with the likeliest tokens' logits computed
-        exactly (flywheel_model.output_projection): the fp32 CPU export's last step."""
-        return self.precision == "fp32" and self.provider == "cpu"
+        exactly (flywheel_model.output_projection): the fp32 CPU export's last step, and part of
+        the GGUF blocks' encoding."""
+        return self.provider == "cpu" and (self.precision == "fp32" or self.gguf_blocks)
 
     @property
     def accuracy_level(self) -> int:
