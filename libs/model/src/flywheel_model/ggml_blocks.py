@@ -38,6 +38,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from flywheel_model.onnx_graph import Graph, drop_unused, pack_nibbles, save_model
+from flywheel_model.output_projection import rescore_output_projection
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["q4_1", "q5_0", "q8_0", "q4_k", "q6_k"]
@@ -139,11 +142,6 @@ def parse_blocks(raw: np.ndarray, kind: Kind) -> BlockRows:
     raise ValueError(f"unknown block kind {kind}")
 
 
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """[..., B] codes 0..15 -> [..., B/2] bytes as MatMulNBits reads them (element 2i low, 2i+1 high)."""
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-
-
 def _row_key(row: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
 
@@ -236,31 +234,6 @@ def _chunks(rows: BlockRows, size: int = 4096) -> Iterator[tuple[int, np.ndarray
     """(first row, fp32 values) of `size` rows at a time: Gemma's embedding is 671 MB in fp32."""
     for start in range(0, len(rows.codes), size):
         yield start, rows.take(slice(start, start + size)).dequantize()
-
-
-class Graph:
-    """Small helper to add nodes and initializers with unique names."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.inits = {i.name: i for i in self.graph.initializer}
-        # Block sums already computed, by activation and block size: MatMuls that read the same
-        # input share them.
-        self.block_sums: dict[tuple[str, int], str] = {}
-
-    def add_init(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        self.graph.initializer.append(numpy_helper.from_array(array, name))
-        self.inits[name] = self.graph.initializer[-1]
-        return name
-
-    def array(self, name: str) -> np.ndarray | None:
-        from onnx import numpy_helper
-
-        init = self.inits.get(name)
-        return None if init is None else numpy_helper.to_array(init)
 
 
 @dataclass(frozen=True)
@@ -451,8 +424,6 @@ def encode_model(
     """
     from onnx import helper
 
-    from flywheel_model.output_projection import rescore_output_projection
-
     counts = rescore_output_projection(model)
     g = Graph(model)
     producers = {out: n for n in g.graph.node for out in n.output}
@@ -485,37 +456,6 @@ def encode_model(
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return counts
-
-
-def vocabularies(g: Graph, producers: dict[str, Any]) -> set[int]:
-    """The row counts of the embedding tables Gathers read (an initializer, or the transpose of
-    one), from their shapes."""
-    lengths = set()
-    for node in g.graph.node:
-        if node.op_type != "Gather":
-            continue
-        table = g.inits.get(node.input[0])
-        producer = producers.get(node.input[0])
-        if table is None and producer is not None and producer.op_type == "Transpose":
-            source = g.inits.get(producer.input[0])
-            lengths |= {source.dims[1]} if source is not None and len(source.dims) == 2 else set()
-        elif table is not None and len(table.dims) == 2:
-            lengths.add(table.dims[0])
-    return lengths
-
-
-def drop_unused(g: Graph) -> None:
-    """Removes initializers and nodes (the tied table's Transpose) nothing reads any more."""
-    while True:
-        used = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
-        dead = [n for n in g.graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            g.graph.node.remove(n)
-    keep = [i for i in g.graph.initializer if i.name in used]
-    g.graph.ClearField("initializer")
-    g.graph.initializer.extend(keep)
 
 
 PREFILL_MODEL = "prefill.onnx"
@@ -558,22 +498,6 @@ def encode_onnx_dir(onnx_dir: Path, gguf_path: Path, *, accuracy_level: int = 1)
         dict(prefill_counts),
     )
     return dict(counts)
-
-
-def save_model(model: Any, path: Path) -> None:
-    """`path` and its weights in `<path>.data` (replaced, not appended to)."""
-    import onnx
-
-    data = path.with_name(f"{path.name}.data")
-    data.unlink(missing_ok=True)
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
 
 
 def set_accuracy_level(onnx_dir: Path, level: int) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel_model.ggml_blocks import Graph, drop_unused, pack_nibbles, save_model, vocabularies
+from flywheel_model.onnx_graph import Graph, drop_unused, pack_nibbles, save_model, vocabularies
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +45,33 @@ BLOCK = 32
 RESCORED_PROJECTION = f"int4_rescored_top{RESCORED}"
 
 
-def quantize_rows(table: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_rows(
+    table: np.ndarray, block: int = BLOCK, chunk: int = 8192
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`table` [N, K] as MatMulNBits' 4-bit inputs: packed codes [N, K/block, block/2], scales
     [N·K/block] and packed uint8 zero points, each block's minimum to maximum over 15 steps
-    (K is zero-padded to whole blocks)."""
+    (K is zero-padded to whole blocks). `chunk` rows at a time, so that Gemma's 262,144-row table
+    takes a few temporary copies of 8,192 rows, not of itself."""
     n, k = table.shape
     nblocks = -(-k // block)
-    padded = np.zeros((n, nblocks * block), np.float32)
-    padded[:, :k] = table
-    rows = padded.reshape(n, nblocks, block)
-    low = np.minimum(rows.min(-1), 0)
-    high = np.maximum(rows.max(-1), 0)
-    scales = np.maximum((high - low) / 15, np.finfo(np.float32).tiny).astype(np.float32)
-    zero_points = np.clip(np.round(-low / scales), 0, 15).astype(np.uint8)
-    codes = np.clip(np.round(rows / scales[..., None]) + zero_points[..., None], 0, 15).astype(np.uint8)
-    # Two blocks' zero points a byte, the even block in the low nibble; an odd count pads.
-    zero_points = np.concatenate([zero_points, np.zeros((n, nblocks % 2), np.uint8)], axis=1)
-    return pack_nibbles(codes), scales.ravel(), pack_nibbles(zero_points).ravel()
+    codes = np.empty((n, nblocks, block // 2), np.uint8)
+    scales = np.empty((n, nblocks), np.float32)
+    zero_points = np.zeros((n, nblocks + nblocks % 2), np.uint8)  # an odd count pads a nibble
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        rows = np.zeros((stop - start, nblocks * block), np.float32)
+        rows[:, :k] = table[start:stop]
+        rows = rows.reshape(-1, nblocks, block)
+        low = np.minimum(rows.min(-1), 0)
+        step = np.maximum((np.maximum(rows.max(-1), 0) - low) / 15, np.finfo(np.float32).tiny)
+        zero = np.clip(np.round(-low / step), 0, 15)
+        codes[start:stop] = pack_nibbles(
+            np.clip(np.round(rows / step[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+        )
+        scales[start:stop] = step
+        zero_points[start:stop, :nblocks] = zero
+    # Two blocks' zero points a byte, the even block in the low nibble.
+    return codes, scales.ravel(), pack_nibbles(zero_points).ravel()
 
 
 def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[str]:
