@@ -109,50 +109,24 @@ def projection_model(table: np.ndarray, rescored: int | None) -> Any:
     return model
 
 
-def approximate(table: np.ndarray, states: np.ndarray) -> Iterator[np.ndarray]:
-    """The 4-bit approximation of every logit of each state, as the served graph computes it."""
+def approximate(table: np.ndarray, states: np.ndarray, rescored: int) -> Iterator[np.ndarray]:
+    """The 4-bit approximation of every logit of each state: the served graph's own tensor."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    from flywheel_model.output_projection import BLOCK, quantize_rows
-
-    vocabulary, hidden = table.shape
-    codes, scales, zero_points = quantize_rows(table)
-    node = helper.make_node(
-        "MatMulNBits",
-        ["x", "codes", "scales", "zero_points"],
-        ["y"],
-        domain="com.microsoft",
-        K=hidden,
-        N=vocabulary,
-        bits=4,
-        block_size=BLOCK,
-        accuracy_level=4,
-    )
-    graph = helper.make_graph(
-        [node],
-        "approximation",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", vocabulary])],
-        [
-            numpy_helper.from_array(codes, "codes"),
-            numpy_helper.from_array(scales, "scales"),
-            numpy_helper.from_array(zero_points, "zero_points"),
-        ],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    )
+    model = projection_model(table, rescored)
+    model.graph.output.append(helper.make_tensor_value_info("logits/approximate", TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.zeros((1, 1), np.int64)
     # One row at a time, as a decode step of one sequence runs it.
-    for row in states:
-        yield session.run(None, {"x": row[None]})[0][0]
+    for state in states:
+        yield session.run(["logits/approximate"], {"x": state[None, None], "ids": ids})[0][0, 0]
 
 
 def ranks(table: np.ndarray, states: np.ndarray, chosen: np.ndarray, rescored: int) -> dict[str, Any]:
     """Where the approximation ranks fp32's likeliest token and its four likeliest, step by step
     (a token's rank: how many tokens the approximation puts above it)."""
-    approx = approximate(table, states)
+    approx = approximate(table, states, rescored)
     first_rank, top4_rank, best, error = [], [], [], 0.0
     for state, row in zip(states, approx, strict=True):
         exact = table @ state

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from flywheel_model.onnx_graph import Graph, drop_unused, pack_nibbles, save_model
+from flywheel_model.onnx_graph import Graph, pack_nibbles, replace_nodes, save_model
 from flywheel_model.output_projection import rescore_output_projection
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,6 @@ def encode_model(
     first read at 4 bits with its likeliest tokens' logits computed exactly from the table's rows
     (flywheel_model.output_projection), and those rows are the embedding's blocks too.
     """
-    from onnx import helper
 
     counts = rescore_output_projection(model)
     g = Graph(model)
@@ -450,11 +449,7 @@ def encode_model(
                 if blocks is not None and encodable:
                     replaced = _gather_nodes(g, node, blocks)
         new_nodes.extend(replaced if replaced is not None else [node])
-    g.graph.ClearField("node")
-    g.graph.node.extend(new_nodes)
-    drop_unused(g)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    replace_nodes(g, new_nodes)
     return counts
 
 

@@ -70,6 +70,18 @@ def drop_unused(g: Graph) -> None:
     g.graph.initializer.extend(keep)
 
 
+def replace_nodes(g: Graph, nodes: list[Any]) -> None:
+    """Makes `nodes` the graph's, drops what nothing reads any more, and declares the
+    com.microsoft domain (MatMulNBits) where it was not."""
+    from onnx import helper
+
+    g.graph.ClearField("node")
+    g.graph.node.extend(nodes)
+    drop_unused(g)
+    if not any(o.domain == "com.microsoft" for o in g.model.opset_import):
+        g.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def save_model(model: Any, path: Path) -> None:
     """`path` and its weights in `<path>.data` (replaced, not appended to)."""
     import onnx

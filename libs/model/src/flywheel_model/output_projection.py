@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel_model.onnx_graph import Graph, drop_unused, pack_nibbles, save_model, vocabularies
+from flywheel_model.onnx_graph import Graph, pack_nibbles, replace_nodes, save_model, vocabularies
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +161,7 @@ def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[s
         counts[f"output_projection_int4_rescored_top{top}"] += 1
     if not counts:
         return counts
-    g.graph.ClearField("node")
-    g.graph.node.extend(new_nodes)
-    drop_unused(g)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    replace_nodes(g, new_nodes)
     return counts
 
 
