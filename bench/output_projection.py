@@ -31,12 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def hidden_states(
-    model_dir: Path, datasets: list[str], questions: int, steps: int
+    model: Any, model_dir: Path, datasets: list[str], questions: int, steps: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The final hidden state of each greedy step over the datasets' gate prompts, the model's own
     likeliest token at each, and the number of prompts."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from flywheel_eval.dataset import load_dataset
     from flywheel_model.engine import AnswerEngine, EngineSettings
@@ -51,7 +50,6 @@ def hidden_states(
             text, title = html_to_text(data.pages[item.page])
             prompts.append(engine.prepare(text, title, item.question, steps).token_ids)
     engine.close()
-    model = AutoModelForCausalLM.from_pretrained(model_dir / "hf", dtype=torch.float32).eval()
     states, chosen = [], []
     with torch.no_grad():
         for ids in prompts:
@@ -67,14 +65,6 @@ def hidden_states(
                     output_hidden_states=True,
                 )
     return np.stack(states), np.array(chosen), len(prompts)
-
-
-def output_table(model_dir: Path) -> np.ndarray:
-    """The `[vocabulary, hidden]` table the served graph's output projection rescores from."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir / "hf")
-    return model.get_output_embeddings().weight.detach().numpy().astype(np.float32)
 
 
 def projection_model(table: np.ndarray, rescored: int | None) -> Any:
@@ -206,13 +196,18 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from transformers import AutoModelForCausalLM
 
     from flywheel_model.prepare import ExportOptions, ensure_prepared, resolve_source
 
     torch.set_num_threads(args.threads)
     model_dir = ensure_prepared(resolve_source(args.base_model), ExportOptions(), None, force=False)
-    table = output_table(model_dir)
-    states, chosen, prompts = hidden_states(model_dir, args.datasets.split(","), args.questions, args.steps)
+    model = AutoModelForCausalLM.from_pretrained(model_dir / "hf", dtype=torch.float32).eval()
+    # The `[vocabulary, hidden]` table the served graph's output projection rescores from.
+    table = model.get_output_embeddings().weight.detach().numpy().astype(np.float32)
+    states, chosen, prompts = hidden_states(
+        model, model_dir, args.datasets.split(","), args.questions, args.steps
+    )
     rank = {"prompts": prompts, **ranks(table, states, chosen, args.rescored)}
     cost = timings(table, args.rescored, args.threads, args.seconds)
 

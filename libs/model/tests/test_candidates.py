@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from flywheel_model.candidates import choose, continues, nearness
+from flywheel_model.candidates import Passages, choose, continues, nearness
 
-PASSAGES = [
-    "The first patches that removed the global lock came from Greg Stein for release 1.5. "
-    "Adam Olsen later wrote another attempt.",
-    "Tools: the manual is built with Sphinx; its sources are written in reStructuredText.",
-]
+PASSAGES = Passages.of(
+    [
+        "The first patches that removed the global lock came from Greg Stein for release 1.5. "
+        "Adam Olsen later wrote another attempt.",
+        "Tools: the manual is built with Sphinx; its sources are written in reStructuredText.",
+    ]
+)
 
 
 def test_the_answer_said_among_the_questions_words_wins_over_a_likelier_one() -> None:
@@ -39,7 +41,7 @@ def test_an_empty_answer_loses_to_any_other_and_one_answer_is_given_as_it_is() -
     assert nearness("Which patches were for 1.5?", "Adam Olsen", PASSAGES) == 0.0
     # Case and punctuation aside, words match whole: "Stein" is not "Steinway".
     assert nearness("Who wrote the patches?", "greg stein", PASSAGES) > 0
-    assert nearness("Who wrote the patches?", "Stein", ["Steinway wrote the patches."]) == 0.0
+    assert nearness("Who wrote the patches?", "Stein", Passages.of(["Steinway wrote the patches."])) == 0.0
 
 
 def test_a_candidate_continues_while_a_passage_says_its_words_in_a_row() -> None:

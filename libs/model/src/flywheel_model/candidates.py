@@ -48,11 +48,7 @@ class Passages:
         )
 
 
-def _split(passages: Passages | Sequence[str]) -> Passages:
-    return passages if isinstance(passages, Passages) else Passages.of(passages)
-
-
-def nearness(question: str, answer: str, passages: Passages | Sequence[str]) -> float:
+def nearness(question: str, answer: str, passages: Passages) -> float:
     """The largest share of the question's content words in a passage sentence that says `answer`
     word for word (the answer's own words aside); 0 when no sentence says it."""
     asked = {w[:PREFIX] for w in words(question) if w not in _STOP}
@@ -60,7 +56,7 @@ def nearness(question: str, answer: str, passages: Passages | Sequence[str]) -> 
     if not asked or not said:
         return 0.0
     best = 0.0
-    for text in _split(passages).sentences:
+    for text in passages.sentences:
         for start in range(len(text) - len(said) + 1):
             if text[start : start + len(said)] == said:
                 rest = text[:start] + text[start + len(said) :]
@@ -68,15 +64,14 @@ def nearness(question: str, answer: str, passages: Passages | Sequence[str]) -> 
     return best
 
 
-def continues(answer: str, passages: Passages | Sequence[str]) -> bool:
+def continues(answer: str, passages: Passages) -> bool:
     """Whether a passage says `answer` so far: its words in a row, the last one possibly cut short."""
     said = " " + " ".join(words(answer))
-    return any(said in run for run in _split(passages).runs)
+    return any(said in run for run in passages.runs)
 
 
-def choose(question: str, passages: Passages | Sequence[str], answers: Sequence[str]) -> int:
+def choose(question: str, passages: Passages, answers: Sequence[str]) -> int:
     """The index of the answer to give among `answers` (the model's order, likeliest first): the
     non-empty one said among the most of the question's words, the earliest on a tie."""
-    split = _split(passages)
-    scores = [nearness(question, answer, split) if answer.strip() else -1.0 for answer in answers]
+    scores = [nearness(question, answer, passages) if answer.strip() else -1.0 for answer in answers]
     return max(range(len(answers)), key=lambda i: (scores[i], -i)) if answers else 0

@@ -92,9 +92,9 @@ def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[s
             continue
         weight = g.array(node.input[1])
         assert weight is not None
-        table = _table(g, producers, weight)
-        if table is None:
-            table = g.add_init(f"{node.input[1]}.rows", np.ascontiguousarray(weight.T))
+        table = _table(g, producers, node.input[1], weight) or g.add_init(
+            f"{node.input[1]}.rows", np.ascontiguousarray(weight.T)
+        )
         codes, scales, zero_points = quantize_rows(weight.T)
         hidden, vocabulary = weight.shape
         top = min(rescored, vocabulary)
@@ -165,25 +165,30 @@ def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[s
     return counts
 
 
-def _table(g: Graph, producers: dict[str, Any], weight: np.ndarray) -> str | None:
-    """The `[vocabulary, hidden]` embedding table holding `weight`'s columns as its rows (a tied
-    model), rewiring a Gather that reads the weight's Transpose to read the table directly: the
+def _table(g: Graph, producers: dict[str, Any], name: str, weight: np.ndarray) -> str | None:
+    """The `[vocabulary, hidden]` embedding table holding the weight `name`'s columns as its rows (a
+    tied model), rewiring a Gather that reads the weight's Transpose to read the table directly: the
     fp32 `[hidden, vocabulary]` weight can then leave the graph."""
+    from onnx import numpy_helper
+
+    rows_shape = list(reversed(weight.shape))
     for node in g.graph.node:
         if node.op_type != "Gather":
             continue
         source = node.input[0]
         producer = producers.get(source)
-        if producer is not None and producer.op_type == "Transpose":
-            transposed = g.array(producer.input[0])
-            if transposed is not None and np.array_equal(transposed, weight):
-                name = f"{producer.input[0]}.rows"
-                if name not in g.inits:
-                    g.add_init(name, np.ascontiguousarray(weight.T))
-                node.input[0] = name
-                return name
-        table = g.array(source)
-        if table is not None and table.shape == weight.T.shape and np.array_equal(table, weight.T):
+        if producer is not None and producer.op_type == "Transpose" and producer.input[0] == name:
+            table = f"{name}.rows"
+            if table not in g.inits:
+                g.add_init(table, np.ascontiguousarray(weight.T))
+            node.input[0] = table
+            return table
+        init = g.inits.get(source)
+        if (
+            init is not None
+            and list(init.dims) == rows_shape
+            and np.array_equal(numpy_helper.to_array(init), weight.T)
+        ):
             return source
     return None
 
