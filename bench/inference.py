@@ -10,8 +10,11 @@ instead), and `--service-variant` picks the model the service is measured with (
 are measured one after the other). A `-stacked` variant (e.g. `onnx-fp32-stacked`) decodes with the
 cache stacked and copied into a new present every step instead of shared in place
 (`ORT__SHARED_CACHE=false`); a `-noprefix` variant prefills every prompt from its start instead of
-after the prefix all prompts share (`ORT__PREFIX_CACHE=false`); a `-greedy` service variant answers
-with one candidate instead of choosing among `LIMITS__ANSWER_CANDIDATES` (docs/quality.md).
+after the prefix all prompts share (`ORT__PREFIX_CACHE=false`); a `-nodrafts` variant decodes one
+token a step instead of checking tokens drafted from the prompt (`ORT__DRAFTS=false`); a `-greedy`
+service variant answers with one candidate instead of choosing among `LIMITS__ANSWER_CANDIDATES`
+(docs/quality.md). Suffixes combine (`onnx-fp32-nodrafts-greedy`). `llamacpp-lookup` is llama.cpp
+with llama-cpp-python's own drafts from the prompt (LlamaPromptLookupDecoding).
 `--batches 1,4,16` adds each ONNX variant's decode speed with that many sequences decoding together.
 
     uv run python bench/inference.py [--split gate] [--questions 50] [--new-tokens 48] [--json out.json]
@@ -161,11 +164,22 @@ def worker_eager(
     return results[1:]
 
 
-def onnx_variant(variant: str) -> tuple[str, str]:
-    """`onnx-<precision>[-<provider>][-unbound|-stacked|-noprefix|-greedy]` -> (precision, provider)."""
-    for suffix in ("-greedy", "-noprefix", "-stacked", "-unbound"):
+SUFFIXES = ("-unbound", "-stacked", "-noprefix", "-nodrafts", "-greedy")
+
+
+def variant_suffixes(variant: str) -> tuple[str, set[str]]:
+    """`onnx-fp32-nodrafts-greedy` -> ("onnx-fp32", {"-nodrafts", "-greedy"})."""
+    found: set[str] = set()
+    while suffix := next((s for s in SUFFIXES if variant.endswith(s)), None):
         variant = variant.removesuffix(suffix)
-    parts = variant.split("-")
+        found.add(suffix)
+    return variant, found
+
+
+def onnx_variant(variant: str) -> tuple[str, str]:
+    """`onnx-<precision>[-<provider>][-unbound|-stacked|-noprefix|-nodrafts|-greedy…]` -> (precision,
+    provider)."""
+    parts = variant_suffixes(variant)[0].split("-")
     return parts[1], parts[2] if len(parts) > 2 else "cpu"
 
 
@@ -212,15 +226,17 @@ def worker_onnx(
     from flywheel_model.runtime import Decoder, OrtSettings
 
     precision, provider = onnx_variant(variant)
+    suffixes = variant_suffixes(variant)[1]
     onnx_dir = default_model_dir(resolve_source(base_model), ExportOptions(precision, provider)) / "onnx"
     decoder = Decoder(
         onnx_dir,
         OrtSettings(
             provider=provider,
             intra_op_threads=threads,
-            io_binding="off" if variant.endswith("-unbound") else "auto",
-            shared_cache=not variant.endswith("-stacked"),
-            prefix_cache=not variant.endswith("-noprefix"),
+            io_binding="off" if "-unbound" in suffixes else "auto",
+            shared_cache="-stacked" not in suffixes,
+            prefix_cache="-noprefix" not in suffixes,
+            drafts="-nodrafts" not in suffixes,
         ),
     )
     decoder.cache_prefix(prefix)  # as the service's engine does (the tokenizer stays in the parent)
@@ -280,10 +296,12 @@ def gpu_memory_mb() -> float | None:
 
 
 def worker_llamacpp(
-    prompts: list[dict[str, Any]], new_tokens: int, threads: int, gguf: str
+    prompts: list[dict[str, Any]], new_tokens: int, threads: int, gguf: str, lookup: bool
 ) -> list[dict[str, Any]]:
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
+    if lookup:
+        return _llamacpp_lookup(prompts, new_tokens, threads, gguf)
     llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, logits_all=False)
     eos = {llm.token_eos()}
     results = []
@@ -302,14 +320,56 @@ def worker_llamacpp(
     return results[1:]
 
 
+def _llamacpp_lookup(
+    prompts: list[dict[str, Any]], new_tokens: int, threads: int, gguf: str
+) -> list[dict[str, Any]]:
+    """llama.cpp drafting from the prompt as llama-cpp-python does it. Its drafts need every
+    position's logits, the prompt's too, which costs its time to first token (and `logits_all` must
+    be given: without it llama-cpp-python 0.3 keeps the logits of one batch, and a prompt longer than
+    one fails)."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # type: ignore[import-not-found]
+
+    llm = Llama(
+        model_path=gguf,
+        n_ctx=2048,
+        n_threads=threads,
+        n_batch=512,
+        verbose=False,
+        logits_all=True,
+        draft_model=LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=4),
+    )
+    eos = {llm.token_eos()}
+    results = []
+    for prompt in [prompts[0], *prompts]:
+        started = time.perf_counter()
+        stamps, tokens = [], []
+        for token in llm.generate(prompt["ids"], temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            tokens.append(int(token))
+            if token in eos or len(tokens) >= new_tokens:
+                break
+        decoded = len(tokens) - 1
+        results.append(
+            {
+                "tokens": [t for t in tokens if t not in eos],
+                "ttft_s": stamps[0] - started,
+                "decode_tok_s": decoded / (stamps[-1] - stamps[0]) if decoded else 0.0,
+            }
+        )
+    return results[1:]
+
+
 def worker_main(args: argparse.Namespace) -> None:
     shared = json.loads(Path(args.prompts).read_text())
     prompts = shared["prompts"]
     by_batch: dict[str, float] = {}
     if args.worker == "eager":
         results = worker_eager(prompts, args.new_tokens, args.threads, args.base_model)
-    elif args.worker == "llamacpp":
-        results = worker_llamacpp(prompts, args.new_tokens, args.threads, args.gguf)
+    elif args.worker.startswith("llamacpp"):
+        results = worker_llamacpp(
+            prompts, args.new_tokens, args.threads, args.gguf, lookup=args.worker == "llamacpp-lookup"
+        )
     else:
         batches = [int(b) for b in args.batches.split(",") if b]
         results, by_batch = worker_onnx(
@@ -341,13 +401,15 @@ def throughput(
     from flywheel_cli.local.kafka_broker import free_port
 
     port = free_port()
+    suffixes = variant_suffixes(variant)[1]
     env = {
         **os.environ,
         "FLYWHEEL_INFERENCE_MODEL_DIR": str(onnx_dir),
         "FLYWHEEL_INFERENCE_ORT__PROVIDER": onnx_variant(variant)[1],
-        "FLYWHEEL_INFERENCE_ORT__SHARED_CACHE": str(not variant.endswith("-stacked")).lower(),
-        "FLYWHEEL_INFERENCE_ORT__PREFIX_CACHE": str(not variant.endswith("-noprefix")).lower(),
-        **({"FLYWHEEL_INFERENCE_LIMITS__ANSWER_CANDIDATES": "1"} if variant.endswith("-greedy") else {}),
+        "FLYWHEEL_INFERENCE_ORT__SHARED_CACHE": str("-stacked" not in suffixes).lower(),
+        "FLYWHEEL_INFERENCE_ORT__PREFIX_CACHE": str("-noprefix" not in suffixes).lower(),
+        "FLYWHEEL_INFERENCE_ORT__DRAFTS": str("-nodrafts" not in suffixes).lower(),
+        **({"FLYWHEEL_INFERENCE_LIMITS__ANSWER_CANDIDATES": "1"} if "-greedy" in suffixes else {}),
         "FLYWHEEL_INFERENCE_KAFKA_ENABLED": "false",
         "FLYWHEEL_INFERENCE_GRPC__PORT": str(port),
         "FLYWHEEL_INFERENCE_METRICS__PORT": "0",
@@ -508,7 +570,7 @@ def main() -> None:
     measured: dict[str, dict[str, Any]] = {}
     for variant in variants:
         python = sys.executable
-        if variant == "llamacpp":
+        if variant.startswith("llamacpp"):
             if not Path(args.llama_python).exists():
                 print("llamacpp: skipped (no --llama-python with llama-cpp-python; see docs/inference.md)")
                 continue

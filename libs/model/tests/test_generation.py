@@ -6,12 +6,13 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from flywheel_model.engine import AnswerEngine, EngineSettings
-from flywheel_model.generation import BatchGenerator, Sampler, SamplingParams, Sequence
+from flywheel_model.generation import BatchGenerator, Sampler, SamplingParams, Sequence, draft
 from flywheel_model.prompt import PromptTooLong
 from flywheel_model.runtime import Decoder, OrtSettings, SharedCache, release_memory, select_rows, stack_kv
 
@@ -29,6 +30,18 @@ def test_seeded_sampling_is_reproducible_and_top_p_truncates() -> None:
     assert draws == [draws[0]] * 5  # a fresh sampler with the same seed draws the same
     sampler = Sampler(params)
     assert {sampler(logits) for _ in range(50)} == {0}  # top-p 0.5 keeps only the 0.6 token
+
+
+def test_a_draft_copies_what_followed_the_last_tokens_latest_earlier_occurrence() -> None:
+    #        0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 8, 9, 6, 7, 1, 2, 6, 7]
+    assert draft(tokens, 3) == [1, 2, 6]  # "6 7" last occurred at 5, "8 9" followed it at 1
+    assert draft(tokens, 1) == [1]
+    assert draft([*tokens[:-1], 3, 9], 4) == [6, 7, 1, 2]  # only "9" occurs earlier
+    assert draft([5, 6, 7, 3], 4) == []  # nothing earlier ends like it
+    assert draft([4, 4], 4) == [4] and draft([4], 4) == []
+    # Longer runs count first: "1 2 3" once said "9", though "2 3" later said "8".
+    assert draft([1, 2, 3, 9, 2, 3, 8, 1, 2, 3], 1) == [9]
 
 
 def test_stack_and_select_rows_keep_each_sequence_intact() -> None:
@@ -75,6 +88,46 @@ def test_batched_decoding_equals_one_at_a_time(onnx_model_dir: Path, generate: G
     batched_generator.close()
     assert batched == sequential
     assert all(len(tokens) == 12 for tokens in batched)
+
+
+@pytest.mark.integration
+def test_drafted_tokens_checked_in_one_step_give_the_greedy_answer(
+    onnx_model_dir: Path, generate: Generate
+) -> None:
+    drafting = Decoder(onnx_model_dir, OrtSettings())
+    plain = Decoder(onnx_model_dir, OrtSettings(drafts=False))
+    assert drafting.drafts == 7 and plain.drafts == 0
+    steps = {"check": 0, "checked": 0}
+    check = drafting.check
+
+    def counted(tokens: list[int], length: int, cache: Any) -> np.ndarray:
+        steps["check"] += 1
+        steps["checked"] += len(tokens)
+        return check(tokens, length, cache)
+
+    drafting.check = counted  # type: ignore[method-assign]
+    rng = np.random.default_rng(5)
+    # A run of tokens said three times (the model goes on copying it: drafts hold), and prompts with
+    # little to copy; bounds that end a sequence inside a step's drafts.
+    repeated = list(rng.integers(100, 40000, 25)) * 3
+    prompts = [repeated, list(rng.integers(100, 40000, 60)), repeated[:40]]
+    bounds = [30, 12, 3]
+    outputs = []
+    for decoder in (plain, drafting):
+        alone = BatchGenerator(decoder, max_batch=1)
+        outputs.append([generate(alone, [p], b)[0] for p, b in zip(prompts, bounds, strict=True)])
+        alone.close()
+    assert outputs[1] == outputs[0]
+    assert [len(tokens) for tokens in outputs[1]] == bounds
+    # The repeated run was answered in fewer steps than tokens.
+    assert steps["check"] and steps["checked"] > 2 * steps["check"]
+    # Together, sequences decode a token a step; a sequence left alone drafts again.
+    together = BatchGenerator(drafting, max_batch=4)
+    assert generate(together, prompts, bounds) == outputs[0]
+    together.close()
+    cache = drafting.new_cache(2)
+    with pytest.raises(ValueError, match="1 to 8 tokens of one sequence"):
+        check([1] * 9, 0, cache)
 
 
 @pytest.mark.integration

@@ -9,6 +9,13 @@ prefilled once, each of the likeliest first tokens starts a row of its own in th
 goes on greedily (the others only while the sequence's `follows` accepts their tokens), and when
 all have ended the sequence's `choose` picks one of the finished ones, whose tokens are then
 emitted. Row 0 starts with the likeliest token, so it is the greedy answer.
+
+Drafts: an answer copies much of its page, and a step that feeds a few tokens costs little more than
+one that feeds one (the weights are read once either way). So while a greedy sequence decodes alone,
+each step also feeds the tokens that followed its last few tokens where they occur earlier in its
+prompt or answer (`draft`), checks every one against the logits before it, and emits each one they
+agree with and the token after the last of those: the greedy answer, in fewer steps
+(Decoder.check; docs/inference.md, "Drafts").
 """
 
 from __future__ import annotations
@@ -25,6 +32,27 @@ import numpy as np
 from flywheel_model.runtime import KV, Decoder
 
 log = logging.getLogger(__name__)
+
+# The longest run of last tokens a draft looks for earlier in the sequence.
+DRAFT_NGRAM = 3
+# Tokens drafted at most per step (fewer where the graph checks fewer: Decoder.drafts).
+DRAFT_TOKENS = 4
+
+
+def draft(tokens: list[int] | np.ndarray, limit: int, ngram: int = DRAFT_NGRAM) -> list[int]:
+    """Up to `limit` tokens that followed the latest earlier occurrence of the last n `tokens`, for
+    the longest n up to `ngram` that occurs earlier; none where not even the last token does."""
+    seq = np.asarray(tokens)
+    for n in range(min(ngram, len(seq) - 1), 0, -1):
+        # Starts i < len - n whose n tokens are the last n.
+        hits = np.ones(len(seq) - n, dtype=bool)
+        for j in range(n):
+            hits &= seq[j : len(seq) - n + j] == seq[len(seq) - n + j]
+        found = np.flatnonzero(hits)
+        if found.size:
+            start = int(found[-1]) + n
+            return [int(t) for t in seq[start : start + limit]]
+    return []
 
 
 @dataclass(frozen=True)
@@ -317,25 +345,57 @@ class BatchGenerator:
         self._active.append(seq)
 
     def _step(self) -> None:
+        if len(self._active) == 1:
+            drafts = self._drafts(self._active[0])
+            if drafts:
+                self._check(self._active[0], drafts)
+                return
         tokens = np.asarray([s.generated[-1] for s in self._active], dtype=np.int64)
         lengths = np.asarray([s.length for s in self._active], dtype=np.int64)
         logits = self.decoder.decode(tokens, lengths, self._cache)
-        keep: list[int] = []
-        for row, seq in enumerate(self._active):
-            seq.length += 1
-            reason = seq.should_stop()
-            if reason is None:
-                assert seq.sampler is not None
-                try:
-                    reason = self._emit(seq, seq.sampler(logits[row]))
-                except Exception as exc:  # sampling this row failed: this sequence ends alone
-                    log.exception("sampling a sequence failed")
-                    self._finish(seq, "error", exc)
-                    continue
-            if reason:
-                self._finish(seq, reason)
-            else:
-                keep.append(row)
+        keep = [row for row, seq in enumerate(self._active) if self._advance(seq, logits[row])]
         if len(keep) < len(self._active):
             order = self._cache.keep(keep, [s.length for s in self._active])
             self._active = [self._active[r] for r in order]
+
+    def _advance(self, seq: Sequence, logits: np.ndarray) -> bool:
+        """Counts the step's token into the sequence's cache and emits the next, sampled from
+        `logits`; whether the sequence goes on."""
+        seq.length += 1
+        reason = seq.should_stop()
+        if reason is None:
+            assert seq.sampler is not None
+            try:
+                reason = self._emit(seq, seq.sampler(logits))
+            except Exception as exc:  # sampling this row failed: this sequence ends alone
+                log.exception("sampling a sequence failed")
+                self._finish(seq, "error", exc)
+                return False
+        if reason:
+            self._finish(seq, reason)
+            return False
+        return True
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        """Tokens to check after a greedy sequence's last one, within its token and context limits."""
+        limit = min(
+            DRAFT_TOKENS,
+            self.decoder.drafts,
+            seq.params.max_new_tokens - len(seq.generated) - 1,
+            self.decoder.spec.context_length - seq.length - 2,
+        )
+        if limit <= 0 or seq.params.temperature > 0.0:
+            return []
+        return draft(seq.prompt_ids + seq.generated, limit)
+
+    def _check(self, seq: Sequence, drafts: list[int]) -> None:
+        """One step of the sequence alone with its drafts: emits the tokens its logits agree with
+        and the next one after them."""
+        logits = self.decoder.check([seq.generated[-1], *drafts], seq.length, self._cache)
+        for i, row in enumerate(logits):
+            if not self._advance(seq, row):
+                self._active = []
+                self._cache.clear()
+                return
+            if i == len(drafts) or seq.generated[-1] != drafts[i]:
+                return

@@ -39,6 +39,16 @@ class Graph:
         return None if init is None else numpy_helper.to_array(init)
 
 
+def constant(g: Graph, producers: dict[str, Any], name: str) -> np.ndarray | None:
+    """The value of `name` where it is fixed: an initializer's, or a Constant node's."""
+    from onnx import numpy_helper
+
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        return next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None)
+    return g.array(name)
+
+
 def vocabularies(g: Graph, producers: dict[str, Any]) -> set[int]:
     """The row counts of the embedding tables Gathers read (an initializer, or the transpose of
     one), from their shapes."""

@@ -23,6 +23,10 @@ token far down the list is drawn with a probability off by the factor its approx
 The fp32 `[hidden, vocabulary]` weight leaves the graph (a tied model reads its embedding table
 instead), so the graph is smaller, not larger. Any fp32 graph works: a model prepared from a GGUF, a
 Hugging Face folder or a fine-tuned candidate.
+
+The exporter projects only a run's last position (a Gather of position -1); the rewrite projects
+the last `CHECKED` positions of a run that short instead, so that one decode step can check tokens
+drafted ahead (generation.py, "Drafts"), while a prompt still projects only its last position.
 """
 
 from __future__ import annotations
@@ -34,15 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from flywheel_model.onnx_graph import Graph, pack_nibbles, replace_nodes, save_model, vocabularies
+from flywheel_model.onnx_graph import Graph, constant, pack_nibbles, replace_nodes, save_model, vocabularies
 
 log = logging.getLogger(__name__)
 
 # How many of the approximation's likeliest tokens get their exact logits.
 RESCORED = 64
 BLOCK = 32
+# A run of at most this many positions gets every position's logits; a longer one (a prompt) its last.
+CHECKED = 8
 # The manifest's `export.output_projection` for a graph rewritten here.
-RESCORED_PROJECTION = f"int4_rescored_top{RESCORED}"
+RESCORED_PROJECTION = f"int4_rescored_top{RESCORED}_positions{CHECKED}"
 
 
 def quantize_rows(
@@ -99,6 +105,13 @@ def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[s
         hidden, vocabulary = weight.shape
         top = min(rescored, vocabulary)
         a, base = node.input[0], node.name or node.output[0]
+        last = _last_position(g, producers, a)
+        if last is not None:
+            unsqueeze, source = last
+            at = new_nodes.index(unsqueeze)
+            new_nodes[at : at + 1] = _last_positions(g, source, a, base)
+            _positions_axis(g, {a, node.output[0]})
+            counts[f"output_projection_positions{CHECKED}"] += 1
         new_nodes += [
             helper.make_node(
                 "MatMulNBits",
@@ -163,6 +176,65 @@ def rescore_output_projection(model: Any, rescored: int = RESCORED) -> Counter[s
         return counts
     replace_nodes(g, new_nodes)
     return counts
+
+
+def _last_position(g: Graph, producers: dict[str, Any], name: str) -> tuple[Any, str] | None:
+    """The Unsqueeze that makes `name` of a Gather of position -1 (axis 1) and keeps that axis (the
+    exporter's way to project only a run's last position), and the Gather's input."""
+    unsqueeze = producers.get(name)
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+        return None
+    gather = producers.get(unsqueeze.input[0])
+    if gather is None or gather.op_type != "Gather":
+        return None
+    index, axes = constant(g, producers, gather.input[1]), constant(g, producers, unsqueeze.input[1])
+    axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+    if index is None or index.tolist() != -1 or axis != 1 or axes is None or axes.tolist() != [1]:
+        return None
+    return unsqueeze, gather.input[0]
+
+
+def _last_positions(g: Graph, source: str, out: str, base: str) -> list[Any]:
+    """Nodes that make `out` the last n positions of `source` [batch, positions, hidden]: all of
+    them when there are at most CHECKED, else the last alone."""
+    from onnx import helper
+
+    return [
+        helper.make_node("Shape", [source], [f"{base}/positions"], name=f"{base}/Positions", start=1, end=2),
+        helper.make_node(
+            "LessOrEqual",
+            [f"{base}/positions", g.add_init(f"{base}.checked", np.array([CHECKED], np.int64))],
+            [f"{base}/checks"],
+            name=f"{base}/Checks",
+        ),
+        helper.make_node(
+            "Where",
+            [f"{base}/checks", f"{base}/positions", g.add_init(f"{base}.one", np.array([1], np.int64))],
+            [f"{base}/projected"],
+            name=f"{base}/Projected",
+        ),
+        helper.make_node("Neg", [f"{base}/projected"], [f"{base}/first"], name=f"{base}/First"),
+        helper.make_node(
+            "Slice",
+            [
+                source,
+                f"{base}/first",
+                g.add_init(f"{base}.end", np.array([np.iinfo(np.int64).max], np.int64)),
+                g.add_init(f"{base}.axis", np.array([1], np.int64)),
+            ],
+            [out],
+            name=f"{base}/LastPositions",
+        ),
+    ]
+
+
+def _positions_axis(g: Graph, names: set[str]) -> None:
+    """Declares the position axis of the tensors `names` (the pruned hidden state and the logits,
+    which the exporter declares of one position) variable."""
+    for value in [*g.graph.output, *g.graph.value_info]:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in names and len(dims) == 3:
+            dims[1].dim_param = "positions"
 
 
 def _table(g: Graph, producers: dict[str, Any], name: str, weight: np.ndarray) -> str | None:

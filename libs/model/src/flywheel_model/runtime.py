@@ -17,6 +17,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, Field
 
 from flywheel_model.ggml_blocks import PREFILL_MODEL
+from flywheel_model.output_projection import CHECKED
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ class OrtSettings(BaseModel):
     # On the CPU, prefill the part every prompt starts with (instructions and template, given by
     # Decoder.cache_prefix) once, and each prompt from where it ends. Off: every prompt from its start.
     prefix_cache: bool = True
+    # While one greedy sequence decodes alone, copy the tokens that followed its last words where
+    # they appear earlier (in its prompt or answer) as drafts, and check them in one step
+    # (generation.py, "Drafts"); where the graph and the cache allow it (Decoder.drafts). Off: one
+    # token a step.
+    drafts: bool = True
 
 
 def cuda_device_count() -> int:
@@ -176,6 +182,10 @@ class Decoder:
         self.batches = not on_cuda or settings.cuda_batching
         self.shares_cache = settings.shared_cache and not on_cuda
         self.caches_prefix = settings.prefix_cache and not self.io_bound
+        # Tokens drafted ahead that one step can check (Decoder.check): where the cache is shared in
+        # place and the graph projects a short run's every position (output_projection.CHECKED).
+        positions = self.session.get_outputs()[0].shape[1]
+        self.drafts = CHECKED - 1 if self.shares_cache and settings.drafts and positions != 1 else 0
         self._prefix: tuple[tuple[int, ...], KV] | None = None
         self._device = ("cuda", settings.device_id) if on_cuda else ("cpu", 0)
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -295,13 +305,26 @@ class Decoder:
         if isinstance(cache, SharedCache):
             width = int(lengths.max()) + 1
             cache.reserve(width)
-            return self._run_in_place(ids, _attention_mask(lengths, width), cache)
+            return self._run_in_place(ids, _attention_mask(lengths, width), cache)[:, -1, :]
         assert cache.kv is not None
         logits, cache.kv = self._run(ids, _attention_mask(lengths, kv_width(cache.kv) + 1), cache.kv)
         return logits
 
+    def check(self, tokens: list[int], length: int, cache: BatchCache) -> np.ndarray:
+        """One step for a shared cache of one sequence that holds `length` positions: `tokens` (its
+        last token and up to `drafts` drafted after it) go to positions `length` on, and each one's
+        logits come back [len(tokens), vocab]. A drafted token the logits before it reject leaves
+        its position in the cache, past the sequence's length, where the next step overwrites it."""
+        if not isinstance(cache, SharedCache) or cache.rows != 1 or not 0 < len(tokens) <= self.drafts + 1:
+            raise ValueError(f"a step checks 1 to {self.drafts + 1} tokens of one sequence in a shared cache")
+        width = length + len(tokens)
+        cache.reserve(width)
+        ids = np.asarray([tokens], dtype=np.int64)
+        return self._run_in_place(ids, np.ones((1, width), dtype=np.int64), cache)[0]
+
     def _run_in_place(self, input_ids: np.ndarray, mask: np.ndarray, cache: SharedCache) -> np.ndarray:
-        """One step whose present is bound to the same memory as its past (the cache's rows)."""
+        """One step whose present is bound to the same memory as its past (the cache's rows); the
+        logits of the positions the graph projects [rows, positions, vocab]."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
@@ -312,7 +335,7 @@ class Decoder:
         for name in self._output_names[1:]:
             binding.bind_ortvalue_output(name, rows[self._present_to_past[name]])
         self.session.run_with_iobinding(binding)
-        return np.asarray(binding.get_outputs()[0].numpy(), dtype=np.float32)[:, -1, :]
+        return np.asarray(binding.get_outputs()[0].numpy(), dtype=np.float32)
 
 
 def _attention_mask(lengths: np.ndarray, width: int) -> np.ndarray:
