@@ -228,13 +228,17 @@ def test_the_prefill_graph_keeps_the_layers_in_fp32(tmp_path: Path) -> None:
 
 def test_a_verified_export_switches_to_8_bit_activations_in_place(tmp_path: Path) -> None:
     from flywheel_model.ggml_blocks import PREFILL_MODEL, encode_onnx_dir, set_accuracy_level
+    from flywheel_model.runtime import fp32_activation_blocks
 
     onnx_dir, expected = fp32_export(tmp_path)
     encode_onnx_dir(onnx_dir, tmp_path / "tiny.gguf", accuracy_level=1)
     data = (onnx_dir / "model.onnx.data").read_bytes()
 
+    # Blocks times fp32 activations: a step of several positions costs several (no drafts).
+    assert fp32_activation_blocks(onnx_dir / "model.onnx")
     # The decode graph's products and the prefill's; the approximations are at 4 already.
     assert set_accuracy_level(onnx_dir, 4) == 6 + 2
+    assert not fp32_activation_blocks(onnx_dir / "model.onnx")
     assert (onnx_dir / "model.onnx.data").read_bytes() == data
     for name in ("model.onnx", PREFILL_MODEL):
         graph = onnx.load(str(onnx_dir / name))

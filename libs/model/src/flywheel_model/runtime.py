@@ -153,6 +153,21 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def fp32_activation_blocks(model_path: Path) -> bool:
+    """Whether the graph multiplies 4-bit blocks by fp32 activations (MatMulNBits at accuracy level
+    0 or 1: the `gguf` precision). ONNX Runtime's CPU kernel then takes 2.5x as long for a step of
+    five positions as for one, against 1.6x with fp32 MatMuls or 8-bit activations, and drafts
+    decoded SmolLM2 at 0.86x the speed of a token a step (docs/inference.md, "Drafts")."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return any(
+        node.op_type == "MatMulNBits"
+        and next((a.i for a in node.attribute if a.name == "accuracy_level"), 0) <= 1
+        for node in graph.node
+    )
+
+
 class Decoder:
     """One ONNX decoder session: prefill a prompt, or decode one token for a batch of sequences."""
 
@@ -183,9 +198,13 @@ class Decoder:
         self.shares_cache = settings.shared_cache and not on_cuda
         self.caches_prefix = settings.prefix_cache and not self.io_bound
         # Tokens drafted ahead that one step can check (Decoder.check): where the cache is shared in
-        # place and the graph projects a short run's every position (output_projection.CHECKED).
+        # place, the graph projects a short run's every position (output_projection.CHECKED), and a
+        # step of several positions costs little more than one.
         positions = self.session.get_outputs()[0].shape[1]
-        self.drafts = CHECKED - 1 if self.shares_cache and settings.drafts and positions != 1 else 0
+        drafting = self.shares_cache and settings.drafts and positions != 1
+        self.drafts = (
+            CHECKED - 1 if drafting and not fp32_activation_blocks(self.model_dir / "model.onnx") else 0
+        )
         self._prefix: tuple[tuple[int, ...], KV] | None = None
         self._device = ("cuda", settings.device_id) if on_cuda else ("cpu", 0)
         inputs = {i.name: i for i in self.session.get_inputs()}
