@@ -1,12 +1,14 @@
-"""The local stack's gateway: in front of the four services, the dataset's pages under /demo/, no Kafka."""
+"""The local stack's services and gateway: ports, the gateway in front of the four services, the dataset's pages under /demo/."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
-from flywheel_cli.local.stack import StackConfig, service_specs
+from flywheel_cli.local.kafka_broker import free_port
+from flywheel_cli.local.stack import LocalStack, StackConfig, StackError, service_specs
 from flywheel_common.files import repo_root
 from flywheel_gateway.settings import GatewaySettings
 
@@ -40,3 +42,23 @@ def test_free_ports_and_a_stack_without_the_gateway(tmp_path: Path) -> None:
     assert "FLYWHEEL_GATEWAY_DEMO_PAGES_DIR" not in gateway.env  # a dataset without pages/
     four = service_specs(StackConfig(services=("inference", "feedback", "trainer", "evaluator")))
     assert "gateway" not in {s.name for s in four}
+
+
+def test_a_second_stack_on_taken_ports_stops_before_it_starts_anything(tmp_path: Path) -> None:
+    # gRPC servers bind with SO_REUSEPORT: without the check, a second stack would share the ports.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        ports = [free_port() for _ in range(5)]
+        config = StackConfig(
+            var_dir=tmp_path / "var",
+            grpc_ports=(ports[0], taken, ports[1], ports[2]),
+            metrics_ports=(ports[3], ports[4], free_port(), free_port()),
+            gateway_port=free_port(),
+            gateway_metrics_port=free_port(),
+        )
+        stack = LocalStack(config, echo=lambda line: None)
+        with pytest.raises(StackError, match=rf"{taken} \(feedback\).*--free-ports"):
+            stack.start()
+    assert not stack.running and not (tmp_path / "var" / "logs").exists()

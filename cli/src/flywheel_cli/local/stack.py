@@ -398,8 +398,10 @@ class LocalStack:
         self.initial_state = describe_state(self.config)
         self.echo(f"state: {self.initial_state}")
         try:
+            # Before anything starts: a port in use, a missing tool or a chart that does not render
+            # fails at once.
+            self._check_ports()
             self.config.logs_dir.mkdir(parents=True, exist_ok=True)
-            # Before anything starts: a missing tool or a chart that does not render fails at once.
             observed = self._prometheus_rules()
             if self.config.prepare_model:
                 self._prepare_model()
@@ -415,6 +417,25 @@ class LocalStack:
             self.stop()
             raise
         return self
+
+    def _check_ports(self) -> None:
+        """Fails where something listens on a port a service would take. The gRPC servers bind with
+        SO_REUSEPORT, so a second stack on the same ports would start without an error and the
+        kernel would spread each stack's calls over both stacks' services."""
+        if self.config.free_ports:
+            return
+        taken = [
+            f"{port} ({spec.name})"
+            for spec in self.specs
+            if spec.available
+            for port in (spec.port, spec.metrics_port)
+            if port and _listening(self.config.host, port)
+        ]
+        if taken:
+            raise StackError(
+                f"in use on {self.config.host}: {', '.join(taken)}. Another `flywheel up` is running? "
+                "Stop it, or pass --free-ports to run this one beside it."
+            )
 
     def _prometheus_rules(self) -> tuple[Path, list[dict[str, Any]]] | None:
         """The prometheus binary and the chart's alert rules, when the stack is observed.
