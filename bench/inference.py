@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("eager", "onnx-fp32", "onnx-int4", "onnx-gguf", "onnx-gguf_a8", "llamacpp")
+VARIANTS = ("eager", "onnx-fp32-nodrafts", "onnx-fp32", "onnx-int4", "onnx-gguf", "onnx-gguf_a8", "llamacpp")
 
 
 # Prompts and scoring (parent process)
