@@ -1,4 +1,4 @@
-"""The local stack's services and gateway: ports, the gateway in front of the four services, the dataset's pages under /demo/."""
+"""The local stack's ports, and its gateway in front of the four services with the pages under /demo/."""
 
 from __future__ import annotations
 
