@@ -110,6 +110,23 @@ async def test_answer_is_grounded_signed_and_timed(served: tuple[InferenceApp, g
     assert second.answer == response.answer  # greedy decoding is deterministic
 
 
+async def test_drafted_tokens_are_counted_by_version(start_app: AppFactory, registry_root: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    def drafted(outcome: str) -> float:
+        labels = {"version": "v1", "outcome": outcome}
+        return REGISTRY.get_sample_value("flywheel_inference_drafted_tokens_total", labels) or 0.0
+
+    before = drafted("accepted"), drafted("rejected")
+    # One candidate: the answer decodes alone from its first token, so it drafts from the page.
+    _app, channel = await start_app(registry_root, answer_candidates=1)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    response = await stub.Answer(request(max_new_tokens=32), timeout=120)
+    accepted, rejected = drafted("accepted") - before[0], drafted("rejected") - before[1]
+    assert accepted + rejected > 0
+    assert accepted < response.tokens.completion_tokens
+
+
 async def test_stream_answer_streams_the_same_answer(served: tuple[InferenceApp, grpc.aio.Channel]) -> None:
     _app, channel = served
     stub = inference_pb2_grpc.InferenceServiceStub(channel)

@@ -112,15 +112,26 @@ def test_drafted_tokens_checked_in_one_step_give_the_greedy_answer(
     repeated = list(rng.integers(100, 40000, 25)) * 3
     prompts = [repeated, list(rng.integers(100, 40000, 60)), repeated[:40]]
     bounds = [30, 12, 3]
+    reports: list[tuple[int, int]] = []
     outputs = []
     for decoder in (plain, drafting):
-        alone = BatchGenerator(decoder, max_batch=1)
+        alone = BatchGenerator(
+            decoder, max_batch=1, on_check=lambda drafted, agreed: reports.append((drafted, agreed))
+        )
         outputs.append([generate(alone, [p], b)[0] for p, b in zip(prompts, bounds, strict=True)])
         alone.close()
     assert outputs[1] == outputs[0]
     assert [len(tokens) for tokens in outputs[1]] == bounds
-    # The repeated run was answered in fewer steps than tokens.
+    # The repeated run was answered in fewer steps than tokens, and every such step was reported.
     assert steps["check"] and steps["checked"] > 2 * steps["check"]
+    assert (
+        len(reports) == steps["check"]
+        and sum(drafted for drafted, _ in reports) == steps["checked"] - steps["check"]
+    )
+    assert (
+        all(0 <= agreed <= drafted for drafted, agreed in reports)
+        and sum(a for _, a in reports) > steps["check"]
+    )
     # Together, sequences decode a token a step; a sequence left alone drafts again.
     together = BatchGenerator(drafting, max_batch=4)
     assert generate(together, prompts, bounds) == outputs[0]

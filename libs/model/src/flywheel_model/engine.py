@@ -58,7 +58,14 @@ class AnswerResult:
 class AnswerEngine:
     """Loads one model folder (ONNX + tokenizer) and answers questions about pages with it."""
 
-    def __init__(self, model_dir: Path, ort_settings: OrtSettings, settings: EngineSettings) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        ort_settings: OrtSettings,
+        settings: EngineSettings,
+        on_check: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """`on_check`: told of each decode step's drafted and agreed tokens (BatchGenerator)."""
         self.model_dir = Path(model_dir)
         self.settings = settings
         self.encoder = PromptEncoder(self.model_dir)
@@ -75,6 +82,7 @@ class AnswerEngine:
             max_batch=max(settings.max_batch, settings.answer_candidates),
             max_queue=settings.max_queue,
             stop_token_ids=self.stop_token_ids,
+            on_check=on_check,
         )
 
     @property

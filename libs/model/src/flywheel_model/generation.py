@@ -193,6 +193,7 @@ class BatchGenerator:
         max_batch: int = 16,
         max_queue: int = 64,
         stop_token_ids: tuple[int, ...] | None = None,
+        on_check: Callable[[int, int], None] | None = None,
     ) -> None:
         if not decoder.batches and max_batch > 1:
             log.warning("batched decoding on CUDA is off (ORT__CUDA_BATCHING): max_batch %d -> 1", max_batch)
@@ -202,6 +203,9 @@ class BatchGenerator:
         self.stop_token_ids = stop_token_ids or decoder.spec.eos_token_ids
         self.max_batch = max_batch
         self.max_queue = max_queue
+        # Told, on the engine thread, after each step that checked drafts: how many there were and
+        # how many the model agreed with (the inference service's drafted-tokens metric).
+        self.on_check = on_check
         self._pending: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._cache = decoder.new_cache(max_batch)
@@ -392,10 +396,17 @@ class BatchGenerator:
         """One step of the sequence alone with its drafts: emits the tokens its logits agree with
         and the next one after them."""
         logits = self.decoder.check([seq.generated[-1], *drafts], seq.length, self._cache)
+        agreed = 0
         for i, row in enumerate(logits):
             if not self._advance(seq, row):
                 self._active = []
                 self._cache.clear()
-                return
+                break
             if i == len(drafts) or seq.generated[-1] != drafts[i]:
-                return
+                break
+            agreed += 1
+        if self.on_check is not None:
+            try:
+                self.on_check(len(drafts), agreed)
+            except Exception:  # a metric must not end the batch
+                log.exception("the on_check callback failed")

@@ -18,6 +18,20 @@ DURATION = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 TOKENS = Counter("flywheel_inference_tokens_generated", "Tokens generated, by model version.", ["version"])
+DRAFTED = Counter(
+    "flywheel_inference_drafted_tokens",
+    "Tokens drafted from the prompt and checked in a decode step, by model version and whether the "
+    "model agreed (accepted) or not (rejected).",
+    ["version", "outcome"],
+)
+
+
+def record_drafts(version: str, drafted: int, agreed: int) -> None:
+    """One decode step's drafts (AnswerEngine's on_check)."""
+    DRAFTED.labels(version, "accepted").inc(agreed)
+    DRAFTED.labels(version, "rejected").inc(drafted - agreed)
+
+
 QUEUE_DEPTH = Gauge("flywheel_inference_queue_depth", "Requests waiting or being generated.")
 ANSWERS = Counter(
     "flywheel_inference_answers",

@@ -12,11 +12,12 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from flywheel_common.errors import Unavailable
 from flywheel_common.registry import ModelRegistry, RolloutState
-from flywheel_inference.metrics import MODEL_INFO
+from flywheel_inference.metrics import MODEL_INFO, record_drafts
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.runtime import OrtSettings
 
@@ -98,7 +99,9 @@ class ModelRouter:
         if existing is not None:
             return existing
         log.info("loading model version %s from %s", version, model_dir)
-        engine = await asyncio.to_thread(AnswerEngine, model_dir, self._ort, self._engine_settings)
+        engine = await asyncio.to_thread(
+            AnswerEngine, model_dir, self._ort, self._engine_settings, partial(record_drafts, version)
+        )
         loaded = Loaded(version, engine)
         self._engines[version] = loaded
         return loaded
