@@ -134,6 +134,16 @@ def _timed_decode(step_first: Any, step_next: Any, new_tokens: int, eos: set[int
     }
 
 
+def _stamped(started: float, tokens: list[int], stamps: list[float]) -> dict[str, Any]:
+    """An answer's tokens, time to first token and decode speed, from the time each token came."""
+    decoded = len(stamps) - 1
+    return {
+        "tokens": tokens,
+        "ttft_s": stamps[0] - started if stamps else 0.0,
+        "decode_tok_s": decoded / (stamps[-1] - stamps[0]) if decoded > 0 else 0.0,
+    }
+
+
 def worker_eager(
     prompts: list[dict[str, Any]], new_tokens: int, threads: int, base_model: str | None
 ) -> list[dict[str, Any]]:
@@ -263,14 +273,7 @@ def worker_onnx(
             )
         )
         done.wait()
-        decoded = len(stamps) - 1
-        results.append(
-            {
-                "tokens": tokens,
-                "ttft_s": stamps[0] - started if stamps else 0.0,
-                "decode_tok_s": decoded / (stamps[-1] - stamps[0]) if decoded > 0 else 0.0,
-            }
-        )
+        results.append(_stamped(started, tokens, stamps))
     generator.close()
     by_batch = {}
     for batch in batches:
@@ -296,12 +299,10 @@ def gpu_memory_mb() -> float | None:
 
 
 def worker_llamacpp(
-    prompts: list[dict[str, Any]], new_tokens: int, threads: int, gguf: str, lookup: bool
+    prompts: list[dict[str, Any]], new_tokens: int, threads: int, gguf: str
 ) -> list[dict[str, Any]]:
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
-    if lookup:
-        return _llamacpp_lookup(prompts, new_tokens, threads, gguf)
     llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, logits_all=False)
     eos = {llm.token_eos()}
     results = []
@@ -320,7 +321,7 @@ def worker_llamacpp(
     return results[1:]
 
 
-def _llamacpp_lookup(
+def worker_llamacpp_lookup(
     prompts: list[dict[str, Any]], new_tokens: int, threads: int, gguf: str
 ) -> list[dict[str, Any]]:
     """llama.cpp drafting from the prompt as llama-cpp-python does it. Its drafts need every
@@ -349,14 +350,7 @@ def _llamacpp_lookup(
             tokens.append(int(token))
             if token in eos or len(tokens) >= new_tokens:
                 break
-        decoded = len(tokens) - 1
-        results.append(
-            {
-                "tokens": [t for t in tokens if t not in eos],
-                "ttft_s": stamps[0] - started,
-                "decode_tok_s": decoded / (stamps[-1] - stamps[0]) if decoded else 0.0,
-            }
-        )
+        results.append(_stamped(started, [t for t in tokens if t not in eos], stamps))
     return results[1:]
 
 
@@ -366,10 +360,10 @@ def worker_main(args: argparse.Namespace) -> None:
     by_batch: dict[str, float] = {}
     if args.worker == "eager":
         results = worker_eager(prompts, args.new_tokens, args.threads, args.base_model)
-    elif args.worker.startswith("llamacpp"):
-        results = worker_llamacpp(
-            prompts, args.new_tokens, args.threads, args.gguf, lookup=args.worker == "llamacpp-lookup"
-        )
+    elif args.worker == "llamacpp":
+        results = worker_llamacpp(prompts, args.new_tokens, args.threads, args.gguf)
+    elif args.worker == "llamacpp-lookup":
+        results = worker_llamacpp_lookup(prompts, args.new_tokens, args.threads, args.gguf)
     else:
         batches = [int(b) for b in args.batches.split(",") if b]
         results, by_batch = worker_onnx(
