@@ -2,6 +2,7 @@
 
     uv run python bench/learning.py [--dataset datasets/python-faq] [--variants as_written,span,...]
                                     [--split gate] [--base-model gemma3-270m] [--json PATH]
+                                    [--budget 200] [--words 40]
 
 The ablation behind docs/quality.md, without the services in between: the base model answers the
 dataset's `traffic` questions on the serving path (the local profile's retrieval), simulated visitors
@@ -32,7 +33,9 @@ rate and rank; the local profile's schedule (3 epochs, 4 examples per step) is w
 prepared base. `--answer-candidates 1,4` scores every model once per number of candidate answers
 (`EVALUATION__ANSWER_CANDIDATES`, docs/quality.md; 1 is plain greedy decoding), each line with its
 difference to the base scored the same way and to the same model at the first number; the traffic
-is answered as the service answers it (its default).
+is answered as the service answers it (its default). `--budget` and `--words` set the retrieval
+(prompt tokens of passages, words a passage) for the whole round: the traffic's answers, the prompts
+trained on and the scoring; the local profile's 200 and 40 unless told.
 """
 
 from __future__ import annotations
@@ -168,7 +171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = AnswerEngine(
         registry.get("v1").model_dir,
         OrtSettings(),
-        EngineSettings(context_token_budget=BUDGET, passage_max_words=WORDS, max_batch=4, max_queue=16),
+        EngineSettings(
+            context_token_budget=args.budget, passage_max_words=args.words, max_batch=4, max_queue=16
+        ),
     )
     try:
         rows = (
@@ -188,7 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     golden = load_golden(GoldenSettings(dataset=args.dataset, split=args.split))
     settings = EvaluationSettings(
-        context_token_budget=BUDGET, passage_max_words=WORDS, concurrency=4, max_batch=4
+        context_token_budget=args.budget, passage_max_words=args.words, concurrency=4, max_batch=4
     )
     counts_of = args.answer_candidates or [settings.answer_candidates]
     evaluators = {
@@ -225,7 +230,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 first = result
             lines.append(line)
             print(_line(line), flush=True)
-    return {"dataset": dataset.version, "split": args.split, "feedback": counts, "lines": lines}
+    retrieval = {"budget": args.budget, "words": args.words}
+    return {
+        "dataset": dataset.version,
+        "split": args.split,
+        "retrieval": retrieval,
+        "feedback": counts,
+        "lines": lines,
+    }
 
 
 def _diffs(result: Any, other: Any, suffix: str) -> dict[str, list[float]]:
@@ -288,6 +300,8 @@ def main() -> None:
         default=[],
         help="score every model with each of these numbers of candidate answers (default: the evaluator's)",
     )
+    parser.add_argument("--budget", type=int, default=BUDGET, help="prompt tokens of passages")
+    parser.add_argument("--words", type=int, default=WORDS, help="words a passage at most")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     for spec in args.variants:

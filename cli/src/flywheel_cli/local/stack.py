@@ -96,7 +96,8 @@ class StackConfig:
     gate_split: str = "gate"
     # Prompt tokens of page passages, the same for serving and the gate (training uses the served
     # passages). 200 instead of the services' 400: on two cores every prompt costs half as much to
-    # answer and to train on, and the 135M model answers no worse from the shorter context.
+    # answer and to train on, and neither packaged model answers better from the longer context
+    # once trained (docs/local.md).
     context_token_budget: int = 200
     # Passages of at most this many words: in 200 tokens, 40-word passages hold an acceptable answer
     # for 70 % of the traffic and gate questions, 80-word ones (the services' default) for 62 %.
