@@ -15,6 +15,15 @@ MESSAGES = build_messages("Kafka", [Passage(0, "A topic is split into partitions
 EOS = (2,)
 
 
+def test_the_question_comes_before_the_page_text_and_again_after_it() -> None:
+    system, user = MESSAGES
+    assert system == {"role": "system", "content": SYSTEM_PROMPT}
+    assert user["content"] == (
+        "Page title: Kafka\n\nQuestion: What splits a topic?\n\n"
+        "Page text:\nA topic is split into partitions.\n\nQuestion: What splits a topic?"
+    )
+
+
 @pytest.fixture(scope="module")
 def plain_model_dir(onnx_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The SmolLM2 tokenizer without its chat template, as a pretrained base model's folder has it."""

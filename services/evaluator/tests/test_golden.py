@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from flywheel_eval.dataset import load_dataset
 from flywheel_evaluator.evaluation import load_golden, register_golden
@@ -40,3 +43,27 @@ def test_golden_sets_load_and_register(tmp_path: Path) -> None:
     assert register_golden(load_dataset(first), artifacts) == copy
     limited = load_golden(GoldenSettings(dataset=first, limit=1))
     assert [i.id for i in limited.items] == ["a"] and limited.name.endswith(":gate[:1]")
+
+
+def test_a_stored_evaluation_is_not_reused_once_the_prompt_is_laid_out_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flywheel_common.registry import ModelRegistry
+    from flywheel_evaluator import evaluation
+    from flywheel_evaluator.settings import EvaluationSettings
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"not run here")
+    registry = ModelRegistry(tmp_path / "artifacts")
+    version = registry.register(model, kind="base").version
+    golden = load_golden(GoldenSettings(dataset=make_set(tmp_path, "one")))
+    evaluator = evaluation.Evaluator(registry, golden, EvaluationSettings())
+    before = evaluator.fingerprint(version)
+    assert evaluator.fingerprint(version) == before
+
+    def question_last(title: str, passages: Any, question: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"{title} {' '.join(p.text for p in passages)} {question}"}]
+
+    monkeypatch.setattr(evaluation, "build_messages", question_last)
+    assert evaluator.fingerprint(version) != before

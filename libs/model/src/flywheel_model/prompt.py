@@ -41,13 +41,16 @@ def short_title(title: str) -> str:
 
 
 def build_messages(title: str, passages: Sequence[Passage], question: str) -> list[dict[str, str]]:
-    """Chat messages for one question about one page."""
+    """Chat messages for one question about one page. The question comes before the page text as
+    well as after it: a causal model then reads the page knowing what it looks for, since each page
+    token can attend to the question (docs/quality.md, "The question before the page")."""
     context = "\n\n".join(p.text for p in passages)
     title = short_title(title)
     header = f"Page title: {title}\n\n" if title else ""
+    asked = f"Question: {question.strip()}"
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": f"{header}Page text:\n{context}\n\nQuestion: {question.strip()}"},
+        {"role": "user", "content": f"{header}{asked}\n\nPage text:\n{context}\n\n{asked}"},
     ]
 
 

@@ -24,7 +24,8 @@ from flywheel_evaluator.metrics import EVALUATION_DURATION, EVALUATIONS
 from flywheel_evaluator.settings import EvaluationSettings, GoldenSettings
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.generation import SamplingParams
-from flywheel_model.retrieval import html_to_text
+from flywheel_model.prompt import build_messages
+from flywheel_model.retrieval import Passage, html_to_text
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,8 @@ class Evaluator:
             "context_token_budget": s.context_token_budget,
             "passage_max_words": s.passage_max_words,
             "answer_candidates": s.answer_candidates,
+            # How the prompt is laid out: code that asks another way measures anew.
+            "prompt": build_messages("{title}", [Passage(0, "{passage}")], "{question}"),
             "abstention_phrases": s.abstention_phrases,
             "resamples": s.bootstrap_resamples,
             "seed": s.seed,
