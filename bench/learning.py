@@ -230,11 +230,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 first = result
             lines.append(line)
             print(_line(line), flush=True)
-    retrieval = {"budget": args.budget, "words": args.words}
     return {
         "dataset": dataset.version,
         "split": args.split,
-        "retrieval": retrieval,
+        "retrieval": {"budget": args.budget, "words": args.words},
         "feedback": counts,
         "lines": lines,
     }

@@ -227,8 +227,12 @@ def test_the_prefill_graph_keeps_the_layers_in_fp32(tmp_path: Path) -> None:
 
 
 def test_a_verified_export_switches_to_8_bit_activations_in_place(tmp_path: Path) -> None:
-    from flywheel_model.ggml_blocks import PREFILL_MODEL, encode_onnx_dir, set_accuracy_level
-    from flywheel_model.runtime import fp32_activation_blocks
+    from flywheel_model.ggml_blocks import (
+        PREFILL_MODEL,
+        encode_onnx_dir,
+        fp32_activation_blocks,
+        set_accuracy_level,
+    )
 
     onnx_dir, expected = fp32_export(tmp_path)
     encode_onnx_dir(onnx_dir, tmp_path / "tiny.gguf", accuracy_level=1)

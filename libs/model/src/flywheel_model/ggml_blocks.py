@@ -519,6 +519,21 @@ def set_accuracy_level(onnx_dir: Path, level: int) -> int:
     return changed
 
 
+def fp32_activation_blocks(model_path: Path) -> bool:
+    """Whether the graph multiplies 4-bit blocks by fp32 activations (MatMulNBits at accuracy level
+    0 or 1: the `gguf` precision). ONNX Runtime's CPU kernel then takes 2.5x as long for a step of
+    five positions as for one, against 1.6x with fp32 MatMuls or 8-bit activations, and drafts
+    decoded SmolLM2 at 0.86x the speed of a token a step (docs/inference.md, "Drafts")."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return any(
+        node.op_type == "MatMulNBits"
+        and next((a.i for a in node.attribute if a.name == "accuracy_level"), 0) <= 1
+        for node in graph.node
+    )
+
+
 def main() -> None:
     """`python -m flywheel_model.ggml_blocks ONNX_DIR GGUF [--accuracy-level N]` (export_onnx's step)."""
     import argparse

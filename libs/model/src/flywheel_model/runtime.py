@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, Field
 
-from flywheel_model.ggml_blocks import PREFILL_MODEL
+from flywheel_model.ggml_blocks import PREFILL_MODEL, fp32_activation_blocks
 from flywheel_model.output_projection import CHECKED
 
 log = logging.getLogger(__name__)
@@ -151,21 +151,6 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def fp32_activation_blocks(model_path: Path) -> bool:
-    """Whether the graph multiplies 4-bit blocks by fp32 activations (MatMulNBits at accuracy level
-    0 or 1: the `gguf` precision). ONNX Runtime's CPU kernel then takes 2.5x as long for a step of
-    five positions as for one, against 1.6x with fp32 MatMuls or 8-bit activations, and drafts
-    decoded SmolLM2 at 0.86x the speed of a token a step (docs/inference.md, "Drafts")."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return any(
-        node.op_type == "MatMulNBits"
-        and next((a.i for a in node.attribute if a.name == "accuracy_level"), 0) <= 1
-        for node in graph.node
-    )
 
 
 class Decoder:

@@ -25,13 +25,6 @@ DRAFTED = Counter(
     ["version", "outcome"],
 )
 
-
-def record_drafts(version: str, drafted: int, agreed: int) -> None:
-    """One decode step's drafts (AnswerEngine's on_check)."""
-    DRAFTED.labels(version, "accepted").inc(agreed)
-    DRAFTED.labels(version, "rejected").inc(drafted - agreed)
-
-
 QUEUE_DEPTH = Gauge("flywheel_inference_queue_depth", "Requests waiting or being generated.")
 ANSWERS = Counter(
     "flywheel_inference_answers",
@@ -56,3 +49,9 @@ INTERACTIONS_REJECTED = Counter(
     "flywheel_inference_interactions_rejected",
     "Interactions Kafka can never take (too large, malformed): dropped at once, never retried.",
 )
+
+
+def record_drafts(version: str, drafted: int, agreed: int) -> None:
+    """One decode step's drafts (AnswerEngine's on_check)."""
+    DRAFTED.labels(version, "accepted").inc(agreed)
+    DRAFTED.labels(version, "rejected").inc(drafted - agreed)
