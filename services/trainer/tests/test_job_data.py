@@ -64,34 +64,6 @@ def write(root: Path, name: str, examples: list[dict[str, Any]]) -> datasets.Dat
     return datasets.load(root, name)
 
 
-def test_each_example_is_taught_again_with_its_passages_in_another_order() -> None:
-    three = {
-        **example(1),
-        "passages": ["Widget 1 is blue.", "Widgets are sold in shops.", "Shops open at nine."],
-    }
-    one = {**example(2), "passages": ["Widget 2 is red."]}
-    twins = {**example(3), "passages": ["Same text.", "Same text."]}
-    out = data.passage_orders([three, one, twins], orders=3, seed=7)
-
-    # As asked first, then the other orders; one passage (or identical ones) has no other order.
-    assert out[:3] == [three, one, twins]
-    again = out[3:]
-    assert [e["id"] for e in again] == ["c-1~order1", "c-1~order2"]
-    orders = [tuple(e["passages"]) for e in [three, *again]]
-    assert len(set(orders)) == 3 and all(sorted(o) == sorted(three["passages"]) for o in orders)
-    assert all(
-        {k: v for k, v in e.items() if k not in ("id", "passages")}
-        == {k: v for k, v in three.items() if k not in ("id", "passages")}
-        for e in again
-    )
-    # Seeded by content, not by the random ids a feedback arrives with; one order means as asked.
-    renamed = data.passage_orders([{**three, "id": "c-99"}], orders=3, seed=7)
-    assert [e["passages"] for e in renamed] == [three["passages"], *(e["passages"] for e in again)]
-    assert data.passage_orders([three, one], orders=1, seed=7) == [three, one]
-    two = data.passage_orders([example(4)], orders=5, seed=7)
-    assert [e["passages"] for e in two] == [example(4)["passages"], example(4)["passages"][::-1]]
-
-
 def test_replay_is_a_seeded_share_of_earlier_examples(tmp_path: Path) -> None:
     old = write(tmp_path, "ds-1", [example(i) for i in range(10)])
     # The new batch asks question 0 again: its newer answer wins, the old one is not replayed.

@@ -162,10 +162,6 @@ class HyperParameters(BaseModel):
     # job (docs/quality.md, the ablation).
     target: Literal["as_written", "grounded_span"] = "grounded_span"
     ungrounded: Literal["keep", "drop", "abstain"] = "drop"
-    # Each example is taught with its passages in this many orders: as the model was asked, and
-    # shuffled (seeded), so the model learns to find the answer wherever its passage stands (1: as
-    # asked only). Measured against one order in docs/quality.md.
-    passage_orders: int = Field(default=2, ge=1)
     # Weight of the odds-ratio preference loss (ORPO) that pushes a corrected example's target above
     # the model answer it corrected (0: supervised loss only).
     preference_weight: float = Field(default=0.0, ge=0)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import random
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,29 +106,6 @@ _PER_REQUEST = frozenset({"id", "query_id", "feedback_id"})
 
 def _content(example: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in example.items() if k not in _PER_REQUEST}, sort_keys=True)
-
-
-def passage_orders(examples: Sequence[dict[str, Any]], orders: int, seed: int) -> list[dict[str, Any]]:
-    """The examples as the model was asked them, then each again with its passages in up to
-    `orders - 1` other orders (as many as its passages have), drawn from a seed and the example's
-    content: the passage that says the answer moves, so what is learned is to find it by what it
-    says, not by where it stands. The page's order is what serving asks; the other orders are taught
-    alongside it."""
-    out = list(examples)
-    for example in examples:
-        passages = list(example.get("passages") or [])
-        arrangements = math.factorial(len(passages))
-        for count in Counter(passages).values():
-            arrangements //= math.factorial(count)
-        rng = random.Random(f"{seed}:{_content(example)}")
-        seen = {tuple(passages)}
-        for n in range(1, min(orders, arrangements)):
-            order = passages[:]
-            while tuple(order) in seen:
-                rng.shuffle(order)
-            seen.add(tuple(order))
-            out.append({**example, "id": f"{example['id']}~order{n}", "passages": order})
-    return out
 
 
 def learned_datasets(registry: ModelRegistry, version: str) -> set[str]:

@@ -207,9 +207,8 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
             f"no example left to train on: all {target_stats.dropped} were answers the passages do not "
             f"ground, left out under hyper.ungrounded={hyper.ungrounded}"
         )
-    ordered = data.passage_orders(shaped, hyper.passage_orders, hyper.seed)
     examples, skipped = data.tokenize(
-        ordered, encoder, eos_ids, hyper.max_seq_tokens, preferences=hyper.preference_weight > 0
+        shaped, encoder, eos_ids, hyper.max_seq_tokens, preferences=hyper.preference_weight > 0
     )
     if not examples:
         raise RuntimeError(f"no example fits in {hyper.max_seq_tokens} tokens ({len(skipped)} skipped)")
@@ -226,7 +225,7 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
         pad_id,
         device,
         quantization,
-        {**target_stats.as_dict(), "reordered": len(ordered) - len(shaped)},
+        target_stats.as_dict(),
     )
 
 
