@@ -8,6 +8,7 @@ expert corrects the answer in the console; the trainer's store then holds the co
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 import threading
@@ -161,6 +162,26 @@ async def test_a_visitor_asks_and_rates_and_an_expert_corrects(site: Site, brows
     visitor = await browser.new_context(viewport={"width": 1200, "height": 800})
     page = await visitor.new_page()
     page.on("response", keep)
+    # Counts the network reads of the answer's stream that completed at least one delta event: when
+    # the browser is starved of CPU, the whole answer can arrive in one read.
+    await page.add_init_script(
+        """(() => {
+          const read = ReadableStreamDefaultReader.prototype.read;
+          const decoder = new TextDecoder();
+          let text = "", deltas = 0;
+          window.deltaReads = 0;
+          ReadableStreamDefaultReader.prototype.read = async function () {
+            const part = await read.call(this);
+            if (part.value) {
+              text += decoder.decode(part.value, { stream: true });
+              const complete = text.slice(0, text.lastIndexOf("\\n\\n") + 1);
+              const n = (complete.match(/event: delta/g) || []).length;
+              if (n > deltas) { window.deltaReads += 1; deltas = n; }
+            }
+            return part;
+          };
+        })()"""
+    )
     await page.goto(f"{site.pages}/general.html")
     await page.get_by_role("button", name="Ask about this page").click()
     await page.get_by_label("Your question about this page").fill(QUESTION)
@@ -178,8 +199,18 @@ async def test_a_visitor_asks_and_rates_and_an_expert_corrects(site: Site, brows
     await expect(rate).to_be_visible(timeout=90_000)
     answer = (await page.locator("#flywheel-widget .answer").text_content() or "").strip()
     seen = [text for text in await page.evaluate("window.seen") if text]
-    # The answer grew in pieces as it was generated, not all at once.
-    assert answer and len(set(seen)) >= 2 and seen[-1].strip() == answer, seen
+    reads = await page.evaluate("window.deltaReads")
+    # The service streamed the answer in pieces, and the page showed each piece as it arrived (a
+    # text per read that brought one, up to two), only ever adding to what it showed.
+    for _ in range(100):  # the response handler reads the stream's body on its own task
+        streams = [r for r in received if "text/event-stream" in r]
+        if streams:
+            break
+        await asyncio.sleep(0.05)
+    (stream,) = streams
+    assert stream.count("event: delta") >= 2, stream
+    assert answer and seen[-1].strip() == answer and len(set(seen)) >= min(2, reads), (seen, reads)
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen)), seen
     # The passages it came from are listed, and highlighted on the page itself.
     passages = page.locator("#flywheel-widget .passage")
     assert await passages.count() >= 1
