@@ -25,6 +25,12 @@ def test_the_model_order_stands_on_a_tie_and_where_no_sentence_says_an_answer() 
     question = "Which tools are named?"
     # Both in the same sentence: the same share of the question's words, so the likelier stays.
     assert choose(question, PASSAGES, ["reStructuredText", "Sphinx"]) == 0
+    # A part of the likelier answer, said in its sentence, is no nearer for leaving out a word the
+    # question asks with: the whole sentence counts.
+    passages = Passages.of(["A non-blocking connect sets errno.EINPROGRESS while it is in progress."])
+    question = "Which errno says a non-blocking connect is still in progress?"
+    assert nearness(question, "EINPROGRESS", passages) == nearness(question, "errno.EINPROGRESS", passages)
+    assert choose(question, passages, ["errno.EINPROGRESS", "EINPROGRESS"]) == 0
     # Not said word for word in any passage: 0, the same as said among none of the question's words.
     assert nearness("Who wrote the patches?", "Stein Greg", PASSAGES) == 0.0
     assert choose("Who wrote the patches?", PASSAGES, ["Someone else", "Nobody"]) == 0

@@ -5,8 +5,9 @@ passages name two people, two tools, two suffixes, and the likeliest is not the 
 about. Its next few candidates (the other likeliest first tokens, each continued greedily) often
 hold the right one. A passage says the right one in a sentence with the question's own words, so
 each candidate a passage's sentence holds word for word is scored by the share of the question's
-content words in that sentence, and the best score wins. Ties, and candidates no sentence holds,
-keep the model's order: the greedy answer stands unless another is said among more of the
+content words in that sentence, and the best score wins: the question points to a sentence, and
+within a sentence the model's order stands. Ties, and candidates no sentence holds, keep the
+model's order: the greedy answer stands unless another is said in a sentence with more of the
 question's words. So a candidate other than the greedy one can only win where a passage says it,
 and it is stopped as soon as no passage says what it has so far (`continues`).
 """
@@ -50,17 +51,16 @@ class Passages:
 
 def nearness(question: str, answer: str, passages: Passages) -> float:
     """The largest share of the question's content words in a passage sentence that says `answer`
-    word for word (the answer's own words aside); 0 when no sentence says it."""
+    word for word; 0 when no sentence says it. The whole sentence counts, the answer's own words
+    too, so two candidates of one sentence score the same."""
     asked = {w[:PREFIX] for w in words(question) if w not in _STOP}
     said = tuple(words(answer))
     if not asked or not said:
         return 0.0
     best = 0.0
     for text in passages.sentences:
-        for start in range(len(text) - len(said) + 1):
-            if text[start : start + len(said)] == said:
-                rest = text[:start] + text[start + len(said) :]
-                best = max(best, len(asked & {w[:PREFIX] for w in rest}) / len(asked))
+        if any(text[start : start + len(said)] == said for start in range(len(text) - len(said) + 1)):
+            best = max(best, len(asked & {w[:PREFIX] for w in text}) / len(asked))
     return best
 
 
