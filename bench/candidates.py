@@ -39,6 +39,8 @@ def score(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     golden = load_golden(GoldenSettings(dataset=args.dataset, split=args.split))
     items = {item.id: item for item in golden.items}
+    if len({item.question for item in golden.items}) < len(items):
+        raise SystemExit(f"{args.split} repeats a question: candidates are kept by question")
     registry = ModelRegistry(args.registry)
     seen: dict[str, list[str]] = {}
     lock = threading.Lock()
