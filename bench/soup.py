@@ -52,19 +52,13 @@ def average(merged_dirs: Sequence[Path], out_dir: Path) -> Path:
 def build(registry: Any, members: Sequence[str], scratch: Path) -> str:
     """Averages the members, exports the mean as the job exports a candidate (its exporter's cache in
     `scratch`, where `bench/learning.py`'s jobs keep it); the new version."""
-    from flywheel_model.ggml_blocks import set_accuracy_level
-    from flywheel_model.prepare import export_onnx
     from flywheel_trainer.job.run import export_plan_of
 
     folder = scratch / f"soup-{'-'.join(members)}"
     hf_dir = average([registry.get(v).hf_dir for v in members], folder / "hf")
     plan = export_plan_of(registry.get(members[0]))
-    gguf = Path(plan.gguf["path"]) if plan.gguf else None
-    onnx_dir = export_onnx(
-        hf_dir, folder / "onnx", plan.verified_options, cache_dir=scratch / "hf-export", gguf=gguf
-    )
-    if plan.options.accuracy_level != plan.verified_options.accuracy_level:
-        set_accuracy_level(onnx_dir, plan.options.accuracy_level)
+    onnx_dir = plan.export(hf_dir, folder / "onnx", scratch / "hf-export")
+    plan.switch_to_served(onnx_dir)
     metadata = {"export": plan.record(), "soup": list(members)}
     return str(registry.register(onnx_dir, kind="candidate", hf_dir=hf_dir, metadata=metadata).version)
 

@@ -79,6 +79,20 @@ class ExportPlan:
             return ExportOptions(precision="gguf", provider=self.options.provider)
         return self.options
 
+    def export(self, hf_dir: Path, out_dir: Path, cache_dir: Path) -> Path:
+        """Exports merged weights to ONNX in the options they are verified in."""
+        from flywheel_model.prepare import export_onnx
+
+        gguf = Path(self.gguf["path"]) if self.gguf else None
+        return export_onnx(hf_dir, out_dir, self.verified_options, cache_dir=cache_dir, gguf=gguf)
+
+    def switch_to_served(self, onnx_dir: Path) -> None:
+        """Sets a verified export's accuracy level to the one it is served at (`gguf_a8`)."""
+        if self.options.accuracy_level != self.verified_options.accuracy_level:
+            from flywheel_model.ggml_blocks import set_accuracy_level
+
+            set_accuracy_level(onnx_dir, self.options.accuracy_level)
+
     def record(self) -> dict[str, Any]:
         """The candidate manifest's `export` entry (its own candidates read it back)."""
         record: dict[str, Any] = {"precision": self.options.precision, "provider": self.options.provider}
@@ -265,14 +279,11 @@ def _export_and_verify(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flywheel_model.prepare import export_onnx
     from flywheel_trainer.job import data, verify
 
     plan = export_plan_of(inputs.parent)
     cache_dir = settings.export_cache_dir or settings.scratch_dir / "hf-export"
-    gguf = Path(plan.gguf["path"]) if plan.gguf else None
-    exported = plan.verified_options
-    onnx_dir = export_onnx(merged_dir, scratch / "onnx", exported, cache_dir=cache_dir, gguf=gguf)
+    onnx_dir = plan.export(merged_dir, scratch / "onnx", cache_dir)
     laps.lap("export_s")
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
@@ -291,10 +302,7 @@ def _export_and_verify(
             f"ONNX greedy differs from PyTorch greedy at token {bad.diverged_at} "
             f"(logit gap {bad.gap_at_divergence:.4f}): the export is not faithful"
         )
-    if plan.options.accuracy_level != exported.accuracy_level:
-        from flywheel_model.ggml_blocks import set_accuracy_level
-
-        set_accuracy_level(onnx_dir, plan.options.accuracy_level)
+    plan.switch_to_served(onnx_dir)
     laps.lap("verify_s")
     return plan, onnx_dir, checked
 
