@@ -6,7 +6,7 @@ candidates are right, for registered model versions on a golden split.
                                       [--json bench/results/candidates.json]
 
 `--registry` is an artifact root holding the versions: `var/artifacts` after `flywheel up`, or the
-folder `bench/learning.py` prints (v1 the base, v2 onward its variants). Each version is scored by
+folder `bench/learning.py --keep` keeps (v1 the base, v2 onward its variants). Each version is scored by
 the evaluator's own `Evaluator` (the local profile's retrieval unless told) once per count of
 candidates (`answer_candidates`), and every question's candidates are kept as the engine hands them
 to `flywheel_model.candidates.choose`. The table counts the answerable questions an answer is

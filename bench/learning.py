@@ -2,7 +2,7 @@
 
     uv run python bench/learning.py [--dataset datasets/python-faq] [--variants as_written,span,...]
                                     [--split gate] [--base-model gemma3-270m] [--json PATH]
-                                    [--budget 200] [--words 40]
+                                    [--budget 200] [--words 40] [--keep]
 
 The ablation behind docs/quality.md, without the services in between: the base model answers the
 dataset's `traffic` questions on the serving path (the local profile's retrieval), simulated visitors
@@ -35,7 +35,9 @@ prepared base. `--answer-candidates 1,4` scores every model once per number of c
 difference to the base scored the same way and to the same model at the first number; the traffic
 is answered as the service answers it (its default). `--budget` and `--words` set the retrieval
 (prompt tokens of passages, words a passage) for the whole round: the traffic's answers, the prompts
-trained on and the scoring; the local profile's 200 and 40 unless told.
+trained on and the scoring; the local profile's 200 and 40 unless told. The round's artifact root
+(the base as v1, the variants' candidates after it) is removed at the end; `--keep` keeps it for
+bench/candidates.py or bench/soup.py (each candidate holds its merged weights: a few GB a variant).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,8 +156,22 @@ def train_variant(root: Path, dataset_id: str, spec: str) -> tuple[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from flywheel_common.registry import ModelRegistry
+    """Train and score every variant in a fresh artifact root, removed at the end unless `--keep`."""
     from flywheel_eval.dataset import load_dataset
+
+    dataset = load_dataset(args.dataset)
+    root = Path(tempfile.mkdtemp(prefix="bench-learning-"))
+    try:
+        return _run_in(root, dataset, args)
+    finally:
+        if args.keep:
+            print(f"kept the artifacts in {root}", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_in(root: Path, dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from flywheel_common.registry import ModelRegistry
     from flywheel_evaluator.evaluation import Evaluator, load_golden
     from flywheel_evaluator.gate import judge
     from flywheel_evaluator.settings import EvaluationSettings, GateSettings, GoldenSettings
@@ -163,8 +180,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from flywheel_model.runtime import OrtSettings
     from flywheel_trainer import datasets
 
-    dataset = load_dataset(args.dataset)
-    root = Path(tempfile.mkdtemp(prefix="bench-learning-"))
     model_dir = default_model_dir(resolve_source(args.base_model), ExportOptions())
     register_base(model_dir, root)
     registry = ModelRegistry(root)
@@ -302,6 +317,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=BUDGET, help="prompt tokens of passages")
     parser.add_argument("--words", type=int, default=WORDS, help="words a passage at most")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the artifact root (for bench/candidates.py or bench/soup.py); removed otherwise",
+    )
     args = parser.parse_args()
     for spec in args.variants:
         try:

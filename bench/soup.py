@@ -3,7 +3,7 @@
     uv run python bench/soup.py --registry DIR --soups v2+v3+v4,v1+v4 [--dataset DIR] [--split gate]
                                 [--budget 200] [--words 40] [--json bench/results/soup.json]
 
-`--registry` is the artifact root `bench/learning.py` printed (v1 the base, v2 onward its variants):
+`--registry` is the artifact root `bench/learning.py --keep` kept (v1 the base, v2 onward its variants):
 for instance `--variants span_drop,span_drop+SEED=1235,span_drop+SEED=1236` trains the default job
 three times on one round's feedback, with three seeds. Each soup (versions joined by `+`) is the
 mean of those versions' merged weights (one base, so the base plus the mean of their deltas: a
