@@ -46,6 +46,7 @@ def mistakes(closed: str, page: Path, tmp_path: Path) -> list[tuple[list[str], s
         (["rollout", "--target", closed, "status"], "flywheel up"),
         (["rollout", "--target", closed, "rollback", "v1"], "--request-id"),
         (["model", "prepare", "--source", str(tmp_path / "missing.gguf")], "no model at"),
+        (["model", "prune", "--keep-latest", "-1", "--artifact-root", str(tmp_path / "a")], "0 or more"),
         (["topic", "tail", "flywheel.feedback.v1", "--bootstrap", closed], "flywheel kafka start"),
         (["simulate", "--dataset", str(tmp_path / "no-dataset")], "bad dataset"),
     ]

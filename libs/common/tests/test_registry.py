@@ -115,3 +115,50 @@ def test_marks_are_notes_beside_an_immutable_version(tmp_path: Path) -> None:
     registry.verify(version.version)  # the version itself is unchanged
     with pytest.raises(NotFound):
         registry.mark("v99", {"kind": "x"})
+
+
+def test_prune_removes_the_weights_nothing_needs_and_keeps_the_record(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    registry.register(model_folder(tmp_path, "base"), kind="base")  # v1
+    for i in range(2, 8):
+        if i == 5:  # its files frozen in a prepared cache: hard-linked, so removing them frees nothing
+            frozen = model_folder(tmp_path, "frozen")
+            for f in frozen.iterdir():
+                f.chmod(0o444)
+            registry.register(frozen, kind="candidate")
+        else:
+            registry.register(
+                model_folder(tmp_path, f"m{i}"), kind="candidate", hf_dir=model_folder(tmp_path, f"h{i}")
+            )
+    for version in ("v2", "v3", "v4", "v5", "v6"):  # v7 is not gated yet
+        registry.append_decision({"version": version, "action": "gate"})
+    registry.write_report("v2", "gate.md", "rejected")
+    registry.set_production("v3")
+    registry.set_production("v4")  # v3 is what a rollback restores
+    registry.set_canary("v6", 0.25)
+    (registry.versions_dir / ".pruning-stale").mkdir()  # a prune that stopped midway
+
+    planned = registry.prune(1, dry_run=True)
+    assert [(p.version, p.freed_bytes) for p in planned] == [("v2", 24), ("v5", 0)]
+    assert not registry.get("v2").pruned
+
+    assert registry.prune(1) == planned
+    assert [v.version for v in registry.list_versions() if v.pruned] == ["v2", "v5"]
+    assert not (registry.versions_dir / "v2" / "hf").exists()
+    assert (tmp_path / "frozen" / "model.onnx").read_bytes() == b"onnx-bytes"  # the shared copy stays
+    assert registry.get("v2").manifest["kind"] == "candidate"
+    assert (registry.reports_dir / "v2" / "gate.md").is_file()
+    assert registry.marks("v2")[-1]["kind"] == "pruned"
+    assert not list(registry.versions_dir.glob(".pruning-*"))
+    with pytest.raises(FailedPrecondition, match="removed by retention"):
+        registry.verify("v2")
+    with pytest.raises(FailedPrecondition, match="cannot serve"):
+        registry.set_production("v2")
+    assert registry.state().production == "v4"
+    assert registry.prune(1) == []
+    # Without the newest kept, only what serves, rolls back, the base and the ungated stay.
+    assert [p.version for p in registry.prune(0)] == []
+    registry.set_canary(None)
+    assert [p.version for p in registry.prune(0)] == ["v6"]
+    with pytest.raises(InvalidArgument):
+        registry.prune(-1)

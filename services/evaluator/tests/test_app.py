@@ -139,3 +139,29 @@ async def test_list_decisions_is_capped_whatever_the_limit(app: EvaluatorApp) ->
         assert reply.decisions[0].version == f"v{MAX_LIST + 19}"  # newest first
     two = await servicer.ListDecisions(evaluator_pb2.ListDecisionsRequest(limit=2), context)
     assert [d.version for d in two.decisions] == [f"v{MAX_LIST + 19}", f"v{MAX_LIST + 18}"]
+
+
+def test_retention_prunes_rejected_candidates_and_a_rollback_to_them_is_refused(app: EvaluatorApp) -> None:
+    from flywheel_common.errors import FailedPrecondition
+
+    StubEvaluations(app, {"v1": 15, "v2": 5, "v3": 5})
+    app.settings.evaluation.prefetch_production = False
+    app.settings.retention.keep_latest = 1
+    for version in ("v2", "v3"):
+        app.gatekeeper.process_candidate(candidate(version))  # both rejected; v4 is not gated yet
+    app.gatekeeper.tick()
+    assert [v.version for v in app.registry.list_versions() if v.pruned] == ["v2", "v3"]
+    with pytest.raises(FailedPrecondition, match="removed by retention"):
+        app.gatekeeper.rollback("v2", reason="", actor="test")
+    with pytest.raises(FailedPrecondition, match="removed by retention"):
+        app.gatekeeper.evaluate_now("v3")
+    assert app.registry.state().production == "v1"
+
+
+def test_retention_can_be_turned_off(app: EvaluatorApp) -> None:
+    StubEvaluations(app, {"v1": 15, "v2": 5})
+    app.settings.evaluation.prefetch_production = False
+    app.settings.retention.enabled = False
+    app.gatekeeper.process_candidate(candidate("v2"))
+    app.gatekeeper.tick()
+    assert not any(v.pruned for v in app.registry.list_versions())

@@ -1,4 +1,5 @@
-"""`flywheel model prepare|list`: make the ONNX model reproducibly and register it."""
+"""`flywheel model prepare|list|prune`: make the ONNX model reproducibly, register it, list the
+versions and remove the weights of those nothing needs any more."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 from flywheel_cli.errors import UserError
+from flywheel_common.errors import InvalidArgument
 from flywheel_common.registry import ModelRegistry
 from flywheel_model.prepare import (
     PACKAGED_MODELS,
@@ -46,6 +48,7 @@ def _list(args: argparse.Namespace) -> int:
     for version in registry.list_versions():
         role = "production" if version.version == state.production else ""
         role = "canary" if version.version == state.canary else role
+        role = "pruned" if version.pruned else role
         print(f"{version.version:6} {version.kind:10} {version.manifest.get('created_at', ''):26} {role}")
     print(
         json.dumps({"production": state.production, "canary": state.canary, "split": state.canary_fraction})
@@ -53,8 +56,22 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    registry = ModelRegistry(Path(args.artifact_root))
+    try:
+        pruned = registry.prune(args.keep_latest, dry_run=args.dry_run)
+    except InvalidArgument as error:
+        raise UserError(str(error)) from error
+    verb = "would free" if args.dry_run else "freed"
+    for item in pruned:
+        print(f"{item.version:6} {verb} {item.freed_bytes / 2**20:,.0f} MiB")
+    total = sum(item.freed_bytes for item in pruned)
+    print(f"{len(pruned)} versions pruned{' (dry run)' if args.dry_run else ''}, {total / 2**20:,.0f} MiB")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Adds `model prepare|list` to the flywheel command."""
+    """Adds `model prepare|list|prune` to the flywheel command."""
     model = subparsers.add_parser("model", help="prepare, export and list model versions")
     commands = model.add_subparsers(dest="model_command", required=True)
     prep = commands.add_parser(
@@ -83,3 +100,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     lst = commands.add_parser("list", help="list registered versions and the rollout state")
     lst.add_argument("--artifact-root", default="var/artifacts")
     lst.set_defaults(func=_list)
+    prune = commands.add_parser(
+        "prune",
+        help="remove the weights of versions nothing needs: not production, the canary, the previous "
+        "production, a base, one of the newest --keep-latest or a candidate not gated yet",
+    )
+    prune.add_argument("--keep-latest", type=int, default=5, help="newest versions kept (default 5)")
+    prune.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    prune.add_argument("--artifact-root", default="var/artifacts")
+    prune.set_defaults(func=_prune)

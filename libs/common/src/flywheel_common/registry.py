@@ -1,7 +1,9 @@
 """The model registry: immutable version folders and an atomically updated rollout state.
 
 Layout under the artifact root:
-    models/versions/<version>/      immutable: model/ (ONNX, tokenizer), manifest.json
+    models/versions/<version>/      immutable: model/ (ONNX, tokenizer), hf/ (weights to train
+                                    from), manifest.json; `prune` removes model/ and hf/ of versions
+                                    nothing needs any more, and the manifest stays
     models/rollout.json             production, canary, split, pin; replaced atomically
     models/reports/<version>/       evaluation reports written next to the version
     models/decisions.jsonl          every rollout decision, appended
@@ -95,6 +97,20 @@ class ModelVersion:
     def kind(self) -> str:
         return str(self.manifest.get("kind", "unknown"))
 
+    @property
+    def pruned(self) -> bool:
+        """Whether retention removed its weights (`ModelRegistry.prune`): it cannot serve again."""
+        return not self.model_dir.exists()
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A version whose weights `ModelRegistry.prune` removed, and the bytes that freed (files
+    hard-linked elsewhere, such as a base's prepared cache, free nothing)."""
+
+    version: str
+    freed_bytes: int
+
 
 class ModelRegistry:
     """Registers versions and moves the rollout pointers; safe across processes sharing the folder."""
@@ -180,6 +196,16 @@ class ModelRegistry:
             raise NotFound(f"no model version {version}")
         return ModelVersion(version, path, json.loads(manifest_path.read_text()))
 
+    def servable(self, version: str) -> ModelVersion:
+        """A registered version that still has its weights; FailedPrecondition for a pruned one."""
+        mv = self.get(version)
+        if mv.pruned:
+            raise FailedPrecondition(
+                f"{version}'s weights were removed by retention (its manifest, reports and decisions "
+                "stay); it cannot serve again"
+            )
+        return mv
+
     def list_versions(self) -> list[ModelVersion]:
         """Every registered version, oldest first."""
         names = [p.name for p in self.versions_dir.glob("v*") if (p / MANIFEST).is_file()]
@@ -187,7 +213,7 @@ class ModelRegistry:
 
     def verify(self, version: str) -> None:
         """Raises FailedPrecondition when a version's files do not match its manifest."""
-        mv = self.get(version)
+        mv = self.servable(version)
         for rel, digest in mv.manifest.get("files", {}).items():
             if file_sha256(mv.path / rel) != digest:
                 raise FailedPrecondition(f"{version}: {rel} does not match its manifest")
@@ -211,6 +237,50 @@ class ModelRegistry:
         path = self.models / "marks" / f"{version}.json"
         return list(json.loads(path.read_text())) if path.is_file() else []
 
+    # Retention: a version's weights are its bulk; its manifest, marks, reports and decisions stay
+
+    def prune(self, keep_latest: int, *, dry_run: bool = False) -> list[Pruned]:
+        """Removes the weights (model/ and hf/) of the versions nothing needs any more; returns them.
+
+        Kept: production, the canary, the previous production (what a rollback restores), every
+        base, the `keep_latest` newest versions, and every version without a recorded decision (a
+        candidate the gate has not judged yet). A pruned version's lineage, reports and decisions
+        still read; `update_state` refuses to serve it. `dry_run` returns what would go.
+        """
+        if keep_latest < 0:
+            raise InvalidArgument("keep_latest must be 0 or more")
+        for stale in self.versions_dir.glob(".pruning-*"):  # left by a prune that stopped midway
+            shutil.rmtree(stale, ignore_errors=True)
+        trash = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".pruning-"))
+        pruned: list[Pruned] = []
+        try:
+            with self._lock():
+                state = self.state()
+                decided = {str(d.get("version", "")) for d in self.decisions()}
+                versions = self.list_versions()
+                newest = {v.version for v in versions[-keep_latest:]} if keep_latest else set()
+                needed = {state.production, state.canary, state.previous_production} | newest
+                for mv in versions:
+                    if mv.pruned or mv.version in needed or mv.kind == "base" or mv.version not in decided:
+                        continue
+                    parts = [p for p in (mv.model_dir, mv.hf_dir) if p.exists()]
+                    freed = sum(
+                        f.stat().st_size
+                        for part in parts
+                        for f in part.rglob("*")
+                        if f.is_file() and f.stat().st_nlink == 1
+                    )
+                    pruned.append(Pruned(mv.version, freed))
+                    if not dry_run:
+                        for part in parts:  # a rename: the version is whole or pruned, never half
+                            os.rename(part, trash / f"{mv.version}-{part.name}")
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+        for item in pruned if not dry_run else []:
+            self.mark(item.version, {"kind": "pruned", "freed_bytes": item.freed_bytes})
+            log.info("pruned model version %s (%d bytes freed)", item.version, item.freed_bytes)
+        return pruned
+
     # Rollout state
 
     def state(self) -> RolloutState:
@@ -228,7 +298,7 @@ class ModelRegistry:
             note = change(state)
             for name in (state.production, state.canary):
                 if name:
-                    self.get(name)
+                    self.servable(name)
             if state.production != before:
                 state.previous_production = before
             state.requests = dict(list(state.requests.items())[-_REQUESTS_KEPT:])

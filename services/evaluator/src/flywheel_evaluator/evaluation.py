@@ -324,7 +324,7 @@ class Evaluator:
     def _engine(self, version: str) -> AnswerEngine:
         """The serving engine over a version's ONNX model, sized for the evaluation's concurrency."""
         s = self.settings
-        model = self.registry.get(version)
+        model = self.registry.servable(version)
         if not (model.model_dir / "model.onnx").is_file():
             raise FailedPrecondition(f"{version} has no ONNX model")
         return AnswerEngine(

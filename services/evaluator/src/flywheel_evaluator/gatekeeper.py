@@ -28,6 +28,7 @@ from flywheel_evaluator.metrics import (
     LIVE_MEAN_RATING,
     LIVE_THUMBS_DOWN_RATE,
     PRECISION,
+    PRUNED_BYTES,
     ROLLOUT_STATE,
     rollout_state_value,
 )
@@ -63,7 +64,7 @@ class Gatekeeper:
         self.stopping = threading.Event()
         self._last_candidate: tuple[str, EvaluationResult] | None = None
         self._prefetch: threading.Thread | None = None
-        self._last_prune = 0.0
+        self._last_prune = -_PRUNE_EVERY_S  # the first tick prunes
 
     # Evaluations and their reports
 
@@ -74,7 +75,7 @@ class Gatekeeper:
 
     def evaluate_now(self, version: str) -> EvaluationResult:
         """Evaluates a version afresh (the Evaluate RPC)."""
-        self.registry.get(version)
+        self.registry.servable(version)
         result = self._evaluate(version, reuse=False)
         self.refresh_gauges()
         return result
@@ -204,7 +205,21 @@ class Gatekeeper:
             self._prefetch_production()
         if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
             self.store.prune(time.time() - self.settings.live.retention_s)
+            self.prune_versions()
             self._last_prune = time.monotonic()
+
+    def prune_versions(self) -> None:
+        """Removes the weights of versions nothing needs any more (`settings.retention`)."""
+        retention = self.settings.retention
+        if not retention.enabled:
+            return
+        try:
+            pruned = self.registry.prune(retention.keep_latest)
+        except OSError:
+            log.exception("pruning model versions failed; they are kept")
+            return
+        for item in pruned:
+            PRUNED_BYTES.inc(item.freed_bytes)
 
     def refresh_gauges(self) -> None:
         """Sets the quality, rollout and live gauges from the registry and the live store."""

@@ -91,6 +91,10 @@ LIVE_FEEDBACK = Gauge(
     "Feedback events (ratings, thumbs, ignores) on a serving version over the live window.",
     ["version"],
 )
+PRUNED_BYTES = Counter(
+    "flywheel_evaluator_pruned_bytes",
+    "Bytes of model weights freed by retention (versions nothing needs any more).",
+)
 SIGNALS = Counter(
     "flywheel_evaluator_live_signals",
     "Live signals consumed, by kind (rating, thumbs, ignored, interaction).",

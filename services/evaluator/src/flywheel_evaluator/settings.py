@@ -141,6 +141,15 @@ class LiveSettings(BaseModel):
     consume_interactions: bool = True
 
 
+class RetentionSettings(BaseModel):
+    """Which model versions keep their weights (`ModelRegistry.prune`, hourly): besides production,
+    the canary, the previous production, the base and candidates not yet gated, the newest
+    `keep_latest`. A candidate with merged weights and its ONNX export is 1-3 GB."""
+
+    enabled: bool = True
+    keep_latest: int = Field(default=5, ge=0)
+
+
 class EvaluatorSettings(BaseSettings):
     """Everything the evaluator reads from its environment."""
 
@@ -160,6 +169,7 @@ class EvaluatorSettings(BaseSettings):
     gate: GateSettings = GateSettings()
     canary: CanarySettings = CanarySettings()
     live: LiveSettings = LiveSettings()
+    retention: RetentionSettings = RetentionSettings()
     consumer_group: str = "flywheel-evaluator"
     # A candidate's evaluation runs inside the poll loop; the group must not evict it meanwhile.
     max_poll_interval_ms: int = Field(default=1_800_000, ge=10_000)

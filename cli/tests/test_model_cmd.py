@@ -1,0 +1,35 @@
+"""`flywheel model prune` and `list`: what retention removed, as an SRE sees it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flywheel_cli.__main__ import main
+from flywheel_common.registry import ModelRegistry
+
+
+def test_prune_says_what_it_frees_and_list_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"x" * 2**20)
+    registry = ModelRegistry(tmp_path / "artifacts")
+    for kind in ("base", "candidate", "candidate"):
+        registry.register(model, kind=kind)
+    registry.set_production("v1")
+    registry.append_decision({"version": "v2", "action": "gate", "passed": False})
+    root = ["--artifact-root", str(tmp_path / "artifacts")]
+
+    assert main(["model", "prune", "--keep-latest", "0", "--dry-run", *root]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "v2     would free 1 MiB",
+        "1 versions pruned (dry run), 1 MiB",
+    ]
+    assert main(["model", "prune", "--keep-latest", "0", *root]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1 versions pruned, 1 MiB"
+    assert main(["model", "list", *root]) == 0
+    roles = {line.split()[0]: line.split()[3:] for line in capsys.readouterr().out.splitlines()[:3]}
+    assert roles == {"v1": ["production"], "v2": ["pruned"], "v3": []}  # v3 is not gated yet
