@@ -69,22 +69,31 @@ def test_get_hpa_shows_the_inference_autoscaler(installs: dict[str, Install]) ->
     assert hpa["spec"]["maxReplicas"] == values["inference"]["autoscaling"]["maxReplicas"]
 
 
-def test_trainer_store_is_on_its_claim_at_the_runbook_path(installs: dict[str, Install]) -> None:
-    """`exec deploy/$REL-trainer -- df -h /var/lib/flywheel/trainer`: that path is the mount of the
-    claim `<release>-trainer-data`, which is Bound."""
+@pytest.mark.parametrize(
+    ("service", "path", "claim"),
+    [
+        ("trainer", "/var/lib/flywheel/trainer", "trainer-data"),
+        ("evaluator", "/var/lib/flywheel/artifacts", "artifacts"),
+    ],
+)
+def test_runbook_paths_are_on_their_claims(
+    installs: dict[str, Install], service: str, path: str, claim: str
+) -> None:
+    """`exec deploy/$REL-trainer -- df -h /var/lib/flywheel/trainer` and `exec deploy/$REL-evaluator
+    -- du -sh /var/lib/flywheel/artifacts/*/` (FlywheelArtifactStoreFilling): each path is the mount
+    of the claim `<release>-<claim>`, which is Bound."""
     install = installs["cpu-values.yaml"]
     cluster, ns = install.cluster, install.namespace
-    (pod,) = get(cluster, "pods", "-n", ns, "-l", "app.kubernetes.io/component=trainer")["items"]
+    (pod,) = get(cluster, "pods", "-n", ns, "-l", f"app.kubernetes.io/component={service}")["items"]
     claims = {
         v["name"]: v["persistentVolumeClaim"]["claimName"]
         for v in pod["spec"]["volumes"]
         if "persistentVolumeClaim" in v
     }
-    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "trainer"]
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == service]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert claims[mounts["/var/lib/flywheel/trainer"]] == f"{RELEASE}-trainer-data"
-    claim = get(cluster, "pvc", f"{RELEASE}-trainer-data", "-n", ns)
-    assert claim["status"]["phase"] == "Bound"
+    assert claims[mounts[path]] == f"{RELEASE}-{claim}"
+    assert get(cluster, "pvc", f"{RELEASE}-{claim}", "-n", ns)["status"]["phase"] == "Bound"
 
 
 @pytest.mark.parametrize(("service", "port"), [("trainer", 50053), ("evaluator", 50054)])

@@ -135,3 +135,28 @@ def test_a_batch_left_empty_by_dropping_ungrounded_answers_fails_with_the_reason
     settings = JobSettings(artifact_root=root, hyper=HyperParameters(ungrounded="drop"))
     with pytest.raises(RuntimeError, match=r"no example left to train on: all 1 .*ungrounded=drop"):
         run._gather(settings, run.JobArgs("ds-1", base, "job-1"), ModelRegistry(root))
+
+
+def test_a_job_without_disk_for_its_candidate_fails_before_training(
+    tmp_path: Path, prepared_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from flywheel_model.prepare import register_base
+    from flywheel_trainer.job import run
+    from flywheel_trainer.settings import JobSettings
+
+    root = tmp_path / "artifacts"
+    base = register_base(prepared_model, root)
+    write(root, "ds-1", [example(1)])
+    settings = JobSettings(artifact_root=root, scratch_dir=tmp_path / "scratch")
+    parent = ModelRegistry(root).get(base)
+    size = run._tree_bytes(parent.hf_dir) + run._tree_bytes(parent.model_dir)
+    usage = shutil.disk_usage(tmp_path)
+    # scratch and the store share one disk here: the job needs room for two copies.
+    monkeypatch.setattr(run.shutil, "disk_usage", lambda _: usage._replace(free=2 * size - 1))
+    with pytest.raises(RuntimeError, match=r"not enough disk for the candidate: .* needs about"):
+        run.run(settings, run.JobArgs("ds-1", base, "job-1"))
+    assert not (tmp_path / "scratch" / "job-1").exists()
+    monkeypatch.setattr(run.shutil, "disk_usage", lambda _: usage._replace(free=2 * size))
+    run._check_space(settings, parent)

@@ -243,6 +243,30 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
     )
 
 
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _check_space(settings: JobSettings, parent: ModelVersion) -> None:
+    """Fails before training when the candidate would not fit, rather than after it: its merged
+    weights and ONNX export take about the parent's size in scratch, and again in the artifact
+    store (the registry copies what it cannot hard-link)."""
+    size = _tree_bytes(parent.hf_dir) + _tree_bytes(parent.model_dir)
+    needs: dict[int, tuple[Path, int]] = {}
+    for path in (settings.scratch_dir, settings.artifact_root):
+        path.mkdir(parents=True, exist_ok=True)
+        where, need = needs.get(path.stat().st_dev, (path, 0))
+        needs[path.stat().st_dev] = (where, need + size)
+    for where, need in needs.values():
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise RuntimeError(
+                f"not enough disk for the candidate: {where} has {free / 2**30:.1f} GiB free, the job "
+                f"needs about {need / 2**30:.1f} GiB (its weights and ONNX export, in scratch and in "
+                "the artifact store); free some, or prune old versions (docs/evaluator.md, Retention)"
+            )
+
+
 def _train_and_merge(
     settings: JobSettings, inputs: _Inputs, scratch: Path, laps: _Laps
 ) -> tuple[Any, str, Path]:
@@ -365,6 +389,7 @@ def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
         torch.set_num_threads(settings.threads)
     registry = ModelRegistry(settings.artifact_root)
     inputs = _gather(settings, args, registry)
+    _check_space(settings, inputs.parent)
     laps.lap("prepare_s")
 
     scratch = settings.scratch_dir / args.job_id
