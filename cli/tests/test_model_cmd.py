@@ -26,10 +26,10 @@ def test_prune_says_what_it_frees_and_list_shows_it(
     assert main(["model", "prune", "--keep-latest", "0", "--dry-run", *root]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "v2     would free 1 MiB",
-        "1 versions pruned (dry run), 1 MiB",
+        "versions to prune: 1 (1 MiB)",
     ]
     assert main(["model", "prune", "--keep-latest", "0", *root]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "1 versions pruned, 1 MiB"
+    assert capsys.readouterr().out.splitlines()[-1] == "versions pruned: 1 (1 MiB)"
     assert main(["model", "list", *root]) == 0
     roles = {line.split()[0]: line.split()[3:] for line in capsys.readouterr().out.splitlines()[:3]}
     assert roles == {"v1": ["production"], "v2": ["pruned"], "v3": []}  # v3 is not gated yet

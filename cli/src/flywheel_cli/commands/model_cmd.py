@@ -66,13 +66,13 @@ def _prune(args: argparse.Namespace) -> int:
     for item in pruned:
         print(f"{item.version:6} {verb} {item.freed_bytes / 2**20:,.0f} MiB")
     total = sum(item.freed_bytes for item in pruned)
-    print(f"{len(pruned)} versions pruned{' (dry run)' if args.dry_run else ''}, {total / 2**20:,.0f} MiB")
+    print(f"versions {'to prune' if args.dry_run else 'pruned'}: {len(pruned)} ({total / 2**20:,.0f} MiB)")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Adds `model prepare|list|prune` to the flywheel command."""
-    model = subparsers.add_parser("model", help="prepare, export and list model versions")
+    model = subparsers.add_parser("model", help="prepare, export, list and prune model versions")
     commands = model.add_subparsers(dest="model_command", required=True)
     prep = commands.add_parser(
         "prepare", help="GGUF or Hugging Face folder -> fp32 HF folder -> ONNX (cached), then register it"
