@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flywheel_cli.local.options import add_stack_args, stack_config
-from flywheel_cli.local.stack import LocalStack, StackConfig, StackError, describe_state
+from flywheel_cli.local.stack import LocalStack, StackConfig, StackError, describe_state, runs_on_disk
 from flywheel_common.registry import ModelRegistry
 from flywheel_model.prepare import SERVED_BASE_MODEL
 
@@ -52,3 +52,16 @@ def test_the_state_at_start_is_described(tmp_path: Path) -> None:
     (config.artifact_root / "datasets" / "ds-1").mkdir(parents=True)
     described = describe_state(config)
     assert described.startswith(f"the state in {tmp_path}: 3 model versions (production v3), 1 training")
+
+
+def test_old_runs_say_what_deleting_them_frees(tmp_path: Path) -> None:
+    assert runs_on_disk(tmp_path / "runs") == (0, 0)
+    shared = tmp_path / "cache-model.onnx"
+    shared.write_bytes(b"x" * 1000)
+    for name, size in (("20261201-100000", 300), ("20261202-100000", 200)):
+        versions = tmp_path / "runs" / name / "artifacts" / "models" / "versions" / "v1"
+        versions.mkdir(parents=True)
+        (versions / "weights.bin").write_bytes(b"w" * size)
+        (versions / "model.onnx").hardlink_to(shared)  # the base, linked from the prepared cache
+    (tmp_path / "runs" / "notes.txt").write_text("not a run")
+    assert runs_on_disk(tmp_path / "runs") == (2, 500)

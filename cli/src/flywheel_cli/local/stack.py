@@ -341,6 +341,20 @@ def describe_state(config: StackConfig) -> str:
     )
 
 
+def runs_on_disk(runs_dir: Path) -> tuple[int, int]:
+    """The simulations' state folders under `runs_dir`: how many, and the bytes deleting them frees
+    (files linked from elsewhere too, such as the base model's prepared cache, free nothing)."""
+    runs = [p for p in runs_dir.glob("[!.]*") if p.is_dir()] if runs_dir.is_dir() else []
+    freed = 0
+    for run in runs:
+        for path in run.rglob("*"):
+            with contextlib.suppress(OSError):  # a service of a running stack may delete it meanwhile
+                info = path.lstat()
+                if path.is_file() and not path.is_symlink() and info.st_nlink == 1:
+                    freed += info.st_size
+    return len(runs), freed
+
+
 def check_health(target: str, timeout_s: float = 2.0) -> bool:
     """Whether the gRPC server at `target` reports SERVING (grpc.health.v1, whole server)."""
     with grpc.insecure_channel(target) as channel:

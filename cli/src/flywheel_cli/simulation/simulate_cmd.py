@@ -20,7 +20,7 @@ from rich.progress import (
 from flywheel_cli.console import make_console
 from flywheel_cli.errors import UserError
 from flywheel_cli.local.options import add_stack_args, print_table, stack_config
-from flywheel_cli.local.stack import LocalStack, StackError
+from flywheel_cli.local.stack import LocalStack, StackError, runs_on_disk
 from flywheel_cli.simulation import report as report_mod
 from flywheel_cli.simulation.simulate import (
     DEFAULT_TEMPLATE,
@@ -127,6 +127,12 @@ def run_simulation(
         )
     console.print(f"wall time {result.wall_time_s / 60:.1f} min")
     console.print(f"[bold]report:[/] {folder}/report.md  (JSON: report.json, chart: chart.png)")
+    if stack is not None and stack.config.own_broker:
+        count, freed = runs_on_disk(stack.config.var_dir.parent)
+        console.print(
+            f"[dim]{stack.config.var_dir.parent}: {count} simulation state folder{'s' * (count != 1)}; "
+            f"deleting {'them' if count != 1 else 'it'} frees {freed / 2**30:.1f} GB (the reports stay)[/]"
+        )
     return 0
 
 
