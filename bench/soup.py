@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +32,6 @@ BUDGET, WORDS = 200, 40
 
 def average(merged_dirs: Sequence[Path], out_dir: Path) -> Path:
     """The mean of Hugging Face folders' weights, with the first folder's other files."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)

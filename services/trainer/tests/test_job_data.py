@@ -142,6 +142,7 @@ def test_a_job_without_disk_for_its_candidate_fails_before_training(
 ) -> None:
     import shutil
 
+    from flywheel_common.files import tree_bytes
     from flywheel_model.prepare import register_base
     from flywheel_trainer.job import run
     from flywheel_trainer.settings import JobSettings
@@ -151,7 +152,7 @@ def test_a_job_without_disk_for_its_candidate_fails_before_training(
     write(root, "ds-1", [example(1)])
     settings = JobSettings(artifact_root=root, scratch_dir=tmp_path / "scratch")
     parent = ModelRegistry(root).get(base)
-    size = run._tree_bytes(parent.hf_dir) + run._tree_bytes(parent.model_dir)
+    size = tree_bytes(parent.hf_dir) + tree_bytes(parent.model_dir)
     usage = shutil.disk_usage(tmp_path)
     # scratch and the store share one disk here: the job needs room for two copies.
     monkeypatch.setattr(run.shutil, "disk_usage", lambda _: usage._replace(free=2 * size - 1))

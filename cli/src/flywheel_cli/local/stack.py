@@ -31,6 +31,7 @@ from flywheel_cli.local.prometheus import (
     chart_rule_groups,
     find_tool,
 )
+from flywheel_common.files import tree_bytes
 from flywheel_common.kafka import ensure_topics
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings, TopicSettings
@@ -345,14 +346,7 @@ def runs_on_disk(runs_dir: Path) -> tuple[int, int]:
     """The simulations' state folders under `runs_dir`: how many, and the bytes deleting them frees
     (files linked from elsewhere too, such as the base model's prepared cache, free nothing)."""
     runs = [p for p in runs_dir.glob("[!.]*") if p.is_dir()] if runs_dir.is_dir() else []
-    freed = 0
-    for run in runs:
-        for path in run.rglob("*"):
-            with contextlib.suppress(OSError):  # a service of a running stack may delete it meanwhile
-                info = path.lstat()
-                if path.is_file() and not path.is_symlink() and info.st_nlink == 1:
-                    freed += info.st_size
-    return len(runs), freed
+    return len(runs), sum(tree_bytes(run, unshared=True) for run in runs)
 
 
 def check_health(target: str, timeout_s: float = 2.0) -> bool:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,20 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tree_bytes(root: Path, *, unshared: bool = False) -> int:
+    """Bytes of the regular files under `root` (links not followed); with `unshared`, only of those
+    no other path links to, which is what deleting the tree frees. A file deleted meanwhile counts 0."""
+    total = 0
+    for path in root.rglob("*"):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and (info.st_nlink == 1 or not unshared):
+            total += info.st_size
+    return total
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel_common.errors import FailedPrecondition, InvalidArgument, NotFound
-from flywheel_common.files import file_sha256, freeze_tree, share_tree
+from flywheel_common.files import file_sha256, freeze_tree, share_tree, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -249,33 +249,25 @@ class ModelRegistry:
         """
         if keep_latest < 0:
             raise InvalidArgument("keep_latest must be 0 or more")
-        for stale in self.versions_dir.glob(".pruning-*"):  # left by a prune that stopped midway
-            shutil.rmtree(stale, ignore_errors=True)
-        trash = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".pruning-"))
         pruned: list[Pruned] = []
-        try:
-            with self._lock():
-                state = self.state()
-                decided = {str(d.get("version", "")) for d in self.decisions()}
-                versions = self.list_versions()
-                newest = {v.version for v in versions[-keep_latest:]} if keep_latest else set()
-                needed = {state.production, state.canary, state.previous_production} | newest
-                for mv in versions:
-                    if mv.pruned or mv.version in needed or mv.kind == "base" or mv.version not in decided:
-                        continue
-                    parts = [p for p in (mv.model_dir, mv.hf_dir) if p.exists()]
-                    freed = sum(
-                        f.stat().st_size
-                        for part in parts
-                        for f in part.rglob("*")
-                        if f.is_file() and f.stat().st_nlink == 1
-                    )
-                    pruned.append(Pruned(mv.version, freed))
-                    if not dry_run:
-                        for part in parts:  # a rename: the version is whole or pruned, never half
-                            os.rename(part, trash / f"{mv.version}-{part.name}")
-        finally:
-            shutil.rmtree(trash, ignore_errors=True)
+        with self._lock():
+            for stale in self.versions_dir.glob(".pruning-*"):  # left by a prune that stopped midway
+                shutil.rmtree(stale, ignore_errors=True)
+            trash = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".pruning-"))
+            state = self.state()
+            decided = {str(d.get("version", "")) for d in self.decisions()}
+            versions = self.list_versions()
+            newest = {v.version for v in versions[-keep_latest:]} if keep_latest else set()
+            needed = {state.production, state.canary, state.previous_production} | newest
+            for mv in versions:
+                if mv.pruned or mv.version in needed or mv.kind == "base" or mv.version not in decided:
+                    continue
+                parts = [p for p in (mv.model_dir, mv.hf_dir) if p.exists()]
+                pruned.append(Pruned(mv.version, sum(tree_bytes(part, unshared=True) for part in parts)))
+                if not dry_run:
+                    for part in parts:  # a rename: the version is whole or pruned, never half
+                        os.rename(part, trash / f"{mv.version}-{part.name}")
+        shutil.rmtree(trash, ignore_errors=True)
         for item in pruned if not dry_run else []:
             self.mark(item.version, {"kind": "pruned", "freed_bytes": item.freed_bytes})
             log.info("pruned model version %s (%d bytes freed)", item.version, item.freed_bytes)

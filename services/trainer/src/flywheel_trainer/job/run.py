@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from flywheel_common.files import file_sha256, freeze_tree
+from flywheel_common.files import file_sha256, freeze_tree, tree_bytes
 from flywheel_common.registry import ModelRegistry, ModelVersion, now_iso
 from flywheel_trainer import datasets
 from flywheel_trainer.results import write_result
@@ -243,20 +243,17 @@ def _gather(settings: JobSettings, args: JobArgs, registry: ModelRegistry) -> _I
     )
 
 
-def _tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def _check_space(settings: JobSettings, parent: ModelVersion) -> None:
     """Fails before training when the candidate would not fit, rather than after it: its merged
     weights and ONNX export take about the parent's size in scratch, and again in the artifact
     store (the registry copies what it cannot hard-link)."""
-    size = _tree_bytes(parent.hf_dir) + _tree_bytes(parent.model_dir)
+    size = tree_bytes(parent.hf_dir) + tree_bytes(parent.model_dir)
     needs: dict[int, tuple[Path, int]] = {}
     for path in (settings.scratch_dir, settings.artifact_root):
         path.mkdir(parents=True, exist_ok=True)
-        where, need = needs.get(path.stat().st_dev, (path, 0))
-        needs[path.stat().st_dev] = (where, need + size)
+        device = path.stat().st_dev
+        where, need = needs.get(device, (path, 0))
+        needs[device] = (where, need + size)
     for where, need in needs.values():
         free = shutil.disk_usage(where).free
         if free < need:
