@@ -310,6 +310,31 @@ async def test_rate_limit(producer: FakeProducer, signer: QueryIdSigner) -> None
     assert len(producer.events) == 3
 
 
+async def test_rate_limit_is_per_visitor_session_behind_one_token(
+    producer: FakeProducer, signer: QueryIdSigner
+) -> None:
+    """The gateway relays every visitor on one token: one visitor's burst leaves the others'
+    feedback alone, and ids without a session or forged ones share the token's bucket."""
+    servicer = make_servicer(producer, rate_limit={"per_second": 1, "burst": 2})
+
+    def rate(query_id: str) -> Any:
+        request = feedback_pb2.SubmitFeedbackRequest(query_id=query_id, rating=1)
+        return servicer.SubmitFeedback(request, FakeContext(USER))  # type: ignore[arg-type]
+
+    noisy, quiet = signer.issue("v", "aa" * 8), signer.issue("v", "bb" * 8)
+    for _ in range(2):
+        await rate(noisy)
+    with pytest.raises(ResourceExhausted):
+        await rate(noisy)
+    await rate(quiet)
+    await rate(signer.issue("v"))
+    with pytest.raises(InvalidArgument):
+        await rate("not-a-query-id")
+    with pytest.raises(ResourceExhausted):
+        await rate("not-a-query-id")
+    assert len(producer.events) == 4
+
+
 async def test_redaction_runs_off_the_event_loop(
     servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
 ) -> None:

@@ -110,7 +110,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         """A visitor's rating, thumbs, comment or ignored signal."""
         try:
             principal = self._admit(request_metadata(context))
-            claims = self._verify(request.query_id)
+            claims = self._verify_within_limit(principal, request.query_id)
             event = self._feedback_event(request, principal, claims)
             await self._redact(event)
             return await self._store(event, principal, request.idempotency_key)
@@ -124,6 +124,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         """An expert reviewer's corrected answer and note."""
         try:
             principal = self._admit(request_metadata(context), Role.EXPERT, Role.ADMIN)
+            self._limiter.check(principal.token_hash)
             claims = self._verify(request.query_id)
             event = self._correction_event(request, principal, claims)
             await self._redact(event)
@@ -141,8 +142,21 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         principal = self._auth.authenticate(metadata)
         if roles:
             principal.require(*roles)
-        self._limiter.check(principal.token_hash)
         return principal
+
+    def _verify_within_limit(self, principal: Principal, query_id: str) -> QueryIdClaims:
+        """Checks the query id, then takes one token from the bucket of the visitor session it
+        names: a gateway relays every visitor on one token, and one bucket for all of them would
+        let a few visitors use up everyone's. A query id without a session, and a bad one, count
+        against the caller's token."""
+        try:
+            claims = self._verify(query_id)
+        except InvalidArgument:
+            self._limiter.check(principal.token_hash)
+            raise
+        session = claims.session_pseudonym
+        self._limiter.check(f"{principal.token_hash}/{session}" if session else principal.token_hash)
+        return claims
 
     def _verify(self, query_id: str) -> QueryIdClaims:
         if not query_id:
