@@ -20,6 +20,7 @@ from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import GrpcSettings
 from flywheel_gateway.api import Gateway
+from flywheel_gateway.app import GatewayApp
 from flywheel_gateway.clients import ServiceClients
 from flywheel_gateway.settings import GatewaySettings
 from flywheel_model.prompt import NO_ANSWER
@@ -220,6 +221,40 @@ async def test_rate_limits_apply_per_client_address(make_client: Any) -> None:
         client.cookies.clear()
         codes.append((await _ask(client)).status_code)
     assert codes == [200, 200, 429]
+
+
+async def test_the_address_is_what_the_last_trusted_proxy_saw(
+    services: tuple[dict[str, str], StreamingInference, JoinStore],
+) -> None:
+    """Through uvicorn on loopback, a trusted proxy: a client that writes a new X-Forwarded-For
+    entry on each request is still one address; another address has its own bucket."""
+    settings = GatewaySettings(
+        http={"port": 0, "grace_s": 0, "forwarded_allow_ips": "127.0.0.0/8,10.0.0.0/8"},
+        services=services[0],
+        sites=[SITE],
+        rate_limit={"address": {"per_second": 0.01, "burst": 2}},
+    )
+    app = GatewayApp(settings)
+    await app.start()
+    try:
+        async with httpx.AsyncClient(base_url=app.url) as client:
+
+            async def ask(forwarded: str) -> int:
+                client.cookies.clear()
+                headers = {"origin": SITE, "x-forwarded-for": forwarded}
+                body = {"question": "When was it created?", "page": PAGE}
+                return (await client.post("/api/v1/answers", json=body, headers=headers)).status_code
+
+            spoofed = [await ask(f"198.51.100.{n}, 203.0.113.7, 10.1.2.3") for n in range(3)]
+            assert spoofed == [200, 200, 429]
+            assert await ask("203.0.113.8, 10.1.2.3") == 200
+    finally:
+        await app.stop()
+
+
+def test_every_proxy_trusted_is_refused() -> None:
+    with pytest.raises(ValueError, match="X-Forwarded-For"):
+        GatewaySettings(http={"forwarded_allow_ips": "*"})
 
 
 async def test_feedback_needs_the_ticket_of_an_answer_of_this_session(make_client: Any) -> None:

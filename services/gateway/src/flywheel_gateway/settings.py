@@ -16,11 +16,24 @@ class HttpSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    # Proxies whose X-Forwarded-For / -Proto are believed (comma-separated addresses, "*" for any):
-    # behind an ingress, the client address that rate limits key on comes from there.
+    # Proxies whose X-Forwarded-For / -Proto are believed (comma-separated addresses or networks):
+    # behind an ingress, the client address that rate limits key on is the header's last entry
+    # that is not one of them, the one the last trusted proxy saw. "*" is refused: it would take
+    # the first entry, which the client writes itself.
     forwarded_allow_ips: str = "127.0.0.1"
     # Seconds open requests (streams included) get to finish on shutdown.
     grace_s: float = Field(default=20.0, ge=0)
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _no_wildcard(cls, value: str) -> str:
+        if "*" in value:
+            raise ValueError(
+                "forwarded_allow_ips must list the proxies' addresses or networks: with '*' the "
+                "client's own X-Forwarded-For entry would be believed, and rate limits per address "
+                "could be dodged by writing a new one on each request"
+            )
+        return value
 
 
 class ServiceTargets(BaseModel):
