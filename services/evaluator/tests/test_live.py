@@ -217,6 +217,12 @@ def test_events_become_signals() -> None:
         events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_CORRECTION, model_version="v2"),
         events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_RATING, value=9, model_version="v2"),
         events_pb2.Feedback(kind=events_pb2.FEEDBACK_KIND_RATING, value=3),
+        events_pb2.Feedback(
+            kind=events_pb2.FEEDBACK_KIND_RATING,
+            value=5,
+            model_version="v2",
+            reviewer_role=events_pb2.REVIEWER_ROLE_EXPERT,
+        ),
     ):
         assert feedback_signal(ignored, now=T0) is None
     served = events_pb2.Interaction(model_version="v1", total_ms=1234.0, finish_reason="eos")

@@ -110,6 +110,11 @@ async def test_feedback_counts_as_the_session_the_signed_query_id_names(
     correction = feedback_pb2.SubmitCorrectionRequest(query_id=query_id, corrected_answer="Right.")
     await servicer.SubmitCorrection(correction, FakeContext(EXPERT))  # type: ignore[arg-type]
     assert producer.events[-1][2].submitter_pseudonym not in ("", asker)
+    # So is an expert's rating (accepting the answer in the review console).
+    accept = feedback_pb2.SubmitFeedbackRequest(query_id=query_id, rating=5, idempotency_key="accept")
+    await servicer.SubmitFeedback(accept, FakeContext(EXPERT))  # type: ignore[arg-type]
+    assert producer.events[-1][2].submitter_pseudonym not in ("", asker)
+    assert producer.events[-1][2].reviewer_role == events_pb2.REVIEWER_ROLE_EXPERT
 
 
 @pytest.mark.parametrize(

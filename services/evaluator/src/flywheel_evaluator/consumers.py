@@ -72,10 +72,16 @@ _FEEDBACK_KINDS = {
 }
 
 
+# Reviewers' votes (an expert accepting an answer in the console) say what an expert thinks, not
+# how visitors fared; the canary's live signals are the visitors'.
+_REVIEWERS = (events_pb2.REVIEWER_ROLE_EXPERT, events_pb2.REVIEWER_ROLE_ADMIN)
+
+
 def feedback_signal(event: events_pb2.Feedback, now: float) -> Signal | None:
-    """The live signal in a feedback event (None for comments, corrections and out-of-range values)."""
+    """The live signal in a visitor's feedback event (None for comments, corrections, reviewers'
+    votes and out-of-range values)."""
     kind = _FEEDBACK_KINDS.get(event.kind)
-    if kind is None or not event.model_version:
+    if kind is None or not event.model_version or event.reviewer_role in _REVIEWERS:
         return None
     if kind == "rating" and not 1 <= event.value <= 5:
         return None

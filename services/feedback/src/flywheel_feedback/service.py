@@ -234,7 +234,9 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def _feedback_event(
         self, request: feedback_pb2.SubmitFeedbackRequest, principal: Principal, claims: QueryIdClaims
     ) -> events_pb2.Feedback:
-        event = self._common(principal, claims, request.idempotency_key, request.session_id, visitor=True)
+        # An expert's rating (accepting an answer in the console) is the expert's, not the asker's.
+        visitor = principal.role is Role.USER
+        event = self._common(principal, claims, request.idempotency_key, request.session_id, visitor=visitor)
         signal = request.WhichOneof("signal")
         if signal == "rating":
             if not 1 <= request.rating <= 5:
