@@ -238,6 +238,10 @@ async def test_a_visitor_asks_and_rates_and_an_expert_corrects(site: Site, brows
     await item.first.click()
     await expect(console.locator("#question")).to_have_text(QUESTION)
     await expect(console.locator("#rollout")).to_contain_text("production")
+    # The page's link says where it goes, whatever title the visitor's browser sent.
+    link = console.locator("#page")
+    href = await link.get_attribute("href")
+    assert href and href.endswith("/general.html") and href in (await link.text_content() or ""), href
     correction = "Python is an interpreted, object-oriented programming language."
     await console.get_by_label("Correct answer").fill(correction)
     await console.screenshot(path=SCREENSHOTS / "console.png")

@@ -346,6 +346,60 @@ async def test_pages_get_a_strict_content_security_policy(make_client: Any, tmp_
     assert "a.html" in (await client.get("/demo/")).text
 
 
+async def test_malformed_input_is_a_client_error(make_client: Any, ev_low_rated: None) -> None:
+    """Bytes no honest browser sends get a 4xx with a message, never a 500."""
+    client, _, _ = await make_client()
+    odd_cookie = {"origin": SITE, "cookie": "flywheel_session=abc.\u00e9".encode("latin-1")}
+    assert (
+        await client.post("/api/v1/answers", json={"question": "q?", "page": PAGE}, headers=odd_cookie)
+    ).status_code == 200
+    ticket = {"query_id": "qid-1", "rating": 5, "ticket": "\u00e9"}
+    assert (await client.post("/api/v1/feedback", json=ticket, headers={"origin": SITE})).status_code == 403
+    json_headers = {"origin": SITE, "content-type": "application/json"}
+    deep = await client.post("/api/v1/feedback", content=b"[" * 100_000, headers=json_headers)
+    assert deep.status_code == 400 and "JSON" in deep.json()["error"]
+    surrogate = b'{"question": "\\ud800?", "page": {"text": "x"}}'
+    lone = await client.post("/api/v1/answers", content=surrogate, headers=json_headers)
+    assert lone.status_code == 400 and "Unicode" in lone.json()["error"]
+    for token in ("dev-expert-token\nx", "dev-expert-t\u00f6ken"):
+        login = await client.post("/console/login", json={"token": token}, headers={"origin": GATEWAY})
+        assert login.status_code == 400 and "printable ASCII" in login.json()["error"]
+    await client.post("/console/login", json={"token": "dev-expert-token"}, headers={"origin": GATEWAY})
+    huge = await client.get("/api/v1/review/items?limit=99999999999")
+    assert huge.status_code == 400 and "limit" in huge.json()["error"]
+
+
+async def test_every_call_counts_against_its_address(make_client: Any) -> None:
+    client, _, _ = await make_client(rate_limit={"address": {"per_second": 0.01, "burst": 2}})
+    codes = [(await client.get("/api/v1/review/items")).status_code for _ in range(3)]
+    assert codes == [401, 401, 429]
+
+
+async def test_readiness_is_checked_once_a_second_however_often_it_is_asked(
+    services: tuple[dict[str, str], StreamingInference, JoinStore],
+) -> None:
+    settings = GatewaySettings(services=services[0], sites=[SITE])
+    clients = ServiceClients(settings.services)
+    gateway = Gateway(settings, clients, session_key=b"k" * 32, visitor_token=VISITOR_TOKEN)
+    checks: list[str] = []
+    real = clients.serving
+
+    async def counted(name: str, timeout_s: float = 2.0) -> bool:
+        checks.append(name)
+        return await real(name, timeout_s)
+
+    clients.serving = counted  # type: ignore[method-assign]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=gateway.asgi()), base_url=GATEWAY
+    ) as client:
+        replies = [await client.get("/readyz") for _ in range(20)]
+    await clients.close()
+    # Nothing listens for feedback here.
+    assert {r.status_code for r in replies} == {503}
+    assert replies[0].json()["feedback"] is False
+    assert checks == ["inference", "feedback"]
+
+
 def test_unanswerable_is_the_models_own_no_answer() -> None:
     assert GatewaySettings().unanswerable_answer == NO_ANSWER
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -27,6 +29,10 @@ _STATIC = {
 }
 
 
+# How long a readiness answer is reused: the probe is public, and each answer costs two gRPC calls.
+READY_TTL_S = 1.0
+
+
 class Gateway:
     """Builds the application from its parts; `asgi()` is what uvicorn serves."""
 
@@ -48,6 +54,8 @@ class Gateway:
         self._static = {
             name: resources.files("flywheel_gateway").joinpath("static", name) for name in _STATIC
         }
+        self._ready: tuple[float, dict[str, bool]] = (float("-inf"), {})
+        self._ready_lock = asyncio.Lock()
 
     def asgi(self) -> ASGIApp:
         """The Starlette application, wrapped in the security-headers and metrics middleware."""
@@ -96,6 +104,11 @@ class Gateway:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        """Ready when the services visitors need (inference, feedback) report SERVING."""
-        ready = {name: await self.clients.serving(name) for name in ("inference", "feedback")}
+        """Ready when the services visitors need (inference, feedback) report SERVING; the answer
+        is reused for `READY_TTL_S`, so a flood of probes is not a flood of health checks."""
+        async with self._ready_lock:
+            checked, ready = self._ready
+            if time.monotonic() - checked >= READY_TTL_S:
+                ready = {name: await self.clients.serving(name) for name in ("inference", "feedback")}
+                self._ready = (time.monotonic(), ready)
         return JSONResponse(ready, status_code=200 if all(ready.values()) else 503)

@@ -65,8 +65,9 @@ class ReviewApi:
         """Checks an expert's token against the review queue itself (expert or admin role), then
         keeps it here and gives the browser an opaque, HttpOnly, SameSite=Strict cookie."""
         self.guard.check_origin(request, sites=False)
-        self.guard.limit_address(request)
         token = text_field(await self.guard.json(request), "token", 512)
+        if not all("!" <= c <= "~" for c in token):
+            raise HttpError(400, "a token is printable ASCII without spaces", reason="invalid")
         try:
             await self.clients.trainer.ListReviewItems(
                 trainer_pb2.ListReviewItemsRequest(limit=1),
@@ -114,7 +115,7 @@ class ReviewApi:
         try:
             reply = await self.clients.trainer.ListReviewItems(
                 trainer_pb2.ListReviewItemsRequest(
-                    limit=max(0, limit),
+                    limit=min(max(0, limit), 2**31 - 1),
                     order=trainer_pb2.REVIEW_ORDER_IMPACT
                     if order == "impact"
                     else trainer_pb2.REVIEW_ORDER_NEWEST,

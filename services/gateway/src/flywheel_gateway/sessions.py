@@ -12,6 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of a MAC the client sent with ours (ours is ASCII; a non-ASCII one,
+    which `compare_digest` would raise on, is simply not it)."""
+    return given.isascii() and hmac.compare_digest(given, expected)
+
+
 def _mac(key: bytes, *parts: str) -> str:
     digest = hmac.new(key, "\x1f".join(parts).encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest[:24]).decode().rstrip("=")
@@ -37,7 +43,7 @@ class VisitorSessions:
         if not cookie or len(cookie) > 128:
             return None
         session_id, _, mac = cookie.partition(".")
-        if not session_id or not hmac.compare_digest(mac, _mac(self._key, "session", session_id)):
+        if not session_id or not _same(mac, _mac(self._key, "session", session_id)):
             return None
         return session_id
 
@@ -46,7 +52,7 @@ class VisitorSessions:
         return _mac(self._key, "ticket", session_id, query_id)
 
     def check_ticket(self, session_id: str, query_id: str, ticket: str) -> bool:
-        return hmac.compare_digest(ticket, self.ticket(session_id, query_id))
+        return _same(ticket, self.ticket(session_id, query_id))
 
 
 @dataclass(frozen=True)

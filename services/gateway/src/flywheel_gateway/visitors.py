@@ -110,7 +110,6 @@ class VisitorApi:
         `delta` (text), then `done` (finish reason, timing) or `error`."""
         started = time.monotonic()
         self.guard.check_origin(request, sites=True)
-        self.guard.limit_address(request)
         caller = self._visitor(request)
         self.guard.limit(self._asks, caller.session_id)
         body = await self.guard.json(request)
@@ -195,7 +194,6 @@ class VisitorApi:
     async def feedback(self, request: Request) -> Response:
         """A visitor's rating, thumbs, comment or "ignored" on an answer of their own session."""
         self.guard.check_origin(request, sites=True)
-        self.guard.limit_address(request)
         session_id = self.sessions.verify(request.cookies.get(self.settings.session.cookie_name))
         if session_id is None:
             raise HttpError(401, "no session: ask a question first", reason="auth")

@@ -85,6 +85,11 @@ def text_field(body: dict[str, Any], name: str, max_chars: int, *, required: boo
     if not isinstance(value, str):
         raise HttpError(400, f"{name} must be a string", reason="invalid")
     value = value.strip()
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise HttpError(400, f"{name} is not valid Unicode text", reason="invalid") from None
     if required and not value:
         raise HttpError(400, f"{name} is required", reason="invalid")
     if len(value) > max_chars:
@@ -107,10 +112,12 @@ class Guard:
         self.addresses = RateLimiter(limits.address, max_keys=limits.max_keys)
 
     def handle(self, handler: Handler, *, cors: bool = False) -> Handler:
-        """Runs a handler, turning HttpError into its JSON response (with CORS headers for site calls)."""
+        """Runs a handler after the per-address rate limit, turning HttpError into its JSON response
+        (with CORS headers for site calls)."""
 
         async def run(request: Request) -> Response:
             try:
+                self.limit_address(request)
                 return await handler(request)
             except HttpError as error:
                 return error_response(error, self.cors(request) if cors else None)
@@ -169,7 +176,7 @@ class Guard:
                 raise HttpError(413, f"the request is larger than {limit} bytes", reason="invalid")
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HttpError(400, "the body is not valid JSON", reason="invalid") from None
         if not isinstance(data, dict):
             raise HttpError(400, "the body must be a JSON object", reason="invalid")

@@ -100,8 +100,11 @@
     $("reasons").textContent = reasons(item);
     $("version").textContent = item.model_version;
     $("asked").textContent = item.times_asked || 1;
-    $("page").textContent = item.page_title || item.page_url || "(unknown)";
-    if (/^https?:/.test(item.page_url || "")) $("page").href = item.page_url; else $("page").removeAttribute("href");
+    // The visitor's browser sent the title and the URL: the link says where it goes, so a title
+    // written to lure an expert ("log in again") cannot hide another site behind it.
+    var url = item.page_url || "";
+    $("page").textContent = item.page_title ? item.page_title + " (" + (url || "no URL") + ")" : url || "(unknown)";
+    if (/^https?:/.test(url)) $("page").href = url; else $("page").removeAttribute("href");
     fill("passages", item.passages);
     fill("comments", item.comments);
     $("comments-box").hidden = !(item.comments || []).length;
