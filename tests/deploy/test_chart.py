@@ -470,6 +470,23 @@ def test_services_run_in_production_mode_and_mount_token_hashes_only(renders: di
             assert "api-tokens.yaml" not in keys, f"{deployment['metadata']['name']} mounts plaintext tokens"
 
 
+@pytest.mark.parametrize("component", ["-feedback", "-trainer", "-evaluator"])
+def test_every_service_that_signs_or_reads_feedback_has_the_signing_key(
+    renders: dict[str, dc.Render], component: str
+) -> None:
+    """Feedback signs its events; the trainer (roles) and the evaluator (live votes) verify them."""
+    deployment = renders[CPU].named("Deployment", component)
+    path = next(v for k, v in dc.env_of(deployment).items() if k.endswith("EVENT_SIGNING_KEY_FILE"))
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted = {
+        f"{mount['mountPath']}/{item['path']}"
+        for mount in pod["containers"][0]["volumeMounts"]
+        for item in volumes[mount["name"]].get("secret", {}).get("items", [])
+    }
+    assert path in mounted
+
+
 def test_kubernetes_schema_check_catches_a_bad_object(
     renders: dict[str, dc.Render], kubernetes_validate: object
 ) -> None:

@@ -19,8 +19,9 @@ import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_cli.__main__ import main as cli
-from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
-from flywheel_common.kafka import EventProducer, decode
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY, DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
+from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
+from flywheel_common.kafka import EventProducer, decode, event_headers
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.registry import ModelRegistry
@@ -212,10 +213,12 @@ class Stack:
         self.channels.append(channel)
         return feedback_pb2_grpc.FeedbackServiceStub(channel)
 
-    def send(self, topic: str, key: str, message: Any) -> None:
+    def send(
+        self, topic: str, key: str, message: Any, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
         if not self.producer.connected:
             self.producer.connect()
-        self.producer.send(topic, key, message).get(timeout=10)
+        self.producer.send(topic, key, message, headers).get(timeout=10)
 
     def candidate(self, version: str) -> None:
         event = events_pb2.ModelCandidate(version=version, parent_version="v1", job_id="test")
@@ -234,7 +237,12 @@ class Stack:
                 submitter_pseudonym=uuid.uuid4().hex,
             )
             event.created_at.GetCurrentTime()
-            self.send(self.kafka.topics.feedback, event.query_id, event)
+            # Signed as the feedback service signs it: the evaluator counts nothing else.
+            topic = self.kafka.topics.feedback
+            signature = EventSigner(DEV_EVENT_SIGNING_KEY).sign(
+                topic, event.query_id.encode(), event.SerializeToString()
+            )
+            self.send(topic, event.query_id, event, [*event_headers(event), (SIGNATURE_HEADER, signature)])
 
     async def close(self) -> None:
         for channel in self.channels:

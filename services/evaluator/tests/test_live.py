@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flywheel_evaluator.consumers import feedback_signal, interaction_signal
+from kafka.consumer.fetcher import ConsumerRecord
+
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
+from flywheel_evaluator.consumers import SignalConsumer, feedback_signal, interaction_signal
 from flywheel_evaluator.live import LATENCY_BOUNDS_MS, LiveStore, Signal, VersionStats, judge_canary
-from flywheel_evaluator.settings import CanarySettings
+from flywheel_evaluator.settings import CanarySettings, EvaluatorSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
 T0 = 1_800_000_000.0  # a minute boundary
@@ -229,3 +233,37 @@ def test_events_become_signals() -> None:
     assert interaction_signal(served, now=T0) == Signal("v1", T0, "interaction", 0.0, 1234.0, False)
     failed = events_pb2.Interaction(model_version="v1", finish_reason="deadline")
     assert interaction_signal(failed, now=T0).failed  # type: ignore[union-attr]
+
+
+def test_only_feedback_the_feedback_service_signed_counts(tmp_path: Path) -> None:
+    """A vote produced to Kafka by anyone but the feedback service is dead-lettered, not counted."""
+    settings = EvaluatorSettings(state_dir=tmp_path)
+    store = LiveStore(tmp_path / "live.sqlite")
+    consumer = SignalConsumer(settings, store)
+    dead: list[str] = []
+    consumer.dead_letter = lambda record, reason: dead.append(reason)  # type: ignore[method-assign]
+    topic = settings.kafka.topics.feedback
+
+    def vote(offset: int, signer: EventSigner | None) -> ConsumerRecord:
+        event = events_pb2.Feedback(
+            kind=events_pb2.FEEDBACK_KIND_THUMBS,
+            value=-1,
+            model_version="v2",
+            query_id=f"q{offset}",
+            submitter_pseudonym=f"s{offset}",
+        )
+        event.created_at.FromSeconds(int(T0))
+        value = event.SerializeToString()
+        headers = [(SIGNATURE_HEADER, signer.sign(topic, b"k", value))] if signer else []
+        return ConsumerRecord(topic, 0, 0, offset, 0, 0, b"k", value, headers, None, 1, len(value), -1)
+
+    consumer.handle(
+        [
+            vote(0, None),
+            vote(1, EventSigner(b"someone-elses-key-0123")),
+            vote(2, EventSigner(DEV_EVENT_SIGNING_KEY)),
+        ]
+    )
+    assert dead == ["feedback event unsigned or badly signed"] * 2
+    stats = store.stats("v2", T0, T0 + 60)
+    assert (stats.sessions, stats.thumbs_down) == (1, 1)

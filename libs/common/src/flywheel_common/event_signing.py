@@ -2,13 +2,20 @@
 
 Kafka is a trust boundary: anyone who can produce to the feedback topic could otherwise claim the
 expert role. The feedback service signs each Feedback event (HMAC-SHA256 over topic, key and value,
-with a key only it and the trainer hold); the trainer dead-letters what is unsigned or badly signed.
+with a key only it, the trainer and the evaluator hold); the trainer and the evaluator dead-letter
+what is unsigned or badly signed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from pathlib import Path
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.secrets import read_secret
 
 SIGNATURE_HEADER = "flywheel-signature"
 _VERSION = b"v1:"
@@ -22,6 +29,11 @@ class EventSigner:
             raise ValueError("the event signing key must be at least 16 bytes")
         self._key = key
 
+    @classmethod
+    def of_key_file(cls, path: Path | None) -> EventSigner:
+        """The signer of the key in `path`; the development key when unset (refused in production)."""
+        return cls(read_secret(path, name="event signing key", dev_default=DEV_EVENT_SIGNING_KEY))
+
     def sign(self, topic: str, key: bytes, value: bytes) -> bytes:
         """The signature header's value for a record."""
         body = b"\x00".join([topic.encode(), hashlib.sha256(key).digest(), value])
@@ -32,3 +44,8 @@ class EventSigner:
         if not signature:
             return False
         return hmac.compare_digest(self.sign(topic, key or b"", value or b""), signature)
+
+    def signed(self, record: ConsumerRecord) -> bool:
+        """Whether a consumed record carries this key's signature of it."""
+        signature = next((v for k, v in record.headers or () if k == SIGNATURE_HEADER), None)
+        return self.verify(record.topic, record.key, record.value, signature)

@@ -11,9 +11,10 @@ from google.protobuf.message import DecodeError
 from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_common.errors import NotFound
+from flywheel_common.event_signing import EventSigner
 from flywheel_common.kafka import EventConsumer, decode
 from flywheel_evaluator.live import ERROR_REASONS, LiveStore, Signal
-from flywheel_evaluator.metrics import SIGNALS
+from flywheel_evaluator.metrics import FEEDBACK_UNSIGNED, SIGNALS
 from flywheel_evaluator.settings import EvaluatorSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
@@ -125,6 +126,8 @@ class SignalConsumer(EventConsumer):
         super().__init__(settings.kafka, topics, f"{settings.consumer_group}-signals")
         self.store = store
         self._feedback_topic = settings.kafka.topics.feedback
+        # Votes steer the canary: only feedback the feedback service signed counts.
+        self._signer = EventSigner.of_key_file(settings.event_signing_key_file)
 
     def handle(self, records: list[ConsumerRecord]) -> None:
         now = time.time()
@@ -132,6 +135,10 @@ class SignalConsumer(EventConsumer):
         for record in records:
             try:
                 if record.topic == self._feedback_topic:
+                    if not self._signer.signed(record):
+                        FEEDBACK_UNSIGNED.inc()
+                        self.dead_letter(record, "feedback event unsigned or badly signed")
+                        continue
                     signal = feedback_signal(decode(record, events_pb2.Feedback), now)
                 else:
                     signal = interaction_signal(decode(record, events_pb2.Interaction), now)

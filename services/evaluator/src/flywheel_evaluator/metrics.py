@@ -95,6 +95,10 @@ PRUNED_BYTES = Counter(
     "flywheel_evaluator_pruned_bytes",
     "Bytes of model weights freed by retention (versions nothing needs any more).",
 )
+FEEDBACK_UNSIGNED = Counter(
+    "flywheel_evaluator_feedback_unsigned",
+    "Feedback events without the feedback service's valid signature, dead-lettered uncounted.",
+)
 SIGNALS = Counter(
     "flywheel_evaluator_live_signals",
     "Live signals consumed, by kind (rating, thumbs, ignored, interaction).",

@@ -161,6 +161,9 @@ class EvaluatorSettings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     kafka: KafkaSettings = KafkaSettings(client_id="flywheel-evaluator")
     auth: AuthSettings = AuthSettings()
+    # Verifies the feedback service's signature on each Feedback event before it counts as a live
+    # signal (docs/security.md); the development key when unset.
+    event_signing_key_file: Path | None = None
     artifact_root: Path = Path("var/artifacts")
     # The evaluator's own state (live signal counters, canary start times).
     state_dir: Path = Path("var/evaluator")

@@ -12,7 +12,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
 from flywheel_common.auth import Authenticator, Principal, Role
-from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
 from flywheel_common.errors import (
     FlywheelError,
     InvalidArgument,
@@ -27,7 +26,6 @@ from flywheel_common.kafka import EventProducer, event_headers
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdClaims, QueryIdSigner
 from flywheel_common.redaction import Redactor
-from flywheel_common.secrets import read_secret
 from flywheel_common.text import clean_text, has_unsafe
 from flywheel_feedback.idempotency import IdempotencyCache, feedback_id
 from flywheel_feedback.ratelimit import RateLimiter
@@ -95,14 +93,9 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self._limiter = RateLimiter(settings.rate_limit.per_second, settings.rate_limit.burst)
         self._cache = IdempotencyCache(settings.idempotency_cache_size, settings.idempotency_ttl_s)
         self._timeout_s = settings.produce_timeout_ms / 1000
-        # The reviewer role in an event is only as good as its signature: the trainer verifies it.
-        self._event_signer = EventSigner(
-            read_secret(
-                settings.privacy.event_signing_key_file,
-                name="event signing key",
-                dev_default=DEV_EVENT_SIGNING_KEY,
-            )
-        )
+        # The reviewer role and the session in an event are only as good as its signature: the
+        # trainer and the evaluator verify it.
+        self._event_signer = EventSigner.of_key_file(settings.privacy.event_signing_key_file)
 
     async def SubmitFeedback(
         self, request: feedback_pb2.SubmitFeedbackRequest, context: grpc.aio.ServicerContext

@@ -8,11 +8,9 @@ from google.protobuf.message import DecodeError
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
-from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
-from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
+from flywheel_common.event_signing import EventSigner
 from flywheel_common.kafka import EventConsumer, decode, header
 from flywheel_common.redaction import REDACTED_HEADER, Redactor, redact_interaction
-from flywheel_common.secrets import read_secret
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer import metrics
 from flywheel_trainer.settings import TrainerSettings
@@ -45,11 +43,7 @@ class TrainerConsumer(EventConsumer):
         # the store and the datasets only ever hold redacted text.
         self._redactor: Redactor | None = None
         # Feedback carries the reviewer's role: only what the feedback service signed is trusted.
-        self._signer = EventSigner(
-            read_secret(
-                settings.event_signing_key_file, name="event signing key", dev_default=DEV_EVENT_SIGNING_KEY
-            )
-        )
+        self._signer = EventSigner.of_key_file(settings.event_signing_key_file)
 
     def handle(self, records: list[ConsumerRecord]) -> None:
         interactions: list[events_pb2.Interaction] = []
@@ -63,8 +57,7 @@ class TrainerConsumer(EventConsumer):
                         redact_interaction(interaction, self._redactor)
                     interactions.append(interaction)
                 elif record.topic == self._feedback_topic:
-                    signature = header(record, SIGNATURE_HEADER)
-                    if not self._signer.verify(record.topic, record.key, record.value, signature):
+                    if not self._signer.signed(record):
                         metrics.FEEDBACK_UNSIGNED.inc()
                         self.dead_letter(record, "feedback event unsigned or badly signed")
                         continue
