@@ -86,8 +86,11 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock) -> Iterator[JoinStore]:
-    # Any single positive trains here; the agreement rule has tests of its own (test_store.py).
-    policy = ExamplePolicy(PolicySettings(positive_min_sessions=1))
+    # Any single positive, a visitor's too, trains here; the agreement rule and the roles have
+    # tests of their own (test_store.py, test_policy.py).
+    policy = ExamplePolicy(
+        PolicySettings(positive_min_sessions=1, positive_roles=["user", "expert", "admin"])
+    )
     s = JoinStore(tmp_path / "trainer.sqlite3", policy, clock=clock)
     yield s
     s.close()

@@ -8,7 +8,7 @@ from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal, Source
 from flywheel_trainer.settings import PolicySettings
 
-POLICY = ExamplePolicy(PolicySettings())
+POLICY = ExamplePolicy(PolicySettings(positive_roles=["user", "expert", "admin"]))
 
 
 def test_expert_correction_is_supervised(ev: Any) -> None:
@@ -36,6 +36,16 @@ def test_positive_needs_an_answer_and_can_be_disabled(ev: Any) -> None:
     assert POLICY.decide(ev.rating(1, 5), "  ").source is None
     off = ExamplePolicy(PolicySettings(use_positives=False))
     assert off.decide(ev.rating(1, 5), "fine").source is None
+
+
+def test_visitors_positives_are_left_out_unless_the_deployment_trusts_them(ev: Any) -> None:
+    """A visitor's sessions are free and the page is theirs: by default only reviewers' high
+    ratings keep an answer; a visitor's low rating is still a negative."""
+    default = ExamplePolicy(PolicySettings())
+    assert default.decide(ev.rating(1, 5), "fine").source is None
+    assert default.decide(ev.rating(1, 1), "bad").source is Source.NEGATIVE
+    expert = ev.thumbs(1, True, role=events_pb2.REVIEWER_ROLE_EXPERT)
+    assert default.decide(expert, "fine").source is Source.POSITIVE
 
 
 def test_comments_and_ignored_are_no_examples() -> None:

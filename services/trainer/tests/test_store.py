@@ -232,7 +232,7 @@ def test_an_expert_vote_stands_when_the_visitor_changes_theirs(store: JoinStore,
 
 
 def agreeing_store(tmp_path: Any, clock: Any, **policy: Any) -> JoinStore:
-    settings = PolicySettings(**policy)
+    settings = PolicySettings(**{"positive_roles": ["user", "expert", "admin"], **policy})
     return JoinStore(tmp_path / "agree.sqlite3", ExamplePolicy(settings), clock=clock)
 
 
@@ -265,6 +265,9 @@ def test_an_expert_positive_needs_no_agreement_and_the_rule_can_be_relaxed(
     assert store.ingest([ev.interaction(1, "Fine.")], [expert]).examples == {"positive": 1}
     store.close()
     assert PolicySettings().positive_min_sessions == 2  # the safe default
-    relaxed = JoinStore(tmp_path / "relaxed.sqlite3", ExamplePolicy(PolicySettings(positive_min_sessions=1)))
+    relaxed = JoinStore(
+        tmp_path / "relaxed.sqlite3",
+        ExamplePolicy(PolicySettings(positive_min_sessions=1, positive_roles=["user", "expert"])),
+    )
     assert relaxed.ingest([ev.interaction(2, "Fine.")], [ev.thumbs(2, True)]).examples == {"positive": 1}
     relaxed.close()

@@ -171,6 +171,9 @@ def _trainer_env(config: StackConfig, var_dir: Path) -> dict[str, str]:
         # (the defaults, 2 epochs of 8, gave 6 and a gain the gate could not see).
         f"{p}JOB_HYPER__EPOCHS": "3",
         f"{p}JOB_HYPER__GRADIENT_ACCUMULATION": "4",
+        # The simulated visitors are trusted: their agreed high ratings train, as the loop's
+        # measurements assume (a public deployment leaves them out, docs/security.md).
+        f"{p}POLICY__POSITIVE_ROLES": '["user", "expert", "admin"]',
     }
 
 

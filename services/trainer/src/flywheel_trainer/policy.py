@@ -52,6 +52,7 @@ class ExamplePolicy:
         self.settings = settings
         self._correction_roles = {_ROLES[r] for r in settings.correction_roles}
         self._trusted_roles = {_ROLES[r] for r in settings.trusted_positive_roles}
+        self._positive_roles = {_ROLES[r] for r in settings.positive_roles}
 
     def needs_agreement(self, signal: FeedbackSignal) -> bool:
         """Whether a positive from this signal waits for other sessions to agree before it trains."""
@@ -78,6 +79,8 @@ class ExamplePolicy:
         if high:
             if not s.use_positives:
                 return Decision(None, "positives disabled")
+            if signal.role not in self._positive_roles:
+                return Decision(None, "positive from a role not trusted for positives")
             if not model_answer.strip() or len(model_answer) > s.max_target_chars:
                 return Decision(None, "answer unusable as a target")
             return Decision(Source.POSITIVE)

@@ -41,6 +41,11 @@ class PolicySettings(BaseModel):
     negative_max_rating: int = Field(default=2, ge=1, le=5)
     # Use high ratings / thumbs up as positive training examples at all.
     use_positives: bool = True
+    # Roles whose high ratings keep the model's answer as a positive. Visitors (user) are left out
+    # by default: their sessions cost nothing to make and the page text they ask about is theirs, so
+    # two scripted sessions could agree on an answer read from a page they wrote (docs/security.md).
+    # Add "user" where visitors are trusted (the local simulation does).
+    positive_roles: list[Literal["user", "expert", "admin"]] = ["expert", "admin"]
     # A positive (the model's own answer, rated high) trains only once this many distinct sessions
     # rated the same answer to the same question high, or one reviewer of a trusted role did: one
     # visitor with the public token cannot feed the trainer (docs/security.md). 1: any single rating.
