@@ -178,18 +178,24 @@ def delete(artifact_root: Path, dataset_id: str) -> None:
 
 def all_datasets(artifact_root: Path) -> list[Dataset]:
     """Every readable dataset, oldest first."""
+    return scan(artifact_root)[0]
+
+
+def scan(artifact_root: Path) -> tuple[list[Dataset], list[str]]:
+    """Every readable dataset, oldest first, and the folder names of those that fail to read or to
+    match their manifest (forgetting must say what it could not check)."""
     root = datasets_dir(artifact_root)
     if not root.is_dir():
-        return []
-    found = []
+        return [], []
+    found, damaged = [], []
     for path in sorted(root.iterdir()):
         if path.name.startswith(".") or not (path / "manifest.json").is_file():
             continue
         try:
             found.append(load(artifact_root, path.name))
-        except (FailedPrecondition, InvalidArgument, ValueError, KeyError):
-            continue
-    return found
+        except (FailedPrecondition, InvalidArgument, ValueError, KeyError, OSError):
+            damaged.append(path.name)
+    return found, damaged
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

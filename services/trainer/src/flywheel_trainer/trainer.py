@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from flywheel_common.errors import FlywheelError, NotFound, Unavailable
 from flywheel_common.kafka import EventProducer
+from flywheel_common.redaction import Redactor
 from flywheel_common.registry import ModelRegistry
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer import datasets, metrics
@@ -129,7 +130,11 @@ class Trainer:
             return query_id in ids or query_id_session(query_id) == session
 
         replaced: list[tuple[str, str, int]] = []
-        for dataset in await asyncio.to_thread(datasets.all_datasets, self.settings.artifact_root):
+        # Every id a rewritten dataset's data has had (its own and those it replaces) -> its new id:
+        # a version trained on any of them holds the session's data.
+        replaced_by: dict[str, str] = {}
+        found, damaged = await asyncio.to_thread(datasets.scan, self.settings.artifact_root)
+        for dataset in found:
             made = datasets.without(dataset, drop)
             if made is None:
                 continue
@@ -149,16 +154,17 @@ class Trainer:
                 )
             await asyncio.to_thread(datasets.delete, root, dataset.dataset_id)
             replaced.append((dataset.dataset_id, new_id, removed))
-        old_ids = {old for old, _, _ in replaced}
+            for old in [dataset.dataset_id, *dataset.manifest.get("replaces", [])]:
+                replaced_by[old] = new_id
         marked = []
         for version in self.registry.list_versions():
             lineage = version.manifest.get("lineage") or {}
-            trained_on = set(lineage.get("datasets") or [lineage.get("dataset_id", "")]) & old_ids
+            trained_on = set(lineage.get("datasets") or [lineage.get("dataset_id", "")]) & set(replaced_by)
             if trained_on:
                 note = {
                     "kind": "forgotten_data",
                     "datasets": sorted(trained_on),
-                    "replaced_by": sorted(new for old, new, _ in replaced if old in trained_on),
+                    "replaced_by": sorted({replaced_by[old] for old in trained_on}),
                     "note": "trained on data since forgotten: retrain from the replacements to be rid of it",
                 }
                 self.registry.mark(version.version, note)
@@ -171,7 +177,8 @@ class Trainer:
             # Not the pseudonym: the audit proves the forget without keeping what was forgotten.
             "session_tombstone": tombstone(session),
             "caller": caller,
-            "reason": reason,
+            # Free text, likely naming the requester: kept redacted like every text the trainer stores.
+            "reason": Redactor(presidio=False).redact(reason).text,
             "removed": {
                 "interactions": forgotten.interactions,
                 "feedback": forgotten.feedback,
@@ -179,8 +186,17 @@ class Trainer:
             },
             "datasets": [{"old": o, "new": n, "removed": r} for o, n, r in replaced],
             "marked_versions": marked,
+            # Folders that fail their hash checks were not searched: they may still hold the session.
+            "damaged_datasets": damaged,
         }
         await asyncio.to_thread(self._audit, record)
+        if damaged:
+            log.warning(
+                "forget (audit %s) could not check %d damaged datasets: %s",
+                audit_id,
+                len(damaged),
+                ", ".join(damaged),
+            )
         metrics.FORGOTTEN.inc()
         log.info("forgot a session (audit %s)", audit_id, extra={"audit": record})
         report = ForgetReport(
