@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,31 @@ def test_interactions_no_producer_redacted_are_redacted_before_the_store(
     for value in RAW:
         assert value.encode() not in on_disk, f"{value!r} is on disk"
     assert b"[NAME]" in b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_signed_event_replayed_after_the_retention_window_is_dropped(
+    tmp_path: Path, store: JoinStore
+) -> None:
+    """The store forgets feedback after the window; a replay of its signed bytes must not count again."""
+    settings = TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
+    consumer = TrainerConsumer(settings, store)
+    topics = settings.kafka.topics
+    interaction = events_pb2.Interaction(query_id="q1", question="Q?", answer="A", model_version="v1")
+    accept = events_pb2.Feedback(
+        feedback_id="f-old",
+        query_id="q1",
+        kind=events_pb2.FEEDBACK_KIND_RATING,
+        value=5,
+        reviewer_role=events_pb2.REVIEWER_ROLE_EXPERT,
+    )
+    accept.created_at.FromSeconds(int(time.time() - settings.retention_s - 60))
+    consumer.handle(
+        [
+            record(topics.interactions, 0, interaction, [(REDACTED_HEADER, b"1")]),
+            record(topics.feedback, 0, accept, signed(topics.feedback, accept)),
+        ]
+    )
+    assert store.pending().examples == 0
+    accept.created_at.FromSeconds(int(time.time()))
+    consumer.handle([record(topics.feedback, 1, accept, signed(topics.feedback, accept))])
+    assert store.pending().examples == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from google.protobuf.message import DecodeError
 from kafka.consumer.fetcher import ConsumerRecord
@@ -44,6 +45,7 @@ class TrainerConsumer(EventConsumer):
         self._redactor: Redactor | None = None
         # Feedback carries the reviewer's role: only what the feedback service signed is trusted.
         self._signer = EventSigner.of_key_file(settings.event_signing_key_file)
+        self._retention_s = settings.retention_s
 
     def handle(self, records: list[ConsumerRecord]) -> None:
         interactions: list[events_pb2.Interaction] = []
@@ -61,7 +63,15 @@ class TrainerConsumer(EventConsumer):
                         metrics.FEEDBACK_UNSIGNED.inc()
                         self.dead_letter(record, "feedback event unsigned or badly signed")
                         continue
-                    feedback.append(signal_of(decode(record, events_pb2.Feedback)))
+                    event = decode(record, events_pb2.Feedback)
+                    # The store forgets what it has seen after the retention window, so a signed
+                    # event replayed later would count again; its signed time says it is stale
+                    # (the feedback service stamps every event).
+                    created = event.created_at.seconds
+                    if created and time.time() - created > self._retention_s:
+                        metrics.FEEDBACK_STALE.inc()
+                        continue
+                    feedback.append(signal_of(event))
             except DecodeError as exc:
                 self.dead_letter(record, f"not a {record.topic} event: {exc}")
         result = self.store.ingest(interactions, feedback)
