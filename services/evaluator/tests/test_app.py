@@ -154,7 +154,7 @@ def test_retention_prunes_rejected_candidates_and_a_rollback_to_them_is_refused(
     with pytest.raises(FailedPrecondition, match="removed by retention"):
         app.gatekeeper.rollback("v2", reason="", actor="test")
     with pytest.raises(FailedPrecondition, match="removed by retention"):
-        app.gatekeeper.evaluate_now("v3")
+        app.gatekeeper.evaluate_now("v3", "admin:test")
     assert app.registry.state().production == "v1"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,21 @@ async def test_trigger_batch_needs_the_admin_role(stub: Any, store: JoinStore, e
     assert store.pending().examples == 1
 
 
-async def test_trigger_batch_cuts_what_waits_then_nothing(stub: Any, store: JoinStore, ev: Any) -> None:
+async def test_trigger_batch_cuts_what_waits_then_nothing(
+    stub: Any, store: JoinStore, ev: Any, tmp_path: Path
+) -> None:
     store.ingest([ev.interaction(1), ev.interaction(2)], [ev.correction(1), ev.correction(2)])
     cut = await stub.TriggerBatch(trainer_pb2.TriggerBatchRequest(), metadata=ADMIN)
     assert cut.dataset_id.startswith("ds-") and cut.job_id.startswith("job-")
     empty = await stub.TriggerBatch(trainer_pb2.TriggerBatchRequest(), metadata=ADMIN)
     assert (empty.dataset_id, empty.job_id) == ("", "")
+    # Each call is audited with its caller (a prefix of the token's hash) and what it started.
+    audit = [json.loads(line) for line in (tmp_path / "trainer" / "audit.jsonl").read_text().splitlines()]
+    assert [(a["action"], a["dataset_id"], a["job_id"]) for a in audit] == [
+        ("trigger_batch", cut.dataset_id, cut.job_id),
+        ("trigger_batch", None, None),
+    ]
+    assert all(len(a["caller"]) == 12 for a in audit)
     job = await stub.GetJob(trainer_pb2.GetJobRequest(job_id=cut.job_id))
     assert job.state == trainer_pb2.JOB_STATE_QUEUED
     assert (job.dataset_id, job.examples) == (cut.dataset_id, 2)

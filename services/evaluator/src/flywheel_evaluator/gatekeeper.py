@@ -73,10 +73,12 @@ class Gatekeeper:
         reports.write_evaluation(self.registry, result)
         return result
 
-    def evaluate_now(self, version: str) -> EvaluationResult:
-        """Evaluates a version afresh (the Evaluate RPC)."""
+    def evaluate_now(self, version: str, actor: str) -> EvaluationResult:
+        """Evaluates a version afresh (the Evaluate RPC); the gate reuses what it stores, so who
+        asked is logged."""
         self.registry.servable(version)
         result = self._evaluate(version, reuse=False)
+        log.info("evaluated %s afresh for %s", version, actor, extra={"version": version, "actor": actor})
         self.refresh_gauges()
         return result
 

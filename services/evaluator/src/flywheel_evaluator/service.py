@@ -74,10 +74,10 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     async def Evaluate(
         self, request: evaluator_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.Report:
-        self._admin(context)
+        actor = self._admin(context)
         if not request.version:
             raise InvalidArgument("version is required")
-        result = await asyncio.to_thread(self._gatekeeper.evaluate_now, request.version)
+        result = await asyncio.to_thread(self._gatekeeper.evaluate_now, request.version, actor)
         return report_message(result, await asyncio.to_thread(self._gatekeeper.summary, request.version))
 
     async def GetReport(

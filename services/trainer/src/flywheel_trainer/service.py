@@ -138,8 +138,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.TriggerBatchRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.TriggerBatchResponse:
         """Cuts a batch of whatever waits now (admin only); empty when nothing waits."""
-        self._auth.authenticate(request_metadata(context)).require(Role.ADMIN)
-        cut = await self._trainer.cut("manual")
+        caller = self._auth.authenticate(request_metadata(context))
+        caller.require(Role.ADMIN)
+        cut = await self._trainer.cut_by_admin(caller.token_hash[:12])
         if cut is None:
             return trainer_pb2.TriggerBatchResponse()
         return trainer_pb2.TriggerBatchResponse(dataset_id=cut.dataset_id, job_id=cut.job_id)
