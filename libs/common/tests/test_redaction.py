@@ -90,6 +90,13 @@ def test_corpus(case: dict[str, Any], with_presidio: bool, redactor: Redactor, p
         "eyJ" + "a" * 7990,
         "password: " + "x" * 7990,
         "born on " + "1/" * 3900,
+        "my name is " + "ab " * 2600,
+        "\nname: ab cd" * 1000,
+        "bearer " + "a" * 7990,
+        "token: " + "a" * 7990,
+        "a.b at " * 1200,
+        "account number " + "1 " * 3990,
+        "sort code " + "12-" * 2600,
     ],
     ids=lambda t: repr(t[:12]),
 )
@@ -97,6 +104,13 @@ def test_no_pattern_backtracks_on_hostile_input(redactor: Redactor, text: str) -
     started = time.perf_counter()
     redactor.redact(text[:8000])
     assert time.perf_counter() - started < 3.0  # a backtracking pattern takes minutes
+
+
+@pytest.mark.parametrize("path", [";a=" * 2600, "a-" * 4000, "a1" * 4000, "%3F" * 2600], ids=lambda p: p[:6])
+def test_no_url_pattern_backtracks_on_hostile_input(redactor: Redactor, path: str) -> None:
+    started = time.perf_counter()
+    redact_url(f"https://x.example/{path}?{'token=a&' * 500}", redactor, keep_query=True)
+    assert time.perf_counter() - started < 3.0
 
 
 @pytest.mark.parametrize(
@@ -173,12 +187,73 @@ def test_presidio_adds_what_it_detects(presidio: Redactor) -> None:
         ),
         ("http://[2001:db8::1]:80/x?q", False, "http://[2001:db8::1]:80/x"),
         ("http://example.org:99999/bad-port", False, ""),
+        (
+            "https://x.example/cb?code=4/0AXabc&state=xyz#access_token=ya29.abc&id_token=abc",
+            True,
+            "https://x.example/cb?code=[SECRET]&state=xyz",
+        ),
+        (
+            "https://x.example/dl?token=9f8e7d6c5b4a&sig=AbCdEf123&X-Amz-Security-Token=x",
+            True,
+            "https://x.example/dl?token=[SECRET]&sig=[SECRET]&X-Amz-Security-Token=[SECRET]",
+        ),
+        ("https://x.example/a?email=a@b.com#access_token=zzz", True, "https://x.example/a?email=[EMAIL]"),
+        # The query is encoded again: a decoded `%26` must not become a parameter of its own.
+        ("https://x.example/a?q=%26token%3Dabc", True, "https://x.example/a?q=%26token%3Dabc"),
+        (
+            "https://x.example/account/orders/reset/9f8e7d6c5b4a3928",
+            False,
+            "https://x.example/account/orders/reset/[SECRET]",
+        ),
+        (
+            "https://x.example/u/550e8400-e29b-41d4-a716-446655440000/x",
+            False,
+            "https://x.example/u/[SECRET]/x",
+        ),
+        ("https://x.example/a;jsessionid=ABCDEF0123456789", False, "https://x.example/a;jsessionid=[SECRET]"),
+        # Decoding must not turn path text into a query: the token goes and `?` stays encoded.
+        ("https://x.example/p%3Ftoken%3Dsecret123456/x", False, "https://x.example/p%3Ftoken=[SECRET]"),
     ],
 )
 def test_urls_lose_credentials_query_and_fragment(
     redactor: Redactor, url: str, keep_query: bool, expected: str
 ) -> None:
     assert redact_url(url, redactor, keep_query=keep_query)[0] == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://docs.python.org/3/library/os.path.html",
+        "https://en.wikipedia.org/wiki/Python_(programming_language)",
+        "https://blog.example/2024/05/01/release-notes/",
+        "https://x.example/questions/12345678/how-to-read-a-file-in-python3",
+        "https://www.gnu.org/software/bash/manual/html_node/Bash-Conditional-Expressions.html",
+        "https://x.example/a%2520b",
+    ],
+)
+def test_ordinary_url_paths_are_kept(redactor: Redactor, url: str) -> None:
+    assert redact_url(url, redactor) == (url, {})
+
+
+def test_a_cued_name_is_removed_from_the_url_too(redactor: Redactor) -> None:
+    event = events_pb2.Interaction(
+        question="My name is John Smith, where are my orders?",
+        page_url="https://x.example/account/John-Smith/orders?user=John+Smith&page=2",
+    )
+    redact_interaction(event, redactor, keep_url_query=True)
+    assert event.page_url == "https://x.example/account/[NAME]-[NAME]/orders?user=[NAME]&page=2"
+
+
+def test_cued_lowercase_names_pins_tokens_and_accounts_are_removed_where_repeated(
+    redactor: Redactor,
+) -> None:
+    event = events_pb2.Interaction(
+        question="my name is jane doe. My pin: 4821, token: ab12cd34ef, account number 87654321. Safe?",
+        answer="jane doe, never share 4821, ab12cd34ef or 87654321.",
+    )
+    redact_interaction(event, redactor)
+    assert event.answer == "[NAME], never share [SECRET], [SECRET] or [ACCOUNT]."
 
 
 def test_an_interaction_is_redacted_field_by_field_and_cued_values_everywhere(redactor: Redactor) -> None:

@@ -32,12 +32,24 @@ _SECRET_TOKENS = re.compile(
     r"|\bAIza[0-9A-Za-z_-]{35}"  # Google API keys
     r"|\bglpat-[A-Za-z0-9_-]{20,}"  # GitLab
 )
-# `password: hunter2`, `api_key=...`, `token is ...`: the label stays, the value goes.
+# The value after a secret's label: up to 200 characters, not ending in punctuation.
+_SECRET_VALUE = r"[^\s\"',;]{3,199}[^\s\"',;.!?:)\]]"
+# `password: hunter2`, `api_key=...`, `pw=...`: the label stays, the value goes.
 _SECRET_ASSIGNMENT = re.compile(
-    r"(?i)\b(pass(?:word|wd|phrase)?|pwd|secret(?:[ _-]?key)?|api[ _-]?key|access[ _-]?key|"
+    r"(?i)\b(pass(?:word|wd|phrase|code)?|pwd|pw|secret(?:[ _-]?key)?|api[ _-]?key|access[ _-]?key|"
     r"(?:access|auth|bearer|refresh)[ _-]?token|client[ _-]?secret)"
-    r"(\s*[:=]\s*|\s+is\s+)([\"']?)([^\s\"',;]{3,199}[^\s\"',;.!?:)\]])\3"
+    rf"(\s*[:=]\s*|\s+is\s+)([\"']?)({_SECRET_VALUE})\3"
 )
+# `token: ...` and `Bearer ...` also start ordinary text ("the token: a string", "bearer tokens"),
+# so only a value holding a digit counts.
+_TOKEN_ASSIGNMENT = re.compile(
+    r"(?i)\b((?:[a-z]{1,20}[_-])?token(?:\s{0,3}[:=]\s{0,3}|\s{1,3}is\s{1,3})[\"']?|bearer\s{1,3})"
+    rf"((?=[^\s\"',;]{{0,198}}\d){_SECRET_VALUE})"
+)
+# What may stand between a label and its value: a colon, an equals sign, "is" or nothing.
+_LABEL_END = r"\s{0,3}(?:[:=]\s{0,3}|is\s{1,3})?"
+# A PIN is 4-8 digits right after its label ("PIN 1234"); "pin the version" has none.
+_PIN = re.compile(rf"(?i)\b(pin(?:\s{{0,3}}(?:code|number))?{_LABEL_END})(\d{{4,8}})\b(?![.,]\d)")
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}\b")
 # "john dot smith at gmail dot com", "jane(at)example(dot)com", "bob [at] example [dot] org".
 _WORD = r"[\w+-]{1,64}"
@@ -47,7 +59,16 @@ _OBFUSCATED_EMAIL = re.compile(
     rf"(?i)(?<![\w.+-]){_WORD}(?:(?:{_DOT}|\.){_WORD}){{0,4}}"
     rf"(?:{_BRACKET_AT}{_WORD}(?:(?:{_DOT}|\.){_WORD}){{1,5}}"
     rf"|\s{{1,3}}at\s{{1,3}}{_WORD}(?:(?:{_DOT}|\.){_WORD}){{0,4}}{_DOT}[a-z]{{2,24}})\b"
+    # "john.smith at gmail.com": with a spelled at and a literal dot the name must hold a dot too,
+    # or "look at python.org" would be an address.
+    rf"|(?<![\w.+-]){_WORD}(?:(?:{_DOT}|\.){_WORD}){{1,4}}\s{{1,3}}at\s{{1,3}}{_WORD}(?:\.{_WORD}){{0,4}}"
+    rf"\.[a-z]{{2,24}}\b"
 )
+# UK bank details after their label: an account number and a sort code.
+_ACCOUNT_NUMBER = re.compile(
+    rf"(?i)\b((?:account|acct)\.?\s{{1,3}}(?:number|no\.?|#){_LABEL_END})(\d(?:[ -]?\d){{5,16}})\b"
+)
+_SORT_CODE = re.compile(rf"(?i)\b(sort\s{{0,3}}code{_LABEL_END})(\d{{2}}([- ]?)\d{{2}}\3\d{{2}})\b")
 # An IBAN, grouped by spaces or not; the ISO 7064 mod-97 check decides.
 _IBAN = re.compile(r"(?i)\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
 # 13-19 digits, optionally grouped by spaces or dashes; the Luhn check decides.
@@ -99,6 +120,11 @@ _ADDRESS = re.compile(
 _POSTCODE = re.compile(
     rf"\b{_UK_POSTCODE}\b|\b{_CAPWORD}(?:\s{{1,3}}{_CAPWORD}){{0,2}},\s{{0,3}}[A-Z]{{2}}\s{{1,3}}\d{{5}}(?:-\d{{4}})?\b"
 )
+# A UK postcode or US ZIP after its label may be written in lowercase ("my postcode is sw1a 2aa").
+_CUED_POSTCODE = re.compile(
+    rf"(?i)\b((?:post\s{{0,3}}code|postal\s{{1,3}}code|zip(?:\s{{0,3}}code)?){_LABEL_END})"
+    rf"({_UK_POSTCODE}|\d{{5}}(?:-\d{{4}})?)\b"
+)
 _PORT = r"(?::\d{1,5}\b)?"
 _IPV4 = re.compile(
     r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])"
@@ -116,12 +142,42 @@ _PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN")
 _PHONE_MAX_TRIES = 100
 # Names, where the text says that a name follows (no named-entity model: see docs/security.md).
 _NAME = rf"{_CAPWORD}(?:[ -](?:(?:van|von|de|da|del|der|di|le|la|bin|al)\s)?{_CAPWORD}){{0,3}}"
+# After "my name is" a name may be in any case ("my name is john smith"); words that commonly follow
+# the cue instead ("my name is not on the list") end it. Names in capitals these words stop ("My name
+# is An Nguyen") are still found by the capitalised rule after it.
+_NOT_A_NAME = (
+    r"(?i:a|an|the|and|or|but|not|no|is|was|in|on|at|of|to|for|from|with|by|as|so|if|it|this|that|"
+    r"here|there|also|still|now|just|please|spelled|spelt|wrong|missing|listed|shown|written|i|my)\b"
+)
+_ANYCASE_WORD = rf"(?!{_NOT_A_NAME})[^\W\d_](?:[^\W\d_]|['\u2019.]){{0,30}}"
+_ANYCASE_PART = rf"{_ANYCASE_WORD}(?:-{_ANYCASE_WORD})?"
+_ANYCASE_NEXT = rf"(?:[ \t]{{1,3}}{_ANYCASE_PART})"
 _PERSON = re.compile(
-    rf"(?:(?i:\bmy\s{{1,3}}name(?:\s{{1,3}}is|'s|\u2019s)|\bcall\s{{1,3}}me|\bname\s{{0,2}}:|"
+    rf"(?i:\bmy\s{{1,3}}name(?:\s{{1,3}}is|'s|\u2019s))[ \t]{{1,3}}({_ANYCASE_PART}{_ANYCASE_NEXT}{{0,3}})"
+    # A "Name:" label too, when it starts a line and two to four words fill the rest of it: one word
+    # is more often a package or a YAML key's value ("Name: pytest", "name: nginx").
+    rf"|(?<![^\n])[ \t]{{0,3}}(?i:(?:full\s|first\s|last\s|sur)?name)[ \t]{{0,2}}:[ \t]{{1,3}}"
+    rf"({_ANYCASE_PART}{_ANYCASE_NEXT}{{1,3}})(?=[ \t]{{0,3}}(?:[\n,;.]|$))"
+    rf"|(?:(?i:\bmy\s{{1,3}}name(?:\s{{1,3}}is|'s|\u2019s)|\bcall\s{{1,3}}me|\bname\s{{0,2}}:|"
     rf"\b(?:regards|sincerely|cheers|thanks|best|signed|yours)\s{{0,3}},?|"
     rf"\b(?:mr|mrs|ms|miss|mx|dr|prof|sir|dame)\.?)\s{{1,3}})({_NAME})"
     rf"|(?i:\bi\s{{0,2}}am|\bi['\u2019]m)\s{{1,3}}({_CAPWORD}\s{{1,3}}{_CAPWORD}(?:\s{{1,3}}{_CAPWORD})?)"
 )
+
+# Query keys whose values are credentials: OAuth codes and tokens, signatures of signed URLs, API
+# keys, passwords, session ids.
+_CREDENTIAL_KEY = re.compile(
+    r"(?i)token|code|sig|signature|key|apikey|pass(?:word)?|pwd|secret|auth|sid|(?:j|php)?sess(?:ion)?(?:id)?"
+    r"|[\w-]{0,40}[_-](?:token|key|secret|signature)"
+)
+# `;jsessionid=...` and other path parameters: their values are replaced, whatever they are.
+_PATH_PARAM = re.compile(r"(;[^/;=]{1,100}=)[^/;]+")
+# Opaque tokens in a path (reset links, session ids, UUIDs) rather than words: a run of 12+ hex digits,
+# or a run of 16+ in which 8 letters and digits in a row mix both. Slugs ("how-to-read-a-file-in-python3")
+# mix them only in short words, and stay.
+_PATH_RUN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{12,}(?![A-Za-z0-9_-])")
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{12,}")
+_MIXED_PIECE = re.compile(r"(?=[A-Za-z0-9]{0,7}\d)(?=[A-Za-z0-9]{0,7}[A-Za-z])[A-Za-z0-9]{8}")
 
 # The Presidio recognizers that need no NLP model (patterns, checksums and context words).
 _PRESIDIO_RECOGNIZERS = (
@@ -158,6 +214,7 @@ KINDS = (
     "NINO",
     "DOB",
     "ADDRESS",
+    "ACCOUNT",
     "IP",
     "PHONE",
     "NAME",
@@ -241,8 +298,7 @@ def _secret_assignment(match: re.Match[str]) -> str:
 
 
 def _person(match: re.Match[str]) -> str:
-    group = 1 if match.group(1) is not None else 2
-    start, end = match.span(group)
+    start, end = match.span(match.lastindex or 0)
     whole = match.group()
     offset = match.start()
     return f"{whole[: start - offset]}[NAME]{whole[end - offset :]}"
@@ -286,11 +342,12 @@ class Redactor:
     """Replaces personal data and secrets with `[KIND]` placeholders (KINDS lists them).
 
     Flywheel's own rules run first, most specific first (a secret before the digits in it, an IBAN
-    before the card and phone rules, an SSN before the phone rules): secrets and API keys, e-mail
-    addresses (internationalised and obfuscated ones too), IBANs (mod-97), payment cards (Luhn), US
-    SSNs, UK National Insurance numbers, dates of birth, street addresses and postcodes, IP addresses
-    with their port, phone numbers (Google's libphonenumber, then a digit-group rule) and names
-    announced as such ("my name is", "Dr.", sign-offs). Presidio's model-free recognizers (a
+    before the card and phone rules, an SSN before the phone rules): secrets, API keys and PINs,
+    e-mail addresses (internationalised and obfuscated ones too), UK bank account numbers and sort
+    codes, IBANs (mod-97), payment cards (Luhn), US SSNs, UK National Insurance numbers, dates of
+    birth, street addresses and postcodes, IP addresses with their port, phone numbers (Google's
+    libphonenumber, then a digit-group rule) and names announced as such ("my name is", "Dr.",
+    sign-offs). Presidio's model-free recognizers (a
     maintained PII library) then add what they find: crypto wallets, ITINs, MAC addresses and their
     own checks of the kinds above. Text without a digit skips Presidio (its recognizers all need one).
     """
@@ -299,8 +356,12 @@ class Redactor:
         self._rules: list[tuple[str, re.Pattern[str], Replace]] = [
             ("SECRET", _SECRET_TOKENS, lambda m: "[SECRET]"),
             ("SECRET", _SECRET_ASSIGNMENT, _secret_assignment),
+            ("SECRET", _TOKEN_ASSIGNMENT, _keep_prefix("SECRET")),
+            ("SECRET", _PIN, _keep_prefix("SECRET")),
             ("EMAIL", _EMAIL, lambda m: "[EMAIL]"),
             ("EMAIL", _OBFUSCATED_EMAIL, lambda m: "[EMAIL]"),
+            ("ACCOUNT", _ACCOUNT_NUMBER, _keep_prefix("ACCOUNT")),
+            ("ACCOUNT", _SORT_CODE, _keep_prefix("ACCOUNT")),
             ("IBAN", _IBAN, _iban),
             ("CARD", _CARD, _card),
             ("SSN", _SSN, lambda m: "[SSN]"),
@@ -308,6 +369,7 @@ class Redactor:
             ("DOB", _DOB, _keep_prefix("DOB")),
             ("ADDRESS", _ADDRESS, lambda m: "[ADDRESS]"),
             ("ADDRESS", _POSTCODE, lambda m: "[ADDRESS]"),
+            ("ADDRESS", _CUED_POSTCODE, _keep_prefix("ADDRESS")),
             ("IP", _IPV4, lambda m: "[IP]"),
             ("IP", _IPV6, _ipv6),
         ]
@@ -387,9 +449,13 @@ def _replace_spans(text: str, spans: list[tuple[int, int]], kind: str, found: Co
     return "".join([*out, text[last:]])
 
 
-def redact_url(url: str, redactor: Redactor, *, keep_query: bool = False) -> tuple[str, Counter[str]]:
-    """The URL without credentials, and without its query and fragment unless `keep_query`
-    (`?token=`, `#access_token=` and `?email=` live there); personal data in the path is redacted."""
+def redact_url(
+    url: str, redactor: Redactor, *, keep_query: bool = False, known: list[tuple[str, str]] | None = None
+) -> tuple[str, Counter[str]]:
+    """The URL without credentials or fragment (`#access_token=` lives there), and without its query
+    unless `keep_query` (then credential values such as `?token=` are replaced). Opaque tokens, `;param`
+    values, personal data and the `known` cued values (see `cued_values`) are replaced in what is kept.
+    """
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -400,13 +466,44 @@ def redact_url(url: str, redactor: Redactor, *, keep_query: bool = False) -> tup
     found: Counter[str] = Counter()
     if parts.username or parts.password:
         found["SECRET"] += 1
-    query, fragment = (parts.query, parts.fragment) if keep_query else ("", "")
-    path = redactor.redact(urllib.parse.unquote(parts.path))
-    found.update(path.found)
-    rest = redactor.redact(urllib.parse.unquote(query)) if query else Redacted("")
-    found.update(rest.found)
-    kept = urllib.parse.urlunsplit((parts.scheme, netloc, path.text, rest.text, fragment))
-    return kept, found
+
+    def clean(text: str) -> str:
+        redacted = redactor.redact(text)
+        found.update(redacted.found)
+        return _replace_known(redacted.text, known or [], found)
+
+    path = _redact_path(urllib.parse.unquote(parts.path), clean, found)
+    query = _redact_query(parts.query, clean, found) if keep_query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, "")), found
+
+
+def _redact_path(path: str, clean: Callable[[str], str], found: Counter[str]) -> str:
+    def secret(match: re.Match[str]) -> str:
+        found["SECRET"] += 1
+        return f"{match.group(1)}[SECRET]"
+
+    def token(match: re.Match[str]) -> str:
+        run = match.group()
+        if not (_HEX_RUN.fullmatch(run) or (len(run) >= 16 and _MIXED_PIECE.search(run))):
+            return run
+        found["SECRET"] += 1
+        return "[SECRET]"
+
+    path = _PATH_PARAM.sub(secret, path)
+    path = clean(_PATH_RUN.sub(token, path))
+    # Quoted again, so that a decoded `%3F` or `%23` cannot start a query or fragment here.
+    return urllib.parse.quote(path, safe="/:@!$&'()*+,;=[]")
+
+
+def _redact_query(query: str, clean: Callable[[str], str], found: Counter[str]) -> str:
+    pairs = []
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if value and _CREDENTIAL_KEY.fullmatch(key):
+            found["SECRET"] += 1
+            pairs.append((key, "[SECRET]"))
+        else:
+            pairs.append((clean(key), clean(value)))
+    return urllib.parse.urlencode(pairs, safe="[]")
 
 
 def cued_values(text: str) -> list[tuple[str, str]]:
@@ -414,14 +511,17 @@ def cued_values(text: str) -> list[tuple[str, str]]:
     the same value elsewhere (the model's answer repeating the name) has no cue of its own."""
     values: list[tuple[str, str]] = []
     for match in _PERSON.finditer(text):
-        name = match.group(1) or match.group(2)
+        name = match.group(match.lastindex or 0).rstrip(".")  # a name's words may hold dots, not its end
         values.append(("NAME", name))
-        # A name's parts alone ("Smith") identify too; short particles do not.
+        # A name's parts alone ("Smith") identify too; short particles do not, nor do the words of a
+        # lowercase name (its cue is less sure: "my name is spelled wrong").
         values += [
             ("NAME", part) for part in re.split(r"[\s-]+", name) if len(part) >= 3 and part[0].isupper()
         ]
     values += [("DOB", match.group(2)) for match in _DOB.finditer(text)]
     values += [("SECRET", match.group(4)) for match in _SECRET_ASSIGNMENT.finditer(text)]
+    for kind, pattern in (("SECRET", _TOKEN_ASSIGNMENT), ("SECRET", _PIN), ("ACCOUNT", _ACCOUNT_NUMBER)):
+        values += [(kind, match.group(2)) for match in pattern.finditer(text)]
     return values
 
 
@@ -457,6 +557,6 @@ def redact_interaction(
         found.update(redacted.found)
     del event.passages[:]
     event.passages.extend(passages)
-    event.page_url, url_found = redact_url(event.page_url, redactor, keep_query=keep_url_query)
+    event.page_url, url_found = redact_url(event.page_url, redactor, keep_query=keep_url_query, known=known)
     found.update(url_found)
     return found
