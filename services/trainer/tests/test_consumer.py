@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
@@ -46,10 +47,14 @@ def signed(topic: str, event: Any) -> list[tuple[str, bytes]]:
     ]
 
 
+@pytest.fixture
+def settings(tmp_path: Path) -> TrainerSettings:
+    return TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
+
+
 def test_feedback_the_feedback_service_did_not_sign_is_dead_lettered(
-    tmp_path: Path, store: JoinStore
+    settings: TrainerSettings, store: JoinStore
 ) -> None:
-    settings = TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
     consumer = TrainerConsumer(settings, store)
     dead: list[tuple[int, str]] = []
     consumer.dead_letter = lambda record, reason: dead.append((record.offset, reason))  # type: ignore[method-assign]
@@ -80,9 +85,8 @@ def test_feedback_the_feedback_service_did_not_sign_is_dead_lettered(
 
 
 def test_interactions_no_producer_redacted_are_redacted_before_the_store(
-    tmp_path: Path, store: JoinStore, ev: Any
+    tmp_path: Path, settings: TrainerSettings, store: JoinStore, ev: Any
 ) -> None:
-    settings = TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
     consumer = TrainerConsumer(settings, store)
     topics = settings.kafka.topics
     unredacted = events_pb2.Interaction(
@@ -127,10 +131,9 @@ def test_interactions_no_producer_redacted_are_redacted_before_the_store(
 
 
 def test_a_signed_event_replayed_after_the_retention_window_is_dropped(
-    tmp_path: Path, store: JoinStore
+    settings: TrainerSettings, store: JoinStore
 ) -> None:
     """The store forgets feedback after the window; a replay of its signed bytes must not count again."""
-    settings = TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
     consumer = TrainerConsumer(settings, store)
     topics = settings.kafka.topics
     interaction = events_pb2.Interaction(query_id="q1", question="Q?", answer="A", model_version="v1")

@@ -15,6 +15,7 @@ from pathlib import Path
 from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.kafka import header
 from flywheel_common.secrets import read_secret
 
 SIGNATURE_HEADER = "flywheel-signature"
@@ -47,5 +48,4 @@ class EventSigner:
 
     def signed(self, record: ConsumerRecord) -> bool:
         """Whether a consumed record carries this key's signature of it."""
-        signature = next((v for k, v in record.headers or () if k == SIGNATURE_HEADER), None)
-        return self.verify(record.topic, record.key, record.value, signature)
+        return self.verify(record.topic, record.key, record.value, header(record, SIGNATURE_HEADER))
