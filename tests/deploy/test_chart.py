@@ -470,13 +470,20 @@ def test_services_run_in_production_mode_and_mount_token_hashes_only(renders: di
             assert "api-tokens.yaml" not in keys, f"{deployment['metadata']['name']} mounts plaintext tokens"
 
 
-@pytest.mark.parametrize("component", ["-feedback", "-trainer", "-evaluator"])
-def test_every_service_that_signs_or_reads_feedback_has_the_signing_key(
-    renders: dict[str, dc.Render], component: str
+@pytest.mark.parametrize(
+    ("component", "setting"),
+    [
+        # Feedback signs its events; the trainer (roles) and the evaluator (live votes) verify them.
+        *((c, "EVENT_SIGNING_KEY_FILE") for c in ("-feedback", "-trainer", "-evaluator")),
+        # Inference and feedback pseudonymise sessions; the trainer and the evaluator forget them.
+        *((c, "PSEUDONYM_KEY_FILE") for c in ("-inference", "-feedback", "-trainer", "-evaluator")),
+    ],
+)
+def test_every_key_file_a_service_reads_is_mounted(
+    renders: dict[str, dc.Render], component: str, setting: str
 ) -> None:
-    """Feedback signs its events; the trainer (roles) and the evaluator (live votes) verify them."""
     deployment = renders[CPU].named("Deployment", component)
-    path = next(v for k, v in dc.env_of(deployment).items() if k.endswith("EVENT_SIGNING_KEY_FILE"))
+    path = next(v for k, v in dc.env_of(deployment).items() if k.endswith(setting))
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounted = {

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from flywheel_common.auth import Authenticator, load_tokens
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
 from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.redaction import Redactor
@@ -181,7 +182,7 @@ async def evaluator(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
         app.registry.register(_fake_model(root / "model"), kind="test")
     app.registry.set_production("v1")
     app.gatekeeper.decisions._emit = None  # no broker in this tier
-    servicer = EvaluatorServicer(app.gatekeeper, Authenticator(load_tokens(None)))
+    servicer = EvaluatorServicer(app.gatekeeper, Authenticator(load_tokens(None)), DEV_PSEUDONYM_KEY)
     server = GrpcServer(GrpcSettings(port=0), "evaluator")
     server.add_service(
         "flywheel.evaluator.v1.EvaluatorService",

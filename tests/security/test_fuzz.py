@@ -146,6 +146,13 @@ RPCS = [
         {},
         metadata=ADMIN,
     ),
+    Rpc(
+        "evaluator",
+        "ForgetSession",
+        lambda s: evaluator_pb2.ForgetSessionRequest(session_id="visitor-1"),
+        {"session_id": 256},
+        metadata=ADMIN,
+    ),
 ]
 
 

@@ -3,15 +3,20 @@ judge against the production that serves when the gate ends, fail on a broken ca
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flywheel_common.auth import Authenticator, load_tokens
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
+from flywheel_common.errors import InvalidArgument, PermissionDenied
+from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.registry import ModelRegistry
 from flywheel_evaluator.app import EvaluatorApp
 from flywheel_evaluator.evaluation import EvaluationResult, GoldenItem, GoldenSet, ItemResult, compute_metrics
+from flywheel_evaluator.live import Signal
 from flywheel_evaluator.rollout import Decision
 from flywheel_evaluator.service import MAX_LIST, EvaluatorServicer
 from flywheel_evaluator.settings import EvaluatorSettings, GateSettings
@@ -126,7 +131,7 @@ def test_registry_is_the_only_state(app: EvaluatorApp, tmp_path: Path) -> None:
 async def test_list_decisions_is_capped_whatever_the_limit(app: EvaluatorApp) -> None:
     for i in range(MAX_LIST + 20):
         app.gatekeeper.decisions.record(Decision(f"v{i}", "v1", True, "gate", [f"reason {i}"]))
-    servicer = EvaluatorServicer(app.gatekeeper, Authenticator(load_tokens(None)))
+    servicer = EvaluatorServicer(app.gatekeeper, Authenticator(load_tokens(None)), DEV_PSEUDONYM_KEY)
 
     class Context:
         def invocation_metadata(self) -> tuple[()]:
@@ -139,6 +144,31 @@ async def test_list_decisions_is_capped_whatever_the_limit(app: EvaluatorApp) ->
         assert reply.decisions[0].version == f"v{MAX_LIST + 19}"  # newest first
     two = await servicer.ListDecisions(evaluator_pb2.ListDecisionsRequest(limit=2), context)
     assert [d.version for d in two.decisions] == [f"v{MAX_LIST + 19}", f"v{MAX_LIST + 18}"]
+
+
+async def test_forget_session_needs_the_admin_role_and_names_exactly_one_session(app: EvaluatorApp) -> None:
+    servicer = EvaluatorServicer(app.gatekeeper, Authenticator(load_tokens(None)), DEV_PSEUDONYM_KEY)
+    session = pseudonymise(DEV_PSEUDONYM_KEY, "visitor-1", domain="session")
+    app.store.record([Signal("v1", time.time(), "rating", 2, query_id="q", session=session)])
+
+    class Context:
+        def __init__(self, token: str) -> None:
+            self.token = token
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("authorization", f"Bearer {self.token}"),)
+
+    forget = evaluator_pb2.ForgetSessionRequest
+    with pytest.raises(PermissionDenied):
+        await servicer.ForgetSession(forget(session_id="visitor-1"), Context("dev-user-token"))
+    admin: Any = Context("dev-admin-token")
+    for bad in (forget(), forget(session_id="a", session_pseudonym=session), forget(session_pseudonym="x")):
+        with pytest.raises(InvalidArgument):
+            await servicer.ForgetSession(bad, admin)
+    reply = await servicer.ForgetSession(forget(session_id="visitor-1"), admin)
+    assert (reply.votes, reply.served) == (1, 0)
+    again = await servicer.ForgetSession(forget(session_pseudonym=session), admin)
+    assert (again.votes, again.served) == (0, 0)
 
 
 def test_retention_prunes_rejected_candidates_and_a_rollback_to_them_is_refused(app: EvaluatorApp) -> None:

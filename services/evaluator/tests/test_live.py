@@ -8,6 +8,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
 from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
+from flywheel_common.query_ids import QueryIdSigner
 from flywheel_evaluator.consumers import SignalConsumer, feedback_signal, interaction_signal
 from flywheel_evaluator.live import LATENCY_BOUNDS_MS, LiveStore, Signal, VersionStats, judge_canary
 from flywheel_evaluator.settings import CanarySettings, EvaluatorSettings
@@ -186,6 +187,40 @@ def test_feedback_counts_once_per_session_however_many_answers_it_rates(tmp_path
     assert (v2.ratings, v2.mean_rating) == (1, 3.0)
 
 
+def test_a_forgotten_session_leaves_no_vote_nor_trace_and_a_replay_cannot_bring_it_back(
+    tmp_path: Path,
+) -> None:
+    signer = QueryIdSigner(b"k" * 32)
+    gone, kept = "a" * 32, "b" * 32
+    its_answer, other_answer = signer.issue("v2", gone, now=T0), signer.issue("v2", kept, now=T0)
+    events = [
+        Signal("v2", T0 + 1, "rating", 1, query_id=its_answer, session=gone),
+        Signal("v2", T0 + 2, "thumbs", -1, query_id=its_answer, session=gone),
+        # A vote before query ids named sessions: the session is the one the feedback service saw.
+        Signal("v2", T0 + 3, "ignored", query_id="legacy-id", session=gone),
+        Signal("v2", T0 + 4, "interaction", query_id=its_answer, session=gone),
+        Signal("v2", T0 + 5, "rating", 5, query_id=other_answer, session=kept),
+        Signal("v2", T0 + 6, "interaction", query_id=other_answer, session=kept),
+    ]
+    store = LiveStore(tmp_path / "live.sqlite")
+    store.record(events)
+    assert store.stats("v2", T0, T0 + 60).sessions == 2
+    assert any(gone.encode() in path.read_bytes() for path in tmp_path.iterdir())
+    assert store.forget(gone) == (3, 1)
+    v2 = store.stats("v2", T0, T0 + 60)
+    assert (v2.sessions, v2.sessions_served, v2.ratings, v2.thumbs, v2.ignored) == (1, 1, 1, 0, 0)
+    assert v2.interactions == 2  # per-minute counts name no session: they stay
+    store.close()
+    # Nothing of it in the file (nor its write-ahead log), and the tombstone outlives a restart:
+    # its events, replayed from Kafka, are dropped.
+    for path in tmp_path.iterdir():
+        assert gone.encode() not in path.read_bytes(), path.name
+    again = LiveStore(tmp_path / "live.sqlite")
+    assert again.record(events) == 2
+    assert again.stats("v2", T0, T0 + 60).sessions == 1
+    assert again.forget(gone) == (0, 0)
+
+
 def test_the_minimum_evidence_is_distinct_sessions() -> None:
     # Ten thumbs down from one session are one session's vote: never enough to roll back.
     canary = VersionStats("v2", sessions=1, thumbs_down=1)
@@ -231,6 +266,10 @@ def test_events_become_signals() -> None:
         assert feedback_signal(ignored, now=T0) is None
     served = events_pb2.Interaction(model_version="v1", total_ms=1234.0, finish_reason="eos")
     assert interaction_signal(served, now=T0) == Signal("v1", T0, "interaction", 0.0, 1234.0, False)
+    of_session = events_pb2.Interaction(model_version="v1", query_id="q", session_pseudonym="s")
+    assert interaction_signal(of_session, now=T0) == Signal(
+        "v1", T0, "interaction", 0.0, 0.0, False, query_id="q", session="s"
+    )
     failed = events_pb2.Interaction(model_version="v1", finish_reason="deadline")
     assert interaction_signal(failed, now=T0).failed  # type: ignore[union-attr]
 

@@ -24,6 +24,15 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def query_id_session(query_id: str) -> str:
+    """The session pseudonym a signed (q2) query id names, unverified; "" for any other id.
+
+    For consumers of events the feedback service verified: they need it only to honour forgets.
+    """
+    parts = query_id.split(".")
+    return parts[4] if len(parts) == 6 and parts[0] == _PREFIX else ""
+
+
 @dataclass(frozen=True)
 class QueryIdClaims:
     """What a valid query id says about the answer it names."""

@@ -7,10 +7,12 @@ import contextlib
 import logging
 
 from flywheel_common.auth import Authenticator, load_tokens
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
 from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.kafka import EventProducer, ensure_topics
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.runtime import ConsumerThread, connect_with_retry
+from flywheel_common.secrets import read_secret
 from flywheel_evaluator.consumers import CandidateConsumer, SignalConsumer
 from flywheel_evaluator.evaluation import GoldenSet, load_golden
 from flywheel_evaluator.gatekeeper import Gatekeeper
@@ -44,7 +46,12 @@ class EvaluatorApp:
             ConsumerThread(consumer, restart_after_s=_RESTART_AFTER_S)
             for consumer in (self.candidates, self.signals)
         ]
-        servicer = EvaluatorServicer(self.gatekeeper, Authenticator(load_tokens(settings.auth.tokens_file)))
+        pseudonym_key = read_secret(
+            settings.pseudonym_key_file, name="pseudonym key", dev_default=DEV_PSEUDONYM_KEY
+        )
+        servicer = EvaluatorServicer(
+            self.gatekeeper, Authenticator(load_tokens(settings.auth.tokens_file)), pseudonym_key
+        )
         self.server = GrpcServer(settings.grpc, "evaluator")
         self.server.add_service(
             "flywheel.evaluator.v1.EvaluatorService",

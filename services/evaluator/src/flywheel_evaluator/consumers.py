@@ -112,6 +112,7 @@ def interaction_signal(event: events_pb2.Interaction, now: float) -> Signal | No
         0.0,
         event.total_ms,
         failed,
+        query_id=event.query_id,
         session=event.session_pseudonym,
     )
 

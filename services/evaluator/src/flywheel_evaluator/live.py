@@ -4,7 +4,8 @@ Served interactions are counted per version and per minute; feedback is kept as 
 and kind (a later vote replaces it) and counted per session, so one visitor is one voice however
 many events they send (docs/security.md). Everything is in SQLite under the evaluator's state
 folder, written before the consumer commits its offsets, so a restart neither loses nor needs to
-re-read it.
+re-read it. A forgotten session's votes and served answers are deleted, and its events, replayed,
+are dropped at its tombstone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from flywheel_common.pseudonym import tombstone
+from flywheel_common.query_ids import query_id_session
 from flywheel_evaluator.settings import CanarySettings
 
 # Upper bounds (ms) of the latency histogram kept per version and minute.
@@ -42,7 +45,7 @@ class Signal:
     value: float = 0.0
     latency_ms: float | None = None
     failed: bool = False
-    # The answer a feedback signal is about, and the session it counts for (a keyed pseudonym).
+    # The answer the signal is about, and the session it counts for (a keyed pseudonym).
     query_id: str = ""
     session: str = ""
 
@@ -162,9 +165,12 @@ class LiveStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        self._writing = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # A forgotten session's rows are overwritten on delete, not left in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS signals (version TEXT NOT NULL, minute INTEGER NOT NULL, "
             + ", ".join(f"{c} REAL NOT NULL DEFAULT 0" for c in _COLUMNS)
@@ -185,6 +191,11 @@ class LiveStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS canary (version TEXT PRIMARY KEY, started_at REAL NOT NULL)"
         )
+        # Hashes of forgotten sessions (never their pseudonyms), kept beyond any retention.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS forgotten (tombstone TEXT PRIMARY KEY, forgotten_at REAL NOT NULL)"
+        )
+        self._forgotten = {row[0] for row in self._db.execute("SELECT tombstone FROM forgotten")}
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -199,12 +210,18 @@ class LiveStore:
 
     def record(self, signals: Iterable[Signal]) -> int:
         """Adds signals durably (one transaction); returns how many were recorded."""
+        # Not beside a forget: a signal checked against the tombstones before it, stored after it,
+        # would outlive it.
+        with self._writing:
+            return self._record(signals)
+
+    def _record(self, signals: Iterable[Signal]) -> int:
         buckets: dict[tuple[str, int], VersionStats] = {}
         votes: dict[tuple[str, str], tuple[str, str, int, float]] = {}
         served: set[tuple[str, int, str]] = set()
         count = 0
         for s in signals:
-            if not s.version:
+            if not s.version or self._of_forgotten(s):
                 continue
             minute = int(s.at // 60)
             if s.kind in _FEEDBACK_KINDS:
@@ -248,6 +265,41 @@ class LiveStore:
                     (version, minute, *values, json.dumps(latency)),
                 )
         return count
+
+    def _of_forgotten(self, signal: Signal) -> bool:
+        """Whether the signal is a forgotten session's: its own, or the one its query id names."""
+        if not self._forgotten:
+            return False
+        sessions = (signal.session, query_id_session(signal.query_id))
+        return any(tombstone(x) in self._forgotten for x in sessions if x)
+
+    def forget(self, session: str) -> tuple[int, int]:
+        """Deletes a session's votes (and any on the answers it was given) and the record of what it
+        was served, and tombstones it; returns (votes, served rows) removed."""
+        if not session:
+            raise ValueError("a session pseudonym is required")
+        with self._writing, self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO forgotten (tombstone, forgotten_at) VALUES (?, ?)",
+                (tombstone(session), time.time()),
+            )
+            on_its_answers = [
+                (query_id, kind)
+                for query_id, kind in db.execute(
+                    "SELECT query_id, kind FROM votes WHERE query_id LIKE ?", (f"%.{session}.%",)
+                )
+                if query_id_session(query_id) == session
+            ]
+            db.executemany("DELETE FROM votes WHERE query_id = ? AND kind = ?", on_its_answers)
+            votes = (
+                len(on_its_answers) + db.execute("DELETE FROM votes WHERE session = ?", (session,)).rowcount
+            )
+            served = db.execute("DELETE FROM served WHERE session = ?", (session,)).rowcount
+            self._forgotten.add(tombstone(session))
+        with self._lock:
+            # The write-ahead log still holds the deleted pages' old images until it is emptied.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return votes, served
 
     def stats(self, version: str, since: float, until: float | None = None) -> VersionStats:
         """A version's signals in the minutes from `since` (inclusive) to `until`."""

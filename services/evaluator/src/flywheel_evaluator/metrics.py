@@ -99,6 +99,10 @@ FEEDBACK_UNSIGNED = Counter(
     "flywheel_evaluator_feedback_unsigned",
     "Feedback events without the feedback service's valid signature, dead-lettered uncounted.",
 )
+FORGOTTEN = Counter(
+    "flywheel_evaluator_forgotten_sessions",
+    "Sessions forgotten on request (ForgetSession): their live votes and served rows deleted.",
+)
 SIGNALS = Counter(
     "flywheel_evaluator_live_signals",
     "Live signals consumed, by kind (rating, thumbs, ignored, interaction).",

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 
 from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import InvalidArgument, NotFound
 from flywheel_common.grpc_server import request_metadata
+from flywheel_common.pseudonym import session_to_forget
 from flywheel_common.registry import RolloutState, check_version_name
 from flywheel_common.text import clean_text
+from flywheel_evaluator import metrics
 from flywheel_evaluator.evaluation import EvaluationResult
 from flywheel_evaluator.gatekeeper import Gatekeeper
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # ListDecisions answers at most this many decisions; a limit of 0 means this many.
 MAX_LIST = 100
@@ -62,9 +67,10 @@ def rollout_message(state: RolloutState, history: int = 20) -> evaluator_pb2.Rol
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     """Reads are open to any caller on the network; evaluation and rollout moves need the admin role."""
 
-    def __init__(self, gatekeeper: Gatekeeper, authenticator: Authenticator) -> None:
+    def __init__(self, gatekeeper: Gatekeeper, authenticator: Authenticator, pseudonym_key: bytes) -> None:
         self._gatekeeper = gatekeeper
         self._auth = authenticator
+        self._pseudonym_key = pseudonym_key
 
     def _admin(self, context: grpc.aio.ServicerContext) -> str:
         principal: Principal = self._auth.authenticate(request_metadata(context))
@@ -138,3 +144,14 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         actor = self._admin(context)
         move = self._gatekeeper.set_auto_rollout
         return rollout_message(await asyncio.to_thread(move, request.enabled, actor=actor))
+
+    async def ForgetSession(
+        self, request: evaluator_pb2.ForgetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> evaluator_pb2.ForgetSessionResponse:
+        """Forgets one visitor's session in the live signals (admin only; docs/security.md)."""
+        actor = self._admin(context)
+        session = session_to_forget(self._pseudonym_key, request.session_id, request.session_pseudonym)
+        votes, served = await asyncio.to_thread(self._gatekeeper.store.forget, session)
+        metrics.FORGOTTEN.inc()
+        log.info("%s forgot a session in the live signals: %d votes, %d served rows", actor, votes, served)
+        return evaluator_pb2.ForgetSessionResponse(votes=votes, served=served)

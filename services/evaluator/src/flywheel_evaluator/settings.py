@@ -164,6 +164,9 @@ class EvaluatorSettings(BaseSettings):
     # Verifies the feedback service's signature on each Feedback event before it counts as a live
     # signal (docs/security.md); the development key when unset.
     event_signing_key_file: Path | None = None
+    # Pseudonymises the session id a ForgetSession request names (the key inference and feedback
+    # use); the development key when unset.
+    pseudonym_key_file: Path | None = None
     artifact_root: Path = Path("var/artifacts")
     # The evaluator's own state (live signal counters, canary start times).
     state_dir: Path = Path("var/evaluator")

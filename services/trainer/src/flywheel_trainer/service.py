@@ -8,8 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import FailedPrecondition, FlywheelError, InvalidArgument, NotFound
 from flywheel_common.grpc_server import request_metadata
-from flywheel_common.pseudonym import pseudonymise
-from flywheel_common.text import has_unsafe
+from flywheel_common.pseudonym import session_to_forget
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, ReviewItem, ReviewReason
 from flywheel_trainer.trainer import WAITING_FOR_BASE, Trainer
@@ -36,9 +35,7 @@ _REASONS = {
     ReviewReason.CANARY: trainer_pb2.REVIEW_REASON_CANARY,
 }
 _MAX_QUERY_ID_CHARS = 512
-MAX_SESSION_ID_CHARS = 256
 MAX_REASON_CHARS = 1000
-_HEX = frozenset("0123456789abcdef")
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
@@ -206,18 +203,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         """Forgets one visitor's session everywhere the trainer keeps data (admin only)."""
         caller = self._auth.authenticate(request_metadata(context))
         caller.require(Role.ADMIN)
-        if bool(request.session_id) == bool(request.session_pseudonym):
-            raise InvalidArgument("exactly one of session_id and session_pseudonym is required")
-        if request.session_id:
-            if len(request.session_id) > MAX_SESSION_ID_CHARS or has_unsafe(request.session_id):
-                raise InvalidArgument(
-                    f"session_id must be at most {MAX_SESSION_ID_CHARS} characters without control characters"
-                )
-            session = pseudonymise(self._pseudonym_key, request.session_id, domain="session")
-        else:
-            session = request.session_pseudonym
-            if len(session) != 32 or not set(session) <= _HEX:
-                raise InvalidArgument("session_pseudonym must be 32 lowercase hex digits")
+        session = session_to_forget(self._pseudonym_key, request.session_id, request.session_pseudonym)
         if len(request.reason) > MAX_REASON_CHARS:
             raise InvalidArgument(f"reason is longer than {MAX_REASON_CHARS} characters")
         report = await self._trainer.forget(session, reason=request.reason, caller=caller.token_hash[:12])

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel_common.pseudonym import tombstone
+from flywheel_common.query_ids import query_id_session
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal, Source
 
@@ -226,20 +228,6 @@ def agreement_key(question: str, answer: str) -> str:
     """What independent sessions must agree on: the same answer to the same question (normalised)."""
     text = " ".join(question.lower().split()) + "\n" + " ".join(answer.lower().split())
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def query_id_session(query_id: str) -> str:
-    """The session pseudonym a signed (q2) query id names, unverified; "" for any other id.
-
-    Verification happened at the feedback service; the trainer only needs it to honour tombstones.
-    """
-    parts = query_id.split(".")
-    return parts[4] if len(parts) == 6 and parts[0] == "q2" else ""
-
-
-def tombstone(session: str) -> str:
-    """What the store keeps of a forgotten session: a hash, so not even its pseudonym stays."""
-    return hashlib.sha256(f"forgotten:{session}".encode()).hexdigest()
 
 
 def batch_ids(example_ids: Sequence[str], now: float) -> tuple[str, str]:

@@ -19,6 +19,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from flywheel_common.errors import FlywheelError, NotFound, Unavailable
 from flywheel_common.kafka import EventProducer
+from flywheel_common.pseudonym import tombstone
+from flywheel_common.query_ids import query_id_session
 from flywheel_common.redaction import Redactor
 from flywheel_common.registry import ModelRegistry
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -34,8 +36,6 @@ from flywheel_trainer.store import (
     Cut,
     Job,
     JoinStore,
-    query_id_session,
-    tombstone,
 )
 
 log = logging.getLogger(__name__)

@@ -339,3 +339,52 @@ class SetAutoRolloutRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetAutoRolloutRequest: _TypeAlias = SetAutoRolloutRequest  # noqa: Y015
+
+@_typing.final
+class ForgetSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SESSION_PSEUDONYM_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Exactly one: the visitor's session id (pseudonymised as inference and feedback do), or its
+    32-hex-digit pseudonym.
+    """
+    session_pseudonym: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        session_pseudonym: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "session_pseudonym", b"session_pseudonym"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSessionRequest: _TypeAlias = ForgetSessionRequest  # noqa: Y015
+
+@_typing.final
+class ForgetSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOTES_FIELD_NUMBER: _builtins.int
+    SERVED_FIELD_NUMBER: _builtins.int
+    votes: _builtins.int
+    """Live votes (ratings, thumbs, ignores) removed."""
+    served: _builtins.int
+    """Rows of "this session was served by this version in this minute" removed."""
+    def __init__(
+        self,
+        *,
+        votes: _builtins.int = ...,
+        served: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["served", b"served", "votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSessionResponse: _TypeAlias = ForgetSessionResponse  # noqa: Y015

@@ -76,6 +76,11 @@ class EvaluatorServiceStub:
                 request_serializer=flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.SetAutoRolloutRequest.SerializeToString,
                 response_deserializer=flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.ForgetSession = channel.unary_unary(
+                '/flywheel.evaluator.v1.EvaluatorService/ForgetSession',
+                request_serializer=flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.ForgetSessionRequest.SerializeToString,
+                response_deserializer=flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.ForgetSessionResponse.FromString,
+                _registered_method=True)
 
 
 class EvaluatorServiceServicer:
@@ -136,6 +141,15 @@ class EvaluatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetSession(self, request, context):
+        """Admin: forget a visitor's session in the live signals (its votes and the answers it was
+        served); its events, replayed from Kafka, are dropped from then on. `flywheel privacy forget`
+        calls it after the trainer's ForgetSession.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvaluatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +192,11 @@ def add_EvaluatorServiceServicer_to_server(servicer, server):
                     servicer.SetAutoRollout,
                     request_deserializer=flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.SetAutoRolloutRequest.FromString,
                     response_serializer=flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.Rollout.SerializeToString,
+            ),
+            'ForgetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetSession,
+                    request_deserializer=flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.ForgetSessionRequest.FromString,
+                    response_serializer=flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.ForgetSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +417,33 @@ class EvaluatorService:
             '/flywheel.evaluator.v1.EvaluatorService/SetAutoRollout',
             flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.SetAutoRolloutRequest.SerializeToString,
             flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.evaluator.v1.EvaluatorService/ForgetSession',
+            flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.ForgetSessionRequest.SerializeToString,
+            flywheel_dot_evaluator_dot_v1_dot_evaluator__pb2.ForgetSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,11 @@ class EvaluatorServiceStub:
     """Admin: pin production to a version; automatic rollout stops until unpinned."""
     SetAutoRollout: _grpc.UnaryUnaryMultiCallable[_evaluator_pb2.SetAutoRolloutRequest, _evaluator_pb2.Rollout]
     """Admin: stop or resume automatic rollout."""
+    ForgetSession: _grpc.UnaryUnaryMultiCallable[_evaluator_pb2.ForgetSessionRequest, _evaluator_pb2.ForgetSessionResponse]
+    """Admin: forget a visitor's session in the live signals (its votes and the answers it was
+    served); its events, replayed from Kafka, are dropped from then on. `flywheel privacy forget`
+    calls it after the trainer's ForgetSession.
+    """
 
 @_typing.type_check_only
 class EvaluatorServiceAsyncStub(EvaluatorServiceStub):
@@ -69,6 +74,11 @@ class EvaluatorServiceAsyncStub(EvaluatorServiceStub):
     """Admin: pin production to a version; automatic rollout stops until unpinned."""
     SetAutoRollout: _aio.UnaryUnaryMultiCallable[_evaluator_pb2.SetAutoRolloutRequest, _evaluator_pb2.Rollout]  # type: ignore[assignment]
     """Admin: stop or resume automatic rollout."""
+    ForgetSession: _aio.UnaryUnaryMultiCallable[_evaluator_pb2.ForgetSessionRequest, _evaluator_pb2.ForgetSessionResponse]  # type: ignore[assignment]
+    """Admin: forget a visitor's session in the live signals (its votes and the answers it was
+    served); its events, replayed from Kafka, are dropped from then on. `flywheel privacy forget`
+    calls it after the trainer's ForgetSession.
+    """
 
 class EvaluatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Evaluates model versions, gates candidates and drives the rollout.
@@ -135,5 +145,16 @@ class EvaluatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_evaluator_pb2.Rollout, _abc.Awaitable[_evaluator_pb2.Rollout]]:
         """Admin: stop or resume automatic rollout."""
+
+    @_abc_1.abstractmethod
+    def ForgetSession(
+        self,
+        request: _evaluator_pb2.ForgetSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluator_pb2.ForgetSessionResponse, _abc.Awaitable[_evaluator_pb2.ForgetSessionResponse]]:
+        """Admin: forget a visitor's session in the live signals (its votes and the answers it was
+        served); its events, replayed from Kafka, are dropped from then on. `flywheel privacy forget`
+        calls it after the trainer's ForgetSession.
+        """
 
 def add_EvaluatorServiceServicer_to_server(servicer: EvaluatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
