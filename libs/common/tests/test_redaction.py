@@ -97,6 +97,11 @@ def test_corpus(case: dict[str, Any], with_presidio: bool, redactor: Redactor, p
         "a.b at " * 1200,
         "account number " + "1 " * 3990,
         "sort code " + "12-" * 2600,
+        "write to " + "a at " * 1600,
+        "Basic " + "QUFB" * 2000,
+        "x://" + "a:" * 4000,
+        'password: "' + "a " * 3990,
+        "a_password=" * 730,
     ],
     ids=lambda t: repr(t[:12]),
 )
@@ -129,6 +134,14 @@ def test_no_url_pattern_backtracks_on_hostile_input(redactor: Redactor, path: st
         ("call (212) 555-0199 now", "call [PHONE] now", "PHONE"),
         ("ring 020 7946 0958 now", "ring [PHONE] now", "PHONE"),
         ("ring +44 20 7946 0958 now", "ring [PHONE] now", "PHONE"),
+        ("write to maria at example.org please", "write to [EMAIL] please", "EMAIL"),
+        ("Authorization: Basic dXNlcjpwYXNz", "Authorization: Basic [SECRET]", "SECRET"),
+        (
+            "psql postgresql://app:s3cret@db.internal/prod",
+            "psql postgresql://[SECRET]@db.internal/prod",
+            "SECRET",
+        ),
+        ('{"password": "correct horse"}', '{"password": "[SECRET]"}', "SECRET"),
     ],
 )
 def test_redacts(redactor: Redactor, text: str, expected: str, kind: str) -> None:

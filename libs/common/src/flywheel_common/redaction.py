@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import logging
 import re
@@ -31,14 +33,28 @@ _SECRET_TOKENS = re.compile(
     r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
     r"|\bAIza[0-9A-Za-z_-]{35}"  # Google API keys
     r"|\bglpat-[A-Za-z0-9_-]{20,}"  # GitLab
+    r"|\b(?:pypi-AgE[A-Za-z0-9_-]{50,}"  # PyPI (a macaroon whose first field names pypi.org)
+    r"|hf_[A-Za-z0-9]{30,}"  # Hugging Face
+    r"|npm_[A-Za-z0-9]{36}\b"  # npm
+    r"|SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43})"  # SendGrid
 )
+# `scheme://user:password@host`: the user and password go, the scheme and host stay.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,30}://)([^\s/?#@:\[\]]{0,100}:[^\s/?#@]{1,200})@")
+# `Basic <base64>` (HTTP Basic authentication): only what decodes to printable `user:password` counts,
+# so "Basic Usage" stays whatever the words.
+_BASIC_CREDENTIALS = re.compile(r"\b((?i:basic)\s{1,3})([A-Za-z0-9+/]{4,400}={0,2})(?![\w+/=-])")
 # The value after a secret's label: up to 200 characters, not ending in punctuation.
 _SECRET_VALUE = r"[^\s\"',;]{3,199}[^\s\"',;.!?:)\]]"
-# `password: hunter2`, `api_key=...`, `pw=...`: the label stays, the value goes.
+# A quoted value may hold spaces ("correct horse battery staple"), not the punctuation of code around it.
+_QUOTED_SECRET = r"(?<=[\"'])[^\s\"'(),;=<>{}\[\]][^\"'\n(),;=<>{}\[\]]{1,98}[^\s\"'(),;=<>{}\[\]]"
+# Not a value: a placeholder an earlier rule wrote (`API_KEY=[SECRET]`), or an empty one (`"password": null`).
+_NOT_A_SECRET = r"(?!(?-i:\[[A-Z]{2,8}\])|(?:null|none|true|false)(?![\w-]))"
+# `password: hunter2`, `api_key=...`, `pw=...`, `DB_PASSWORD=...`, `"password": "..."`: the label stays,
+# the value goes. A label may end a variable name (`AWS_SECRET_ACCESS_KEY`), not a word (`bypass`).
 _SECRET_ASSIGNMENT = re.compile(
-    r"(?i)\b(pass(?:word|wd|phrase|code)?|pwd|pw|secret(?:[ _-]?key)?|api[ _-]?key|access[ _-]?key|"
+    r"(?i)(?<![^\W_])(pass(?:word|wd|phrase|code)?|pwd|pw|secret(?:[ _-]?key)?|api[ _-]?key|access[ _-]?key|"
     r"(?:access|auth|bearer|refresh)[ _-]?token|client[ _-]?secret)"
-    rf"(\s*[:=]\s*|\s+is\s+)([\"']?)({_SECRET_VALUE})\3"
+    rf"([\"']?\s*[:=]\s*|\s+is\s+)([\"']?){_NOT_A_SECRET}({_QUOTED_SECRET}|{_SECRET_VALUE})\3"
 )
 # `token: ...` and `Bearer ...` also start ordinary text ("the token: a string", "bearer tokens"),
 # so only a value holding a digit counts.
@@ -63,6 +79,43 @@ _OBFUSCATED_EMAIL = re.compile(
     # or "look at python.org" would be an address.
     rf"|(?<![\w.+-]){_WORD}(?:(?:{_DOT}|\.){_WORD}){{1,4}}\s{{1,3}}at\s{{1,3}}{_WORD}(?:\.{_WORD}){{0,4}}"
     rf"\.[a-z]{{2,24}}\b"
+)
+# "john at gmail.com": a name without a dot before a spelled at is an address only where the domain is
+# a mail provider's, or where a cue says an address follows ("write to maria at example.org"); "look at
+# docs.python.org", "arrive at 10.30" and "the answer is at page.html" have neither.
+_MAIL_PROVIDER = (
+    r"(?:gmail|googlemail|yahoo|ymail|hotmail|outlook|aol|msn|icloud|protonmail|proton|gmx|yandex|zoho|"
+    r"fastmail|tutanota|posteo|hushmail|qq|163|126|naver|rediffmail|libero|laposte|wanadoo|t-online|"
+    r"btinternet|comcast|sbcglobal)(?:\.[a-z]{2,3}){1,2}"
+    r"|(?:web\.de|mail\.ru|mail\.com|me\.com|mac\.com|live\.com|pm\.me|hey\.com)"
+)
+_EMAIL_CUE = (
+    r"(?:e-?mail(?:\s{1,3}address)?|mail\s{1,3}me|mailto|write\s{1,3}(?:to|me)|contact|reach\s{1,3}me|"
+    r"send\s{1,3}(?:it\s{1,3})?to)"
+)
+# Words that stand before " at " in sentences ("look at", "sign in at", "is at"), never taken for a name;
+# nor is a word after a pronoun ("I work at", "we met at"): that is a verb.
+_NOT_A_MAILBOX = (
+    r"(?:a|an|the|is|are|was|were|be|been|am|it|its|this|that|here|there|me|us|you|him|her|them|we|they|"
+    r"in|on|up|out|off|back|now|only|also|just|still|not|and|or|but|look|looked|looking|looks|sign|signed|"
+    r"log|logged|go|went|work|works|worked|job|available|hosted|located|found|online|page|site|website|"
+    r"account|inbox|mail|email|e-mail|address)\b"
+)
+_AFTER_PRONOUN = r"(?<!\bi )(?<!\bwe )(?<!\bhe )(?<!\bshe )(?<!\byou )(?<!\bthey )"
+# Last labels that name a file rather than a domain ("page.html").
+_FILE_SUFFIX = (
+    r"(?:html?|php|aspx?|py|txt|md|rst|pdf|json|xml|ya?ml|toml|ini|cfg|csv|zip|gz|tar|exe|png|jpe?g|gif|svg|"
+    r"js|css|sh)\b"
+)
+# Cue first: its first letter lets the engine skip most positions without trying the words.
+_CUED_AT_EMAIL = re.compile(
+    rf"(?i)(?=[cemrsw])(\b{_EMAIL_CUE}(?:\s{{0,3}}[:,]|\s{{1,3}}(?:is|me|us|at|to|via|on)\b){{0,3}}\s{{1,3}})"
+    rf"(?!{_NOT_A_MAILBOX}){_WORD}\s{{1,3}}at\s{{1,3}}{_WORD}(?:\.{_WORD}){{0,4}}\.(?!{_FILE_SUFFIX})[a-z]{{2,24}}\b"
+)
+# The lookahead for " at " first: the word lists are tried only where an address may follow.
+_PROVIDER_AT_EMAIL = re.compile(
+    rf"(?i)(?<![\w.+-])(?=[\w+-]{{1,64}}\s{{1,3}}at\s){_AFTER_PRONOUN}(?!{_NOT_A_MAILBOX})"
+    rf"{_WORD}\s{{1,3}}at\s{{1,3}}(?:{_MAIL_PROVIDER})\b"
 )
 # UK bank details after their label: an account number and a sort code.
 _ACCOUNT_NUMBER = re.compile(
@@ -93,7 +146,7 @@ _DATE = (
 # A date is personal when it says it is a birth date; other dates (releases, events) stay.
 _DOB = re.compile(
     rf"(?i)(\b(?:born(?:\s{{1,3}}on)?|d\.?o\.?b\.?|date\s{{1,3}}of\s{{1,3}}birth|birth\s{{0,3}}date|"
-    rf"birthday(?:\s{{1,3}}is)?)\b[\s:,-]{{0,5}}(?:is\s{{1,3}}|was\s{{1,3}}|on\s{{1,3}})?)({_DATE})"
+    rf"birthday(?:\s{{1,3}}is)?)\b[\s:,-]{{0,5}}(?:is\s{{1,3}}|was\s{{1,3}}|on\s{{1,3}})?(?:the\s{{1,3}})?)({_DATE})"
 )
 _STREET_TYPES = (
     r"(?:street|st|road|rd|avenue|ave|lane|ln|drive|dr|boulevard|blvd|way|court|ct|place|pl|terrace|"
@@ -130,9 +183,11 @@ _IPV4 = re.compile(
     r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])"
     + _PORT
 )
+# Not after a name or bracket: `s[::2]` and `s[1::2]` are slices.
 _IPV6 = re.compile(
-    r"\[(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}\]" + _PORT + r"|(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
-    r"(?:[0-9A-Fa-f]{0,4}|(?:\d{1,3}\.){3}\d{1,3})(?![\w:])"
+    r"\[(?<![\w)\]]\[)(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}\]"
+    + _PORT
+    + r"|(?<![\w:.\[])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|(?:\d{1,3}\.){3}\d{1,3})(?![\w:])"
 )
 # Phone-like digit groups libphonenumber rejects (e.g. unassigned ranges): 9+ digits with separators.
 _PHONE = re.compile(r"(?<![\w+])\+?\(?\d{1,4}\)?(?:[ .-]?\(?\d{2,4}\)?){2,5}(?![\w])")
@@ -270,7 +325,8 @@ def _ipv6(match: re.Match[str]) -> str | None:
     candidate = match.group()
     bracketed = re.fullmatch(r"\[([^\]]+)\](?::\d{1,5})?", candidate)
     address = bracketed.group(1) if bracketed else candidate
-    if address.count(":") < 2 or not re.search(r"[0-9A-Fa-f]", address):
+    # A digit too: `a::b` and `dead::beef` are C++ and jokes more often than addresses.
+    if address.count(":") < 2 or not re.search(r"\d", address):
         return None
     try:
         ipaddress.IPv6Address(address)
@@ -282,6 +338,15 @@ def _ipv6(match: re.Match[str]) -> str | None:
 def _phone(match: re.Match[str]) -> str | None:
     # Nine digits at least, so dates and short numbers stay; libphonenumber found the valid ones.
     return "[PHONE]" if len(re.sub(r"\D", "", match.group())) >= 9 else None
+
+
+def _basic_credentials(match: re.Match[str]) -> str | None:
+    encoded = match.group(2)
+    try:
+        decoded = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return f"{match.group(1)}[SECRET]" if ":" in decoded and decoded.isprintable() else None
 
 
 def _keep_prefix(kind: str, group: int = 1) -> Replace:
@@ -342,8 +407,9 @@ class Redactor:
     """Replaces personal data and secrets with `[KIND]` placeholders (KINDS lists them).
 
     Flywheel's own rules run first, most specific first (a secret before the digits in it, an IBAN
-    before the card and phone rules, an SSN before the phone rules): secrets, API keys and PINs,
-    e-mail addresses (internationalised and obfuscated ones too), UK bank account numbers and sort
+    before the card and phone rules, an SSN before the phone rules): secrets, API keys, PINs, HTTP Basic
+    credentials and URL user info, e-mail addresses (internationalised and obfuscated ones too, and
+    "name at domain" after a cue or at a mail provider), UK bank account numbers and sort
     codes, IBANs (mod-97), payment cards (Luhn), US SSNs, UK National Insurance numbers, dates of
     birth, street addresses and postcodes, IP addresses with their port, phone numbers (Google's
     libphonenumber, then a digit-group rule) and names announced as such ("my name is", "Dr.",
@@ -355,11 +421,15 @@ class Redactor:
     def __init__(self, *, presidio: bool = True, score_threshold: float = 0.3) -> None:
         self._rules: list[tuple[str, re.Pattern[str], Replace]] = [
             ("SECRET", _SECRET_TOKENS, lambda m: "[SECRET]"),
+            ("SECRET", _URL_USERINFO, lambda m: f"{m.group(1)}[SECRET]@"),
+            ("SECRET", _BASIC_CREDENTIALS, _basic_credentials),
             ("SECRET", _SECRET_ASSIGNMENT, _secret_assignment),
             ("SECRET", _TOKEN_ASSIGNMENT, _keep_prefix("SECRET")),
             ("SECRET", _PIN, _keep_prefix("SECRET")),
             ("EMAIL", _EMAIL, lambda m: "[EMAIL]"),
             ("EMAIL", _OBFUSCATED_EMAIL, lambda m: "[EMAIL]"),
+            ("EMAIL", _CUED_AT_EMAIL, _keep_prefix("EMAIL")),
+            ("EMAIL", _PROVIDER_AT_EMAIL, lambda m: "[EMAIL]"),
             ("ACCOUNT", _ACCOUNT_NUMBER, _keep_prefix("ACCOUNT")),
             ("ACCOUNT", _SORT_CODE, _keep_prefix("ACCOUNT")),
             ("IBAN", _IBAN, _iban),
