@@ -3,11 +3,13 @@ judge against the production that serves when the gate ends, fail on a broken ca
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
@@ -15,6 +17,7 @@ from flywheel_common.errors import InvalidArgument, PermissionDenied
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.registry import ModelRegistry
 from flywheel_evaluator.app import EvaluatorApp
+from flywheel_evaluator.consumers import CandidateConsumer
 from flywheel_evaluator.evaluation import EvaluationResult, GoldenItem, GoldenSet, ItemResult, compute_metrics
 from flywheel_evaluator.live import Signal
 from flywheel_evaluator.rollout import Decision
@@ -111,6 +114,45 @@ def test_broken_candidate_fails_the_gate_with_the_reason(app: EvaluatorApp) -> N
         "rollout: rejected; production stays v1",
         "FAIL evaluation: candidate could not be evaluated: model.onnx is not a model",
     ]
+
+
+def test_a_candidate_event_naming_no_possible_version_is_dead_lettered_not_retried(app: EvaluatorApp) -> None:
+    """Retried, such an event would be refused again and again, and no later candidate gated."""
+    stub = StubEvaluations(app, {"v1": 5, "v2": 15})
+    consumer = CandidateConsumer(app.settings, app.gatekeeper.process_candidate, threading.Event())
+    dead: list[str] = []
+    consumer.dead_letter = lambda record, reason: dead.append(reason)  # type: ignore[method-assign]
+    topic = app.settings.kafka.topics.candidates
+    records = [
+        ConsumerRecord(topic, 0, n, 0, 0, 0, b"k", candidate(version).SerializeToString(), [], None, 1, 1, -1)
+        for n, version in enumerate(["v2/../v1", "x" * 200, "v1\x00", "v9", "v2"])
+    ]
+    consumer.handle(records)
+    assert [reason.split(":")[0] for reason in dead] == [
+        "ModelCandidate with a bad version name",
+        "ModelCandidate with a bad version name",
+        "ModelCandidate with a bad version name",
+        "candidate version is not in the registry",
+    ]
+    assert stub.calls == ["v2", "v1"] and app.registry.state().canary == "v2"
+
+
+async def test_request_ids_are_bounded(app: EvaluatorApp) -> None:
+    servicer = EvaluatorServicer(app.gatekeeper, Authenticator(load_tokens(None)), DEV_PSEUDONYM_KEY)
+
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("authorization", "Bearer dev-admin-token"),)
+
+    context: Any = Context()
+    for request_id in ("x" * 129, "\x1b[31mred", "a b"):
+        with pytest.raises(InvalidArgument, match="request_id"):
+            await servicer.Promote(evaluator_pb2.VersionRequest(version="v2", request_id=request_id), context)
+    assert app.registry.state().production == "v1"
+    ok = await servicer.Promote(
+        evaluator_pb2.VersionRequest(version="v2", request_id="cli:" + "f" * 32), context
+    )
+    assert ok.production == "v2"
 
 
 def test_unknown_version_is_not_found(app: EvaluatorApp) -> None:

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from google.protobuf.message import DecodeError
 from kafka.consumer.fetcher import ConsumerRecord
 
-from flywheel_common.errors import NotFound
+from flywheel_common.errors import InvalidArgument, NotFound
 from flywheel_common.event_signing import EventSigner
 from flywheel_common.kafka import EventConsumer, decode
+from flywheel_common.registry import check_version_name
 from flywheel_evaluator.live import ERROR_REASONS, LiveStore, Signal
 from flywheel_evaluator.metrics import FEEDBACK_UNSIGNED, SIGNALS
 from flywheel_evaluator.settings import EvaluatorSettings
@@ -59,6 +60,12 @@ class CandidateConsumer(EventConsumer):
                 continue
             if not candidate.version:
                 self.dead_letter(record, "ModelCandidate without a version")
+                continue
+            try:
+                check_version_name(candidate.version)
+            except InvalidArgument as exc:
+                # Retried, it would be refused again, and hold up every later candidate.
+                self.dead_letter(record, f"ModelCandidate with a {exc}")
                 continue
             try:
                 self._on_candidate(candidate)

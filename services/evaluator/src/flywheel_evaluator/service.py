@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import grpc
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 MAX_LIST = 100
 # An admin's reason goes into the rollout history and the decision log.
 MAX_REASON_CHARS = 1000
+# A request id is kept in rollout.json (which every inference replica reads each second) and logged.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _reason(request: evaluator_pb2.VersionRequest) -> str:
@@ -33,6 +36,13 @@ def _reason(request: evaluator_pb2.VersionRequest) -> str:
     if len(request.reason) > MAX_REASON_CHARS:
         raise InvalidArgument(f"reason is longer than {MAX_REASON_CHARS} characters")
     return clean_text(request.reason).strip()
+
+
+def _request_id(request: evaluator_pb2.VersionRequest) -> str:
+    """The request's idempotency id, checked: empty, or 1-128 letters, digits and `._:-`."""
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+        raise InvalidArgument("request_id must be 1-128 letters, digits, '.', '_', ':' or '-'")
+    return request.request_id
 
 
 def report_message(result: EvaluationResult, summary: str) -> evaluator_pb2.Report:
@@ -115,7 +125,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         actor = self._admin(context)
         move = self._gatekeeper.promote
         state = await asyncio.to_thread(
-            move, request.version, reason=_reason(request), actor=actor, request_id=request.request_id
+            move, request.version, reason=_reason(request), actor=actor, request_id=_request_id(request)
         )
         return rollout_message(state)
 
@@ -125,7 +135,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         actor = self._admin(context)
         move = self._gatekeeper.rollback
         state = await asyncio.to_thread(
-            move, request.version, reason=_reason(request), actor=actor, request_id=request.request_id
+            move, request.version, reason=_reason(request), actor=actor, request_id=_request_id(request)
         )
         return rollout_message(state)
 
