@@ -80,7 +80,11 @@ async def test_rating_is_stored_with_pseudonymous_ids(
     servicer: FeedbackServicer, producer: FakeProducer, signer: QueryIdSigner
 ) -> None:
     query_id = signer.issue("v7")
-    request = feedback_pb2.SubmitFeedbackRequest(query_id=query_id, rating=4, session_id="sess-1")
+    # A client may put anything in its idempotency key: the event carries only the keyed id.
+    key_text = "retry-of-jane.doe@example.com"
+    request = feedback_pb2.SubmitFeedbackRequest(
+        query_id=query_id, rating=4, session_id="sess-1", idempotency_key=key_text
+    )
     response = await servicer.SubmitFeedback(request, FakeContext(USER))  # type: ignore[arg-type]
     assert not response.duplicate
     [(topic, key, event)] = producer.events
@@ -91,7 +95,8 @@ async def test_rating_is_stored_with_pseudonymous_ids(
     assert event.model_version == "v7"
     assert event.reviewer_role == events_pb2.REVIEWER_ROLE_USER
     assert event.submitter_pseudonym == pseudonymise(PSEUDONYM_KEY, "sess-1", domain="session")
-    assert "sess-1" not in event.SerializeToString().decode(errors="replace")
+    for raw in ("sess-1", key_text):
+        assert raw not in event.SerializeToString().decode(errors="replace")
 
 
 async def test_feedback_counts_as_the_session_the_signed_query_id_names(

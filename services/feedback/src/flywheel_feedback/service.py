@@ -219,7 +219,6 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             query_id=claims.query_id,
             reviewer_role=principal.role.reviewer_role,
             submitter_pseudonym=submitter,
-            idempotency_key=idempotency_key,
             created_at=created,
             model_version=claims.model_version,
         )

@@ -196,7 +196,6 @@ class Feedback(_message.Message):
     REDACTED_NOTE_FIELD_NUMBER: _builtins.int
     REVIEWER_ROLE_FIELD_NUMBER: _builtins.int
     SUBMITTER_PSEUDONYM_FIELD_NUMBER: _builtins.int
-    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     feedback_id: _builtins.str
@@ -211,8 +210,6 @@ class Feedback(_message.Message):
     reviewer_role: Global___ReviewerRole.ValueType
     submitter_pseudonym: _builtins.str
     """Keyed hash of the submitter's identity; never the raw id."""
-    idempotency_key: _builtins.str
-    """Client-supplied key (or derived from the payload) that makes retries safe."""
     model_version: _builtins.str
     """Model version that produced the answer, from the signed query id."""
     @_builtins.property
@@ -228,13 +225,12 @@ class Feedback(_message.Message):
         redacted_note: _builtins.str = ...,
         reviewer_role: Global___ReviewerRole.ValueType = ...,
         submitter_pseudonym: _builtins.str = ...,
-        idempotency_key: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "feedback_id", b"feedback_id", "idempotency_key", b"idempotency_key", "kind", b"kind", "model_version", b"model_version", "query_id", b"query_id", "redacted_note", b"redacted_note", "redacted_text", b"redacted_text", "reviewer_role", b"reviewer_role", "submitter_pseudonym", b"submitter_pseudonym", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "feedback_id", b"feedback_id", "kind", b"kind", "model_version", b"model_version", "query_id", b"query_id", "redacted_note", b"redacted_note", "redacted_text", b"redacted_text", "reviewer_role", b"reviewer_role", "submitter_pseudonym", b"submitter_pseudonym", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
