@@ -23,6 +23,7 @@ from flywheel_gateway.api import Gateway
 from flywheel_gateway.app import GatewayApp
 from flywheel_gateway.clients import ServiceClients
 from flywheel_gateway.settings import GatewaySettings
+from flywheel_gateway.web import address_key
 from flywheel_model.prompt import NO_ANSWER
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -248,8 +249,20 @@ async def test_the_address_is_what_the_last_trusted_proxy_saw(
             spoofed = [await ask(f"198.51.100.{n}, 203.0.113.7, 10.1.2.3") for n in range(3)]
             assert spoofed == [200, 200, 429]
             assert await ask("203.0.113.8, 10.1.2.3") == 200
+            # An IPv6 client is its /64: a new address in it on each request is still one client.
+            rotated = [await ask(f"2001:db8:7:1::{n:x}, 10.1.2.3") for n in range(1, 4)]
+            assert rotated == [200, 200, 429]
+            assert await ask("2001:db8:7:2::1, 10.1.2.3") == 200
     finally:
         await app.stop()
+
+
+def test_an_ipv6_client_is_its_network_and_an_ipv4_one_its_address() -> None:
+    assert address_key("2001:db8:7:1:aa:bb:cc:dd", 64) == "2001:db8:7:1::/64"
+    assert address_key("2001:db8:7:1::1", 56) == "2001:db8:7::/56"
+    assert address_key("::ffff:203.0.113.9", 64) == "203.0.113.9"
+    assert address_key("203.0.113.9", 64) == "203.0.113.9"
+    assert address_key("unknown", 64) == "unknown"
 
 
 def test_every_proxy_trusted_is_refused() -> None:

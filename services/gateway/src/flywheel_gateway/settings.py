@@ -115,6 +115,9 @@ class RateLimitSettings(BaseModel):
     address: AddressRequests = AddressRequests()
     console: ConsoleRequests = ConsoleRequests()
     max_keys: int = Field(default=100_000, ge=1)
+    # An IPv6 client is its network of this prefix length: one host commonly holds a whole /64, and
+    # a bucket per address would give it as many buckets as it likes (and evict everyone else's).
+    ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
 
 
 class LimitSettings(BaseModel):

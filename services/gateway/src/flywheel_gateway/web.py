@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -102,6 +103,19 @@ def message_dict(message: Message) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
+def address_key(host: str, ipv6_prefix_length: int) -> str:
+    """The rate-limit key of a client address: an IPv4 address itself, an IPv6 one its network."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/{ipv6_prefix_length}", strict=False))
+    return str(address)
+
+
 class Guard:
     """Origins, rate limits and bodies: what every route checks before it calls a service."""
 
@@ -158,8 +172,10 @@ class Guard:
             raise HttpError(429, "too many requests; slow down", reason="rate_limit", retry_after_s=wait)
 
     def limit_address(self, request: Request) -> None:
-        """The per-client-address bucket (the proxy's X-Forwarded-For where it is trusted)."""
-        self.limit(self.addresses, request.client.host if request.client else "unknown")
+        """The per-client-address bucket (the proxy's X-Forwarded-For where it is trusted); an IPv6
+        client's is its network's."""
+        host = request.client.host if request.client else "unknown"
+        self.limit(self.addresses, address_key(host, self.settings.rate_limit.ipv6_prefix_length))
 
     async def json(self, request: Request) -> dict[str, Any]:
         """The request's JSON object, bounded in size."""
