@@ -49,13 +49,22 @@ def test_frozen_source_files_are_shared_and_writable_ones_copied(tmp_path: Path)
     assert not copied.stat().st_mode & 0o222 and (source / "tokenizer.json").stat().st_mode & 0o200
 
 
-def test_verify_detects_a_changed_file(tmp_path: Path) -> None:
+def test_verify_detects_a_changed_an_added_and_a_missing_file(tmp_path: Path) -> None:
     registry = ModelRegistry(tmp_path / "root")
     version = registry.register(model_folder(tmp_path), kind="base")
-    path = version.model_dir / "model.onnx"
-    os.chmod(path, 0o644)
-    path.write_bytes(b"tampered")
-    with pytest.raises(FailedPrecondition):
+    model = version.model_dir
+    assert registry.verify(version.version, "model").version == version.version
+    os.chmod(model, 0o755)
+    (model / "extra.onnx.data").write_bytes(b"weights from elsewhere")
+    with pytest.raises(FailedPrecondition, match=r"model/extra\.onnx\.data is not in its manifest"):
+        registry.verify(version.version, "model")
+    (model / "extra.onnx.data").unlink()
+    os.chmod(model / "model.onnx", 0o644)
+    (model / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(FailedPrecondition, match=r"model/model\.onnx does not match"):
+        registry.verify(version.version, "model")
+    (model / "tokenizer.json").unlink()
+    with pytest.raises(FailedPrecondition, match=r"model/tokenizer\.json is missing"):
         registry.verify(version.version)
 
 

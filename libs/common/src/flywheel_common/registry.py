@@ -211,12 +211,22 @@ class ModelRegistry:
         names = [p.name for p in self.versions_dir.glob("v*") if (p / MANIFEST).is_file()]
         return [self.get(n) for n in sorted(names, key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)]
 
-    def verify(self, version: str) -> None:
-        """Raises FailedPrecondition when a version's files do not match its manifest."""
+    def verify(self, version: str, part: str = "") -> ModelVersion:
+        """The version, once the files under `part` (`model`, `hf`; all by default) are exactly those
+        its manifest lists, with their digests; FailedPrecondition otherwise."""
         mv = self.servable(version)
-        for rel, digest in mv.manifest.get("files", {}).items():
+        prefix = f"{part}/" if part else ""
+        listed = {rel: d for rel, d in mv.manifest.get("files", {}).items() if rel.startswith(prefix)}
+        root = mv.path / part if part else mv.path
+        found = {str(p.relative_to(mv.path)) for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+        if extra := sorted(found - set(listed)):
+            raise FailedPrecondition(f"{version}: {extra[0]} is not in its manifest")
+        if missing := sorted(set(listed) - found):
+            raise FailedPrecondition(f"{version}: {missing[0]} is missing")
+        for rel, digest in listed.items():
             if file_sha256(mv.path / rel) != digest:
                 raise FailedPrecondition(f"{version}: {rel} does not match its manifest")
+        return mv
 
     # Marks: notes on immutable versions (a version's folder never changes after registration)
 

@@ -324,7 +324,8 @@ class Evaluator:
     def _engine(self, version: str) -> AnswerEngine:
         """The serving engine over a version's ONNX model, sized for the evaluation's concurrency."""
         s = self.settings
-        model = self.registry.servable(version)
+        # Exactly the files registered: a candidate changed or damaged since fails, with the reason.
+        model = self.registry.verify(version, "model")
         if not (model.model_dir / "model.onnx").is_file():
             raise FailedPrecondition(f"{version} has no ONNX model")
         return AnswerEngine(

@@ -11,11 +11,12 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from flywheel_common.errors import Unavailable
+from flywheel_common.errors import FailedPrecondition, Unavailable
 from flywheel_common.registry import ModelRegistry, RolloutState
 from flywheel_inference.metrics import MODEL_INFO, record_drafts
 from flywheel_model.engine import AnswerEngine, EngineSettings
@@ -24,6 +25,9 @@ from flywheel_model.runtime import OrtSettings
 log = logging.getLogger(__name__)
 
 LOCAL_VERSION = "local"
+# A version whose files did not match its manifest is checked again (hashing its weights) at most
+# this often, not on every poll.
+RECHECK_REFUSED_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class ModelRouter:
         self._fraction = 0.0
         self._generation = -1
         self._lock = asyncio.Lock()
+        # Versions refused for files that do not match their manifest: when, and why.
+        self._refused: dict[str, tuple[float, FailedPrecondition]] = {}
 
     @property
     def ready(self) -> bool:
@@ -106,6 +112,22 @@ class ModelRouter:
         self._engines[version] = loaded
         return loaded
 
+    async def _load_registered(self, name: str) -> Loaded:
+        """A registered version's engine, loaded once its model files are exactly those registered."""
+        if name in self._engines:
+            return self._engines[name]
+        assert self._registry is not None
+        refused = self._refused.get(name)
+        if refused is not None and time.monotonic() - refused[0] < RECHECK_REFUSED_S:
+            raise refused[1]
+        try:
+            version = await asyncio.to_thread(self._registry.verify, name, "model")
+        except FailedPrecondition as exc:
+            self._refused[name] = (time.monotonic(), exc)
+            raise
+        self._refused.pop(name, None)
+        return await self._load(version.version, version.model_dir)
+
     async def refresh(self) -> bool:
         """Converges on the registry's rollout state; returns True when something changed."""
         async with self._lock:
@@ -121,11 +143,9 @@ class ModelRouter:
                 return False
             production = canary = None
             if state.production:
-                version = self._registry.get(state.production)
-                production = await self._load(version.version, version.model_dir)
+                production = await self._load_registered(state.production)
             if state.canary and state.canary_fraction > 0:
-                version = self._registry.get(state.canary)
-                canary = await self._load(version.version, version.model_dir)
+                canary = await self._load_registered(state.canary)
             self._production, self._canary = production, canary
             self._fraction = state.canary_fraction if canary else 0.0
             self._generation = state.generation
