@@ -13,7 +13,8 @@ import pytest
 
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.generation import BatchGenerator, Sampler, SamplingParams, Sequence, draft
-from flywheel_model.prompt import PromptTooLong
+from flywheel_model.prompt import PromptTooLong, build_messages
+from flywheel_model.retrieval import Passage
 from flywheel_model.runtime import Decoder, OrtSettings, SharedCache, release_memory, select_rows, stack_kv
 
 Generate = Callable[[BatchGenerator, list[list[int]], int], list[list[int]]]
@@ -263,6 +264,28 @@ def test_the_prompt_fits_the_context_whatever_the_title_and_page(onnx_model_dir:
         assert engine.encoder.count_tokens(engine.encoder.decode(prepared.token_ids)) > context // 2
         with pytest.raises(PromptTooLong, match="question takes"):
             engine.prepare(page, "", "why " * context, 256)
+    finally:
+        engine.close()
+
+
+@pytest.mark.integration
+def test_a_page_of_one_long_word_gets_a_prompt_within_the_passage_budget(
+    onnx_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = AnswerEngine(onnx_model_dir, OrtSettings(), EngineSettings(context_token_budget=400))
+    try:
+        question = "What is Kafka?"
+        fixed = len(engine.encoder.encode(build_messages("", [], question)))
+        # One space-free run of 30,000 characters (a base64 blob, minified code): 7,583 tokens before.
+        prepared = engine.prepare("Kafka" + "x" * 30_000 + " Kafka is here", "", question, 64)
+        assert prepared.passages
+        assert sum(engine.encoder.count_tokens(p.text) for p in prepared.passages) <= 400
+        assert len(prepared.token_ids) - fixed <= 400 + 2 * len(prepared.passages)
+        # Whatever the retriever chooses, the prompt's passages keep to the budget, not only to the context.
+        blob = [Passage(0, "x" * 30_000, 1.0)]  # 7,500 tokens: within the context, over the budget
+        monkeypatch.setattr(engine.retriever, "select", lambda *args, **kwargs: list(blob))
+        prepared = engine.prepare("any page", "", question, 64)
+        assert prepared.passages == [] and len(prepared.token_ids) == fixed
     finally:
         engine.close()
 

@@ -1,10 +1,17 @@
 """Retrieval: HTML to text, passages, and choosing passages within a budget."""
 
+import pytest
+
 from flywheel_model.retrieval import Retriever, html_to_text, split_passages
 
 
 def words(text: str) -> int:
     return len(text.split())
+
+
+def pieces(text: str) -> int:
+    """A token count in which a word takes a token per four characters, as long runs of text do."""
+    return sum(-(-len(word) // 4) for word in text.split())
 
 
 def test_html_to_text_drops_scripts_navigation_and_keeps_blocks() -> None:
@@ -51,7 +58,32 @@ def test_select_without_any_match_falls_back_to_the_start_of_the_page() -> None:
 def test_a_single_passage_over_budget_is_cut() -> None:
     text = " ".join(["word"] * 100)
     chosen = Retriever(words, max_words=200).select(text, "word", token_budget=10)
-    assert len(chosen) == 1 and words(chosen[0].text) <= 10
+    assert len(chosen) == 1 and chosen[0].text == " ".join(["word"] * 10)
+
+
+def test_a_passage_of_one_long_word_is_cut_to_the_budget() -> None:
+    # A base64 blob, minified code or a long URL: one "word" of 30,000 characters was kept whole.
+    text = "Kafka" + "x" * 30_000 + " Kafka is here"
+    chosen = Retriever(pieces).select(text, "What is Kafka?", token_budget=50)
+    assert len(chosen) == 1 and 0 < pieces(chosen[0].text) <= 50
+    assert text.startswith(chosen[0].text)
+    # Where whole words fit, the cut ends after one.
+    text = "Kafka is here " + "x" * 30_000
+    chosen = Retriever(pieces).select(text, "What is Kafka?", token_budget=50)
+    assert [p.text for p in chosen] == ["Kafka is here"]
+    assert Retriever(pieces).select(text, "What is Kafka?", token_budget=0) == []
+
+
+@pytest.mark.parametrize("text", ["x", "é", "a b c d", "the of and", "!!! ???", "😀 😀"])
+def test_a_page_without_an_indexable_word_is_read_in_page_order(text: str) -> None:
+    chosen = Retriever(words).select(text, "What does the page say?", token_budget=100)
+    assert [(p.index, p.text, p.score) for p in chosen] == [(0, text, 0.0)]
+
+
+def test_passages_without_an_indexable_word_fill_the_budget_in_page_order() -> None:
+    text = "the of and\n!!! ???\na b c d\n😀"
+    chosen = Retriever(words, max_words=3).select(text, "the", token_budget=6)
+    assert [p.text for p in chosen] == ["the of and", "!!! ???", "😀"]  # "a b c d" does not fit
 
 
 def test_the_page_cache_is_bounded_by_bytes_not_only_by_pages() -> None:

@@ -18,6 +18,11 @@ from flywheel_model.prompt import IncrementalDetokenizer, PromptEncoder, PromptT
 from flywheel_model.retrieval import Passage, Retriever
 from flywheel_model.runtime import Decoder, OrtSettings, release_memory
 
+# Prompt tokens a passage may take beyond its own count: the retriever counts each passage alone, and
+# the separator after it and token merges at its edges are not in that count (measured on real
+# pages: 2 a passage with SmolLM2's tokenizer, 1 with Gemma 3's).
+_EDGE_TOKENS = 2
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -93,7 +98,8 @@ class AnswerEngine:
         """Chooses passages and builds a prompt that leaves `max_new_tokens` of the model's context.
 
         What can be cut is cut (the title by build_messages, then passages, least relevant first);
-        PromptTooLong when the question alone leaves no room.
+        PromptTooLong when the question alone leaves no room. Whatever the page, its passages take
+        at most `context_token_budget` tokens of the prompt, and their separators _EDGE_TOKENS each.
         """
         started = time.perf_counter()
         room = self.decoder.spec.context_length - max_new_tokens
@@ -106,9 +112,10 @@ class AnswerEngine:
         budget = min(self.settings.context_token_budget, room - fixed)
         passages = self.retriever.select(page_text, question, token_budget=max(budget, 0))
         ids = self.encoder.encode(build_messages(title, passages, question))
-        # Passage separators and token merges at their edges are not in the budget: drop the least
-        # relevant passage until the prompt fits.
-        while len(ids) > room and passages:
+        # The prompt is checked as encoded, not as the retriever counted it: drop the least relevant
+        # passage until it fits the context and its passages fit the budget. Checking the context
+        # alone let a 7,500-token passage through a 400-token budget.
+        while passages and len(ids) > min(room, fixed + budget + _EDGE_TOKENS * len(passages)):
             passages.remove(min(passages, key=lambda p: p.score))
             ids = self.encoder.encode(build_messages(title, passages, question))
         return PreparedPrompt(passages, ids, page_text, (time.perf_counter() - started) * 1000)

@@ -26,6 +26,14 @@ _WHITESPACE = re.compile(r"\s+")
 # Where html_to_text ends a line (a private-use character, taken out of the page first).
 _LINE_END = "\ue000"
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+# Characters a token may stand for, at most, when a passage over the budget is cut: longer than any
+# token of the vocabularies served (SmolLM2's longest is 81, a run of "#"; Gemma 3's 31). It bounds
+# the prefixes tried, so cutting a 2 MB word costs a few short tokenizations, not 2 MB ones.
+_MAX_TOKEN_CHARS = 128
+
+
+class PageNotIndexable(ValueError):
+    """The page's text cannot be indexed for retrieval: the request's to change, not the server's."""
 
 
 def html_to_text(html: str) -> tuple[str, str]:
@@ -104,19 +112,53 @@ class _Index:
     def __init__(self, passages: list[str], count_tokens: Callable[[str], int]) -> None:
         self.passages = passages
         self.token_counts = [count_tokens(p) for p in passages]
-        self.bm25 = bm25s.BM25()
-        self.bm25.index(bm25s.tokenize(passages, show_progress=False), show_progress=False)
+        tokenized = bm25s.tokenize(passages, show_progress=False)
+        # A page without a word BM25 indexes (single letters, stopwords, symbols, emoji) has no
+        # index (bm25s cannot build an empty one): every passage scores 0, so it is read in page order.
+        self.bm25: bm25s.BM25 | None = None
+        if tokenized.vocab:
+            self.bm25 = bm25s.BM25()
+            try:
+                self.bm25.index(tokenized, show_progress=False)
+            except ValueError as exc:
+                raise PageNotIndexable("the page's text could not be indexed for retrieval") from exc
         # What the cache holds for this page: the passages (UTF-8 size plus str overhead), the
         # token counts, the BM25 matrix and vocabulary; close enough to bound memory by.
-        arrays = sum(v.nbytes for v in self.bm25.scores.values() if isinstance(v, np.ndarray))
-        vocab = sum(len(term) + 80 for term in self.bm25.vocab_dict)
+        arrays = vocab = 0
+        if self.bm25 is not None:
+            arrays = sum(v.nbytes for v in self.bm25.scores.values() if isinstance(v, np.ndarray))
+            vocab = sum(len(term) + 80 for term in self.bm25.vocab_dict)
         self.nbytes = sum(len(p.encode()) + 50 for p in passages) + 28 * len(passages) + arrays + vocab
 
     def scores(self, question: str) -> np.ndarray:
         terms = _query_tokens(bm25s.tokenize([question], show_progress=False, allow_empty=True))
-        if not terms:
+        if not terms or self.bm25 is None:
             return np.zeros(len(self.passages))
         return np.asarray(self.bm25.get_scores(terms), dtype=np.float64)
+
+
+def _cut(text: str, token_budget: int, count_tokens: Callable[[str], int]) -> str:
+    """The longest start of `text` found within `token_budget` tokens, ended after a word where it can be.
+
+    Cut by characters, not by words: one word can be any length (a base64 blob, minified code, a
+    long URL), and a 30 KB one kept whole made a 7,583-token prompt.
+    """
+    # Bisects on the length: `fits` is one known to fit, `over` the shortest known not to (or past
+    # the bound). Only a length that was counted is kept, so the cut fits whatever the tokenizer.
+    fits, over = 0, min(len(text), token_budget * _MAX_TOKEN_CHARS) + 1
+    while over - fits > 1:
+        mid = (fits + over) // 2
+        if count_tokens(text[:mid]) <= token_budget:
+            fits = mid
+        else:
+            over = mid
+    cut = text[:fits]
+    space = max(cut.rfind(" "), cut.rfind("\n"))
+    if fits < len(text) and not text[fits].isspace() and space > 0:
+        words = cut[:space].rstrip()
+        if words and count_tokens(words) <= token_budget:
+            cut = words
+    return cut.rstrip()
 
 
 def _query_tokens(tokenized: bm25s.tokenization.Tokenized) -> list[str]:
@@ -188,9 +230,8 @@ class Retriever:
             if used + cost > token_budget:
                 if not chosen and cost > token_budget:
                     # A single passage over budget is cut rather than leaving the model blind.
-                    words = index.passages[i].split()
-                    keep = max(1, len(words) * token_budget // max(cost, 1))
-                    return [Passage(i, " ".join(words[:keep]), float(scores[i]))]
+                    cut = _cut(index.passages[i], token_budget, self._count_tokens)
+                    return [Passage(i, cut, float(scores[i]))] if cut else []
                 continue
             chosen.append(i)
             used += cost

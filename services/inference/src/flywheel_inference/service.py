@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,7 +22,7 @@ from flywheel_inference.router import ModelRouter
 from flywheel_inference.settings import LimitSettings
 from flywheel_model.generation import QueueFull, SamplingParams
 from flywheel_model.prompt import IncrementalDetokenizer, PromptTooLong
-from flywheel_model.retrieval import Passage, html_to_text, normalise_text
+from flywheel_model.retrieval import PageNotIndexable, Passage, html_to_text, normalise_text
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -155,7 +156,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def _generate(
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[_Part]:
+    ) -> AsyncGenerator[_Part, None]:
         """Yields a header, then text deltas, then a footer; the shared core of both RPCs."""
         received = time.perf_counter()
         req = validate(request, self._limits)
@@ -167,15 +168,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             # HTML parsing takes ~80 ms for 2 MB: off the event loop, which serves every other call.
             req = await asyncio.to_thread(read_page, req, self._limits)
-            async for item in self._run(req, context, received):
-                yield item
+            # Closed here, not when garbage-collected: a stream closed early cancels its sequence
+            # before its in-flight slot is freed, and frees it at once.
+            async with contextlib.aclosing(self._run(req, context, received)) as parts:
+                async for item in parts:
+                    yield item
         finally:
             self._in_flight -= 1
             QUEUE_DEPTH.set(self._in_flight)
 
     async def _run(
         self, req: ValidRequest, context: grpc.aio.ServicerContext, received: float
-    ) -> AsyncIterator[_Part]:
+    ) -> AsyncGenerator[_Part, None]:
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else self._limits.default_timeout_s)
         loop = asyncio.get_running_loop()
@@ -191,7 +195,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 prepared = await asyncio.to_thread(
                     engine.prepare, req.page_text, req.title, req.question, req.params.max_new_tokens
                 )
-            except PromptTooLong as exc:
+            except (PromptTooLong, PageNotIndexable) as exc:
                 raise InvalidArgument(str(exc)) from exc
             seq = engine.sequence(
                 prepared,
@@ -213,11 +217,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # The id carries the asker's pseudonym: feedback on it counts as this session's alone.
         session = pseudonymise(self._pseudonym_key, req.session_id, domain="session")
         query_id = self._signer.issue(loaded.version, session)
-        yield _Header(query_id, loaded.version, prepared.passages)
         detok = IncrementalDetokenizer(engine.encoder)
         first_token_at: float | None = None
         count = 0
+        # Begun before the header: a stream closed while it waits at the header cancels the sequence
+        # too, which otherwise generated on to max_new_tokens (~25 s holding a batch slot).
         try:
+            yield _Header(query_id, loaded.version, prepared.passages)
             while True:
                 kind, value = await events.get()
                 if kind == "token":
@@ -299,28 +305,33 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.AnswerResponse:
         response = inference_pb2.AnswerResponse()
-        async for part in self._generate(request, context):
-            if isinstance(part, _Header):
-                response.query_id, response.model_version = part.query_id, part.version
-                response.passages.extend(self._passages(part.passages))
-            elif isinstance(part, _Footer):
-                response.answer = part.answer
-                response.timing.CopyFrom(part.timing)
-                response.tokens.CopyFrom(part.tokens)
-                response.finish_reason = part.reason
+        async with contextlib.aclosing(self._generate(request, context)) as parts:
+            async for part in parts:
+                if isinstance(part, _Header):
+                    response.query_id, response.model_version = part.query_id, part.version
+                    response.passages.extend(self._passages(part.passages))
+                elif isinstance(part, _Footer):
+                    response.answer = part.answer
+                    response.timing.CopyFrom(part.timing)
+                    response.tokens.CopyFrom(part.tokens)
+                    response.finish_reason = part.reason
         return response
 
     async def StreamAnswer(
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.AnswerChunk]:
-        async for part in self._generate(request, context):
-            if isinstance(part, _Header):
-                yield inference_pb2.AnswerChunk(
-                    query_id=part.query_id, model_version=part.version, passages=self._passages(part.passages)
-                )
-            elif isinstance(part, _Delta):
-                yield inference_pb2.AnswerChunk(delta=part.text)
-            else:
-                yield inference_pb2.AnswerChunk(
-                    timing=part.timing, tokens=part.tokens, finish_reason=part.reason
-                )
+        # A client that goes away closes this generator (aclose); its parts are closed with it.
+        async with contextlib.aclosing(self._generate(request, context)) as parts:
+            async for part in parts:
+                if isinstance(part, _Header):
+                    yield inference_pb2.AnswerChunk(
+                        query_id=part.query_id,
+                        model_version=part.version,
+                        passages=self._passages(part.passages),
+                    )
+                elif isinstance(part, _Delta):
+                    yield inference_pb2.AnswerChunk(delta=part.text)
+                else:
+                    yield inference_pb2.AnswerChunk(
+                        timing=part.timing, tokens=part.tokens, finish_reason=part.reason
+                    )

@@ -1,0 +1,119 @@
+"""The servicer in-process: streams closed early, and pages that give retrieval nothing to index."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import bm25s
+import pytest
+
+from flywheel_common.errors import InvalidArgument
+from flywheel_common.query_ids import QueryIdSigner
+from flywheel_inference.router import ModelRouter
+from flywheel_inference.service import InferenceServicer
+from flywheel_inference.settings import LimitSettings
+from flywheel_model.engine import EngineSettings, PreparedPrompt
+from flywheel_model.generation import SamplingParams, Sequence
+from flywheel_model.retrieval import Retriever
+from flywheel_model.runtime import OrtSettings
+from flywheel_proto.flywheel.inference.v1 import inference_pb2
+
+CONTEXT: Any = SimpleNamespace(time_remaining=lambda: None)
+# Page texts in which BM25 finds no word: single letters, stopwords, punctuation, emoji.
+NO_INDEXABLE_WORD = ["x", "é", "a b c d", "the of and", "!!! ???", "😀 😀"]
+
+
+def request(text: str = "Kafka stores records in topics.") -> inference_pb2.AnswerRequest:
+    return inference_pb2.AnswerRequest(
+        page=inference_pb2.Page(text=text), question="What does Kafka store?", session_id="s"
+    )
+
+
+class HeldGenerator:
+    """Takes sequences and never runs them: a request stays where the test leaves it."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Sequence] = []
+
+    def submit(self, seq: Sequence) -> None:
+        self.submitted.append(seq)
+
+
+class RetrievingEngine:
+    """An engine without a model: the real retriever (a word a token), and held generation."""
+
+    def __init__(self) -> None:
+        self.generator = HeldGenerator()
+        self.encoder = None
+        self.retriever = Retriever(lambda text: len(text.split()))
+
+    def prepare(self, page_text: str, title: str, question: str, max_new_tokens: int = 0) -> PreparedPrompt:
+        passages = self.retriever.select(page_text, question, token_budget=400)
+        return PreparedPrompt(passages, [1, 2, 3], page_text, 0.0)
+
+    def sequence(
+        self,
+        prepared: PreparedPrompt,
+        question: str,
+        params: SamplingParams,
+        on_token: Callable[[int], None],
+        on_finish: Callable[[str, BaseException | None], None],
+        deadline: float | None = None,
+    ) -> Sequence:
+        return Sequence(prepared.token_ids, params, on_token, on_finish, deadline=deadline)
+
+
+def servicer_over(engine: RetrievingEngine) -> InferenceServicer:
+    loaded = SimpleNamespace(version="v1", engine=engine)
+    router: Any = SimpleNamespace(route=lambda session_id: loaded)
+    return InferenceServicer(router, LimitSettings(), QueryIdSigner(b"k" * 16), b"p" * 16, None)
+
+
+async def test_a_stream_closed_at_its_header_cancels_its_sequence_and_frees_its_slot() -> None:
+    engine = RetrievingEngine()
+    servicer = servicer_over(engine)
+    stream = servicer.StreamAnswer(request(), CONTEXT)
+    assert isinstance(stream, AsyncGenerator)
+    header = await anext(stream)
+    assert header.query_id and header.passages and servicer._in_flight == 1
+    # What grpc.aio and asyncio do with a stream whose client went away.
+    await stream.aclose()
+    (seq,) = engine.generator.submitted
+    assert seq.cancelled.is_set(), "the sequence would generate on to max_new_tokens"
+    assert servicer._in_flight == 0
+
+
+async def test_a_page_retrieval_cannot_index_is_an_invalid_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: bm25s.BM25, *args: object, **kwargs: object) -> None:
+        raise ValueError("max() arg is an empty sequence")
+
+    monkeypatch.setattr(bm25s.BM25, "index", refuse)
+    servicer = servicer_over(RetrievingEngine())
+    with pytest.raises(InvalidArgument, match="could not be indexed"):
+        await servicer.Answer(request(), CONTEXT)
+    assert servicer._in_flight == 0
+
+
+@pytest.fixture(scope="module")
+async def model_servicer(onnx_model_dir: Path) -> AsyncIterator[InferenceServicer]:
+    router = ModelRouter(
+        None, OrtSettings(), EngineSettings(), canary_key=b"c" * 16, local_model_dir=onnx_model_dir
+    )
+    await router.refresh()
+    limits = LimitSettings(default_max_new_tokens=8)
+    yield InferenceServicer(router, limits, QueryIdSigner(b"k" * 16), b"p" * 16, None)
+    await router.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("text", NO_INDEXABLE_WORD)
+async def test_a_page_without_an_indexable_word_is_answered(
+    text: str, model_servicer: InferenceServicer
+) -> None:
+    # bm25s raised ValueError on these pages, which the service returned as INTERNAL.
+    response = await model_servicer.Answer(request(text), CONTEXT)
+    assert response.finish_reason in ("eos", "max_tokens")
+    assert [p.text for p in response.passages] == [text]
