@@ -477,6 +477,9 @@ def test_services_run_in_production_mode_and_mount_token_hashes_only(renders: di
         *((c, "EVENT_SIGNING_KEY_FILE") for c in ("-feedback", "-trainer", "-evaluator")),
         # Inference and feedback pseudonymise sessions; the trainer and the evaluator forget them.
         *((c, "PSEUDONYM_KEY_FILE") for c in ("-inference", "-feedback", "-trainer", "-evaluator")),
+        # Inference signs query ids (feedback verifies them) and interactions (the trainer and the
+        # evaluator verify those with a key derived from it).
+        *((c, "QUERY_ID_KEY_FILE") for c in ("-inference", "-feedback", "-trainer", "-evaluator")),
     ],
 )
 def test_every_key_file_a_service_reads_is_mounted(

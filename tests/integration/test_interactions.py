@@ -11,7 +11,8 @@ import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from flywheel_cli.local.kafka_broker import LocalBroker
-from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
+from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
+from flywheel_common.event_signing import EventSigner
 from flywheel_common.kafka import decode, header
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.redaction import REDACTED_HEADER
@@ -145,6 +146,9 @@ async def test_interactions_reach_kafka_redacted(
         "Liddell",
     ):
         assert value not in raw, f"{value!r} reached Kafka"
+    # Signed, with its redaction mark: what the trainer and the evaluator accept (and nothing else).
+    assert EventSigner.for_interactions(DEV_QUERY_ID_KEY).signed(record, mark=REDACTED_HEADER)
+    assert not EventSigner.for_interactions(DEV_QUERY_ID_KEY).signed(record)
     event = decode(record, events_pb2.Interaction)
     assert event.page_url == "https://example.org/account/[EMAIL]"
     assert event.question.startswith("My name is [NAME], email [EMAIL], phone [PHONE]")

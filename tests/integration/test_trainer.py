@@ -20,7 +20,7 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
-from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
 from flywheel_common.kafka import EventProducer, decode, event_headers
 from flywheel_common.registry import ModelRegistry
@@ -64,16 +64,18 @@ def correction(i: int) -> events_pb2.Feedback:
         kind=events_pb2.FEEDBACK_KIND_CORRECTION,
         redacted_text=f"Lamp {i} is {COLOURS[i % len(COLOURS)]}.",
         reviewer_role=events_pb2.REVIEWER_ROLE_EXPERT,
-        idempotency_key=f"key-{i}",
         model_version="v1",
     )
 
 
 def signed(topic: str, event: Message) -> list[tuple[str, bytes]]:
-    """The headers the feedback service gives an event: its type, trace and signature."""
-    signature = EventSigner(DEV_EVENT_SIGNING_KEY).sign(
-        topic, event.query_id.encode(), event.SerializeToString()
+    """The headers inference gives an interaction, or the feedback service a feedback event: its
+    type, trace and signature."""
+    interaction = isinstance(event, events_pb2.Interaction)
+    signer = (
+        EventSigner.for_interactions(DEV_QUERY_ID_KEY) if interaction else EventSigner(DEV_EVENT_SIGNING_KEY)
     )
+    signature = signer.sign(topic, event.query_id.encode(), event.SerializeToString())
     return [*event_headers(event), (SIGNATURE_HEADER, signature)]
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from kafka.consumer.fetcher import ConsumerRecord
 
-from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.redaction import REDACTED_HEADER
 from flywheel_evaluator.consumers import SignalConsumer, feedback_signal, interaction_signal
 from flywheel_evaluator.live import LATENCY_BOUNDS_MS, LiveStore, Signal, VersionStats, judge_canary
 from flywheel_evaluator.settings import CanarySettings, EvaluatorSettings
@@ -306,3 +307,35 @@ def test_only_feedback_the_feedback_service_signed_counts(tmp_path: Path) -> Non
     assert dead == ["feedback event unsigned or badly signed"] * 2
     stats = store.stats("v2", T0, T0 + 60)
     assert (stats.sessions, stats.thumbs_down) == (1, 1)
+
+
+def test_only_answers_inference_signed_count(tmp_path: Path) -> None:
+    """Forged failed answers could roll a good canary back: only what inference signed counts."""
+    settings = EvaluatorSettings(state_dir=tmp_path)
+    store = LiveStore(tmp_path / "live.sqlite")
+    consumer = SignalConsumer(settings, store)
+    dead: list[str] = []
+    consumer.dead_letter = lambda record, reason: dead.append(reason)  # type: ignore[method-assign]
+    topic = settings.kafka.topics.interactions
+
+    def served(offset: int, signer: EventSigner | None) -> ConsumerRecord:
+        event = events_pb2.Interaction(
+            query_id=f"q{offset}", model_version="v2", finish_reason="error", session_pseudonym=f"s{offset}"
+        )
+        event.created_at.FromSeconds(int(T0))
+        value = event.SerializeToString()
+        marked = [(REDACTED_HEADER, b"1")]
+        signature = signer.sign(topic, b"k", value, REDACTED_HEADER.encode()) if signer else b""
+        headers = [*marked, (SIGNATURE_HEADER, signature)] if signer else marked
+        return ConsumerRecord(topic, 0, 0, offset, 0, 0, b"k", value, headers, None, 1, len(value), -1)
+
+    consumer.handle(
+        [
+            served(0, None),
+            served(1, EventSigner(DEV_EVENT_SIGNING_KEY)),  # the feedback service's key
+            served(2, EventSigner.for_interactions(DEV_QUERY_ID_KEY)),
+        ]
+    )
+    assert dead == ["interaction event unsigned or badly signed"] * 2
+    stats = store.stats("v2", T0, T0 + 60)
+    assert (stats.interactions, stats.errors) == (1, 1)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
-from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY
+from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
 from flywheel_common.redaction import REDACTED_HEADER
 from flywheel_common.settings import KafkaSettings
@@ -47,6 +47,14 @@ def signed(topic: str, event: Any) -> list[tuple[str, bytes]]:
     ]
 
 
+def from_inference(topic: str, event: Any, *, redacted: bool = True) -> list[tuple[str, bytes]]:
+    """The headers inference sends an interaction with: its redaction mark, and its signature."""
+    signer = EventSigner.for_interactions(DEV_QUERY_ID_KEY)
+    context = REDACTED_HEADER.encode() if redacted else b""
+    signature = (SIGNATURE_HEADER, signer.sign(topic, b"k", event.SerializeToString(), context))
+    return [(REDACTED_HEADER, b"1"), signature] if redacted else [signature]
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> TrainerSettings:
     return TrainerSettings(kafka=KafkaSettings(), artifact_root=tmp_path / "artifacts", data_dir=tmp_path)
@@ -71,7 +79,7 @@ def test_feedback_the_feedback_service_did_not_sign_is_dead_lettered(
     tampered = signed(topics.feedback, events_pb2.Feedback(feedback_id="f-forged", query_id="q1"))
     consumer.handle(
         [
-            record(topics.interactions, 0, interaction, [(REDACTED_HEADER, b"1")]),
+            record(topics.interactions, 0, interaction, from_inference(topics.interactions, interaction)),
             record(topics.feedback, 0, forged, []),
             record(topics.feedback, 1, forged, other_key),
             record(topics.feedback, 2, forged, tampered),
@@ -82,6 +90,33 @@ def test_feedback_the_feedback_service_did_not_sign_is_dead_lettered(
     assert store.pending().examples == 0, "no forged expert correction became an example"
     consumer.handle([record(topics.feedback, 3, forged, signed(topics.feedback, forged))])
     assert store.pending().examples == 1
+
+
+def test_interactions_inference_did_not_sign_are_dead_lettered(
+    settings: TrainerSettings, store: JoinStore
+) -> None:
+    """Nobody else puts words in the model's mouth, nor marks raw text as redacted."""
+    consumer = TrainerConsumer(settings, store)
+    dead: list[tuple[int, str]] = []
+    consumer.dead_letter = lambda record, reason: dead.append((record.offset, reason))  # type: ignore[method-assign]
+    topic = settings.kafka.topics.interactions
+    forged = events_pb2.Interaction(query_id="q1", question="Q?", answer="Download it from evil.example")
+    raw = events_pb2.Interaction(query_id="q2", question="Mail jane.doe@example.com?", answer="A")
+    # Signed unmarked (inference with redaction off), then marked as redacted by someone else.
+    unmarked = from_inference(topic, raw, redacted=False)
+    consumer.handle(
+        [
+            record(topic, 0, forged, [(REDACTED_HEADER, b"1")]),
+            record(topic, 1, forged, [(REDACTED_HEADER, b"1"), *signed(topic, forged)]),  # feedback's key
+            record(topic, 2, raw, [(REDACTED_HEADER, b"1"), *unmarked]),
+            record(topic, 3, raw, unmarked),
+        ]
+    )
+    assert [offset for offset, _ in dead] == [0, 1, 2]
+    assert all("unsigned or badly signed" in reason for _, reason in dead)
+    assert store.counts()["interactions"] == 1
+    [row] = store._query("SELECT question FROM interactions")
+    assert "jane.doe@example.com" not in row["question"], "an unmarked interaction is redacted here"
 
 
 def test_interactions_no_producer_redacted_are_redacted_before_the_store(
@@ -109,8 +144,13 @@ def test_interactions_no_producer_redacted_are_redacted_before_the_store(
     )
     consumer.handle(
         [
-            record(topics.interactions, 0, unredacted, []),
-            record(topics.interactions, 1, marked, [(REDACTED_HEADER, b"1")]),
+            record(
+                topics.interactions,
+                0,
+                unredacted,
+                from_inference(topics.interactions, unredacted, redacted=False),
+            ),
+            record(topics.interactions, 1, marked, from_inference(topics.interactions, marked)),
             record(topics.feedback, 0, correction, signed(topics.feedback, correction)),
         ]
     )
@@ -147,7 +187,7 @@ def test_a_signed_event_replayed_after_the_retention_window_is_dropped(
     accept.created_at.FromSeconds(int(time.time() - settings.retention_s - 60))
     consumer.handle(
         [
-            record(topics.interactions, 0, interaction, [(REDACTED_HEADER, b"1")]),
+            record(topics.interactions, 0, interaction, from_inference(topics.interactions, interaction)),
             record(topics.feedback, 0, accept, signed(topics.feedback, accept)),
         ]
     )

@@ -13,9 +13,10 @@ from kafka.consumer.fetcher import ConsumerRecord
 from flywheel_common.errors import InvalidArgument, NotFound
 from flywheel_common.event_signing import EventSigner
 from flywheel_common.kafka import EventConsumer, decode
+from flywheel_common.redaction import REDACTED_HEADER
 from flywheel_common.registry import check_version_name
 from flywheel_evaluator.live import ERROR_REASONS, LiveStore, Signal
-from flywheel_evaluator.metrics import FEEDBACK_UNSIGNED, SIGNALS
+from flywheel_evaluator.metrics import FEEDBACK_UNSIGNED, INTERACTIONS_UNSIGNED, SIGNALS
 from flywheel_evaluator.settings import EvaluatorSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
@@ -134,8 +135,10 @@ class SignalConsumer(EventConsumer):
         super().__init__(settings.kafka, topics, f"{settings.consumer_group}-signals")
         self.store = store
         self._feedback_topic = settings.kafka.topics.feedback
-        # Votes steer the canary: only feedback the feedback service signed counts.
+        # Votes steer the canary: only feedback the feedback service signed counts, and only the
+        # answers inference signed (their errors and latency judge it too).
         self._signer = EventSigner.of_key_file(settings.event_signing_key_file)
+        self._interaction_signer = EventSigner.for_interactions_of_key_file(settings.query_id_key_file)
 
     def handle(self, records: list[ConsumerRecord]) -> None:
         now = time.time()
@@ -149,6 +152,10 @@ class SignalConsumer(EventConsumer):
                         continue
                     signal = feedback_signal(decode(record, events_pb2.Feedback), now)
                 else:
+                    if not self._interaction_signer.signed(record, mark=REDACTED_HEADER):
+                        INTERACTIONS_UNSIGNED.inc()
+                        self.dead_letter(record, "interaction event unsigned or badly signed")
+                        continue
                     signal = interaction_signal(decode(record, events_pb2.Interaction), now)
             except DecodeError:
                 self.dead_letter(record, f"not a {record.topic} event")

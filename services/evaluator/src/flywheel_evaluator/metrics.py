@@ -103,6 +103,10 @@ FORGOTTEN = Counter(
     "flywheel_evaluator_forgotten_sessions",
     "Sessions forgotten on request (ForgetSession): their live votes and served rows deleted.",
 )
+INTERACTIONS_UNSIGNED = Counter(
+    "flywheel_evaluator_interactions_unsigned",
+    "Interaction events without inference's valid signature, dead-lettered uncounted.",
+)
 SIGNALS = Counter(
     "flywheel_evaluator_live_signals",
     "Live signals consumed, by kind (rating, thumbs, ignored, interaction).",

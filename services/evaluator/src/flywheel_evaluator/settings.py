@@ -167,6 +167,9 @@ class EvaluatorSettings(BaseSettings):
     # Pseudonymises the session id a ForgetSession request names (the key inference and feedback
     # use); the development key when unset.
     pseudonym_key_file: Path | None = None
+    # Inference signs Interaction events with a key derived from the query-id key; the development
+    # key when unset.
+    query_id_key_file: Path | None = None
     artifact_root: Path = Path("var/artifacts")
     # The evaluator's own state (live signal counters, canary start times).
     state_dir: Path = Path("var/evaluator")

@@ -45,10 +45,11 @@ class InferenceApp:
             canary_key=pseudonym_key,
             local_model_dir=settings.model_dir,
         )
-        self.sink = build_sink(settings) if settings.kafka_enabled else None
-        signer = QueryIdSigner(
-            read_secret(settings.query_id_key_file, name="query id key", dev_default=DEV_QUERY_ID_KEY)
+        query_id_key = read_secret(
+            settings.query_id_key_file, name="query id key", dev_default=DEV_QUERY_ID_KEY
         )
+        self.sink = build_sink(settings, query_id_key) if settings.kafka_enabled else None
+        signer = QueryIdSigner(query_id_key)
         self.servicer = InferenceServicer(self.router, limits, signer, pseudonym_key, self.sink)
         self.server = GrpcServer(settings.grpc, "inference")
         self.server.add_service(

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 
+from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
 from flywheel_common.kafka import BufferedEventProducer
 from flywheel_common.redaction import REDACTED_HEADER, Redactor, redact_interaction
 from flywheel_inference.metrics import (
@@ -26,11 +27,13 @@ class KafkaInteractionSink:
 
     Personal data is redacted first (question, answer, title, URL, passages), on a thread of its
     own: raw text never reaches Kafka, and the answer never waits for the redactor. What waits for
-    redaction counts against the same bound as the producer's buffer.
+    redaction counts against the same bound as the producer's buffer. Each event is signed, so the
+    trainer and the evaluator take no interaction (nor its "redacted" mark) from anyone else.
     """
 
-    def __init__(self, settings: InferenceSettings) -> None:
+    def __init__(self, settings: InferenceSettings, signer: EventSigner) -> None:
         self.topic = settings.kafka.topics.interactions
+        self._signer = signer
         self.producer = BufferedEventProducer(
             settings.kafka,
             name="interactions",
@@ -84,6 +87,10 @@ class KafkaInteractionSink:
             for kind, count in found.items():
                 INTERACTIONS_REDACTED.labels(kind).inc(count)
             headers = [(REDACTED_HEADER, b"1")]
+        # The redacted event and its mark: consumers trust the mark only as signed.
+        context = REDACTED_HEADER.encode() if headers else b""
+        signature = self._signer.sign(self.topic, key.encode(), event.SerializeToString(), context)
+        headers.append((SIGNATURE_HEADER, signature))
         self.producer.emit(self.topic, key, event, headers=headers)
 
     def close(self) -> None:
@@ -92,5 +99,5 @@ class KafkaInteractionSink:
         self.producer.close()
 
 
-def build_sink(settings: InferenceSettings) -> KafkaInteractionSink:
-    return KafkaInteractionSink(settings)
+def build_sink(settings: InferenceSettings, query_id_key: bytes) -> KafkaInteractionSink:
+    return KafkaInteractionSink(settings, EventSigner.for_interactions(query_id_key))

@@ -43,8 +43,10 @@ class TrainerConsumer(EventConsumer):
         # For interactions a producer did not redact (an older inference, or one with redaction off):
         # the store and the datasets only ever hold redacted text.
         self._redactor: Redactor | None = None
-        # Feedback carries the reviewer's role: only what the feedback service signed is trusted.
+        # Feedback carries the reviewer's role: only what the feedback service signed is trusted;
+        # interactions (the text examples are made of, and its redaction mark) only as inference signed.
         self._signer = EventSigner.of_key_file(settings.event_signing_key_file)
+        self._interaction_signer = EventSigner.for_interactions_of_key_file(settings.query_id_key_file)
         self._retention_s = settings.retention_s
 
     def handle(self, records: list[ConsumerRecord]) -> None:
@@ -53,6 +55,10 @@ class TrainerConsumer(EventConsumer):
         for record in records:
             try:
                 if record.topic == self._interactions_topic:
+                    if not self._interaction_signer.signed(record, mark=REDACTED_HEADER):
+                        metrics.INTERACTIONS_UNSIGNED.inc()
+                        self.dead_letter(record, "interaction event unsigned or badly signed")
+                        continue
                     interaction = decode(record, events_pb2.Interaction)
                     if header(record, REDACTED_HEADER) is None:
                         self._redactor = self._redactor or Redactor(presidio=False)

@@ -58,6 +58,10 @@ FEEDBACK_UNSIGNED = Counter(
     "flywheel_trainer_feedback_unsigned",
     "Feedback events without a valid signature of the feedback service, sent to the dead-letter topic.",
 )
+INTERACTIONS_UNSIGNED = Counter(
+    "flywheel_trainer_interactions_unsigned",
+    "Interaction events without a valid signature of inference, sent to the dead-letter topic.",
+)
 FEEDBACK_STALE = Counter(
     "flywheel_trainer_feedback_stale",
     "Feedback events older than the retention window (a replay of what was purged), dropped.",

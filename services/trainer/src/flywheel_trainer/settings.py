@@ -114,6 +114,9 @@ class TrainerSettings(BaseSettings):
     event_signing_key_file: Path | None = None
     # Pseudonymises the session id a ForgetSession request names (the key inference and feedback use).
     pseudonym_key_file: Path | None = None
+    # Inference signs Interaction events with a key derived from the query-id key; the development
+    # key when unset (docs/security.md).
+    query_id_key_file: Path | None = None
     consumer: ConsumerSettings = ConsumerSettings()
     policy: PolicySettings = PolicySettings()
     batch: BatchSettings = BatchSettings()
