@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,8 +149,10 @@ def test_gpu_pool_scheduling_and_ort_limits(renders: dict[str, dc.Render]) -> No
     assert job_spec["nodeSelector"] == spec["nodeSelector"]
 
 
-# The recommended path: a Secret made beforehand (docs/deploy.md, "Secrets").
-EXISTING_SECRET = ("--set", "secrets.existingSecret=flywheel-secrets")
+# What a render of the chart's defaults must be given: the recommended Secret, made beforehand
+# (docs/deploy.md, "Secrets"), and the API server's address for the trainer's egress.
+API_SERVER = ("--set-json", 'networkPolicy.apiServerCidrs=["192.0.2.1/32"]')
+EXISTING_SECRET = ("--set", "secrets.existingSecret=flywheel-secrets", *API_SERVER)
 
 
 def test_default_ort_limit_is_a_fraction_of_the_pool(helm: Path) -> None:
@@ -178,16 +181,23 @@ def test_cpu_only_requests_no_gpu(renders: dict[str, dc.Render]) -> None:
 def test_trainer_role_allows_only_job_handling(renders: dict[str, dc.Render]) -> None:
     role = renders[GPU].named("Role", "-trainer")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
-    assert rules == {
-        (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
-        (("",), ("pods",)): {"get", "list"},
-        (("",), ("pods/log",)): {"get"},
-    }
+    # The trainer's launcher uses the batch API alone (BatchV1Api): no pods, no logs.
+    assert rules == {(("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"}}
     binding = renders[GPU].named("RoleBinding", "-trainer")
     trainer = renders[GPU].named("Deployment", "-trainer")["spec"]["template"]["spec"]
     assert binding["subjects"][0]["name"] == trainer["serviceAccountName"]
     others = [d for d in renders[GPU].of_kind("Deployment") if not d["metadata"]["name"].endswith("-trainer")]
     assert all(d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for d in others)
+
+
+def test_trainer_launcher_calls_only_the_batch_api() -> None:
+    """What the Role grants is what the launcher calls: Jobs through BatchV1Api, nothing on pods."""
+    source = dc.ROOT / "services" / "trainer" / "src" / "flywheel_trainer" / "launchers.py"
+    if not source.is_file():
+        pytest.skip("pending: services/trainer")
+    text = source.read_text()
+    assert "BatchV1Api" in text
+    assert not re.search(r"CoreV1Api|_namespaced_pod|pod_log", text)
 
 
 def test_trainer_job_template(renders: dict[str, dc.Render]) -> None:
@@ -256,25 +266,25 @@ def test_env_names_match_service_settings(
     cls()
 
 
+def _notes(helm: Path, *args: str) -> str:
+    """What `helm install` prints after the objects (NOTES.txt)."""
+    out = dc.run_helm(
+        helm, "install", "fw", str(dc.CHART), "--dry-run=client", "--namespace", "flywheel", *args
+    )
+    return out.split("NOTES:", 1)[1]
+
+
 @pytest.mark.parametrize("scenario", [GPU, KAFKA])
 def test_notes_print_the_next_commands(helm: Path, scenario: str) -> None:
-    notes = dc.run_helm(
-        helm,
-        "install",
-        "fw",
-        str(dc.CHART),
-        "--dry-run=client",
-        "--namespace",
-        "flywheel",
-        "-f",
-        str(dc.CHART / "ci" / scenario),
-    ).split("NOTES:", 1)[1]
+    notes = _notes(helm, "-f", str(dc.CHART / "ci" / scenario))
     assert "helm test fw -n flywheel" in notes
     assert "kubectl -n flywheel port-forward svc/fw-flywheel-inference 50051:50051" in notes
     assert "flywheel.inference.v1.InferenceService/Answer" in notes
     assert "port-forward svc/fw-flywheel-gateway 8080:8080" in notes and "/widget.js" in notes
     assert 'in the folder "Flywheel"' in notes
     assert ("-insecure" in notes) == (scenario == KAFKA)
+    # gRPC over TLS leaves the native gRPC probes and the gateway speaking plaintext: said out loud.
+    assert ("WARNING:\n- tls.enabled: " in notes) == (scenario == KAFKA)
 
 
 @pytest.mark.parametrize("scenario", dc.SCENARIOS)
@@ -335,57 +345,161 @@ def _admission(policy: dict, job: dict, username: str) -> list[str]:
     return [v["message"] for v in policy["spec"]["validations"] if not holds(v["expression"])]
 
 
-def test_trainer_may_create_only_training_jobs(renders: dict[str, dc.Render]) -> None:
-    """The chart's ValidatingAdmissionPolicy admits the trainer's own Job and refuses hostile ones."""
+# What each of the policy's validations says when it refuses a Job (the start of its message).
+REFUSED = {
+    "image": "a training Job runs the training image",
+    "account": "a training Job runs as the default service account, without its token",
+    "volumes": "a training Job mounts only the artifact store",
+    "secret env": "a training Job reads no Secret into its environment",
+    "host": "a training Job shares nothing with its host",
+    "root": "a training Job runs as non-root",
+    "privileges": "a training Job is unprivileged",
+    "seccomp": "a training Job runs under the RuntimeDefault (or a Localhost) seccomp profile",
+    "labels": "a training pod carries the trainer-job labels its NetworkPolicy selects",
+}
+
+
+def _pod(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]
+
+
+def _psc(job: dict) -> dict:
+    """The training pod's securityContext."""
+    return _pod(job)["securityContext"]
+
+
+def _container(job: dict) -> dict:
+    return _pod(job)["containers"][0]
+
+
+def _sc(job: dict) -> dict:
+    """The training container's securityContext."""
+    return _container(job)["securityContext"]
+
+
+Change = Callable[[dict], object]
+
+
+def _set(where: Callable[[dict], dict], **fields: object) -> Change:
+    return lambda job: where(job).update(fields)
+
+
+def _unset(where: Callable[[dict], dict], key: str) -> Change:
+    return lambda job: where(job).pop(key)
+
+
+def _volume(source: dict) -> Change:
+    return lambda job: _pod(job)["volumes"].append({"name": "extra", **source})
+
+
+SECRET_ENV = {
+    "name": "K",
+    "valueFrom": {"secretKeyRef": {"name": "flywheel-secrets", "key": "pseudonym-key"}},
+}
+ADDED_CAPABILITIES = {"add": ["SYS_ADMIN", "NET_RAW", "SYS_PTRACE"]}
+
+# (what a stolen trainer token might try, the change to the trainer's own Job, what refuses it)
+HOSTILE_JOBS: list[tuple[str, Change, list[str]]] = [
+    ("another image", _set(_container, image="attacker/miner:latest"), ["image"]),
+    ("an init container", lambda j: _pod(j).update(initContainers=[_container(j)]), ["image"]),
+    ("the trainer's account", _set(_pod, serviceAccountName="flywheel-trainer"), ["account"]),
+    ("the account's token", _set(_pod, automountServiceAccountToken=True), ["account"]),
+    ("a Secret volume", _volume({"secret": {"secretName": "flywheel-secrets"}}), ["volumes"]),
+    ("a hostPath volume", _volume({"hostPath": {"path": "/"}}), ["volumes"]),
+    ("an inline NFS volume", _volume({"nfs": {"server": "10.0.0.9", "path": "/"}}), ["volumes"]),
+    ("a CSI volume", _volume({"csi": {"driver": "secrets-store.csi.k8s.io"}}), ["volumes"]),
+    (
+        "another claim",
+        _volume({"persistentVolumeClaim": {"claimName": "fw-flywheel-trainer-data"}}),
+        ["volumes"],
+    ),
+    ("a Secret in env", lambda j: _container(j)["env"].append(SECRET_ENV), ["secret env"]),
+    ("the host's network", _set(_pod, hostNetwork=True), ["host"]),
+    ("the host's PIDs", _set(_pod, hostPID=True), ["host"]),
+    ("a host port", _set(_container, ports=[{"containerPort": 22, "hostPort": 2222}]), ["host"]),
+    (
+        "root with added capabilities",
+        _set(_sc, runAsUser=0, runAsNonRoot=False, capabilities=ADDED_CAPABILITIES),
+        ["root", "privileges"],
+    ),
+    ("runAsNonRoot left out", lambda j: (_psc(j).pop("runAsNonRoot"), _sc(j).pop("runAsNonRoot")), ["root"]),
+    ("runAsNonRoot false in the container", _set(_sc, runAsNonRoot=False), ["root"]),
+    ("the pod as user 0", _set(_psc, runAsUser=0), ["root"]),
+    ("the container as user 0", _set(_sc, runAsUser=0), ["root"]),
+    ("an added capability", _set(_sc, capabilities={"drop": ["ALL"], "add": ["NET_RAW"]}), ["privileges"]),
+    ("capabilities not dropped", _unset(_sc, "capabilities"), ["privileges"]),
+    ("no container securityContext", _unset(_container, "securityContext"), ["privileges"]),
+    ("privilege escalation left to its default", _unset(_sc, "allowPrivilegeEscalation"), ["privileges"]),
+    ("privileged", _set(_sc, privileged=True), ["privileges"]),
+    ("an unconfined container", _set(_sc, seccompProfile={"type": "Unconfined"}), ["seccomp"]),
+    ("an unconfined pod", _set(_psc, seccompProfile={"type": "Unconfined"}), ["seccomp"]),
+    ("no seccomp profile", _unset(_psc, "seccompProfile"), ["seccomp"]),
+    (
+        "other labels",
+        lambda j: j["spec"]["template"]["metadata"]["labels"].update(
+            {"app.kubernetes.io/component": "inference"}
+        ),
+        ["labels"],
+    ),
+    # Stricter than the chart's own settings, so still a training Job:
+    (
+        "a Localhost seccomp profile",
+        _set(_sc, seccompProfile={"type": "Localhost", "localhostProfile": "t.json"}),
+        [],
+    ),
+    ("a memory-backed scratch", _volume({"emptyDir": {"medium": "Memory"}}), []),
+]
+
+
+@pytest.fixture(scope="module")
+def trainer_admission(renders: dict[str, dc.Render]) -> tuple[dict, dict, str]:
+    """The chart's admission policy, the Job the trainer's own launcher builds from the chart's
+    template, and the trainer's user name."""
     launchers = pytest.importorskip("flywheel_trainer.launchers", reason="pending: services/trainer")
     r = renders[GPU]
     policy = r.named("ValidatingAdmissionPolicy", "-trainer-jobs")
-    binding = r.named("ValidatingAdmissionPolicyBinding", "-trainer-jobs")
-    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
-    assert binding["spec"]["validationActions"] == ["Deny"]
     (template,) = dc.embedded_jobs(r.named("ConfigMap", "-trainer-job-template"))
     job = launchers.build_job(template, launchers.JobSpec("J-1", "ds-1", "v1"), "flywheel")
     namespace = r.named("Role", "-trainer")["metadata"]["namespace"]
     trainer = f"system:serviceaccount:{namespace}:{r.named('ServiceAccount', '-trainer')['metadata']['name']}"
+    return policy, job, trainer
+
+
+def test_trainer_may_create_only_training_jobs(
+    renders: dict[str, dc.Render], trainer_admission: tuple[dict, dict, str]
+) -> None:
+    """The chart's ValidatingAdmissionPolicy admits the trainer's own Job, and holds only the trainer."""
+    policy, job, trainer = trainer_admission
+    binding = renders[GPU].named("ValidatingAdmissionPolicyBinding", "-trainer-jobs")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
     assert _admission(policy, job, trainer) == []
     assert _admission(policy, job, "system:serviceaccount:other:someone") == ["not matched"]
+    # The chart's own securityContext is what the policy asks for (restricted Pod Security).
+    assert _sc(job)["capabilities"]["drop"] == ["ALL"] and _sc(job)["allowPrivilegeEscalation"] is False
+    assert _pod(job)["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
 
-    def hostile(change: Callable[[dict], None]) -> list[str]:
-        bad = json.loads(json.dumps(job))
-        change(bad["spec"]["template"]["spec"])
-        return _admission(policy, bad, trainer)
 
-    def image(pod: dict) -> None:
-        pod["containers"][0]["image"] = "attacker/miner:latest"
+def _with(job: dict, change: Change) -> dict:
+    changed = json.loads(json.dumps(job))
+    change(changed)
+    return changed
 
-    def secret_volume(pod: dict) -> None:
-        pod["volumes"].append({"name": "keys", "secret": {"secretName": "flywheel-secrets"}})
 
-    def secret_env(pod: dict) -> None:
-        ref = {"secretKeyRef": {"name": "flywheel-secrets", "key": "pseudonym-key"}}
-        pod["containers"][0]["env"].append({"name": "K", "valueFrom": ref})
-
-    def account(pod: dict) -> None:
-        pod["serviceAccountName"] = "flywheel-trainer"
-
-    def privileged(pod: dict) -> None:
-        pod["hostNetwork"] = True
-
-    def host_path(pod: dict) -> None:
-        pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
-
-    training_image = job["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert hostile(image) == [f"a training Job runs the training image ({training_image}) and nothing else"]
-    assert len(hostile(secret_volume)) == 1 and "artifact store" in hostile(secret_volume)[0]
-    assert hostile(secret_env) == ["a training Job reads no Secret into its environment"]
-    assert hostile(account) == ["a training Job runs as the default service account, without its token"]
-    assert hostile(privileged) == ["a training Job is unprivileged and shares nothing with its host"]
-    assert len(hostile(host_path)) == 1 and "artifact store" in hostile(host_path)[0]
-    relabelled = json.loads(json.dumps(job))
-    relabelled["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] = "inference"
-    assert _admission(policy, relabelled, trainer) == [
-        "a training pod carries the trainer-job labels its NetworkPolicy selects"
-    ]
+@pytest.mark.parametrize(("attempt", "change", "refused_by"), HOSTILE_JOBS, ids=[h[0] for h in HOSTILE_JOBS])
+def test_trainer_admission_refuses_a_hostile_job(
+    trainer_admission: tuple[dict, dict, str],
+    attempt: str,
+    change: Change,
+    refused_by: list[str],
+) -> None:
+    """Each way a stolen trainer token might start something other than a training pod is refused
+    by the validation meant for it (and only by it); stricter settings are still admitted."""
+    policy, job, trainer = trainer_admission
+    messages = _admission(policy, _with(job, change), trainer)
+    assert len(messages) == len(refused_by), f"{attempt}: {messages}"
+    for message, key in zip(messages, sorted(refused_by, key=list(REFUSED).index), strict=True):
+        assert message.startswith(REFUSED[key]), f"{attempt}: {message!r} is not the {key} refusal"
 
 
 # ---------------------------------------------------------------- each check fails on a broken input
@@ -407,6 +521,68 @@ def test_missing_gpu_toleration_is_caught(helm: Path) -> None:
     errors = dc.workload_errors(r.docs)
     assert any("-inference" in e and "does not tolerate the GPU taint" in e for e in errors), errors
     assert any("[job.yaml]" in e and "does not tolerate the GPU taint" in e for e in errors), errors
+
+
+def test_trainer_egress_needs_the_api_servers_address(helm: Path) -> None:
+    """An empty apiServerCidrs would let the trainer reach any address on 443/6443: the render fails."""
+    secret = ("--set", "secrets.existingSecret=flywheel-secrets")
+    with pytest.raises(
+        dc.RenderError, match=r"networkPolicy.apiServerCidrs is empty: .* any address on ports 443, 6443"
+    ):
+        dc.render(helm, *secret)
+    egress = dc.render(helm, *EXISTING_SECRET).named("NetworkPolicy", "-trainer")["spec"]["egress"]
+    assert all(rule.get("to") for rule in egress), "an egress rule without peers allows every address"
+    assert {"to": [{"ipBlock": {"cidr": "192.0.2.1/32"}}], "ports": [
+        {"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"},
+    ]} in egress  # fmt: skip
+    # Nothing to hold without the NetworkPolicy; nothing to reach when jobs run in the trainer's pod.
+    assert not dc.render(helm, *secret, "--set", "networkPolicy.enabled=false").of_kind("NetworkPolicy")
+    local = dc.render(helm, *secret, "--set", "trainer.settings.jobs.launcher=local")
+    assert all(rule.get("to") for rule in local.named("NetworkPolicy", "-trainer")["spec"]["egress"])
+    # Any address, chosen on purpose (a CNI that cannot match the API server by address), is said aloud.
+    anywhere = ("--set-json", 'networkPolicy.apiServerCidrs=["0.0.0.0/0", "::/0"]')
+    assert "apiServerCidrs allows any address" in _notes(helm, *secret, *anywhere)
+    assert "apiServerCidrs" not in _notes(helm, *EXISTING_SECRET)
+
+
+def test_an_ingress_without_tls_is_refused(helm: Path) -> None:
+    """Experts log in to /console through the Ingress: no TLS only when explicitly allowed."""
+    ingress = (*EXISTING_SECRET, "--set", "gateway.ingress.enabled=true")
+    with pytest.raises(
+        dc.RenderError, match=r"gateway.ingress.tlsSecret is empty.*gateway.ingress.allowPlaintext=true"
+    ):
+        dc.render(helm, *ingress)
+    tls = dc.render(helm, *ingress, "--set", "gateway.ingress.tlsSecret=ask-tls").named("Ingress", "-gateway")
+    assert tls["spec"]["tls"] == [{"hosts": ["ask.example.com"], "secretName": "ask-tls"}]
+    plaintext = (*ingress, "--set", "gateway.ingress.allowPlaintext=true")
+    assert "tls" not in dc.render(helm, *plaintext).named("Ingress", "-gateway")["spec"]
+    assert "the Ingress for ask.example.com has no TLS" in _notes(helm, *plaintext)
+
+
+@pytest.mark.parametrize("service", ["trainer", "evaluator"])
+def test_single_writers_cannot_be_scaled_out(helm: Path, service: str) -> None:
+    """The trainer and the evaluator each own state (Recreate strategy): a second replica is refused."""
+    with pytest.raises(dc.RenderError, match=f"/{service}/replicas"):
+        dc.render(helm, *EXISTING_SECRET, "--set", f"{service}.replicas=2")
+    deployment = dc.render(helm, *EXISTING_SECRET, "--set", f"{service}.replicas=0").named(
+        "Deployment", f"-{service}"
+    )
+    assert deployment["spec"]["replicas"] == 0 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_an_empty_peer_list_is_refused(helm: Path) -> None:
+    """`from: []` admits every source, so an emptied list of peers is refused, not rendered."""
+    with pytest.raises(dc.RenderError, match="/networkPolicy/scrapers"):
+        dc.render(helm, *EXISTING_SECRET, "--set-json", "networkPolicy.scrapers=[]")
+    no_clients = (*EXISTING_SECRET, "--set-json", "networkPolicy.apiClients=[]")
+    with pytest.raises(
+        dc.RenderError, match=r"networkPolicy\.apiClients is empty: the gateway's NetworkPolicy"
+    ):
+        dc.render(helm, *no_clients)
+    # Without the gateway, the public APIs are then the release's own pods' only.
+    r = dc.render(helm, *no_clients, "--set", "gateway.enabled=false")
+    grpc_from = r.named("NetworkPolicy", "-inference")["spec"]["ingress"][0]["from"]
+    assert len(grpc_from) == 1 and "podSelector" in grpc_from[0]
 
 
 def test_gpu_limit_over_pool_memory_is_refused(helm: Path) -> None:
@@ -436,8 +612,9 @@ def test_a_render_never_generates_keys_silently(helm: Path) -> None:
         match=r"nothing gives apiTokens, queryIdKey, pseudonymKey, eventSigningKey, gatewaySessionKey, "
         r"gatewayVisitorToken.*existingSecret",
     ):
-        dc.render(helm)
+        dc.render(helm, *API_SERVER)
     given = (
+        *API_SERVER,
         "--set-json",
         'secrets.create.apiTokens={"a-user-token-0123": "user"}',
         "--set",
