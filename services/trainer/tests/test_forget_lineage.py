@@ -3,8 +3,11 @@ raw personal data, and damaged datasets the forget could not search are reported
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +104,38 @@ async def test_a_damaged_dataset_is_reported_not_silently_skipped(
     assert record["damaged_datasets"] == [damaged]
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert damaged in warning.getMessage() and SESSIONS[0] not in warning.getMessage()
+
+
+async def test_a_forget_during_a_cut_waits_for_its_dataset_and_rewrites_it(
+    tmp_path: Path,
+    store: JoinStore,
+    registry: ModelRegistry,
+    clock: Any,
+    ev: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer = make(tmp_path, store, registry, clock)
+    for i in range(3):
+        store.ingest([ev.interaction(i, session=SESSIONS[i % 3])], [ev.correction(i)])
+    writing, release = threading.Event(), threading.Event()
+    write = datasets.write
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        if not writing.is_set():  # the cut's write: held until the test lets it go
+            writing.set()
+            release.wait(10)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "write", slow_write)
+    cutting = asyncio.create_task(trainer.cut("manual"))
+    assert await asyncio.to_thread(writing.wait, 10)
+    forgetting = asyncio.create_task(trainer.forget(SESSIONS[0], reason="ticket 9", caller="admin"))
+    with contextlib.suppress(TimeoutError):  # a forget that does not wait is done by then
+        await asyncio.wait_for(asyncio.shield(forgetting), 0.5)
+    release.set()
+    cut = await cutting
+    report = await forgetting
+
+    assert cut is not None and [(old, n) for old, _, n in report.datasets] == [(cut.dataset_id, 1)]
+    kept = [e["query_id"] for d in datasets.all_datasets(registry.root) for e in d.examples]
+    assert kept == ["q1", "q2"]

@@ -161,3 +161,35 @@ def test_a_job_without_disk_for_its_candidate_fails_before_training(
     assert not (tmp_path / "scratch" / "job-1").exists()
     monkeypatch.setattr(run.shutil, "disk_usage", lambda _: usage._replace(free=2 * size))
     run._check_space(settings, parent)
+
+
+def test_a_retried_job_whose_candidate_is_registered_writes_its_result_and_does_not_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flywheel_trainer.job import run
+    from flywheel_trainer.results import read_result
+    from flywheel_trainer.settings import JobSettings
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"onnx")
+    root = tmp_path / "artifacts"
+    registry = ModelRegistry(root)
+    base = registry.register(model, kind="base").version
+    lineage = {"job_id": "job-1", "parent_version": base, "dataset_id": "ds-1"}
+    candidate = registry.register(
+        model, kind="candidate", metadata={"lineage": lineage, "training": {"epoch_losses": [2.0, 1.5]}}
+    ).version
+
+    def no_training(*args: Any) -> None:
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(run, "_gather", no_training)
+    result = run.run(JobSettings(artifact_root=root), run.JobArgs("ds-1", base, "job-1"))
+    assert (result["status"], result["candidate_version"], result["base_version"]) == (
+        "succeeded",
+        candidate,
+        base,
+    )
+    assert result["epoch_losses"] == [2.0, 1.5] and read_result(root, "job-1") == result
+    assert [v.version for v in registry.list_versions()] == [base, candidate]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from flywheel_trainer.launchers import (
     KubernetesJobLauncher,
     LocalJobLauncher,
     Outcome,
+    _running_job,
     build_job,
     job_outcome,
 )
@@ -75,6 +77,26 @@ def test_a_new_launcher_adopts_a_running_job(tmp_path: Path, monkeypatch: pytest
     assert adopted.succeeded is None  # not its child: the result file decides
 
 
+def test_launching_a_job_that_already_runs_adopts_its_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_JOB_SLEEP", "30")
+    first, again = local(tmp_path), local(tmp_path)
+    handle = first.launch(SPEC)
+    try:
+        deadline = time.monotonic() + 10
+        while _running_job(SPEC.job_id) is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the child has exec'd the job's command (found by its arguments)
+        # A trainer that stopped before recording the launch launches the queued job again.
+        assert again.launch(SPEC) == handle and again._procs == {}
+        other = again.launch(JobSpec("job-20240101-000000-ef01", SPEC.dataset_id, "v3"))
+        assert other != handle
+    finally:
+        for launcher in (first, again):
+            for launched in list(launcher._procs):
+                launcher.stop(launched)
+
+
 # ---------------------------------------------------------------- Kubernetes
 
 TEMPLATE: dict[str, Any] = {
@@ -127,6 +149,20 @@ def test_long_names_are_cut_to_a_dns_label() -> None:
     template["metadata"]["generateName"] = "a-very-long-release-name-that-goes-on-and-on-train-"
     name = build_job(template, SPEC, "ml")["metadata"]["name"]
     assert len(name) <= 63 and not name.endswith("-")
+
+
+def test_long_prefixes_keep_the_names_of_two_jobs_apart() -> None:
+    template = copy.deepcopy(TEMPLATE)
+    # 50 characters: a release name the chart's own 63-character limit lets through.
+    template["metadata"]["generateName"] = "a-very-long-release-name-that-goes-on-and-on-train-"
+    specs = [JobSpec(f"job-20240101-000000000-abcdef0{i}", "ds-1", "v3") for i in (1, 2)]
+    names = [build_job(template, spec, "ml")["metadata"]["name"] for spec in specs]
+    assert names[0] != names[1]
+    for spec, name in zip(specs, names, strict=True):
+        assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
+        assert spec.job_id in name and name.startswith("a-very-long")
+        # The same job always gets the same name: a restarted trainer adopts its Job (409).
+        assert build_job(template, spec, "ml")["metadata"]["name"] == name
 
 
 def test_job_outcome_reads_conditions() -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import queue
+import threading
 from typing import Any
 
 import pytest
 
+from flywheel_common.query_ids import QueryIdSigner
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal
 from flywheel_trainer.settings import PolicySettings
@@ -129,6 +133,36 @@ def test_retention_forgets_old_rows_but_keeps_waiting_examples(store: JoinStore,
     # The correction that never met its interaction is counted as unjoined.
     assert purged == {"unjoined": 1, "interactions": 2, "feedback": 3, "positive_votes": 0, "examples": 1}
     assert store.pending().examples == 1  # q2, not yet in a dataset
+
+
+def test_forget_finds_a_waiting_example_the_retention_purge_left(
+    store: JoinStore, ev: Any, clock: Any
+) -> None:
+    session = "a" * 32
+    asked = ev.interaction(1, session=session)
+    asked.query_id = QueryIdSigner(b"q" * 16).issue("v1", session)
+    # An expert's correction: its own pseudonym is the expert's, its query id names the asker.
+    store.ingest([asked], [dataclasses.replace(ev.correction(1), query_id=asked.query_id, session="expert")])
+    clock.now += 100
+    store.purge(retention_s=50)
+    assert store.counts()["interactions"] == store.counts()["feedback"] == 0
+    assert store.pending().examples == 1  # the example waits for a batch, whatever its age
+
+    forgotten = store.forget(session)
+    assert forgotten.examples == 1 and asked.query_id in forgotten.query_ids
+    assert store.cut(max_examples=10, reason="manual") is None
+
+
+def test_reads_go_on_while_a_write_holds_the_store(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.correction(1)])
+    read: queue.Queue[int] = queue.Queue()
+    # A long write: a forget's VACUUM holds the store for seconds on a large file (1.2 s at 85 MB),
+    # and the RPCs read it on the event loop.
+    with store._tx() as db:
+        db.execute("DELETE FROM interactions")
+        threading.Thread(target=lambda: read.put(store.counts()["interactions"]), daemon=True).start()
+        assert read.get(timeout=5) == 1  # what was committed before the read
+    assert store.counts()["interactions"] == 0
 
 
 def test_the_store_survives_a_reopen(tmp_path: Any, ev: Any) -> None:

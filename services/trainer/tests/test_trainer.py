@@ -4,16 +4,19 @@ announcements, recovery after a restart."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from flywheel_common.registry import ModelRegistry
 from flywheel_trainer import datasets
+from flywheel_trainer import trainer as trainer_module
 from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
-from flywheel_trainer.results import write_result
+from flywheel_trainer.results import result_path, write_result
 from flywheel_trainer.settings import BatchSettings, JobsSettings, TrainerSettings
 from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JoinStore
 from flywheel_trainer.trainer import Trainer
@@ -137,6 +140,7 @@ async def test_at_most_k_jobs_run_and_each_batch_is_trained_once(
     assert launcher.launched[0].base_version == "v1"
     assert [j.state for j in reversed(store.jobs())] == [RUNNING, QUEUED, QUEUED]
     for i in range(3):
+        await settle(trainer, lambda i=i: store.job(cuts[i].job_id).state == RUNNING)
         launcher.end(cuts[i].job_id, ok=i != 1, reason="boom")
         await settle(trainer, lambda i=i: store.job(cuts[i].job_id).state not in (QUEUED, RUNNING))
     await settle(trainer, lambda: len(producer.events) == 2)
@@ -262,6 +266,137 @@ async def test_shutdown_stops_local_jobs(
     job = store.job(cut.job_id)
     assert launcher.stopped == [cut.job_id]
     assert job is not None and job.state == FAILED and "shut down" in job.reason
+
+
+def write_failures() -> float:
+    return REGISTRY.get_sample_value("flywheel_trainer_dataset_write_failures_total") or 0.0
+
+
+async def test_a_dataset_a_full_disk_refused_is_written_on_a_later_turn(
+    tmp_path: Path,
+    store: JoinStore,
+    registry: ModelRegistry,
+    clock: Any,
+    ev: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer, _, _ = make(tmp_path, store, registry, clock)
+    write = datasets.write
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets, "write", full)
+    failures = write_failures()
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")  # the cut stands; its write waits for room
+    assert cut is not None and store.unwritten_datasets() == [cut.dataset_id]
+    # A restart while the disk is still full starts all the same.
+    again, relauncher, _ = make(tmp_path, store, registry, clock)
+    await again.recover()
+    await again.tick()
+    assert store.job(cut.job_id).state == QUEUED and relauncher.launched == []  # type: ignore[union-attr]
+    assert write_failures() - failures == 3
+
+    monkeypatch.setattr(datasets, "write", write)
+    await again.tick()
+    assert store.unwritten_datasets() == []
+    datasets.load(registry.root, cut.dataset_id)
+    assert [s.job_id for s in relauncher.launched] == [cut.job_id]
+
+
+async def test_a_job_that_died_after_registering_succeeds_with_its_candidate(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, producer = make(tmp_path, store, registry, clock)
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await trainer.launch_queued()
+    model = tmp_path / "candidate"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"x")
+    registry.register(model, kind="candidate", metadata={"lineage": {"job_id": "job-other"}})
+    mine = registry.register(model, kind="candidate", metadata={"lineage": {"job_id": cut.job_id}})
+    # Killed after registering, before its result: no result file.
+    launcher._outcome[cut.job_id] = Outcome(False, "killed by SIGKILL")
+    launcher._done[cut.job_id].set()
+    await settle(trainer, lambda: store.job(cut.job_id).state != RUNNING)
+    job = store.job(cut.job_id)
+    assert job is not None and (job.state, job.candidate_version) == (SUCCEEDED, mine.version)
+    await settle(trainer, lambda: producer.events)
+    assert [(m.version, m.job_id) for _, _, m in producer.events] == [(mine.version, cut.job_id)]
+
+
+async def test_an_unreadable_result_fails_the_job_and_frees_its_place(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, _ = make(tmp_path, store, registry, clock)
+    cuts = []
+    for start in (0, 3):
+        feed(store, ev, range(start, start + 3))
+        cuts.append(await trainer.cut("size"))
+    first, second = (c.job_id for c in cuts if c is not None)
+    await trainer.launch_queued()
+    path = result_path(registry.root, first)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"status": "succeeded", "reason": "\xff\xfe"}')  # not UTF-8
+    launcher._done[first].set()
+    await settle(trainer, lambda: store.job(first).state == FAILED)
+    assert "unreadable result file: UnicodeDecodeError" in store.job(first).reason  # type: ignore[union-attr]
+    await settle(trainer, lambda: store.job(second).state == RUNNING)  # K = 1: the place is free
+
+
+async def test_a_job_whose_end_cannot_be_recorded_fails_and_the_start_goes_on(
+    tmp_path: Path,
+    store: JoinStore,
+    registry: ModelRegistry,
+    clock: Any,
+    ev: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    unreadable: set[str] = set()
+
+    def read_result(root: Path, job_id: str) -> None:
+        if job_id in unreadable:
+            raise RuntimeError("the artifact volume is gone")
+
+    monkeypatch.setattr(trainer_module, "read_result", read_result)
+    trainer, launcher, _ = make(tmp_path, store, registry, clock)
+    cuts = []
+    for start in (0, 3):
+        feed(store, ev, range(start, start + 3))
+        cuts.append(await trainer.cut("size"))
+    first, second = (c.job_id for c in cuts if c is not None)
+    await trainer.launch_queued()
+    unreadable.add(first)
+    launcher._done[first].set()
+    await settle(trainer, lambda: store.job(first).state == FAILED)
+    assert "could not be recorded: RuntimeError" in store.job(first).reason  # type: ignore[union-attr]
+    # A restart finds the second job running under a launcher it does not have: recorded, not raised.
+    await settle(trainer, lambda: store.job(second).state == RUNNING)
+    unreadable.add(second)
+    await trainer.shutdown()
+    again, _, _ = make(tmp_path, store, registry, clock)
+    again.launcher.name = "other"
+    await again.recover()
+    assert store.job(second).state == FAILED  # type: ignore[union-attr]
+
+
+async def test_a_queued_job_with_a_result_is_recorded_not_run_again(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, producer = make(tmp_path, store, registry, clock)
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    # Launched, and ended, by a trainer that stopped before recording the launch.
+    launcher.end(cut.job_id, ok=True)
+    await trainer.tick()
+    job = store.job(cut.job_id)
+    assert launcher.launched == []
+    assert job is not None and (job.state, job.candidate_version, job.base_version) == (SUCCEEDED, "v2", "v1")
+    await settle(trainer, lambda: producer.events)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import re
@@ -97,6 +98,17 @@ class LocalJobLauncher(JobLauncher):
         return self.logs_dir / f"{job_id}.log"
 
     def launch(self, spec: JobSpec) -> str:
+        """Starts the job, or adopts its process when one already runs it (the trainer stopped
+        between starting it and recording that it had)."""
+        running = _running_job(spec.job_id)
+        if running is not None:
+            log.warning(
+                "job %s already runs as process %d: adopting it",
+                spec.job_id,
+                running,
+                extra={"job_id": spec.job_id},
+            )
+            return f"{running}/{spec.job_id}"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         # Settings the trainer was given for its jobs (FLYWHEEL_TRAINER_JOB_*) pass through;
         # where the artifacts and scratch space are is the trainer's to say, unless set there.
@@ -186,9 +198,32 @@ def _alive(pid: int, job_id: str) -> bool:
     return state != "Z" and (not job_id or job_id in cmdline)
 
 
+def _running_job(job_id: str) -> int | None:
+    """The pid of a live process started for `job_id` (its arguments end in `--job-id <id>`, and it
+    leads its own session, as `launch` starts it: not a child it forked), or None."""
+    marker = b"\0--job-id\0" + job_id.encode() + b"\0"
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return None  # no /proc to ask
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if marker not in b"\0" + (entry / "cmdline").read_bytes() or os.getsid(pid) != pid:
+                continue
+        except OSError:
+            continue  # ended meanwhile, or not ours to see
+        if _alive(pid, job_id):
+            return pid
+    return None
+
+
 # ---------------------------------------------------------------- Kubernetes
 
 _DNS_LABEL = re.compile(r"[^a-z0-9-]+")
+_MAX_NAME = 63
 JOB_ID_LABEL = "flywheel.io/job-id"
 DATASET_ID_LABEL = "flywheel.io/dataset-id"
 
@@ -201,13 +236,33 @@ def load_template(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _dns(text: str) -> str:
+    return _DNS_LABEL.sub("-", text.lower())
+
+
+def job_name(prefix: str, job_id: str) -> str:
+    """`<prefix><job id>` as a DNS label (63 characters at most), the same for the same job.
+
+    Cut plainly, a long prefix (a long release name) would cut off the job ids' distinct ends and
+    give two jobs one name (the second would adopt the first's Job): a name too long keeps the
+    whole job id after a shortened prefix, and ends with a digest of the full name.
+    """
+    full = _dns(f"{prefix}{job_id}").strip("-")
+    if len(full) <= _MAX_NAME:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    room = _MAX_NAME - len(digest) - 1
+    job = _dns(job_id).strip("-")
+    head = _dns(prefix).lstrip("-")[: max(room - len(job), 0)]
+    return f"{f'{head}{job}'[:room].strip('-')}-{digest}"
+
+
 def build_job(template: dict[str, Any], spec: JobSpec, namespace: str) -> dict[str, Any]:
     """The Job for `spec`: the template with a name, labels and the job's arguments appended."""
     job = copy.deepcopy(template)
     meta = job.setdefault("metadata", {})
     prefix = meta.pop("generateName", None) or "flywheel-train-"
-    name = _DNS_LABEL.sub("-", f"{prefix}{spec.job_id}".lower())[:63].strip("-")
-    meta["name"] = name
+    meta["name"] = job_name(prefix, spec.job_id)
     meta["namespace"] = namespace
     labels = {JOB_ID_LABEL: spec.job_id, DATASET_ID_LABEL: spec.dataset_id}
     meta.setdefault("labels", {}).update(labels)

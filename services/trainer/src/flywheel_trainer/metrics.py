@@ -34,6 +34,11 @@ EXAMPLES = with_label_values(
     "positive",
     "negative",
 )
+DATASET_WRITE_FAILURES = Counter(
+    "flywheel_trainer_dataset_write_failures",
+    "Failed writes of a cut batch's dataset to the artifact store (a full or unwritable disk); retried "
+    "every scheduling turn, its job waits meanwhile.",
+)
 EXAMPLES_PENDING = Gauge("flywheel_trainer_examples_pending", "Training examples waiting for a batch.")
 FEEDBACK_DUPLICATES = Counter(
     "flywheel_trainer_duplicates", "Events dropped as already stored (redeliveries, retried submissions)."

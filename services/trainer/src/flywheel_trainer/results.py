@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel_common.files import write_json
+from flywheel_common.registry import ModelRegistry, ModelVersion
 
 
 def result_path(artifact_root: Path, job_id: str) -> Path:
@@ -25,10 +26,28 @@ def write_result(artifact_root: Path, job_id: str, result: dict[str, Any]) -> Pa
 
 
 def read_result(artifact_root: Path, job_id: str) -> dict[str, Any] | None:
-    """The job's result, or None when it wrote none (it never started, or died)."""
+    """The job's result; None when it wrote none (it never started, or died). A file that cannot be
+    read or is not a JSON object is a failed result saying so: the job ended, and not well."""
     path = result_path(artifact_root, job_id)
     try:
         data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON, and invalid UTF-8 too
+        return {"status": "failed", "reason": f"unreadable result file: {type(exc).__name__}: {exc}"[:2000]}
+    if not isinstance(data, dict):
+        return {"status": "failed", "reason": f"unreadable result file: a JSON {type(data).__name__}"}
+    return data
+
+
+def registered_candidate(registry: ModelRegistry, job_id: str) -> ModelVersion | None:
+    """The candidate version a job registered (its lineage names the job), or None.
+
+    Registration is all or nothing, so such a version is the job's complete work even when the job
+    died before writing its result; the oldest one when an earlier retry registered two.
+    """
+    for version in registry.list_versions():
+        lineage = version.manifest.get("lineage") or {}
+        if version.kind == "candidate" and lineage.get("job_id") == job_id:
+            return version
+    return None

@@ -239,7 +239,8 @@ def batch_ids(example_ids: Sequence[str], now: float) -> tuple[str, str]:
 
 
 class JoinStore:
-    """SQLite store shared by the consumer thread and the service's event loop (one lock)."""
+    """SQLite store shared by the consumer thread and the service's event loop (one lock for writes,
+    one for reads)."""
 
     def __init__(self, path: Path, policy: ExamplePolicy, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
@@ -277,8 +278,17 @@ class JoinStore:
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS interactions_version ON interactions (model_version, received_at)"
         )
+        # Reads (the RPCs' and the scheduler's, on the event loop) have a connection and a lock of
+        # their own: under WAL they never wait for a write, a forget's VACUUM included. Each read is
+        # a transaction of its own, so it sees every write committed before it.
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._reader.row_factory = sqlite3.Row
+        self._reader.execute("PRAGMA query_only=ON")
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
@@ -295,8 +305,8 @@ class JoinStore:
 
     def _query(self, sql: str, args: Iterable[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
         params = dict(args) if isinstance(args, Mapping) else tuple(args)
-        with self._lock:
-            return list(self._db.execute(sql, params))
+        with self._read_lock:
+            return list(self._reader.execute(sql, params))
 
     # ------------------------------------------------------------ ingest
 
@@ -776,13 +786,16 @@ class JoinStore:
             }
             ids |= {r[0] for r in db.execute("SELECT query_id FROM feedback WHERE session = ?", (session,))}
             # An expert's correction carries the expert's pseudonym; its query id names the asker.
-            ids |= {
-                r[0]
-                for r in db.execute(
-                    "SELECT query_id FROM feedback WHERE query_id LIKE ?", (f"%.{session}.%",)
-                )
-                if query_id_session(r[0]) == session
-            }
+            # So does an example's, which outlives its interaction and feedback in the retention
+            # purge while it waits for a batch.
+            for table in ("feedback", "examples"):
+                ids |= {
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT query_id FROM {table} WHERE query_id LIKE ?", (f"%.{session}.%",)
+                    )
+                    if query_id_session(r[0]) == session
+                }
             db.execute("CREATE TEMP TABLE IF NOT EXISTS forget_ids (query_id TEXT PRIMARY KEY)")
             db.execute("DELETE FROM forget_ids")
             db.executemany("INSERT INTO forget_ids VALUES (?)", [(q,) for q in ids])
@@ -812,11 +825,18 @@ class JoinStore:
             db.execute("DELETE FROM datasets WHERE dataset_id = ?", (old,))
 
     def vacuum(self) -> None:
-        """Rewrites the file without free pages, and empties the write-ahead log into it."""
+        """Rewrites the file without free pages, and empties the write-ahead log into it.
+
+        Writers wait for it (seconds on a large store); readers do not: they have a connection of
+        their own and WAL lets them read meanwhile.
+        """
         with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.execute("VACUUM")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            for sql in ("PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"):
+                row = self._db.execute(sql).fetchone()
+                # Still busy after the timeout (a reader that would not finish): pages of the
+                # forgotten rows may be left in the log, so this must not pass for done.
+                if row is not None and row[0]:
+                    raise sqlite3.OperationalError(f"{sql}: the database stayed busy")
 
     def counts(self) -> dict[str, int]:
         """Rows per table, examples by source, and feedback still waiting for its interaction."""

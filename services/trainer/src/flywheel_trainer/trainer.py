@@ -26,7 +26,7 @@ from flywheel_common.registry import ModelRegistry
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer import datasets, metrics
 from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
-from flywheel_trainer.results import read_result
+from flywheel_trainer.results import read_result, registered_candidate
 from flywheel_trainer.settings import TrainerSettings
 from flywheel_trainer.store import (
     FAILED,
@@ -113,15 +113,26 @@ class Trainer:
         self.changed = asyncio.Event()
         # One announcer at a time: a job's watcher and the loop's tick both announce.
         self._announcing = asyncio.Lock()
+        # A cut with its dataset's write, a retried write, and a forget run one at a time: a forget
+        # that ran while a cut's dataset was being written would neither see the dataset on disk
+        # nor keep the session's examples (read before the forget) out of it.
+        self._batches = asyncio.Lock()
+        # The last error of each dataset whose write failed (logged again only when it changes).
+        self._write_errors: dict[str, str] = {}
 
     # ------------------------------------------------------------ privacy
 
     async def forget(self, session: str, *, reason: str, caller: str) -> ForgetReport:
         """Forgets one pseudonymised session everywhere the trainer keeps data (docs/security.md).
 
-        Runs on the loop between ticks, so no batch is cut from the store meanwhile; the consumer's
+        Waits for a cut whose dataset is being written (and cuts wait for it), so a dataset is either
+        on disk to be rewritten or written later from the store without the session; the consumer's
         events of the session are dropped from the moment the tombstone is committed.
         """
+        async with self._batches:
+            return await self._forget(session, reason=reason, caller=caller)
+
+    async def _forget(self, session: str, *, reason: str, caller: str) -> ForgetReport:
         forgotten = await asyncio.to_thread(self.store.forget, session)
         ids = forgotten.query_ids
 
@@ -231,24 +242,57 @@ class Trainer:
         return None
 
     async def cut(self, reason: str) -> Cut | None:
-        """Cuts a batch of the oldest waiting examples and writes its dataset; None when none wait."""
-        cut = self.store.cut(max_examples=self.settings.batch.max_examples, reason=reason)
-        if cut is None:
-            return None
-        metrics.BATCH_EXAMPLES.observe(cut.examples)
-        metrics.JOBS.labels(QUEUED).inc()
-        log.info(
-            "cut batch %s (%s): %d examples, %d negatives; job %s queued",
-            cut.dataset_id,
-            reason,
-            cut.examples,
-            cut.negatives,
-            cut.job_id,
-            extra={"dataset_id": cut.dataset_id, "job_id": cut.job_id},
-        )
-        await self._write_dataset(cut.dataset_id)
+        """Cuts a batch of the oldest waiting examples and writes its dataset; None when none wait.
+
+        The cut stands when the write fails (a full disk): every tick tries the write again, and the
+        job waits for it.
+        """
+        async with self._batches:
+            cut = self.store.cut(max_examples=self.settings.batch.max_examples, reason=reason)
+            if cut is None:
+                return None
+            metrics.BATCH_EXAMPLES.observe(cut.examples)
+            metrics.JOBS.labels(QUEUED).inc()
+            log.info(
+                "cut batch %s (%s): %d examples, %d negatives; job %s queued",
+                cut.dataset_id,
+                reason,
+                cut.examples,
+                cut.negatives,
+                cut.job_id,
+                extra={"dataset_id": cut.dataset_id, "job_id": cut.job_id},
+            )
+            await self._try_write(cut.dataset_id)
         self.changed.set()
         return cut
+
+    async def write_pending(self) -> None:
+        """Writes the datasets cut but not written yet (a full disk, a crash in between), oldest first."""
+        if not self.store.unwritten_datasets():
+            return  # the usual turn: no need to wait for a forget that holds the lock
+        async with self._batches:
+            for dataset_id in self.store.unwritten_datasets():
+                if await self._try_write(dataset_id):
+                    log.info("wrote dataset %s, left unwritten earlier", dataset_id)
+
+    async def _try_write(self, dataset_id: str) -> bool:
+        """Writes a dataset; a failure is logged (once per error) and counted, not raised."""
+        try:
+            await self._write_dataset(dataset_id)
+        except Exception as exc:
+            metrics.DATASET_WRITE_FAILURES.inc()
+            error = f"{type(exc).__name__}: {exc}"
+            if self._write_errors.get(dataset_id) != error:
+                self._write_errors[dataset_id] = error
+                log.warning(
+                    "dataset %s not written (tried again every turn; its job waits): %s",
+                    dataset_id,
+                    error,
+                    extra={"dataset_id": dataset_id},
+                )
+            return False
+        self._write_errors.pop(dataset_id, None)
+        return True
 
     async def cut_by_admin(self, caller: str) -> Cut | None:
         """An admin's batch, cut now whatever the schedule says, with an audit record naming the
@@ -303,6 +347,15 @@ class Trainer:
             await self._launch(job, base)
 
     async def _launch(self, job: Job, base: str) -> None:
+        result = read_result(self.settings.artifact_root, job.job_id)
+        if result is not None:
+            # It ran already: the trainer stopped between launching it and recording that.
+            log.warning("job %s has a result already: recording it, not running it again", job.job_id)
+            job = self.store.update_job(
+                job.job_id, base_version=str(result.get("base_version") or base), launcher=self.launcher.name
+            )
+            self._finish(job, "", Outcome(None, "it ran before a trainer restart"))
+            return
         spec = JobSpec(job.job_id, job.dataset_id, base)
         try:
             handle = await asyncio.to_thread(self.launcher.launch, spec)
@@ -325,25 +378,48 @@ class Trainer:
     def _watch(self, job_id: str, handle: str) -> None:
         async def watch() -> None:
             try:
-                outcome = await _in_thread(lambda: self.launcher.wait(handle))
-            except Exception as exc:
-                log.exception("watching job %s failed", job_id)
-                outcome = Outcome(False, f"lost track of the job: {type(exc).__name__}: {exc}")
-            job = self.store.job(job_id)
-            if job is not None and job.state == RUNNING:
-                self._finish(job, handle, outcome)
-                await self.announce_candidates()
-            self._watchers.pop(job_id, None)
-            self.changed.set()
+                try:
+                    outcome = await _in_thread(lambda: self.launcher.wait(handle))
+                except Exception as exc:
+                    log.exception("watching job %s failed", job_id)
+                    outcome = Outcome(False, f"lost track of the job: {type(exc).__name__}: {exc}")
+                job = self.store.job(job_id)
+                if job is not None and job.state == RUNNING:
+                    self._finish(job, handle, outcome)
+                    await self.announce_candidates()
+            except Exception:  # the tick announces what this could not
+                log.exception("after job %s ended", job_id)
+            finally:
+                self._watchers.pop(job_id, None)
+                self.changed.set()
 
         self._watchers[job_id] = asyncio.create_task(watch(), name=f"watch-{job_id}")
 
     def _finish(self, job: Job, handle: str, outcome: Outcome) -> None:
+        """Records a job's end; when that fails (its result or the registry unreadable) the job is
+        recorded failed, so it never stays running and holds one of the K places."""
+        try:
+            self._record_end(job, handle, outcome)
+        except Exception as exc:
+            log.exception("recording the end of job %s failed: it is recorded failed", job.job_id)
+            try:
+                self.store.update_job(
+                    job.job_id,
+                    state=FAILED,
+                    reason=f"its end could not be recorded: {type(exc).__name__}: {exc}"[:2000],
+                    finished_at=self._clock(),
+                    handle=handle or job.handle,
+                )
+            except Exception:
+                log.exception("job %s could not be recorded failed either", job.job_id)
+                return
+            metrics.JOBS.labels(FAILED).inc()
+
+    def _record_end(self, job: Job, handle: str, outcome: Outcome) -> None:
         """Records a job's end from the launcher's outcome and the job's own result file."""
         result = read_result(self.settings.artifact_root, job.job_id) or {}
         now = self._clock()
         candidate = str(result.get("candidate_version") or "")
-        # A registered candidate is the job's success, even if the process died after registering.
         ok = result.get("status") == SUCCEEDED and bool(candidate)
         reason = ""
         if ok:
@@ -351,6 +427,17 @@ class Trainer:
                 self.registry.get(candidate)
             except FlywheelError:
                 ok, reason = False, f"the job reported {candidate}, which is not in the registry"
+        elif (registered := registered_candidate(self.registry, job.job_id)) is not None:
+            # A registered candidate is the job's success, even if the process died after
+            # registering and before its result said so.
+            ok, candidate = True, registered.version
+            log.warning(
+                "job %s left no successful result (%s) but registered candidate %s",
+                job.job_id,
+                result.get("reason") or outcome.reason or "none",
+                candidate,
+                extra={"job_id": job.job_id},
+            )
         else:
             reason = str(result.get("reason") or outcome.reason or "the job wrote no result")
             if outcome.reason and outcome.reason not in reason:
@@ -423,10 +510,12 @@ class Trainer:
     # ------------------------------------------------------------ lifecycle
 
     async def recover(self) -> None:
-        """After a restart: write datasets a crash left unwritten, adopt jobs that were running."""
-        for dataset_id in self.store.unwritten_datasets():
-            log.info("writing dataset %s left unwritten by a restart", dataset_id)
-            await self._write_dataset(dataset_id)
+        """After a restart: write datasets a crash left unwritten, adopt jobs that were running.
+
+        Nothing here stops the start: a dataset that cannot be written yet (a full disk) is tried
+        again every tick, and a job whose end cannot be read is recorded failed.
+        """
+        await self.write_pending()
         for job in self.store.jobs(states=[RUNNING]):
             if job.launcher != self.launcher.name or not job.handle:
                 self._finish(job, job.handle, Outcome(False, f"launched by {job.launcher or 'nothing'}"))
@@ -435,7 +524,9 @@ class Trainer:
             self._watch(job.job_id, job.handle)
 
     async def tick(self) -> None:
-        """One turn: cut a batch when due, launch what may run, announce, purge, update gauges."""
+        """One turn: write datasets left unwritten, cut a batch when due, launch what may run,
+        announce, purge, update gauges."""
+        await self.write_pending()
         reason = self.due()
         if reason is not None:
             await self.cut(reason)

@@ -21,7 +21,7 @@ from typing import Any
 from flywheel_common.files import file_sha256, freeze_tree, tree_bytes
 from flywheel_common.registry import ModelRegistry, ModelVersion, now_iso
 from flywheel_trainer import datasets
-from flywheel_trainer.results import write_result
+from flywheel_trainer.results import registered_candidate, write_result
 from flywheel_trainer.settings import JobSettings
 
 log = logging.getLogger(__name__)
@@ -377,14 +377,55 @@ def _lineage(args: JobArgs, inputs: _Inputs, adapter_sha: str, duration: float) 
     }
 
 
+def _already_registered(settings: JobSettings, args: JobArgs, candidate: ModelVersion) -> dict[str, Any]:
+    """The result of a job whose earlier attempt registered its candidate and died before writing
+    the result (a Kubernetes Job retries its pod): that candidate, not a second one."""
+    lineage = candidate.manifest.get("lineage") or {}
+    training = candidate.manifest.get("training") or {}
+    result = {
+        "status": "succeeded",
+        "job_id": args.job_id,
+        "dataset_id": lineage.get("dataset_id", ""),
+        "base_version": lineage.get("parent_version", ""),
+        "candidate_version": candidate.version,
+        "epoch_losses": training.get("epoch_losses", []),
+        "loss_curve": training.get("loss_curve", []),
+        "steps": training.get("steps", 0),
+        "seconds_per_step": training.get("seconds_per_step", 0.0),
+        "duration_s": lineage.get("duration_s", 0.0),
+        "device": training.get("device", ""),
+        "quantization": training.get("quantization", ""),
+        "timings": training.get("timings", {}),
+        "finished_at": now_iso(),
+        "pid": os.getpid(),
+        "note": "registered by an earlier attempt of this job",
+    }
+    write_result(settings.artifact_root, args.job_id, result)
+    log.warning(
+        "job %s: an earlier attempt registered candidate %s; not training again",
+        args.job_id,
+        candidate.version,
+        extra={"job_id": args.job_id},
+    )
+    return result
+
+
 def run(settings: JobSettings, args: JobArgs) -> dict[str, Any]:
-    """Trains, exports, checks and registers; returns the result (also written as result.json)."""
+    """Trains, exports, checks and registers; returns the result (also written as result.json).
+
+    A job whose candidate is registered already (an earlier attempt died after registering) only
+    writes that candidate's result.
+    """
+    registry = ModelRegistry(settings.artifact_root)
+    earlier = registered_candidate(registry, args.job_id)
+    if earlier is not None:
+        return _already_registered(settings, args, earlier)
+
     import torch
 
     laps = _Laps()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    registry = ModelRegistry(settings.artifact_root)
     inputs = _gather(settings, args, registry)
     _check_space(settings, inputs.parent)
     laps.lap("prepare_s")
