@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,30 @@ async def test_a_forget_during_a_cut_waits_for_its_dataset_and_rewrites_it(
     assert cut is not None and [(old, n) for old, _, n in report.datasets] == [(cut.dataset_id, 1)]
     kept = [e["query_id"] for d in datasets.all_datasets(registry.root) for e in d.examples]
     assert kept == ["q1", "q2"]
+
+
+async def test_a_vacuum_that_fails_leaves_no_dataset_unrewritten(
+    tmp_path: Path,
+    store: JoinStore,
+    registry: ModelRegistry,
+    clock: Any,
+    ev: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file's free pages are the last thing a forget cleans: a full disk then fails the call,
+    not the rewrite of the datasets, and the same forget again finishes."""
+    trainer = make(tmp_path, store, registry, clock)
+    ds_a = await cut_sessions(trainer, ev, range(3))
+    vacuum = store.vacuum
+
+    def full_disk() -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "vacuum", full_disk)
+    with pytest.raises(sqlite3.OperationalError):
+        await trainer.forget(SESSIONS[0], reason="ticket 11", caller="admin")
+    [found] = datasets.scan(registry.root)[0]
+    assert found.dataset_id != ds_a and len(found.examples) == 2
+    monkeypatch.setattr(store, "vacuum", vacuum)
+    again = await trainer.forget(SESSIONS[0], reason="ticket 11", caller="admin")
+    assert (again.examples, again.datasets) == (0, [])

@@ -772,7 +772,9 @@ class JoinStore:
     def forget(self, session: str) -> Forgotten:
         """Removes a session's interactions, all feedback on them and the session's own feedback, with
         their examples and votes, in one transaction; tombstones the session so its events, replayed
-        from Kafka, are dropped; then VACUUMs so nothing of it stays in free pages of the file."""
+        from Kafka, are dropped. `vacuum()` afterwards, so nothing of it stays in free pages of the
+        file (the trainer does once the datasets are rewritten: a VACUUM that fails, a full disk,
+        then leaves no dataset unrewritten)."""
         if not session:
             raise ValueError("a session pseudonym is required")
         now = self._clock()
@@ -806,7 +808,6 @@ class JoinStore:
             db.execute(f"DELETE FROM positive_votes WHERE {inside} OR session = ?", (session,))
             db.execute(f"DELETE FROM review_claims WHERE {inside}")
             db.execute("DELETE FROM forget_ids")
-        self.vacuum()
         return Forgotten(interactions, feedback, examples, frozenset(ids))
 
     def replace_dataset(self, old: str, new: str, *, examples: int, negatives: int, sha256: str) -> None:

@@ -208,6 +208,9 @@ class Trainer:
                 len(damaged),
                 ", ".join(damaged),
             )
+        # Last: the rows are gone and the datasets rewritten even when this fails (then the RPC
+        # fails, and the same forget again finishes the job).
+        await asyncio.to_thread(self.store.vacuum)
         metrics.FORGOTTEN.inc()
         log.info("forgot a session (audit %s)", audit_id, extra={"audit": record})
         report = ForgetReport(
