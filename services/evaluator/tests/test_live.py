@@ -275,13 +275,23 @@ def test_events_become_signals() -> None:
     assert interaction_signal(failed, now=T0).failed  # type: ignore[union-attr]
 
 
-def test_only_feedback_the_feedback_service_signed_counts(tmp_path: Path) -> None:
-    """A vote produced to Kafka by anyone but the feedback service is dead-lettered, not counted."""
+def signal_consumer(tmp_path: Path) -> tuple[EvaluatorSettings, LiveStore, SignalConsumer, list[str]]:
+    """The signal consumer over a live store, with the reasons it dead-letters records for."""
     settings = EvaluatorSettings(state_dir=tmp_path)
     store = LiveStore(tmp_path / "live.sqlite")
     consumer = SignalConsumer(settings, store)
     dead: list[str] = []
     consumer.dead_letter = lambda record, reason: dead.append(reason)  # type: ignore[method-assign]
+    return settings, store, consumer, dead
+
+
+def consumed(topic: str, offset: int, value: bytes, headers: list[tuple[str, bytes]]) -> ConsumerRecord:
+    return ConsumerRecord(topic, 0, 0, offset, 0, 0, b"k", value, headers, None, 1, len(value), -1)
+
+
+def test_only_feedback_the_feedback_service_signed_counts(tmp_path: Path) -> None:
+    """A vote produced to Kafka by anyone but the feedback service is dead-lettered, not counted."""
+    settings, store, consumer, dead = signal_consumer(tmp_path)
     topic = settings.kafka.topics.feedback
 
     def vote(offset: int, signer: EventSigner | None) -> ConsumerRecord:
@@ -295,7 +305,7 @@ def test_only_feedback_the_feedback_service_signed_counts(tmp_path: Path) -> Non
         event.created_at.FromSeconds(int(T0))
         value = event.SerializeToString()
         headers = [(SIGNATURE_HEADER, signer.sign(topic, b"k", value))] if signer else []
-        return ConsumerRecord(topic, 0, 0, offset, 0, 0, b"k", value, headers, None, 1, len(value), -1)
+        return consumed(topic, offset, value, headers)
 
     consumer.handle(
         [
@@ -311,11 +321,7 @@ def test_only_feedback_the_feedback_service_signed_counts(tmp_path: Path) -> Non
 
 def test_only_answers_inference_signed_count(tmp_path: Path) -> None:
     """Forged failed answers could roll a good canary back: only what inference signed counts."""
-    settings = EvaluatorSettings(state_dir=tmp_path)
-    store = LiveStore(tmp_path / "live.sqlite")
-    consumer = SignalConsumer(settings, store)
-    dead: list[str] = []
-    consumer.dead_letter = lambda record, reason: dead.append(reason)  # type: ignore[method-assign]
+    settings, store, consumer, dead = signal_consumer(tmp_path)
     topic = settings.kafka.topics.interactions
 
     def served(offset: int, signer: EventSigner | None) -> ConsumerRecord:
@@ -327,7 +333,7 @@ def test_only_answers_inference_signed_count(tmp_path: Path) -> None:
         marked = [(REDACTED_HEADER, b"1")]
         signature = signer.sign(topic, b"k", value, REDACTED_HEADER.encode()) if signer else b""
         headers = [*marked, (SIGNATURE_HEADER, signature)] if signer else marked
-        return ConsumerRecord(topic, 0, 0, offset, 0, 0, b"k", value, headers, None, 1, len(value), -1)
+        return consumed(topic, offset, value, headers)
 
     consumer.handle(
         [

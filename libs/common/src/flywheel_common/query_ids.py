@@ -33,6 +33,12 @@ def query_id_session(query_id: str) -> str:
     return parts[4] if len(parts) == 6 and parts[0] == _PREFIX else ""
 
 
+def like_session(session: str) -> str:
+    """A SQL LIKE pattern that every query id naming `session` matches (and a few others may: check
+    each with query_id_session)."""
+    return f"%.{session}.%"
+
+
 @dataclass(frozen=True)
 class QueryIdClaims:
     """What a valid query id says about the answer it names."""

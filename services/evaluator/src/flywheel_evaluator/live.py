@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from flywheel_common.pseudonym import tombstone
-from flywheel_common.query_ids import query_id_session
+from flywheel_common.query_ids import like_session, query_id_session
 from flywheel_evaluator.settings import CanarySettings
 
 # Upper bounds (ms) of the latency histogram kept per version and minute.
@@ -286,7 +286,7 @@ class LiveStore:
             on_its_answers = [
                 (query_id, kind)
                 for query_id, kind in db.execute(
-                    "SELECT query_id, kind FROM votes WHERE query_id LIKE ?", (f"%.{session}.%",)
+                    "SELECT query_id, kind FROM votes WHERE query_id LIKE ?", (like_session(session),)
                 )
                 if query_id_session(query_id) == session
             ]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel_common.pseudonym import tombstone
-from flywheel_common.query_ids import query_id_session
+from flywheel_common.query_ids import like_session, query_id_session
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal, Source
 
@@ -794,7 +794,7 @@ class JoinStore:
                 ids |= {
                     r[0]
                     for r in db.execute(
-                        f"SELECT query_id FROM {table} WHERE query_id LIKE ?", (f"%.{session}.%",)
+                        f"SELECT query_id FROM {table} WHERE query_id LIKE ?", (like_session(session),)
                     )
                     if query_id_session(r[0]) == session
                 }
