@@ -15,6 +15,7 @@ from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.event_signing import EventSigner
 from flywheel_common.kafka import decode, header
 from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.query_ids import query_id_network
 from flywheel_common.redaction import REDACTED_HEADER
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import KafkaSettings
@@ -37,6 +38,7 @@ def ask(question: str) -> inference_pb2.AnswerRequest:
         page=PAGE,
         question=question,
         session_id="visitor-7",
+        client_network="203.0.113.0/24",
         options=inference_pb2.GenerationOptions(max_new_tokens=8),
     )
 
@@ -83,7 +85,10 @@ async def test_answers_are_on_the_topic_and_survive_a_broker_outage(
     assert (event.query_id, event.answer, event.model_version) == (first.query_id, first.answer, "v1")
     assert event.question == "Where was Kafka developed?"
     assert event.session_pseudonym == pseudonymise(DEV_PSEUDONYM_KEY, "visitor-7", domain="session")
-    assert b"visitor-7" not in record.value
+    # The client's network travels only as a pseudonym inside the signed query id.
+    network = pseudonymise(DEV_PSEUDONYM_KEY, "203.0.113.0/24", domain="network")
+    assert query_id_network(event.query_id) == network
+    assert b"visitor-7" not in record.value and b"203.0.113" not in record.value
     assert event.passages and event.page_content_hash
 
     kafka_broker.stop(kill=True)

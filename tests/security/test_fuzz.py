@@ -72,6 +72,8 @@ def _html_answer(s: QueryIdSigner) -> Message:
 INFERENCE_FIELDS: dict[str, int | None] = {
     "question": L.max_question_chars,
     "session_id": L.max_session_id_chars,
+    # An address block in CIDR notation: anything else, and anything longer, is refused.
+    "client_network": 64,
     "page.url": L.max_url_chars,
     "page.title": L.max_title_chars,
     "page.text": L.max_page_bytes,

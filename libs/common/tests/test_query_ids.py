@@ -4,7 +4,7 @@ import pytest
 
 from flywheel_common.errors import InvalidArgument
 from flywheel_common.pseudonym import pseudonymise
-from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.query_ids import QueryIdSigner, query_id_network, query_id_session
 
 KEY = b"0123456789abcdef0123"
 
@@ -22,9 +22,12 @@ def test_issued_ids_verify_and_carry_the_model_version() -> None:
     [
         lambda q: q[:-2] + ("AA" if not q.endswith("AA") else "BB"),  # signature
         lambda q: q.replace(".", ".x", 1),  # nonce
-        lambda q: "q3" + q[2:],  # prefix
+        lambda q: "q4" + q[2:],  # prefix
         lambda q: "q1" + q[2:],  # an old prefix on a new id
+        lambda q: "q2" + q[2:],
         lambda q: q.replace("." + "ab" * 16 + ".", "." + "cd" * 16 + "."),  # another session
+        lambda q: q.replace("." + "ef" * 16 + ".", "." + "cd" * 16 + "."),  # another network
+        lambda q: q.replace("." + "ef" * 16 + ".", ".."),  # no network
         lambda q: q + ".extra",
         lambda q: "",
         lambda q: "not-a-query-id",
@@ -36,21 +39,35 @@ def test_issued_ids_verify_and_carry_the_model_version() -> None:
 def test_tampered_or_malformed_ids_are_invalid(mutate: object) -> None:
     signer = QueryIdSigner(KEY)
     with pytest.raises(InvalidArgument):
-        signer.verify(mutate(signer.issue("v1", "ab" * 16)))  # type: ignore[operator]
+        signer.verify(mutate(signer.issue("v1", "ab" * 16, "ef" * 16)))  # type: ignore[operator]
 
 
-def test_ids_carry_the_asking_session_and_old_ids_verify_without_one() -> None:
+def test_ids_carry_the_asking_session_and_network_and_old_ids_verify_without_them() -> None:
     signer = QueryIdSigner(KEY)
     session = pseudonymise(KEY, "visitor-1", domain="session")
-    assert signer.verify(signer.issue("v2", session)).session_pseudonym == session
+    network = pseudonymise(KEY, "203.0.113.0/24", domain="network")
+    claims = signer.verify(signer.issue("v2", session, network))
+    assert (claims.session_pseudonym, claims.network_pseudonym) == (session, network)
+    query_id = signer.issue("v2", session, network)
+    assert (query_id_session(query_id), query_id_network(query_id)) == (session, network)
+    assert signer.verify(signer.issue("v2", session)).network_pseudonym == ""
     assert signer.verify(signer.issue("v2")).session_pseudonym == ""
-    with pytest.raises(ValueError):
-        signer.issue("v2", "not.hex")
-    # A q1 id, issued before ids carried the session, stays valid until it expires.
-    body = ".".join(["q1", "ab" * 12, "1000000", "djE"])
-    legacy = f"{body}.{signer._sign(body)}"
-    claims = signer.verify(legacy, now=1_000_010)
+    for bad in ("not.hex", "AB" * 16):
+        with pytest.raises(ValueError):
+            signer.issue("v2", bad)
+        with pytest.raises(ValueError):
+            signer.issue("v2", session, bad)
+    # Older ids stay valid until they expire: a q2 id carried the session only, a q1 id neither.
+    q2_body = ".".join(["q2", "ab" * 12, "1000000", "djE", session])
+    q2 = f"{q2_body}.{signer._sign(q2_body)}"
+    claims = signer.verify(q2, now=1_000_010)
+    assert (claims.model_version, claims.session_pseudonym, claims.network_pseudonym) == ("v1", session, "")
+    assert (query_id_session(q2), query_id_network(q2)) == (session, "")
+    q1_body = ".".join(["q1", "ab" * 12, "1000000", "djE"])
+    q1 = f"{q1_body}.{signer._sign(q1_body)}"
+    claims = signer.verify(q1, now=1_000_010)
     assert (claims.model_version, claims.session_pseudonym) == ("v1", "")
+    assert (query_id_session(q1), query_id_network(q1)) == ("", "")
 
 
 def test_another_key_rejects_and_old_ids_expire() -> None:

@@ -22,8 +22,8 @@ from flywheel_common.settings import GrpcSettings
 from flywheel_gateway.api import Gateway
 from flywheel_gateway.app import GatewayApp
 from flywheel_gateway.clients import ServiceClients
-from flywheel_gateway.settings import GatewaySettings
-from flywheel_gateway.web import address_key
+from flywheel_gateway.settings import EvidenceSettings, GatewaySettings
+from flywheel_gateway.web import address_key, client_network
 from flywheel_model.prompt import NO_ANSWER
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -46,11 +46,13 @@ class StreamingInference(inference_pb2_grpc.InferenceServiceServicer):
 
     def __init__(self) -> None:
         self.sessions: list[str] = []
+        self.networks: list[str] = []
 
     async def StreamAnswer(
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.AnswerChunk]:
         self.sessions.append(request.session_id)
+        self.networks.append(request.client_network)
         passage = inference_pb2.Passage(index=0, text=request.page.text, score=1.0)
         yield inference_pb2.AnswerChunk(query_id="qid-1", model_version="v1", passages=[passage])
         yield inference_pb2.AnswerChunk(delta="Created ")
@@ -253,8 +255,27 @@ async def test_the_address_is_what_the_last_trusted_proxy_saw(
             rotated = [await ask(f"2001:db8:7:1::{n:x}, 10.1.2.3") for n in range(1, 4)]
             assert rotated == [200, 200, 429]
             assert await ask("2001:db8:7:2::1, 10.1.2.3") == 200
+            # Inference is told the network each answered question was asked from, as that proxy saw it.
+            assert services[1].networks == ["203.0.113.0/24"] * 3 + ["2001:db8:7::/48"] * 3
     finally:
         await app.stop()
+
+
+async def test_a_loopback_client_names_no_network(make_client: Any) -> None:
+    client, inference, _ = await make_client()
+    assert (await _ask(client)).status_code == 200
+    assert inference.networks == [""]
+
+
+def test_a_client_counts_in_its_address_block() -> None:
+    evidence = EvidenceSettings()
+    assert client_network("203.0.113.77", evidence) == "203.0.113.0/24"
+    assert client_network("::ffff:203.0.113.77", evidence) == "203.0.113.0/24"
+    assert client_network("2001:db8:7:1:aa:bb:cc:dd", evidence) == "2001:db8:7::/48"
+    assert client_network("10.1.2.3", EvidenceSettings(ipv4_prefix_length=32)) == "10.1.2.3/32"
+    for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "unknown", ""):
+        assert client_network(host, evidence) == ""
+    assert client_network("203.0.113.77", EvidenceSettings(enabled=False)) == ""
 
 
 def test_an_ipv6_client_is_its_network_and_an_ipv4_one_its_address() -> None:

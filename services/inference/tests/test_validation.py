@@ -70,11 +70,21 @@ def test_plain_text_pages_and_html_titles() -> None:
         (req(options=inference_pb2.GenerationOptions(max_new_tokens=101)), "max_new_tokens"),
         (req(options=inference_pb2.GenerationOptions(temperature=3)), "temperature"),
         (req(options=inference_pb2.GenerationOptions(top_p=-0.1)), "top_p"),
+        (req(client_network="203.0.113.7"), "client_network must be an address block"),
+        (req(client_network="not-a-network/24"), "client_network must be an address block"),
+        (req(client_network="203.0.113.0/33"), "client_network must be an address block"),
+        (req(client_network="2001:db8::/48" + " " * 60), "client_network must be an address block"),
     ],
 )
 def test_invalid_requests_say_what_is_wrong(request_: inference_pb2.AnswerRequest, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         check(request_)
+
+
+def test_a_client_network_is_read_as_its_address_block() -> None:
+    assert check(req()).client_network == ""
+    assert check(req(client_network="203.0.113.77/24")).client_network == "203.0.113.0/24"
+    assert check(req(client_network="2001:DB8:0:1::/48")).client_network == "2001:db8::/48"
 
 
 def test_limits_are_inclusive_and_an_html_title_is_cut_not_refused() -> None:

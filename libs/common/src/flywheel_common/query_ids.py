@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from flywheel_common.errors import InvalidArgument
 
-_PREFIX = "q2"
-# Ids issued before they carried the session; verified (without a session) until they expire.
-_LEGACY_PREFIX = "q1"
+_PREFIX = "q3"
+# Older ids, verified until they expire: q2 carried the session but not the client's network, q1
+# neither. The number of dot-separated fields each has.
+_FIELDS = {_PREFIX: 7, "q2": 6, "q1": 5}
 
 
 def _b64(data: bytes) -> str:
@@ -24,13 +25,27 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _field(query_id: str, index: int) -> str:
+    parts = query_id.split(".")
+    fields = _FIELDS.get(parts[0], 0)
+    return parts[index] if len(parts) == fields and index < fields - 1 else ""
+
+
 def query_id_session(query_id: str) -> str:
-    """The session pseudonym a signed (q2) query id names, unverified; "" for any other id.
+    """The session pseudonym a signed (q2, q3) query id names, unverified; "" for any other id.
 
     For consumers of events the feedback service verified: they need it only to honour forgets.
     """
-    parts = query_id.split(".")
-    return parts[4] if len(parts) == 6 and parts[0] == _PREFIX else ""
+    return _field(query_id, 4)
+
+
+def query_id_network(query_id: str) -> str:
+    """The pseudonym of the asking client's network a q3 query id names, unverified; "" for any other
+    id or an answer asked without one (by anything but the gateway).
+
+    For consumers of signed events: live evidence counts one voter per network.
+    """
+    return _field(query_id, 5)
 
 
 def like_session(session: str) -> str:
@@ -49,13 +64,18 @@ class QueryIdClaims:
     model_version: str
     # Pseudonym of the session that asked ("" for a request without a session, or a q1 id).
     session_pseudonym: str = ""
+    # Pseudonym of the asking client's network ("" when the caller named none, or an older id).
+    network_pseudonym: str = ""
 
 
 class QueryIdSigner:
-    """Issues and verifies `q2.<nonce>.<issued_at>.<version>.<session>.<signature>` ids (HMAC-SHA256).
+    """Issues and verifies `q3.<nonce>.<issued_at>.<version>.<session>.<network>.<signature>` ids
+    (HMAC-SHA256).
 
     The session is the asker's keyed pseudonym: feedback on an answer counts as that session's,
-    whoever sends it, so one visitor cannot pass for many by naming other sessions.
+    whoever sends it, so one visitor cannot pass for many by naming other sessions. The network is
+    the keyed pseudonym of the asking client's address block, which the gateway names: many sessions
+    from one network are one voter in live evidence (docs/security.md).
     """
 
     def __init__(self, key: bytes, *, max_age_s: float = 14 * 24 * 3600) -> None:
@@ -67,20 +87,35 @@ class QueryIdSigner:
     def _sign(self, body: str) -> str:
         return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest()[:16])
 
-    def issue(self, model_version: str, session_pseudonym: str = "", *, now: float | None = None) -> str:
-        """A new unique query id bound to the model version that answered and the session that asked."""
-        if not all(c in "0123456789abcdef" for c in session_pseudonym):
-            raise ValueError("a session pseudonym is lowercase hex")
+    def issue(
+        self,
+        model_version: str,
+        session_pseudonym: str = "",
+        network_pseudonym: str = "",
+        *,
+        now: float | None = None,
+    ) -> str:
+        """A new unique query id bound to the model version that answered and the session (and the
+        client's network) that asked."""
+        if not all(c in "0123456789abcdef" for c in session_pseudonym + network_pseudonym):
+            raise ValueError("session and network pseudonyms are lowercase hex")
         issued = int(time.time() if now is None else now)
         body = ".".join(
-            [_PREFIX, secrets.token_hex(12), str(issued), _b64(model_version.encode()), session_pseudonym]
+            [
+                _PREFIX,
+                secrets.token_hex(12),
+                str(issued),
+                _b64(model_version.encode()),
+                session_pseudonym,
+                network_pseudonym,
+            ]
         )
         return f"{body}.{self._sign(body)}"
 
     def verify(self, query_id: str, *, now: float | None = None) -> QueryIdClaims:
         """The claims of a query id this service family issued; InvalidArgument otherwise."""
         parts = query_id.split(".")
-        fields = {_PREFIX: 6, _LEGACY_PREFIX: 5}.get(parts[0])
+        fields = _FIELDS.get(parts[0])
         # Issued ids are ASCII; compare_digest raises TypeError on non-ASCII str, so check first.
         if fields is None or len(parts) != fields or len(query_id) > 512 or not query_id.isascii():
             raise InvalidArgument("malformed query id")
@@ -97,11 +132,11 @@ class QueryIdSigner:
             raise InvalidArgument("query id has expired")
         if age < -300:
             raise InvalidArgument("query id was issued in the future")
-        session = parts[4] if fields == 6 else ""
         return QueryIdClaims(
             query_id=query_id,
             nonce=parts[1],
             issued_at=issued,
             model_version=version,
-            session_pseudonym=session,
+            session_pseudonym=_field(query_id, 4),
+            network_pseudonym=_field(query_id, 5),
         )

@@ -120,6 +120,18 @@ class RateLimitSettings(BaseModel):
     ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
 
 
+class EvidenceSettings(BaseModel):
+    """The visitor's network, named to inference with each question. Live evidence (canary votes,
+    agreeing positives) counts one voter per network, so sessions made by the hundred from one
+    network are one voice (docs/security.md). A loopback client (the local stack) names none."""
+
+    enabled: bool = True
+    # The block an address counts in: a /24 is one site's or one provider's customer's IPv4 range,
+    # a /48 one site's IPv6 allocation. Larger prefixes count more voters behind one network.
+    ipv4_prefix_length: int = Field(default=24, ge=8, le=32)
+    ipv6_prefix_length: int = Field(default=48, ge=16, le=128)
+
+
 class LimitSettings(BaseModel):
     """Bounds on what a browser may send."""
 
@@ -144,6 +156,7 @@ class GatewaySettings(BaseSettings):
     session: SessionSettings = SessionSettings()
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    evidence: EvidenceSettings = EvidenceSettings()
     limits: LimitSettings = LimitSettings()
     # Origins of the sites whose pages carry the widget (scheme://host[:port]); requests from any
     # other origin are refused. The gateway's own origin (the console) is always allowed.

@@ -19,7 +19,15 @@ from flywheel_gateway.clients import ServiceClients
 from flywheel_gateway.ratelimit import RateLimiter
 from flywheel_gateway.sessions import VisitorSessions
 from flywheel_gateway.settings import GatewaySettings
-from flywheel_gateway.web import Guard, HttpError, error_response, from_rpc, message_dict, text_field
+from flywheel_gateway.web import (
+    Guard,
+    HttpError,
+    client_network,
+    error_response,
+    from_rpc,
+    message_dict,
+    text_field,
+)
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2
 
@@ -134,6 +142,9 @@ class VisitorApi:
             ),
             question=question,
             session_id=caller.session_id,
+            client_network=client_network(
+                request.client.host if request.client else "", self.settings.evidence
+            ),
         )
         call = self.clients.inference.StreamAnswer(
             rpc_request, timeout=self.settings.services.answer_timeout_s

@@ -18,7 +18,7 @@ from starlette.types import Message as AsgiMessage
 
 from flywheel_gateway import metrics
 from flywheel_gateway.ratelimit import RateLimiter
-from flywheel_gateway.settings import GatewaySettings
+from flywheel_gateway.settings import EvidenceSettings, GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,20 @@ def address_key(host: str, ipv6_prefix_length: int) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.ip_network(f"{address}/{ipv6_prefix_length}", strict=False))
     return str(address)
+
+
+def client_network(host: str, evidence: EvidenceSettings) -> str:
+    """The address block a client counts in for live evidence ("" for a loopback or unknown host)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if not evidence.enabled or address.is_loopback:
+        return ""
+    length = evidence.ipv4_prefix_length if address.version == 4 else evidence.ipv6_prefix_length
+    return str(ipaddress.ip_network(f"{address}/{length}", strict=False))
 
 
 class Guard:

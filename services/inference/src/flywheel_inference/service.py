@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -46,6 +47,8 @@ class ValidRequest:
     question: str
     session_id: str
     params: SamplingParams
+    # The client's address block the gateway named, normalised ("" when none was named).
+    client_network: str = ""
     # Set by read_page, after admission and off the event loop.
     page_text: str = ""
 
@@ -89,7 +92,23 @@ def validate(request: inference_pb2.AnswerRequest, limits: LimitSettings) -> Val
         seed=options.seed or None,
     )
     title = clean_text(page.title).strip()
-    return ValidRequest(raw, kind == "html", title, page.url, question, request.session_id, params)
+    network = _network(request.client_network)
+    return ValidRequest(raw, kind == "html", title, page.url, question, request.session_id, params, network)
+
+
+def _network(value: str) -> str:
+    """The normalised address block a client_network names ("" for none); InvalidArgument otherwise."""
+    if not value:
+        return ""
+    try:
+        if len(value) > 64 or "/" not in value:
+            raise ValueError(value)
+        # Host bits set are cleared: the block is what counts.
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise InvalidArgument(
+            "client_network must be an address block in CIDR notation, e.g. 203.0.113.0/24"
+        ) from None
 
 
 def read_page(req: ValidRequest, limits: LimitSettings) -> ValidRequest:
@@ -214,9 +233,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 # The version was swapped out between routing and submitting: route again.
                 if attempt:
                     raise Unavailable("the model version is being replaced; retry") from exc
-        # The id carries the asker's pseudonym: feedback on it counts as this session's alone.
+        # The id carries the asker's pseudonyms: feedback on it counts as this session's alone, and
+        # live evidence counts the session's network (when the gateway named it) once.
         session = pseudonymise(self._pseudonym_key, req.session_id, domain="session")
-        query_id = self._signer.issue(loaded.version, session)
+        network = pseudonymise(self._pseudonym_key, req.client_network, domain="network")
+        query_id = self._signer.issue(loaded.version, session, network)
         detok = IncrementalDetokenizer(engine.encoder)
         first_token_at: float | None = None
         count = 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%flywheel/inference/v1/inference.proto\x12\x15\x66lywheel.inference.v1\"M\n\x04Page\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x04html\x18\x03 \x01(\tH\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x42\t\n\x07\x63ontent\"]\n\x11GenerationOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\x9b\x01\n\rAnswerRequest\x12)\n\x04page\x18\x01 \x01(\x0b\x32\x1b.flywheel.inference.v1.Page\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x39\n\x07options\x18\x04 \x01(\x0b\x32(.flywheel.inference.v1.GenerationOptions\"5\n\x07Passage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"b\n\x06Timing\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x03 \x01(\x01\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\"?\n\x0bTokenCounts\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf5\x01\n\x0e\x41nswerResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x30\n\x08passages\x18\x04 \x03(\x0b\x32\x1e.flywheel.inference.v1.Passage\x12-\n\x06timing\x18\x05 \x01(\x0b\x32\x1d.flywheel.inference.v1.Timing\x12\x32\n\x06tokens\x18\x06 \x01(\x0b\x32\".flywheel.inference.v1.TokenCounts\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\"\xf1\x01\n\x0b\x41nswerChunk\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x30\n\x08passages\x18\x03 \x03(\x0b\x32\x1e.flywheel.inference.v1.Passage\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\t\x12-\n\x06timing\x18\x05 \x01(\x0b\x32\x1d.flywheel.inference.v1.Timing\x12\x32\n\x06tokens\x18\x06 \x01(\x0b\x32\".flywheel.inference.v1.TokenCounts\x12\x15\n\rfinish_reason\x18\x07 \x01(\t2\xc5\x01\n\x10InferenceService\x12U\n\x06\x41nswer\x12$.flywheel.inference.v1.AnswerRequest\x1a%.flywheel.inference.v1.AnswerResponse\x12Z\n\x0cStreamAnswer\x12$.flywheel.inference.v1.AnswerRequest\x1a\".flywheel.inference.v1.AnswerChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%flywheel/inference/v1/inference.proto\x12\x15\x66lywheel.inference.v1\"M\n\x04Page\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x04html\x18\x03 \x01(\tH\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x42\t\n\x07\x63ontent\"]\n\x11GenerationOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xb3\x01\n\rAnswerRequest\x12)\n\x04page\x18\x01 \x01(\x0b\x32\x1b.flywheel.inference.v1.Page\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x39\n\x07options\x18\x04 \x01(\x0b\x32(.flywheel.inference.v1.GenerationOptions\x12\x16\n\x0e\x63lient_network\x18\x05 \x01(\t\"5\n\x07Passage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"b\n\x06Timing\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x03 \x01(\x01\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\"?\n\x0bTokenCounts\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf5\x01\n\x0e\x41nswerResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x30\n\x08passages\x18\x04 \x03(\x0b\x32\x1e.flywheel.inference.v1.Passage\x12-\n\x06timing\x18\x05 \x01(\x0b\x32\x1d.flywheel.inference.v1.Timing\x12\x32\n\x06tokens\x18\x06 \x01(\x0b\x32\".flywheel.inference.v1.TokenCounts\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\"\xf1\x01\n\x0b\x41nswerChunk\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x30\n\x08passages\x18\x03 \x03(\x0b\x32\x1e.flywheel.inference.v1.Passage\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\t\x12-\n\x06timing\x18\x05 \x01(\x0b\x32\x1d.flywheel.inference.v1.Timing\x12\x32\n\x06tokens\x18\x06 \x01(\x0b\x32\".flywheel.inference.v1.TokenCounts\x12\x15\n\rfinish_reason\x18\x07 \x01(\t2\xc5\x01\n\x10InferenceService\x12U\n\x06\x41nswer\x12$.flywheel.inference.v1.AnswerRequest\x1a%.flywheel.inference.v1.AnswerResponse\x12Z\n\x0cStreamAnswer\x12$.flywheel.inference.v1.AnswerRequest\x1a\".flywheel.inference.v1.AnswerChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONOPTIONS']._serialized_start=143
   _globals['_GENERATIONOPTIONS']._serialized_end=236
   _globals['_ANSWERREQUEST']._serialized_start=239
-  _globals['_ANSWERREQUEST']._serialized_end=394
-  _globals['_PASSAGE']._serialized_start=396
-  _globals['_PASSAGE']._serialized_end=449
-  _globals['_TIMING']._serialized_start=451
-  _globals['_TIMING']._serialized_end=549
-  _globals['_TOKENCOUNTS']._serialized_start=551
-  _globals['_TOKENCOUNTS']._serialized_end=614
-  _globals['_ANSWERRESPONSE']._serialized_start=617
-  _globals['_ANSWERRESPONSE']._serialized_end=862
-  _globals['_ANSWERCHUNK']._serialized_start=865
-  _globals['_ANSWERCHUNK']._serialized_end=1106
-  _globals['_INFERENCESERVICE']._serialized_start=1109
-  _globals['_INFERENCESERVICE']._serialized_end=1306
+  _globals['_ANSWERREQUEST']._serialized_end=418
+  _globals['_PASSAGE']._serialized_start=420
+  _globals['_PASSAGE']._serialized_end=473
+  _globals['_TIMING']._serialized_start=475
+  _globals['_TIMING']._serialized_end=573
+  _globals['_TOKENCOUNTS']._serialized_start=575
+  _globals['_TOKENCOUNTS']._serialized_end=638
+  _globals['_ANSWERRESPONSE']._serialized_start=641
+  _globals['_ANSWERRESPONSE']._serialized_end=886
+  _globals['_ANSWERCHUNK']._serialized_start=889
+  _globals['_ANSWERCHUNK']._serialized_end=1130
+  _globals['_INFERENCESERVICE']._serialized_start=1133
+  _globals['_INFERENCESERVICE']._serialized_end=1330
 # @@protoc_insertion_point(module_scope)

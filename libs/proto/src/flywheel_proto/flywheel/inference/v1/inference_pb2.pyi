@@ -94,9 +94,16 @@ class AnswerRequest(_message.Message):
     QUESTION_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    CLIENT_NETWORK_FIELD_NUMBER: _builtins.int
     question: _builtins.str
     session_id: _builtins.str
     """Optional, opaque id of the visitor's session; routes canary traffic."""
+    client_network: _builtins.str
+    """Optional: the asking client's network, an address block in CIDR notation ("203.0.113.0/24"),
+    named by the gateway in front of the service. Live evidence (canary votes, agreeing positives)
+    counts one voter per network, so many sessions from one network are one voice. Kept only as a
+    keyed pseudonym inside the query id; never logged or sent on.
+    """
     @_builtins.property
     def page(self) -> Global___Page: ...
     @_builtins.property
@@ -108,10 +115,11 @@ class AnswerRequest(_message.Message):
         question: _builtins.str = ...,
         session_id: _builtins.str = ...,
         options: Global___GenerationOptions | None = ...,
+        client_network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "page", b"page"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "page", b"page", "question", b"question", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_network", b"client_network", "options", b"options", "page", b"page", "question", b"question", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
