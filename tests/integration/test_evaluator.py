@@ -505,7 +505,8 @@ async def test_one_session_cannot_roll_back_a_good_canary_but_many_sessions_can(
 ) -> None:
     """The attack of issue 12: ten thumbs down from one visitor (the public user token) on a canary
     answer rolled back a good canary; the canary now counts sessions, so it is promoted, while a
-    canary that many distinct sessions dislike is still rolled back."""
+    canary that many distinct sessions dislike is still rolled back. Many sessions made from one
+    network count once."""
     await stack.start_evaluator()
     inference = await stack.start_inference()
     feedback = await stack.start_feedback()
@@ -572,3 +573,29 @@ async def test_one_session_cannot_roll_back_a_good_canary_but_many_sessions_can(
     rolled = await until(lambda: decisions(stack, "rollback", disliked), 60, "the rollback")
     assert "thumbs-down rate 100.0% vs production" in rolled[0]["reasons"][0]
     assert stack.registry.state().production == good
+
+    # Sessions are free to make, but their network is not: twenty sessions asked from one network
+    # (which the gateway names in each question) are one voter, and cannot roll a canary back.
+    third = stack.register(onnx_model_dir)
+    stack.registry.set_canary(third, 0.5, reason="test canary")
+
+    def answer_of(version: str, session: str, network: str) -> inference_pb2.AnswerResponse:
+        pseudonyms = (
+            pseudonymise(DEV_PSEUDONYM_KEY, session, domain="session"),
+            pseudonymise(DEV_PSEUDONYM_KEY, network, domain="network"),
+        )
+        return inference_pb2.AnswerResponse(query_id=signer.issue(version, *pseudonyms))
+
+    for n in range(20):
+        await thumbs(feedback, answer_of(third, f"scripted-{n}", "198.51.100.0/24"), False, f"scripted-{n}")
+    await until(lambda: evaluator.store.stats(third, 0).thumbs_down == 1, 60, "the scripted votes counted")
+    assert evaluator.store.stats(third, 0).sessions == 1
+    await asyncio.sleep(2)
+    assert not decisions(stack, "rollback", third)
+    # Visitors of networks of their own: five on production, ten on the canary, all up.
+    for n in range(10):
+        for version in (good, third) if n < 5 else (third,):
+            up = answer_of(version, f"third-{version}-{n}", f"203.0.{n}.0/24")
+            await thumbs(feedback, up, True, f"third-{version}-{n}")
+    await until(lambda: decisions(stack, "canary_promote", third), 60, "the third canary's promotion")
+    assert not decisions(stack, "rollback", third)

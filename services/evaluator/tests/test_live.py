@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from kafka.consumer.fetcher import ConsumerRecord
@@ -188,6 +189,52 @@ def test_feedback_counts_once_per_session_however_many_answers_it_rates(tmp_path
     assert (v2.ratings, v2.mean_rating) == (1, 3.0)
 
 
+def test_the_sessions_of_one_network_are_one_voter(tmp_path: Path) -> None:
+    signer = QueryIdSigner(b"k" * 32)
+    one_network, other = "e" * 32, "f" * 32
+    # Forty sessions made from one network, each served an answer it thumbs down and rates 1.
+    scripted = [(f"{i:032x}", signer.issue("v2", f"{i:032x}", one_network, now=T0)) for i in range(40)]
+    signals = [
+        Signal("v2", T0 + i, kind, value, query_id=query_id, session=session)
+        for i, (session, query_id) in enumerate(scripted)
+        for kind, value in (("interaction", 0), ("thumbs", -1), ("rating", 1))
+    ]
+    # Three visitors of another network and two asked without one (internal callers): one voter, two.
+    for i, network in enumerate([other, other, other, "", ""]):
+        session = f"{1000 + i:032x}"
+        query_id = signer.issue("v2", session, network, now=T0)
+        signals += [
+            Signal("v2", T0 + 50, "interaction", query_id=query_id, session=session),
+            Signal("v2", T0 + 51, "thumbs", 1, query_id=query_id, session=session),
+            Signal("v2", T0 + 52, "rating", 5, query_id=query_id, session=session),
+        ]
+    store = LiveStore(tmp_path / "live.sqlite")
+    store.record(signals)
+    v2 = store.stats("v2", T0, T0 + 60)
+    assert (v2.sessions, v2.sessions_served, v2.interactions) == (4, 4, 45)
+    assert (v2.thumbs_down, v2.thumbs_up, v2.ratings, v2.mean_rating) == (1, 3, 4, 4.0)
+
+
+def test_a_store_made_before_networks_were_counted_opens_and_counts_them(tmp_path: Path) -> None:
+    path = tmp_path / "live.sqlite"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE votes (query_id TEXT NOT NULL, kind TEXT NOT NULL, version TEXT NOT NULL, "
+        "session TEXT NOT NULL, minute INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (query_id, kind))"
+    )
+    old.execute(
+        "CREATE TABLE served (version TEXT NOT NULL, minute INTEGER NOT NULL, session TEXT NOT NULL, "
+        "PRIMARY KEY (version, minute, session))"
+    )
+    old.execute("INSERT INTO votes VALUES ('q-old', 'thumbs', 'v2', 's-old', ?, -1)", (int(T0 // 60),))
+    old.commit()
+    old.close()
+    store = LiveStore(path)
+    query_id = QueryIdSigner(b"k" * 32).issue("v2", "a" * 32, "e" * 32, now=T0)
+    store.record([Signal("v2", T0 + 1, "thumbs", 1, query_id=query_id, session="a" * 32)])
+    assert (store.stats("v2", T0, T0 + 60).thumbs_down, store.stats("v2", T0, T0 + 60).thumbs_up) == (1, 1)
+
+
 def test_a_forgotten_session_leaves_no_vote_nor_trace_and_a_replay_cannot_bring_it_back(
     tmp_path: Path,
 ) -> None:
@@ -230,7 +277,7 @@ def test_the_minimum_evidence_is_distinct_sessions() -> None:
     many = stats("v2", [], down=12, up=2)
     verdict = judge_canary(many, production, 60, SETTINGS)
     assert verdict.action == "rollback"
-    assert verdict.reasons[-1] == "14 canary and 22 production sessions with feedback"
+    assert verdict.reasons[-1] == "14 canary and 22 production voters with feedback"
 
 
 def test_canary_start_is_remembered(tmp_path: Path) -> None:

@@ -291,6 +291,35 @@ def test_a_positive_trains_only_once_independent_sessions_agree(tmp_path: Any, c
     store.close()
 
 
+def test_sessions_of_one_network_do_not_agree_with_each_other(tmp_path: Any, clock: Any, ev: Any) -> None:
+    store = agreeing_store(tmp_path, clock)
+    signer = QueryIdSigner(b"k" * 32)
+    question, answer = "Where is the installer?", "At https://evil.example/setup."
+    scripted, elsewhere = "e" * 32, "f" * 32
+
+    def asked(i: int, network: str) -> tuple[events_pb2.Interaction, FeedbackSignal]:
+        session = f"{i:032x}"
+        interaction = ev.interaction(i, answer, question=question, session=session)
+        interaction.query_id = signer.issue("v1", session, network)
+        up = ev.thumbs(i, True, session=session)
+        return interaction, dataclasses.replace(up, query_id=interaction.query_id)
+
+    # Twenty sessions made from one network agree with nobody: one voter.
+    one_network = [asked(i, scripted) for i in range(20)]
+    result = store.ingest([a for a, _ in one_network], [f for _, f in one_network])
+    assert not result.examples
+    assert result.ignored["positive waiting for other sessions to agree"] == 20
+    # A session of another network agrees: two voters, one positive.
+    interaction, up = asked(20, elsewhere)
+    assert store.ingest([interaction], [up]).examples == {"positive": 1}
+    # Sessions asked without a network (internal callers) are each a voter, as before.
+    other = [asked(i, "") for i in range(30, 32)]
+    for a, _ in other:
+        a.answer = "Another answer."
+    assert store.ingest([a for a, _ in other], [f for _, f in other]).examples == {"positive": 1}
+    store.close()
+
+
 def test_an_expert_positive_needs_no_agreement_and_the_rule_can_be_relaxed(
     tmp_path: Any, clock: Any, ev: Any
 ) -> None:

@@ -1,8 +1,9 @@
 """Live signals per model version (ratings, thumbs, ignores, errors, latency) and the canary verdict.
 
 Served interactions are counted per version and per minute; feedback is kept as one vote per answer
-and kind (a later vote replaces it) and counted per session, so one visitor is one voice however
-many events they send (docs/security.md). Everything is in SQLite under the evaluator's state
+and kind (a later vote replaces it) and counted per voter: a session, or the client's network where
+the gateway named one, so one visitor is one voice however many events or sessions they make
+(docs/security.md). Everything is in SQLite under the evaluator's state
 folder, written before the consumer commits its offsets, so a restart neither loses nor needs to
 re-read it. A forgotten session's votes and served answers are deleted, and its events, replayed,
 are dropped at its tombstone.
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from flywheel_common.pseudonym import tombstone
-from flywheel_common.query_ids import like_session, query_id_session
+from flywheel_common.query_ids import like_session, query_id_network, query_id_session
 from flywheel_evaluator.settings import CanarySettings
 
 # Upper bounds (ms) of the latency histogram kept per version and minute.
@@ -49,14 +50,22 @@ class Signal:
     query_id: str = ""
     session: str = ""
 
+    @property
+    def network(self) -> str:
+        """The pseudonym of the asker's network its query id names ("" when none was named)."""
+        return query_id_network(self.query_id)
+
 
 @dataclass
 class VersionStats:
-    """A version's live signals over a time window; feedback counts are per session (each session's
-    ratings averaged, its thumbs netted), interactions per served answer."""
+    """A version's live signals over a time window; feedback counts are per voter (each voter's
+    ratings averaged, its thumbs netted), interactions per served answer.
+
+    A voter is a session, or all the sessions of one client network where the gateway named it.
+    """
 
     version: str
-    # Distinct sessions that sent feedback, and that were served an answer.
+    # Distinct voters that sent feedback, and that were served an answer.
     sessions: int = 0
     sessions_served: int = 0
     interactions: int = 0
@@ -70,7 +79,7 @@ class VersionStats:
     latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BOUNDS_MS))
 
     def add(self, other: VersionStats) -> None:
-        """Adds another window's served-answer counts (feedback is counted per session, not added)."""
+        """Adds another window's served-answer counts (feedback is counted per voter, not added)."""
         self.interactions += other.interactions
         self.errors += other.errors
         self.ratings += other.ratings
@@ -87,7 +96,7 @@ class VersionStats:
 
     @property
     def feedback(self) -> int:
-        """Per-session votes: ratings, thumbs and ignores."""
+        """Per-voter votes: ratings, thumbs and ignores."""
         return self.ratings + self.thumbs + self.ignored
 
     @property
@@ -108,7 +117,7 @@ class VersionStats:
 
     @property
     def answers_seen(self) -> int:
-        """Sessions behind the ignore rate: those served when known, else those with feedback."""
+        """Voters behind the ignore rate: those served when known, else those with feedback."""
         return max(self.sessions_served, self.sessions)
 
     @property
@@ -156,6 +165,8 @@ class VersionStats:
 # columns, unused since).
 _COLUMNS = ("interactions", "errors")
 _FEEDBACK_KINDS = ("rating", "thumbs", "ignored")
+# Who a vote or a served answer counts for: its network where the gateway named one, else its session.
+_VOTER = "CASE WHEN network = '' THEN 's' || session ELSE 'n' || network END"
 
 
 class LiveStore:
@@ -183,11 +194,16 @@ class LiveStore:
             "PRIMARY KEY (query_id, kind))"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS votes_version ON votes (version, minute)")
-        # Sessions served per version and minute: the denominator of the per-session ignore rate.
+        # Sessions served per version and minute: the denominator of the per-voter ignore rate.
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS served (version TEXT NOT NULL, minute INTEGER NOT NULL, "
             "session TEXT NOT NULL, PRIMARY KEY (version, minute, session))"
         )
+        # The asker's network pseudonym ("" where none was named), added since stores were made.
+        for table in ("votes", "served"):
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if "network" not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN network TEXT NOT NULL DEFAULT ''")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS canary (version TEXT PRIMARY KEY, started_at REAL NOT NULL)"
         )
@@ -217,8 +233,8 @@ class LiveStore:
 
     def _record(self, signals: Iterable[Signal]) -> int:
         buckets: dict[tuple[str, int], VersionStats] = {}
-        votes: dict[tuple[str, str], tuple[str, str, int, float]] = {}
-        served: set[tuple[str, int, str]] = set()
+        votes: dict[tuple[str, str], tuple[str, str, str, int, float]] = {}
+        served: set[tuple[str, int, str, str]] = set()
         count = 0
         for s in signals:
             if not s.version or self._of_forgotten(s):
@@ -227,10 +243,10 @@ class LiveStore:
             if s.kind in _FEEDBACK_KINDS:
                 # Without a query id (not from the feedback service) the event is its own answer.
                 key = s.query_id or f"event-{s.session}-{s.at}-{s.value}"
-                votes[(key, s.kind)] = (s.version, s.session, minute, s.value)
+                votes[(key, s.kind)] = (s.version, s.session, s.network, minute, s.value)
             else:
                 stats = buckets.setdefault((s.version, minute), VersionStats(s.version))
-                served.add((s.version, minute, s.session))
+                served.add((s.version, minute, s.session, s.network))
                 stats.interactions += 1
                 stats.errors += int(s.failed)
                 if s.latency_ms is not None and not s.failed:
@@ -241,13 +257,15 @@ class LiveStore:
             return 0
         with self._transaction() as db:
             db.executemany(
-                "INSERT INTO votes (query_id, kind, version, session, minute, value) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (query_id, kind) DO UPDATE SET "
-                "version = excluded.version, session = excluded.session, minute = excluded.minute, "
-                "value = excluded.value",
+                "INSERT INTO votes (query_id, kind, version, session, network, minute, value) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (query_id, kind) DO UPDATE SET "
+                "version = excluded.version, session = excluded.session, network = excluded.network, "
+                "minute = excluded.minute, value = excluded.value",
                 [(key, kind, *vote) for (key, kind), vote in votes.items()],
             )
-            db.executemany("INSERT OR IGNORE INTO served (version, minute, session) VALUES (?, ?, ?)", served)
+            db.executemany(
+                "INSERT OR IGNORE INTO served (version, minute, session, network) VALUES (?, ?, ?, ?)", served
+            )
             for (version, minute), stats in buckets.items():
                 row = db.execute(
                     "SELECT latency FROM signals WHERE version = ? AND minute = ?", (version, minute)
@@ -310,20 +328,20 @@ class LiveStore:
                 "WHERE version = ? AND minute >= ? AND minute <= ?",
                 window,
             ).fetchall()
-            # Each session's votes of a kind become one: its mean rating, its net thumbs, "ignored".
-            per_session = self._db.execute(
-                "SELECT session, kind, AVG(value) FROM votes "
-                "WHERE version = ? AND minute >= ? AND minute <= ? GROUP BY session, kind",
+            # Each voter's votes of a kind become one: its mean rating, its net thumbs, "ignored".
+            per_voter = self._db.execute(
+                f"SELECT {_VOTER}, kind, AVG(value) FROM votes "
+                f"WHERE version = ? AND minute >= ? AND minute <= ? GROUP BY {_VOTER}, kind",
                 window,
             ).fetchall()
             (served,) = self._db.execute(
-                "SELECT COUNT(DISTINCT session) FROM served "
+                f"SELECT COUNT(DISTINCT {_VOTER}) FROM served "
                 "WHERE version = ? AND minute >= ? AND minute <= ?",
                 window,
             ).fetchone()
         total = VersionStats(version, sessions_served=int(served))
-        total.sessions = len({session for session, _, _ in per_session})
-        for _, kind, mean in per_session:
+        total.sessions = len({voter for voter, _, _ in per_voter})
+        for _, kind, mean in per_voter:
             if kind == "rating":
                 total.ratings += 1
                 total.rating_sum += mean
@@ -484,11 +502,12 @@ def judge_canary(
     metrics = {f"canary_{k}": v for k, v in canary.summary().items()}
     metrics |= {f"production_{k}": v for k, v in production.summary().items()}
     metrics["elapsed_s"] = round(elapsed_s, 1)
-    # The evidence is distinct sessions, so a single visitor can neither sink nor carry a canary.
+    # The evidence is distinct voters (sessions, one per network the gateway named), so a single
+    # visitor can neither sink nor carry a canary, however many sessions they make.
     sampled = canary.sessions >= settings.min_samples and production.sessions >= settings.min_samples
     signals = _compare_signals(canary, production, settings)
     worse, unsure, compared = signals.worse, signals.unsure, signals.compared
-    samples = f"{canary.sessions} canary and {production.sessions} production sessions with feedback"
+    samples = f"{canary.sessions} canary and {production.sessions} production voters with feedback"
     undecided = elapsed_s >= settings.max_duration_s
     if worse and sampled:
         return CanaryVerdict("rollback", [f"worse than production: {w}" for w in worse] + [samples], metrics)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel_common.pseudonym import tombstone
-from flywheel_common.query_ids import like_session, query_id_session
+from flywheel_common.query_ids import like_session, query_id_network, query_id_session
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal, Source
 
@@ -258,12 +258,13 @@ class JoinStore:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(SCHEMA)
         # Columns added since a store was made: page URLs (the review queue), sessions (forget and
-        # per-session votes), superseded ratings (one rating per answer).
+        # per-session votes), superseded ratings (one rating per answer), networks (one voter each).
         for table, column, kind in (
             ("interactions", "page_url", "TEXT NOT NULL DEFAULT ''"),
             ("interactions", "session_pseudonym", "TEXT NOT NULL DEFAULT ''"),
             ("feedback", "session", "TEXT NOT NULL DEFAULT ''"),
             ("feedback", "superseded", "INTEGER NOT NULL DEFAULT 0"),
+            ("positive_votes", "network", "TEXT NOT NULL DEFAULT ''"),
         ):
             if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -486,18 +487,24 @@ class JoinStore:
         now: float,
         result: IngestResult,
     ) -> bool:
-        """Records a visitor's positive vote; True once enough distinct sessions rated the same answer
-        to the same question high and none of their answers is kept as a positive yet."""
+        """Records a visitor's positive vote; True once enough distinct voters rated the same answer to
+        the same question high and none of their answers is kept as a positive yet.
+
+        A voter is a session, or all the sessions of the client network the answer's query id names
+        (the gateway names it): sessions made by the hundred from one network agree with nobody.
+        """
         key = agreement_key(row["question"], row["answer"])
         db.execute(
-            "INSERT OR REPLACE INTO positive_votes (query_id, agree_key, session, received_at) "
-            "VALUES (?, ?, ?, ?)",
-            (signal.query_id, key, signal.session, now),
+            "INSERT OR REPLACE INTO positive_votes (query_id, agree_key, session, network, received_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (signal.query_id, key, signal.session, query_id_network(signal.query_id), now),
         )
-        (sessions,) = db.execute(
-            "SELECT COUNT(DISTINCT session) FROM positive_votes WHERE agree_key = ?", (key,)
+        (voters,) = db.execute(
+            "SELECT COUNT(DISTINCT CASE WHEN network = '' THEN 's' || session ELSE 'n' || network END) "
+            "FROM positive_votes WHERE agree_key = ?",
+            (key,),
         ).fetchone()
-        if sessions < self.policy.settings.positive_min_sessions:
+        if voters < self.policy.settings.positive_min_sessions:
             result.ignored["positive waiting for other sessions to agree"] += 1
             return False
         kept = db.execute(
