@@ -204,8 +204,8 @@ def test_review_queue_holds_answers_that_need_an_expert(store: JoinStore, ev: An
     assert ReviewReason.CANARY in canary[0].reasons
 
 
-def test_review_queue_by_impact_counts_how_often_a_question_was_asked(store: JoinStore, ev: Any) -> None:
-    again = ev.interaction(2)
+def test_review_queue_by_impact_counts_how_many_asked_a_question(store: JoinStore, ev: Any) -> None:
+    again = ev.interaction(2, session="s9")
     again.query_id = "q2-again"
     store.ingest([ev.interaction(1), ev.interaction(2), again], [ev.rating(1, 1), ev.rating(2, 2)])
     newest = store.review_items(caller="a", canary_version=None, order="impact")
@@ -213,6 +213,24 @@ def test_review_queue_by_impact_counts_how_often_a_question_was_asked(store: Joi
     assert [(i.query_id, i.times_asked, i.impact) for i in newest] == [("q2", 2, 8.0), ("q1", 1, 5.0)]
     with pytest.raises(ValueError):
         store.review_items(caller="a", canary_version=None, order="random")
+
+
+def test_a_question_asked_over_and_over_from_one_network_is_asked_once(store: JoinStore, ev: Any) -> None:
+    signer = QueryIdSigner(b"k" * 32)
+    # Thirty sessions of one network (and one of them three times) ask q1's question; one rates it low.
+    scripted = []
+    for n in range(32):
+        event = ev.interaction(1, session=f"{n % 30:032x}")
+        event.query_id = signer.issue("v1", event.session_pseudonym, "e" * 32)
+        scripted.append(event)
+    low = dataclasses.replace(ev.rating(1, 1), query_id=scripted[0].query_id)
+    store.ingest(
+        [*scripted, ev.interaction(2), ev.interaction(3, question=ev.interaction(2).question)],
+        [low, ev.rating(2, 2)],
+    )
+    items = store.review_items(caller="a", canary_version=None, order="impact")
+    # The network is one asker: (6-1)*1; q2's question was asked by two sessions: (6-2)*2.
+    assert [(i.query_id, i.times_asked) for i in items] == [("q2", 2), (scripted[0].query_id, 1)]
 
 
 def test_an_expert_review_takes_the_answer_out_of_the_queue(store: JoinStore, ev: Any) -> None:

@@ -48,6 +48,12 @@ def query_id_network(query_id: str) -> str:
     return _field(query_id, 5)
 
 
+def voter_sql(session_column: str, network_column: str) -> str:
+    """SQL for who an ask or a vote counts for in live evidence: the client network its query id
+    named (all of that network's sessions are one voter), else its session."""
+    return f"CASE WHEN {network_column} = '' THEN 's' || {session_column} ELSE 'n' || {network_column} END"
+
+
 def like_session(session: str) -> str:
     """A SQL LIKE pattern that every query id naming `session` matches (and a few others may: check
     each with query_id_session)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from flywheel_common.pseudonym import tombstone
-from flywheel_common.query_ids import like_session, query_id_network, query_id_session
+from flywheel_common.query_ids import like_session, query_id_network, query_id_session, voter_sql
 from flywheel_evaluator.settings import CanarySettings
 
 # Upper bounds (ms) of the latency histogram kept per version and minute.
@@ -165,8 +165,7 @@ class VersionStats:
 # columns, unused since).
 _COLUMNS = ("interactions", "errors")
 _FEEDBACK_KINDS = ("rating", "thumbs", "ignored")
-# Who a vote or a served answer counts for: its network where the gateway named one, else its session.
-_VOTER = "CASE WHEN network = '' THEN 's' || session ELSE 'n' || network END"
+_VOTER = voter_sql("session", "network")
 
 
 class LiveStore:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel_common.pseudonym import tombstone
-from flywheel_common.query_ids import like_session, query_id_network, query_id_session
+from flywheel_common.query_ids import like_session, query_id_network, query_id_session, voter_sql
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal, Source
 
@@ -265,6 +265,7 @@ class JoinStore:
             ("feedback", "session", "TEXT NOT NULL DEFAULT ''"),
             ("feedback", "superseded", "INTEGER NOT NULL DEFAULT 0"),
             ("positive_votes", "network", "TEXT NOT NULL DEFAULT ''"),
+            ("interactions", "network", "TEXT NOT NULL DEFAULT ''"),
         ):
             if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -331,8 +332,8 @@ class JoinStore:
                     continue
                 cur = db.execute(
                     "INSERT OR IGNORE INTO interactions (query_id, page_title, question, answer, passages, "
-                    "model_version, received_at, page_url, session_pseudonym) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "model_version, received_at, page_url, session_pseudonym, network) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         event.query_id,
                         event.page_title,
@@ -343,6 +344,7 @@ class JoinStore:
                         now,
                         event.page_url,
                         event.session_pseudonym,
+                        query_id_network(event.query_id),
                     ),
                 )
                 if cur.rowcount == 0:
@@ -500,7 +502,7 @@ class JoinStore:
             (signal.query_id, key, signal.session, query_id_network(signal.query_id), now),
         )
         (voters,) = db.execute(
-            "SELECT COUNT(DISTINCT CASE WHEN network = '' THEN 's' || session ELSE 'n' || network END) "
+            f"SELECT COUNT(DISTINCT {voter_sql('session', 'network')}) "
             "FROM positive_votes WHERE agree_key = ?",
             (key,),
         ).fetchone()
@@ -640,7 +642,7 @@ class JoinStore:
         An answer needs one when a visitor rated it low, gave it a thumbs down or commented on it,
         or when the canary version gave it (its newest CANARY_REVIEW_LIMIT answers). Items another
         caller holds a live claim on are left out; `order` is "newest" (latest feedback first) or
-        "impact" (severity x times asked).
+        "impact" (severity x times asked: by distinct askers, a session or a client network).
         """
         if order not in ("newest", "impact"):
             raise ValueError(f"unknown order {order!r}")
@@ -663,6 +665,7 @@ class JoinStore:
             where = "AND i.query_id = :query_id"
             args["query_id"] = query_id
         sort = "impact DESC, last_at DESC" if order == "impact" else "last_at DESC"
+        askers = voter_sql("a.session_pseudonym", "a.network")
         rows = self._query(
             f"""
             WITH candidates AS (
@@ -691,7 +694,7 @@ class JoinStore:
                        COALESCE(s.thumbs_down, 0) AS thumbs_down,
                        COALESCE(s.comments, 0) AS comments,
                        i.model_version = :canary AS canary,
-                       (SELECT COUNT(*) FROM interactions a
+                       (SELECT COUNT(DISTINCT {askers}) FROM interactions a
                         WHERE lower(trim(a.question)) = lower(trim(i.question))) AS times_asked,
                        c.claimer, c.until,
                        COALESCE(s.last_feedback_at, i.received_at) AS last_at

@@ -272,7 +272,9 @@ class ReviewItem(_message.Message):
     """The lowest visitor rating (1-5); 0 when none."""
     thumbs_down: _builtins.int
     times_asked: _builtins.int
-    """Answers given to the same question (case and spacing ignored)."""
+    """How many asked the same question (case and spacing ignored): distinct sessions, all sessions of
+    one client network (named by the gateway) counting once.
+    """
     impact: _builtins.float
     claimed_by_caller: _builtins.bool
     """The caller holds a live claim on the item, until `claimed_until`."""
