@@ -657,6 +657,9 @@ def test_services_run_in_production_mode_and_mount_token_hashes_only(renders: di
         # Inference signs query ids (feedback verifies them) and interactions (the trainer and the
         # evaluator verify those with a key derived from it).
         *((c, "QUERY_ID_KEY_FILE") for c in ("-inference", "-feedback", "-trainer", "-evaluator")),
+        # Token hashes: feedback and the admin RPCs check callers; inference lets the gateway (a
+        # caller with a token) name its visitor's network.
+        *((c, "AUTH__TOKENS_FILE") for c in ("-inference", "-feedback", "-trainer", "-evaluator")),
     ],
 )
 def test_every_key_file_a_service_reads_is_mounted(

@@ -38,7 +38,6 @@ def ask(question: str) -> inference_pb2.AnswerRequest:
         page=PAGE,
         question=question,
         session_id="visitor-7",
-        client_network="203.0.113.0/24",
         options=inference_pb2.GenerationOptions(max_new_tokens=8),
     )
 
@@ -78,7 +77,10 @@ async def test_answers_are_on_the_topic_and_survive_a_broker_outage(
 ) -> None:
     app, stub = inference
     topic = kafka_settings.topics.interactions
-    first = await stub.Answer(ask("Where was Kafka developed?"), timeout=120)
+    # As the gateway asks: naming its visitor's network, with its token.
+    request = ask("Where was Kafka developed?")
+    request.client_network = "203.0.113.0/24"
+    first = await stub.Answer(request, metadata=(("authorization", "Bearer dev-user-token"),), timeout=120)
     [record] = read_topic(topic, 1)
     event = decode(record, events_pb2.Interaction)
     assert record.key == first.query_id.encode()

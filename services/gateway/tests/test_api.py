@@ -17,13 +17,14 @@ import pytest
 
 from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.grpc_server import GrpcServer
+from flywheel_common.networks import client_network
 from flywheel_common.registry import ModelRegistry
-from flywheel_common.settings import GrpcSettings
+from flywheel_common.settings import EvidenceSettings, GrpcSettings
 from flywheel_gateway.api import Gateway
 from flywheel_gateway.app import GatewayApp
 from flywheel_gateway.clients import ServiceClients
-from flywheel_gateway.settings import EvidenceSettings, GatewaySettings
-from flywheel_gateway.web import address_key, client_network
+from flywheel_gateway.settings import GatewaySettings
+from flywheel_gateway.web import address_key
 from flywheel_model.prompt import NO_ANSWER
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -47,12 +48,14 @@ class StreamingInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self) -> None:
         self.sessions: list[str] = []
         self.networks: list[str] = []
+        self.tokens: list[str] = []
 
     async def StreamAnswer(
         self, request: inference_pb2.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.AnswerChunk]:
         self.sessions.append(request.session_id)
         self.networks.append(request.client_network)
+        self.tokens.append(dict(context.invocation_metadata() or ()).get("authorization", ""))
         passage = inference_pb2.Passage(index=0, text=request.page.text, score=1.0)
         yield inference_pb2.AnswerChunk(query_id="qid-1", model_version="v1", passages=[passage])
         yield inference_pb2.AnswerChunk(delta="Created ")
@@ -106,6 +109,19 @@ async def services(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], Stream
 Client = tuple[httpx.AsyncClient, StreamingInference, JoinStore]
 
 
+def addressed_by_header(app: Any) -> Any:
+    """The app, seeing a request from the address in its `x-test-client` header (from 127.0.0.1
+    without one), as it would see a client through the trusted proxy."""
+
+    async def run(scope: Any, receive: Any, send: Any) -> None:
+        host = dict(scope.get("headers", ())).get(b"x-test-client")
+        if host:
+            scope = {**scope, "client": (host.decode(), 5000)}
+        await app(scope, receive, send)
+
+    return run
+
+
 @pytest.fixture
 async def make_client(
     services: tuple[dict[str, str], StreamingInference, JoinStore],
@@ -118,7 +134,8 @@ async def make_client(
         settings = GatewaySettings(services=targets, sites=[SITE], **overrides)
         clients = ServiceClients(settings.services)
         gateway = Gateway(settings, clients, session_key=b"k" * 32, visitor_token=VISITOR_TOKEN)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.asgi()), base_url=GATEWAY)
+        app = addressed_by_header(gateway.asgi())
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=GATEWAY)
         opened.append((client, clients))
         return client, inference, store
 
@@ -140,6 +157,12 @@ async def _ask(client: httpx.AsyncClient, origin: str = SITE) -> httpx.Response:
     return await client.post(
         "/api/v1/answers", json={"question": "When was it created?", "page": PAGE}, headers={"origin": origin}
     )
+
+
+async def _ask_from(client: httpx.AsyncClient, address: str) -> httpx.Response:
+    client.cookies.clear()
+    headers = {"origin": SITE, "x-test-client": address}
+    return await client.post("/api/v1/answers", json={"question": "When?", "page": PAGE}, headers=headers)
 
 
 async def test_an_answer_streams_as_server_sent_events_in_an_opaque_session(make_client: Any) -> None:
@@ -255,8 +278,10 @@ async def test_the_address_is_what_the_last_trusted_proxy_saw(
             rotated = [await ask(f"2001:db8:7:1::{n:x}, 10.1.2.3") for n in range(1, 4)]
             assert rotated == [200, 200, 429]
             assert await ask("2001:db8:7:2::1, 10.1.2.3") == 200
-            # Inference is told the network each answered question was asked from, as that proxy saw it.
+            # Inference is told the network each answered question was asked from, as that proxy saw
+            # it, by a caller it knows: the gateway's token (never a browser's) goes with it.
             assert services[1].networks == ["203.0.113.0/24"] * 3 + ["2001:db8:7::/48"] * 3
+            assert set(services[1].tokens) == {"Bearer dev-user-token"}  # no token file: the development one
     finally:
         await app.stop()
 
@@ -270,12 +295,27 @@ async def test_a_loopback_client_names_no_network(make_client: Any) -> None:
 def test_a_client_counts_in_its_address_block() -> None:
     evidence = EvidenceSettings()
     assert client_network("203.0.113.77", evidence) == "203.0.113.0/24"
-    assert client_network("::ffff:203.0.113.77", evidence) == "203.0.113.0/24"
+    # An IPv4 address carried in IPv6 (mapped, 6to4, Teredo) is that IPv4 address.
+    for carried in ("::ffff:203.0.113.77", "2002:cb00:714d::1", "2001:0:4136:e378:8000:63bf:34ff:8eb2"):
+        assert client_network(carried, evidence) == "203.0.113.0/24"
     assert client_network("2001:db8:7:1:aa:bb:cc:dd", evidence) == "2001:db8:7::/48"
     assert client_network("10.1.2.3", EvidenceSettings(ipv4_prefix_length=32)) == "10.1.2.3/32"
     for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "unknown", ""):
         assert client_network(host, evidence) == ""
     assert client_network("203.0.113.77", EvidenceSettings(enabled=False)) == ""
+
+
+async def test_a_whole_ipv6_block_shares_one_network_bucket(make_client: Any) -> None:
+    # Each /64 of a /48 had a bucket of its own: 65,536 of them for one site, which evicted
+    # everyone else's from the limiter. Every request of the /48 now also takes from one bucket.
+    client, _, _ = await make_client(rate_limit={"network": {"per_second": 0.01, "burst": 3}})
+    codes = []
+    for n in range(4):  # each from another /64 of one /48
+        codes.append((await _ask_from(client, f"2001:db8:7:{n:x}::1")).status_code)
+    assert codes == [200, 200, 200, 429]
+    assert (await _ask_from(client, "2001:db8:8::1")).status_code == 200
+    # A 6to4 address is its IPv4 address, in the address bucket and the network's.
+    assert address_key("2002:cb00:714d:1::1", 64) == "203.0.113.77"
 
 
 def test_an_ipv6_client_is_its_network_and_an_ipv4_one_its_address() -> None:
@@ -392,9 +432,15 @@ async def test_malformed_input_is_a_client_error(make_client: Any, ev_low_rated:
     json_headers = {"origin": SITE, "content-type": "application/json"}
     deep = await client.post("/api/v1/feedback", content=b"[" * 100_000, headers=json_headers)
     assert deep.status_code == 400 and "JSON" in deep.json()["error"]
-    surrogate = b'{"question": "\\ud800?", "page": {"text": "x"}}'
-    lone = await client.post("/api/v1/answers", content=surrogate, headers=json_headers)
-    assert lone.status_code == 400 and "Unicode" in lone.json()["error"]
+    for surrogate in (
+        b'{"question": "\\ud800?", "page": {"text": "x"}}',
+        # In the page's content too, which went to the service unchecked: a 500.
+        b'{"question": "q?", "page": {"text": "Lamp \\ud800"}}',
+        b'{"question": "q?", "page": {"html": "<p>Lamp \\udfff</p>"}}',
+    ):
+        lone = await client.post("/api/v1/answers", content=surrogate, headers=json_headers)
+        assert lone.status_code == 400 and "Unicode" in lone.json()["error"]
+        assert lone.headers["access-control-allow-origin"] == SITE
     for token in ("dev-expert-token\nx", "dev-expert-t\u00f6ken"):
         login = await client.post("/console/login", json={"token": token}, headers={"origin": GATEWAY})
         assert login.status_code == 400 and "printable ASCII" in login.json()["error"]

@@ -10,8 +10,10 @@ from typing import Any
 import bm25s
 import pytest
 
-from flywheel_common.errors import InvalidArgument
-from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.auth import Authenticator
+from flywheel_common.errors import InvalidArgument, Unauthenticated
+from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.query_ids import QueryIdSigner, query_id_network
 from flywheel_inference.router import ModelRouter
 from flywheel_inference.service import InferenceServicer
 from flywheel_inference.settings import LimitSettings
@@ -21,7 +23,9 @@ from flywheel_model.retrieval import Retriever
 from flywheel_model.runtime import OrtSettings
 from flywheel_proto.flywheel.inference.v1 import inference_pb2
 
-CONTEXT: Any = SimpleNamespace(time_remaining=lambda: None)
+CONTEXT: Any = SimpleNamespace(
+    time_remaining=lambda: None, invocation_metadata=lambda: (), peer=lambda: "ipv4:127.0.0.1:5000"
+)
 # Page texts in which BM25 finds no word: single letters, stopwords, punctuation, emoji.
 NO_INDEXABLE_WORD = ["x", "é", "a b c d", "the of and", "!!! ???", "😀 😀"]
 
@@ -69,7 +73,58 @@ class RetrievingEngine:
 def servicer_over(engine: RetrievingEngine) -> InferenceServicer:
     loaded = SimpleNamespace(version="v1", engine=engine)
     router: Any = SimpleNamespace(route=lambda session_id: loaded)
-    return InferenceServicer(router, LimitSettings(), QueryIdSigner(b"k" * 16), b"p" * 16, None)
+    return InferenceServicer(
+        router,
+        LimitSettings(),
+        QueryIdSigner(b"k" * 16),
+        b"p" * 16,
+        None,
+        authenticator=Authenticator({"gateway-token": "user"}),
+    )
+
+
+def context_of(peer: str, token: str | None = None) -> Any:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return SimpleNamespace(
+        time_remaining=lambda: None, invocation_metadata=lambda: metadata, peer=lambda: peer
+    )
+
+
+@pytest.mark.parametrize(
+    ("peer", "token", "named", "counted_in"),
+    [
+        # An anonymous caller counts in its own address's block; on loopback (the local stack) in none.
+        ("ipv4:203.0.113.7:5000", None, "", "203.0.113.0/24"),
+        ("ipv6:[2001:db8:7:1::9]:5000", None, "", "2001:db8:7::/48"),
+        ("ipv6:[::ffff:203.0.113.7]:5000", None, "", "203.0.113.0/24"),
+        ("ipv4:127.0.0.1:5000", None, "", ""),
+        # The gateway (a caller with a token) names its visitor's network, or none.
+        ("ipv4:10.0.0.5:5000", "gateway-token", "198.51.100.0/24", "198.51.100.0/24"),
+        ("ipv4:10.0.0.5:5000", "gateway-token", "", ""),
+    ],
+)
+async def test_the_asker_counts_in_the_network_the_gateway_names_or_its_own(
+    peer: str, token: str | None, named: str, counted_in: str
+) -> None:
+    servicer = servicer_over(RetrievingEngine())
+    ask = request()
+    ask.client_network = named
+    stream = servicer.StreamAnswer(ask, context_of(peer, token))
+    header = await anext(stream)
+    await stream.aclose()
+    assert query_id_network(header.query_id) == pseudonymise(b"p" * 16, counted_in, domain="network")
+
+
+async def test_only_a_caller_with_a_known_token_may_name_a_network() -> None:
+    servicer = servicer_over(RetrievingEngine())
+    ask = request()
+    ask.client_network = "198.51.100.0/24"
+    # Anonymous, a network of its choice on each call would make each call a voter of its own.
+    with pytest.raises(Unauthenticated, match="client_network is taken only from a caller with a token"):
+        await servicer.Answer(ask, context_of("ipv4:203.0.113.7:5000"))
+    with pytest.raises(Unauthenticated, match="unknown"):
+        await servicer.Answer(ask, context_of("ipv4:203.0.113.7:5000", "guessed-token"))
+    assert servicer._in_flight == 0
 
 
 async def test_a_stream_closed_at_its_header_cancels_its_sequence_and_frees_its_slot() -> None:

@@ -151,7 +151,9 @@ async def test_pages_are_parsed_after_admission_and_off_the_event_loop(
     servicer = service.InferenceServicer(
         router, LimitSettings(max_in_flight=1), QueryIdSigner(b"k" * 16), b"p" * 16, None
     )
-    context: Any = SimpleNamespace(time_remaining=lambda: None)
+    context: Any = SimpleNamespace(
+        time_remaining=lambda: None, invocation_metadata=lambda: (), peer=lambda: "unix:/run/x"
+    )
     with pytest.raises(Unavailable, match="no model"):  # parsed, then no model is loaded yet
         await servicer.Answer(req(), context)
     assert parsed_on and parsed_on[0] is not threading.main_thread()

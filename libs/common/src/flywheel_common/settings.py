@@ -21,6 +21,19 @@ class AuthSettings(BaseModel):
     tokens_file: Path | None = None
 
 
+class EvidenceSettings(BaseModel):
+    """The network a client counts in. Live evidence (canary votes, agreeing positives, how many
+    asked a question) counts one voter per network, so sessions made by the hundred from one network
+    are one voice (docs/security.md)."""
+
+    # False: every session is a voter of its own.
+    enabled: bool = True
+    # The block an address counts in: a /24 is one site's or one provider's customer's IPv4 range,
+    # a /48 one site's IPv6 allocation. Longer prefixes count more voters behind one network.
+    ipv4_prefix_length: int = Field(default=24, ge=8, le=32)
+    ipv6_prefix_length: int = Field(default=48, ge=16, le=128)
+
+
 class GrpcSettings(BaseModel):
     """Where and how a gRPC server listens."""
 

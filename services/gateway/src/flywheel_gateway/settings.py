@@ -8,7 +8,13 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings
 
-from flywheel_common.settings import LoggingSettings, MetricsSettings, TracingSettings, env_config
+from flywheel_common.settings import (
+    EvidenceSettings,
+    LoggingSettings,
+    MetricsSettings,
+    TracingSettings,
+    env_config,
+)
 
 
 class HttpSettings(BaseModel):
@@ -100,6 +106,14 @@ class AddressRequests(Bucket):
     burst: int = Field(default=100, ge=1)
 
 
+class NetworkRequests(Bucket):
+    """Every API request from one network (the /24 or IPv6 /48 live evidence counts in): a holder of
+    a whole block, whose addresses would each get an address bucket of their own, shares this one."""
+
+    per_second: float = Field(default=50.0, ge=0)
+    burst: int = Field(default=1000, ge=1)
+
+
 class ConsoleRequests(Bucket):
     """Review calls per expert session."""
 
@@ -108,28 +122,17 @@ class ConsoleRequests(Bucket):
 
 
 class RateLimitSettings(BaseModel):
-    """Limits per visitor session, per client address and per expert session."""
+    """Limits per visitor session, per client address and its network, and per expert session."""
 
     session_asks: SessionAsks = SessionAsks()
     session_feedback: SessionFeedback = SessionFeedback()
     address: AddressRequests = AddressRequests()
+    network: NetworkRequests = NetworkRequests()
     console: ConsoleRequests = ConsoleRequests()
     max_keys: int = Field(default=100_000, ge=1)
     # An IPv6 client is its network of this prefix length: one host commonly holds a whole /64, and
     # a bucket per address would give it as many buckets as it likes (and evict everyone else's).
     ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
-
-
-class EvidenceSettings(BaseModel):
-    """The visitor's network, named to inference with each question. Live evidence (canary votes,
-    agreeing positives) counts one voter per network, so sessions made by the hundred from one
-    network are one voice (docs/security.md). A loopback client (the local stack) names none."""
-
-    enabled: bool = True
-    # The block an address counts in: a /24 is one site's or one provider's customer's IPv4 range,
-    # a /48 one site's IPv6 allocation. Larger prefixes count more voters behind one network.
-    ipv4_prefix_length: int = Field(default=24, ge=8, le=32)
-    ipv6_prefix_length: int = Field(default=48, ge=16, le=128)
 
 
 class LimitSettings(BaseModel):
@@ -156,6 +159,8 @@ class GatewaySettings(BaseSettings):
     session: SessionSettings = SessionSettings()
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    # The visitor's network, named to inference with each question (docs/security.md); a loopback
+    # client (the local stack) names none.
     evidence: EvidenceSettings = EvidenceSettings()
     limits: LimitSettings = LimitSettings()
     # Origins of the sites whose pages carry the widget (scheme://host[:port]); requests from any

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from flywheel_common.networks import client_network
 from flywheel_gateway import metrics
 from flywheel_gateway.clients import ServiceClients
 from flywheel_gateway.ratelimit import RateLimiter
@@ -22,11 +23,11 @@ from flywheel_gateway.settings import GatewaySettings
 from flywheel_gateway.web import (
     Guard,
     HttpError,
-    client_network,
     error_response,
     from_rpc,
     message_dict,
     text_field,
+    unicode_text,
 )
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2
 from flywheel_proto.flywheel.inference.v1 import inference_pb2
@@ -47,8 +48,8 @@ class _Caller:
 class VisitorApi:
     """`/api/v1/answers` and `/api/v1/feedback` for the configured sites' pages.
 
-    Visitors' feedback goes to the feedback service with the gateway's own user-role token, which
-    no browser ever sees.
+    Questions go to inference, and visitors' feedback to the feedback service, with the gateway's own
+    user-role token, which no browser ever sees.
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class VisitorApi:
             raise HttpError(
                 413, f"the page is longer than {limits.max_page_chars} characters", reason="invalid"
             )
+        unicode_text(f"page.{kind}", value)
         rpc_request = inference_pb2.AnswerRequest(
             page=inference_pb2.Page(
                 url=text_field(page, "url", 2048, required=False),
@@ -146,8 +148,9 @@ class VisitorApi:
                 request.client.host if request.client else "", self.settings.evidence
             ),
         )
+        # With the gateway's token: inference takes the visitor's network only from a caller it knows.
         call = self.clients.inference.StreamAnswer(
-            rpc_request, timeout=self.settings.services.answer_timeout_s
+            rpc_request, metadata=self._metadata, timeout=self.settings.services.answer_timeout_s
         )
         # The first chunk (query id, passages) arrives before the response starts, so a refused
         # question is an HTTP error, not an error event in a 200 stream.

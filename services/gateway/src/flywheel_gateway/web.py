@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -16,9 +15,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
+from flywheel_common.networks import network_block, parse_address
 from flywheel_gateway import metrics
 from flywheel_gateway.ratelimit import RateLimiter
-from flywheel_gateway.settings import EvidenceSettings, GatewaySettings
+from flywheel_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,22 @@ def from_rpc(error: grpc.aio.AioRpcError) -> HttpError:
     return HttpError(status, error.details() or error.code().name.lower())
 
 
-def text_field(body: dict[str, Any], name: str, max_chars: int, *, required: bool = True) -> str:
-    """A string field of a JSON body, stripped and bounded."""
-    value = body.get(name, "")
-    if not isinstance(value, str):
-        raise HttpError(400, f"{name} must be a string", reason="invalid")
-    value = value.strip()
+def unicode_text(name: str, value: str) -> str:
+    """The value, unless it holds what no service can encode (a lone surrogate JSON allows): 400."""
     if not value.isascii():
         try:
             value.encode()
         except UnicodeEncodeError:
             raise HttpError(400, f"{name} is not valid Unicode text", reason="invalid") from None
+    return value
+
+
+def text_field(body: dict[str, Any], name: str, max_chars: int, *, required: bool = True) -> str:
+    """A string field of a JSON body, stripped and bounded."""
+    value = body.get(name, "")
+    if not isinstance(value, str):
+        raise HttpError(400, f"{name} must be a string", reason="invalid")
+    value = unicode_text(name, value.strip())
     if required and not value:
         raise HttpError(400, f"{name} is required", reason="invalid")
     if len(value) > max_chars:
@@ -104,30 +109,14 @@ def message_dict(message: Message) -> dict[str, Any]:
 
 
 def address_key(host: str, ipv6_prefix_length: int) -> str:
-    """The rate-limit key of a client address: an IPv4 address itself, an IPv6 one its network."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    """The rate-limit key of a client address: an IPv4 address itself (also when carried in IPv6),
+    an IPv6 one its network."""
+    address = parse_address(host)
+    if address is None:
         return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/{ipv6_prefix_length}", strict=False))
+    if address.version == 6:
+        return network_block(address, 32, ipv6_prefix_length)
     return str(address)
-
-
-def client_network(host: str, evidence: EvidenceSettings) -> str:
-    """The address block a client counts in for live evidence ("" for a loopback or unknown host)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return ""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if not evidence.enabled or address.is_loopback:
-        return ""
-    length = evidence.ipv4_prefix_length if address.version == 4 else evidence.ipv6_prefix_length
-    return str(ipaddress.ip_network(f"{address}/{length}", strict=False))
 
 
 class Guard:
@@ -138,6 +127,7 @@ class Guard:
         self.sites = set(settings.sites)
         limits = settings.rate_limit
         self.addresses = RateLimiter(limits.address, max_keys=limits.max_keys)
+        self.networks = RateLimiter(limits.network, max_keys=limits.max_keys)
 
     def handle(self, handler: Handler, *, cors: bool = False) -> Handler:
         """Runs a handler after the per-address rate limit, turning HttpError into its JSON response
@@ -186,9 +176,15 @@ class Guard:
             raise HttpError(429, "too many requests; slow down", reason="rate_limit", retry_after_s=wait)
 
     def limit_address(self, request: Request) -> None:
-        """The per-client-address bucket (the proxy's X-Forwarded-For where it is trusted); an IPv6
-        client's is its network's."""
+        """The client's network's bucket, then its address's (the address the last trusted proxy
+        saw; an IPv6 client's is its /64). The network's comes first, so that requests it refuses
+        make no address buckets: a holder of a whole block cannot crowd out everyone else's."""
         host = request.client.host if request.client else "unknown"
+        address = parse_address(host)
+        if address is not None:
+            evidence = self.settings.evidence
+            network = network_block(address, evidence.ipv4_prefix_length, evidence.ipv6_prefix_length)
+            self.limit(self.networks, network)
         self.limit(self.addresses, address_key(host, self.settings.rate_limit.ipv6_prefix_length))
 
     async def json(self, request: Request) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 
+from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.query_ids import QueryIdSigner
@@ -50,7 +51,15 @@ class InferenceApp:
         )
         self.sink = build_sink(settings, query_id_key) if settings.kafka_enabled else None
         signer = QueryIdSigner(query_id_key)
-        self.servicer = InferenceServicer(self.router, limits, signer, pseudonym_key, self.sink)
+        self.servicer = InferenceServicer(
+            self.router,
+            limits,
+            signer,
+            pseudonym_key,
+            self.sink,
+            authenticator=Authenticator(load_tokens(settings.auth.tokens_file)),
+            evidence=settings.evidence,
+        )
         self.server = GrpcServer(settings.grpc, "inference")
         self.server.add_service(
             "flywheel.inference.v1.InferenceService",

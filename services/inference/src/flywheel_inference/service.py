@@ -14,9 +14,19 @@ from typing import Any, Protocol
 
 import grpc
 
-from flywheel_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from flywheel_common.auth import Authenticator
+from flywheel_common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from flywheel_common.grpc_server import request_metadata
+from flywheel_common.networks import client_network, peer_host
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.settings import EvidenceSettings
 from flywheel_common.text import clean_text, has_unsafe
 from flywheel_inference.metrics import ANSWERS, DURATION, QUEUE_DEPTH, TOKENS, TTFT
 from flywheel_inference.router import ModelRouter
@@ -47,7 +57,8 @@ class ValidRequest:
     question: str
     session_id: str
     params: SamplingParams
-    # The client's address block the gateway named, normalised ("" when none was named).
+    # The asking client's address block: the one a caller with a token named (normalised), else the
+    # caller's own (set after the checks, by the servicer).
     client_network: str = ""
     # Set by read_page, after admission and off the event loop.
     page_text: str = ""
@@ -163,12 +174,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         signer: QueryIdSigner,
         pseudonym_key: bytes,
         sink: InteractionSink | None,
+        *,
+        authenticator: Authenticator | None = None,
+        evidence: EvidenceSettings | None = None,
     ) -> None:
         self._router = router
         self._limits = limits
         self._signer = signer
         self._pseudonym_key = pseudonym_key
         self._sink = sink
+        # Callers whose token lets them name their visitor's network (the gateway); none by default.
+        self._auth = authenticator or Authenticator({})
+        self._evidence = evidence or EvidenceSettings()
         # Requests admitted and not finished, counted from before retrieval so a burst cannot
         # slip past the limit while its prompts are being prepared.
         self._in_flight = 0
@@ -179,6 +196,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Yields a header, then text deltas, then a footer; the shared core of both RPCs."""
         received = time.perf_counter()
         req = validate(request, self._limits)
+        req.client_network = self._asker_network(req, context)
         # Admitted before any CPU work, so a burst of large pages is refused, not parsed.
         if self._in_flight >= self._limits.max_in_flight:
             raise ResourceExhausted("the server is at its request limit; retry later")
@@ -195,6 +213,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             self._in_flight -= 1
             QUEUE_DEPTH.set(self._in_flight)
+
+    def _asker_network(self, req: ValidRequest, context: grpc.aio.ServicerContext) -> str:
+        """The network live evidence counts the asker in: the one a caller with a token (the
+        gateway) names for its visitor ("" for none), else the caller's own address block (none on
+        loopback). A caller without a token cannot name one, or it could name a new one each time."""
+        metadata = request_metadata(context)
+        if "authorization" in metadata:
+            self._auth.authenticate(metadata)
+            return req.client_network
+        if req.client_network:
+            raise Unauthenticated(
+                "client_network is taken only from a caller with a token "
+                "(metadata `authorization: Bearer <token>`)"
+            )
+        return client_network(peer_host(context.peer()), self._evidence)
 
     async def _run(
         self, req: ValidRequest, context: grpc.aio.ServicerContext, received: float

@@ -8,6 +8,8 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 
 from flywheel_common.settings import (
+    AuthSettings,
+    EvidenceSettings,
     GrpcSettings,
     KafkaSettings,
     LoggingSettings,
@@ -72,6 +74,10 @@ class InferenceSettings(BaseSettings):
     redaction: RedactionSettings = RedactionSettings()
     ort: OrtSettings = OrtSettings()
     limits: LimitSettings = LimitSettings()
+    # Tokens of callers that may name their visitor's network (the gateway's user token); any known
+    # token does. An anonymous caller counts in its own address's network (`evidence`).
+    auth: AuthSettings = AuthSettings()
+    evidence: EvidenceSettings = EvidenceSettings()
     artifact_root: Path = Path("var/artifacts")
     # Serve this model folder (ONNX + tokenizer) as version "local" instead of the registry's.
     model_dir: Path | None = None
