@@ -34,6 +34,8 @@ def test_luhn() -> None:
     assert luhn_valid("4111111111111111")
     assert luhn_valid("79927398713")
     assert not luhn_valid("4111111111111112")
+    assert luhn_valid("\uff14\uff11" + "\uff11" * 14)  # full-width digits, as Japanese input methods type
+    assert not luhn_valid("411111111111111\u00b2")  # a superscript two is a digit to isdigit(), not to int()
 
 
 def test_iban_check_digits() -> None:
@@ -41,6 +43,30 @@ def test_iban_check_digits() -> None:
     assert iban_valid("DE89370400440532013000")
     assert not iban_valid("GB82 WEST 1234 5698 7654 33")
     assert not iban_valid("GB82WEST")
+    assert not iban_valid("\u212a\u212a00" + "\u212a" * 12)  # the Kelvin sign upper-cases to itself
+    assert not iban_valid("GB82 WEST 1234 5698 7654 3\u0130")
+
+
+# Letters that (?i) matches as [A-Z] in Unicode mode but that are no base-36 digit: the Kelvin sign
+# (U+212A) and a dotted capital I (U+0130). They once raised ValueError from the IBAN check.
+@pytest.mark.parametrize("with_presidio", [False, True], ids=["built-in", "with-presidio"])
+@pytest.mark.parametrize(
+    "look_alike",
+    [
+        "ref \u212a\u212a12 " + " ".join(["\u212a" * 4] * 3),
+        "ref \u0130\u0130121234567812345678",
+        "\u212a\u212a00" + "\u212a" * 12,
+    ],
+    ids=["kelvin-grouped", "dotted-i", "kelvin-compact"],
+)
+def test_iban_look_alikes_in_other_letters_are_kept_beside_a_redacted_iban(
+    look_alike: str, with_presidio: bool, redactor: Redactor, presidio: Redactor
+) -> None:
+    result = (presidio if with_presidio else redactor).redact(
+        f"{look_alike}, iban GB82 WEST 1234 5698 7654 32."
+    )
+    assert result.text == f"{look_alike}, iban [IBAN]."
+    assert result.found == {"IBAN": 1}
 
 
 def test_the_corpus_covers_every_kind_the_issue_names() -> None:

@@ -122,8 +122,9 @@ _ACCOUNT_NUMBER = re.compile(
     rf"(?i)\b((?:account|acct)\.?\s{{1,3}}(?:number|no\.?|#){_LABEL_END})(\d(?:[ -]?\d){{5,16}})\b"
 )
 _SORT_CODE = re.compile(rf"(?i)\b(sort\s{{0,3}}code{_LABEL_END})(\d{{2}}([- ]?)\d{{2}}\3\d{{2}})\b")
-# An IBAN, grouped by spaces or not; the ISO 7064 mod-97 check decides.
-_IBAN = re.compile(r"(?i)\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+# An IBAN, grouped by spaces or not; the ISO 7064 mod-97 check decides. ASCII only: in Unicode mode
+# (?i) lets [A-Z] match the Kelvin sign (U+212A) and "İ" (U+0130), which are no base-36 digits.
+_IBAN = re.compile(r"(?ai)\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
 # 13-19 digits, optionally grouped by spaces or dashes; the Luhn check decides.
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 # US SSN: formatted as the SSA writes it, never an impossible area, group or serial; nine bare
@@ -281,6 +282,9 @@ KINDS = (
 
 def luhn_valid(digits: str) -> bool:
     """Whether a digit string passes the Luhn checksum of payment card numbers."""
+    # Any decimal digits (a card typed with full-width digits is still a card); nothing int() rejects.
+    if not digits.isdecimal():
+        return False
     total = 0
     for i, char in enumerate(reversed(digits)):
         d = int(char)
@@ -294,6 +298,9 @@ def luhn_valid(digits: str) -> bool:
 
 def iban_valid(iban: str) -> bool:
     """Whether a string (spaces allowed) is a well-formed IBAN with a valid ISO 7064 mod-97 check."""
+    # An IBAN is ASCII; other letters may upper-case to no base-36 digit (the Kelvin sign stays itself).
+    if not iban.isascii():
+        return False
     compact = iban.replace(" ", "").upper()
     if not 15 <= len(compact) <= 34 or not compact[:2].isalpha() or not compact[2:4].isdigit():
         return False
