@@ -144,6 +144,13 @@ def _correction_in_store(store: Path, question: str) -> dict[str, object] | None
     return next((e for e in examples if e["question"] == question), None)
 
 
+def _live_feedback(store: Path, query_id: str) -> list[tuple[int, int, str]]:
+    """(kind, value, text) of the answer's feedback that no later rating replaced, in arrival order."""
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        sql = "SELECT kind, value, text FROM feedback WHERE query_id = ? AND superseded = 0 ORDER BY rowid"
+        return [tuple(row) for row in db.execute(sql, (query_id,))]
+
+
 async def test_a_visitor_asks_and_rates_and_an_expert_corrects(site: Site, browser: object) -> None:
     from playwright.async_api import Browser, Response, expect
 
@@ -259,6 +266,43 @@ async def test_a_visitor_asks_and_rates_and_an_expert_corrects(site: Site, brows
     assert received and not [r for r in received if any(t in r for t in TOKENS)]
     await visitor.close()
     await expert.close()
+
+
+async def test_a_changed_rating_and_a_second_comment_both_count(site: Site, browser: object) -> None:
+    """Each click is a new action, not a retry: rating 1 then 5 leaves the 5, and both comments stay."""
+    from playwright.async_api import Browser, expect
+
+    from flywheel_proto.flywheel.events.v1 import events_pb2
+
+    assert isinstance(browser, Browser)
+    visitor = await browser.new_context()
+    page = await visitor.new_page()
+    await page.add_init_script("delete Crypto.prototype.randomUUID")  # as on a site served over http
+    await page.goto(f"{site.pages}/general.html")
+    await page.get_by_role("button", name="Ask about this page").click()
+    await page.get_by_label("Your question about this page").fill("Is Python free?")
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_role("group", name="Rate this answer")).to_be_visible(timeout=90_000)
+    await page.get_by_role("button", name="Comment").click()
+    for text, control in (
+        ("", "Rate 1 of 5"),
+        ("", "Rate 5 of 5"),
+        ("Too long.", "Send"),
+        ("Cite it.", "Send"),
+    ):
+        await page.get_by_label("Your comment").fill(text)
+        async with page.expect_response(f"{site.gateway}/api/v1/feedback") as response:
+            await page.get_by_role("button", name=control).click()
+        reply = await response.value
+        assert (await reply.json())["duplicate"] is False, control
+    query_id = json.loads(reply.request.post_data or "")["query_id"]
+    rating, comment = events_pb2.FEEDBACK_KIND_RATING, events_pb2.FEEDBACK_KIND_COMMENT
+    expected = [(rating, 5, ""), (comment, 0, "Too long."), (comment, 0, "Cite it.")]
+    deadline = time.monotonic() + 60
+    while (live := _live_feedback(site.trainer_store, query_id)) != expected:
+        assert time.monotonic() < deadline, live  # the feedback reaches the trainer's store through Kafka
+        await asyncio.sleep(1)
+    await visitor.close()
 
 
 async def test_the_gateway_refuses_what_a_browser_must_not_do(site: Site) -> None:

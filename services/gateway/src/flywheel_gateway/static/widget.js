@@ -89,14 +89,30 @@
     });
   }
 
+  // A key per click or comment, reused only by that action's retry: the feedback service drops a
+  // repeated key on an answer as a retry (every visitor shares the gateway's token), so a key per
+  // kind lost a changed rating or a second comment.
+  function actionKey() {
+    if (crypto.randomUUID) return crypto.randomUUID();
+    // randomUUID exists in secure contexts only; a site served over plain http has just this.
+    return Array.prototype.map.call(crypto.getRandomValues(new Uint8Array(16)), function (b) {
+      return (b + 256).toString(16).slice(1);
+    }).join("");
+  }
+
   function react(kind, value) {
     if (!state) return;
-    var body = { query_id: state.query_id, ticket: state.ticket, idempotency_key: state.query_id + ":" + kind };
+    var body = { query_id: state.query_id, ticket: state.ticket, idempotency_key: actionKey() };
     body[kind] = value;
     state.reacted = true;
-    post("/api/v1/feedback", body).then(function (r) {
+    // One retry after a network error, which may have come after the service stored it: same key.
+    post("/api/v1/feedback", body).catch(function () {
+      return new Promise(function (resolve) { setTimeout(resolve, 1000); }).then(function () {
+        return post("/api/v1/feedback", body);
+      });
+    }).then(function (r) { return r.ok; }, function () { return false; }).then(function (ok) {
       thanks.hidden = false;
-      thanks.textContent = r.ok ? "Thank you for your feedback." : "Your feedback could not be sent.";
+      thanks.textContent = ok ? "Thank you for your feedback." : "Your feedback could not be sent.";
     });
   }
   // A visitor who leaves without reacting to an answer tells us that too.
