@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 
+import pytest
 from kafka.consumer.fetcher import ConsumerRecord
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings
 
 from flywheel_common.kafka import EventConsumer
-from flywheel_common.runtime import ConsumerThread, connect_with_retry
-from flywheel_common.settings import KafkaSettings
+from flywheel_common.runtime import ConsumerThread, connect_with_retry, load_settings
+from flywheel_common.settings import KafkaSettings, env_config
 
 # A service as `python -m` runs it: the app builds a gRPC server and an asyncio event in __init__,
 # which only works when run_service builds it inside the running loop.
@@ -48,6 +52,29 @@ SERVICE = textwrap.dedent(
     """
 )
 
+# A service whose settings do not validate: it must end before the app is built, naming the variables.
+BAD_SETTINGS = textwrap.dedent(
+    """
+    from pydantic import Field
+    from pydantic_settings import BaseSettings
+    from flywheel_common.runtime import run_service
+    from flywheel_common.settings import LoggingSettings, MetricsSettings, TracingSettings, env_config
+
+    class Settings(BaseSettings):
+        model_config = env_config("FLYWHEEL_TEST_")
+
+        logging: LoggingSettings = LoggingSettings()
+        tracing: TracingSettings = TracingSettings()
+        metrics: MetricsSettings = MetricsSettings(port=0)
+        workers: int = Field(default=1, ge=1)
+
+    def build(settings: Settings) -> None:
+        raise AssertionError("the app is built from bad settings")
+
+    run_service(build, Settings, "test")
+    """
+)
+
 
 def test_run_service_serves_until_sigterm() -> None:
     process = subprocess.Popen([sys.executable, "-c", SERVICE], stdout=subprocess.PIPE, text=True)
@@ -60,6 +87,50 @@ def test_run_service_serves_until_sigterm() -> None:
         assert "stopped" in process.stdout.read().splitlines()
     finally:
         process.kill()
+
+
+class RateLimit(BaseModel):
+    burst: int = Field(default=5, ge=1)
+
+
+class ExampleSettings(BaseSettings):
+    model_config = env_config("FLYWHEEL_EXAMPLE_")
+
+    rate_limit: RateLimit = RateLimit()
+    hosts: list[int] = []
+
+
+def test_a_bad_setting_names_its_environment_variable_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLYWHEEL_EXAMPLE_RATE_LIMIT__BURST", "0")
+    monkeypatch.setenv("FLYWHEEL_EXAMPLE_HOSTS", '[1, "secret-token"]')
+    with pytest.raises(SystemExit) as exit_:
+        load_settings(ExampleSettings)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "FLYWHEEL_EXAMPLE_RATE_LIMIT__BURST: Input should be greater than or equal to 1",
+        # An item of a list is set by the list's variable; the value (maybe a secret) is not echoed.
+        "FLYWHEEL_EXAMPLE_HOSTS: Input should be a valid integer, unable to parse string as an integer",
+    ]
+    monkeypatch.setenv("FLYWHEEL_EXAMPLE_RATE_LIMIT", "{burst: 2")
+    with pytest.raises(SystemExit):
+        load_settings(ExampleSettings)
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("FLYWHEEL_EXAMPLE_RATE_LIMIT: cannot parse it: Expecting property name")
+
+
+def test_run_service_refuses_bad_settings_before_it_starts() -> None:
+    env = {**os.environ, "FLYWHEEL_TEST_WORKERS": "0", "FLYWHEEL_TEST_METRICS__PORT": "port"}
+    done = subprocess.run(
+        [sys.executable, "-c", BAD_SETTINGS], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "FLYWHEEL_TEST_METRICS__PORT: Input should be a valid integer, unable to parse string as an integer",
+        "FLYWHEEL_TEST_WORKERS: Input should be greater than or equal to 1",
+    ]
 
 
 async def test_connect_with_retry_keeps_trying() -> None:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from flywheel_common.kafka import EventConsumer
 from flywheel_common.logging import configure_logging
@@ -42,13 +47,50 @@ class App(Protocol):
 
 
 S = TypeVar("S", bound=ServiceSettings)
+T = TypeVar("T")
+
+
+def _variable(loc: tuple[int | str, ...], env_prefix: str) -> str:
+    # The field path as far as variables nest: an index into a list is part of the list's value.
+    names: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        names.append(part)
+    return env_prefix + ("__".join(names).upper() if names else "*")
+
+
+def settings_errors(error: ValidationError | SettingsError, env_prefix: str) -> list[str]:
+    """One line per error: the environment variable that sets the field, and what is wrong with it
+    (never the value, which may be a secret)."""
+    if isinstance(error, SettingsError):  # a variable that is not the JSON its nested model needs
+        field = re.search(r'field "([^"]+)"', str(error))
+        where = _variable((field.group(1),) if field else (), env_prefix)
+        return [f"{where}: cannot parse it: {error.__cause__}" if error.__cause__ else f"{where}: {error}"]
+    return [
+        f"{_variable(e['loc'], env_prefix)}: {' '.join(e['msg'].split())}"
+        for e in error.errors(include_url=False)
+    ]
+
+
+def load_settings(settings: Callable[[], T]) -> T:
+    """`settings()` (a pydantic-settings class) from the environment. A bad value ends the process
+    with exit status 2 and one line per error on stderr that names its variable: a traceback would
+    name only the field, and logging is not configured before the settings are."""
+    try:
+        return settings()
+    except (ValidationError, SettingsError) as error:
+        env_prefix = str(getattr(settings, "model_config", {}).get("env_prefix", ""))
+        for line in settings_errors(error, env_prefix):
+            print(line, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_service(
     app: Callable[[S], App], settings: Callable[[], S], name: str, *, freeze_gc: bool = False
 ) -> None:
     """`main()` of every service: settings once, JSON logs, tracing, metrics, serve until SIGTERM."""
-    loaded = settings()
+    loaded = load_settings(settings)
     configure_logging(loaded.logging, name)
     configure_tracing(loaded.tracing, name)
     start_metrics_server(loaded.metrics)

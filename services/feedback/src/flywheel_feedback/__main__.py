@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from flywheel_common.runtime import run_service
+from flywheel_common.runtime import load_settings, run_service
 from flywheel_feedback.app import FeedbackApp
 from flywheel_feedback.settings import FeedbackSettings
 from flywheel_feedback.workers import supervise
 
 
 def main() -> None:
-    settings = FeedbackSettings()
+    settings = load_settings(FeedbackSettings)
     if settings.workers > 1:
         sys.exit(supervise(settings))
     # The PII libraries leave a large heap of long-lived objects: frozen out of the GC's scans.

@@ -10,6 +10,7 @@ import sys
 import time
 
 from flywheel_common.logging import configure_logging
+from flywheel_common.runtime import load_settings
 from flywheel_trainer.job.run import JobArgs, fail, run
 from flywheel_trainer.settings import JobSettings
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     # loads, and inherited by the exporter's subprocess.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
-    settings = JobSettings()
+    settings = load_settings(JobSettings)
     configure_logging(settings.logging, "trainer-job")
     started = time.perf_counter()
     try:
