@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flywheel_common.errors import FailedPrecondition, InvalidArgument, NotFound
-from flywheel_common.registry import ModelRegistry
+from flywheel_common.registry import ModelRegistry, RolloutState
 
 
 def model_folder(tmp_path: Path, name: str = "m") -> Path:
@@ -171,3 +171,28 @@ def test_prune_removes_the_weights_nothing_needs_and_keeps_the_record(tmp_path: 
     assert [p.version for p in registry.prune(0)] == ["v6"]
     with pytest.raises(InvalidArgument):
         registry.prune(-1)
+
+
+def test_a_rollback_keeps_no_previous_production_and_an_outbox_write_no_generation(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    for name in ("a", "b"):
+        registry.register(model_folder(tmp_path, name), kind="candidate")
+    registry.set_production("v1")
+    assert registry.set_production("v2").previous_production == "v1"
+
+    def back(state: RolloutState) -> str:
+        state.production = "v1"
+        return "production -> v1 (rolled back)"
+
+    # Kept as the previous production, v2 would be what the next rollback without a version restores.
+    state = registry.update_state(back, rollback=True)
+    assert (state.production, state.previous_production) == ("v1", None)
+
+    def queue(state: RolloutState) -> str:
+        state.outbox.append({"decision_id": "d1"})
+        return ""
+
+    # Nothing replicas follow moved: they have nothing to reload.
+    queued = registry.update_state(queue)
+    assert queued.generation == state.generation and queued.history == state.history
+    assert registry.state().outbox == [{"decision_id": "d1"}]

@@ -3,6 +3,7 @@ judge against the production that serves when the gate ends, fail on a broken ca
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
 from flywheel_common.errors import InvalidArgument, PermissionDenied
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.registry import ModelRegistry
+from flywheel_evaluator import reports
 from flywheel_evaluator.app import EvaluatorApp
 from flywheel_evaluator.consumers import CandidateConsumer
 from flywheel_evaluator.evaluation import EvaluationResult, GoldenItem, GoldenSet, ItemResult, compute_metrics
@@ -237,3 +239,131 @@ def test_retention_can_be_turned_off(app: EvaluatorApp) -> None:
     app.gatekeeper.process_candidate(candidate("v2"))
     app.gatekeeper.tick()
     assert not any(v.pruned for v in app.registry.list_versions())
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+    """The first call of `owner.name` fails as on a full disk; later ones work."""
+    real = getattr(owner, name)
+    calls: list[int] = []
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, once)
+
+
+def test_a_gate_that_failed_after_its_move_is_finished_on_retry_without_moving_again(
+    app: EvaluatorApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The decision log cannot be appended to after the canary started: the consumer retries.
+    stub = StubEvaluations(app, {"v1": 5, "v2": 15})
+    fail_once(monkeypatch, app.registry, "append_decision")
+    with pytest.raises(OSError):
+        app.gatekeeper.process_candidate(candidate("v2"))
+    assert app.registry.state().canary == "v2" and app.registry.decisions() == []
+    report = json.loads((app.registry.reports_dir / "v2" / "gate.json").read_text())
+    app.store.start_canary("v2", at=1000.0)  # so a restarted window would show
+    generation = app.registry.state().generation
+    app.gatekeeper.process_candidate(candidate("v2"))
+    [decision] = app.registry.decisions()
+    assert decision["decision_id"] == report["decision_id"]
+    assert decision["reasons"][0] == "rollout: canary at 25% of sessions"
+    assert app.registry.state().generation == generation and app.store.canary_started("v2") == 1000.0
+    assert stub.calls == ["v2", "v1"]
+
+
+def test_a_candidate_promoted_before_its_record_failed_still_gets_its_gate_decision(
+    app: EvaluatorApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app.settings.canary.enabled = False  # a pass goes straight to production
+    StubEvaluations(app, {"v1": 5, "v2": 15})
+    fail_once(monkeypatch, app.registry, "append_decision")
+    with pytest.raises(OSError):
+        app.gatekeeper.process_candidate(candidate("v2"))
+    assert app.registry.state().production == "v2"
+    app.gatekeeper.process_candidate(candidate("v2"))
+    [decision] = app.registry.decisions()
+    assert decision["action"] == "gate" and decision["version"] == "v2"
+    assert decision["reasons"][0] == "rollout: promoted to production (canary disabled)"
+    assert app.registry.state().outbox == []
+
+
+def test_a_canary_rolled_back_before_its_gate_is_retried_stays_out(
+    app: EvaluatorApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app.settings.canary.min_samples = app.settings.canary.min_signal_samples = 4
+    app.settings.canary.min_duration_s = 0
+    StubEvaluations(app, {"v1": 5, "v2": 15})
+    fail_once(monkeypatch, app.registry, "append_decision")
+    with pytest.raises(OSError):
+        app.gatekeeper.process_candidate(candidate("v2"))
+    started = app.store.canary_started("v2")
+    app.store.record(
+        [Signal("v2", started + 1, "rating", 1, query_id=f"c{i}", session=f"c{i}") for i in range(4)]
+    )
+    app.store.record(
+        [Signal("v1", started + 1, "rating", 5, query_id=f"p{i}", session=f"p{i}") for i in range(4)]
+    )
+    rolled = app.gatekeeper.rollout.check_canary(now=started + 5)
+    assert rolled is not None and rolled.action == "rollback"
+    app.gatekeeper.process_candidate(candidate("v2"))
+    state = app.registry.state()
+    assert (state.production, state.canary) == ("v1", None)
+    assert [(d["action"], d["version"]) for d in app.registry.decisions()] == [
+        ("gate", "v2"),
+        ("rollback", "v2"),
+    ]
+
+
+def test_a_gate_report_that_cannot_be_written_moves_nothing(
+    app: EvaluatorApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The report is written just before the state write that commits the move and its decision.
+    StubEvaluations(app, {"v1": 5, "v2": 15})
+    fail_once(monkeypatch, reports, "write_gate")
+    with pytest.raises(OSError):
+        app.gatekeeper.process_candidate(candidate("v2"))
+    state = app.registry.state()
+    assert (state.canary, state.outbox) == (None, []) and app.registry.decisions() == []
+    app.gatekeeper.process_candidate(candidate("v2"))
+    assert app.registry.state().canary == "v2" and len(app.registry.decisions()) == 1
+
+
+def test_a_canary_decision_kafka_did_not_acknowledge_is_sent_on_the_next_tick(app: EvaluatorApp) -> None:
+    app.settings.evaluation.prefetch_production = False
+    app.settings.canary.min_samples = app.settings.canary.min_signal_samples = 4
+    app.settings.canary.min_duration_s = 0
+    StubEvaluations(app, {"v1": 5, "v2": 15})
+    sent: list[events_pb2.GateDecision] = []
+    down = [False]
+
+    def emit(event: events_pb2.GateDecision) -> None:
+        if down[0]:
+            raise ConnectionError("not acknowledged")
+        sent.append(event)
+
+    app.gatekeeper.decisions._emit = emit
+    app.gatekeeper.process_candidate(candidate("v2"))
+    now = time.time()
+    app.store.start_canary("v2", at=now - 60)
+    app.store.record(
+        [
+            Signal(v, now - 30, "rating", 4, query_id=f"{v}{i}", session=f"{v}{i}")
+            for v in ("v1", "v2")
+            for i in range(4)
+        ]
+    )
+    down[0] = True
+    with pytest.raises(ConnectionError):
+        app.gatekeeper.tick()  # the app logs it and ticks again
+    assert app.registry.state().production == "v2"
+    down[0] = False
+    app.gatekeeper.tick()
+    app.gatekeeper.tick()
+    assert [e.action for e in sent] == [
+        events_pb2.DECISION_ACTION_GATE,
+        events_pb2.DECISION_ACTION_CANARY_PROMOTE,
+    ]

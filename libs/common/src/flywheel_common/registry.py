@@ -4,7 +4,8 @@ Layout under the artifact root:
     models/versions/<version>/      immutable: model/ (ONNX, tokenizer), hf/ (weights to train
                                     from), manifest.json; `prune` removes model/ and hf/ of versions
                                     nothing needs any more, and the manifest stays
-    models/rollout.json             production, canary, split, pin; replaced atomically
+    models/rollout.json             production, canary, split, pin, and the decisions not yet sent
+                                    (the outbox); replaced atomically
     models/reports/<version>/       evaluation reports written next to the version
     models/decisions.jsonl          every rollout decision, appended
 """
@@ -62,11 +63,15 @@ class RolloutState:
     canary_fraction: float = 0.0
     pinned: bool = False
     auto_rollout: bool = True
-    # The version production was before the current one (what a rollback without a version restores).
+    # The version production was before the current one (what a rollback without a version restores);
+    # None after a rollback, whose version before is the one just taken out of service.
     previous_production: str | None = None
     # Admin requests already applied: request id -> decision id (the newest few), so a retried call
     # does not move the rollout twice.
     requests: dict[str, str] = field(default_factory=dict)
+    # Decisions committed with the move they record (in the same write), not yet appended to
+    # decisions.jsonl and produced on Kafka; the evaluator empties it (docs/evaluator.md).
+    outbox: list[dict[str, Any]] = field(default_factory=list)
     generation: int = 0
     updated_at: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -75,6 +80,11 @@ class RolloutState:
     def from_json(cls, data: dict[str, Any]) -> RolloutState:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _serving(state: RolloutState) -> tuple[Any, ...]:
+    """What replicas follow: a change to any of it is a new generation."""
+    return state.production, state.canary, state.canary_fraction, state.pinned, state.auto_rollout
 
 
 @dataclass(frozen=True)
@@ -292,24 +302,33 @@ class ModelRegistry:
         except FileNotFoundError:
             return RolloutState()
 
-    def update_state(self, change: Callable[[RolloutState], str]) -> RolloutState:
-        """Applies `change` (which returns a note for the history) under the lock, atomically."""
+    def update_state(self, change: Callable[[RolloutState], str], *, rollback: bool = False) -> RolloutState:
+        """Applies `change` (which returns a note for the history) under the lock, atomically.
+
+        A change of production keeps the version it replaced as `previous_production`, unless it is a
+        `rollback`: then there is none, so a rollback without a version cannot bring back the version
+        just rolled back from. A change that moves nothing and returns no note (the outbox only) keeps
+        the generation and history, so replicas have nothing to reload.
+        """
         with self._lock():
             state = self.state()
             before = state.production
+            serving = _serving(state)
             note = change(state)
             for name in (state.production, state.canary):
                 if name:
                     self.servable(name)
             if state.production != before:
-                state.previous_production = before
+                state.previous_production = None if rollback else before
             state.requests = dict(list(state.requests.items())[-_REQUESTS_KEPT:])
-            state.generation += 1
-            state.updated_at = now_iso()
-            state.history.append({"at": state.updated_at, "generation": state.generation, "note": note})
-            state.history = state.history[-200:]
+            if note or _serving(state) != serving:
+                state.generation += 1
+                state.updated_at = now_iso()
+                state.history.append({"at": state.updated_at, "generation": state.generation, "note": note})
+                state.history = state.history[-200:]
             self._write_atomic(self.state_path, json.dumps(asdict(state), indent=2))
-        log.info("rollout state %d: %s", state.generation, note)
+        if note:
+            log.info("rollout state %d: %s", state.generation, note)
         return state
 
     def set_production(self, version: str, *, reason: str = "") -> RolloutState:

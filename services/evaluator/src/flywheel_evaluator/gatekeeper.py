@@ -98,9 +98,10 @@ class Gatekeeper:
         version = candidate.version
         existing = self.decisions.gate_decision(version)
         if existing is not None:
-            # Decided before a restart or a replay: make sure the event went out, decide nothing new.
+            # Decided before a failure, a restart or a replay: its move and decision were committed
+            # together, so finish recording and sending it; decide and move nothing new.
             log.info("candidate %s was gated before (decision %s)", version, existing.decision_id)
-            self.decisions.emit(existing)
+            self.decisions.send_again(existing)
             return
         self.registry.get(version)  # NotFound: the consumer dead-letters the event
         baseline = self.registry.state().production
@@ -118,25 +119,23 @@ class Gatekeeper:
             log.info("production moved from %s to %s during the gate; judging again", baseline, current)
             baseline = current
         decision_id = uuid.uuid4().hex
-        action = self.rollout.after_gate(verdict)
-        report = reports.gate_json(
-            verdict,
-            cand,
-            base,
-            decision_id=decision_id,
-            action=action,
-            settings={
-                "gate": self.settings.gate.model_dump(),
-                "canary": self.settings.canary.model_dump(),
-                "parent_version": candidate.parent_version,
-                "dataset_id": candidate.dataset_id,
-                "job_id": candidate.job_id,
-            },
-        )
-        reports.write_gate(self.registry, version, report)
-        self.rollout.record_gate(verdict, action, decision_id)
+        settings = {
+            "gate": self.settings.gate.model_dump(),
+            "canary": self.settings.canary.model_dump(),
+            "parent_version": candidate.parent_version,
+            "dataset_id": candidate.dataset_id,
+            "job_id": candidate.job_id,
+        }
+
+        def write_report(rollout: str) -> None:
+            report = reports.gate_json(
+                verdict, cand, base, decision_id=decision_id, action=rollout, settings=settings
+            )
+            reports.write_gate(self.registry, version, report)
+
         if cand is not None:
             self._last_candidate = (version, cand)
+        self.rollout.after_gate(verdict, decision_id=decision_id, write_report=write_report)
         self.refresh_gauges()
 
     def _gate(
@@ -201,6 +200,10 @@ class Gatekeeper:
 
     def tick(self) -> None:
         """One round of the periodic work; the app runs it every `canary.check_interval_s`."""
+        try:
+            self.decisions.flush()
+        except Exception as exc:  # Kafka or the disk; the canary is judged all the same
+            log.warning("decisions not recorded or sent yet (%s); the next tick tries again", exc)
         self.rollout.check_canary()
         self.refresh_gauges()
         if self.settings.evaluation.prefetch_production:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings
 
 from flywheel_common.settings import (
@@ -130,6 +130,22 @@ class CanarySettings(BaseModel):
     # good canary; 0 judges the point estimates alone.
     confidence_z: float = Field(default=1.64, ge=0)
 
+    # Refused at start: under these a canary is never compared with production, so it waits forever
+    # (`hold`) or is decided at `max_duration_s` without evidence.
+    @model_validator(mode="after")
+    def _decidable(self) -> CanarySettings:
+        if self.enabled and self.fraction >= 1:
+            raise ValueError(
+                "canary.fraction must be below 1 while the canary is enabled: at 1 production serves no "
+                "session and the canary is never compared with it (set canary.enabled=false to skip it)"
+            )
+        if self.min_duration_s > self.max_duration_s:
+            raise ValueError(
+                f"canary.min_duration_s ({self.min_duration_s:g} s) is above canary.max_duration_s "
+                f"({self.max_duration_s:g} s): the canary would be decided before it may be promoted"
+            )
+        return self
+
 
 class LiveSettings(BaseModel):
     """Live signals from the feedback and interaction topics."""
@@ -184,3 +200,14 @@ class EvaluatorSettings(BaseSettings):
     max_poll_interval_ms: int = Field(default=1_800_000, ge=10_000)
     # Create missing topics at start (turn off where the platform team owns topics).
     create_topics: bool = True
+
+    @model_validator(mode="after")
+    def _live_signals_outlast_a_canary(self) -> EvaluatorSettings:
+        # A canary is judged on the signals since it started; pruned ones would be missing from it.
+        if self.canary.enabled and self.live.retention_s < self.canary.max_duration_s:
+            raise ValueError(
+                f"live.retention_s ({self.live.retention_s:g} s) is shorter than canary.max_duration_s "
+                f"({self.canary.max_duration_s:g} s): a canary's early signals would be pruned before "
+                "it is decided"
+            )
+        return self
