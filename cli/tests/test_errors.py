@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from flywheel_cli.__main__ import main
+from flywheel_cli.local.stack import LocalStack
+from flywheel_common.registry import ModelRegistry
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +35,7 @@ def mistakes(closed: str, page: Path, tmp_path: Path) -> list[tuple[list[str], s
     """(argv, words the one line must contain)."""
     binary = tmp_path / "page.bin"
     binary.write_bytes(b"\xff\xfe\x00bad")
+    registry = ModelRegistry(tmp_path / "a").root
     return [
         (["ask", "why?", "--page", str(tmp_path / "missing.html")], "no page file"),
         (["ask", "why?", "--page", str(tmp_path)], "no page file"),
@@ -46,7 +51,9 @@ def mistakes(closed: str, page: Path, tmp_path: Path) -> list[tuple[list[str], s
         (["rollout", "--target", closed, "status"], "flywheel up"),
         (["rollout", "--target", closed, "rollback", "v1"], "--request-id"),
         (["model", "prepare", "--source", str(tmp_path / "missing.gguf")], "no model at"),
-        (["model", "prune", "--keep-latest", "-1", "--artifact-root", str(tmp_path / "a")], "0 or more"),
+        (["model", "prune", "--keep-latest", "-1", "--artifact-root", str(registry)], "0 or more"),
+        (["model", "list", "--artifact-root", str(tmp_path / "no-registry")], "no model registry at"),
+        (["privacy", "--target", closed, "forget", "--session", "s1"], f"the trainer service at {closed}"),
         (["topic", "tail", "flywheel.feedback.v1", "--bootstrap", closed], "flywheel kafka start"),
         (["simulate", "--dataset", str(tmp_path / "no-dataset")], "bad dataset"),
     ]
@@ -88,3 +95,44 @@ def test_library_logs_stay_quiet_outside_pytest(closed: str) -> None:
         line.startswith(f"flywheel topic: cannot reach Kafka at {closed} (")
         and "flywheel kafka start" in line
     )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["feedback", "q1", "--rating", "-1", "--token", "t"],
+        ["feedback", "q1", "--rating", "5000000000", "--token", "t"],
+        ["ask", "why?", "--page", "p.html", "--max-new-tokens", "-1"],
+        ["ask", "why?", "--page", "p.html", "--max-new-tokens", "5000000000"],
+        ["trainer", "jobs", "--limit", "-1"],
+        ["rollout", "decisions", "--limit", "-1"],
+        ["simulate", "--dataset", "d", "--concurrency", "0"],
+        ["up", "--simulate", "d", "--concurrency", "0"],
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error_before_any_call(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(LocalStack, "start", lambda self: pytest.fail("`up` started a stack"))
+    # A request's uint32 field cannot hold it (a ValueError mid-call), or a run would never start.
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "out of range" in err or "invalid choice" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_system_refusal_names_the_path_and_the_reason(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry(tmp_path / "artifacts")
+    lock = registry.models / ".lock"
+
+    def read_only(self: ModelRegistry, keep_latest: int, *, dry_run: bool = False) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(lock))
+
+    monkeypatch.setattr(ModelRegistry, "prune", read_only)
+    assert main(["model", "prune", "--dry-run", "--artifact-root", str(registry.root)]) == 1
+    err = capfd.readouterr().err
+    assert err.splitlines() == [f"flywheel model: {lock}: {os.strerror(errno.EROFS)}"]

@@ -33,3 +33,19 @@ def test_prune_says_what_it_frees_and_list_shows_it(
     assert main(["model", "list", *root]) == 0
     roles = {line.split()[0]: line.split()[3:] for line in capsys.readouterr().out.splitlines()[:3]}
     assert roles == {"v1": ["production"], "v2": ["pruned"], "v3": []}  # v3 is not gated yet
+
+
+@pytest.mark.parametrize("command", [["list"], ["prune"], ["prune", "--dry-run"]])
+def test_a_path_without_a_registry_is_refused_and_left_as_it_was(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Opening a registry there would create an empty one, and "versions to prune: 0" hides the typo.
+    wrong = tmp_path / "artifact"
+    assert main(["model", *command, "--artifact-root", str(wrong)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"flywheel model: no model registry at {wrong} (expected {wrong}/models/versions); "
+        "check --artifact-root"
+    ]
+    assert not wrong.exists()

@@ -10,7 +10,13 @@ from kafka.errors import KafkaError
 from flywheel_eval.dataset import DatasetError
 
 # The service each command talks to, for messages about reaching it.
-_SERVICES = {"ask": "inference", "feedback": "feedback", "trainer": "trainer", "rollout": "evaluator"}
+_SERVICES = {
+    "ask": "inference",
+    "feedback": "feedback",
+    "trainer": "trainer",
+    "rollout": "evaluator",
+    "privacy": "trainer",  # the trainer first; the evaluator's failure is reported by the command
+}
 _START = "start the system with `uv run flywheel up` (or point --target at a running service)"
 
 
@@ -56,4 +62,10 @@ def explain(exc: BaseException, args: argparse.Namespace) -> str | None:
         return f"{exc.filename} is a folder; give a file"
     if isinstance(exc, PermissionError):
         return f"cannot read {exc.filename}: permission denied"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # The system refused (a read-only mount, a full disk, a path through a file): the path and
+        # its reason. An OSError without an errno (a bare TimeoutError) is a bug and keeps its traceback.
+        reason = exc.strerror or str(exc)
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        return f"{' -> '.join(paths)}: {reason}" if paths else reason
     return None

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from flywheel_cli.errors import UserError
+from flywheel_cli.flags import non_negative_int
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -78,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ask.add_argument("--session", help="session id (routes canary traffic)")
     ask.add_argument("--target", default="127.0.0.1:50051")
     ask.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    ask.add_argument("--max-new-tokens", type=int, default=0)
+    ask.add_argument("--max-new-tokens", type=non_negative_int, default=0, help="0: the service's default")
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--top-p", type=float, default=0.0)
     ask.add_argument("--timeout", type=float, default=120.0)

@@ -147,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     send = subparsers.add_parser("feedback", help="send feedback or an expert correction for a query id")
     send.add_argument("query_id", help="the query id the inference service returned with the answer")
     signal = send.add_mutually_exclusive_group(required=True)
-    signal.add_argument("--rating", type=int, help="1 to 5")
+    signal.add_argument("--rating", type=int, choices=range(1, 6), metavar="1-5", help="1 to 5")
     signal.add_argument("--thumbs", choices=["up", "down"])
     signal.add_argument("--comment", help="free text (personal data is redacted by the service)")
     signal.add_argument("--ignored", action="store_true", help="the visitor ignored the answer")

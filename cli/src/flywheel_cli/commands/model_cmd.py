@@ -42,8 +42,18 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_registry(artifact_root: str) -> ModelRegistry:
+    """The registry at `artifact_root`; refuses a path that holds none, where opening one would make
+    an empty registry (and a wrong path would read as "nothing registered")."""
+    root = Path(artifact_root)
+    versions = root / "models" / "versions"
+    if not versions.is_dir():
+        raise UserError(f"no model registry at {root} (expected {versions}); check --artifact-root")
+    return ModelRegistry(root)
+
+
 def _list(args: argparse.Namespace) -> int:
-    registry = ModelRegistry(Path(args.artifact_root))
+    registry = _existing_registry(args.artifact_root)
     state = registry.state()
     for version in registry.list_versions():
         role = "production" if version.version == state.production else ""
@@ -57,7 +67,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    registry = ModelRegistry(Path(args.artifact_root))
+    registry = _existing_registry(args.artifact_root)
     try:
         pruned = registry.prune(args.keep_latest, dry_run=args.dry_run)
     except InvalidArgument as error:

@@ -13,6 +13,7 @@ import grpc
 from flywheel_cli.admin import add_token_arg, admin_metadata
 from flywheel_cli.decisions import action_name, decision_json
 from flywheel_cli.errors import UserError, explain
+from flywheel_cli.flags import non_negative_int
 from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 
 
@@ -62,7 +63,7 @@ def _call(stub: evaluator_pb2_grpc.EvaluatorServiceStub, args: argparse.Namespac
         if args.json:
             print(json.dumps([decision_json(d) for d in reply.decisions], indent=2))
         for d in [] if args.json else reply.decisions:
-            _print_decision(d, args.verbose)
+            _print_decision(d, args.all_reasons)
     elif command in ("report", "evaluate"):
         if command == "report":
             report = stub.GetReport(evaluator_pb2.GetReportRequest(version=args.version), timeout=timeout)
@@ -118,8 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     status = commands.add_parser("status", help="production, canary and split, pin, auto-rollout")
     status.add_argument("--history", type=int, default=10, help="recent state changes to show")
     decisions = commands.add_parser("decisions", help="gate, canary and admin decisions, newest first")
-    decisions.add_argument("--limit", type=int, default=20)
-    decisions.add_argument("-v", "--verbose", action="store_true", help="every reason")
+    decisions.add_argument("--limit", type=non_negative_int, default=20)
+    # Its own dest: sharing `verbose` with the global -v would reset that one to False.
+    decisions.add_argument("-v", "--verbose", dest="all_reasons", action="store_true", help="every reason")
     decisions.add_argument("--json", action="store_true")
     for name, text in (
         ("report", "a version's evaluation report (Markdown)"),

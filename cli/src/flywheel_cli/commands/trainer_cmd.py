@@ -11,6 +11,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from flywheel_cli.admin import add_token_arg, admin_metadata
+from flywheel_cli.flags import non_negative_int
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 _STATES = {
@@ -85,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     trainer.add_argument("--timeout", type=float, default=30.0)
     commands = trainer.add_subparsers(dest="trainer_command", required=True)
     jobs = commands.add_parser("jobs", help="list training jobs, newest first")
-    jobs.add_argument("--limit", type=int, default=20, help="at most this many (0: all)")
+    jobs.add_argument("--limit", type=non_negative_int, default=20, help="at most this many (0: all)")
     jobs.add_argument("--json", action="store_true")
     jobs.set_defaults(func=_jobs)
     job = commands.add_parser("job", help="one job, as JSON")

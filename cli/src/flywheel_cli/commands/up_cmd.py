@@ -11,7 +11,7 @@ from types import FrameType
 from flywheel_cli.console import make_console
 from flywheel_cli.local.options import add_stack_args, print_table, stack_config
 from flywheel_cli.local.stack import DEFAULT_DATASET, LocalStack, StackError
-from flywheel_cli.simulation.simulate_cmd import add_simulation_args, run_simulation
+from flywheel_cli.simulation.simulate_cmd import add_simulation_args, check_run_inputs, run_simulation
 
 
 def _interrupt_on_sigterm() -> None:
@@ -24,9 +24,10 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    config = stack_config(args, args.simulate, simulating=bool(args.simulate))
+    check_run_inputs(args, Path(args.simulate) if args.simulate else None, config)
     console = make_console()
     _interrupt_on_sigterm()
-    config = stack_config(args, args.simulate, simulating=bool(args.simulate))
     stack = LocalStack(config, echo=console.print)
     try:
         with stack:

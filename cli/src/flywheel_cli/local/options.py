@@ -61,6 +61,15 @@ def add_stack_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def stack_flags_given(args: argparse.Namespace) -> list[str]:
+    """The stack flags set to something other than their defaults (they mean nothing without a stack)."""
+    probe = argparse.ArgumentParser()
+    add_stack_args(probe)
+    defaults = vars(probe.parse_args([]))
+    given = [dest for dest, default in defaults.items() if getattr(args, dest, default) != default]
+    return [f"--{dest.replace('_', '-')}" for dest in given]
+
+
 def stack_config(
     args: argparse.Namespace, dataset: Path | str | None, *, simulating: bool = False
 ) -> StackConfig:

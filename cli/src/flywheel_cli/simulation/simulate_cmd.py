@@ -19,8 +19,9 @@ from rich.progress import (
 
 from flywheel_cli.console import make_console
 from flywheel_cli.errors import UserError
-from flywheel_cli.local.options import add_stack_args, print_table, stack_config
-from flywheel_cli.local.stack import LocalStack, StackError, runs_on_disk
+from flywheel_cli.flags import non_negative_int, positive_int
+from flywheel_cli.local.options import add_stack_args, print_table, stack_config, stack_flags_given
+from flywheel_cli.local.stack import LocalStack, StackConfig, StackError, runs_on_disk
 from flywheel_cli.simulation import report as report_mod
 from flywheel_cli.simulation.simulate import (
     DEFAULT_TEMPLATE,
@@ -29,7 +30,12 @@ from flywheel_cli.simulation.simulate import (
     SimulationError,
     Targets,
     Tokens,
+    correction_text,
 )
+from flywheel_eval.dataset import DatasetError, QAItem, load_dataset
+
+# What a correction template is tried on before a run (a run finds a bad one only mid-round).
+_SAMPLE = QAItem(id="sample", page="sample", question="What is it?", answers=("42",), split="traffic")
 
 
 class RichProgress:
@@ -87,6 +93,36 @@ def simulation_config(
     )
 
 
+def check_run_inputs(args: argparse.Namespace, dataset: Path | None, stack: StackConfig | None) -> None:
+    """Refuses, before anything starts, what a run would trip over only later (minutes into the
+    stack's start, or mid-round): the simulated `dataset` or the `stack`'s golden set not loading (or
+    without the split it gates on), a correction template that does not format."""
+    simulated = None
+    if dataset is not None:
+        simulated = load_dataset(dataset)  # a DatasetError says what is wrong, as `flywheel simulate` does
+        try:
+            correction_text(_SAMPLE, args.correction_template)
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            why = f"unknown field {{{exc.args[0]}}}" if isinstance(exc, KeyError) else str(exc)
+            raise UserError(
+                f"--correction-template {args.correction_template!r}: {why}; it can use {{answer}} and "
+                "{question} (write {{ and }} for a brace)"
+            ) from exc
+    if stack is None:
+        return
+    golden = simulated
+    if args.golden:
+        try:
+            golden = load_dataset(stack.dataset)
+        except DatasetError as exc:
+            raise UserError(f"bad --golden dataset: {exc}") from exc
+    if golden is not None and not golden.split(stack.gate_split):
+        raise UserError(
+            f"{golden.root} has no {stack.gate_split!r} questions for the evaluator to gate on; "
+            "pass --golden with a dataset that has them"
+        )
+
+
 def run_simulation(
     args: argparse.Namespace, stack: LocalStack | None, console: Console, dataset: Path
 ) -> int:
@@ -140,13 +176,23 @@ def _simulate(args: argparse.Namespace) -> int:
     console = make_console()
     dataset = Path(args.dataset)
     if args.up:
+        config = stack_config(args, dataset, simulating=True)
+        check_run_inputs(args, dataset, config)
         try:
-            with LocalStack(stack_config(args, dataset, simulating=True), echo=console.print) as stack:
+            with LocalStack(config, echo=console.print) as stack:
                 print_table(console, stack)
                 return run_simulation(args, stack, console, dataset)
         except StackError as exc:
             console.print(f"[red]could not start the stack:[/] {exc}")
             return 1
+    given = stack_flags_given(args)
+    if given:
+        many = len(given) > 1
+        raise UserError(
+            f"{', '.join(given)} {'configure' if many else 'configures'} the stack that --up starts: "
+            f"add --up, or leave {'them' if many else 'it'} out to drive the running one"
+        )
+    check_run_inputs(args, dataset, None)
     return run_simulation(args, None, console, dataset)
 
 
@@ -157,15 +203,17 @@ def add_simulation_args(
     group = parser.add_argument_group("simulation")
     if dataset_flag:
         group.add_argument("--dataset", required=True, help="dataset folder (pages/*.html + qa.jsonl)")
-    group.add_argument("--rounds", type=int, default=default_rounds, help=f"default {default_rounds}")
+    group.add_argument(
+        "--rounds", type=non_negative_int, default=default_rounds, help=f"default {default_rounds}"
+    )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument(
         "--questions",
-        type=int,
+        type=positive_int,
         help="traffic questions per round (default: the traffic split over the rounds)",
     )
-    group.add_argument("--exam-questions", type=int, help="exam questions measured (default: all)")
-    group.add_argument("--concurrency", type=int, default=4, help="visitors at once (default 4)")
+    group.add_argument("--exam-questions", type=positive_int, help="exam questions measured (default: all)")
+    group.add_argument("--concurrency", type=positive_int, default=4, help="visitors at once (default 4)")
     group.add_argument(
         "--correction-share",
         type=float,
