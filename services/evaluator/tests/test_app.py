@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
+from prometheus_client import REGISTRY
 
 from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.dev_secrets import DEV_PSEUDONYM_KEY
 from flywheel_common.errors import InvalidArgument, PermissionDenied
 from flywheel_common.pseudonym import pseudonymise
+from flywheel_common.query_ids import QueryIdSigner
 from flywheel_common.registry import ModelRegistry
 from flywheel_evaluator import reports
 from flywheel_evaluator.app import EvaluatorApp
@@ -367,3 +369,18 @@ def test_a_canary_decision_kafka_did_not_acknowledge_is_sent_on_the_next_tick(ap
         events_pb2.DECISION_ACTION_GATE,
         events_pb2.DECISION_ACTION_CANARY_PROMOTE,
     ]
+
+
+def test_the_live_gauges_count_voters_per_serving_version(app: EvaluatorApp) -> None:
+    signer = QueryIdSigner(b"k" * 32)
+    now = time.time()
+    # Six sessions of one network and two of others thumb production's answers: three voters.
+    signals = [
+        Signal("v1", now, "thumbs", 1, query_id=signer.issue("v1", f"{n:032x}", network), session=f"{n:032x}")
+        for n, network in enumerate(["e" * 32] * 6 + ["f" * 32, ""])
+    ]
+    app.gatekeeper.store.record(signals)
+    app.gatekeeper.refresh_gauges()
+    voters = REGISTRY.get_sample_value("flywheel_evaluator_live_voters", {"version": "v1"})
+    events = REGISTRY.get_sample_value("flywheel_evaluator_live_feedback_events", {"version": "v1"})
+    assert (voters, events) == (3, 3)

@@ -27,6 +27,7 @@ from flywheel_evaluator.metrics import (
     LIVE_IGNORE_RATE,
     LIVE_MEAN_RATING,
     LIVE_THUMBS_DOWN_RATE,
+    LIVE_VOTERS,
     PRECISION,
     PRUNED_BYTES,
     ROLLOUT_STATE,
@@ -237,6 +238,7 @@ class Gatekeeper:
         for gauge in (ACCURACY, PRECISION, F1, LIVE_MEAN_RATING, LIVE_THUMBS_DOWN_RATE, LIVE_IGNORE_RATE):
             gauge.clear()
         LIVE_FEEDBACK.clear()
+        LIVE_VOTERS.clear()
         now = time.time()
         for version, role in roles:
             if not version:
@@ -250,6 +252,7 @@ class Gatekeeper:
                 continue
             stats = self.store.stats(version, now - self.settings.live.gauge_window_s, now)
             LIVE_FEEDBACK.labels(version).set(stats.feedback)
+            LIVE_VOTERS.labels(version).set(stats.sessions)
             for gauge, value in (
                 (LIVE_MEAN_RATING, stats.mean_rating),
                 (LIVE_THUMBS_DOWN_RATE, stats.thumbs_down_rate),

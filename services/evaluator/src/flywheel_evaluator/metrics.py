@@ -91,6 +91,12 @@ LIVE_FEEDBACK = Gauge(
     "Feedback events (ratings, thumbs, ignores) on a serving version over the live window.",
     ["version"],
 )
+LIVE_VOTERS = Gauge(
+    "flywheel_evaluator_live_voters",
+    "Distinct voters with feedback on a serving version over the live window: sessions, all sessions "
+    "of one client network counting once (the canary's evidence).",
+    ["version"],
+)
 PRUNED_BYTES = Counter(
     "flywheel_evaluator_pruned_bytes",
     "Bytes of model weights freed by retention (versions nothing needs any more).",
