@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from flywheel_cli.local.kafka_broker import LocalBroker
+from flywheel_cli.local.kafka_broker import LocalBroker, default_libs_dir
 from flywheel_common.errors import Unavailable
 from flywheel_common.kafka import (
     EVENT_TYPE_HEADER,
     BufferedEventProducer,
     EventConsumer,
     EventProducer,
+    client_config,
     decode,
     ensure_topics,
     extract_trace_context,
     header,
 )
+from flywheel_common.runtime import ConsumerThread
 from flywheel_common.settings import KafkaSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 
@@ -247,3 +253,102 @@ def test_assigned_partitions_gauge_follows_the_group(
                 thread.join(30)
     assert not threads[0].is_alive()
     assert held() == 0
+
+
+# Records any Java client may send and kafka-python cannot: neither key nor value; a null header value.
+_UNSENDABLE = """
+import java.util.Properties;
+import org.apache.kafka.clients.producer.*;
+import org.apache.kafka.common.header.internals.RecordHeader;
+import org.apache.kafka.common.serialization.ByteArraySerializer;
+
+public class Unsendable {
+    public static void main(String[] args) throws Exception {
+        Properties p = new Properties();
+        p.put("bootstrap.servers", args[0]);
+        p.put("key.serializer", ByteArraySerializer.class.getName());
+        p.put("value.serializer", ByteArraySerializer.class.getName());
+        try (KafkaProducer<byte[], byte[]> producer = new KafkaProducer<>(p)) {
+            producer.send(new ProducerRecord<byte[], byte[]>(args[1], 0, null, null)).get();
+            ProducerRecord<byte[], byte[]> r =
+                new ProducerRecord<>(args[1], 0, "k".getBytes(), "v".getBytes());
+            r.headers().add(new RecordHeader("x-null", (byte[]) null));
+            producer.send(r).get();
+        }
+    }
+}
+"""
+
+
+class _FailsOnce(EventConsumer):
+    """Dead-letters every record not keyed q*; the first q* one fails (the consumer is restarted)."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        group = f"test-dlq-{uuid.uuid4().hex[:6]}"
+        super().__init__(settings, [settings.topics.feedback], group, poll_timeout_ms=100, max_records=1)
+        self.values: list[int] = []
+        self.failed = False
+
+    def handle(self, records: list[ConsumerRecord]) -> None:
+        for record in records:
+            if not (record.key or b"").startswith(b"q"):
+                self.dead_letter(record, "not a Feedback")
+            elif not self.failed:
+                self.failed = True
+                raise RuntimeError("the store is locked")
+            else:
+                self.values.append(decode(record, events_pb2.Feedback).value)
+
+
+def test_a_restarted_consumer_dead_letters_what_kafka_python_cannot_send_as_it_is(
+    kafka_settings: KafkaSettings,
+    read_topic: Callable[..., list[ConsumerRecord]],
+    wait_until: Callable[..., bool],
+    tmp_path: Path,
+) -> None:
+    """After a restart the dead-letter producer works again, and records it cannot send as they
+    are (no key nor value, a null header, too large once the dead-letter headers are added) go
+    anyway, so the partition moves on to the records behind them."""
+    topic = kafka_settings.topics.feedback
+    big = b"x" * 1_048_400  # the broker takes it; with the dead-letter headers it is over 1 MiB
+    producer = KafkaProducer(**client_config(kafka_settings), acks="all", max_request_size=2_000_000)
+    for key, value in ((b"poison", b"\xff"), (b"q1", events_pb2.Feedback(value=1).SerializeToString())):
+        producer.send(topic, key=key, value=value, partition=0).get(10)
+    java = shutil.which("java")
+    assert java, "Java runs the broker too"
+    (tmp_path / "Unsendable.java").write_text(_UNSENDABLE)
+    subprocess.run(
+        [
+            java,
+            "-cp",
+            f"{default_libs_dir()}/*",
+            str(tmp_path / "Unsendable.java"),
+            kafka_settings.bootstrap_servers,
+            topic,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    for key, value in ((b"big", big), (b"q5", events_pb2.Feedback(value=5).SerializeToString())):
+        producer.send(topic, key=key, value=value, partition=0).get(10)
+    producer.close()
+
+    consumer = _FailsOnce(kafka_settings)
+    restarts = {"group": consumer.group_id}
+    thread = ConsumerThread(consumer, restart_after_s=0.1)
+    thread.start()
+    try:
+        assert wait_until(lambda: consumer.values == [1, 5], 60), consumer.values
+    finally:
+        consumer.signal_shutdown()
+        thread._thread.join(30)
+    assert (REGISTRY.get_sample_value("flywheel_kafka_consumer_restarts_total", restarts) or 0) >= 1
+    dead = {header(r, "flywheel-dlq-source"): r for r in read_topic(kafka_settings.topics.dead_letter, 4)}
+    assert set(dead) == {f"{topic}/0/{offset}".encode() for offset in (0, 2, 3, 4)}
+    empty, null_header, too_large = (dead[f"{topic}/0/{offset}".encode()] for offset in (2, 3, 4))
+    assert (empty.key, empty.value) == (b"", None)
+    assert (null_header.value, header(null_header, "x-null")) == (b"v", b"")
+    assert (too_large.key, too_large.value) == (b"big", b"")
+    assert header(too_large, "flywheel-dlq-original-size") == str(3 + len(big)).encode()
+    assert header(too_large, "flywheel-dlq-truncated") == b"MessageSizeTooLargeError"

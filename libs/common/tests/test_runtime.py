@@ -12,6 +12,7 @@ import threading
 
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
+from prometheus_client import REGISTRY
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 
@@ -164,10 +165,17 @@ class FlakyConsumer(EventConsumer):
         raise AssertionError("not polled here")
 
 
+def restarts(group: str) -> float | None:
+    return REGISTRY.get_sample_value("flywheel_kafka_consumer_restarts_total", {"group": group})
+
+
 async def test_consumer_thread_restarts_a_failed_consumer_and_stops() -> None:
     consumer = FlakyConsumer()
     thread = ConsumerThread(consumer, restart_after_s=0.05)
+    before = restarts("g")
+    assert before is not None, "the series is there before the first restart"
     thread.start()
     assert await asyncio.to_thread(consumer.second_run.wait, 30)
     await thread.stop(join_s=30)
     assert not thread.is_alive() and consumer.runs == 2
+    assert restarts("g") == before + 1

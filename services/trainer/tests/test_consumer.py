@@ -1,13 +1,16 @@
-"""The consumer stores only redacted text, whoever produced the interaction."""
+"""The trainer's consumer: only redacted, signed events are stored, and its lag shows past a failing batch."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
+from prometheus_client import REGISTRY
 
 from flywheel_common.dev_secrets import DEV_EVENT_SIGNING_KEY, DEV_QUERY_ID_KEY
 from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
@@ -195,3 +198,42 @@ def test_a_signed_event_replayed_after_the_retention_window_is_dropped(
     accept.created_at.FromSeconds(int(time.time()))
     consumer.handle([record(topics.feedback, 1, accept, signed(topics.feedback, accept))])
     assert store.pending().examples == 1
+
+
+class _Positions:
+    """The running client as `_update_lag` reads it: a batch polled from offset 10, 40 records behind it."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+
+    def assignment(self) -> set[TopicPartition]:
+        return {self.tp}
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return 51
+
+    def position(self, tp: TopicPartition) -> int:
+        return 11
+
+
+def test_lag_is_measured_before_a_batch_that_fails(
+    settings: TrainerSettings, store: JoinStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails over and over (the consumer restarted each time) must not freeze the gauge
+    at its last value while the partition fills up behind it."""
+    consumer = TrainerConsumer(settings, store)
+    topic = settings.kafka.topics.feedback
+    consumer.kafka = _Positions(TopicPartition(topic, 0))  # type: ignore[assignment]
+
+    def locked(*_: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "ingest", locked)
+    event = events_pb2.Feedback(
+        feedback_id="f1", query_id="q1", kind=events_pb2.FEEDBACK_KIND_RATING, value=5
+    )
+    with pytest.raises(sqlite3.OperationalError):
+        consumer.handle([record(topic, 10, event, signed(topic, event))])
+    assert (
+        REGISTRY.get_sample_value("flywheel_trainer_consumer_lag", {"topic": topic, "partition": "0"}) == 40
+    )

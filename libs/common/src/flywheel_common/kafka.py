@@ -47,6 +47,11 @@ ASSIGNED_PARTITIONS = Gauge(
     "Partitions the consumer group assigns to this process's consumers, by group and topic.",
     ["group", "topic"],
 )
+DEAD_LETTERS_SKIPPED = Counter(
+    "flywheel_kafka_dead_letters_skipped",
+    "Records a consumer skipped, by group: not even a truncated copy could go to the dead-letter topic.",
+    ["group"],
+)
 
 
 def client_config(settings: KafkaSettings) -> dict[str, Any]:
@@ -439,6 +444,12 @@ class BufferedEventProducer:
             self._cond.notify()
         return True
 
+    def drop(self, count: int, why: str) -> None:
+        """Counts and logs events dropped before they reached the buffer (a queue in front of it that
+        shares its bound), as the buffer counts its own."""
+        with self._cond:
+            self._drop(count, why)
+
     def _drop(self, count: int, why: str) -> None:
         # Called with the lock held.
         self.stats.dropped += count
@@ -584,7 +595,7 @@ class BufferedEventProducer:
 class EventConsumer(ABC):
     """A Kafka consumer as an object: `run()` polls until `signal_shutdown()`, committing after each batch.
 
-    The poll loop stamps a heartbeat, so liveness is "the loop is turning", not "the process exists".
+    The poll loop stamps a heartbeat, so liveness is "the loop gets on", not "the process exists".
     Events that cannot be processed go to the dead-letter topic with the reason in a header.
     """
 
@@ -617,7 +628,7 @@ class EventConsumer(ABC):
         for topic in self.topics:
             ASSIGNED_PARTITIONS.labels(group_id, topic)
         self._dead_letters: EventProducer | None = None
-        # The running client, for subclasses that read positions (lag) after a batch.
+        # The running client, for subclasses that read positions (lag) after a poll.
         self.kafka: KafkaConsumer | None = None
 
     @abstractmethod
@@ -638,11 +649,12 @@ class EventConsumer(ABC):
         self._assigned = partitions
 
     def heartbeat_age_s(self) -> float:
-        """Seconds since the poll loop last turned."""
+        """Seconds since the poll loop last got on: an empty poll, a batch handled and committed, or
+        a failure that is the broker's."""
         return time.monotonic() - self._heartbeat
 
     def alive(self, max_age_s: float = 30.0) -> bool:
-        """Liveness: the poll loop turned within `max_age_s`."""
+        """Liveness: the poll loop got on within `max_age_s`."""
         return self.heartbeat_age_s() <= max_age_s
 
     def signal_shutdown(self) -> None:
@@ -668,7 +680,21 @@ class EventConsumer(ABC):
         return KafkaConsumer(**client_config(self.settings), **(options | self._consumer_options))
 
     def run(self) -> None:
-        """Polls, handles and commits until signal_shutdown(); closes the consumer (leaving the group)."""
+        """Polls, handles and commits until signal_shutdown(); closes the consumer (leaving the group).
+
+        The heartbeat is stamped after an empty poll and after a batch was handled and committed, so
+        a consumer that fails the same batch over and over (restarted each time) stops it. A failure
+        that is the broker's (unreachable, a rebalance) stamps it too: restarting the process would
+        not bring the broker back, and a consumer waiting for it is not stuck.
+        """
+        try:
+            self._run()
+        except Exception as exc:
+            if _kafka_away(exc):
+                self._heartbeat = time.monotonic()
+            raise
+
+    def _run(self) -> None:
         consumer = self.kafka = self._consumer()
         owner = self
 
@@ -689,39 +715,101 @@ class EventConsumer(ABC):
             consumer.partitions_for_topic(topic)
         try:
             while not self._shutdown.is_set():
-                self._heartbeat = time.monotonic()
                 batches = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._max_records)
                 records = [record for batch in batches.values() for record in batch]
-                if not records:
-                    continue
-                self.handle(records)
-                consumer.commit()
+                if records:
+                    self.handle(records)
+                    consumer.commit()
+                self._heartbeat = time.monotonic()
         finally:
             # A closed consumer holds nothing, whether or not the client says so on close (a restart
             # after an error must not start out "assigned").
             self._set_assigned(set())
             consumer.close()
             self.kafka = None
-            if self._dead_letters is not None:
-                self._dead_letters.close()
+            # Closed, it could send nothing more: a restart of this object builds a new one.
+            dead_letters, self._dead_letters = self._dead_letters, None
+            if dead_letters is not None:
+                dead_letters.close()
 
     def dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        """Sends a record that cannot be processed to the dead-letter topic (blocking until acked)."""
-        if self._dead_letters is None:
-            self._dead_letters = EventProducer(self.settings, linger_ms=0, max_block_ms=5000)
-            self._dead_letters.connect()
-        headers = [
-            *(record.headers or ()),
-            ("flywheel-dlq-reason", reason.encode()),
-            ("flywheel-dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        """Sends a record that cannot be processed to the dead-letter topic (blocking until acked).
+
+        Whatever the record holds, its offset must move on, or it would be retried forever and hold
+        up its partition. Null header values go as empty ones, a record without key and value with
+        an empty key (kafka-python sends neither as they are). A record Kafka refuses for good
+        (`is_poison`: too large once the dead-letter headers are added) goes as a truncated copy: an
+        empty value, its original size and why in headers. One that cannot go even so is logged
+        (never its content), counted (flywheel_kafka_dead_letters_skipped_total) and skipped. A
+        broker that is away raises: the batch is retried, not skipped.
+        """
+        source = f"{record.topic}/{record.partition}/{record.offset}"
+        ours = [("flywheel-dlq-reason", reason.encode()), ("flywheel-dlq-source", source.encode())]
+        headers = [(key, value if value is not None else b"") for key, value in record.headers or ()]
+        key = b"" if record.key is None and record.value is None else record.key
+        try:
+            self._send_dead_letter(key, record.value, [*headers, *ours])
+            log.warning("sent %s to the dead-letter topic: %s", source, reason)
+            return
+        except (Unavailable, KafkaError) as exc:
+            if not is_poison(exc):
+                raise
+            refused = _cause_name(exc)
+        size = len(record.key or b"") + len(record.value or b"")
+        size += sum(len(name.encode()) + len(value) for name, value in headers)
+        truncated = [
+            *ours,
+            ("flywheel-dlq-truncated", refused.encode()),
+            ("flywheel-dlq-original-size", str(size).encode()),
         ]
-        self._dead_letters.send_raw(self.settings.topics.dead_letter, record.key, record.value, headers).get(
-            timeout=self.settings.request_timeout_ms / 1000
-        )
+        try:
+            self._send_dead_letter(record.key, b"", truncated)
+        except (Unavailable, KafkaError) as exc:
+            if not is_poison(exc):
+                raise
+            DEAD_LETTERS_SKIPPED.labels(self.group_id).inc()
+            log.error(
+                "skipped %s (%d bytes): the dead-letter topic took neither it (%s) nor a truncated "
+                "copy (%s); it was to be dead-lettered because: %s",
+                source,
+                size,
+                refused,
+                _cause_name(exc),
+                reason,
+            )
+            return
         log.warning(
-            "sent %s/%d/%d to the dead-letter topic: %s",
-            record.topic,
-            record.partition,
-            record.offset,
+            "sent a truncated copy of %s (%d bytes, refused as it was: %s) to the dead-letter topic: %s",
+            source,
+            size,
+            refused,
             reason,
         )
+
+    def _send_dead_letter(
+        self, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> None:
+        if self._dead_letters is None:
+            self._dead_letters = EventProducer(self.settings, linger_ms=0, max_block_ms=5000)
+        # Again after a failed connect (a broker away the first time): connect() is a no-op once connected.
+        self._dead_letters.connect()
+        self._dead_letters.send_raw(self.settings.topics.dead_letter, key, value, headers).get(
+            timeout=self.settings.request_timeout_ms / 1000
+        )
+
+
+def _cause_name(exc: BaseException) -> str:
+    # The client's error, not the Unavailable that wraps it.
+    while isinstance(exc, Unavailable) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return type(exc).__name__
+
+
+def _kafka_away(exc: BaseException) -> bool:
+    """Whether a consumer failed on Kafka itself (unreachable, a rebalance), not on a record."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, KafkaError):
+            return not is_poison(exc)
+        cause = cause.__cause__
+    return False

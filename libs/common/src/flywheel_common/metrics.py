@@ -26,6 +26,11 @@ GRPC_DURATION = Histogram(
     ["service", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+CONSUMER_RESTARTS = Counter(
+    "flywheel_kafka_consumer_restarts",
+    "Kafka consumers restarted after an error, by consumer group.",
+    ["group"],
+)
 
 
 def with_label_values(metric: M, *values: str) -> M:

@@ -18,7 +18,7 @@ from pydantic_settings import SettingsError
 
 from flywheel_common.kafka import EventConsumer
 from flywheel_common.logging import configure_logging
-from flywheel_common.metrics import start_metrics_server
+from flywheel_common.metrics import CONSUMER_RESTARTS, start_metrics_server
 from flywheel_common.settings import LoggingSettings, MetricsSettings, TracingSettings
 from flywheel_common.tracing import configure_tracing
 
@@ -136,12 +136,18 @@ async def connect_with_retry(connect: Callable[[], object], what: str = "Kafka")
 
 
 class ConsumerThread:
-    """Runs a consumer on its own thread until shutdown, restarting it after an unexpected error."""
+    """Runs a consumer on its own thread until shutdown, restarting it after an unexpected error.
+
+    Restarts are counted (flywheel_kafka_consumer_restarts_total): one that fails the same batch
+    over and over restarts every few seconds, and FlywheelConsumerRestarting says so.
+    """
 
     def __init__(self, consumer: EventConsumer, *, restart_after_s: float = RETRY_S) -> None:
         self.consumer = consumer
         self._restart_after_s = restart_after_s
         self._thread = threading.Thread(target=self._run, name=type(consumer).__name__, daemon=True)
+        # At 0 from the start: the first restart must show as an increase.
+        self._restarts = CONSUMER_RESTARTS.labels(consumer.group_id)
 
     def _run(self) -> None:
         while not self.consumer.stopping:
@@ -151,6 +157,7 @@ class ConsumerThread:
             except Exception:  # the broker went away mid-poll: a fresh consumer rejoins the group
                 if self.consumer.stopping:
                     return
+                self._restarts.inc()
                 log.exception(
                     "%s failed; restarting it in %.0f s", type(self.consumer).__name__, self._restart_after_s
                 )
@@ -171,9 +178,10 @@ class ConsumerThread:
             await asyncio.to_thread(self._thread.join, join_s)
 
     async def stamp_heartbeat(self, path: Path, max_age_s: float) -> None:
-        """Touches `path` every few seconds while the poll loop turned within `max_age_s` (liveness).
+        """Touches `path` every few seconds while the poll loop got on within `max_age_s` (liveness).
 
-        A consumer stuck in a batch, or one that keeps failing, stops the stamps and fails its probe.
+        A consumer stuck in a batch, or one that fails the same batch over and over, stops the stamps
+        and fails its probe; one waiting for a broker that is away does not (EventConsumer.run).
         """
         while True:
             if self.is_alive() and self.consumer.alive(max_age_s):

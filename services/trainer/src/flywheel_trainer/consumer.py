@@ -50,6 +50,8 @@ class TrainerConsumer(EventConsumer):
         self._retention_s = settings.retention_s
 
     def handle(self, records: list[ConsumerRecord]) -> None:
+        # Before the batch: one that keeps failing must not hide the lag growing behind it.
+        self._update_lag()
         interactions: list[events_pb2.Interaction] = []
         feedback = []
         for record in records:
@@ -95,10 +97,10 @@ class TrainerConsumer(EventConsumer):
                 result.duplicates,
                 extra={"examples": dict(result.examples)},
             )
-        self._update_lag()
 
     def _update_lag(self) -> None:
-        # The high watermark comes with every fetch response: no extra request to the broker.
+        # The high watermark comes with every fetch response: no extra request to the broker. The
+        # position is past the polled batch already: the lag counts what waits behind it.
         kafka = self.kafka
         if kafka is None:
             return
