@@ -18,16 +18,33 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from flywheel_cli.local.kafka_broker import LocalBroker, free_port
 from flywheel_cli.local.stack import LocalStack, StackConfig
+from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.files import repo_root
-from flywheel_common.settings import TopicSettings
+from flywheel_common.grpc_server import GrpcServer
+from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.redaction import Redactor
+from flywheel_common.registry import ModelRegistry
+from flywheel_common.settings import GrpcSettings, TopicSettings
+from flywheel_feedback.service import FeedbackServicer
+from flywheel_feedback.settings import FeedbackSettings
 from flywheel_gateway.app import GatewayApp
 from flywheel_gateway.settings import GatewaySettings
+from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc
+from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
+from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal
+from flywheel_trainer.service import TrainerServicer
+from flywheel_trainer.settings import PolicySettings, TrainerSettings
+from flywheel_trainer.store import JoinStore
+from flywheel_trainer.trainer import Trainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -360,3 +377,208 @@ async def test_simulated_visitors_through_the_gateway(site: Site, stack: LocalSt
     finally:
         await visitor.close()
     assert measured["answers"] == 1 and measured["grpc_median_ms"] > 0 and measured["gateway_median_ms"] > 0
+
+
+class _Recorder:
+    """The feedback service's producer: keeps the events instead of sending them to Kafka."""
+
+    def __init__(self) -> None:
+        self.events: list[events_pb2.Feedback] = []
+
+    async def produce(self, topic: str, key: str, message: Any, headers: Any = None) -> None:
+        self.events.append(message)
+
+
+class _NoJobs(JobLauncher):
+    name = "none"
+
+    def launch(self, spec: JobSpec) -> str:
+        return spec.job_id
+
+    def wait(self, handle: str) -> Outcome:
+        return Outcome(False, "never")
+
+    def stop(self, handle: str) -> None:
+        pass
+
+
+@dataclass
+class Console:
+    """The console alone: the gateway before the real trainer and feedback services, the evaluator down."""
+
+    url: str
+    store: JoinStore
+    events: list[events_pb2.Feedback]
+    questions: list[str]
+
+    def claimed(self) -> set[str]:
+        """The questions of the answers someone holds a claim on."""
+        rows = self.store._query(
+            "SELECT i.question FROM review_claims c JOIN interactions i USING (query_id) WHERE c.until > ?",
+            (time.time(),),
+        )
+        return {r["question"] for r in rows}
+
+
+@pytest.fixture
+async def console(tmp_path: Path) -> AsyncIterator[Console]:
+    """Four low-rated answers in the trainer's store; no model, no Kafka (the feedback service's
+    events are recorded), so this tier's console checks take seconds."""
+    signer = QueryIdSigner(b"test-query-id-key-0123")
+    store = JoinStore(tmp_path / "trainer.sqlite3", ExamplePolicy(PolicySettings()))
+    questions = [f"Question {n}?" for n in range(4)]
+    for n, question in enumerate(questions):
+        query_id = signer.issue("v1")
+        interaction = events_pb2.Interaction(
+            query_id=query_id, question=question, answer=f"Answer {n}.", passages=["p"], model_version="v1"
+        )
+        low = FeedbackSignal(
+            f"f{n}", query_id, events_pb2.FEEDBACK_KIND_RATING, 1, "", events_pb2.REVIEWER_ROLE_USER
+        )
+        store.ingest([interaction], [low])
+    registry = ModelRegistry(tmp_path / "artifacts")
+    trainer = Trainer(
+        TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer"),
+        store,
+        _NoJobs(),
+        registry,
+        None,
+    )
+    tokens = Authenticator(load_tokens(None))
+    trainer_server = GrpcServer(GrpcSettings(port=0), "trainer")
+    trainer_servicer = TrainerServicer(trainer, tokens, b"test-pseudonym-key")
+    trainer_server.add_service(
+        "flywheel.trainer.v1.TrainerService",
+        lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(trainer_servicer, s),
+    )
+    recorder = _Recorder()
+    feedback_servicer = FeedbackServicer(
+        FeedbackSettings(),
+        producer=recorder,  # type: ignore[arg-type]
+        authenticator=tokens,
+        redactor=Redactor(presidio=False),
+        signer=signer,
+        pseudonym_key=b"test-pseudonym-key-0123",
+    )
+    feedback_server = GrpcServer(GrpcSettings(port=0), "feedback")
+    feedback_server.add_service(
+        "flywheel.feedback.v1.FeedbackService",
+        lambda s: feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(feedback_servicer, s),
+    )
+    targets = {
+        "inference": "127.0.0.1:9",
+        "trainer": f"127.0.0.1:{await trainer_server.start()}",
+        "feedback": f"127.0.0.1:{await feedback_server.start()}",
+        "evaluator": "127.0.0.1:9",
+    }
+    app = GatewayApp(
+        GatewaySettings(http={"port": 0, "grace_s": 1}, services=targets, session={"secure_cookies": False})
+    )
+    await app.start()
+    yield Console(app.url, store, recorder.events, questions)
+    await app.stop()
+    await trainer_server.stop(0)
+    await feedback_server.stop(0)
+    store.close()
+
+
+async def _eventually(check: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "never came true"
+        await asyncio.sleep(0.1)
+
+
+async def test_the_console_acts_once_gives_back_claims_and_keeps_drafts(
+    console: Console, browser: object
+) -> None:
+    """One action per press and key, claims released when the expert moves on, skips or leaves,
+    drafts kept through j/k, a reload and a lapsed login (the action is sent after logging in again),
+    and the queue shown while the evaluator is down."""
+    from playwright.async_api import Browser, Route, expect
+
+    assert isinstance(browser, Browser)
+    context = await browser.new_context()
+    page = await context.new_page()
+    posts: list[dict[str, Any]] = []
+    refuse_next = {"correct": 1}
+
+    async def actions(route: Route) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        posts.append(body)
+        if refuse_next.get(body["action"]):
+            refuse_next[body["action"]] -= 1
+            await route.fulfill(status=503, json={"error": "The service is busy."})
+            return
+        await asyncio.sleep(0.8)  # a slow feedback service: long enough to press twice
+        await route.continue_()
+
+    await page.route("**/api/v1/review/actions", actions)
+    question = page.locator("#question")
+    await page.goto(f"{console.url}/console")
+    await expect(page.locator("#login-view")).to_be_visible()
+    await page.get_by_label("Your reviewer token").fill("dev-expert-token")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#queue button")).to_have_count(4)
+    order = "bs => bs.map(b => b.firstChild.textContent)"
+    a, b, c, d = await page.eval_on_selector_all("#queue button", order)
+    await expect(question).to_have_text(a)
+    # The evaluator is down: the rollout panel says so, the queue works.
+    await expect(page.locator("#rollout")).to_contain_text("unavailable")
+
+    # Pressed twice while the first is on its way: one action, the next item shown, none lost.
+    await page.keyboard.press("a")
+    await page.keyboard.press("a")
+    await expect(page.locator("#status")).to_have_text("Saved: accept.")
+    assert [p["action"] for p in posts] == ["accept"] and posts[0]["idempotency_key"]
+    await expect(question).to_have_text(b)
+    await expect(page.locator("#queue button")).to_have_count(3)
+    await _eventually(lambda: console.claimed() == {a, b})
+    # Moving on gives the claim back; skipping the last item shows the one before, unclaimed no more.
+    await page.keyboard.press("j")
+    await _eventually(lambda: console.claimed() == {a, c})
+    await page.keyboard.press("j")
+    await expect(question).to_have_text(d)
+    await page.keyboard.press("s")
+    await expect(question).to_have_text(c)
+    await _eventually(lambda: console.claimed() == {a, c})
+
+    # A draft stays through j / k and a reload (which gives back the claim too).
+    draft = "A careful correction that took ten minutes to write."
+    await page.get_by_label("Correct answer").fill(draft)
+    await page.keyboard.press("Escape")
+    await page.keyboard.press("j")
+    await expect(page.get_by_label("Correct answer")).to_have_value(
+        d.replace("Question", "Answer").replace("?", ".")
+    )
+    await page.keyboard.press("k")
+    await expect(page.get_by_label("Correct answer")).to_have_value(draft)
+    await page.reload()
+    await expect(question).to_have_text(b)  # logged in still, though the evaluator is down
+    await _eventually(lambda: console.claimed() == {a, b})
+    await page.keyboard.press("j")
+    await expect(page.get_by_label("Correct answer")).to_have_value(draft)
+
+    # Refused once (503), then the login lapses: the same action, with the same key, is sent once
+    # the expert logs in again, and stored once.
+    await page.get_by_label("Correct answer").press("Control+Enter")
+    await expect(page.locator("#status")).to_contain_text("Press again to retry")
+    await page.request.post(f"{console.url}/console/logout", headers={"origin": console.url})
+    await page.get_by_label("Correct answer").press("Control+Enter")
+    await expect(page.locator("#login-error")).to_contain_text("log in again", ignore_case=True)
+    await page.get_by_label("Your reviewer token").fill("dev-expert-token")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#status")).to_have_text("Saved: correct.")
+    corrections = [p for p in posts if p["action"] == "correct"]
+    assert len(corrections) == 3 and len({p["idempotency_key"] for p in corrections}) == 1
+    assert [e.redacted_text for e in console.events if e.kind == events_pb2.FEEDBACK_KIND_CORRECTION] == [
+        draft
+    ]
+
+    # Logging out gives back the claim of the item shown; the acted-on ones wait for the trainer.
+    await expect(question).to_have_text(d)
+    await _eventually(lambda: console.claimed() == {a, c, d})
+    await page.get_by_role("button", name="Log out").click()
+    await expect(page.locator("#login-view")).to_be_visible()
+    await _eventually(lambda: console.claimed() == {a, c})
+    await context.close()

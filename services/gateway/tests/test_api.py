@@ -18,8 +18,12 @@ import pytest
 from flywheel_common.auth import Authenticator, load_tokens
 from flywheel_common.grpc_server import GrpcServer
 from flywheel_common.networks import client_network
+from flywheel_common.query_ids import QueryIdSigner
+from flywheel_common.redaction import Redactor
 from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import EvidenceSettings, GrpcSettings
+from flywheel_feedback.service import FeedbackServicer
+from flywheel_feedback.settings import FeedbackSettings
 from flywheel_gateway.api import Gateway
 from flywheel_gateway.app import GatewayApp
 from flywheel_gateway.clients import ServiceClients
@@ -27,13 +31,14 @@ from flywheel_gateway.settings import GatewaySettings
 from flywheel_gateway.web import address_key
 from flywheel_model.prompt import NO_ANSWER
 from flywheel_proto.flywheel.events.v1 import events_pb2
+from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
 from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal
 from flywheel_trainer.service import TrainerServicer
 from flywheel_trainer.settings import PolicySettings, TrainerSettings
-from flywheel_trainer.store import JoinStore
+from flywheel_trainer.store import JoinStore, signal_of
 from flywheel_trainer.trainer import Trainer
 
 SITE = "http://docs.example.test"
@@ -131,7 +136,7 @@ async def make_client(
     opened: list[tuple[httpx.AsyncClient, ServiceClients]] = []
 
     async def make(**overrides: Any) -> Client:
-        settings = GatewaySettings(services=targets, sites=[SITE], **overrides)
+        settings = GatewaySettings(**{"services": targets, "sites": [SITE], **overrides})
         clients = ServiceClients(settings.services)
         gateway = Gateway(settings, clients, session_key=b"k" * 32, visitor_token=VISITOR_TOKEN)
         app = addressed_by_header(gateway.asgi())
@@ -496,3 +501,148 @@ def test_one_field_of_a_limit_from_the_environment_keeps_the_others(monkeypatch:
     settings = GatewaySettings()
     assert (settings.rate_limit.session_asks.per_second, settings.rate_limit.session_asks.burst) == (0.5, 5)
     assert settings.sites == ["https://docs.example.com"]
+
+
+QUERY_ID_KEY = b"test-query-id-key-0123"
+
+
+class RecordingProducer:
+    """What the feedback service would put on Kafka."""
+
+    def __init__(self) -> None:
+        self.events: list[events_pb2.Feedback] = []
+
+    async def produce(self, topic: str, key: str, message: Any, headers: Any = None) -> None:
+        self.events.append(message)
+
+
+@pytest.fixture
+async def review(
+    services: tuple[dict[str, str], StreamingInference, JoinStore], make_client: Any
+) -> AsyncIterator[Any]:
+    """The real feedback service too (its events recorded): builds a logged-in console client for a
+    token, and puts a low-rated answer with a signed query id in the trainer's store."""
+    targets, _, store = services
+    producer = RecordingProducer()
+    servicer = FeedbackServicer(
+        FeedbackSettings(),
+        producer=producer,  # type: ignore[arg-type]
+        authenticator=Authenticator(load_tokens(None)),
+        redactor=Redactor(presidio=False),
+        signer=QueryIdSigner(QUERY_ID_KEY),
+        pseudonym_key=b"test-pseudonym-key-0123",
+    )
+    server = GrpcServer(GrpcSettings(port=0), "feedback")
+    server.add_service(
+        "flywheel.feedback.v1.FeedbackService",
+        lambda s: feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, s),
+    )
+    feedback_target = f"127.0.0.1:{await server.start()}"
+
+    class Review:
+        events = producer.events
+
+        @staticmethod
+        async def login(token: str) -> httpx.AsyncClient:
+            client, _, _ = await make_client(services={**targets, "feedback": feedback_target})
+            login = await client.post("/console/login", json={"token": token}, headers={"origin": GATEWAY})
+            assert login.status_code == 204
+            return client
+
+        @staticmethod
+        def answer() -> str:
+            query_id = QueryIdSigner(QUERY_ID_KEY).issue("v1")
+            interaction = events_pb2.Interaction(
+                query_id=query_id, question="Who?", answer="Nobody.", passages=["p"], model_version="v1"
+            )
+            rating, user = events_pb2.FEEDBACK_KIND_RATING, events_pb2.REVIEWER_ROLE_USER
+            low = FeedbackSignal("f-" + query_id[-8:], query_id, rating, 1, "", user)
+            store.ingest([interaction], [low])
+            return query_id
+
+        @staticmethod
+        def deliver() -> None:
+            """The feedback topic's round trip to the trainer."""
+            store.ingest([], [signal_of(e) for e in producer.events])
+
+    yield Review
+    await server.stop(0)
+
+
+async def _act(client: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Response:
+    return await client.post("/api/v1/review/actions", json=body, headers={"origin": GATEWAY})
+
+
+async def test_only_the_expert_holding_the_claim_can_act(review: Any) -> None:
+    query_id = review.answer()
+    expert, admin = await review.login("dev-expert-token"), await review.login("dev-admin-token")
+    claimed = await expert.post(
+        "/api/v1/review/claim", json={"query_id": query_id}, headers={"origin": GATEWAY}
+    )
+    assert claimed.status_code == 200
+    # Another reviewer who had the item on screen before the claim cannot answer it.
+    other = await _act(admin, {"query_id": query_id, "action": "correct", "answer": "Ada."})
+    assert other.status_code == 409 and "another expert" in other.json()["error"]
+    assert review.events == []
+    done = await _act(
+        expert, {"query_id": query_id, "action": "correct", "answer": "Grace.", "idempotency_key": "k1"}
+    )
+    assert done.status_code == 200 and done.json()["claimed_until"]
+    # A retry of the same action (the same key) is stored once.
+    again = await _act(
+        expert, {"query_id": query_id, "action": "correct", "answer": "Grace.", "idempotency_key": "k1"}
+    )
+    assert again.json() == {**done.json(), "duplicate": True, "claimed_until": again.json()["claimed_until"]}
+    assert [e.redacted_text for e in review.events] == ["Grace."]
+    # Once the correction is kept, the item is reviewed: no one acts on it again.
+    review.deliver()
+    late = await _act(expert, {"query_id": query_id, "action": "accept"})
+    assert late.status_code == 409 and "already reviewed" in late.json()["error"]
+    # An answer the trainer has not stored yet has no claim to hold: the action goes through.
+    unseen = QueryIdSigner(QUERY_ID_KEY).issue("v1")
+    early = await _act(admin, {"query_id": unseen, "action": "correct", "answer": "Ada."})
+    assert early.status_code == 200 and early.json()["claimed_until"] == ""
+
+
+async def test_a_correction_is_at_most_what_the_trainer_can_train_on(review: Any) -> None:
+    assert GatewaySettings().limits.max_correction_chars == PolicySettings().max_target_chars == 2000
+    query_id = review.answer()
+    expert = await review.login("dev-expert-token")
+    too_long = await _act(expert, {"query_id": query_id, "action": "correct", "answer": "x" * 2001})
+    assert too_long.status_code == 400 and "2000" in too_long.json()["error"]
+    assert review.events == []
+    fits = await _act(expert, {"query_id": query_id, "action": "correct", "answer": "x" * 2000})
+    assert fits.status_code == 200
+
+
+async def test_a_note_on_an_accept_is_kept_as_the_experts_comment(review: Any) -> None:
+    query_id = review.answer()
+    expert = await review.login("dev-expert-token")
+    body = {
+        "query_id": query_id,
+        "action": "accept",
+        "note": "Cites the wrong passage.",
+        "idempotency_key": "a1",
+    }
+    assert (await _act(expert, body)).status_code == 200
+    assert (await _act(expert, body)).json()["duplicate"] is True
+    assert [(e.kind, e.value, e.redacted_text) for e in review.events] == [
+        (events_pb2.FEEDBACK_KIND_RATING, 5, ""),
+        (events_pb2.FEEDBACK_KIND_COMMENT, 0, "Cites the wrong passage."),
+    ]
+    assert {e.reviewer_role for e in review.events} == {events_pb2.REVIEWER_ROLE_EXPERT}
+
+
+async def test_a_new_login_ends_the_one_it_replaces(make_client: Any, ev_low_rated: None) -> None:
+    client, _, _ = await make_client()
+    cookies = []
+    for _ in range(2):
+        login = await client.post(
+            "/console/login", json={"token": "dev-expert-token"}, headers={"origin": GATEWAY}
+        )
+        assert login.status_code == 204
+        cookies.append(login.cookies["flywheel_console"])
+    assert cookies[0] != cookies[1]
+    assert (await client.get("/api/v1/review/items")).status_code == 200
+    client.cookies.set("flywheel_console", cookies[0])
+    assert (await client.get("/api/v1/review/items")).status_code == 401

@@ -181,6 +181,20 @@ async def test_a_claimed_item_is_hidden_from_other_experts(
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_refused_claim_leaves_no_claim_behind(stub: Any, store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.rating(1, 5)])  # rated well: not in the queue
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ClaimReviewItem(trainer_pb2.ClaimReviewItemRequest(query_id="q1"), metadata=EXPERT)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs no review" in (refused.value.details() or "")
+    # A visitor then rates it low: another reviewer sees it and claims it at once.
+    store.ingest([], [ev.thumbs(1, False)])
+    listed = await stub.ListReviewItems(trainer_pb2.ListReviewItemsRequest(), metadata=ADMIN)
+    assert [i.query_id for i in listed.items] == ["q1"]
+    claimed = await stub.ClaimReviewItem(trainer_pb2.ClaimReviewItemRequest(query_id="q1"), metadata=ADMIN)
+    assert claimed.claimed_by_caller
+
+
 async def test_answers_of_the_canary_version_are_marked(
     stub: Any, store: JoinStore, registry: ModelRegistry, ev: Any
 ) -> None:

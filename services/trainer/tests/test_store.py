@@ -13,7 +13,7 @@ from flywheel_common.query_ids import QueryIdSigner
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal
 from flywheel_trainer.settings import PolicySettings
-from flywheel_trainer.store import FAILED, QUEUED, JoinStore, ReviewReason
+from flywheel_trainer.store import FAILED, QUEUED, JoinStore, NeedsNoReview, ReviewReason
 
 
 def test_feedback_joins_its_interaction_in_either_order(store: JoinStore, ev: Any) -> None:
@@ -239,6 +239,77 @@ def test_an_expert_review_takes_the_answer_out_of_the_queue(store: JoinStore, ev
     assert [i.query_id for i in store.review_items(caller="a", canary_version=None)] == ["q2"]
     # The correction still became a supervised example.
     assert store.counts()["examples.correction"] == 1
+
+
+def _accept(i: int, *, fid: str = "") -> FeedbackSignal:
+    kind, role = events_pb2.FEEDBACK_KIND_RATING, events_pb2.REVIEWER_ROLE_EXPERT
+    return FeedbackSignal(fid or f"fa{i}", f"q{i}", kind, 5, "", role, "expert")
+
+
+def _queue(store: JoinStore) -> list[str]:
+    return [i.query_id for i in store.review_items(caller="a", canary_version=None)]
+
+
+def test_a_review_leaves_the_queue_only_once_the_policy_kept_it(store: JoinStore, ev: Any) -> None:
+    long_answer = "Long. " * 400  # 2,400 characters: past max_target_chars, no usable target
+    store.ingest([ev.interaction(1), ev.interaction(2, long_answer)], [ev.rating(1, 1), ev.rating(2, 1)])
+    # A correction the policy drops (too long to train on) and an accept of an answer that cannot be
+    # a target are received, not kept: both answers wait for another review.
+    too_long = store.ingest([], [ev.correction(1, "x" * 2001, fid="long"), _accept(2)])
+    assert not too_long.examples and too_long.ignored["correction too long"] == 1
+    assert sorted(_queue(store)) == ["q1", "q2"]
+    # A correction that trains, and a correction of the long answer, take them out.
+    assert store.ingest([], [ev.correction(1), ev.correction(2)]).examples == {"correction": 2}
+    assert _queue(store) == []
+    # An accept the policy keeps (the model's answer as a positive) takes an answer out too.
+    store.ingest([ev.interaction(3)], [ev.rating(3, 1)])
+    assert store.ingest([], [_accept(3)]).examples == {"positive": 1}
+    assert _queue(store) == []
+
+
+def test_a_store_made_before_kept_reviews_keeps_its_queue(tmp_path: Any, ev: Any) -> None:
+    path = tmp_path / "old.sqlite3"
+    s1 = JoinStore(path, ExamplePolicy(PolicySettings()))
+    s1.ingest([ev.interaction(1), ev.interaction(2)], [ev.rating(1, 1), ev.rating(2, 1), _accept(1)])
+    # The column as a store made before it lacks it: every joined review counted then.
+    s1._db.execute("ALTER TABLE feedback DROP COLUMN kept")
+    s1.close()
+    s2 = JoinStore(path, ExamplePolicy(PolicySettings(use_positives=False)))
+    assert [i.query_id for i in s2.review_items(caller="a", canary_version=None)] == ["q2"]
+    s2.close()
+
+
+def test_a_later_correction_replaces_an_earlier_one_not_yet_batched(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1)], [ev.correction(1, "First try.", fid="c1")])
+    later = store.ingest([], [ev.correction(1, "Second thoughts.", fid="c2")])
+    assert later.examples == {"correction": 1} and later.ignored["earlier correction replaced"] == 1
+    cut = store.cut(max_examples=10, reason="manual")
+    assert cut is not None
+    assert [r["answer"] for r in store.dataset_rows(cut.dataset_id)] == ["Second thoughts."]
+    # One already in a dataset stays there; a third correction waits for the next batch.
+    third = store.ingest([], [ev.correction(1, "Third.", fid="c3")])
+    assert third.examples == {"correction": 1} and not third.ignored["earlier correction replaced"]
+    assert [r["answer"] for r in store.dataset_rows(cut.dataset_id)] == ["Second thoughts."]
+    assert store.pending().examples == 1
+    # A replay of the replaced one brings nothing back.
+    assert store.ingest([], [ev.correction(1, "First try.", fid="c1")]).duplicates == 1
+    assert store.pending().examples == 1
+
+
+def test_a_claim_on_an_answer_that_needs_no_review_is_not_kept(store: JoinStore, ev: Any) -> None:
+    store.ingest([ev.interaction(1), ev.interaction(2)], [ev.rating(1, 5), ev.rating(2, 1)])
+    with pytest.raises(NeedsNoReview):
+        store.claim("q1", "alice", ttl_s=60)
+    assert not store._query("SELECT * FROM review_claims")
+    # A visitor then rates it low: it is in everyone's queue at once.
+    store.ingest([], [ev.rating(1, 1)])
+    assert [i.query_id for i in store.review_items(caller="bob", canary_version=None)] == ["q1", "q2"]
+    # An expert's own claim of an answer reviewed since goes when they claim it again.
+    assert store.claim("q2", "alice", ttl_s=60)
+    store.ingest([], [ev.correction(2)])
+    with pytest.raises(NeedsNoReview):
+        store.claim("q2", "alice", ttl_s=60)
+    assert not store._query("SELECT * FROM review_claims")
 
 
 def test_claims_keep_an_item_from_other_experts_until_they_expire(

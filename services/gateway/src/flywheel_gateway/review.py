@@ -2,11 +2,13 @@
 
 An expert logs in with their own reviewer token, which the gateway checks against the queue itself
 and then keeps in memory; the browser holds only an opaque HttpOnly, SameSite=Strict cookie. Every
-action goes to the services with that expert's token, so it carries the expert's role.
+action goes to the services with that expert's token, so it carries the expert's role, and only
+while the expert holds the item's claim.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from importlib import resources
 
@@ -79,6 +81,8 @@ class ReviewApi:
                 raise HttpError(403, "this token has no expert role", reason="auth") from None
             raise from_rpc(error) from None
         s = self.settings.session
+        # A login replaces the browser's earlier one: its cookie must not stay valid on the server.
+        self.experts.drop(request.cookies.get(s.console_cookie_name))
         response = Response(status_code=204)
         response.set_cookie(
             s.console_cookie_name,
@@ -148,31 +152,49 @@ class ReviewApi:
         return JSONResponse(message_dict(item))
 
     async def review_action(self, request: Request) -> Response:
-        """accept (a top rating from the expert), correct (the expert's answer) or unanswerable (the
-        model's "not on the page" answer as the correction); all with the expert's own role."""
+        """accept (a top rating from the expert; a note goes with it as the expert's comment),
+        correct (the expert's answer) or unanswerable (the model's "not on the page" answer as the
+        correction); all with the expert's own role, and only while the expert holds the claim.
+
+        `idempotency_key`: one per item and action, the same on every retry of it (the console's),
+        so that a retry is stored once; without one each request is a new action."""
         self.guard.check_origin(request, sites=False)
         session = self._expert(request)
         body = await self.guard.json(request)
         limits = self.settings.limits
         query_id = text_field(body, "query_id", 512)
         action = body.get("action")
+        if action not in ("accept", "correct", "unanswerable"):
+            raise HttpError(400, "action is accept, correct or unanswerable", reason="invalid")
         note = text_field(body, "note", limits.max_note_chars, required=False)
+        corrected = (
+            text_field(body, "answer", limits.max_correction_chars)
+            if action == "correct"
+            else self.settings.unanswerable_answer
+        )
         key = text_field(body, "idempotency_key", 128, required=False) or uuid.uuid4().hex
         timeout = self.settings.services.call_timeout_s
         metadata = self._expert_metadata(session)
         try:
+            claimed_until = await self._claim_to_act(query_id, metadata)
             if action == "accept":
                 reply = await self.clients.feedback.SubmitFeedback(
                     feedback_pb2.SubmitFeedbackRequest(query_id=query_id, rating=5, idempotency_key=key),
                     metadata=metadata,
                     timeout=timeout,
                 )
-            elif action in ("correct", "unanswerable"):
-                corrected = (
-                    text_field(body, "answer", limits.max_correction_chars)
-                    if action == "correct"
-                    else self.settings.unanswerable_answer
-                )
+                if note:
+                    # A rating carries no text: the note is the expert's comment on the answer, with a
+                    # key of its own that a retry repeats too.
+                    note_key = hashlib.sha256(f"{key}|note".encode()).hexdigest()[:32]
+                    await self.clients.feedback.SubmitFeedback(
+                        feedback_pb2.SubmitFeedbackRequest(
+                            query_id=query_id, comment=note, idempotency_key=note_key
+                        ),
+                        metadata=metadata,
+                        timeout=timeout,
+                    )
+            else:
                 reply = await self.clients.feedback.SubmitCorrection(
                     feedback_pb2.SubmitCorrectionRequest(
                         query_id=query_id, corrected_answer=corrected, note=note, idempotency_key=key
@@ -180,11 +202,34 @@ class ReviewApi:
                     metadata=metadata,
                     timeout=timeout,
                 )
-            else:
-                raise HttpError(400, "action is accept, correct or unanswerable", reason="invalid")
         except grpc.aio.AioRpcError as error:
             raise from_rpc(error) from None
-        return JSONResponse({"feedback_id": reply.feedback_id, "duplicate": reply.duplicate})
+        return JSONResponse(
+            {
+                "feedback_id": reply.feedback_id,
+                "duplicate": reply.duplicate,
+                "claimed_until": claimed_until,
+            }
+        )
+
+    async def _claim_to_act(self, query_id: str, metadata: tuple[tuple[str, str], ...]) -> str:
+        """Claims the item before an action: renews the expert's own claim, refuses (409) while another
+        expert holds it or once it is reviewed, so two experts never both answer one item.
+
+        An answer the trainer has not stored yet (its interaction still on its way through Kafka) has
+        no claim to hold: the action goes through, and the trainer keeps one correction per answer.
+        Returns the claim's end ("" for such an answer)."""
+        try:
+            item = await self.clients.trainer.ClaimReviewItem(
+                trainer_pb2.ClaimReviewItemRequest(query_id=query_id),
+                metadata=metadata,
+                timeout=self.settings.services.call_timeout_s,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return ""
+            raise from_rpc(error) from None
+        return str(message_dict(item).get("claimed_until", ""))
 
     async def review_status(self, request: Request) -> Response:
         """The side panel: the rollout state and the last gate decisions."""

@@ -142,7 +142,9 @@ class LimitSettings(BaseModel):
     max_page_chars: int = Field(default=300_000, ge=100)
     max_question_chars: int = Field(default=1000, ge=1)
     max_comment_chars: int = Field(default=2000, ge=1)
-    max_correction_chars: int = Field(default=8000, ge=1)
+    # What the trainer can train on (its policy.max_target_chars, 2,000): a longer correction would be
+    # accepted here and dropped there, so the console refuses it while the expert can still edit it.
+    max_correction_chars: int = Field(default=2000, ge=1)
     max_note_chars: int = Field(default=2000, ge=1)
 
 

@@ -10,7 +10,16 @@ from flywheel_common.errors import FailedPrecondition, FlywheelError, InvalidArg
 from flywheel_common.grpc_server import request_metadata
 from flywheel_common.pseudonym import session_to_forget
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, ReviewItem, ReviewReason
+from flywheel_trainer.store import (
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    NeedsNoReview,
+    ReviewItem,
+    ReviewReason,
+)
 from flywheel_trainer.trainer import WAITING_FOR_BASE, Trainer
 
 # ListJobs answers at most this many jobs; a limit of 0 means this many.
@@ -35,6 +44,7 @@ _REASONS = {
     ReviewReason.CANARY: trainer_pb2.REVIEW_REASON_CANARY,
 }
 _MAX_QUERY_ID_CHARS = 512
+_REVIEWED = "this answer is already reviewed or needs no review"
 MAX_REASON_CHARS = 1000
 
 
@@ -172,29 +182,36 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def ClaimReviewItem(
         self, request: trainer_pb2.ClaimReviewItemRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.ReviewItem:
-        """Claims an item for the caller, or releases the caller's claim (expert or admin role)."""
+        """Claims an item in the queue for the caller (renewing the caller's own claim), or releases
+        the caller's claim (expert or admin role). An answer not in the queue is not claimed."""
         caller = self._reviewer(context)
         if not request.query_id or len(request.query_id) > _MAX_QUERY_ID_CHARS:
             raise InvalidArgument(f"query_id is required (at most {_MAX_QUERY_ID_CHARS} characters)")
         store = self._trainer.store
+        canary = self._canary()
         try:
             until = store.claim(
                 request.query_id,
                 caller.token_hash,
                 ttl_s=self._trainer.settings.review.claim_ttl_s,
                 release=request.release,
+                canary_version=canary,
             )
         except KeyError:
             raise NotFound(f"no answer {request.query_id} in the trainer's store") from None
+        except NeedsNoReview:
+            raise FailedPrecondition(_REVIEWED) from None
         if until is None:
             raise FailedPrecondition("another expert is reviewing this answer")
         if request.release:
             return trainer_pb2.ReviewItem(query_id=request.query_id)
         items = store.review_items(
-            caller=caller.token_hash, canary_version=self._canary(), query_id=request.query_id, limit=1
+            caller=caller.token_hash, canary_version=canary, query_id=request.query_id, limit=1
         )
         if not items:
-            raise FailedPrecondition("this answer is already reviewed or needs no review")
+            # Reviewed between the claim and this read: the claim goes too.
+            store.claim(request.query_id, caller.token_hash, ttl_s=0, release=True)
+            raise FailedPrecondition(_REVIEWED)
         return review_item_message(items[0])
 
     async def ForgetSession(

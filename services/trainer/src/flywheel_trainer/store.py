@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_at REAL NOT NULL,
     joined INTEGER NOT NULL DEFAULT 0,
     session TEXT NOT NULL DEFAULT '',
-    superseded INTEGER NOT NULL DEFAULT 0
+    superseded INTEGER NOT NULL DEFAULT 0,
+    kept INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS feedback_waiting ON feedback (query_id) WHERE joined = 0;
 CREATE INDEX IF NOT EXISTS feedback_query ON feedback (query_id);
@@ -176,6 +177,10 @@ class Cut:
     reason: str
 
 
+class NeedsNoReview(Exception):
+    """A claim refused: the answer is reviewed already, or nothing about it asks for a review."""
+
+
 class ReviewReason(enum.StrEnum):
     """Why an answer is in the review queue."""
 
@@ -258,7 +263,8 @@ class JoinStore:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(SCHEMA)
         # Columns added since a store was made: page URLs (the review queue), sessions (forget and
-        # per-session votes), superseded ratings (one rating per answer), networks (one voter each).
+        # per-session votes), superseded ratings (one rating per answer), networks (one voter each),
+        # kept feedback (an expert's review takes an answer out of the queue only once kept).
         for table, column, kind in (
             ("interactions", "page_url", "TEXT NOT NULL DEFAULT ''"),
             ("interactions", "session_pseudonym", "TEXT NOT NULL DEFAULT ''"),
@@ -266,9 +272,17 @@ class JoinStore:
             ("feedback", "superseded", "INTEGER NOT NULL DEFAULT 0"),
             ("positive_votes", "network", "TEXT NOT NULL DEFAULT ''"),
             ("interactions", "network", "TEXT NOT NULL DEFAULT ''"),
+            ("feedback", "kept", "INTEGER NOT NULL DEFAULT 0"),
         ):
             if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                if column == "kept":
+                    # Reviews stored before: any joined one counted, as it did then (the queue
+                    # they left stays as it was).
+                    self._db.execute(
+                        "UPDATE feedback SET kept = 1 WHERE joined = 1 AND role IN (?, ?)",
+                        (events_pb2.REVIEWER_ROLE_EXPERT, events_pb2.REVIEWER_ROLE_ADMIN),
+                    )
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS interactions_session ON interactions (session_pseudonym)"
         )
@@ -432,8 +446,14 @@ class JoinStore:
         row = db.execute("SELECT * FROM interactions WHERE query_id = ?", (signal.query_id,)).fetchone()
         if row is None:
             return  # waits for its interaction
-        db.execute("UPDATE feedback SET joined = 1 WHERE feedback_id = ?", (signal.feedback_id,))
         decision = self.policy.decide(signal, row["answer"])
+        # Kept: the policy took it (an example, or a positive the answer already has or that waits
+        # for agreement). Only a kept review takes the answer out of the review queue; one the policy
+        # refused (a correction too long to train on, say) leaves it there for another try.
+        db.execute(
+            "UPDATE feedback SET joined = 1, kept = ? WHERE feedback_id = ?",
+            (decision.source is not None, signal.feedback_id),
+        )
         if decision.source is None:
             result.ignored[decision.why] += 1
             return
@@ -450,11 +470,21 @@ class JoinStore:
         if source is Source.CORRECTION:
             payload["answer"] = signal.text.strip()
             example_id = f"c-{signal.feedback_id}"
-            # The expert's answer supersedes a positive rating of the model's answer not yet batched.
+            # The expert's answer supersedes a positive rating of the model's answer not yet batched,
+            # and a later correction of the answer replaces an earlier one not yet batched: one
+            # target per answer. An earlier one already in a dataset stays there (datasets are
+            # immutable) and has trained or will; the later one trains in a later batch.
             db.execute(
                 "DELETE FROM examples WHERE query_id = ? AND source = ? AND dataset_id IS NULL",
                 (signal.query_id, Source.POSITIVE.value),
             )
+            replaced = db.execute(
+                "DELETE FROM examples WHERE query_id = ? AND source = ? AND dataset_id IS NULL "
+                "AND example_id != ?",
+                (signal.query_id, Source.CORRECTION.value, example_id),
+            ).rowcount
+            if replaced:
+                result.ignored["earlier correction replaced"] += replaced
         elif source is Source.POSITIVE:
             corrected = db.execute(
                 "SELECT 1 FROM examples WHERE query_id = ? AND source = ?",
@@ -640,9 +670,11 @@ class JoinStore:
         """Answers that need an expert and that no expert (or admin) has reviewed yet.
 
         An answer needs one when a visitor rated it low, gave it a thumbs down or commented on it,
-        or when the canary version gave it (its newest CANARY_REVIEW_LIMIT answers). Items another
-        caller holds a live claim on are left out; `order` is "newest" (latest feedback first) or
-        "impact" (severity x times asked: by distinct askers, a session or a client network).
+        or when the canary version gave it (its newest CANARY_REVIEW_LIMIT answers). It is reviewed
+        once an expert's feedback on it is kept (`_join`): received is not enough, a correction the
+        policy refuses leaves it here. Items another caller holds a live claim on are left out;
+        `order` is "newest" (latest feedback first) or "impact" (severity x times asked: by distinct
+        askers, a session or a client network).
         """
         if order not in ("newest", "impact"):
             raise ValueError(f"unknown order {order!r}")
@@ -704,7 +736,7 @@ class JoinStore:
                 LEFT JOIN review_claims c ON c.query_id = i.query_id AND c.until > :now
                 WHERE NOT EXISTS (
                     SELECT 1 FROM feedback e
-                    WHERE e.query_id = i.query_id AND e.role IN (:expert, :admin)
+                    WHERE e.query_id = i.query_id AND e.role IN (:expert, :admin) AND e.kept = 1
                 ) {where}
             )
             SELECT *,
@@ -730,13 +762,24 @@ class JoinStore:
                 comments[row["query_id"]].append(row["text"])
         return [_review_item(r, comments[r["query_id"]], args["low"]) for r in rows]
 
-    def claim(self, query_id: str, caller: str, *, ttl_s: float, release: bool = False) -> float | None:
-        """Claims an answer for `caller` for `ttl_s` (or releases the caller's claim).
+    def claim(
+        self,
+        query_id: str,
+        caller: str,
+        *,
+        ttl_s: float,
+        release: bool = False,
+        canary_version: str | None = None,
+    ) -> float | None:
+        """Claims an answer in the review queue for `caller` for `ttl_s` (renewing the caller's own
+        claim), or releases the caller's claim.
 
         Returns the claim's end (0 once released), or None while another caller's claim is live;
-        KeyError when no such answer is stored.
+        KeyError when no such answer is stored; NeedsNoReview when the answer is not in the queue
+        (`canary_version` as the queue's), and then no claim of it is left behind.
         """
         now = self._clock()
+        needs_no_review = False
         with self._tx() as db:
             if db.execute("SELECT 1 FROM interactions WHERE query_id = ?", (query_id,)).fetchone() is None:
                 raise KeyError(query_id)
@@ -747,9 +790,20 @@ class JoinStore:
             if release:
                 db.execute("DELETE FROM review_claims WHERE query_id = ?", (query_id,))
                 return 0.0
-            until = now + ttl_s
-            db.execute("INSERT OR REPLACE INTO review_claims VALUES (?, ?, ?)", (query_id, caller, until))
-            return until
+            # Checked while this transaction holds the writers' lock, so no review can be stored in
+            # between (the read sees everything committed; no other caller holds the answer).
+            listed = self.review_items(
+                caller=caller, canary_version=canary_version, query_id=query_id, limit=1
+            )
+            if not listed:
+                db.execute("DELETE FROM review_claims WHERE query_id = ?", (query_id,))
+                needs_no_review = True
+            else:
+                until = now + ttl_s
+                db.execute("INSERT OR REPLACE INTO review_claims VALUES (?, ?, ?)", (query_id, caller, until))
+        if needs_no_review:
+            raise NeedsNoReview(query_id)
+        return until
 
     # ------------------------------------------------------------ housekeeping
 

@@ -3,12 +3,51 @@
 (function () {
   "use strict";
   var $ = function (id) { return document.getElementById(id); };
-  var items = [];
-  var current = -1;
+  var noop = function () {};
+  var BUTTONS = ["accept", "submit-correction", "unanswerable", "skip"];
+  // An item acted on stays out of refreshed lists this long: the review reaches the trainer's
+  // queue through Kafka, seconds later, and until then the trainer still lists it.
+  var ACTED_HIDE_MS = 120000;
+  // j / k held down passes items without claiming them: only the one it stops on is claimed.
+  var CLAIM_DELAY_MS = 250;
+  var STATUS_EVERY_MS = 15000, QUEUE_EVERY_MS = 30000, IDLE_MS = 20000;
   var REASONS = {
     REVIEW_REASON_LOW_RATING: "low rating", REVIEW_REASON_THUMBS_DOWN: "thumbs down",
     REVIEW_REASON_COMMENT: "comment", REVIEW_REASON_CANARY: "canary"
   };
+  var DECISIONS = {
+    DECISION_ACTION_CANARY_PROMOTE: "canary promoted",
+    DECISION_ACTION_CANARY_SUPERSEDED: "canary replaced by a newer candidate",
+    DECISION_ACTION_ROLLBACK: "rolled back",
+    DECISION_ACTION_MANUAL_PROMOTE: "promoted by an admin",
+    DECISION_ACTION_PIN: "pinned", DECISION_ACTION_UNPIN: "unpinned",
+    DECISION_ACTION_AUTO_ROLLOUT_ON: "automatic rollout on",
+    DECISION_ACTION_AUTO_ROLLOUT_OFF: "automatic rollout off"
+  };
+
+  var items = [];        // the queue as last loaded
+  var current = -1;      // the index of the item shown
+  var shown = null;      // its query id
+  var held = {};         // query id -> claimed_until of each claim this console holds
+  var sending = null;    // the query id whose action is in flight (the actions wait meanwhile)
+  var pending = null;    // an action refused for a lapsed login: sent again after logging in
+  var skipped = null;    // the item shown after a skip with nothing else to show: not claimed again
+  var claims = Promise.resolve();  // claims and releases go one after another, in order
+  var claimTimer = 0;
+  var lastInput = Date.now();
+  // Per query id: the expert's draft ({answer, note}), and the idempotency key of each action with
+  // its text, reused by every retry of it (a lapsed login, a 503, a second press).
+  var drafts = load("flywheel.console.drafts");
+  var keys = load("flywheel.console.keys");
+  // Query id -> when an action on it was saved (a reload within the round trip hides it too).
+  var acted = load("flywheel.console.acted");
+
+  function load(name) {
+    try { return JSON.parse(sessionStorage.getItem(name) || "{}") || {}; } catch (e) { return {}; }
+  }
+  function save(name, value) {
+    try { sessionStorage.setItem(name, JSON.stringify(value)); } catch (e) { /* storage full or off */ }
+  }
 
   function api(path, body) {
     var init = { credentials: "same-origin", headers: {} };
@@ -18,13 +57,34 @@
       init.body = JSON.stringify(body);
     }
     return fetch(path, init).then(function (r) {
-      if (r.status === 401) { showLogin(); throw new Error("Log in again."); }
       if (r.status === 204) return {};
-      return r.json().then(function (data) {
-        if (!r.ok) throw new Error(data.error || "Request failed (" + r.status + ").");
-        return data;
+      return r.json().catch(function () { return {}; }).then(function (data) {
+        if (r.ok) return data;
+        var err = new Error(data.error || "Request failed (" + r.status + ").");
+        err.status = r.status;
+        if (r.status === 401) showLogin();
+        throw err;
       });
+    }, function () {
+      var err = new Error("The gateway did not answer.");
+      err.status = 0;
+      throw err;
     });
+  }
+
+  function newKey() {
+    if (crypto.randomUUID) return crypto.randomUUID();
+    var bytes = crypto.getRandomValues(new Uint8Array(16));  // a page served over plain http
+    return Array.prototype.map.call(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join("");
+  }
+  function keyFor(id, action, answer, note) {
+    var mine = keys[id] || (keys[id] = {});
+    var what = action + "\n" + answer + "\n" + note;
+    if (!mine[what]) {
+      mine[what] = newKey();
+      save("flywheel.console.keys", keys);
+    }
+    return mine[what];
   }
 
   function showLogin() {
@@ -32,36 +92,81 @@
     $("login-view").hidden = false;
     $("token").focus();
   }
-  function showApp() {
+  function reveal() {
     $("login-view").hidden = true;
+    $("login-error").textContent = "";
     $("app").hidden = $("tools").hidden = false;
-    refresh();
     status();
+  }
+  // Whether the login holds is the queue's answer (the trainer's alone): only a 401 asks for the
+  // token; the rollout panel failing (the evaluator down) does not.
+  function start() {
+    return refresh().then(function () {
+      reveal();
+      if (pending) {
+        var body = pending;
+        pending = null;
+        send(body);
+      }
+    }, function (err) {
+      if (err.status !== 401) reveal();
+    });
   }
 
   $("login").addEventListener("submit", function (e) {
     e.preventDefault();
     var token = $("token").value;
     $("token").value = "";
-    api("/console/login", { token: token }).then(showApp, function (err) {
+    api("/console/login", { token: token }).then(start, function (err) {
       $("login-error").textContent = err.message;
     });
   });
-  $("logout").addEventListener("click", function () { api("/console/logout", {}).then(showLogin); });
-  $("refresh").addEventListener("click", refresh);
-  $("order").addEventListener("change", refresh);
+  $("logout").addEventListener("click", function () {
+    clearTimeout(claimTimer);
+    Object.keys(held).forEach(function (id) { release(id); });
+    claims.then(function () { return api("/console/logout", {}); }).catch(noop).then(function () {
+      drafts = {};
+      keys = {};
+      save("flywheel.console.drafts", drafts);
+      save("flywheel.console.keys", keys);
+      items = [];
+      shown = null;
+      pending = null;
+      showLogin();
+    });
+  });
+  $("refresh").addEventListener("click", function () { refresh().catch(noop); });
+  $("order").addEventListener("change", function () { refresh().catch(noop); });
 
   function reasons(item) {
     return (item.reasons || []).map(function (r) { return REASONS[r] || r; }).join(", ");
   }
+  function indexOf(id) {
+    return items.findIndex(function (i) { return i.query_id === id; });
+  }
 
   function refresh() {
     return api("/api/v1/review/items?order=" + $("order").value).then(function (data) {
-      var keep = current >= 0 && items[current] ? items[current].query_id : null;
-      items = data.items;
+      var now = Date.now();
+      items = data.items.filter(function (i) { return !(acted[i.query_id] > now - ACTED_HIDE_MS); });
+      items.forEach(function (i) {
+        if (i.claimed_by_caller) held[i.query_id] = i.claimed_until || "";
+        else if (i.query_id !== shown) delete held[i.query_id];
+      });
+      $("queue-status").textContent = "";
       renderQueue();
-      var at = items.findIndex(function (i) { return i.query_id === keep; });
-      select(at >= 0 ? at : 0, at < 0);
+      var at = indexOf(shown);
+      if (at >= 0) {
+        // The item shown, and what the expert is writing, stay as they are.
+        current = at;
+        markCurrent();
+        showClaim();
+      } else {
+        select(0, true);
+      }
+    }, function (err) {
+      if (err.status !== 401) $("queue-status").textContent = "The queue was not refreshed: " + err.message;
+      throw err;
     });
   }
 
@@ -69,7 +174,7 @@
     var queue = $("queue");
     queue.textContent = "";
     $("count").textContent = "(" + items.length + ")";
-    items.forEach(function (item, i) {
+    items.forEach(function (item) {
       var li = document.createElement("li");
       var b = document.createElement("button");
       b.type = "button";
@@ -79,22 +184,32 @@
       why.className = "why";
       why.textContent = reasons(item);
       b.append(why);
-      b.addEventListener("click", function () { select(i, true); });
+      b.addEventListener("click", function () { select(indexOf(item.query_id), true); });
       li.append(b);
       queue.append(li);
     });
   }
-
-  function select(i, claim) {
-    current = items.length ? Math.max(0, Math.min(i, items.length - 1)) : -1;
+  function markCurrent() {
     document.querySelectorAll("#queue button").forEach(function (b, j) {
       b.setAttribute("aria-current", String(j === current));
     });
-    $("empty").hidden = current >= 0;
-    $("detail").hidden = current < 0;
-    $("status").textContent = "";
-    if (current < 0) return;
+  }
+  function updateButtons() {
+    BUTTONS.forEach(function (id) { $(id).disabled = sending !== null; });
+  }
+
+  function select(i, claim) {
+    var previous = shown;
+    current = items.length ? Math.max(0, Math.min(i, items.length - 1)) : -1;
     var item = items[current];
+    shown = item ? item.query_id : null;
+    if (previous !== shown) skipped = null;
+    if (previous && previous !== shown) release(previous);
+    markCurrent();
+    $("empty").hidden = !!item;
+    $("detail").hidden = !item;
+    $("status").textContent = "";
+    if (!item) return;
     $("question").textContent = item.question;
     $("answer").textContent = item.answer;
     $("reasons").textContent = reasons(item);
@@ -108,12 +223,15 @@
     fill("passages", item.passages);
     fill("comments", item.comments);
     $("comments-box").hidden = !(item.comments || []).length;
-    $("correction").value = item.answer;
-    $("note").value = "";
-    if (claim && !item.claimed_by_caller) {
-      api("/api/v1/review/claim", { query_id: item.query_id }).then(function () {
-        item.claimed_by_caller = true;
-      }, function (err) { $("status").textContent = err.message; });
+    var draft = drafts[item.query_id] || {};
+    $("correction").value = typeof draft.answer === "string" ? draft.answer : item.answer;
+    $("note").value = draft.note || "";
+    counted();
+    showClaim();
+    updateButtons();
+    if (claim) {
+      clearTimeout(claimTimer);
+      claimTimer = setTimeout(function () { claimItem(item.query_id); }, CLAIM_DELAY_MS);
     }
   }
 
@@ -127,25 +245,134 @@
     });
   }
 
+  function inOrder(step) {
+    claims = claims.then(step).catch(noop);
+    return claims;
+  }
+  function claimItem(id) {
+    return inOrder(function () {
+      if (id !== shown || id === skipped || id in held || acted[id]) return;
+      return api("/api/v1/review/claim", { query_id: id }).then(function (data) {
+        held[id] = data.claimed_until || "";
+        if (id === shown && id !== skipped) showClaim(); else release(id);
+      }, function (err) {
+        // Another expert holds it, or it is reviewed: not this expert's to answer.
+        if (err.status === 409 || err.status === 404) drop(id, err.message);
+        else if (id === shown) $("status").textContent = err.message;
+      });
+    });
+  }
+  // Releases a claim this console holds on an item it did not act on (nor is acting on).
+  function release(id) {
+    if (!(id in held) || acted[id] || id === sending) return claims;
+    delete held[id];
+    return inOrder(function () {
+      return api("/api/v1/review/claim", { query_id: id, release: true }).catch(noop);
+    });
+  }
+  function drop(id, message) {
+    delete held[id];
+    var wasShown = id === shown;
+    removeItem(id);
+    $(wasShown ? "status" : "queue-status").textContent = message;
+  }
+  function removeItem(id) {
+    var at = indexOf(id);
+    if (at < 0) return;
+    items.splice(at, 1);
+    renderQueue();
+    if (shown === id) {
+      shown = null;
+      select(at, true);
+    } else {
+      current = indexOf(shown);
+      markCurrent();
+    }
+  }
+
+  function showClaim() {
+    if (!shown) return;
+    var until = shown in held ? Date.parse(held[shown]) : NaN;
+    var text = "not claimed yet (an action claims it)";
+    if (until <= Date.now()) text = "your claim ran out (an action claims it again)";
+    else if (until > 0) text = "yours until " + new Date(until).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    $("claim").textContent = text;
+  }
+
+  function counted() {
+    var box = $("correction");
+    $("correction-count").textContent = box.value.length + " / " + box.maxLength;
+  }
+  ["correction", "note"].forEach(function (field) {
+    $(field).addEventListener("input", function () {
+      if (field === "correction") counted();
+      if (!shown) return;
+      drafts[shown] = { answer: $("correction").value, note: $("note").value };
+      save("flywheel.console.drafts", drafts);
+    });
+  });
+
   function act(action) {
-    if (current < 0) return;
     var item = items[current];
-    var body = { query_id: item.query_id, action: action, note: $("note").value };
-    if (action === "correct") body.answer = $("correction").value;
-    $("status").textContent = "Sending\u2026";
-    api("/api/v1/review/actions", body).then(function () {
-      items.splice(current, 1);
-      renderQueue();
-      select(current, true);
-      $("status").textContent = "Saved: " + action + ".";
-    }, function (err) { $("status").textContent = err.message; });
+    if (!item || sending !== null) return;
+    var answer = action === "correct" ? $("correction").value : "";
+    var note = $("note").value;
+    if (action === "correct" && !answer.trim()) {
+      $("status").textContent = "Write the correct answer first.";
+      return;
+    }
+    var body = { query_id: item.query_id, action: action, note: note, idempotency_key: keyFor(item.query_id, action, answer, note) };
+    if (action === "correct") body.answer = answer;
+    send(body);
+  }
+  function send(body) {
+    var id = body.query_id;
+    sending = id;
+    updateButtons();
+    if (id === shown) $("status").textContent = "Sending\u2026";
+    api("/api/v1/review/actions", body).then(function (data) {
+      Object.keys(acted).forEach(function (q) { if (acted[q] < Date.now() - ACTED_HIDE_MS) delete acted[q]; });
+      acted[id] = Date.now();
+      save("flywheel.console.acted", acted);
+      delete held[id];
+      delete drafts[id];
+      delete keys[id];
+      save("flywheel.console.drafts", drafts);
+      save("flywheel.console.keys", keys);
+      sending = null;
+      var wasShown = id === shown;
+      removeItem(id);
+      $(wasShown ? "status" : "queue-status").textContent =
+        "Saved: " + body.action + (data.duplicate ? " (it was already recorded)" : "") + ".";
+    }, function (err) {
+      sending = null;
+      if (err.status === 401) {
+        pending = body;
+        $("login-error").textContent = "Your login ended. Log in again and your " + body.action + " is sent.";
+      } else if (err.status === 409 || err.status === 404) {
+        drop(id, err.message);
+      } else {
+        if (id !== shown) release(id);
+        $(id === shown ? "status" : "queue-status").textContent = err.message + " Press again to retry.";
+      }
+    }).then(updateButtons);
   }
 
   function skip() {
-    if (current < 0) return;
-    api("/api/v1/review/claim", { query_id: items[current].query_id, release: true }).catch(function () {});
-    items[current].claimed_by_caller = false;
-    select(current + 1, true);
+    var item = items[current];
+    if (!item || sending !== null) return;
+    var next = current + 1 < items.length ? current + 1 : current - 1;
+    if (next < 0) {
+      // The only item: released, and not claimed again.
+      clearTimeout(claimTimer);
+      skipped = item.query_id;
+      release(item.query_id);
+      showClaim();
+      $("status").textContent = "Skipped; nothing else waits.";
+      return;
+    }
+    // The skipped item is released before the next one is claimed (they go in order).
+    select(next, true);
   }
 
   $("accept").addEventListener("click", function () { act("accept"); });
@@ -161,13 +388,42 @@
       return;
     }
     if ($("app").hidden || e.ctrlKey || e.metaKey || e.altKey) return;
-    var keys = {
-      j: function () { select(current + 1, true); }, k: function () { select(current - 1, true); },
+    var bindings = {
+      j: function () { if (current + 1 < items.length) select(current + 1, true); },
+      k: function () { if (current > 0) select(current - 1, true); },
       a: function () { act("accept"); }, u: function () { act("unanswerable"); }, s: skip,
-      r: refresh, c: function () { $("correction").focus(); $("correction").select(); }
+      r: function () { refresh().catch(noop); },
+      c: function () { $("correction").focus(); $("correction").select(); }
     };
-    if (keys[e.key]) { e.preventDefault(); keys[e.key](); }
+    if (bindings[e.key]) { e.preventDefault(); bindings[e.key](); }
   });
+  ["keydown", "input", "pointerdown"].forEach(function (type) {
+    document.addEventListener(type, function () { lastInput = Date.now(); }, true);
+  });
+
+  // Leaving the page gives back what this console holds and did not act on.
+  window.addEventListener("pagehide", function () {
+    Object.keys(held).forEach(function (id) {
+      if (acted[id] || id === sending) return;
+      fetch("/api/v1/review/claim", {
+        method: "POST", keepalive: true, credentials: "same-origin",
+        headers: { "content-type": "application/json" }, body: JSON.stringify({ query_id: id, release: true })
+      }).catch(noop);
+    });
+  });
+  window.addEventListener("pageshow", function (e) {
+    if (e.persisted && !$("app").hidden) {
+      held = {};
+      shown = null;
+      refresh().catch(noop);
+    }
+  });
+
+  function decision(d) {
+    if (!d.action || d.action === "DECISION_ACTION_GATE") return d.passed ? ["gate passed", "passed"] : ["gate failed", "failed"];
+    var name = DECISIONS[d.action] || d.action.replace(/^DECISION_ACTION_/, "").toLowerCase().replace(/_/g, " ");
+    return [name, d.action === "DECISION_ACTION_ROLLBACK" ? "rollback" : d.action === "DECISION_ACTION_CANARY_PROMOTE" ? "passed" : ""];
+  }
 
   function status() {
     api("/api/v1/review/status").then(function (data) {
@@ -185,16 +441,29 @@
       list.textContent = "";
       (data.decisions || []).forEach(function (d) {
         var li = document.createElement("li");
-        li.className = d.passed ? "passed" : "failed";
-        li.textContent = d.version + ": " + d.action + (d.passed ? " passed" : " failed") +
-          ((d.reasons || []).length ? " \u2013 " + d.reasons[0] : "");
+        var label = decision(d);
+        li.className = label[1];
+        li.textContent = d.version + ": " + label[0] + ((d.reasons || []).length ? " \u2013 " + d.reasons[0] : "");
         list.append(li);
       });
       if (!(data.decisions || []).length) list.textContent = "none yet";
-    }).catch(function () {});
+    }, function (err) {
+      if (err.status === 401) return;
+      $("rollout").textContent = "The rollout is unavailable: " + err.message;
+      $("decisions").textContent = "";
+    });
   }
-  setInterval(function () { if (!$("app").hidden) status(); }, 15000);
+  setInterval(function () {
+    if ($("app").hidden) return;
+    status();
+    showClaim();
+  }, STATUS_EVERY_MS);
+  // The queue refreshes itself while the expert is idle; the item shown and any draft stay.
+  setInterval(function () {
+    if ($("app").hidden || sending !== null || document.visibilityState !== "visible") return;
+    if (Date.now() - lastInput > IDLE_MS) refresh().catch(noop);
+  }, QUEUE_EVERY_MS);
 
   // A still-valid login (the HttpOnly cookie) opens the queue at once.
-  api("/api/v1/review/status").then(showApp, showLogin);
+  start();
 })();
