@@ -159,6 +159,27 @@ async def test_request_ids_are_bounded(app: EvaluatorApp) -> None:
     assert ok.production == "v2"
 
 
+async def test_an_admins_reason_is_redacted_before_it_is_logged_kept_or_sent(
+    app: EvaluatorApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    servicer = EvaluatorServicer(app.gatekeeper, Authenticator(load_tokens(None)), DEV_PSEUDONYM_KEY)
+    sent: list[events_pb2.GateDecision] = []
+    app.gatekeeper.decisions._emit = sent.append
+
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("authorization", "Bearer dev-admin-token"),)
+
+    context: Any = Context()
+    reason = "after a complaint from jane.doe@example.org, +44 20 7946 0958"
+    with caplog.at_level("INFO"):
+        await servicer.Promote(evaluator_pb2.VersionRequest(version="v2", reason=reason), context)
+    [decision] = app.registry.decisions()
+    assert decision["reasons"][0].endswith("after a complaint from [EMAIL], [PHONE]")
+    for where in (json.dumps(decision), str(sent), caplog.text, app.registry.state_path.read_text()):
+        assert "jane.doe" not in where and "7946" not in where
+
+
 def test_unknown_version_is_not_found(app: EvaluatorApp) -> None:
     from flywheel_common.errors import NotFound
 

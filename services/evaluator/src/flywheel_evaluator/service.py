@@ -12,6 +12,7 @@ from flywheel_common.auth import Authenticator, Principal, Role
 from flywheel_common.errors import InvalidArgument, NotFound
 from flywheel_common.grpc_server import request_metadata
 from flywheel_common.pseudonym import session_to_forget
+from flywheel_common.redaction import Redactor
 from flywheel_common.registry import RolloutState, check_version_name
 from flywheel_common.text import clean_text
 from flywheel_evaluator import metrics
@@ -30,12 +31,14 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _reason(request: evaluator_pb2.VersionRequest) -> str:
-    """The request's reason, bounded and cleaned; its version, when given, checked first."""
+    """The request's reason, bounded, cleaned and redacted (an operator's "after a complaint from …"
+    is logged, kept in the decision log, sent on Kafka and shown to experts); its version, when
+    given, checked first."""
     if request.version:
         check_version_name(request.version)
     if len(request.reason) > MAX_REASON_CHARS:
         raise InvalidArgument(f"reason is longer than {MAX_REASON_CHARS} characters")
-    return clean_text(request.reason).strip()
+    return Redactor(presidio=False).redact(clean_text(request.reason).strip()).text
 
 
 def _request_id(request: evaluator_pb2.VersionRequest) -> str:
