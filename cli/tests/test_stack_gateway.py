@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel_cli.local.kafka_broker import free_port
+from flywheel_cli.local.kafka_broker import ephemeral_ports, free_port
 from flywheel_cli.local.stack import LocalStack, StackConfig, StackError, service_specs
 from flywheel_common.files import repo_root
 from flywheel_gateway.settings import GatewaySettings
@@ -42,6 +42,16 @@ def test_free_ports_and_a_stack_without_the_gateway(tmp_path: Path) -> None:
     assert "FLYWHEEL_GATEWAY_DEMO_PAGES_DIR" not in gateway.env  # a dataset without pages/
     four = service_specs(StackConfig(services=("inference", "feedback", "trainer", "evaluator")))
     assert "gateway" not in {s.name for s in four}
+
+
+def test_a_free_port_is_below_the_source_ports_of_outgoing_connections() -> None:
+    # A port from the ephemeral range (binding port 0) became a Kafka client's source port before
+    # the gateway bound it: "address already in use", and the stack did not start.
+    low, _ = ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports) and len(ports) > 1
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))
 
 
 def test_a_second_stack_on_taken_ports_stops_before_it_starts_anything(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -56,8 +57,28 @@ def ensure_jars(libs_dir: Path | None = None) -> Path:
     return libs
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' source ports from."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 49152, 65535  # IANA's dynamic range (macOS, BSD)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
+    """A TCP port nothing listens on right now, below the range of outgoing connections' source
+    ports: a port from that range (what binding port 0 gives) can become some client's source port
+    before the service binds it, and a stack's gateway once failed to start on one that had."""
+    low, _ = ephemeral_ports()
+    candidates = list(range(max(1024, low - 16384), low))
+    random.shuffle(candidates)
+    for port in candidates[:500]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
