@@ -26,6 +26,27 @@ def onnx_model_dir(prepared_model: Path) -> Path:
     return prepared_model / "onnx"
 
 
+@pytest.fixture(scope="session")
+def idle_launcher() -> Any:
+    """A job launcher whose jobs never run (each ends at once, "never"): for tests of the trainer
+    service's API and data, not its training."""
+    from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+
+    class IdleLauncher(JobLauncher):
+        name = "idle"
+
+        def launch(self, spec: JobSpec) -> str:
+            return spec.job_id
+
+        def wait(self, handle: str) -> Outcome:
+            return Outcome(False, "never")
+
+        def stop(self, handle: str) -> None:
+            pass
+
+    return IdleLauncher()
+
+
 def _generate(generator: Any, prompts: list[list[int]], max_new_tokens: int | list[int]) -> list[list[int]]:
     """Submits every prompt to a BatchGenerator at once; each one's greedy tokens, in order.
     `max_new_tokens`: one bound for all, or one per prompt."""

@@ -39,7 +39,7 @@ from flywheel_gateway.settings import GatewaySettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
-from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.launchers import JobLauncher
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal
 from flywheel_trainer.service import TrainerServicer
 from flywheel_trainer.settings import PolicySettings, TrainerSettings
@@ -389,19 +389,6 @@ class _Recorder:
         self.events.append(message)
 
 
-class _NoJobs(JobLauncher):
-    name = "none"
-
-    def launch(self, spec: JobSpec) -> str:
-        return spec.job_id
-
-    def wait(self, handle: str) -> Outcome:
-        return Outcome(False, "never")
-
-    def stop(self, handle: str) -> None:
-        pass
-
-
 @dataclass
 class Console:
     """The console alone: the gateway before the real trainer and feedback services, the evaluator down."""
@@ -421,7 +408,7 @@ class Console:
 
 
 @pytest.fixture
-async def console(tmp_path: Path) -> AsyncIterator[Console]:
+async def console(tmp_path: Path, idle_launcher: JobLauncher) -> AsyncIterator[Console]:
     """Four low-rated answers in the trainer's store; no model, no Kafka (the feedback service's
     events are recorded), so this tier's console checks take seconds."""
     signer = QueryIdSigner(b"test-query-id-key-0123")
@@ -440,7 +427,7 @@ async def console(tmp_path: Path) -> AsyncIterator[Console]:
     trainer = Trainer(
         TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer"),
         store,
-        _NoJobs(),
+        idle_launcher,
         registry,
         None,
     )

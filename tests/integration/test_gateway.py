@@ -30,7 +30,7 @@ from flywheel_gateway.clients import ServiceClients
 from flywheel_gateway.settings import GatewaySettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
-from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.launchers import JobLauncher
 from flywheel_trainer.policy import ExamplePolicy
 from flywheel_trainer.service import TrainerServicer
 from flywheel_trainer.settings import PolicySettings, TrainerSettings
@@ -42,21 +42,10 @@ pytestmark = pytest.mark.integration
 GATEWAY = "https://gateway.example.test"
 
 
-class IdleLauncher(JobLauncher):
-    name = "idle"
-
-    def launch(self, spec: JobSpec) -> str:
-        return spec.job_id
-
-    def wait(self, handle: str) -> Outcome:
-        return Outcome(False, "never")
-
-    def stop(self, handle: str) -> None:
-        pass
-
-
 @pytest.fixture
-async def console(kafka_settings: KafkaSettings, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def console(
+    kafka_settings: KafkaSettings, tmp_path: Path, idle_launcher: JobLauncher
+) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client of the gateway, logged in to the console as the development expert."""
     feedback = FeedbackApp(
         FeedbackSettings(
@@ -71,7 +60,7 @@ async def console(kafka_settings: KafkaSettings, tmp_path: Path) -> AsyncIterato
     trainer = Trainer(
         TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer"),
         store,
-        IdleLauncher(),
+        idle_launcher,
         registry,
         None,
     )

@@ -35,7 +35,7 @@ from flywheel_proto.flywheel.evaluator.v1 import evaluator_pb2, evaluator_pb2_gr
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.launchers import JobLauncher
 from flywheel_trainer.policy import ExamplePolicy
 from flywheel_trainer.service import TrainerServicer
 from flywheel_trainer.settings import PolicySettings, TrainerSettings
@@ -56,19 +56,6 @@ class RecordingProducer:
 
     async def produce(self, topic: str, key: str, message: Any, headers: Any = None) -> None:
         self.events.append(message)
-
-
-class IdleLauncher(JobLauncher):
-    name = "idle"
-
-    def launch(self, spec: JobSpec) -> str:
-        return spec.job_id
-
-    def wait(self, handle: str) -> Outcome:
-        return Outcome(False, "never")
-
-    def stop(self, handle: str) -> None:
-        pass
 
 
 async def _serve(server: GrpcServer) -> grpc.aio.Channel:
@@ -145,14 +132,16 @@ def _fake_model(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def trainer(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Service]:
+async def trainer(
+    tmp_path_factory: pytest.TempPathFactory, idle_launcher: JobLauncher
+) -> AsyncIterator[Service]:
     root = tmp_path_factory.mktemp("trainer")
     registry = ModelRegistry(root / "artifacts")
     registry.set_production(registry.register(_fake_model(root / "base"), kind="base").version)
     store = JoinStore(root / "trainer.sqlite3", ExamplePolicy(PolicySettings()))
     settings = TrainerSettings(artifact_root=registry.root, data_dir=root / "data")
     servicer = TrainerServicer(
-        Trainer(settings, store, IdleLauncher(), registry, None),
+        Trainer(settings, store, idle_launcher, registry, None),
         Authenticator(load_tokens(None)),
         b"test-pseudonym-key",
     )

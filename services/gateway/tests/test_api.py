@@ -34,7 +34,7 @@ from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_proto.flywheel.feedback.v1 import feedback_pb2_grpc
 from flywheel_proto.flywheel.inference.v1 import inference_pb2, inference_pb2_grpc
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2_grpc
-from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.launchers import JobLauncher
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal
 from flywheel_trainer.service import TrainerServicer
 from flywheel_trainer.settings import PolicySettings, TrainerSettings
@@ -67,21 +67,10 @@ class StreamingInference(inference_pb2_grpc.InferenceServiceServicer):
         yield inference_pb2.AnswerChunk(delta="in 2026.", finish_reason="eos")
 
 
-class IdleLauncher(JobLauncher):
-    name = "idle"
-
-    def launch(self, spec: JobSpec) -> str:
-        return spec.job_id
-
-    def wait(self, handle: str) -> Outcome:
-        return Outcome(False, "never")
-
-    def stop(self, handle: str) -> None:
-        pass
-
-
 @pytest.fixture
-async def services(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], StreamingInference, JoinStore]]:
+async def services(
+    tmp_path: Path, idle_launcher: JobLauncher
+) -> AsyncIterator[tuple[dict[str, str], StreamingInference, JoinStore]]:
     """A stand-in inference and the real trainer service on loopback; nothing listens for the rest."""
     inference = StreamingInference()
     inference_server = GrpcServer(GrpcSettings(port=0), "inference")
@@ -92,7 +81,7 @@ async def services(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], Stream
     store = JoinStore(tmp_path / "trainer.sqlite3", ExamplePolicy(PolicySettings()))
     registry = ModelRegistry(tmp_path / "artifacts")
     settings = TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer")
-    trainer = Trainer(settings, store, IdleLauncher(), registry, None)
+    trainer = Trainer(settings, store, idle_launcher, registry, None)
     trainer_server = GrpcServer(GrpcSettings(port=0), "trainer")
     servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)), b"test-pseudonym-key")
     trainer_server.add_service(

@@ -18,7 +18,7 @@ from flywheel_common.registry import ModelRegistry
 from flywheel_common.settings import GrpcSettings
 from flywheel_proto.flywheel.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from flywheel_trainer import datasets
-from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.launchers import JobLauncher
 from flywheel_trainer.policy import FeedbackSignal
 from flywheel_trainer.service import FAILED_REASON, MAX_LIST, TrainerServicer
 from flywheel_trainer.settings import TrainerSettings
@@ -29,25 +29,12 @@ ADMIN = (("authorization", "Bearer dev-admin-token"),)
 EXPERT = (("authorization", "Bearer dev-expert-token"),)
 
 
-class IdleLauncher(JobLauncher):
-    name = "idle"
-
-    def launch(self, spec: JobSpec) -> str:
-        return spec.job_id
-
-    def wait(self, handle: str) -> Outcome:
-        return Outcome(False, "never")
-
-    def stop(self, handle: str) -> None:
-        pass
-
-
 @pytest.fixture
 async def stub(
-    tmp_path: Path, store: JoinStore, registry: ModelRegistry
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, idle_launcher: JobLauncher
 ) -> AsyncIterator[trainer_pb2_grpc.TrainerServiceStub]:
     settings = TrainerSettings(artifact_root=registry.root, data_dir=tmp_path / "trainer")
-    trainer = Trainer(settings, store, IdleLauncher(), registry, None)
+    trainer = Trainer(settings, store, idle_launcher, registry, None)
     server = GrpcServer(GrpcSettings(port=0), "trainer")
     servicer = TrainerServicer(trainer, Authenticator(load_tokens(None)), b"test-pseudonym-key")
     server.add_service(
