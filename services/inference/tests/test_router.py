@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -44,3 +46,23 @@ async def test_a_version_whose_files_changed_is_refused_and_not_hashed_on_every_
     with pytest.raises(FailedPrecondition):
         await router.refresh()
     assert checks == ["v1", "v1"]
+
+
+async def test_closing_waits_for_the_engines_all_together_within_its_bound() -> None:
+    # Each engine was given 30 s, one after another: production and a canary could hold shutdown
+    # past the pod's grace period, and the interactions still to flush were killed with it.
+    given: list[float] = []
+
+    class BusyEngine:
+        def close(self, timeout: float | None = None) -> None:
+            given.append(timeout or 0.0)
+            time.sleep(timeout or 0.0)
+
+    router = ModelRouter(
+        None, OrtSettings(), EngineSettings(), canary_key=b"c" * 16, local_model_dir=Path("x")
+    )
+    router._engines = {v: SimpleNamespace(engine=BusyEngine()) for v in ("v1", "v2")}
+    started = time.monotonic()
+    await router.close(timeout_s=0.4)
+    assert time.monotonic() - started < 0.8 and given[0] <= 0.4 and given[1] < 0.05
+    assert not router._engines

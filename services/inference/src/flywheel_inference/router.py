@@ -28,6 +28,9 @@ LOCAL_VERSION = "local"
 # A version whose files did not match its manifest is checked again (hashing its weights) at most
 # this often, not on every poll.
 RECHECK_REFUSED_S = 60.0
+# Shutdown's time for the engines to finish, all together: the gRPC grace (20 s), this and the
+# interaction sink's close (15 s) fit the pod's 45 s terminationGracePeriodSeconds.
+ENGINES_CLOSE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,12 @@ class ModelRouter:
                 log.exception("could not apply the registry's rollout state")
             await asyncio.sleep(interval_s)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = ENGINES_CLOSE_S) -> None:
+        """Lets every engine finish what it holds, all within `timeout_s`: after the gRPC grace the
+        calls are cancelled, so this is normally quick, and shutdown must fit the pod's grace period
+        (an engine still busy then is left to the process's exit)."""
+        deadline = time.monotonic() + timeout_s
         for loaded in list(self._engines.values()):
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(loaded.engine.close, 30.0)
+                await asyncio.to_thread(loaded.engine.close, max(0.0, deadline - time.monotonic()))
         self._engines.clear()
