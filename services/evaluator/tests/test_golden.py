@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,36 @@ def test_a_stored_evaluation_is_not_reused_once_the_prompt_is_laid_out_otherwise
 
     monkeypatch.setattr(evaluation, "build_messages", question_last)
     assert evaluator.fingerprint(version) != before
+
+
+def test_the_started_gauge_is_set_during_an_evaluation_and_cleared_after(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    from flywheel_common.registry import ModelRegistry
+    from flywheel_evaluator import evaluation
+    from flywheel_evaluator.settings import EvaluationSettings
+
+    name = "flywheel_evaluator_evaluation_started_timestamp_seconds"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"not run here")
+    registry = ModelRegistry(tmp_path / "artifacts")
+    version = registry.register(model, kind="base").version
+    golden = load_golden(GoldenSettings(dataset=make_set(tmp_path, "one")))
+    evaluator = evaluation.Evaluator(registry, golden, EvaluationSettings(reuse_results=False))
+    seen: list[float | None] = []
+
+    def failing_run(*_: Any) -> evaluation.EvaluationResult:
+        seen.append(REGISTRY.get_sample_value(name))
+        raise RuntimeError("the model would not load")
+
+    evaluator._run = failing_run  # type: ignore[method-assign]
+    error_labels = {"outcome": "error"}
+    errors = REGISTRY.get_sample_value("flywheel_evaluator_evaluations_total", error_labels) or 0
+    started = time.time()
+    with pytest.raises(RuntimeError):
+        evaluator.evaluate(version)
+    assert seen and seen[0] is not None and started - 1 <= seen[0] <= time.time()
+    # Cleared however the evaluation ends, so an error is not mistaken for one still running.
+    assert REGISTRY.get_sample_value(name) == 0
+    assert REGISTRY.get_sample_value("flywheel_evaluator_evaluations_total", error_labels) == errors + 1

@@ -20,7 +20,7 @@ from flywheel_common.errors import FailedPrecondition
 from flywheel_common.registry import ModelRegistry, now_iso
 from flywheel_eval.dataset import QA_FILE, Dataset, load_dataset
 from flywheel_eval.metrics import Estimate, ItemScores, bootstrap, is_token_span, score_item, summarize
-from flywheel_evaluator.metrics import EVALUATION_DURATION, EVALUATIONS
+from flywheel_evaluator.metrics import EVALUATION_DURATION, EVALUATION_STARTED, EVALUATIONS
 from flywheel_evaluator.settings import EvaluationSettings, GoldenSettings
 from flywheel_model.engine import AnswerEngine, EngineSettings
 from flywheel_model.generation import SamplingParams
@@ -303,23 +303,38 @@ class Evaluator:
     ) -> EvaluationResult:
         """The version's evaluation (a stored one when `reuse` allows), written to the registry."""
         with self.lock:
-            if reuse and self.settings.reuse_results:
-                stored = self.stored(version)
-                if stored is not None:
-                    log.info("reusing the stored evaluation of %s on %s", version, stored.golden_set)
-                    return stored
+            # Stamped once the lock is held (evaluations run one at a time), so an evaluation that
+            # never ends shows as an ever older start (FlywheelEvaluationStuck).
+            EVALUATION_STARTED.set_to_current_time()
             try:
-                result = self._run(version, stop, progress)
-            except EvaluationCancelled:
-                EVALUATIONS.labels("cancelled").inc()
-                raise
-            except Exception:
-                EVALUATIONS.labels("error").inc()
-                raise
-            EVALUATIONS.labels("ok").inc()
-            EVALUATION_DURATION.observe(result.duration_s)
-            self.registry.write_report(version, EVALUATION_JSON, json.dumps(result.to_json(), indent=1))
-            return result
+                return self._evaluate(version, reuse, stop, progress)
+            finally:
+                EVALUATION_STARTED.set(0)
+
+    def _evaluate(
+        self,
+        version: str,
+        reuse: bool,
+        stop: threading.Event | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> EvaluationResult:
+        if reuse and self.settings.reuse_results:
+            stored = self.stored(version)
+            if stored is not None:
+                log.info("reusing the stored evaluation of %s on %s", version, stored.golden_set)
+                return stored
+        try:
+            result = self._run(version, stop, progress)
+        except EvaluationCancelled:
+            EVALUATIONS.labels("cancelled").inc()
+            raise
+        except Exception:
+            EVALUATIONS.labels("error").inc()
+            raise
+        EVALUATIONS.labels("ok").inc()
+        EVALUATION_DURATION.observe(result.duration_s)
+        self.registry.write_report(version, EVALUATION_JSON, json.dumps(result.to_json(), indent=1))
+        return result
 
     def _engine(self, version: str) -> AnswerEngine:
         """The serving engine over a version's ONNX model, sized for the evaluation's concurrency."""

@@ -17,6 +17,10 @@ EVALUATIONS = with_label_values(
     "error",
     "cancelled",
 )
+EVALUATION_STARTED = Gauge(
+    "flywheel_evaluator_evaluation_started_timestamp_seconds",
+    "When the evaluation now running started (Unix time); 0 while none runs.",
+)
 EVALUATION_DURATION = Histogram(
     "flywheel_evaluator_evaluation_duration_seconds",
     "Time to evaluate one version on the golden set, model load included.",

@@ -23,6 +23,7 @@ from flywheel_common.errors import (
 from flywheel_common.event_signing import SIGNATURE_HEADER, EventSigner
 from flywheel_common.grpc_server import request_metadata
 from flywheel_common.kafka import EventProducer, event_headers
+from flywheel_common.metrics import with_label_values
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdClaims, QueryIdSigner
 from flywheel_common.redaction import Redactor
@@ -35,18 +36,13 @@ from flywheel_proto.flywheel.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ACCEPTED = Counter(
-    "flywheel_feedback_accepted", "Feedback stored on Kafka (acknowledged), by kind.", ["kind"]
-)
-REJECTED = Counter("flywheel_feedback_rejected", "Submissions refused, by reason.", ["reason"])
-DUPLICATES = Counter("flywheel_feedback_duplicates", "Retries answered from the idempotency cache.")
-PRODUCE_DURATION = Histogram(
-    "flywheel_feedback_produce_duration_seconds",
-    "Time from handing an event to Kafka until the broker acknowledged it.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-PRODUCE_FAILURES = Counter("flywheel_feedback_produce_failures", "Events Kafka did not acknowledge in time.")
-REDACTED = Counter("flywheel_feedback_redacted", "Pieces of personal data redacted, by kind.", ["kind"])
+_KIND_NAMES = {
+    events_pb2.FEEDBACK_KIND_RATING: "rating",
+    events_pb2.FEEDBACK_KIND_THUMBS: "thumbs",
+    events_pb2.FEEDBACK_KIND_COMMENT: "comment",
+    events_pb2.FEEDBACK_KIND_CORRECTION: "correction",
+    events_pb2.FEEDBACK_KIND_IGNORED: "ignored",
+}
 
 _REASONS: dict[type[FlywheelError], str] = {
     Unauthenticated: "unauthenticated",
@@ -55,14 +51,28 @@ _REASONS: dict[type[FlywheelError], str] = {
     Unavailable: "unavailable",
     InvalidArgument: "invalid_argument",
 }
+_INVALID_QUERY_ID = "invalid_query_id"
 
-_KIND_NAMES = {
-    events_pb2.FEEDBACK_KIND_RATING: "rating",
-    events_pb2.FEEDBACK_KIND_THUMBS: "thumbs",
-    events_pb2.FEEDBACK_KIND_COMMENT: "comment",
-    events_pb2.FEEDBACK_KIND_CORRECTION: "correction",
-    events_pb2.FEEDBACK_KIND_IGNORED: "ignored",
-}
+# Every known label value starts at 0, so the first refusal (or acceptance) is seen by rate() and
+# the alert's ratio has its denominator before anything is accepted.
+ACCEPTED = with_label_values(
+    Counter("flywheel_feedback_accepted", "Feedback stored on Kafka (acknowledged), by kind.", ["kind"]),
+    *_KIND_NAMES.values(),
+)
+REJECTED = with_label_values(
+    Counter("flywheel_feedback_rejected", "Submissions refused, by reason.", ["reason"]),
+    *_REASONS.values(),
+    _INVALID_QUERY_ID,
+    "other",
+)
+DUPLICATES = Counter("flywheel_feedback_duplicates", "Retries answered from the idempotency cache.")
+PRODUCE_DURATION = Histogram(
+    "flywheel_feedback_produce_duration_seconds",
+    "Time from handing an event to Kafka until the broker acknowledged it.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PRODUCE_FAILURES = Counter("flywheel_feedback_produce_failures", "Events Kafka did not acknowledge in time.")
+REDACTED = Counter("flywheel_feedback_redacted", "Pieces of personal data redacted, by kind.", ["kind"])
 
 
 def _printable(value: str) -> bool:
@@ -161,7 +171,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                 return self._signer.verify(query_id)
             except InvalidArgument as error:
                 exc = error
-        exc.reason = "invalid_query_id"  # type: ignore[attr-defined]
+        exc.reason = _INVALID_QUERY_ID  # type: ignore[attr-defined]
         raise exc
 
     def _text(self, value: str, name: str, limit: int, *, required: bool) -> str:
