@@ -51,6 +51,7 @@ def mistakes(closed: str, page: Path, tmp_path: Path) -> list[tuple[list[str], s
         (["rollout", "--target", closed, "status"], "flywheel up"),
         (["rollout", "--target", closed, "rollback", "v1"], "--request-id"),
         (["model", "prepare", "--source", str(tmp_path / "missing.gguf")], "no model at"),
+        (["model", "prepare", "--source", str(tmp_path), "--out", str(tmp_path / "out")], "neither"),
         (["model", "prune", "--keep-latest", "-1", "--artifact-root", str(registry)], "0 or more"),
         (["model", "list", "--artifact-root", str(tmp_path / "no-registry")], "no model registry at"),
         (["privacy", "--target", closed, "forget", "--session", "s1"], f"the trainer service at {closed}"),

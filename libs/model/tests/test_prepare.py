@@ -60,6 +60,26 @@ def test_the_fp32_export_rescores_its_output_projection(
 def test_a_source_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither"):
         prepare(tmp_path / "out", source=tmp_path, options=ExportOptions(), cache_dir=tmp_path / "c")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_an_architecture_the_builder_lacks_is_named_and_leaves_nothing_behind(
+    prepared_model: Path, tmp_path: Path
+) -> None:
+    # The builder said "… model is not currently supported", naming the staging folder, and the
+    # staging copy of the weights stayed behind.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    source = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=49152)).save_pretrained(source)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        prepare(tmp_path / "out", source=source, options=ExportOptions(), cache_dir=tmp_path / "c")
+    (source / "tokenizer.json").write_bytes((prepared_model / "hf" / "tokenizer.json").read_bytes())
+    with pytest.raises(RuntimeError) as failed:
+        prepare(tmp_path / "out", source=source, options=ExportOptions(), cache_dir=tmp_path / "c")
+    first_line = str(failed.value).splitlines()[0]
+    assert "architecture GPT2LMHeadModel is not supported by onnxruntime-genai" in first_line
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_failed_export_says_the_exporters_error_first(tmp_path: Path) -> None:

@@ -227,3 +227,30 @@ def test_one_pass_gives_the_supervised_loss_and_the_preference_loss_of_separate_
     assert float(losses.answer_sum) == pytest.approx(float(answer_sum), rel=1e-5)
     assert float(losses.odds_sum) == pytest.approx(float(odds.sum()), rel=1e-5)
     assert (without.pairs, float(without.odds_sum)) == (0, 0.0)
+
+
+def test_every_projection_is_adapted_in_fused_and_separate_layouts(tiny_hf: Path, tmp_path: Path) -> None:
+    # Phi-3 fuses q/k/v and gate/up: with Llama's names only its o_proj and down_proj were adapted,
+    # and the job said nothing.
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    Phi3ForCausalLM(config).save_pretrained(tmp_path / "phi3")
+    model = train.load_for_training(tmp_path / "phi3", "cpu", "none", HYPER)
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert train.linear_layers_left_out(model) == []
+    llama = train.load_for_training(tiny_hf, "cpu", "none", HYPER)
+    assert train.linear_layers_left_out(llama) == []
+    narrow = HYPER.model_copy(update={"target_modules": ["o_proj"]})
+    partial = train.load_for_training(tmp_path / "phi3", "cpu", "none", narrow)
+    assert train.linear_layers_left_out(partial) == ["down_proj", "gate_up_proj", "qkv_proj"]

@@ -36,7 +36,13 @@ def _prepare(args: argparse.Namespace) -> int:
         options = ExportOptions(precision=precision, provider=args.provider)
     except ValueError as error:
         raise UserError(str(error)) from error
-    out = ensure_prepared(source, options, Path(args.out) if args.out else None, force=args.force, echo=print)
+    try:
+        out = ensure_prepared(
+            source, options, Path(args.out) if args.out else None, force=args.force, echo=print
+        )
+    except (ValueError, RuntimeError) as error:
+        # The first line says what is wrong (an export failure's names its log).
+        raise UserError(str(error).splitlines()[0]) from error
     if not args.no_register:
         register_base(out, Path(args.artifact_root), echo=print)
     return 0

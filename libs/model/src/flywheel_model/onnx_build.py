@@ -5,11 +5,14 @@ Transformers 5 describes Gemma 3's rotary embeddings per layer type (`rope_param
 flat form (`rope_parameters["rope_type"]`, `rope_theta` for the global layers, `rope_local_base_freq`
 for the sliding-window ones) and stops with `KeyError: 'rope_type'`. This module takes the same
 arguments as `python -m onnxruntime_genai.models.builder` and flattens the config between loading
-it and building the graph; every other config goes through unchanged.
+it and building the graph; every other config goes through unchanged. An architecture the builder
+does not know ends the process with one line naming it.
 """
 
 from __future__ import annotations
 
+import sys
+from importlib.metadata import version
 from typing import Any
 
 # The layer types whose rotary bases the builder's Gemma 3 path takes: the global layers' base is
@@ -64,9 +67,19 @@ def main() -> None:
         runtime_config=args.runtime_config,
         search=args.search,
     )
-    if flatten_layer_rope(extra_options["hf_details"]["hf_config"]):
+    hf_config = extra_options["hf_details"]["hf_config"]
+    if flatten_layer_rope(hf_config):
         print("flywheel: rope_parameters per layer type flattened for the builder")
-    builder.create_model(*model, **extra_options)
+    try:
+        builder.create_model(*model, **extra_options)
+    except NotImplementedError:
+        # The builder names the folder, not what it lacks; this last line is the error shown.
+        architecture = ", ".join(getattr(hf_config, "architectures", None) or ["(none in config.json)"])
+        sys.exit(
+            f"architecture {architecture} is not supported by onnxruntime-genai "
+            f"{version('onnxruntime-genai')}'s model builder (Llama, Mistral, Qwen2/3, Phi3, Gemma 1-3 "
+            "and a few others are)"
+        )
 
 
 if __name__ == "__main__":

@@ -310,34 +310,41 @@ def prepare(
     source = source or smollm2_gguf()
     hf_dir = out_dir / "hf"
     staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     gguf = source if source.is_file() and source.suffix == ".gguf" else None
     if options.gguf_blocks and gguf is None:
         raise ValueError(
             f"precision {options.precision} stores a GGUF's blocks, and {source} is not a .gguf file"
         )
-    if gguf is not None:
-        source_info = {"kind": "gguf", "path": str(source), "sha256": file_sha256(source)}
-        gguf_to_hf(source, staging / "hf")
-    elif source.is_dir() and (source / "config.json").is_file():
-        source_info = {
-            "kind": "hf",
-            "path": str(source),
-            "config_sha256": file_sha256(source / "config.json"),
-        }
-        shutil.copytree(source, staging / "hf", ignore=shutil.ignore_patterns(".git*"))
-    else:
-        raise ValueError(f"{source} is neither a .gguf file nor a Hugging Face model folder")
-    export_onnx(staging / "hf", staging / "onnx", options, cache_dir=cache_dir, gguf=gguf)
-    write_manifest(
-        staging,
-        source=source_info,
-        options=options,
-        hf_dir=staging / "hf",
-        seconds=time.perf_counter() - started,
-    )
-    freeze_tree(staging)
+    if gguf is None and not (source.is_dir() and (source / "config.json").is_file()):
+        raise ValueError(f"{source} is neither a .gguf file nor a Hugging Face model folder (config.json)")
+    if gguf is None and not any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise ValueError(f"{source} has no tokenizer (tokenizer.json or tokenizer.model)")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if gguf is not None:
+            source_info = {"kind": "gguf", "path": str(source), "sha256": file_sha256(source)}
+            gguf_to_hf(source, staging / "hf")
+        else:
+            source_info = {
+                "kind": "hf",
+                "path": str(source),
+                "config_sha256": file_sha256(source / "config.json"),
+            }
+            shutil.copytree(source, staging / "hf", ignore=shutil.ignore_patterns(".git*"))
+        export_onnx(staging / "hf", staging / "onnx", options, cache_dir=cache_dir, gguf=gguf)
+        write_manifest(
+            staging,
+            source=source_info,
+            options=options,
+            hf_dir=staging / "hf",
+            seconds=time.perf_counter() - started,
+        )
+        freeze_tree(staging)
+    except BaseException:
+        # A failed preparation leaves no copy of the weights behind (its log stays beside it).
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     log.info("prepared %s in %.0f s", out_dir, time.perf_counter() - started)

@@ -140,8 +140,19 @@ class HyperParameters(BaseModel):
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    # Attention and MLP projections of Llama-style models.
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # Attention and MLP projections: Llama-style names, and Phi-3's fused ones (a name a model lacks
+    # adapts nothing; a linear layer no name covers is logged as left out).
+    target_modules: list[str] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "qkv_proj",
+        "gate_up_proj",
+    ]
     # Adapt only the top N decoder layers (0: all). Backpropagation then stops at the lowest adapted
     # layer: with half the layers a step costs about a third less.
     lora_layers: int = Field(default=0, ge=0)

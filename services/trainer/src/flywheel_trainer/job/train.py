@@ -102,7 +102,30 @@ def load_for_training(hf_dir: Path, device: str, quantization: str, hyper: Hyper
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    adapted = get_peft_model(model, config)
+    left_out = linear_layers_left_out(adapted)
+    if left_out:
+        log.warning(
+            "linear layers without adapters (hyper.target_modules names none of them): %s",
+            ", ".join(left_out),
+        )
+    return adapted
+
+
+def linear_layers_left_out(model: Any) -> list[str]:
+    """The kinds of the decoder's linear layers (their names' last part) that got no adapter, the
+    output projection aside: a model naming its projections otherwise trains only part of itself."""
+    body, head = _parts(model)
+    adapted, linear = set(), set()
+    for name, module in body.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        # An adapter's own layers (lora_A/lora_B) and the layer it wraps are not the model's.
+        own = "lora_" not in name and kind != "base_layer"
+        if hasattr(module, "lora_A"):
+            adapted.add(kind)
+        elif own and isinstance(module, torch.nn.Linear) and module is not head:
+            linear.add(kind)
+    return sorted(linear - adapted)
 
 
 def _parts(model: Any) -> tuple[Any, Any]:
