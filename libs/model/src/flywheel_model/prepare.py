@@ -302,7 +302,8 @@ def prepare(
     options: ExportOptions = ExportOptions(),
     cache_dir: Path,
 ) -> Path:
-    """Writes `out_dir/hf` (fp32 HF weights) and `out_dir/onnx` (the ONNX decoder) and a manifest.
+    """Writes `out_dir/hf` (the HF weights: a GGUF's dequantized to fp32, a folder's as they are),
+    `out_dir/onnx` (the ONNX decoder) and a manifest.
 
     `source` is a GGUF file, a Hugging Face causal-LM folder, or None for the bundled SmolLM2.
     """
