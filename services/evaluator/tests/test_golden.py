@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from flywheel_common.registry import ModelRegistry
 from flywheel_eval.dataset import load_dataset
-from flywheel_evaluator.evaluation import load_golden, register_golden
+from flywheel_evaluator.evaluation import GoldenSet, load_golden, register_golden
 from flywheel_evaluator.settings import GoldenSettings
 
 
@@ -27,6 +28,16 @@ def make_set(root: Path, name: str) -> Path:
     ]
     (folder / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+def registered_base(tmp_path: Path) -> tuple[ModelRegistry, str, GoldenSet]:
+    """A registry holding a base version whose model is never run, and a one-question golden set."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"not run here")
+    registry = ModelRegistry(tmp_path / "artifacts")
+    version = registry.register(model, kind="base").version
+    return registry, version, load_golden(GoldenSettings(dataset=make_set(tmp_path, "one")))
 
 
 def test_golden_sets_load_and_register(tmp_path: Path) -> None:
@@ -49,16 +60,10 @@ def test_golden_sets_load_and_register(tmp_path: Path) -> None:
 def test_a_stored_evaluation_is_not_reused_once_the_prompt_is_laid_out_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flywheel_common.registry import ModelRegistry
     from flywheel_evaluator import evaluation
     from flywheel_evaluator.settings import EvaluationSettings
 
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "model.onnx").write_bytes(b"not run here")
-    registry = ModelRegistry(tmp_path / "artifacts")
-    version = registry.register(model, kind="base").version
-    golden = load_golden(GoldenSettings(dataset=make_set(tmp_path, "one")))
+    registry, version, golden = registered_base(tmp_path)
     evaluator = evaluation.Evaluator(registry, golden, EvaluationSettings())
     before = evaluator.fingerprint(version)
     assert evaluator.fingerprint(version) == before
@@ -73,17 +78,11 @@ def test_a_stored_evaluation_is_not_reused_once_the_prompt_is_laid_out_otherwise
 def test_the_started_gauge_is_set_during_an_evaluation_and_cleared_after(tmp_path: Path) -> None:
     from prometheus_client import REGISTRY
 
-    from flywheel_common.registry import ModelRegistry
     from flywheel_evaluator import evaluation
     from flywheel_evaluator.settings import EvaluationSettings
 
     name = "flywheel_evaluator_evaluation_started_timestamp_seconds"
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "model.onnx").write_bytes(b"not run here")
-    registry = ModelRegistry(tmp_path / "artifacts")
-    version = registry.register(model, kind="base").version
-    golden = load_golden(GoldenSettings(dataset=make_set(tmp_path, "one")))
+    registry, version, golden = registered_base(tmp_path)
     evaluator = evaluation.Evaluator(registry, golden, EvaluationSettings(reuse_results=False))
     seen: list[float | None] = []
 
