@@ -168,7 +168,10 @@ class Stack:
         self.producer = EventProducer(kafka, linger_ms=0, max_block_ms=5000)
 
     def register(self, onnx_dir: Path, kind: str = "candidate") -> str:
-        return self.registry.register(onnx_dir, kind=kind).version
+        """Registers as a training job would (a candidate with the lineage `candidate` announces)."""
+        lineage = {"parent_version": "v1", "dataset_id": "", "job_id": "test"}
+        metadata = {"lineage": lineage} if kind == "candidate" else None
+        return self.registry.register(onnx_dir, kind=kind, metadata=metadata).version
 
     async def start_evaluator(self, **overrides: Any) -> evaluator_pb2_grpc.EvaluatorServiceStub:
         settings = evaluator_settings(

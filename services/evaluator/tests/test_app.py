@@ -52,8 +52,9 @@ def app(tmp_path: Path) -> EvaluatorApp:
         gate=GateSettings(policy="improve"),
     )
     app = EvaluatorApp(settings, golden=GOLDEN)
-    for _ in range(4):
-        app.registry.register(model, kind="test")
+    app.registry.register(model, kind="base")
+    for n in range(2, 5):
+        app.registry.register(model, kind="candidate", metadata={"lineage": lineage(f"v{n}")})
     app.registry.set_production("v1")
     app.gatekeeper.decisions._emit = None  # no broker here
     return app
@@ -78,8 +79,14 @@ class StubEvaluations:
         return result(version, right)
 
 
+def lineage(version: str) -> dict[str, str]:
+    """What the training job that made `version` registered it with."""
+    return {"parent_version": "v1", "dataset_id": f"ds-{version}", "job_id": f"job-{version}"}
+
+
 def candidate(version: str) -> events_pb2.ModelCandidate:
-    return events_pb2.ModelCandidate(version=version, parent_version="v1")
+    """The trainer's announcement of `version`."""
+    return events_pb2.ModelCandidate(version=version, **lineage(version))
 
 
 def test_better_candidate_goes_canary_and_is_decided_once(app: EvaluatorApp) -> None:
@@ -178,6 +185,39 @@ async def test_an_admins_reason_is_redacted_before_it_is_logged_kept_or_sent(
     assert decision["reasons"][0].endswith("after a complaint from [EMAIL], [PHONE]")
     for where in (json.dumps(decision), str(sent), caplog.text, app.registry.state_path.read_text()):
         assert "jane.doe" not in where and "7946" not in where
+
+
+def test_only_the_trainers_own_announcement_of_a_registered_candidate_is_gated(app: EvaluatorApp) -> None:
+    """Announcements are unsigned: a producer to the topic could otherwise gate any version."""
+    stub = StubEvaluations(app, {"v1": 5, "v2": 15, "v3": 15, "v4": 15, "v5": 15})
+    app.registry.register(app.registry.get("v1").model_dir, kind="base")  # v5: another base model
+    consumer = CandidateConsumer(app.settings, app.gatekeeper.process_candidate, threading.Event())
+    dead: list[str] = []
+    consumer.dead_letter = lambda record, reason: dead.append(reason)  # type: ignore[method-assign]
+    topic = app.settings.kafka.topics.candidates
+    forged = [
+        events_pb2.ModelCandidate(version="v5", parent_version="v1"),
+        events_pb2.ModelCandidate(version="v3", parent_version="v1", job_id="job-v2"),
+        events_pb2.ModelCandidate(version="v4"),
+    ]
+    claimed = events_pb2.ModelCandidate(
+        version="v2", parent_version="v4", job_id="job-v2", dataset_id="made-up"
+    )
+    records = [
+        ConsumerRecord(topic, 0, n, 0, 0, 0, b"k", event.SerializeToString(), [], None, 1, 1, -1)
+        for n, event in enumerate([*forged, claimed])
+    ]
+    consumer.handle(records)
+    assert dead == [
+        "candidate refused: v5 is a base version, not a training job's candidate",
+        "candidate refused: the announcement of v3 does not name the job that registered it",
+        "candidate refused: the announcement of v4 does not name the job that registered it",
+    ]
+    assert stub.calls == ["v2", "v1"] and app.registry.state().canary == "v2"
+    [decision] = app.registry.decisions()
+    assert decision["version"] == "v2"
+    gate = json.loads((app.registry.reports_dir / "v2" / "gate.json").read_text())
+    assert {k: gate["settings"][k] for k in lineage("v2")} == lineage("v2")  # the registry's, not the event's
 
 
 def test_unknown_version_is_not_found(app: EvaluatorApp) -> None:

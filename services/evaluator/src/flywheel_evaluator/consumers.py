@@ -15,6 +15,7 @@ from flywheel_common.event_signing import EventSigner
 from flywheel_common.kafka import EventConsumer, decode
 from flywheel_common.redaction import REDACTED_HEADER
 from flywheel_common.registry import check_version_name
+from flywheel_evaluator.gatekeeper import RefusedCandidate
 from flywheel_evaluator.live import ERROR_REASONS, LiveStore, Signal
 from flywheel_evaluator.metrics import FEEDBACK_UNSIGNED, INTERACTIONS_UNSIGNED, SIGNALS
 from flywheel_evaluator.settings import EvaluatorSettings
@@ -72,6 +73,8 @@ class CandidateConsumer(EventConsumer):
                 self._on_candidate(candidate)
             except NotFound as exc:
                 self.dead_letter(record, f"candidate version is not in the registry: {exc}")
+            except RefusedCandidate as exc:
+                self.dead_letter(record, f"candidate refused: {exc}")
 
 
 _FEEDBACK_KINDS = {

@@ -7,8 +7,8 @@ import threading
 import time
 import uuid
 
-from flywheel_common.errors import NotFound
-from flywheel_common.registry import ModelRegistry, RolloutState
+from flywheel_common.errors import InvalidArgument, NotFound
+from flywheel_common.registry import ModelRegistry, ModelVersion, RolloutState
 from flywheel_evaluator import reports
 from flywheel_evaluator.evaluation import (
     EvaluationCancelled,
@@ -104,12 +104,13 @@ class Gatekeeper:
             log.info("candidate %s was gated before (decision %s)", version, existing.decision_id)
             self.decisions.send_again(existing)
             return
-        self.registry.get(version)  # NotFound: the consumer dead-letters the event
+        # NotFound, RefusedCandidate: the consumer dead-letters the event.
+        lineage = announced_lineage(self.registry.get(version), candidate)
         baseline = self.registry.state().production
         if baseline == version:
             log.info("candidate %s is already production; nothing to gate", version)
             return
-        log.info("gating candidate %s (parent %s) against %s", version, candidate.parent_version, baseline)
+        log.info("gating candidate %s (parent %s) against %s", version, lineage["parent_version"], baseline)
         for _ in range(_GATE_ATTEMPTS):
             verdict, cand, base = self._gate(version, baseline)
             current = self.registry.state().production
@@ -123,9 +124,7 @@ class Gatekeeper:
         settings = {
             "gate": self.settings.gate.model_dump(),
             "canary": self.settings.canary.model_dump(),
-            "parent_version": candidate.parent_version,
-            "dataset_id": candidate.dataset_id,
-            "job_id": candidate.job_id,
+            **lineage,
         }
 
         def write_report(rollout: str) -> None:
@@ -289,3 +288,26 @@ class Gatekeeper:
         self.stopping.set()
         if self._prefetch is not None:
             self._prefetch.join(timeout)
+
+
+class RefusedCandidate(InvalidArgument):
+    """An announcement the gate will not act on (retried, it would be refused again)."""
+
+
+def announced_lineage(found: ModelVersion, candidate: events_pb2.ModelCandidate) -> dict[str, str]:
+    """The lineage a training job registered with the candidate its announcement names.
+
+    Announcements on Kafka are not signed, so one proves nothing by itself: only a version a
+    training job registered as a candidate is gated, and only on an announcement naming that job (a
+    base model, a version registered by hand, or a job id the version was not registered with are
+    refused). The gate's record takes parent, batch and job from the registry, not from the event.
+    """
+    if found.kind != "candidate":
+        raise RefusedCandidate(f"{found.version} is a {found.kind} version, not a training job's candidate")
+    registered = found.manifest.get("lineage") or {}
+    lineage = {name: str(registered.get(name, "")) for name in ("parent_version", "dataset_id", "job_id")}
+    if not lineage["job_id"] or candidate.job_id != lineage["job_id"]:
+        raise RefusedCandidate(
+            f"the announcement of {found.version} does not name the job that registered it"
+        )
+    return lineage
