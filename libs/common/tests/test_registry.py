@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -196,3 +197,69 @@ def test_a_rollback_keeps_no_previous_production_and_an_outbox_write_no_generati
     queued = registry.update_state(queue)
     assert queued.generation == state.generation and queued.history == state.history
     assert registry.state().outbox == [{"decision_id": "d1"}]
+
+
+def test_prune_removes_staging_a_killed_registration_left_once_it_is_a_day_old(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    old, fresh = registry.versions_dir / ".staging-old", registry.versions_dir / ".staging-fresh"
+    for staging in (old, fresh):
+        (staging / "hf").mkdir(parents=True)
+        (staging / "hf" / "w.bin").write_bytes(b"\0" * 1024)
+        (staging / "hf" / "w.bin").chmod(0o444)  # as freeze_tree leaves it
+    day_ago = time.time() - 24 * 3600 - 60
+    os.utime(old, (day_ago, day_ago))
+    registry.prune(0, dry_run=True)  # a dry run removes nothing
+    assert old.is_dir() and fresh.is_dir()
+    # A live registration holds no lock while it copies: a fresh folder may be one, and stays.
+    registry.prune(0)
+    assert not old.exists() and fresh.is_dir()
+    registry.prune(0, staging_max_age_s=0)
+    assert not fresh.exists()
+
+
+def test_list_versions_leaves_out_a_version_whose_manifest_cannot_be_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    for name in ("a", "b", "c", "d", "e"):
+        registry.register(model_folder(tmp_path, name), kind="candidate")
+    broken = {"v2": b"", "v3": b'{"version": "v3", "secret-ish', "v4": b"\xff\xfe", "v5": b"[1, 2]"}
+    for version, content in broken.items():
+        manifest = registry.versions_dir / version / "manifest.json"
+        manifest.chmod(0o644)
+        manifest.write_bytes(content)  # what a power loss before writeback can leave, and worse
+    assert [v.version for v in registry.list_versions()] == ["v1"]
+    assert "left out" in caplog.text and "secret-ish" not in caplog.text
+    for version in broken:
+        registry.append_decision({"version": version, "action": "gate"})
+    registry.append_decision({"version": "v1", "action": "gate"})
+    assert [p.version for p in registry.prune(0)] == ["v1"]  # prune still runs over the rest
+    assert registry.register(model_folder(tmp_path, "f"), kind="candidate").version == "v6"
+
+
+def test_register_flushes_the_version_to_disk_before_and_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry(tmp_path / "root")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        events.append(("rename", str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    registry.register(model_folder(tmp_path), kind="base", hf_dir=model_folder(tmp_path, "hf"))
+    renamed = events.index(("rename", str(registry.versions_dir / "v1")))
+    before = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
+    # The manifest, every file and every folder of the staged version (its names are temporary).
+    assert {"model.onnx", "tokenizer.json", "model", "hf"} <= before
+    assert any(name.startswith(".manifest.json.") or name == "manifest.json" for name in before)
+    assert any(name.startswith(".staging-") for name in before)
+    assert ("fsync", str(registry.versions_dir)) in events[renamed + 1 :]
+    assert json.loads((registry.versions_dir / "v1" / "manifest.json").read_text())["version"] == "v1"

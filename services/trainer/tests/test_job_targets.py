@@ -109,3 +109,37 @@ def test_the_questions_words_stay_where_the_answer_would_be_one_word_without_the
     # With more than one word left, the question's words at the ends go as before.
     wrote = ["Guido van Rossum wrote Python at CWI."]
     assert grounded_span("Guido van Rossum wrote Python.", wrote, "who wrote python") == "Guido van Rossum"
+
+
+def test_a_span_with_the_pages_symbols_between_its_words_is_taught_as_written() -> None:
+    # Words match after normalisation, which drops tokens of symbols only: quoted, the span would
+    # carry the page's junk into an expert's target.
+    junk = [
+        "Python was created by Guido <<<>>> van $$$ ``` Rossum the|a|an at \u2620\u2620\u2620 CWI in 1989."
+    ]
+    wrote = "It was Guido van Rossum, at CWI."
+    assert grounded_span(wrote, junk, "Who created Python?") == wrote
+    shaped, stats = shape_targets(
+        [
+            {
+                "id": "c1",
+                "source": "correction",
+                "question": "Who created Python?",
+                "answer": wrote,
+                "passages": junk,
+            }
+        ],
+        "grounded_span",
+        "drop",
+    )
+    assert [e["answer"] for e in shaped] == [wrote] and stats.grounded == 1 and stats.shortened == 0
+    # Ordinary punctuation and articles between the words are quoted as before, and so are symbols
+    # the answer has too.
+    plain = ["It was created by Guido -- van Rossum (the BDFL), at CWI; in 1989."]
+    assert (
+        grounded_span("Guido van Rossum, the BDFL, at CWI", plain, "who")
+        == "Guido -- van Rossum (the BDFL), at CWI"
+    )
+    code = ["Write x = 1 + y to add them."]
+    assert grounded_span("It is x = 1 + y", code, "how do i add") == "x = 1 + y"
+    assert grounded_span("It is x 1 y", code, "how do i add") == "It is x 1 y"

@@ -58,6 +58,8 @@ def test_local_job_failure_has_its_exit_code(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("FAKE_JOB_EXIT", "3")
     launcher = local(tmp_path)
     assert launcher.wait(launcher.launch(SPEC)) == Outcome(False, "exit code 3")
+    monkeypatch.setenv("FAKE_JOB_EXIT", "143")  # how a real job exits on SIGTERM, once cleaned up
+    assert launcher.wait(launcher.launch(SPEC)) == Outcome(False, "stopped by SIGTERM (exit code 143)")
 
 
 def test_local_job_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,6 +70,33 @@ def test_local_job_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     launcher.stop(handle)
     assert launcher.wait(handle) == Outcome(False, "killed by SIGTERM")
     assert time.monotonic() - started < 10
+
+
+def test_clean_up_removes_the_scratch_an_ended_job_left_and_keeps_a_running_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLYWHEEL_TRAINER_JOB_SCRATCH_DIR", raising=False)
+    monkeypatch.setenv("FAKE_JOB_SLEEP", "60")
+    launcher = local(tmp_path)
+    scratch = launcher.scratch_path(SPEC.job_id)
+    assert scratch == (tmp_path / "trainer" / "scratch" / SPEC.job_id).resolve()
+    (scratch / "hf").mkdir(parents=True)
+    (scratch / "hf" / "model.safetensors").write_bytes(b"weights")
+    handle = launcher.launch(SPEC)
+    deadline = time.monotonic() + 10
+    while _running_job(SPEC.job_id) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.clean_up(SPEC.job_id)  # still running: its scratch is in use
+    assert scratch.is_dir()
+    launcher.stop(handle)
+    launcher.wait(handle)
+    launcher.clean_up(SPEC.job_id)
+    assert not scratch.exists() and scratch.parent.is_dir()
+    launcher.clean_up("../scratch")  # not a job id: nothing outside the job's own folder goes
+    assert scratch.parent.is_dir()
+    # The scratch dir given to the trainer for its jobs is the one the job used.
+    monkeypatch.setenv("FLYWHEEL_TRAINER_JOB_SCRATCH_DIR", str(tmp_path / "elsewhere"))
+    assert launcher.scratch_path(SPEC.job_id) == tmp_path / "elsewhere" / SPEC.job_id
 
 
 def test_a_new_launcher_adopts_a_running_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,6 +206,16 @@ def test_job_outcome_reads_conditions() -> None:
     )
     assert job_outcome(failed) == Outcome(False, "BackoffLimitExceeded: too many")
     assert job_outcome({"conditions": [{"type": "Failed", "status": "False"}]}) is None
+
+
+def test_a_job_whose_pods_may_still_run_has_not_ended() -> None:
+    # FailureTarget and SuccessCriteriaMet come before the pods terminated (kubernetes#123775): a pod
+    # could still register a candidate after the trainer recorded the job failed.
+    target = V1JobCondition(type="FailureTarget", status="True", reason="DeadlineExceeded")
+    assert job_outcome(V1JobStatus(active=1, conditions=[target])) is None
+    assert job_outcome({"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]}) is None
+    ended = V1JobCondition(type="Failed", status="True", reason="DeadlineExceeded")
+    assert job_outcome(V1JobStatus(conditions=[target, ended])) == Outcome(False, "DeadlineExceeded")
 
 
 class FakeBatchApi:

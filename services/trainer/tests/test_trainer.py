@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from flywheel_common.registry import ModelRegistry
 from flywheel_trainer import datasets
 from flywheel_trainer import trainer as trainer_module
-from flywheel_trainer.launchers import JobLauncher, JobSpec, Outcome
+from flywheel_trainer.launchers import JobLauncher, JobSpec, LocalJobLauncher, Outcome
 from flywheel_trainer.results import result_path, write_result
 from flywheel_trainer.settings import BatchSettings, JobsSettings, TrainerSettings
 from flywheel_trainer.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JoinStore
@@ -266,6 +266,57 @@ async def test_shutdown_stops_local_jobs(
     job = store.job(cut.job_id)
     assert launcher.stopped == [cut.job_id]
     assert job is not None and job.state == FAILED and "shut down" in job.reason
+
+
+# A job killed outright (SIGKILL) after it filled its scratch folder: its own clean-up never runs.
+KILLED_JOB = (
+    "import os, signal, sys; from pathlib import Path; "
+    "job = sys.argv[sys.argv.index('--job-id') + 1]; "
+    "scratch = Path(os.environ['FLYWHEEL_TRAINER_JOB_SCRATCH_DIR']) / job; "
+    "(scratch / 'hf').mkdir(parents=True); (scratch / 'hf' / 'model.safetensors').write_bytes(b'w'); "
+    "os.kill(os.getpid(), signal.SIGKILL)"
+)
+
+
+async def test_the_scratch_a_killed_local_job_left_is_removed_when_its_end_is_recorded(
+    tmp_path: Path,
+    store: JoinStore,
+    registry: ModelRegistry,
+    clock: Any,
+    ev: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FLYWHEEL_TRAINER_JOB_SCRATCH_DIR", raising=False)
+    settings = TrainerSettings(
+        artifact_root=registry.root,
+        data_dir=tmp_path / "trainer",
+        batch=BatchSettings(max_examples=3, min_examples=2, max_wait_s=60),
+        jobs=JobsSettings(max_concurrent=1, launcher="local", local_command=["{python}", "-c", KILLED_JOB]),
+    )
+    launcher = LocalJobLauncher(settings)
+    trainer = Trainer(settings, store, launcher, registry, FakeProducer(), clock=clock)  # type: ignore[arg-type]
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await settle(trainer, lambda: store.job(cut.job_id).state == FAILED)  # type: ignore[union-attr]
+    assert "SIGKILL" in store.job(cut.job_id).reason  # type: ignore[union-attr]
+    assert not (tmp_path / "trainer" / "scratch" / cut.job_id).exists()
+    await trainer.shutdown()
+
+
+async def test_every_recorded_end_asks_the_launcher_to_clean_up(
+    tmp_path: Path, store: JoinStore, registry: ModelRegistry, clock: Any, ev: Any
+) -> None:
+    trainer, launcher, _ = make(tmp_path, store, registry, clock)
+    cleaned: list[str] = []
+    launcher.clean_up = cleaned.append  # type: ignore[method-assign]
+    feed(store, ev, range(3))
+    cut = await trainer.cut("size")
+    assert cut is not None
+    await trainer.launch_queued()
+    launcher.end(cut.job_id, ok=False, reason="boom")
+    await settle(trainer, lambda: store.job(cut.job_id).state == FAILED)  # type: ignore[union-attr]
+    assert cleaned == [cut.job_id]
 
 
 def write_failures() -> float:

@@ -4,6 +4,8 @@ Layout under the artifact root:
     models/versions/<version>/      immutable: model/ (ONNX, tokenizer), hf/ (weights to train
                                     from), manifest.json; `prune` removes model/ and hf/ of versions
                                     nothing needs any more, and the manifest stays
+    models/versions/.staging-*      a registration under way, renamed to its version when whole;
+                                    `prune` removes one a killed registration left, after a day
     models/rollout.json             production, canary, split, pin, and the decisions not yet sent
                                     (the outbox); replaced atomically
     models/reports/<version>/       evaluation reports written next to the version
@@ -21,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _VERSION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
+# A `.staging-*` folder older than this is left by a registration that was killed (SIGKILL, a lost
+# node): a live registration takes no lock while it copies, so its age is what tells them apart, and
+# copying and hashing even a multi-GB model takes minutes, not a day.
+STAGING_MAX_AGE_S = 24 * 3600.0
+
 
 def check_version_name(version: str) -> None:
     """InvalidArgument unless `version` can name a version (which also keeps NUL bytes and over-long
@@ -44,6 +52,23 @@ def check_version_name(version: str) -> None:
 
 
 MANIFEST = "manifest.json"
+
+
+def _fsync_path(path: Path) -> None:
+    """Flushes a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flushes every file and folder under `root`, and `root` itself, to disk."""
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            _fsync_path(path)
+    _fsync_path(root)
 
 
 def now_iso() -> str:
@@ -188,9 +213,14 @@ class ModelRegistry:
                     "files": files,
                     **(metadata or {}),
                 }
-                (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                self._write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
                 freeze_tree(staging)
+                # Files, manifest and folders on disk before the rename names them a version, and the
+                # rename on disk after: a power loss leaves a whole version or none, never an empty
+                # manifest.
+                _fsync_tree(staging)
                 os.rename(staging, self.versions_dir / version)
+                _fsync_path(self.versions_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -217,9 +247,24 @@ class ModelRegistry:
         return mv
 
     def list_versions(self) -> list[ModelVersion]:
-        """Every registered version, oldest first."""
+        """Every registered version, oldest first; one whose manifest cannot be read or parsed is
+        logged and left out, so it does not break every registry-wide read."""
         names = [p.name for p in self.versions_dir.glob("v*") if (p / MANIFEST).is_file()]
-        return [self.get(n) for n in sorted(names, key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)]
+        versions = []
+        for name in sorted(names, key=lambda n: int(n[1:]) if n[1:].isdigit() else 0):
+            try:
+                mv = self.get(name)
+            except (OSError, ValueError, InvalidArgument, NotFound) as exc:  # ValueError: JSON, UTF-8
+                # The error's type only: its message could quote the manifest's bytes.
+                log.warning(
+                    "model version %s left out: its manifest is unreadable (%s)", name, type(exc).__name__
+                )
+                continue
+            if not isinstance(mv.manifest, dict):
+                log.warning("model version %s left out: its manifest is not a JSON object", name)
+                continue
+            versions.append(mv)
+        return versions
 
     def verify(self, version: str, part: str = "") -> ModelVersion:
         """The version, once the files under `part` (`model`, `hf`; all by default) are exactly those
@@ -259,17 +304,24 @@ class ModelRegistry:
 
     # Retention: a version's weights are its bulk; its manifest, marks, reports and decisions stay
 
-    def prune(self, keep_latest: int, *, dry_run: bool = False) -> list[Pruned]:
+    def prune(
+        self, keep_latest: int, *, dry_run: bool = False, staging_max_age_s: float = STAGING_MAX_AGE_S
+    ) -> list[Pruned]:
         """Removes the weights (model/ and hf/) of the versions nothing needs any more; returns them.
 
         Kept: production, the canary, the previous production (what a rollback restores), every
         base, the `keep_latest` newest versions, and every version without a recorded decision (a
         candidate the gate has not judged yet). A pruned version's lineage, reports and decisions
         still read; `update_state` refuses to serve it. `dry_run` returns what would go.
+
+        Also removes `.staging-*` folders older than `staging_max_age_s` (unless `dry_run`): what a
+        killed registration left.
         """
         if keep_latest < 0:
             raise InvalidArgument("keep_latest must be 0 or more")
         pruned: list[Pruned] = []
+        if not dry_run:
+            self._sweep_staging(staging_max_age_s)
         with self._lock():
             for stale in self.versions_dir.glob(".pruning-*"):  # left by a prune that stopped midway
                 shutil.rmtree(stale, ignore_errors=True)
@@ -292,6 +344,21 @@ class ModelRegistry:
             self.mark(item.version, {"kind": "pruned", "freed_bytes": item.freed_bytes})
             log.info("pruned model version %s (%d bytes freed)", item.version, item.freed_bytes)
         return pruned
+
+    def _sweep_staging(self, max_age_s: float) -> None:
+        """Removes the `.staging-*` folders last changed more than `max_age_s` ago."""
+        cutoff = time.time() - max_age_s
+        for staging in self.versions_dir.glob(".staging-*"):
+            try:
+                if staging.stat().st_mtime >= cutoff:
+                    continue  # possibly a registration still copying
+                freed = tree_bytes(staging, unshared=True)
+            except OSError:
+                continue  # renamed into a version meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning(
+                "removed %s, left by a registration that did not finish (%d bytes freed)", staging.name, freed
+            )
 
     # Rollout state
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,11 @@ class JobLauncher(ABC):
     def stop(self, handle: str) -> None:
         """Stops a running job (nothing happens when it already ended)."""
 
+    def clean_up(self, job_id: str) -> None:
+        """Removes what an ended job left where the trainer can reach it; nothing by default (a
+        Kubernetes Job's scratch space ends with its pod)."""
+        return None
+
 
 # ---------------------------------------------------------------- local
 
@@ -96,6 +102,23 @@ class LocalJobLauncher(JobLauncher):
 
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
+
+    def scratch_path(self, job_id: str) -> Path:
+        """The job's scratch folder (`<scratch dir>/<job id>`, as the job lays it out), with the
+        scratch dir the job is given: the trainer's own FLYWHEEL_TRAINER_JOB_SCRATCH_DIR when set."""
+        key = "FLYWHEEL_TRAINER_JOB_SCRATCH_DIR"
+        return Path(os.environ.get(key) or self.env[key]) / job_id
+
+    def clean_up(self, job_id: str) -> None:
+        """Removes the job's scratch folder when the job left it (SIGKILL, a crash: its own clean-up
+        did not run) and no process runs the job any more: merged weights and exports, gigabytes."""
+        if not job_id or Path(job_id).name != job_id or job_id in (".", ".."):
+            return
+        scratch = self.scratch_path(job_id)
+        if not scratch.exists() or _running_job(job_id) is not None:
+            return
+        shutil.rmtree(scratch, ignore_errors=True)
+        log.warning("removed the scratch folder job %s left", job_id, extra={"job_id": job_id})
 
     def launch(self, spec: JobSpec) -> str:
         """Starts the job, or adopts its process when one already runs it (the trainer stopped
@@ -173,6 +196,8 @@ def _exit_outcome(code: int) -> Outcome:
         return Outcome(True)
     if code < 0:
         return Outcome(False, f"killed by {signal.Signals(-code).name}")
+    if code == 128 + signal.SIGTERM:  # how the job exits on SIGTERM, once it has cleaned up
+        return Outcome(False, f"stopped by SIGTERM (exit code {code})")
     return Outcome(False, f"exit code {code}")
 
 
@@ -282,16 +307,21 @@ def build_job(template: dict[str, Any], spec: JobSpec, namespace: str) -> dict[s
 
 
 def job_outcome(status: Any) -> Outcome | None:
-    """A finished Job's outcome from its status (a V1JobStatus or its dict); None while it runs."""
+    """A finished Job's outcome from its status (a V1JobStatus or its dict); None while it runs.
+
+    Only `Complete` and `Failed` end it: `FailureTarget` and `SuccessCriteriaMet` come while its pods
+    may still run (kubernetes/kubernetes#123775), and a pod that registers a candidate after the job
+    was recorded failed would leave a version no one announces and retention never removes.
+    """
     if status is None:
         return None
     as_dict = status if isinstance(status, dict) else status.to_dict()
     for cond in as_dict.get("conditions") or []:
         if str(cond.get("status")) != "True":
             continue
-        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
+        if cond.get("type") == "Complete":
             return Outcome(True)
-        if cond.get("type") in ("Failed", "FailureTarget"):
+        if cond.get("type") == "Failed":
             reason = cond.get("reason") or "Failed"
             message = cond.get("message") or ""
             return Outcome(False, f"{reason}: {message}".rstrip(": "))

@@ -417,6 +417,11 @@ class Trainer:
                 log.exception("job %s could not be recorded failed either", job.job_id)
                 return
             metrics.JOBS.labels(FAILED).inc()
+        # A job killed outright (SIGKILL, the machine's OOM killer) leaves its scratch folder behind.
+        try:
+            self.launcher.clean_up(job.job_id)
+        except Exception:
+            log.exception("removing what job %s left failed", job.job_id)
 
     def _record_end(self, job: Job, handle: str, outcome: Outcome) -> None:
         """Records a job's end from the launcher's outcome and the job's own result file."""

@@ -1,6 +1,6 @@
 """Training targets: an answer is taught as the span of the page it quotes, and little else.
 
-A correction is written by a person ("It was Guido van Rossum, at CWI."), and an answer that visitors
+A correction is written by a person ("It was Ada Lovelace, at the lab."), and an answer that visitors
 rated high is the model's own sentence. What a reader of the page should learn to say is the part of
 it that the page itself says: the longest run of the answer's words found in the passages the model
 was given, trimmed of function words and of words the question already has. An answer whose content
@@ -38,9 +38,14 @@ _STOP = frozenset(STOPWORDS_EN) | {
     "answer",
 }
 # Punctuation an answer does not end or start with; a bracket only where the span does not close it
-# ("copy.deepcopy()" keeps its brackets, "(at CWI" loses its opening one).
+# ("os.path.join()" keeps its brackets, "(at the lab" loses its opening one).
 _TRAILING = ".,;:!?\"'\u201d\u2019"
 _LEADING = "\"'\u201c\u2018"
+# What may stand between a span's words, besides the answer's own symbols: ordinary sentence
+# punctuation and articles. Words are matched after normalisation, which drops tokens made only of
+# symbols ("<<<>>>", "$$$", "the|a|an"), so the page's text between them is checked before it is quoted.
+_ORDINARY_PUNCTUATION = frozenset(",.;:!?'\"()-\u2013\u2014\u2018\u2019\u201c\u201d")
+_ARTICLES = frozenset({"a", "an", "the"})
 # Share of the answer's content words (not function words, not the question's words) that the span
 # must hold more than for the answer to count as grounded.
 MIN_COVERAGE = 0.5
@@ -68,7 +73,12 @@ def _words(text: str) -> list[_Word]:
 
 def grounded_span(answer: str, passages: Sequence[str], question: str = "") -> str | None:
     """The passage text that grounds `answer` (quoted as the passage has it), or None when the passages
-    do not hold most of its content."""
+    do not hold most of its content.
+
+    Where the passage puts anything but ordinary punctuation, articles or symbols the answer has too
+    between the span's words ("Ada <<<>>> $$$ Lovelace"), the answer is grounded but not quoted: it
+    is returned as written, so a page cannot put its own text into a target.
+    """
     asked = {token for token in normalize_answer(question).split()}
     said = _words(answer)
     content = [w.norm not in _STOP and not set(w.norm.split()) <= asked for w in said]
@@ -103,9 +113,19 @@ def grounded_span(answer: str, passages: Sequence[str], question: str = "") -> s
     short = _trim(words, first, last, lambda norm: norm in _STOP or set(norm.split()) <= asked)
     if short[1] > short[0]:
         first, last = short
+    own = set(answer.split())
+    between = (passage[words[k].end : words[k + 1].start].split() for k in range(first, last))
+    if any(not _ordinary(token) and token not in own for gap in between for token in gap):
+        return answer.strip()
     # One line: the passage's line breaks would end the answer early where the prompt's answer ends
     # with its line (prompt.PLAIN_TEMPLATE).
     return _strip_edges(" ".join(passage[words[first].start : words[last].end].split())) or None
+
+
+def _ordinary(token: str) -> bool:
+    """Whether a token between a span's words is sentence punctuation or an article."""
+    bare = "".join(char for char in token if char not in _ORDINARY_PUNCTUATION)
+    return not bare or bare.lower() in _ARTICLES
 
 
 def _trim(words: Sequence[_Word], first: int, last: int, drop: Callable[[str], bool]) -> tuple[int, int]:
