@@ -224,7 +224,9 @@ async def test_a_visitor_asks_and_rates_and_an_expert_corrects(site: Site, brows
     rate = page.get_by_role("group", name="Rate this answer")
     await expect(rate).to_be_visible(timeout=90_000)
     answer = (await page.locator("#flywheel-widget .answer").text_content() or "").strip()
-    seen = [text for text in await page.evaluate("window.seen") if text]
+    # First the wait ("Finding the answer…"), replaced by the first text that streams in.
+    waiting, *seen = [text for text in await page.evaluate("window.seen") if text]
+    assert waiting == "Finding the answer\u2026", waiting
     reads = await page.evaluate("window.deltaReads")
     # The service streamed the answer in pieces, and the page showed each piece as it arrived (a
     # text per read that brought one, up to two), only ever adding to what it showed. The stream is
@@ -568,4 +570,238 @@ async def test_the_console_acts_once_gives_back_claims_and_keeps_drafts(
     await page.get_by_role("button", name="Log out").click()
     await expect(page.locator("#login-view")).to_be_visible()
     await _eventually(lambda: console.claimed() == {a, c})
+    await context.close()
+
+
+# --- the widget's look and failure modes, on the real gateway with the answers API stood in ---------
+
+
+@dataclass
+class WidgetSite:
+    """The gateway (serving the widget; no services behind it) and a page on another origin."""
+
+    gateway: str
+    pages: str
+
+
+@pytest.fixture(scope="module")
+async def widget_site() -> AsyncIterator[WidgetSite]:
+    """The real gateway's widget files, fast: each test stands in for the answers API itself."""
+    gateway_port = free_port("127.0.0.1")
+    pages = _page_server(f"http://127.0.0.1:{gateway_port}")
+    pages_url = f"http://127.0.0.1:{pages.server_address[1]}"
+    down = {name: "127.0.0.1:9" for name in ("inference", "feedback", "trainer", "evaluator")}
+    settings = GatewaySettings(
+        http={"port": gateway_port, "grace_s": 1},
+        services=down,
+        sites=[pages_url],
+        session={"secure_cookies": False},
+    )
+    app = GatewayApp(settings)
+    await app.start()
+    yield WidgetSite(app.url, pages_url)
+    pages.shutdown()
+    await app.stop()
+
+
+def _sse(*events: tuple[str, dict[str, Any]]) -> str:
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+
+
+_PASSAGE = "Python is an interpreted, interactive, object-oriented"  # on general.html
+_META = ("meta", {"query_id": "q1", "ticket": "t1", "passages": [{"text": _PASSAGE}]})
+_IN_WIDGET = "sel => document.querySelector('#flywheel-widget').shadowRoot.querySelector(sel)"
+
+
+async def _widget_page(browser: object, site: WidgetSite, width: int, answers: Any) -> Any:
+    """A page with the widget whose answers come from `answers(route)`; host elements named like
+    the widget's own (`.panel`, `.close`, a button) are added before the widget loads."""
+    from playwright.async_api import Browser, Route
+
+    assert isinstance(browser, Browser)
+    context = await browser.new_context(viewport={"width": width, "height": 700})
+    page = await context.new_page()
+    await page.add_init_script(
+        """document.addEventListener("DOMContentLoaded", () => {
+          document.body.insertAdjacentHTML("afterbegin",
+            '<div class="panel" id="host-panel">The site panel</div>' +
+            '<button class="close" id="host-close">Site close</button>');
+        })"""
+    )
+
+    async def route(route: Route) -> None:
+        if route.request.method == "OPTIONS":
+            await route.fulfill(
+                status=204,
+                headers={
+                    "access-control-allow-origin": site.pages,
+                    "access-control-allow-credentials": "true",
+                    "access-control-allow-methods": "POST",
+                    "access-control-allow-headers": "content-type",
+                },
+            )
+            return
+        await answers(route)
+
+    await page.route(f"{site.gateway}/api/v1/answers", route)
+    await page.goto(f"{site.pages}/general.html")
+    await page.get_by_role("button", name="Ask about this page").wait_for()
+    return page
+
+
+async def _fulfil(route: Any, site: WidgetSite, body: str) -> None:
+    headers = {
+        "content-type": "text/event-stream",
+        "access-control-allow-origin": site.pages,
+        "access-control-allow-credentials": "true",
+    }
+    await route.fulfill(status=200, headers=headers, body=body)
+
+
+async def test_the_widget_leaves_the_pages_own_styles_alone(widget_site: WidgetSite, browser: object) -> None:
+    """Only the passage highlight reaches the page: its own .panel, .close and buttons look as before."""
+    from playwright.async_api import expect
+
+    async def answers(route: Any) -> None:
+        await _fulfil(route, widget_site, _sse(_META, ("delta", {"text": "Yes."}), ("done", {})))
+
+    page = await _widget_page(browser, widget_site, 1200, answers)
+    await page.get_by_role("button", name="Ask about this page").click()
+    await page.get_by_label("Your question about this page").fill(QUESTION)
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_role("group", name="Rate this answer")).to_be_visible()
+    host = await page.evaluate(
+        """() => {
+          const panel = getComputedStyle(document.querySelector("#host-panel"));
+          const close = getComputedStyle(document.querySelector("#host-close"));
+          const rules = [...document.styleSheets, ...document.adoptedStyleSheets]
+            .flatMap(s => { try { return [...s.cssRules].map(r => r.cssText); } catch { return [s.href]; } });
+          return {position: panel.position, padding: panel.paddingTop, float: close.float,
+                  background: close.backgroundColor, font: close.fontFamily, rules};
+        }"""
+    )
+    assert host["position"] == "static" and host["padding"] == "0px", host
+    assert host["float"] == "none" and "system-ui" not in host["font"], host
+    assert host["background"] != "rgba(0, 0, 0, 0)", host  # the browser's own button, not the widget's close
+    # The one rule the page gets is the highlight's, and the passage is highlighted.
+    assert [r for r in host["rules"] if "flywheel" in r] == host["rules"] and len(host["rules"]) == 1, host
+    assert await page.evaluate("CSS.highlights.get('flywheel-passage').size") == 1
+    await page.context.close()
+
+
+async def test_the_widget_fits_a_320_px_window(widget_site: WidgetSite, browser: object) -> None:
+    """At 320 px the panel lies inside the window and a long word wraps inside the answer."""
+    from playwright.async_api import expect
+
+    word = "https://example.com/" + "averyveryverylongpathsegment" * 8
+
+    async def answers(route: Any) -> None:
+        await _fulfil(route, widget_site, _sse(_META, ("delta", {"text": f"See {word}."}), ("done", {})))
+
+    page = await _widget_page(browser, widget_site, 320, answers)
+    await page.get_by_role("button", name="Ask about this page").click()
+    await page.get_by_label("Your question about this page").fill(QUESTION)
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_role("group", name="Rate this answer")).to_be_visible()
+    box = await page.evaluate(
+        f"""() => {{
+          const find = {_IN_WIDGET};
+          const panel = find(".panel").getBoundingClientRect(), answer = find(".answer");
+          return {{left: panel.left, right: panel.right,
+                   scroll: answer.scrollWidth, client: answer.clientWidth}};
+        }}"""
+    )
+    assert box["left"] >= 0 and box["right"] <= 320, box
+    assert box["scroll"] <= box["client"], box
+    await page.context.close()
+
+
+async def test_a_stream_cut_short_says_so(widget_site: WidgetSite, browser: object) -> None:
+    """An answer whose stream ends without `done` is marked interrupted, not shown as finished."""
+    from playwright.async_api import expect
+
+    async def answers(route: Any) -> None:
+        await _fulfil(route, widget_site, _sse(_META, ("delta", {"text": "Python is"})))
+
+    page = await _widget_page(browser, widget_site, 1200, answers)
+    await page.get_by_role("button", name="Ask about this page").click()
+    await page.get_by_label("Your question about this page").fill(QUESTION)
+    await page.keyboard.press("Enter")
+    answer = page.locator("#flywheel-widget .answer")
+    await expect(answer).to_have_text("The answer was interrupted. Try again.")
+    await expect(answer).to_have_class("answer error")
+    await expect(page.get_by_role("group", name="Rate this answer")).to_be_hidden()
+    await expect(page.get_by_role("button", name="Ask", exact=True)).to_be_enabled()
+    await page.context.close()
+
+
+async def test_asking_by_keyboard_keeps_focus_in_the_widget(widget_site: WidgetSite, browser: object) -> None:
+    """Ask pressed with the keyboard: the wait is shown, focus stays in the widget, Escape closes it."""
+    from playwright.async_api import expect
+
+    release = asyncio.Event()
+
+    async def answers(route: Any) -> None:
+        await release.wait()  # a slow model: the visitor waits
+        await _fulfil(route, widget_site, _sse(_META, ("delta", {"text": "Yes."}), ("done", {})))
+
+    page = await _widget_page(browser, widget_site, 1200, answers)
+    await page.get_by_role("button", name="Ask about this page").focus()
+    await page.keyboard.press("Enter")
+    await page.keyboard.type(QUESTION)
+    await page.keyboard.press("Tab")
+    await page.keyboard.press("Enter")  # on Ask, which is disabled while the answer comes
+    focused = "() => [document.activeElement.id, document.activeElement.shadowRoot?.activeElement?.id]"
+    assert await page.evaluate(focused) == ["flywheel-widget", "fw-q"]
+    await expect(page.locator("#flywheel-widget .answer")).to_have_text("Finding the answer\u2026")
+    await page.keyboard.press("Escape")
+    await expect(page.get_by_role("dialog", name="Ask about this page")).to_be_hidden()
+    assert (await page.evaluate(focused))[0] == "flywheel-widget"
+    release.set()
+    await page.context.close()
+
+
+async def test_the_console_shortcuts_can_be_turned_off_and_focus_stays_on_the_item(
+    console: Console, browser: object
+) -> None:
+    """With single-key shortcuts off, Escape out of the note then `a` does nothing; Escape lands on
+    the item's heading, an action moves focus to the next item's, and the choice survives a reload.
+    At 320 px the console is one column."""
+    from playwright.async_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    context = await browser.new_context(viewport={"width": 320, "height": 700})
+    page = await context.new_page()
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.url.endswith("/review/actions") else None)
+    await page.goto(f"{console.url}/console")
+    await page.get_by_label("Your reviewer token").fill("dev-expert-token")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#queue button")).to_have_count(4)
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 320
+    order = "bs => bs.map(b => b.firstChild.textContent)"
+    first, second = (await page.eval_on_selector_all("#queue button", order))[:2]
+    await expect(page.locator("#announce")).to_have_text(f"Item 1 of 4: {first}")
+    assert await page.locator("main[aria-live]").count() == 0
+
+    focused = "() => document.activeElement.id"
+    shortcuts = page.get_by_label("Single-key shortcuts")
+    await shortcuts.uncheck()
+    await page.reload()
+    await expect(page.locator("#question")).to_have_text(first)
+    await expect(shortcuts).not_to_be_checked()
+    await page.get_by_label("Note (optional; sent with any action)").fill("checked twice")
+    await page.keyboard.press("Escape")
+    assert await page.evaluate(focused) == "question"
+    await page.keyboard.press("a")
+    await page.wait_for_timeout(300)
+    assert posts == [] and await page.locator("#question").text_content() == first
+
+    # On again: the same keys act, and focus moves to the next item's heading, not the page's body.
+    await shortcuts.check()
+    await page.locator("#question").focus()
+    await page.keyboard.press("a")
+    await expect(page.locator("#status")).to_have_text("Saved: accept.")
+    await expect(page.locator("#question")).to_have_text(second)
+    assert posts and await page.evaluate(focused) == "question"
     await context.close()

@@ -166,6 +166,8 @@ class Guard:
         return {
             "access-control-allow-origin": origin,
             "access-control-allow-credentials": "true",
+            # The widget reads it to say how long a visitor over the question limit must wait.
+            "access-control-expose-headers": "retry-after",
             "vary": "Origin",
         }
 

@@ -60,7 +60,11 @@
       if (r.status === 204) return {};
       return r.json().catch(function () { return {}; }).then(function (data) {
         if (r.ok) return data;
-        var err = new Error(data.error || "Request failed (" + r.status + ").");
+        var wait = parseInt(r.headers.get("retry-after") || "", 10);
+        var message = r.status === 429 && wait > 0 ? "Too many requests; try again in " + wait + " s."
+          : r.status >= 500 && !data.error ? "The gateway is unavailable; try again shortly."
+          : data.error || "Request failed (" + r.status + ").";
+        var err = new Error(message);
         err.status = r.status;
         if (r.status === 401) showLogin();
         throw err;
@@ -172,6 +176,9 @@
 
   function renderQueue() {
     var queue = $("queue");
+    // A re-render replaces the buttons: focus goes back to the same item's (or the one in its place).
+    var focused = queue.contains(document.activeElement) ? document.activeElement : null;
+    var focusedAt = focused ? Array.prototype.indexOf.call(queue.querySelectorAll("button"), focused) : -1;
     queue.textContent = "";
     $("count").textContent = "(" + items.length + ")";
     items.forEach(function (item) {
@@ -188,6 +195,21 @@
       li.append(b);
       queue.append(li);
     });
+    if (focused) {
+      var buttons = queue.querySelectorAll("button");
+      var again = Array.prototype.find.call(buttons, function (b) { return b.dataset.queryId === focused.dataset.queryId; });
+      again = again || buttons[Math.min(focusedAt, buttons.length - 1)];
+      if (again) again.focus(); else focusItem();
+    }
+  }
+  // The item's heading (or "Nothing waits"), where focus goes after an action or Escape.
+  function focusItem() {
+    $(shown ? "question" : "empty").focus();
+  }
+  // Focus left on the page's body (a button that was disabled or removed) is put back on the item.
+  function focusLost() {
+    var at = document.activeElement;
+    return !at || at === document.body || $("item").contains(at);
   }
   function markCurrent() {
     document.querySelectorAll("#queue button").forEach(function (b, j) {
@@ -209,6 +231,9 @@
     $("empty").hidden = !!item;
     $("detail").hidden = !item;
     $("status").textContent = "";
+    // One short line for screen readers, instead of the whole item each time it changes.
+    var line = item ? "Item " + (current + 1) + " of " + items.length + ": " + item.question : "Nothing waits for review.";
+    if ($("announce").textContent !== line) $("announce").textContent = line;  // an idle refresh says nothing
     if (!item) return;
     $("question").textContent = item.question;
     $("answer").textContent = item.answer;
@@ -273,8 +298,10 @@
   function drop(id, message) {
     delete held[id];
     var wasShown = id === shown;
+    var refocus = wasShown && focusLost();
     removeItem(id);
     $(wasShown ? "status" : "queue-status").textContent = message;
+    if (refocus) focusItem();
   }
   function removeItem(id) {
     var at = indexOf(id);
@@ -323,6 +350,8 @@
     }
     var body = { query_id: item.query_id, action: action, note: note, idempotency_key: keyFor(item.query_id, action, answer, note) };
     if (action === "correct") body.answer = answer;
+    // The action buttons are disabled while it is sent: focus on one of them would fall to the body.
+    if (BUTTONS.indexOf(document.activeElement && document.activeElement.id) >= 0) $("question").focus();
     send(body);
   }
   function send(body) {
@@ -341,9 +370,11 @@
       save("flywheel.console.keys", keys);
       sending = null;
       var wasShown = id === shown;
+      var refocus = wasShown && focusLost();
       removeItem(id);
       $(wasShown ? "status" : "queue-status").textContent =
         "Saved: " + body.action + (data.duplicate ? " (it was already recorded)" : "") + ".";
+      if (refocus) focusItem();
     }, function (err) {
       sending = null;
       if (err.status === 401) {
@@ -380,14 +411,25 @@
   $("skip").addEventListener("click", skip);
   $("correct-form").addEventListener("submit", function (e) { e.preventDefault(); act("correct"); });
 
+  // Single-key shortcuts can be turned off (WCAG 2.1.4): an Escape that leaves a field, then a
+  // stray key, must not act for an expert who did not mean it. The choice is kept per browser.
+  var SHORTCUTS = "flywheel.console.shortcuts";
+  try { $("shortcuts").checked = localStorage.getItem(SHORTCUTS) !== "off"; } catch (e) { /* storage off */ }
+  $("shortcuts").addEventListener("change", function () {
+    try { localStorage.setItem(SHORTCUTS, $("shortcuts").checked ? "on" : "off"); } catch (e) { /* storage off */ }
+  });
+
   document.addEventListener("keydown", function (e) {
-    var typing = /^(INPUT|TEXTAREA|SELECT)$/.test(e.target.nodeName);
+    var typing = /^(TEXTAREA|SELECT)$/.test(e.target.nodeName) || (e.target.nodeName === "INPUT" && e.target.type !== "checkbox");
     if (typing) {
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && e.target.id === "correction") { e.preventDefault(); act("correct"); }
-      if (e.key === "Escape") e.target.blur();
+      if (e.key === "Escape") {
+        // Out of the field onto the item's heading, where the shortcuts (if on) work; not the body.
+        if (!$("app").hidden && $("item").contains(e.target)) focusItem(); else e.target.blur();
+      }
       return;
     }
-    if ($("app").hidden || e.ctrlKey || e.metaKey || e.altKey) return;
+    if ($("app").hidden || e.ctrlKey || e.metaKey || e.altKey || !$("shortcuts").checked) return;
     var bindings = {
       j: function () { if (current + 1 < items.length) select(current + 1, true); },
       k: function () { if (current > 0) select(current - 1, true); },

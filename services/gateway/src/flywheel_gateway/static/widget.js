@@ -8,6 +8,11 @@
   window.__flywheelWidget = true;
   var base = new URL(script.src).origin;
   var MAX_PAGE = 300000;
+  // An answer that sends nothing for this long is given up (a stalled connection, a hung service).
+  var IDLE_TIMEOUT_MS = 60000;
+  // The passage highlight is the one rule the page itself needs (the ranges are in its DOM); the
+  // rest of widget.css stays in the shadow root, off the page's own elements.
+  var HIGHLIGHT_RULE = "::highlight(flywheel-passage) { background-color: #fff3a0; color: inherit; }";
   var state = null; // the current answer: {query_id, ticket, reacted}
 
   function el(tag, attrs, text) {
@@ -20,19 +25,27 @@
     return el("link", { rel: "stylesheet", href: base + "/widget.css" });
   }
 
-  document.head.appendChild(stylesheet()); // the page-level ::highlight rule
-  var host = el("div", { id: "flywheel-widget" });
+  // A constructed sheet: CSSOM, not an inline style, so a strict CSP allows it; and one rule only.
+  if (typeof CSSStyleSheet === "function" && "adoptedStyleSheets" in document) {
+    try {
+      var pageSheet = new CSSStyleSheet();
+      pageSheet.replaceSync(HIGHLIGHT_RULE);
+      document.adoptedStyleSheets = Array.from(document.adoptedStyleSheets).concat([pageSheet]);
+    } catch (e) { /* no highlight colour then: the passages are still listed */ }
+  }
+  var host = el("div", { id: "flywheel-widget", lang: "en" });
   var root = host.attachShadow({ mode: "open" });
   root.appendChild(stylesheet());
 
-  var launcher = el("button", { type: "button", class: "launcher", "aria-expanded": "false", "aria-controls": "fw-panel" }, "Ask about this page");
-  var panel = el("section", { id: "fw-panel", class: "panel", role: "dialog", "aria-label": "Ask about this page", hidden: "" });
+  // lang on the shadow tree's own elements too: the page's language may be another.
+  var launcher = el("button", { type: "button", class: "launcher", lang: "en", "aria-expanded": "false", "aria-controls": "fw-panel" }, "Ask about this page");
+  var panel = el("section", { id: "fw-panel", class: "panel", lang: "en", role: "dialog", "aria-label": "Ask about this page", hidden: "" });
   var close = el("button", { type: "button", class: "close", "aria-label": "Close" }, "\u00d7");
   var form = el("form", { class: "ask" });
   var label = el("label", { for: "fw-q" }, "Your question about this page");
   var input = el("input", { id: "fw-q", name: "question", type: "text", maxlength: "1000", autocomplete: "off", required: "" });
   var send = el("button", { type: "submit" }, "Ask");
-  var answer = el("div", { class: "answer", role: "status", "aria-live": "polite" });
+  var answer = el("div", { class: "answer", role: "status", "aria-live": "polite", dir: "auto" });
   var sources = el("details", { class: "sources", hidden: "" });
   var summary = el("summary", {}, "Sources");
   var list = el("ol", {});
@@ -42,18 +55,25 @@
   form.append(label, input, send);
   sources.append(summary, list);
   rate.append(el("span", { class: "prompt" }, "Helpful?"));
-  [["thumbs_up", true, "Yes", "Helpful"], ["thumbs_up", false, "No", "Not helpful"]].forEach(function (t) {
-    var b = el("button", { type: "button", "aria-label": t[3] }, t[2]);
-    b.addEventListener("click", function () { react(t[0], t[1]); });
+  // Toggle buttons (aria-pressed): the visitor's choice is announced and shown.
+  var thumbs = [[true, "Yes", "Yes, helpful"], [false, "No", "No, not helpful"]].map(function (t) {
+    var b = el("button", { type: "button", "aria-label": t[2], "aria-pressed": "false" }, t[1]);
+    b.addEventListener("click", function () { press(thumbs, b); react("thumbs_up", t[0]); });
     rate.append(b);
+    return b;
   });
   var stars = el("span", { class: "stars", role: "group", "aria-label": "Rating from 1 to 5" });
+  var starButtons = [];
   for (var i = 1; i <= 5; i++) {
     (function (n) {
-      var b = el("button", { type: "button", "aria-label": "Rate " + n + " of 5" }, String(n));
-      b.addEventListener("click", function () { react("rating", n); });
+      var b = el("button", { type: "button", "aria-label": "Rate " + n + " of 5", "aria-pressed": "false" }, String(n));
+      b.addEventListener("click", function () { press(starButtons, b); react("rating", n); });
       stars.append(b);
+      starButtons.push(b);
     })(i);
+  }
+  function press(group, chosen) {
+    group.forEach(function (b) { b.setAttribute("aria-pressed", String(b === chosen)); });
   }
   var commentToggle = el("button", { type: "button", "aria-expanded": "false" }, "Comment");
   var commentForm = el("form", { class: "comment", hidden: "" });
@@ -82,9 +102,9 @@
     if (commentBox.value.trim()) react("comment", commentBox.value.trim());
   });
 
-  function post(path, body, keepalive) {
+  function post(path, body, keepalive, signal) {
     return fetch(base + path, {
-      method: "POST", credentials: "include", keepalive: !!keepalive,
+      method: "POST", credentials: "include", keepalive: !!keepalive, signal: signal,
       headers: { "content-type": "application/json" }, body: JSON.stringify(body)
     });
   }
@@ -112,6 +132,7 @@
       });
     }).then(function (r) { return r.ok; }, function () { return false; }).then(function (ok) {
       thanks.hidden = false;
+      thanks.classList.toggle("error", !ok);
       thanks.textContent = ok ? "Thank you for your feedback." : "Your feedback could not be sent.";
     });
   }
@@ -130,45 +151,90 @@
     return (document.body.innerText || "").slice(0, MAX_PAGE);
   }
 
+  // An error whose message is written for the visitor; any other is replaced by a plain one.
+  function problem(text) {
+    var error = new Error(text);
+    error.readable = true;
+    return error;
+  }
+  function sentence(text) {
+    text = String(text || "").trim();
+    if (!text) return "Something went wrong. Try again.";
+    text = text.charAt(0).toUpperCase() + text.slice(1);
+    return /[.!?]$/.test(text) ? text : text + ".";
+  }
+  async function refusal(response) {
+    if (response.status === 429) {
+      var wait = parseInt(response.headers.get("retry-after") || "", 10);
+      return problem(wait > 0 ? "Too many questions; try again in " + wait + " s." : "Too many questions; try again shortly.");
+    }
+    if (response.status >= 500) return problem("The answer service is unavailable; try again shortly.");
+    var body = await response.json().catch(function () { return {}; });
+    return problem(body.error ? sentence(body.error) : "The question could not be asked (" + response.status + ").");
+  }
+
+  var asking = false;
   async function ask(question) {
+    if (asking) return;
+    asking = true;
     state = null;
+    // A disabled button loses focus to the page's body, where Escape no longer reaches the panel.
+    if (root.activeElement === send) input.focus();
     send.disabled = true;
-    answer.textContent = "";
-    answer.setAttribute("aria-busy", "true");
+    // Shown (and announced) at once; aria-busy only once the text streams, so it is read whole.
+    answer.textContent = "Finding the answer\u2026";
     answer.classList.remove("error");
+    answer.classList.add("waiting");
+    answer.setAttribute("aria-busy", "false");
     sources.hidden = rate.hidden = thanks.hidden = commentForm.hidden = true;
     list.textContent = "";
+    press(thumbs, null);
+    press(starButtons, null);
+    var controller = new AbortController();
+    var timer = 0, timedOut = false, stream = { done: false };
+    function arm() {
+      clearTimeout(timer);
+      timer = setTimeout(function () { timedOut = true; controller.abort(); }, IDLE_TIMEOUT_MS);
+    }
     try {
+      arm();
       var response = await post("/api/v1/answers", {
         question: question, page: { url: location.href, title: document.title, text: pageText() }
-      });
-      if (!response.ok) {
-        var err = await response.json().catch(function () { return {}; });
-        throw new Error(err.error || "The answer could not be had (" + response.status + ").");
-      }
+      }, false, controller.signal);
+      if (!response.ok) throw await refusal(response);
       var reader = response.body.getReader();
       var decoder = new TextDecoder();
       var buffer = "";
       for (;;) {
+        arm();
         var part = await reader.read();
         if (part.done) break;
         buffer += decoder.decode(part.value, { stream: true });
         var cut;
         while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          handle(buffer.slice(0, cut));
+          handle(buffer.slice(0, cut), stream);
           buffer = buffer.slice(cut + 2);
         }
       }
+      // A stream that ends without `done` (a dropped connection, a restarted gateway) is cut short.
+      if (!stream.done) throw problem("The answer was interrupted. Try again.");
     } catch (error) {
-      answer.textContent = error.message;
+      rate.hidden = true;
       answer.classList.add("error");
+      if (timedOut) answer.textContent = "The answer took too long. Try again.";
+      else if (error.readable) answer.textContent = error.message;
+      else if (error instanceof TypeError) answer.textContent = "The answer service could not be reached. Check your connection and try again.";
+      else answer.textContent = "Something went wrong. Try again.";
     } finally {
+      clearTimeout(timer);
+      answer.classList.remove("waiting");
       answer.setAttribute("aria-busy", "false");
       send.disabled = false;
+      asking = false;
     }
   }
 
-  function handle(block) {
+  function handle(block, stream) {
     var event = "message", data = "";
     block.split("\n").forEach(function (line) {
       if (line.indexOf("event: ") === 0) event = line.slice(7);
@@ -179,11 +245,18 @@
       state = { query_id: msg.query_id, ticket: msg.ticket, reacted: false };
       showPassages(msg.passages || []);
     } else if (event === "delta") {
+      if (answer.classList.contains("waiting")) {
+        answer.textContent = "";
+        answer.classList.remove("waiting");
+        answer.setAttribute("aria-busy", "true");
+      }
       answer.textContent += msg.text;
     } else if (event === "done") {
+      stream.done = true;
+      if (answer.classList.contains("waiting")) answer.textContent = "";
       rate.hidden = false;
     } else if (event === "error") {
-      throw new Error(msg.error);
+      throw problem(sentence(msg.error));
     }
   }
 
@@ -191,7 +264,7 @@
     summary.textContent = "Sources (" + passages.length + ")";
     passages.forEach(function (p) {
       var item = el("li", {});
-      var b = el("button", { type: "button", class: "passage", title: "Show on the page" }, p.text);
+      var b = el("button", { type: "button", class: "passage", title: "Show on the page", dir: "auto" }, p.text);
       b.addEventListener("click", function () { highlight([p.text], true); });
       item.append(b);
       list.append(item);
@@ -217,7 +290,10 @@
       ranges.push(range);
     });
     CSS.highlights.set("flywheel-passage", new Highlight(...ranges));
-    if (scroll && ranges[0]) ranges[0].startContainer.parentElement.scrollIntoView({ block: "center", behavior: "smooth" });
+    if (scroll && ranges[0]) {
+      var still = window.matchMedia && matchMedia("(prefers-reduced-motion: reduce)").matches;
+      ranges[0].startContainer.parentElement.scrollIntoView({ block: "center", behavior: still ? "auto" : "smooth" });
+    }
   }
 
   function textIndex() {
