@@ -4,7 +4,7 @@ import pytest
 
 from flywheel_common.errors import InvalidArgument
 from flywheel_common.pseudonym import pseudonymise
-from flywheel_common.query_ids import QueryIdSigner, query_id_network, query_id_session
+from flywheel_common.query_ids import QueryIdSigner, Voters, count_voters, query_id_network, query_id_session
 
 KEY = b"0123456789abcdef0123"
 
@@ -91,3 +91,20 @@ def test_pseudonyms_are_stable_keyed_and_not_the_id() -> None:
     assert a != pseudonymise(b"other-key", "alice@example.org")
     assert "alice" not in a and len(a) == 32
     assert pseudonymise(KEY, "") == ""
+
+
+def test_what_shares_a_session_or_a_network_is_one_voter() -> None:
+    # One session asking from its IPv4 /24 and its IPv6 /48 (a dual-stack line): one voter, and
+    # another session of either network joins it.
+    assert count_voters([("s1", "v4"), ("s1", "v6")]) == 1
+    assert count_voters([("s1", "v4"), ("s1", "v6"), ("s2", "v6"), ("s3", "v4")]) == 1
+    # Transitively: s1 links v4 and v6, s2 links v6 and v6b.
+    voters = Voters([("s1", "v4"), ("s1", "v6"), ("s2", "v6"), ("s2", "v6b")])
+    assert voters.of("s9", "v6b") == voters.of("s1", "") == voters.of("", "v4")
+    # Two sessions on two networks of their own stay two (the limit docs/security.md names), and a
+    # session asking without a network is its own voter unless it was seen on one.
+    assert count_voters([("s1", "v4"), ("s2", "v6")]) == 2
+    assert count_voters([("s1", ""), ("s2", ""), ("s1", "v4")]) == 2
+    # No session links nothing: events without one from two networks are two voters, not one.
+    assert count_voters([("", "v4"), ("", "v6")]) == 2
+    assert count_voters([]) == 0

@@ -93,24 +93,31 @@ def test_a_rate_is_worse_only_when_past_its_tolerance_beyond_noise() -> None:
     assert verdict.action == "rollback" and "ignore rate 41.7%" in verdict.reasons[0]
 
 
-def _latencies(s: VersionStats, fast: int, slow: int) -> VersionStats:
-    """Answers of 1 s and of 60 s, counted in the latency histogram."""
-    s.latency_counts[LATENCY_BOUNDS_MS.index(1000)] += fast
-    s.latency_counts[LATENCY_BOUNDS_MS.index(60_000)] += slow
+def _timed(s: VersionStats, fast: int, slow: int, answers: int = 3) -> VersionStats:
+    """Voters answered in 1 s and voters answered in 60 s, `answers` timed answers each."""
+    s.voter_latency_ms = [1000.0] * fast + [60_000.0] * slow
+    s.voter_error_shares = [0.0] * (fast + slow)
+    s.latency_counts[LATENCY_BOUNDS_MS.index(1000)] += fast * answers
+    s.latency_counts[LATENCY_BOUNDS_MS.index(60_000)] += slow * answers
     return s
 
 
-def test_latency_is_judged_only_on_enough_answers() -> None:
-    production = _latencies(stats("v1", [3] * 12), fast=9, slow=0)
-    # One slow answer in nine is the canary's p95: not judged, and its better ratings promote it.
-    canary = _latencies(stats("v2", [4] * 12), fast=8, slow=1)
-    verdict = judge_canary(canary, production, 60, SETTINGS)
+def test_latency_is_judged_per_voter_on_enough_answers() -> None:
+    production = _timed(stats("v1", [3] * 12), fast=9, slow=0)
+    # Nine answers (three voters): too few to judge, and its better ratings promote it.
+    few = _timed(stats("v2", [4] * 12), fast=2, slow=1)
+    verdict = judge_canary(few, production, 60, SETTINGS)
     assert verdict.action == "promote" and not any("latency" in r for r in verdict.reasons)
-    # Slow on a tenth of 30 answers: a real p95, past the tolerance.
-    canary = _latencies(stats("v2", [4] * 12), fast=27, slow=3)
-    production = _latencies(stats("v1", [3] * 12), fast=30, slow=0)
-    verdict = judge_canary(canary, production, 60, SETTINGS)
-    assert verdict.action == "rollback" and "latency p95 ms 60000" in verdict.reasons[0]
+    # Ten voters, one of them slow: no one voter moves the comparison.
+    one_slow = _timed(stats("v2", [4] * 12), fast=9, slow=1)
+    verdict = judge_canary(one_slow, production, 60, SETTINGS)
+    assert verdict.action == "promote"
+    assert "not worse: latency per voter 1000 ms vs production 1000 ms (tolerance +50%)" in verdict.reasons
+    # Every voter answered in 3 s against 1 s: past the tolerance.
+    slow = _timed(stats("v2", [4] * 12), fast=10, slow=0)
+    slow.voter_latency_ms = [3000.0] * 10
+    verdict = judge_canary(slow, production, 60, SETTINGS)
+    assert verdict.action == "rollback" and "latency per voter" in verdict.reasons[0]
 
 
 def test_undecided_canary_follows_the_policy() -> None:
@@ -213,6 +220,105 @@ def test_the_sessions_of_one_network_are_one_voter(tmp_path: Path) -> None:
     v2 = store.stats("v2", T0, T0 + 60)
     assert (v2.sessions, v2.sessions_served, v2.interactions) == (4, 4, 45)
     assert (v2.thumbs_down, v2.thumbs_up, v2.ratings, v2.mean_rating) == (1, 3, 4, 4.0)
+
+
+def _asks(version: str, session: str, network: str, n: int = 1, **kwargs: object) -> list[Signal]:
+    """`n` answers a session asked from a network (in q3 query ids), each `interaction` kwargs."""
+    signer = QueryIdSigner(b"k" * 32)
+    return [
+        Signal(
+            version,
+            T0 + 1,
+            "interaction",
+            query_id=signer.issue(version, session, network, now=T0),
+            session=session,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        for _ in range(n)
+    ]
+
+
+def _honest(store: LiveStore, *, feedback: bool = True, failing: float = 0.0) -> None:
+    """Twenty visitors a side, each of a network of its own, answered in about a second and rating
+    alike; `failing`: the share of the canary's visitors whose answer failed."""
+    for version in ("v1", "v2"):
+        signals = []
+        for i in range(20):
+            session, network = f"{version[1]}{i:031x}", f"{i:02x}{version[1]}" + "0" * 29
+            failed = version == "v2" and i < failing * 20
+            (ask,) = _asks(version, session, network, latency_ms=900 + 10 * i, failed=failed)
+            signals.append(ask)
+            if feedback:
+                signals.append(
+                    Signal(version, T0 + 2, "rating", 4 + i % 2, query_id=ask.query_id, session=session)
+                )
+        store.record(signals)
+
+
+def test_one_network_with_many_failed_or_slow_answers_cannot_roll_back_a_good_canary(tmp_path: Path) -> None:
+    attacker, its_network = "a" * 32, "e" * 32
+    for attack in (
+        _asks("v2", attacker, its_network, 25, latency_ms=25_000.0),
+        _asks("v2", attacker, its_network, 25, failed=True),
+    ):
+        for feedback, elapsed in ((True, 120.0), (True, 601.0), (False, 601.0)):
+            store = LiveStore(tmp_path / f"live-{len(list(tmp_path.iterdir()))}.sqlite")
+            _honest(store, feedback=feedback)
+            store.record(attack)
+            canary, production = store.stats("v2", T0, T0 + 120), store.stats("v1", T0, T0 + 120)
+            assert (canary.interactions, canary.sessions_served) == (45, 21)
+            verdict = judge_canary(canary, production, elapsed, CanarySettings())
+            # Promoted on the honest visitors' ratings, or undecided (the policy: promote) without.
+            assert verdict.action == "promote", (feedback, elapsed, verdict.reasons)
+            store.close()
+
+
+def test_one_clients_ok_answers_cannot_hide_a_bad_canarys_error_rate(tmp_path: Path) -> None:
+    store = LiveStore(tmp_path / "live.sqlite")
+    _honest(store, failing=0.3)
+    verdict = judge_canary(
+        store.stats("v2", T0, T0 + 120), store.stats("v1", T0, T0 + 120), 120, CanarySettings()
+    )
+    assert verdict.action == "rollback" and "error rate per voter" in verdict.reasons[0]
+    # Two thousand answers that did not fail, asked by one client: one voter more (the canary's worst
+    # voter is left out of both comparisons: 5 of 19 failing before, 5 of 20 after).
+    store.record(_asks("v2", "a" * 32, "e" * 32, 2000, latency_ms=100.0))
+    canary = store.stats("v2", T0, T0 + 120)
+    assert (canary.interactions, canary.sessions_served) == (2020, 21)
+    verdict = judge_canary(canary, store.stats("v1", T0, T0 + 120), 120, CanarySettings())
+    assert verdict.action == "rollback"
+    assert verdict.reasons[0].startswith(
+        "worse than production: error rate per voter 25.0% vs production 0.0%"
+    )
+
+
+def test_a_session_seen_on_two_networks_is_one_voter(tmp_path: Path) -> None:
+    store = LiveStore(tmp_path / "live.sqlite")
+    signer = QueryIdSigner(b"k" * 32)
+    session, ipv4, ipv6 = "a" * 32, "e" * 32, "f" * 32
+    signals = []
+    # One session asks and rates from its IPv4 and its IPv6 network; another session of the IPv6
+    # network is the same voter; a visitor on a network of its own is another.
+    for asker, network in ((session, ipv4), (session, ipv6), ("b" * 32, ipv6), ("c" * 32, "d" * 32)):
+        query_id = signer.issue("v2", asker, network, now=T0)
+        signals += [
+            Signal("v2", T0 + 1, "interaction", latency_ms=1000, query_id=query_id, session=asker),
+            Signal("v2", T0 + 2, "thumbs", -1, query_id=query_id, session=asker),
+        ]
+    store.record(signals)
+    v2 = store.stats("v2", T0, T0 + 60)
+    assert (v2.sessions, v2.sessions_served, v2.thumbs_down, len(v2.voter_latency_ms)) == (2, 2, 2, 2)
+
+
+def test_an_answer_its_caller_ended_is_not_a_failed_one() -> None:
+    # An anonymous caller's own short deadline (inference logs it "client_deadline") fails nothing;
+    # the service's own answer limit passing ("deadline") does.
+    ended = events_pb2.Interaction(model_version="v2", total_ms=50.0, finish_reason="client_deadline")
+    assert interaction_signal(ended, now=T0) is not None
+    assert not interaction_signal(ended, now=T0).failed  # type: ignore[union-attr]
+    assert interaction_signal(ended, now=T0).latency_ms is None  # type: ignore[union-attr]  # the caller's time
+    timed_out = events_pb2.Interaction(model_version="v2", total_ms=120_000.0, finish_reason="deadline")
+    assert interaction_signal(timed_out, now=T0).failed  # type: ignore[union-attr]
 
 
 def test_a_store_made_before_networks_were_counted_opens_and_counts_them(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import bm25s
 import pytest
 
 from flywheel_common.auth import Authenticator
-from flywheel_common.errors import InvalidArgument, Unauthenticated
+from flywheel_common.errors import DeadlineExceeded, InvalidArgument, Unauthenticated
 from flywheel_common.pseudonym import pseudonymise
 from flywheel_common.query_ids import QueryIdSigner, query_id_network
 from flywheel_inference.router import ModelRouter
@@ -139,6 +139,55 @@ async def test_a_stream_closed_at_its_header_cancels_its_sequence_and_frees_its_
     (seq,) = engine.generator.submitted
     assert seq.cancelled.is_set(), "the sequence would generate on to max_new_tokens"
     assert servicer._in_flight == 0
+
+
+class ExpiringGenerator:
+    """Ends every sequence as the engine does once its deadline has passed."""
+
+    def submit(self, seq: Sequence) -> None:
+        seq.on_finish("deadline", None)
+
+
+class Sink:
+    """Keeps the interactions the servicer logs."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def publish(self, key: str, event: Any) -> None:
+        self.events.append(event)
+
+
+@pytest.mark.parametrize(
+    ("remaining", "token", "logged"),
+    [
+        # An anonymous caller's own short deadline: its answer is not the service's failure.
+        (0.05, None, "client_deadline"),
+        # The service's own limit (no deadline, or one past the limit), and the gateway's deadline
+        # (the limit its visitors see): failed answers, which live evidence counts.
+        (None, None, "deadline"),
+        (LimitSettings().default_timeout_s + 1, None, "deadline"),
+        (0.05, "gateway-token", "deadline"),
+    ],
+)
+async def test_a_callers_own_deadline_is_logged_apart_from_the_services(
+    remaining: float | None, token: str | None, logged: str
+) -> None:
+    engine = RetrievingEngine()
+    engine.generator = ExpiringGenerator()  # type: ignore[assignment]
+    engine.encoder = SimpleNamespace(decode=lambda ids, **kwargs: "x" * len(ids))
+    servicer = servicer_over(engine)
+    sink = Sink()
+    servicer._sink = sink
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    context = SimpleNamespace(
+        time_remaining=lambda: remaining,
+        invocation_metadata=lambda: metadata,
+        peer=lambda: "ipv4:203.0.113.7:5000",
+    )
+    with pytest.raises(DeadlineExceeded):
+        await servicer.Answer(request(), context)
+    assert [event.finish_reason for event in sink.events] == [logged]
 
 
 async def test_a_page_retrieval_cannot_index_is_an_invalid_argument(monkeypatch: pytest.MonkeyPatch) -> None:

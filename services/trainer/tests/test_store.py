@@ -233,6 +233,20 @@ def test_a_question_asked_over_and_over_from_one_network_is_asked_once(store: Jo
     assert [(i.query_id, i.times_asked) for i in items] == [("q2", 2), (scripted[0].query_id, 1)]
 
 
+def test_a_session_asking_from_two_networks_is_asked_once(store: JoinStore, ev: Any) -> None:
+    signer = QueryIdSigner(b"k" * 32)
+    # One session asks q1's question from its IPv4 and its IPv6 network (a dual-stack line).
+    dual = []
+    for network in ["e" * 32, "f" * 32]:
+        event = ev.interaction(1, session="a" * 32)
+        event.query_id = signer.issue("v1", event.session_pseudonym, network)
+        dual.append(event)
+    low = dataclasses.replace(ev.rating(1, 1), query_id=dual[0].query_id)
+    store.ingest(dual, [low])
+    (item,) = store.review_items(caller="a", canary_version=None, order="impact")
+    assert (item.times_asked, item.impact) == (1, 5.0)
+
+
 def test_an_expert_review_takes_the_answer_out_of_the_queue(store: JoinStore, ev: Any) -> None:
     store.ingest([ev.interaction(1), ev.interaction(2)], [ev.rating(1, 1), ev.rating(2, 1)])
     store.ingest([], [ev.correction(1)])
@@ -406,6 +420,34 @@ def test_sessions_of_one_network_do_not_agree_with_each_other(tmp_path: Any, clo
     for a, _ in other:
         a.answer = "Another answer."
     assert store.ingest([a for a, _ in other], [f for _, f in other]).examples == {"positive": 1}
+    store.close()
+
+
+def test_a_session_seen_on_two_networks_does_not_agree_with_itself(
+    tmp_path: Any, clock: Any, ev: Any
+) -> None:
+    store = agreeing_store(tmp_path, clock)
+    signer = QueryIdSigner(b"k" * 32)
+    question, answer = "Where is the installer?", "At https://evil.example/setup."
+    session, ipv4, ipv6, other = "a" * 32, "e" * 32, "f" * 32, "c" * 32
+
+    def asked(i: int, session: str, network: str) -> tuple[events_pb2.Interaction, FeedbackSignal]:
+        interaction = ev.interaction(i, answer, question=question, session=session)
+        interaction.query_id = signer.issue("v1", session, network)
+        up = ev.thumbs(i, True, session=session)
+        return interaction, dataclasses.replace(up, query_id=interaction.query_id)
+
+    # One visitor's session asks and thumbs up from its IPv4 /24 and its IPv6 /48: one voter.
+    for i, network in enumerate([ipv4, ipv6]):
+        interaction, up = asked(i, session, network)
+        result = store.ingest([interaction], [up])
+        assert not result.examples and result.ignored["positive waiting for other sessions to agree"] == 1
+    # A second session of its IPv6 network is the same voter too.
+    interaction, up = asked(2, "b" * 32, ipv6)
+    assert not store.ingest([interaction], [up]).examples
+    # Another visitor, on a network of its own, agrees: two voters, one positive.
+    interaction, up = asked(3, other, "d" * 32)
+    assert store.ingest([interaction], [up]).examples == {"positive": 1}
     store.close()
 
 

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flywheel_common.errors import InvalidArgument
@@ -43,15 +44,62 @@ def query_id_network(query_id: str) -> str:
     """The pseudonym of the asking client's network a q3 query id names, unverified; "" for any other
     id or an answer asked without one (by anything but the gateway).
 
-    For consumers of signed events: live evidence counts one voter per network.
+    For consumers of signed events: live evidence counts one voter per network (`Voters`).
     """
     return _field(query_id, 5)
 
 
-def voter_sql(session_column: str, network_column: str) -> str:
-    """SQL for who an ask or a vote counts for in live evidence: the client network its query id
-    named (all of that network's sessions are one voter), else its session."""
-    return f"CASE WHEN {network_column} = '' THEN 's' || {session_column} ELSE 'n' || {network_column} END"
+class Voters:
+    """Who asks and votes count for in live evidence: everything that shares a session or a client
+    network (the one its query id names) is one voter, transitively.
+
+    A session seen on two networks (a dual-stack line's IPv4 /24 and IPv6 /48, a phone moving from
+    Wi-Fi to mobile data) joins them, and every session of either network, into one voter; a session
+    that named no network is a voter of its own. Add every (session, network) pair of the evidence
+    first, then ask `of`: components are union-find sets, near-linear in the pairs.
+    """
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
+        self._parent: dict[str, str] = {}
+        for session, network in pairs:
+            self.add(session, network)
+
+    def _find(self, node: str) -> str:
+        self._parent.setdefault(node, node)
+        while (parent := self._parent[node]) != node:
+            # Path halving: each visited node skips to its grandparent.
+            grand = self._parent[parent]
+            self._parent[node] = grand
+            node = grand
+        return node
+
+    @staticmethod
+    def _node(session: str, network: str) -> str:
+        # No session (an event without one) links nothing: it would join every network it came from.
+        return f"n{network}" if network else f"s{session}"
+
+    def add(self, session: str, network: str) -> None:
+        """Records that `session` asked or voted from `network` ("" for none named)."""
+        node = self._find(self._node(session, network))
+        if session and network:
+            other = self._find(f"s{session}")
+            if other != node:
+                self._parent[other] = node
+
+    def of(self, session: str, network: str) -> str:
+        """The voter a pair counts for (an opaque key, stable until more pairs are added)."""
+        return self._find(self._node(session, network))
+
+    def count(self, pairs: Iterable[tuple[str, str]]) -> int:
+        """How many distinct voters the pairs are."""
+        return len({self.of(session, network) for session, network in pairs})
+
+
+def count_voters(pairs: Iterable[tuple[str, str]]) -> int:
+    """How many voters (session, network) pairs are: those sharing a session or a network, however
+    indirectly, are one."""
+    pairs = list(pairs)
+    return Voters(pairs).count(pairs)
 
 
 def like_session(session: str) -> str:

@@ -16,7 +16,7 @@ from flywheel_common.kafka import EventConsumer, decode
 from flywheel_common.redaction import REDACTED_HEADER
 from flywheel_common.registry import check_version_name
 from flywheel_evaluator.gatekeeper import RefusedCandidate
-from flywheel_evaluator.live import ERROR_REASONS, LiveStore, Signal
+from flywheel_evaluator.live import CLIENT_DEADLINE, ERROR_REASONS, LiveStore, Signal
 from flywheel_evaluator.metrics import FEEDBACK_UNSIGNED, INTERACTIONS_UNSIGNED, SIGNALS
 from flywheel_evaluator.settings import EvaluatorSettings
 from flywheel_proto.flywheel.events.v1 import events_pb2
@@ -116,12 +116,14 @@ def interaction_signal(event: events_pb2.Interaction, now: float) -> Signal | No
         return None
     at = event.created_at.ToSeconds() if event.created_at.seconds else now
     failed = event.finish_reason in ERROR_REASONS
+    # An answer its caller ended ("client_deadline") took as long as the caller chose: not timed.
+    latency = None if event.finish_reason == CLIENT_DEADLINE else event.total_ms
     return Signal(
         event.model_version,
         float(at),
         "interaction",
         0.0,
-        event.total_ms,
+        latency,
         failed,
         query_id=event.query_id,
         session=event.session_pseudonym,

@@ -1,8 +1,9 @@
 """Live signals per model version (ratings, thumbs, ignores, errors, latency) and the canary verdict.
 
-Served interactions are counted per version and per minute; feedback is kept as one vote per answer
-and kind (a later vote replaces it) and counted per voter: a session, or the client's network where
-the gateway named one, so one visitor is one voice however many events or sessions they make
+Served interactions are counted per version and per minute, and per asker; feedback is kept as one
+vote per answer and kind (a later vote replaces it). Both are judged per voter: votes and answers
+that share a session or a client network (where the gateway named one) are one voter, so one
+visitor is one voice however many events, answers, sessions or networks they make
 (docs/security.md). Everything is in SQLite under the evaluator's state
 folder, written before the consumer commits its offsets, so a restart neither loses nor needs to
 re-read it. A forgotten session's votes and served answers are deleted, and its events, replayed,
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from flywheel_common.pseudonym import tombstone
-from flywheel_common.query_ids import like_session, query_id_network, query_id_session, voter_sql
+from flywheel_common.query_ids import Voters, like_session, query_id_network, query_id_session
 from flywheel_evaluator.settings import CanarySettings
 
 # Upper bounds (ms) of the latency histogram kept per version and minute.
@@ -32,8 +33,12 @@ LATENCY_BOUNDS_MS: tuple[float, ...] = (
     50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10_000, 15_000, 20_000, 30_000,
     60_000, 120_000, math.inf,
 )  # fmt: skip
-# Finish reasons of interactions that count as failed answers.
+# Finish reasons of interactions that count as failed answers: the engine's error, and the service's
+# own answer time limit passing. An answer ended by its caller ("client_deadline": the caller's own
+# shorter deadline passed; a cancelled one is not logged) is neither failed nor timed: any caller
+# could end its own answers early to sink a canary.
 ERROR_REASONS = frozenset({"error", "deadline"})
+CLIENT_DEADLINE = "client_deadline"
 
 
 @dataclass
@@ -59,9 +64,10 @@ class Signal:
 @dataclass
 class VersionStats:
     """A version's live signals over a time window; feedback counts are per voter (each voter's
-    ratings averaged, its thumbs netted), interactions per served answer.
+    ratings averaged, its thumbs netted), interaction counts per served answer, and the error and
+    latency signals the canary is judged on per voter (`voter_error_shares`, `voter_latency_ms`).
 
-    A voter is a session, or all the sessions of one client network where the gateway named it.
+    A voter is everything that shares a session or a client network (where the gateway named one).
     """
 
     version: str
@@ -77,9 +83,14 @@ class VersionStats:
     thumbs_down: int = 0
     ignored: int = 0
     latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BOUNDS_MS))
+    # One value per served voter: its share of failed answers, and its typical answer time (the
+    # geometric mean of its timed answers, ms). One client's thousand answers are one value here.
+    voter_error_shares: list[float] = field(default_factory=list)
+    voter_latency_ms: list[float] = field(default_factory=list)
 
     def add(self, other: VersionStats) -> None:
-        """Adds another window's served-answer counts (feedback is counted per voter, not added)."""
+        """Adds another window's served-answer counts (feedback and the per-voter signals are counted
+        per voter, not added)."""
         self.interactions += other.interactions
         self.errors += other.errors
         self.ratings += other.ratings
@@ -158,6 +169,12 @@ class VersionStats:
         p95 = self.latency_quantile_ms(0.95)
         if p95 is not None and math.isfinite(p95):
             out["latency_p95_ms"] = p95
+        if self.voter_error_shares:
+            out["error_voters"] = float(len(self.voter_error_shares))
+            out["voter_error_rate"] = sum(self.voter_error_shares) / len(self.voter_error_shares)
+        if self.voter_latency_ms:
+            logs = [math.log(ms) for ms in self.voter_latency_ms]
+            out["voter_latency_ms"] = round(math.exp(sum(logs) / len(logs)), 1)
         return out
 
 
@@ -165,7 +182,21 @@ class VersionStats:
 # columns, unused since).
 _COLUMNS = ("interactions", "errors")
 _FEEDBACK_KINDS = ("rating", "thumbs", "ignored")
-_VOTER = voter_sql("session", "network")
+# Per asker (session and network) and minute: answers, failed ones, timed ones and the sum of their
+# times' natural logs (ms), so each voter's failure share and geometric-mean time add up exactly.
+_ANSWER_COLUMNS = ("interactions", "errors", "timed", "log_latency")
+
+
+@dataclass
+class _Answers:
+    interactions: float = 0.0
+    errors: float = 0.0
+    timed: float = 0.0
+    log_latency: float = 0.0
+
+    def add(self, other: _Answers) -> None:
+        for name in _ANSWER_COLUMNS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class LiveStore:
@@ -193,16 +224,30 @@ class LiveStore:
             "PRIMARY KEY (query_id, kind))"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS votes_version ON votes (version, minute)")
-        # Sessions served per version and minute: the denominator of the per-voter ignore rate.
+        # Answers per version, minute and asker (session and network): the per-voter error and
+        # latency signals, and the served voters behind the per-voter ignore rate.
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS served (version TEXT NOT NULL, minute INTEGER NOT NULL, "
-            "session TEXT NOT NULL, PRIMARY KEY (version, minute, session))"
+            "CREATE TABLE IF NOT EXISTS answers (version TEXT NOT NULL, minute INTEGER NOT NULL, "
+            "session TEXT NOT NULL, network TEXT NOT NULL, "
+            + ", ".join(f"{c} REAL NOT NULL DEFAULT 0" for c in _ANSWER_COLUMNS)
+            + ", PRIMARY KEY (version, minute, session, network))"
         )
         # The asker's network pseudonym ("" where none was named), added since stores were made.
         for table in ("votes", "served"):
             columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if "network" not in columns:
+            if columns and "network" not in columns:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN network TEXT NOT NULL DEFAULT ''")
+        # Stores made before answers were counted per asker kept only who was served (one network per
+        # session and minute): moved over, without counts, so the served voters stay.
+        if self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'served'"
+        ).fetchone():
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO answers (version, minute, session, network) "
+                    "SELECT version, minute, session, network FROM served"
+                )
+                db.execute("DROP TABLE served")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS canary (version TEXT PRIMARY KEY, started_at REAL NOT NULL)"
         )
@@ -233,7 +278,7 @@ class LiveStore:
     def _record(self, signals: Iterable[Signal]) -> int:
         buckets: dict[tuple[str, int], VersionStats] = {}
         votes: dict[tuple[str, str], tuple[str, str, str, int, float]] = {}
-        served: set[tuple[str, int, str, str]] = set()
+        answers: dict[tuple[str, int, str, str], _Answers] = {}
         count = 0
         for s in signals:
             if not s.version or self._of_forgotten(s):
@@ -245,12 +290,16 @@ class LiveStore:
                 votes[(key, s.kind)] = (s.version, s.session, s.network, minute, s.value)
             else:
                 stats = buckets.setdefault((s.version, minute), VersionStats(s.version))
-                served.add((s.version, minute, s.session, s.network))
+                asker = answers.setdefault((s.version, minute, s.session, s.network), _Answers())
                 stats.interactions += 1
                 stats.errors += int(s.failed)
+                asker.interactions += 1
+                asker.errors += int(s.failed)
                 if s.latency_ms is not None and not s.failed:
                     index = bisect.bisect_left(LATENCY_BOUNDS_MS, s.latency_ms)
                     stats.latency_counts[min(index, len(LATENCY_BOUNDS_MS) - 1)] += 1
+                    asker.timed += 1
+                    asker.log_latency += math.log(max(s.latency_ms, 1.0))
             count += 1
         if not count:
             return 0
@@ -263,7 +312,11 @@ class LiveStore:
                 [(key, kind, *vote) for (key, kind), vote in votes.items()],
             )
             db.executemany(
-                "INSERT OR IGNORE INTO served (version, minute, session, network) VALUES (?, ?, ?, ?)", served
+                f"INSERT INTO answers (version, minute, session, network, {', '.join(_ANSWER_COLUMNS)}) "
+                f"VALUES (?, ?, ?, ?, {', '.join('?' for _ in _ANSWER_COLUMNS)}) "
+                "ON CONFLICT (version, minute, session, network) DO UPDATE SET "
+                + ", ".join(f"{c} = {c} + excluded.{c}" for c in _ANSWER_COLUMNS),
+                [(*key, *(getattr(asker, c) for c in _ANSWER_COLUMNS)) for key, asker in answers.items()],
             )
             for (version, minute), stats in buckets.items():
                 row = db.execute(
@@ -311,7 +364,7 @@ class LiveStore:
             votes = (
                 len(on_its_answers) + db.execute("DELETE FROM votes WHERE session = ?", (session,)).rowcount
             )
-            served = db.execute("DELETE FROM served WHERE session = ?", (session,)).rowcount
+            served = db.execute("DELETE FROM answers WHERE session = ?", (session,)).rowcount
             self._forgotten.add(tombstone(session))
         with self._lock:
             # The write-ahead log still holds the deleted pages' old images until it is emptied.
@@ -327,20 +380,28 @@ class LiveStore:
                 "WHERE version = ? AND minute >= ? AND minute <= ?",
                 window,
             ).fetchall()
-            # Each voter's votes of a kind become one: its mean rating, its net thumbs, "ignored".
-            per_voter = self._db.execute(
-                f"SELECT {_VOTER}, kind, AVG(value) FROM votes "
-                f"WHERE version = ? AND minute >= ? AND minute <= ? GROUP BY {_VOTER}, kind",
-                window,
-            ).fetchall()
-            (served,) = self._db.execute(
-                f"SELECT COUNT(DISTINCT {_VOTER}) FROM served "
+            votes = self._db.execute(
+                "SELECT session, network, kind, value FROM votes "
                 "WHERE version = ? AND minute >= ? AND minute <= ?",
                 window,
-            ).fetchone()
-        total = VersionStats(version, sessions_served=int(served))
-        total.sessions = len({voter for voter, _, _ in per_voter})
-        for _, kind, mean in per_voter:
+            ).fetchall()
+            answered = self._db.execute(
+                f"SELECT session, network, {', '.join(f'SUM({c})' for c in _ANSWER_COLUMNS)} FROM answers "
+                "WHERE version = ? AND minute >= ? AND minute <= ? GROUP BY session, network",
+                window,
+            ).fetchall()
+        voters = Voters((session, network) for session, network, *_ in [*votes, *answered])
+        # Each voter's votes of a kind become one: its mean rating, its net thumbs, "ignored".
+        per_voter: dict[tuple[str, str], list[float]] = {}
+        for session, network, kind, value in votes:
+            per_voter.setdefault((voters.of(session, network), kind), []).append(value)
+        served: dict[str, _Answers] = {}
+        for session, network, *counts in answered:
+            served.setdefault(voters.of(session, network), _Answers()).add(_Answers(*counts))
+        total = VersionStats(version, sessions_served=len(served))
+        total.sessions = len({voter for voter, _ in per_voter})
+        for (_, kind), values in per_voter.items():
+            mean = sum(values) / len(values)
             if kind == "rating":
                 total.ratings += 1
                 total.rating_sum += mean
@@ -350,6 +411,11 @@ class LiveStore:
                 total.thumbs_down += int(mean < 0)
             else:
                 total.ignored += 1
+        for asker in served.values():
+            if asker.interactions:
+                total.voter_error_shares.append(asker.errors / asker.interactions)
+            if asker.timed:
+                total.voter_latency_ms.append(math.exp(asker.log_latency / asker.timed))
         for row in rows:
             part = VersionStats(version)
             for name, value in zip(_COLUMNS, row[:-1], strict=True):
@@ -362,7 +428,7 @@ class LiveStore:
         """Forgets signals before `older_than` (seconds since the epoch)."""
         with self._transaction() as db:
             minute = int(older_than // 60)
-            for table in ("signals", "votes", "served"):
+            for table in ("signals", "votes", "answers"):
                 db.execute(f"DELETE FROM {table} WHERE minute < ?", (minute,))
 
     def canary_started(self, version: str, now: float | None = None) -> float:
@@ -422,9 +488,19 @@ class _Comparison:
     unsure: list[str] = field(default_factory=list)
 
     def add(
-        self, name: str, c: float, p: float, worse_by: float, se: float, tol: float, pct: bool = False
+        self,
+        name: str,
+        c: float,
+        p: float,
+        worse_by: float,
+        se: float,
+        tol: float,
+        pct: bool = False,
+        *,
+        line: str = "",
+        noise: str = "",
     ) -> None:
-        line = f"{name} {_fmt(c, pct)} vs production {_fmt(p, pct)} (tolerance {_fmt(tol, pct)})"
+        line = line or f"{name} {_fmt(c, pct)} vs production {_fmt(p, pct)} (tolerance {_fmt(tol, pct)})"
         if worse_by <= tol + 1e-12:
             self.compared.append(line)
         elif worse_by - tol > self.z * se:
@@ -434,13 +510,38 @@ class _Comparison:
             self.worse.append(line)
         else:
             self.unsure.append(
-                f"{line}, within noise ({self.z:g} standard errors = {_fmt(self.z * se, pct)})"
+                f"{line}, within noise ({self.z:g} standard errors = {noise or _fmt(self.z * se, pct)})"
             )
 
 
+def _mean_var(values: list[float]) -> tuple[float, float]:
+    """Mean and sample variance (0 below two values)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def _per_voter(
+    canary: list[float], production: list[float], needed: int
+) -> tuple[float, float, float] | None:
+    """Canary's mean minus production's over voters' values (higher is worse) and its standard error,
+    with each side's worst voter left out, so no one voter (one client, one page that is slow to
+    answer) moves the difference either way; None below `needed` voters a side.
+
+    Error and latency need no vote: one client drives them with its own asks, and the error
+    tolerance (2 points) is less than one voter's weight in any canary of under fifty voters.
+    """
+    if min(len(canary), len(production)) < max(needed, 2):
+        return None
+    c_mean, c_var = _mean_var(sorted(canary)[:-1])
+    p_mean, p_var = _mean_var(sorted(production)[:-1])
+    return c_mean, p_mean, math.sqrt(c_var / (len(canary) - 1) + p_var / (len(production) - 1))
+
+
 def _compare_signals(canary: VersionStats, production: VersionStats, settings: CanarySettings) -> _Comparison:
-    """Compares every signal that has `min_signal_samples` observations on both sides (latency:
-    `min_latency_samples`)."""
+    """Compares every signal that has `min_signal_samples` voters on both sides (latency: and
+    `min_latency_samples` timed answers); the error rate and latency per voter (`_per_voter`)."""
     n = settings.min_signal_samples
     result = _Comparison(settings.confidence_z)
     c_mean, p_mean = canary.mean_rating, production.mean_rating
@@ -465,28 +566,36 @@ def _compare_signals(canary: VersionStats, production: VersionStats, settings: C
             production.answers_seen,
             settings.ignore_rate_tolerance,
         ),
-        (
-            "error rate",
-            canary.error_rate,
-            production.error_rate,
-            canary.interactions,
-            production.interactions,
-            settings.error_rate_tolerance,
-        ),
     ):
         if c_rate is not None and p_rate is not None and c_n >= n and p_n >= n:
             se = _rate_se(c_rate, c_n, p_rate, p_n)
             result.add(name, c_rate, p_rate, c_rate - p_rate, se, tol, pct=True)
-    c95, p95 = canary.latency_quantile_ms(0.95), production.latency_quantile_ms(0.95)
+    # Each voter's share of failed answers, averaged over voters.
+    errors = _per_voter(canary.voter_error_shares, production.voter_error_shares, n)
+    if errors is not None:
+        c_rate, p_rate, se = errors
+        result.add(
+            "error rate per voter", c_rate, p_rate, c_rate - p_rate, se, settings.error_rate_tolerance, True
+        )
+    # Each voter's typical time (the geometric mean of its answers'), compared as logs: a ratio.
+    latency = _per_voter(
+        [math.log(ms) for ms in canary.voter_latency_ms],
+        [math.log(ms) for ms in production.voter_latency_ms],
+        n,
+    )
     if (
-        c95 is not None
-        and p95 is not None
-        and math.isfinite(p95)
+        latency is not None
         and canary.latency_samples >= settings.min_latency_samples
         and production.latency_samples >= settings.min_latency_samples
     ):
-        # Quantiles of a histogram have no standard error here: the relative tolerance is the margin.
-        result.add("latency p95 ms", c95, p95, (c95 - p95) / p95, 0.0, settings.latency_p95_tolerance)
+        c_log, p_log, se = latency
+        tol = settings.latency_p95_tolerance
+        line = (
+            f"latency per voter {math.exp(c_log):.0f} ms vs production {math.exp(p_log):.0f} ms "
+            f"(tolerance +{tol:.0%})"
+        )
+        noise = f"x{math.exp(settings.confidence_z * se):.2f}"
+        result.add("latency", 0.0, 0.0, c_log - p_log, se, math.log1p(tol), line=line, noise=noise)
     return result
 
 

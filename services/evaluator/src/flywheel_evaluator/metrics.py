@@ -97,8 +97,8 @@ LIVE_FEEDBACK = Gauge(
 )
 LIVE_VOTERS = Gauge(
     "flywheel_evaluator_live_voters",
-    "Distinct voters with feedback on a serving version over the live window: sessions, all sessions "
-    "of one client network counting once (the canary's evidence).",
+    "Distinct voters with feedback on a serving version over the live window: what shares a session "
+    "or a client network counts once (the canary's evidence).",
     ["version"],
 )
 PRUNED_BYTES = Counter(

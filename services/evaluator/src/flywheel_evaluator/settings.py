@@ -107,7 +107,8 @@ class CanarySettings(BaseModel):
     # needs in the window; one session's many events are one voice (docs/security.md). With 8 a side
     # a fifth of canaries as good as production were rolled back, with 16 a twelfth (bench/canary.py).
     min_samples: int = Field(default=16, ge=1)
-    # Sessions voting on one signal both sides need before that signal is compared.
+    # Voters on one signal both sides need before that signal is compared (error rate and latency:
+    # voters served); below it the signal is undecided, not worse.
     min_signal_samples: int = Field(default=5, ge=1)
     # The canary is promoted no earlier than this, and decided no later than this.
     min_duration_s: float = Field(default=30.0, ge=0)
@@ -120,9 +121,11 @@ class CanarySettings(BaseModel):
     thumbs_down_tolerance: float = Field(default=0.10, ge=0, le=1)
     ignore_rate_tolerance: float = Field(default=0.10, ge=0, le=1)
     error_rate_tolerance: float = Field(default=0.02, ge=0, le=1)
-    # Relative: canary p95 latency may exceed production's by this share, judged once both sides have
-    # `min_latency_samples` answers: below 20 a p95 is the slowest answer, and one answer that waited
-    # behind a model load or a busy core rolled a better canary back (the gate checks the p95 SLO).
+    # Relative: the canary's latency per voter (each voter's geometric-mean answer time, averaged over
+    # voters) may exceed production's by this share, judged once both sides have `min_signal_samples`
+    # voters and `min_latency_samples` timed answers. It was a p95 over answers: one answer that
+    # waited behind a model load rolled a better canary back, and one client's slow questions could
+    # too. The gate checks the p95 SLO.
     latency_p95_tolerance: float = Field(default=0.5, ge=0)
     min_latency_samples: int = Field(default=20, ge=1)
     # A signal rolls back only when its drop exceeds the tolerance by this many standard errors

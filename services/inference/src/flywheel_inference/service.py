@@ -234,6 +234,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncGenerator[_Part, None]:
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else self._limits.default_timeout_s)
+        # An anonymous caller's deadline shorter than the service's own answer limit is the caller's
+        # to miss: its expiry is logged "client_deadline", which live evidence does not count as a
+        # failed answer, or any caller could fail its own answers to sink a canary. A caller with a
+        # token (the gateway) sets the limit its visitors see, so its expiry stays "deadline".
+        callers_own = (
+            remaining is not None
+            and remaining < self._limits.default_timeout_s
+            and "authorization" not in request_metadata(context)
+        )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -304,10 +313,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             queue_ms=((seq.admitted_at or seq.submitted_at) - seq.submitted_at) * 1000,
         )
         tokens = inference_pb2.TokenCounts(prompt_tokens=len(prepared.token_ids), completion_tokens=count)
-        ANSWERS.labels(loaded.version, reason).inc()
+        logged = "client_deadline" if reason == "deadline" and callers_own else reason
+        ANSWERS.labels(loaded.version, logged).inc()
         # Failed answers are interactions too: the evaluator's live error rate counts them.
         self._log_interaction(
-            query_id, session, loaded.version, req, prepared.passages, answer, timing, tokens, reason
+            query_id, session, loaded.version, req, prepared.passages, answer, timing, tokens, logged
         )
         if error is not None:
             raise error

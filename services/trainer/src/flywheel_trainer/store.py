@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel_common.pseudonym import tombstone
-from flywheel_common.query_ids import like_session, query_id_network, query_id_session, voter_sql
+from flywheel_common.query_ids import count_voters, like_session, query_id_network, query_id_session
 from flywheel_proto.flywheel.events.v1 import events_pb2
 from flywheel_trainer.policy import ExamplePolicy, FeedbackSignal, Source
 
@@ -522,8 +522,9 @@ class JoinStore:
         """Records a visitor's positive vote; True once enough distinct voters rated the same answer to
         the same question high and none of their answers is kept as a positive yet.
 
-        A voter is a session, or all the sessions of the client network the answer's query id names
-        (the gateway names it): sessions made by the hundred from one network agree with nobody.
+        Votes that share a session or the client network their query ids name (the gateway names
+        it) are one voter (`Voters`): sessions made by the hundred from one network agree with
+        nobody, nor does one session asking from its IPv4 and its IPv6 network.
         """
         key = agreement_key(row["question"], row["answer"])
         db.execute(
@@ -531,11 +532,10 @@ class JoinStore:
             "VALUES (?, ?, ?, ?, ?)",
             (signal.query_id, key, signal.session, query_id_network(signal.query_id), now),
         )
-        (voters,) = db.execute(
-            f"SELECT COUNT(DISTINCT {voter_sql('session', 'network')}) "
-            "FROM positive_votes WHERE agree_key = ?",
-            (key,),
-        ).fetchone()
+        voters = count_voters(
+            (row["session"], row["network"])
+            for row in db.execute("SELECT session, network FROM positive_votes WHERE agree_key = ?", (key,))
+        )
         if voters < self.policy.settings.positive_min_sessions:
             result.ignored["positive waiting for other sessions to agree"] += 1
             return False
@@ -674,7 +674,7 @@ class JoinStore:
         once an expert's feedback on it is kept (`_join`): received is not enough, a correction the
         policy refuses leaves it here. Items another caller holds a live claim on are left out;
         `order` is "newest" (latest feedback first) or "impact" (severity x times asked: by distinct
-        askers, a session or a client network).
+        askers, those sharing a session or a client network being one, `Voters`).
         """
         if order not in ("newest", "impact"):
             raise ValueError(f"unknown order {order!r}")
@@ -696,8 +696,9 @@ class JoinStore:
         if query_id is not None:
             where = "AND i.query_id = :query_id"
             args["query_id"] = query_id
-        sort = "impact DESC, last_at DESC" if order == "impact" else "last_at DESC"
-        askers = voter_sql("a.session_pseudonym", "a.network")
+        # By impact every candidate is scored (times asked is counted below, in Python); by newest
+        # only the page asked for.
+        page = "" if order == "impact" else "ORDER BY last_at DESC, query_id LIMIT :limit"
         rows = self._query(
             f"""
             WITH candidates AS (
@@ -726,8 +727,7 @@ class JoinStore:
                        COALESCE(s.thumbs_down, 0) AS thumbs_down,
                        COALESCE(s.comments, 0) AS comments,
                        i.model_version = :canary AS canary,
-                       (SELECT COUNT(DISTINCT {askers}) FROM interactions a
-                        WHERE lower(trim(a.question)) = lower(trim(i.question))) AS times_asked,
+                       lower(trim(i.question)) AS asked,
                        c.claimer, c.until,
                        COALESCE(s.last_feedback_at, i.received_at) AS last_at
                 FROM candidates k
@@ -740,17 +740,20 @@ class JoinStore:
                 ) {where}
             )
             SELECT *,
-                   ((CASE WHEN lowest_rating > 0 THEN 6 - lowest_rating ELSE 0 END)
-                    + 3 * thumbs_down + 2 * comments + canary) * times_asked AS impact
+                   (CASE WHEN lowest_rating > 0 THEN 6 - lowest_rating ELSE 0 END)
+                    + 3 * thumbs_down + 2 * comments + canary AS severity
             FROM scored
             WHERE ((lowest_rating > 0 AND lowest_rating <= :low) OR thumbs_down > 0 OR comments > 0
                    OR canary)
               AND (claimer IS NULL OR claimer = :caller)
-            ORDER BY {sort}, query_id
-            LIMIT :limit
+            {page}
             """,
             args,
         )
+        asked = self._times_asked({r["asked"] for r in rows})
+        if order == "impact":
+            rows.sort(key=lambda r: (-r["severity"] * asked[r["asked"]], -r["last_at"], r["query_id"]))
+            rows = rows[:limit]
         comments: dict[str, list[str]] = collections.defaultdict(list)
         if rows:
             ids = [r["query_id"] for r in rows]
@@ -760,7 +763,22 @@ class JoinStore:
                 (args["comment"], args["expert"], args["admin"], *ids),
             ):
                 comments[row["query_id"]].append(row["text"])
-        return [_review_item(r, comments[r["query_id"]], args["low"]) for r in rows]
+        return [_review_item(r, comments[r["query_id"]], args["low"], asked[r["asked"]]) for r in rows]
+
+    def _times_asked(self, questions: set[str]) -> dict[str, int]:
+        """Distinct askers of each question (trimmed, lowercased): those that share a session or a
+        client network are one (`Voters`), per question."""
+        pairs: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+        ordered = sorted(questions)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start : start + 500]
+            for row in self._query(
+                "SELECT lower(trim(question)) AS asked, session_pseudonym, network FROM interactions "
+                f"WHERE lower(trim(question)) IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                pairs[row["asked"]].append((row["session_pseudonym"], row["network"]))
+        return {question: count_voters(pairs[question]) for question in questions}
 
     def claim(
         self,
@@ -914,7 +932,7 @@ class JoinStore:
         return out
 
 
-def _review_item(row: sqlite3.Row, comments: list[str], low: int) -> ReviewItem:
+def _review_item(row: sqlite3.Row, comments: list[str], low: int, times_asked: int) -> ReviewItem:
     reasons = []
     if 0 < row["lowest_rating"] <= low:
         reasons.append(ReviewReason.LOW_RATING)
@@ -936,8 +954,8 @@ def _review_item(row: sqlite3.Row, comments: list[str], low: int) -> ReviewItem:
         lowest_rating=row["lowest_rating"],
         thumbs_down=row["thumbs_down"],
         comments=comments,
-        times_asked=row["times_asked"],
-        impact=float(row["impact"]),
+        times_asked=times_asked,
+        impact=float(row["severity"] * times_asked),
         answered_at=row["received_at"],
         last_feedback_at=row["last_feedback_at"],
         claimed_until=row["until"],
