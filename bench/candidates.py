@@ -109,7 +109,8 @@ def main() -> None:
     )
     parser.add_argument("--registry", type=Path, required=True, help="an artifact root")
     parser.add_argument("--dataset", type=Path, default=ROOT / "datasets" / "python-faq")
-    parser.add_argument("--split", default="gate")
+    # Rules are chosen here: never on `exam`, the split kept for the final comparison.
+    parser.add_argument("--split", default="gate", choices=("traffic", "gate"))
     parser.add_argument("--versions", default="v1,v2", help="comma-separated")
     parser.add_argument("--counts", default="4", help="candidates per question, comma-separated")
     parser.add_argument("--budget", type=int, default=BUDGET, help="prompt tokens of passages")

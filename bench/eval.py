@@ -8,7 +8,9 @@ base model, once per combination of `--concurrency` and `--max-new-tokens` (comm
 The base model rarely stops before the token limit, so `--max-new-tokens 16` approximates a
 fine-tuned candidate that answers in one short sentence. The load average is printed with the
 numbers, since every core counts on a 2-core machine, and so is the CPU time the evaluation used
-(on an otherwise idle machine the wall time approaches CPU time / cores).
+(on an otherwise idle machine the wall time approaches CPU time / cores). Questions whose answer
+failed are counted in `errors`; questions/s, answer tokens, latencies and accuracy are over the
+answers that did not fail.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -38,7 +41,7 @@ def _ints(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from flywheel_common.registry import ModelRegistry
-    from flywheel_evaluator.evaluation import Evaluator, load_golden
+    from flywheel_evaluator.evaluation import Evaluator, compute_metrics, load_golden
     from flywheel_evaluator.settings import EvaluationSettings, GoldenSettings
 
     golden = load_golden(GoldenSettings(dataset=args.dataset, split=args.split, limit=args.questions))
@@ -58,30 +61,52 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 result = evaluator.evaluate(version, reuse=False)
                 seconds = time.perf_counter() - started
                 cpu = _cpu_seconds() - cpu_before
-                tokens = [item.completion_tokens for item in result.items]
+                # A failed answer is not a fast or a wrong one: the rates are over the others.
+                answered = [item for item in result.items if not item.error]
+                metrics = compute_metrics(
+                    answered, resamples=settings.bootstrap_resamples, seed=settings.seed
+                )
+                tokens = [item.completion_tokens for item in answered]
                 rows.append(
                     {
                         "questions": len(result.items),
+                        "errors": result.errors,
+                        "error_messages": sorted({item.error for item in result.items if item.error}),
                         "concurrency": concurrency,
                         "max_new_tokens": max_new_tokens,
                         "seconds": round(seconds, 1),
                         # CPU time of this process: the cost whatever else shares the cores.
                         "cpu_seconds": round(cpu, 1),
                         "model_load_s": result.settings["model_load_s"],
-                        "questions_per_s": round(len(result.items) / seconds, 3),
-                        "mean_answer_tokens": round(sum(tokens) / len(tokens), 1),
-                        "latency_p50_ms": round(result.value("latency_p50_ms")),
-                        "latency_p95_ms": round(result.value("latency_p95_ms")),
-                        "accuracy": round(result.value("accuracy"), 3),
+                        "questions_per_s": round(len(answered) / seconds, 3),
+                        "mean_answer_tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
+                        "latency_p50_ms": _rounded(metrics, "latency_p50_ms", 0),
+                        "latency_p95_ms": _rounded(metrics, "latency_p95_ms", 0),
+                        "accuracy": _rounded(metrics, "accuracy", 3),
                         "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
                     }
                 )
                 print_row(rows[-1], header=len(rows) == 1)
+                if result.errors:
+                    print(
+                        f"  {result.errors} of {len(result.items)} answers failed "
+                        f"({'; '.join(rows[-1]['error_messages'][:3])})",
+                        flush=True,
+                    )
     return rows
+
+
+def _rounded(metrics: dict[str, dict[str, float]], name: str, digits: int) -> float | None:
+    """A metric's value rounded, None where no answer gave a basis for it (JSON has no NaN)."""
+    value = metrics.get(name, {}).get("value")
+    if value is None or math.isnan(value):
+        return None
+    return round(value, digits) if digits else round(value)
 
 
 COLUMNS = (
     ("questions", "questions", "{}"),
+    ("errors", "errors", "{}"),
     ("concurrency", "conc.", "{}"),
     ("max_new_tokens", "max tok", "{}"),
     ("mean_answer_tokens", "ans tok", "{}"),
@@ -97,7 +122,7 @@ COLUMNS = (
 
 
 def print_row(row: dict[str, Any], header: bool) -> None:
-    cells = [fmt.format(row[key]) for key, _, fmt in COLUMNS]
+    cells = ["-" if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS]
     widths = [max(len(title), len(cell)) for (_, title, _), cell in zip(COLUMNS, cells, strict=True)]
     if header:
         print("  ".join(title.rjust(w) for (_, title, _), w in zip(COLUMNS, widths, strict=True)))

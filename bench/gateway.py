@@ -7,7 +7,10 @@ a fixed answer of `--chunks` text chunks at once, so what differs between the tw
 the gateway: HTTP and JSON in, a second gRPC hop, Server-Sent Events out, the session cookie, the
 origin check and the rate limiters (off here). The gateway runs as its own process
 (`python -m flywheel_gateway`), as deployed. For each path and concurrency: answers/s, p50/p99
-latency to the first text and to the end, and the gateway's CPU milliseconds per answer.
+latency to the first text and to the end, and the gateway's CPU milliseconds per answer. An answer
+that fails (an HTTP status other than 200, an `error` event, a stream that ends without `done`, a
+gRPC error or a stream without a finish reason) is counted in `failed` and left out of the rates
+and latencies.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +73,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class AnswerFailed(Exception):
+    """An answer that came back as a failure, however it was delivered."""
+
+
 def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -85,9 +95,16 @@ def _request() -> inference_pb2.AnswerRequest:
 async def _grpc_answer(stub: inference_pb2_grpc.InferenceServiceStub) -> tuple[float, float]:
     started = time.perf_counter()
     first = 0.0
-    async for chunk in stub.StreamAnswer(_request()):
-        if chunk.delta and not first:
-            first = time.perf_counter() - started
+    finished = False
+    try:
+        async for chunk in stub.StreamAnswer(_request()):
+            if chunk.delta and not first:
+                first = time.perf_counter() - started
+            finished = finished or bool(chunk.finish_reason)
+    except grpc.aio.AioRpcError as error:
+        raise AnswerFailed(f"grpc {error.code().name}") from error
+    if not finished:
+        raise AnswerFailed("grpc stream without a finish reason")
     return first, time.perf_counter() - started
 
 
@@ -98,29 +115,53 @@ async def _http_answer(client: httpx.AsyncClient) -> tuple[float, float]:
     }
     started = time.perf_counter()
     first = 0.0
+    done = False
     async with client.stream("POST", "/api/v1/answers", json=body, headers={"origin": SITE}) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise AnswerFailed(f"http {response.status_code}")
         async for line in response.aiter_lines():
             if line == "event: delta" and not first:
                 first = time.perf_counter() - started
+            elif line == "event: error":
+                # The gateway reports a failure after its 200 as an event in the stream.
+                raise AnswerFailed("sse error event")
+            elif line == "event: done":
+                done = True
+            elif (
+                done
+                and line.startswith("data: ")
+                and not json.loads(line.removeprefix("data: ")).get("finish_reason")
+            ):
+                # The gateway ends a stream that stopped without a finish reason with an empty one.
+                raise AnswerFailed("sse done without a finish reason")
+    if not done:
+        raise AnswerFailed("sse stream without done")
     return first, time.perf_counter() - started
 
 
-async def _level(call: Any, concurrency: int, answers: int) -> dict[str, float]:
+async def _level(call: Any, concurrency: int, answers: int) -> dict[str, Any]:
+    """Answers/s and latencies of the answers that succeeded; failures counted by reason."""
     results: list[tuple[float, float]] = []
+    failures: Counter[str] = Counter()
     remaining = answers
 
     async def worker() -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            results.append(await call())
+            try:
+                results.append(await call())
+            except AnswerFailed as failed:
+                failures[str(failed)] += 1
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     firsts, totals = [r[0] for r in results], [r[1] for r in results]
     return {
+        "answered": len(results),
+        "failed": sum(failures.values()),
+        "failure_reasons": dict(failures),
         "answers_per_s": len(results) / wall,
         "first_p50_ms": 1000 * _percentile(firsts, 0.5),
         "first_p99_ms": 1000 * _percentile(firsts, 0.99),
@@ -162,7 +203,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     await _grpc_answer(stub)
                     if (await client.get("/healthz")).status_code == 200:
                         break
-                except (grpc.aio.AioRpcError, httpx.TransportError):
+                except (AnswerFailed, httpx.TransportError):  # not up yet
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.3)
@@ -212,15 +253,24 @@ def main() -> None:
         return
     result = asyncio.run(_bench(args))
     print(f"{result['answers']} answers of {result['chunks']} chunks per row; {result['machine']}")
-    print("| path | concurrency | answers/s | first text p50 / p99 ms | end p50 / p99 ms | gateway CPU ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| path | concurrency | failed | answers/s | first text p50 / p99 ms | end p50 / p99 ms "
+        "| gateway CPU ms |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in result["rows"]:
         print(
-            f"| {r['path']} | {r['concurrency']} | {r['answers_per_s']:.0f} | "
+            f"| {r['path']} | {r['concurrency']} | {r['failed']} | {r['answers_per_s']:.0f} | "
             f"{r['first_p50_ms']:.1f} / {r['first_p99_ms']:.1f} | "
             f"{r['total_p50_ms']:.1f} / {r['total_p99_ms']:.1f} | "
             f"{r['gateway_cpu_ms_per_answer']:.2f} |"
         )
+    for r in result["rows"]:
+        if r["failed"]:
+            print(
+                f"{r['path']} at {r['concurrency']}: {r['failed']} of {result['answers']} answers failed "
+                f"{r['failure_reasons']}; the rates and latencies are over the {r['answered']} others"
+            )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -26,7 +26,10 @@ passages of about 400 tokens and a question from a split of the bundled dataset 
 default), greedy, batch 1, after one warm-up answer. Tokens are compared with onnx-fp32's (eager's
 when fp32 is not run); accuracy counts the questions that have reference answers. llama.cpp is
 measured when `--llama-python` names a Python that has llama-cpp-python (it compiles from source:
-see docs/inference.md, "Benchmark").
+see docs/inference.md, "Benchmark"). A prompt whose answer fails is counted in `errors` (the row is
+marked FAILED; its timings and accuracy are over the rest); a failed warm-up or batched decode fails
+the variant. The reference row shows `ref` (it is not compared with itself). A service variant is
+measured only on the execution provider it names (its `flywheel_inference_model_info` metric says).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def build_prompts(dataset: Path, split: str, n: int, onnx_dir: Path) -> list[dic
 def run_variant(
     variant: str, prompts_file: Path, args: argparse.Namespace, python: str
 ) -> dict[str, Any] | None:
-    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    out = prompts_file.with_name(f"{variant}.out.json")  # in the caller's temporary folder
     cmd = [
         python,
         __file__,
@@ -105,11 +108,20 @@ def run_variant(
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")])),
     }
     started = time.perf_counter()
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        print(f"{variant}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
-        return None
-    data = json.loads(out.read_text())
+    try:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            print(f"{variant}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+            return None
+        data = json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+    errors = sum("error" in r for r in data["results"])
+    if errors:
+        print(
+            f"{variant}: {errors} of {len(data['results'])} answers failed\n{result.stderr[-2000:]}",
+            file=sys.stderr,
+        )
     data["wall_s"] = time.perf_counter() - started
     return dict(data)
 
@@ -193,6 +205,11 @@ def onnx_variant(variant: str) -> tuple[str, str]:
     return parts[1], parts[2] if len(parts) > 2 else "cpu"
 
 
+def _error_text(reason: str, error: BaseException | None) -> str:
+    """What a sequence that ended in an error reports (an on_token failure ends one without one)."""
+    return f"{type(error).__name__}: {error}" if error is not None else f"finished with reason {reason!r}"
+
+
 def batch_decode(generator: Any, prompts: list[dict[str, Any]], batch: int, new_tokens: int) -> float:
     """Decode tok/s of `batch` sequences decoding together (none stops early): tokens after the last
     one's first token, over the time from then to the last token (prefills, one at a time, are not
@@ -202,18 +219,28 @@ def batch_decode(generator: Any, prompts: list[dict[str, Any]], batch: int, new_
     from flywheel_model.generation import SamplingParams, Sequence
 
     stamps: list[list[float]] = [[] for _ in range(batch)]
+    errors: list[str] = []
     done = threading.Semaphore(0)
+
+    def on_finish(reason: str, error: BaseException | None) -> None:
+        if error is not None or reason == "error":
+            errors.append(_error_text(reason, error))
+        done.release()
+
     for i in range(batch):
         generator.submit(
             Sequence(
                 prompts[i % len(prompts)]["ids"],
                 SamplingParams(max_new_tokens=new_tokens),
                 lambda token, row=stamps[i]: row.append(time.perf_counter()),
-                lambda reason, error: done.release(),
+                on_finish,
             )
         )
     for _ in range(batch):
         done.acquire()
+    if errors:
+        # A speed measured over failed rows is not a speed: the whole variant fails, with the reason.
+        raise RuntimeError(f"batch {batch}: {len(errors)} of {batch} sequences failed: {errors[0]}")
     start = max(row[0] for row in stamps if row)
     end = max(row[-1] for row in stamps if row)
     tokens = sum(1 for row in stamps for t in row if t > start)
@@ -257,11 +284,19 @@ def worker_onnx(
     for prompt in [prompts[0], *prompts]:
         stamps: list[float] = []
         tokens: list[int] = []
+        failed: list[str] = []
         done = threading.Event()
 
         def on_token(token: int, stamps: list[float] = stamps, tokens: list[int] = tokens) -> None:
             stamps.append(time.perf_counter())
             tokens.append(token)
+
+        def on_finish(
+            reason: str, error: BaseException | None, failed: list[str] = failed, done: Any = done
+        ) -> None:
+            if error is not None or reason == "error":
+                failed.append(_error_text(reason, error))
+            done.set()
 
         started = time.perf_counter()
         generator.submit(
@@ -269,12 +304,15 @@ def worker_onnx(
                 prompt["ids"],
                 SamplingParams(max_new_tokens=new_tokens),
                 on_token,
-                lambda reason, error, done=done: done.set(),
+                on_finish,
             )
         )
         done.wait()
-        results.append(_stamped(started, tokens, stamps))
+        # A failed answer is kept as a failure (its partial tokens are no answer to compare).
+        results.append({"error": failed[0], "tokens": []} if failed else _stamped(started, tokens, stamps))
     generator.close()
+    if "error" in results[0]:
+        raise RuntimeError(f"{variant}: the warm-up answer failed: {results[0]['error']}")
     by_batch = {}
     for batch in batches:
         # No end token: every row decodes all its tokens, so the batch stays `batch` rows wide.
@@ -373,6 +411,9 @@ def worker_main(args: argparse.Namespace) -> None:
     status = Path("/proc/self/status").read_text()
     peak_mb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
     gpu_mb = gpu_memory_mb() if "cuda" in args.worker else None
+    for i, r in enumerate(results):
+        if "error" in r:
+            print(f"{args.worker}: prompt {i} failed: {r['error']}", file=sys.stderr)
     Path(args.out).write_text(
         json.dumps(
             {"results": results, "peak_rss_mb": peak_mb, "gpu_mb": gpu_mb, "batch_decode_tok_s": by_batch}
@@ -394,7 +435,7 @@ def throughput(
     """Starts the inference service on a model and measures it at each concurrency."""
     from flywheel_cli.local.kafka_broker import free_port
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     suffixes = variant_suffixes(variant)[1]
     env = {
         **os.environ,
@@ -406,14 +447,20 @@ def throughput(
         **({"FLYWHEEL_INFERENCE_LIMITS__ANSWER_CANDIDATES": "1"} if "-greedy" in suffixes else {}),
         "FLYWHEEL_INFERENCE_KAFKA_ENABLED": "false",
         "FLYWHEEL_INFERENCE_GRPC__PORT": str(port),
-        "FLYWHEEL_INFERENCE_METRICS__PORT": "0",
+        # The metrics endpoint says which execution provider the loaded model really runs on.
+        "FLYWHEEL_INFERENCE_METRICS__HOST": "127.0.0.1",
+        "FLYWHEEL_INFERENCE_METRICS__PORT": str(metrics_port),
     }
     with tempfile.NamedTemporaryFile(prefix="bench-inference-service-", suffix=".log") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "flywheel_inference"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         try:
-            return asyncio.run(_measure(port, prompts, levels, new_tokens, requests_per_level))
+            return asyncio.run(
+                _measure(port, metrics_port, variant, prompts, levels, new_tokens, requests_per_level)
+            )
+        except WrongProvider:
+            raise
         except Exception:
             text = Path(log.name).read_text()
             first = max(0, text.find("Traceback") - 1000)
@@ -424,8 +471,43 @@ def throughput(
             server.wait(30)
 
 
+class WrongProvider(RuntimeError):
+    """The service loaded the model on another execution provider than the variant names."""
+
+
+def served_provider(metrics_text: str) -> str | None:
+    """The execution provider of the production model in the service's /metrics text (None if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "flywheel_inference_model_info":
+            for sample in family.samples:
+                if sample.labels.get("role") == "production" and sample.value == 1:
+                    return str(sample.labels["provider"])
+    return None
+
+
+def check_provider(variant: str, metrics_port: int) -> str:
+    """The provider the service loaded the model on; raises when it is not the variant's."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as response:
+        provider = served_provider(response.read().decode())
+    wanted = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[onnx_variant(variant)[1]]
+    if provider != wanted:
+        # choose_providers falls back to the CPU with a warning: such a row would be a CPU row.
+        raise WrongProvider(f"{variant}: the service runs on {provider}, not {wanted}")
+    return provider
+
+
 async def _measure(
-    port: int, prompts: list[dict[str, Any]], levels: list[int], new_tokens: int, requests_per_level: int
+    port: int,
+    metrics_port: int,
+    variant: str,
+    prompts: list[dict[str, Any]],
+    levels: list[int],
+    new_tokens: int,
+    requests_per_level: int,
 ) -> list[dict[str, Any]]:
     import grpc
 
@@ -442,12 +524,15 @@ async def _measure(
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        for _ in range(600):  # until the model is loaded; this answer is also the warm-up
+        for attempt in range(600):  # until the model is loaded; this answer is also the warm-up
             try:
                 await stub.Answer(make(0), timeout=60)
                 break
             except grpc.aio.AioRpcError:
+                if attempt == 599:
+                    raise
                 await asyncio.sleep(0.5)
+        provider = check_provider(variant, metrics_port)
 
         async def client(queue: list[int], latencies: list[float], tokens: list[int]) -> None:
             while queue:
@@ -469,6 +554,7 @@ async def _measure(
             rows.append(
                 {
                     "concurrency": level,
+                    "provider": provider,
                     "answers": len(latencies),
                     "answers_per_s": len(latencies) / elapsed,
                     "tokens_per_s": sum(tokens) / elapsed,
@@ -482,26 +568,50 @@ async def _measure(
 # Report
 
 
+def tokens_of(data: dict[str, Any]) -> list[list[int] | None]:
+    """A variant's tokens per prompt, None where its answer failed."""
+    return [None if "error" in r else r["tokens"] for r in data["results"]]
+
+
+def equal_tokens(data: dict[str, Any], reference: list[list[int] | None]) -> int:
+    """Prompts on which a variant's tokens are the reference's (a failed answer on either side is not)."""
+    mine = tokens_of(data)
+    return sum(a is not None and a == b for a, b in zip(mine, reference, strict=True))
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def summarise(
     variant: str,
     data: dict[str, Any],
-    reference: list[list[int]] | None,
+    reference: list[list[int] | None] | None,
+    is_reference: bool,
     prompts: list[dict[str, Any]],
     encoder: Any,
 ) -> dict[str, Any]:
+    """A variant's row; timings and accuracy are over its answers that did not fail."""
     from flywheel_eval.metrics import contains
 
     results = data["results"]
-    texts = [encoder.decode(r["tokens"]).strip() for r in results]
-    equal = sum(r["tokens"] == ref for r, ref in zip(results, reference, strict=True)) if reference else None
-    answered = [(t, p["answers"]) for t, p in zip(texts, prompts, strict=True) if p["answers"]]
+    ok = [(r, p) for r, p in zip(results, prompts, strict=True) if "error" not in r]
+    texts = [None if "error" in r else encoder.decode(r["tokens"]).strip() for r in results]
+    equal = equal_tokens(data, reference) if reference is not None and not is_reference else None
+    answered = [
+        (t, p["answers"]) for t, p in zip(texts, prompts, strict=True) if p["answers"] and t is not None
+    ]
     return {
         "variant": variant,
-        "ttft_s": statistics.median(r["ttft_s"] for r in results),
-        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in results),
+        "errors": len(results) - len(ok),
+        "error_messages": [r["error"] for r in results if "error" in r],
+        "ttft_s": _median([r["ttft_s"] for r, _ in ok]),
+        "decode_tok_s": _median([r["decode_tok_s"] for r, _ in ok]),
         "peak_rss_mb": data["peak_rss_mb"],
         "gpu_mb": data.get("gpu_mb"),
         "batch_decode_tok_s": data.get("batch_decode_tok_s", {}),
+        # None for the reference itself: its tokens equal their own by construction.
+        "reference": is_reference,
         "tokens_equal_to_reference": equal,
         "accuracy": sum(contains(t, a) for t, a in answered) / len(answered) if answered else float("nan"),
         "answers": texts,
@@ -550,11 +660,9 @@ def main() -> None:
     model_dirs = {key: ensure_prepared(source, ExportOptions(*key), None, force=False) for key in exports}
     fp32_dir = model_dirs[("fp32", "cpu")]
     prompts = build_prompts(Path(args.dataset), args.split, args.questions, fp32_dir / "onnx")
-    prompts_file = Path(tempfile.mkstemp(suffix=".json")[1])
     from flywheel_model.prompt import PromptEncoder
 
     encoder = PromptEncoder(fp32_dir / "onnx")
-    prompts_file.write_text(json.dumps({"prompts": prompts, "prefix": encoder.shared_prefix()}))
     sizes = [len(p["ids"]) for p in prompts]
     answered = sum(bool(p["answers"]) for p in prompts)
     print(
@@ -562,19 +670,35 @@ def main() -> None:
         f"{min(sizes)}-{max(sizes)} tokens, {args.new_tokens} new tokens"
     )
     measured: dict[str, dict[str, Any]] = {}
-    for variant in variants:
-        python = sys.executable
-        if variant.startswith("llamacpp"):
-            if not Path(args.llama_python).exists():
-                print("llamacpp: skipped (no --llama-python with llama-cpp-python; see docs/inference.md)")
-                continue
-            python = args.llama_python
-        data = run_variant(variant, prompts_file, args, python)
-        if data is not None:
-            measured[variant] = data
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps({"prompts": prompts, "prefix": encoder.shared_prefix()}))
+        for variant in variants:
+            python = sys.executable
+            if variant.startswith("llamacpp"):
+                if not Path(args.llama_python).exists():
+                    print(
+                        "llamacpp: skipped (no --llama-python with llama-cpp-python; see docs/inference.md)"
+                    )
+                    continue
+                python = args.llama_python
+            data = run_variant(variant, prompts_file, args, python)
+            if data is not None:
+                measured[variant] = data
     reference_variant = next((v for v in ("onnx-fp32", "eager") if v in measured), None)
-    reference = [r["tokens"] for r in measured[reference_variant]["results"]] if reference_variant else None
-    rows = [summarise(v, data, reference, prompts, encoder) for v, data in measured.items()]
+    reference = tokens_of(measured[reference_variant]) if reference_variant else None
+    rows = [
+        summarise(v, data, reference, v == reference_variant, prompts, encoder)
+        for v, data in measured.items()
+    ]
+    # The reference's own fidelity: onnx-fp32's tokens against eager PyTorch's, when both ran.
+    fp32_equal_to_eager = (
+        equal_tokens(measured["onnx-fp32"], tokens_of(measured["eager"]))
+        if reference_variant == "onnx-fp32" and "eager" in measured
+        else None
+    )
+    for r in rows:
+        r["tokens_equal_to_eager"] = fp32_equal_to_eager if r["variant"] == "onnx-fp32" else None
     base = {r["variant"]: r for r in rows}
 
     def ratio(r: dict[str, Any], key: str, to: str) -> float:
@@ -583,7 +707,7 @@ def main() -> None:
     print(
         f"\n{'variant':24} {'TTFT s':>7} {'decode tok/s':>12} {'x fp32':>7} {'x eager':>8} "
         f"{'x llama.cpp':>11} {'TTFT x llama.cpp':>16} {'peak MB':>8} {'= ' + str(reference_variant):>12} "
-        f"{'accuracy':>8}"
+        f"{'accuracy':>8} {'errors':>6}"
     )
     for r in rows:
         r["x_fp32"], r["x_eager"] = ratio(r, "decode_tok_s", "onnx-fp32"), ratio(r, "decode_tok_s", "eager")
@@ -591,30 +715,44 @@ def main() -> None:
             ratio(r, "decode_tok_s", "llamacpp"),
             ratio(r, "ttft_s", "llamacpp"),
         )
-        equal = (
-            f"{r['tokens_equal_to_reference']}/{len(prompts)}"
-            if r["tokens_equal_to_reference"] is not None
-            else "-"
-        )
+        if r["reference"]:
+            equal = "ref"
+        elif r["tokens_equal_to_reference"] is not None:
+            equal = f"{r['tokens_equal_to_reference']}/{len(prompts)}"
+        else:
+            equal = "-"
+        # A row with failed answers is marked: its timings and accuracy cover only the rest.
+        name = f"{r['variant']} FAILED" if r["errors"] else r["variant"]
         print(
-            f"{r['variant']:24} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {r['x_fp32']:7.2f} "
+            f"{name:24} {r['ttft_s']:7.2f} {r['decode_tok_s']:12.1f} {r['x_fp32']:7.2f} "
             f"{r['x_eager']:8.2f} {r['x_llamacpp']:11.2f} {r['ttft_x_llamacpp']:16.2f} "
-            f"{r['peak_rss_mb']:8.0f} {equal:>12} {r['accuracy']:8.0%}"
+            f"{r['peak_rss_mb']:8.0f} {equal:>12} {r['accuracy']:8.0%} {r['errors']:6d}"
         )
+    if fp32_equal_to_eager is not None:
+        print(
+            f"onnx-fp32 (the reference): tokens equal to eager PyTorch's on "
+            f"{fp32_equal_to_eager}/{len(prompts)}"
+        )
+    for r in rows:
+        if r["errors"]:
+            print(
+                f"{r['variant']}: {r['errors']} of {len(prompts)} answers failed (first: "
+                f"{r['error_messages'][0]}); its timings and accuracy are over the others only"
+            )
     batch_rows = [r for r in rows if r["batch_decode_tok_s"]]
     if batch_rows:
-        sizes = list(batch_rows[0]["batch_decode_tok_s"])
-        columns = " ".join(f"{'batch ' + b + ' tok/s':>15}" for b in sizes)
+        batch_sizes = list(batch_rows[0]["batch_decode_tok_s"])
+        columns = " ".join(f"{'batch ' + b + ' tok/s':>15}" for b in batch_sizes)
         print(f"\n{'variant':24} {columns} {'GPU MB':>7}")
         for r in batch_rows:
-            speeds = " ".join(f"{r['batch_decode_tok_s'][b]:15.1f}" for b in sizes)
+            speeds = " ".join(f"{r['batch_decode_tok_s'][b]:15.1f}" for b in batch_sizes)
             print(f"{r['variant']:24} {speeds} {r['gpu_mb'] if r['gpu_mb'] is not None else '-':>7}")
     levels = [int(c) for c in args.concurrency.split(",") if c]
     service_rows = []
+    skipped: dict[str, str] = {}
     for variant in service_variants if levels else []:
-        service_rows += [
-            {"variant": variant, **row}
-            for row in throughput(
+        try:
+            measured_rows = throughput(
                 variant,
                 model_dirs[onnx_variant(variant)] / "onnx",
                 prompts,
@@ -622,20 +760,27 @@ def main() -> None:
                 args.new_tokens,
                 args.requests,
             )
-        ]
+        except WrongProvider as exc:
+            # A CUDA variant the service fell back to the CPU for would be a CPU row under its name.
+            print(f"service {exc}: not measured", file=sys.stderr)
+            skipped[variant] = str(exc)
+            continue
+        service_rows += [{"variant": variant, **row} for row in measured_rows]
     if service_rows:
         header = (
             f"{'service':24} {'concurrency':>11} {'answers':>8} {'answers/s':>10} {'tokens/s':>9} "
-            f"{'p50 s':>7} {'p95 s':>7}"
+            f"{'p50 s':>7} {'p95 s':>7} {'provider':>21}"
         )
         print("\n" + header)
         for row in service_rows:
             rate = f"{row['answers_per_s']:10.2f} {row['tokens_per_s']:9.1f}"
             print(
                 f"{row['variant']:24} {row['concurrency']:11d} {row['answers']:8d} {rate} "
-                f"{row['p50_s']:7.2f} {row['p95_s']:7.2f}"
+                f"{row['p50_s']:7.2f} {row['p95_s']:7.2f} {row['provider']:>21}"
             )
         for variant in service_variants:
+            if variant in skipped:
+                continue
             mine = [row for row in service_rows if row["variant"] == variant]
             ratio = mine[-1]["answers_per_s"] / mine[0]["answers_per_s"]
             print(f"{variant}: throughput at concurrency {levels[-1]} / at {levels[0]}: {ratio:.2f}x")
@@ -646,6 +791,7 @@ def main() -> None:
                 {
                     "variants": rows,
                     "service": service_rows,
+                    "service_variants_not_measured": skipped,
                     "questions": len(prompts),
                     "split": args.split,
                     "answered_questions": answered,
