@@ -241,6 +241,18 @@ def test_external_kafka_wiring(renders: dict[str, dc.Render]) -> None:
     assert not r.of_kind("Secret"), "an existing Secret was given: the chart must not create one"
 
 
+def test_topics_roll_segments_within_a_day_of_their_retention(helm: Path) -> None:
+    """Kafka deletes whole segments, rolled after 7 days by default; the services' own topic creation
+    does the same (`flywheel_common.kafka.topic_configs`)."""
+    strimzi = ("-f", str(dc.CHART / "ci" / "gpu-values.yaml"))  # the scenario with Strimzi's topics
+    topics = dc.render(helm, *strimzi).of_kind("KafkaTopic")
+    assert topics and all(t["spec"]["config"]["segment.ms"] == 86400000 for t in topics)
+    hourly = dc.render(helm, *strimzi, "--set", "kafka.topics.retentionMs=3600000").of_kind("KafkaTopic")
+    assert all(t["spec"]["config"]["segment.ms"] == 3600000 for t in hourly)
+    forever = dc.render(helm, *strimzi, "--set", "kafka.topics.retentionMs=-1").of_kind("KafkaTopic")
+    assert all("segment.ms" not in t["spec"]["config"] for t in forever)
+
+
 @pytest.mark.parametrize("scenario", dc.SCENARIOS)
 @pytest.mark.parametrize("svc", dc.SERVICES)
 def test_env_names_match_service_settings(

@@ -261,3 +261,16 @@ def test_an_idle_consumer_and_one_waiting_for_the_broker_stay_alive() -> None:
     finally:
         consumer.signal_shutdown()
         raw.join(10)
+
+
+@pytest.mark.parametrize(
+    ("retention_ms", "segment_ms"),
+    [(14 * 24 * 3600 * 1000, "86400000"), (3600 * 1000, "3600000"), (-1, None)],
+)
+def test_topics_roll_segments_so_records_do_not_outlive_their_retention(
+    retention_ms: int, segment_ms: str | None
+) -> None:
+    """Kafka deletes whole segments, rolled after 7 days by default: a record could stay a week past."""
+    configs = kafka_module.topic_configs(KafkaSettings(retention_ms=retention_ms))
+    assert configs["retention.ms"] == str(retention_ms)
+    assert configs.get("segment.ms") == segment_ms

@@ -86,8 +86,23 @@ def all_topics(settings: KafkaSettings) -> list[str]:
     return list(settings.topics.model_dump().values())
 
 
+# Kafka deletes a log segment once its newest record is older than `retention.ms`, and starts a new
+# segment only after `segment.ms` (7 days by default): records could outlive the retention by up to a
+# week. Segments of at most a day keep what is deleted within a day of the retention.
+MAX_SEGMENT_MS = 24 * 3600 * 1000
+
+
+def topic_configs(settings: KafkaSettings) -> dict[str, str]:
+    """The configs a topic is created with: its retention and, under one, segments no longer."""
+    configs = {"retention.ms": str(settings.retention_ms)}
+    if settings.retention_ms > 0:
+        configs["segment.ms"] = str(min(settings.retention_ms, MAX_SEGMENT_MS))
+    return configs
+
+
 def ensure_topics(settings: KafkaSettings, topics: Iterable[str] | None = None) -> list[str]:
-    """Creates the topics that do not exist yet (configured partitions, replication, retention).
+    """Creates the topics that do not exist yet (configured partitions, replication, retention and
+    segment roll, `topic_configs`).
 
     Idempotent; returns the names it created. Raises KafkaError when the broker cannot be reached.
     """
@@ -103,7 +118,7 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str] | None = None) 
                 name,
                 settings.partitions,
                 settings.replication_factor,
-                topic_configs={"retention.ms": str(settings.retention_ms)},
+                topic_configs=topic_configs(settings),
             )
             try:
                 admin.create_topics([topic], timeout_ms=settings.request_timeout_ms)
