@@ -200,6 +200,27 @@ def test_a_signed_event_replayed_after_the_retention_window_is_dropped(
     assert store.pending().examples == 1
 
 
+def test_an_interaction_replayed_after_the_retention_window_is_dropped(
+    settings: TrainerSettings, store: JoinStore
+) -> None:
+    """Stored as received now, a replayed answer the store had purged would be kept another window."""
+    consumer = TrainerConsumer(settings, store)
+    topic = settings.kafka.topics.interactions
+    stale = REGISTRY.get_sample_value("flywheel_trainer_interactions_stale_total") or 0.0
+    old = events_pb2.Interaction(query_id="q1", session_pseudonym="a" * 32, question="Q?", answer="A")
+    old.created_at.FromSeconds(int(time.time() - settings.retention_s - 60))
+    new = events_pb2.Interaction(query_id="q2", session_pseudonym="a" * 32, question="Q?", answer="A")
+    new.created_at.FromSeconds(int(time.time() - settings.retention_s + 600))
+    consumer.handle(
+        [
+            record(topic, 0, old, from_inference(topic, old)),
+            record(topic, 1, new, from_inference(topic, new)),
+        ]
+    )
+    assert [r["query_id"] for r in store._query("SELECT query_id FROM interactions")] == ["q2"]
+    assert REGISTRY.get_sample_value("flywheel_trainer_interactions_stale_total") == stale + 1
+
+
 class _Positions:
     """The running client as `_update_lag` reads it: a batch polled from offset 10, 40 records behind it."""
 

@@ -131,7 +131,14 @@ def test_retention_forgets_old_rows_but_keeps_waiting_examples(store: JoinStore,
     clock.now += 100
     purged = store.purge(retention_s=50)
     # The correction that never met its interaction is counted as unjoined.
-    assert purged == {"unjoined": 1, "interactions": 2, "feedback": 3, "positive_votes": 0, "examples": 1}
+    assert purged == {
+        "unjoined": 1,
+        "interactions": 2,
+        "feedback": 3,
+        "positive_votes": 0,
+        "examples": 1,
+        "review_claims": 0,
+    }
     assert store.pending().examples == 1  # q2, not yet in a dataset
 
 
@@ -151,6 +158,92 @@ def test_forget_finds_a_waiting_example_the_retention_purge_left(
     forgotten = store.forget(session)
     assert forgotten.examples == 1 and asked.query_id in forgotten.query_ids
     assert store.cut(max_examples=10, reason="manual") is None
+
+
+def test_purge_removes_claims_that_ended_or_whose_answer_it_purged(
+    store: JoinStore, ev: Any, clock: Any
+) -> None:
+    """A claim's query id names the asker's session and network: it must not outlive its answer."""
+    signer = QueryIdSigner(b"q" * 16)
+    asked = []
+    for i in (1, 2, 3):
+        event = ev.interaction(i, session=f"{i}" * 32)
+        event.query_id = signer.issue("v1", event.session_pseudonym, "e" * 32, now=clock.now)
+        asked.append(event)
+    low = [dataclasses.replace(ev.rating(i, 1), query_id=e.query_id) for i, e in enumerate(asked, 1)]
+    store.ingest(asked[:2], low[:2])
+    clock.now += 100
+    store.ingest(asked[2:], low[2:])
+    assert store.claim(asked[1].query_id, "bob", ttl_s=10**6)
+    assert store.claim(asked[2].query_id, "carol", ttl_s=10**6)
+    assert store.claim(asked[0].query_id, "alice", ttl_s=60)
+    clock.now += 100  # alice's claim has ended (and no claim since removed it); bob's and carol's hold
+
+    def claimers() -> list[str]:
+        return [r["claimer"] for r in store._query("SELECT claimer FROM review_claims ORDER BY claimer")]
+
+    assert store.purge(retention_s=1000)["review_claims"] == 1
+    assert claimers() == ["bob", "carol"]
+    # q1 and q2 are purged: bob's claim, still running, goes with its answer.
+    assert store.purge(retention_s=150)["review_claims"] == 1
+    assert claimers() == ["carol"]
+    store.purge(retention_s=50)
+    assert claimers() == []
+
+
+def test_forget_removes_a_claim_that_outlived_its_answer(store: JoinStore, ev: Any, clock: Any) -> None:
+    session = "a" * 32
+    asked = ev.interaction(1, session=session)
+    asked.query_id = QueryIdSigner(b"q" * 16).issue("v1", session, "e" * 32, now=clock.now)
+    comment = FeedbackSignal(
+        "fm1",
+        asked.query_id,
+        events_pb2.FEEDBACK_KIND_COMMENT,
+        0,
+        "Wrong.",
+        events_pb2.REVIEWER_ROLE_USER,
+        session,
+    )
+    store.ingest([asked], [comment])  # a comment makes no example: nothing else names the answer
+    assert store.claim(asked.query_id, "alice", ttl_s=60)
+    # What a purge before claims were purged too left: the claim, without its answer or feedback.
+    with store._tx() as db:
+        db.execute("DELETE FROM interactions")
+        db.execute("DELETE FROM feedback")
+    store.forget(session)
+    assert not store._query("SELECT * FROM review_claims")
+
+
+def test_forgetting_a_reviewer_keeps_the_answers_they_reviewed(store: JoinStore, ev: Any) -> None:
+    """An expert's pseudonym forgotten takes their corrections and what those made, not the visitors'
+    answers they corrected, nor the visitors' own votes on them."""
+    visitor, expert = "b" * 32, "e" * 32
+    corrected = FeedbackSignal(
+        "fc1",
+        "q1",
+        events_pb2.FEEDBACK_KIND_CORRECTION,
+        0,
+        "Item 1 is a thing.",
+        events_pb2.REVIEWER_ROLE_EXPERT,
+        expert,
+    )
+    store.ingest(
+        [ev.interaction(1, session=visitor), ev.interaction(2, session=visitor)],
+        [ev.rating(1, 1, session=visitor), corrected, ev.rating(2, 5, session=visitor)],
+    )
+    assert store.counts()["examples"] == 3  # q1's negative and correction, q2's positive
+
+    forgotten = store.forget(expert)
+
+    assert (forgotten.interactions, forgotten.feedback, forgotten.examples) == (0, 1, 1)
+    assert forgotten.query_ids == frozenset() and forgotten.example_ids == {"c-fc1"}
+    assert store.counts()["interactions"] == 2
+    left = store._query("SELECT feedback_id, session FROM feedback ORDER BY feedback_id")
+    assert [(r["feedback_id"], r["session"]) for r in left] == [("fr1-1", visitor), ("fr2-5", visitor)]
+    assert sorted(r["example_id"] for r in store._query("SELECT example_id FROM examples")) == [
+        "n-q1",
+        "p-q2",
+    ]
 
 
 def test_reads_go_on_while_a_write_holds_the_store(store: JoinStore, ev: Any) -> None:

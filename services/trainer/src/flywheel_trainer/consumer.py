@@ -62,6 +62,11 @@ class TrainerConsumer(EventConsumer):
                         self.dead_letter(record, "interaction event unsigned or badly signed")
                         continue
                     interaction = decode(record, events_pb2.Interaction)
+                    # As for feedback: the store would keep a replay of an answer it purged another
+                    # full window (stored as received now). Its signed time says it is stale.
+                    if self._stale(interaction.created_at.seconds):
+                        metrics.INTERACTIONS_STALE.inc()
+                        continue
                     if header(record, REDACTED_HEADER) is None:
                         self._redactor = self._redactor or Redactor(presidio=False)
                         redact_interaction(interaction, self._redactor)
@@ -75,8 +80,7 @@ class TrainerConsumer(EventConsumer):
                     # The store forgets what it has seen after the retention window, so a signed
                     # event replayed later would count again; its signed time says it is stale
                     # (the feedback service stamps every event).
-                    created = event.created_at.seconds
-                    if created and time.time() - created > self._retention_s:
+                    if self._stale(event.created_at.seconds):
                         metrics.FEEDBACK_STALE.inc()
                         continue
                     feedback.append(signal_of(event))
@@ -97,6 +101,10 @@ class TrainerConsumer(EventConsumer):
                 result.duplicates,
                 extra={"examples": dict(result.examples)},
             )
+
+    def _stale(self, created: int) -> bool:
+        """Whether an event created at `created` (0: unstamped) is older than the retention window."""
+        return bool(created) and time.time() - created > self._retention_s
 
     def _update_lag(self) -> None:
         # The high watermark comes with every fetch response: no extra request to the broker. The

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from flywheel_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from flywheel_trainer.policy import Source
 
 FORMAT = "flywheel-training-v1"
+# A staging folder this old is what a killed write left, not a write in progress: a write stages three
+# files and renames them within seconds. Only the trainer writes datasets, one write at a time.
+STAGING_MAX_AGE_S = 600.0
 FILES = ("examples.jsonl", "negatives.jsonl")
 # Fields a training example carries into the dataset (no pseudonyms: the store never had them).
 EXAMPLE_FIELDS = (
@@ -146,6 +150,12 @@ def without(
     negatives = [n for n in dataset.negatives if not drop(n)]
     if len(examples) == len(dataset.examples) and len(negatives) == len(dataset.negatives):
         return None
+    # A negative's `chosen` is the batch's correction of that answer (`build`): once the correction
+    # is dropped (its reviewer forgotten), its text must not stay behind in the negative.
+    corrected = {e["query_id"]: e["answer"] for e in examples if e["source"] == Source.CORRECTION.value}
+    negatives = [
+        n if not n.get("chosen") or n["query_id"] in corrected else {**n, "chosen": ""} for n in negatives
+    ]
     stamp = dataset.dataset_id.rpartition("-")[0] or dataset.dataset_id
     kept = "\n".join([dataset.dataset_id, *(e["id"] for e in [*examples, *negatives])])
     new_id = f"{stamp}-{hashlib.sha256(kept.encode()).hexdigest()[:8]}"
@@ -167,6 +177,33 @@ def without(
         "replaces": [dataset.dataset_id, *old.get("replaces", [])],
     }
     return new_id, files, manifest
+
+
+def sweep_staging(
+    artifact_root: Path, *, max_age_s: float = STAGING_MAX_AGE_S
+) -> tuple[list[str], list[str]]:
+    """Removes the `.staging-*` folders last changed more than `max_age_s` ago: a write killed before
+    its rename (OOM, node loss) leaves one, full of examples that no scan or forget searches.
+
+    Returns the names removed and those left as too young (possibly a write still in progress).
+    """
+    root = datasets_dir(artifact_root)
+    if not root.is_dir():
+        return [], []
+    cutoff = time.time() - max_age_s
+    removed: list[str] = []
+    young: list[str] = []
+    for staging in sorted(root.glob(".staging-*")):
+        try:
+            if staging.stat().st_mtime >= cutoff:
+                young.append(staging.name)
+                continue
+        except OSError:
+            continue  # renamed into place meanwhile
+        # Its files are read-only; the folder's own permission is what lets them go.
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging.name)
+    return removed, young
 
 
 def delete(artifact_root: Path, dataset_id: str) -> None:

@@ -71,6 +71,10 @@ FEEDBACK_STALE = Counter(
     "flywheel_trainer_feedback_stale",
     "Feedback events older than the retention window (a replay of what was purged), dropped.",
 )
+INTERACTIONS_STALE = Counter(
+    "flywheel_trainer_interactions_stale",
+    "Interaction events older than the retention window (a replay of what was purged), dropped.",
+)
 FEEDBACK_UNJOINED = Counter(
     "flywheel_trainer_feedback_unjoined",
     "Feedback purged at the end of the retention window without ever joining its interaction.",

@@ -136,6 +136,9 @@ class Forgotten:
     examples: int
     # The answers removed: the datasets on disk are searched for them (and for ids naming the session).
     query_ids: frozenset[str]
+    # The examples removed, those the session's feedback made on other sessions' answers among them:
+    # the datasets on disk are searched for these ids too.
+    example_ids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -826,13 +829,15 @@ class JoinStore:
     # ------------------------------------------------------------ housekeeping
 
     def purge(self, retention_s: float) -> dict[str, int]:
-        """Forgets interactions, feedback and batched examples older than the retention window.
+        """Forgets interactions, feedback and batched examples older than the retention window, and
+        review claims that ended or whose answer is gone (a claim's query id names the asker).
 
         Waiting examples are kept whatever their age: they still have to reach a dataset.
         """
-        cutoff = self._clock() - retention_s
+        now = self._clock()
+        cutoff = now - retention_s
         with self._tx() as db:
-            return {
+            purged = {
                 # Feedback that never met its interaction (lost, or from an unknown answer): counted.
                 "unjoined": db.execute(
                     "SELECT COUNT(*) FROM feedback WHERE received_at < ? AND joined = 0", (cutoff,)
@@ -850,13 +855,21 @@ class JoinStore:
                     (cutoff,),
                 ).rowcount,
             }
+            purged["review_claims"] = db.execute(
+                "DELETE FROM review_claims WHERE until <= ? "
+                "OR query_id NOT IN (SELECT query_id FROM interactions)",
+                (now,),
+            ).rowcount
+            return purged
 
     def forget(self, session: str) -> Forgotten:
         """Removes a session's interactions, all feedback on them and the session's own feedback, with
-        their examples and votes, in one transaction; tombstones the session so its events, replayed
-        from Kafka, are dropped. `vacuum()` afterwards, so nothing of it stays in free pages of the
-        file (the trainer does once the datasets are rewritten: a VACUUM that fails, a full disk,
-        then leaves no dataset unrewritten)."""
+        their examples, votes and review claims, in one transaction; tombstones the session so its
+        events, replayed from Kafka, are dropped. Feedback the session gave on another session's
+        answer goes with the examples it made; that answer and others' feedback on it stay.
+        `vacuum()` afterwards, so nothing of it stays in free pages of the file (the trainer does once
+        the datasets are rewritten: a VACUUM that fails, a full disk, then leaves no dataset
+        unrewritten)."""
         if not session:
             raise ValueError("a session pseudonym is required")
         now = self._clock()
@@ -868,11 +881,11 @@ class JoinStore:
                     "SELECT query_id FROM interactions WHERE session_pseudonym = ?", (session,)
                 )
             }
-            ids |= {r[0] for r in db.execute("SELECT query_id FROM feedback WHERE session = ?", (session,))}
             # An expert's correction carries the expert's pseudonym; its query id names the asker.
             # So does an example's, which outlives its interaction and feedback in the retention
-            # purge while it waits for a batch.
-            for table in ("feedback", "examples"):
+            # purge while it waits for a batch, and a review claim's, which outlived them until
+            # the purge removed claims too.
+            for table in ("feedback", "examples", "review_claims"):
                 ids |= {
                     r[0]
                     for r in db.execute(
@@ -884,13 +897,23 @@ class JoinStore:
             db.execute("DELETE FROM forget_ids")
             db.executemany("INSERT INTO forget_ids VALUES (?)", [(q,) for q in ids])
             inside = "query_id IN (SELECT query_id FROM forget_ids)"
-            examples = db.execute(f"DELETE FROM examples WHERE {inside}").rowcount
+            # The examples the session's own feedback made (on any answer: an expert's correction of
+            # someone else's answer is the expert's text), found by the feedback id they carry.
+            made = (
+                "json_extract(payload, '$.feedback_id') IN "
+                "(SELECT feedback_id FROM feedback WHERE session = ?)"
+            )
+            example_ids = {
+                r[0]
+                for r in db.execute(f"SELECT example_id FROM examples WHERE {inside} OR {made}", (session,))
+            }
+            examples = db.execute(f"DELETE FROM examples WHERE {inside} OR {made}", (session,)).rowcount
             feedback = db.execute(f"DELETE FROM feedback WHERE {inside} OR session = ?", (session,)).rowcount
             interactions = db.execute(f"DELETE FROM interactions WHERE {inside}").rowcount
             db.execute(f"DELETE FROM positive_votes WHERE {inside} OR session = ?", (session,))
             db.execute(f"DELETE FROM review_claims WHERE {inside}")
             db.execute("DELETE FROM forget_ids")
-        return Forgotten(interactions, feedback, examples, frozenset(ids))
+        return Forgotten(interactions, feedback, examples, frozenset(ids), frozenset(example_ids))
 
     def replace_dataset(self, old: str, new: str, *, examples: int, negatives: int, sha256: str) -> None:
         """Points the store (its examples, its job) at a dataset's new version and drops the old id."""

@@ -78,6 +78,27 @@ class ForgetReport:
     audit_id: str
 
 
+def _trained_on(lineages: dict[str, dict[str, Any]], version: str) -> set[str]:
+    """Every dataset whose examples are in `version`'s weights: those its lineage names (the batch,
+    those carried over, those replayed from) and, since a candidate is fine-tuned from its parent,
+    those of every version it descends from.
+
+    Not `job.data.learned_datasets`: that one leaves out replayed datasets on purpose (a replay is a
+    sample, not a batch learned in full), and importing it would load the training data's
+    tokenizer and retrieval code into the service.
+    """
+    found: set[str] = set()
+    seen: set[str] = set()
+    while version and version not in seen and version in lineages:
+        seen.add(version)
+        lineage = lineages[version]
+        found.update(lineage.get("datasets") or [lineage.get("dataset_id", "")])
+        found.update((lineage.get("examples") or {}).get("replayed_from") or [])
+        version = str(lineage.get("parent_version") or "")
+    found.discard("")
+    return found
+
+
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
     if future.done():
         return
@@ -134,12 +155,19 @@ class Trainer:
 
     async def _forget(self, session: str, *, reason: str, caller: str) -> ForgetReport:
         forgotten = await asyncio.to_thread(self.store.forget, session)
-        ids = forgotten.query_ids
+        ids, example_ids = forgotten.query_ids, forgotten.example_ids
 
         def drop(record: dict[str, Any]) -> bool:
             query_id = str(record.get("query_id", ""))
-            return query_id in ids or query_id_session(query_id) == session
+            return (
+                query_id in ids
+                or query_id_session(query_id) == session
+                or str(record.get("id", "")) in example_ids
+            )
 
+        # Dataset writes killed before their rename: no scan reads them, so they go whole. One younger
+        # than the age guard may be another process's write in progress: named in the audit instead.
+        swept, young = await asyncio.to_thread(datasets.sweep_staging, self.settings.artifact_root)
         replaced: list[tuple[str, str, int]] = []
         # Every id a rewritten dataset's data has had (its own and those it replaces) -> its new id:
         # a version trained on any of them holds the session's data.
@@ -168,9 +196,10 @@ class Trainer:
             for old in [dataset.dataset_id, *dataset.manifest.get("replaces", [])]:
                 replaced_by[old] = new_id
         marked = []
-        for version in self.registry.list_versions():
-            lineage = version.manifest.get("lineage") or {}
-            trained_on = set(lineage.get("datasets") or [lineage.get("dataset_id", "")]) & set(replaced_by)
+        versions = self.registry.list_versions()
+        lineages = {v.version: v.manifest.get("lineage") or {} for v in versions}
+        for version in versions:
+            trained_on = _trained_on(lineages, version.version) & set(replaced_by)
             if trained_on:
                 note = {
                     "kind": "forgotten_data",
@@ -199,6 +228,9 @@ class Trainer:
             "marked_versions": marked,
             # Folders that fail their hash checks were not searched: they may still hold the session.
             "damaged_datasets": damaged,
+            # Unfinished dataset writes removed, and those too recent to remove (not searched).
+            "staging_removed": len(swept),
+            "staging_left": young,
         }
         await asyncio.to_thread(self._audit, record)
         if damaged:
@@ -207,6 +239,15 @@ class Trainer:
                 audit_id,
                 len(damaged),
                 ", ".join(damaged),
+            )
+        if young:
+            log.warning(
+                "forget (audit %s) left %d dataset staging folders younger than %d s (a write may be "
+                "in progress; forget again later to remove them): %s",
+                audit_id,
+                len(young),
+                datasets.STAGING_MAX_AGE_S,
+                ", ".join(young),
             )
         # Last: the rows are gone and the datasets rewritten even when this fails (then the RPC
         # fails, and the same forget again finishes the job).
@@ -531,10 +572,21 @@ class Trainer:
             log.info("adopting running job %s (%s)", job.job_id, job.handle)
             self._watch(job.job_id, job.handle)
 
+    def _sweep_staging(self) -> None:
+        """Removes what killed dataset writes left (examples no forget would find); never raises."""
+        try:
+            swept, _ = datasets.sweep_staging(self.settings.artifact_root)
+        except OSError as exc:
+            log.warning("dataset staging folders not swept: %s", exc)
+            return
+        if swept:
+            log.warning("removed %d dataset staging folders a killed write left", len(swept))
+
     async def tick(self) -> None:
-        """One turn: write datasets left unwritten, cut a batch when due, launch what may run,
-        announce, purge, update gauges."""
+        """One turn: write datasets left unwritten, remove what killed writes left, cut a batch when
+        due, launch what may run, announce, purge, update gauges."""
         await self.write_pending()
+        self._sweep_staging()
         reason = self.due()
         if reason is not None:
             await self.cut(reason)
